@@ -1,0 +1,14 @@
+//! Compiles latchkey's own admin API; Envoy's types come from the `envoy-types` crate.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // A vendored protoc so a clean machine needs no system package.
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded; the variable is read by prost-build below.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    println!("cargo:rerun-if-changed=proto");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&["proto/latchkey/admin/v1/admin.proto"], &["proto"])?;
+    Ok(())
+}

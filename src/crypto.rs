@@ -1,0 +1,214 @@
+//! The single seam for secret material: the master key, AES-256-GCM sealing of target
+//! secrets, proxy-key generation and hashing.
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+const NONCE_LEN: usize = 12;
+/// The prefix that lets secret scanners spot a latchkey proxy key.
+pub const KEY_PREFIX: &str = "lk_";
+/// 24 base62 characters carry 142 bits of entropy (≥ 128 required).
+const KEY_CHARS: usize = 24;
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CryptoError {
+    #[error("master key must be 32 bytes, base64-encoded (make one with `latchkey keygen`)")]
+    BadMasterKey,
+    #[error(
+        "cannot decrypt a stored secret: wrong master key or corrupted data (sealed under master key {sealed_with}, this master key is {current})"
+    )]
+    Open {
+        sealed_with: String,
+        current: String,
+    },
+}
+
+/// The AES-256 key that seals every target secret. Its id, a fingerprint, is stored
+/// beside each ciphertext so a rotation knows which key sealed what.
+pub struct MasterKey {
+    cipher: Aes256Gcm,
+    id: String,
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MasterKey({}, <redacted>)", self.id)
+    }
+}
+
+impl MasterKey {
+    /// A fresh master key, base64-encoded, as `latchkey keygen` prints it.
+    pub fn generate() -> String {
+        let bytes = Zeroizing::new(random_bytes::<32>());
+        BASE64.encode(*bytes)
+    }
+
+    pub fn parse(encoded: &str) -> Result<Self, CryptoError> {
+        let bytes = Zeroizing::new(
+            BASE64
+                .decode(encoded.trim())
+                .map_err(|_| CryptoError::BadMasterKey)?,
+        );
+        if bytes.len() != 32 {
+            return Err(CryptoError::BadMasterKey);
+        }
+        let digest = Sha256::new()
+            .chain_update(b"latchkey master key id\0")
+            .chain_update(&*bytes)
+            .finalize();
+        Ok(Self {
+            cipher: Aes256Gcm::new_from_slice(&bytes).map_err(|_| CryptoError::BadMasterKey)?,
+            id: hex(&digest[..6]),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Seals `plaintext` bound to `aad` (the credential id): nonce ‖ ciphertext ‖ tag.
+    pub fn seal(&self, aad: &str, plaintext: &[u8]) -> Vec<u8> {
+        let nonce = random_bytes::<NONCE_LEN>();
+        let sealed = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .expect("AES-GCM encryption of an in-memory buffer cannot fail");
+        let mut out = Vec::with_capacity(NONCE_LEN + sealed.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&sealed);
+        out
+    }
+
+    /// Opens what [`seal`](Self::seal) produced; fails (never returns garbage) on a wrong
+    /// key, a wrong `aad` or tampered bytes.
+    pub fn open(
+        &self,
+        aad: &str,
+        sealed: &[u8],
+        sealed_with: &str,
+    ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let err = || CryptoError::Open {
+            sealed_with: sealed_with.to_owned(),
+            current: self.id.clone(),
+        };
+        if sealed.len() < NONCE_LEN {
+            return Err(err());
+        }
+        let (nonce, body) = sealed.split_at(NONCE_LEN);
+        self.cipher
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: body,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map(Zeroizing::new)
+            .map_err(|_| err())
+    }
+}
+
+/// A new proxy key: `lk_` and 24 base62 characters.
+pub fn new_proxy_key() -> String {
+    let mut key = String::with_capacity(KEY_PREFIX.len() + KEY_CHARS);
+    key.push_str(KEY_PREFIX);
+    while key.len() < KEY_PREFIX.len() + KEY_CHARS {
+        for b in random_bytes::<32>() {
+            // Rejection sampling keeps every character uniformly likely.
+            if b < 248 && key.len() < KEY_PREFIX.len() + KEY_CHARS {
+                key.push(BASE62[(b % 62) as usize] as char);
+            }
+        }
+    }
+    key
+}
+
+/// Proxy keys are stored and looked up only by this hash.
+pub fn hash_key(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.ct_eq(b).into()
+}
+
+/// A random identifier such as `cred_3f9a…`: unguessable, never derived from a secret.
+pub fn random_id(prefix: &str) -> String {
+    format!("{prefix}_{}", hex(&random_bytes::<8>()))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    getrandom::getrandom(&mut buf).expect("the operating system's random source failed");
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> MasterKey {
+        MasterKey::parse(&MasterKey::generate()).unwrap()
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_fresh_nonce() {
+        let k = key();
+        let a = k.seal("cred_1", b"sk_live_secret");
+        let b = k.seal("cred_1", b"sk_live_secret");
+        assert_ne!(a, b, "each seal uses a fresh nonce");
+        assert!(!a.windows(14).any(|w| w == b"sk_live_secret"));
+        assert_eq!(&*k.open("cred_1", &a, k.id()).unwrap(), b"sk_live_secret");
+    }
+
+    #[test]
+    fn wrong_key_wrong_aad_or_tampering_fail_clearly() {
+        let k = key();
+        let sealed = k.seal("cred_1", b"secret");
+        let other = key();
+        let err = other.open("cred_1", &sealed, k.id()).unwrap_err();
+        assert!(err.to_string().contains("wrong master key"), "{err}");
+        assert!(k.open("cred_2", &sealed, k.id()).is_err());
+        let mut tampered = sealed.clone();
+        *tampered.last_mut().unwrap() ^= 1;
+        assert!(k.open("cred_1", &tampered, k.id()).is_err());
+        assert!(k.open("cred_1", &sealed[..5], k.id()).is_err());
+    }
+
+    #[test]
+    fn master_key_parsing() {
+        assert!(MasterKey::parse("not base64!").is_err());
+        assert!(MasterKey::parse(&BASE64.encode([0u8; 16])).is_err());
+        let text = MasterKey::generate();
+        assert_eq!(
+            MasterKey::parse(&text).unwrap().id(),
+            MasterKey::parse(&format!("{text}\n")).unwrap().id()
+        );
+        assert!(!format!("{:?}", key()).contains(&text));
+    }
+
+    #[test]
+    fn proxy_keys_look_right_and_differ() {
+        let a = new_proxy_key();
+        assert_eq!(a.len(), 27);
+        assert!(a.starts_with("lk_"));
+        assert!(a[3..].bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_ne!(a, new_proxy_key());
+    }
+}

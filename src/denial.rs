@@ -1,0 +1,101 @@
+//! Every way a request can be refused, and the one place each maps to the wire.
+
+use std::sync::Arc;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error("the path is not acceptable: {0}")]
+    InvalidRequest(&'static str),
+    #[error("no proxy is named {0:?}")]
+    UnknownProxy(String),
+    #[error(
+        "no proxy key: send it as `Authorization: Bearer`, `x-api-key`, `Proxy-Authorization`, `x-latchkey-key` or the Basic auth password"
+    )]
+    MissingKey,
+    #[error("the proxy key is not valid ({0})")]
+    InvalidKey(&'static str),
+    #[error("the proxy key has expired")]
+    ExpiredKey,
+    #[error("the proxy key has been revoked")]
+    RevokedKey,
+    #[error("this key's credential may not use proxy {0:?}")]
+    NotBound(Arc<str>),
+    #[error("denied by rule {id}{}", notes.as_deref().map(|n| format!(": {n}")).unwrap_or_default())]
+    RuleDenied {
+        id: Arc<str>,
+        notes: Option<Arc<str>>,
+    },
+    #[error("denied by proxy {0:?}: no rule allows this request")]
+    DefaultDenied(Arc<str>),
+}
+
+impl Denial {
+    /// The `type` of the JSON error body and the `x-latchkey-decision` header.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Denial::InvalidRequest(_) => "invalid_request",
+            Denial::UnknownProxy(_) => "unknown_proxy",
+            Denial::MissingKey => "missing_key",
+            Denial::InvalidKey(_) => "invalid_key",
+            Denial::ExpiredKey => "expired_key",
+            Denial::RevokedKey => "revoked_key",
+            Denial::NotBound(_) => "not_bound",
+            Denial::RuleDenied { .. } | Denial::DefaultDenied(_) => "rule_denied",
+        }
+    }
+
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Denial::InvalidRequest(_) => 400,
+            Denial::UnknownProxy(_) => 404,
+            Denial::MissingKey
+            | Denial::InvalidKey(_)
+            | Denial::ExpiredKey
+            | Denial::RevokedKey => 401,
+            Denial::NotBound(_) | Denial::RuleDenied { .. } | Denial::DefaultDenied(_) => 403,
+        }
+    }
+
+    /// The rule that decided, if one did.
+    pub fn rule_id(&self) -> Option<&str> {
+        match self {
+            Denial::RuleDenied { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// `{"error":{"type","message","request_id"}}`, the body every denial carries.
+    pub fn body(&self, request_id: &str) -> Vec<u8> {
+        let mut error = serde_json::json!({
+            "type": self.kind(),
+            "message": self.to_string(),
+            "request_id": request_id,
+        });
+        if let Some(id) = self.rule_id() {
+            error["rule_id"] = id.into();
+        }
+        serde_json::to_vec(&serde_json::json!({ "error": error })).expect("JSON serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_the_contract_json() {
+        let d = Denial::RuleDenied {
+            id: "r1".into(),
+            notes: Some("refunds only".into()),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&d.body("req-1")).unwrap();
+        assert_eq!(v["error"]["type"], "rule_denied");
+        assert_eq!(v["error"]["request_id"], "req-1");
+        assert_eq!(v["error"]["rule_id"], "r1");
+        assert_eq!(v["error"]["message"], "denied by rule r1: refunds only");
+        assert_eq!(d.http_status(), 403);
+        let v: serde_json::Value =
+            serde_json::from_slice(&Denial::UnknownProxy("a\"b".into()).body("x")).unwrap();
+        assert_eq!(v["error"]["type"], "unknown_proxy");
+    }
+}

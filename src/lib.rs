@@ -1,0 +1,30 @@
+//! latchkey: a credential gateway for AI agents. Envoy asks latchkey about every request
+//! (ext_proc); latchkey checks the agent's proxy key and the policy, and swaps the key for
+//! the real upstream credential, which the agent never sees.
+//!
+//! The request path, one module per step: [`route`] → [`keys`] → scope ([`policy`]) →
+//! [`rules`] → [`mutate`], tied together by [`pipeline`].
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod crypto;
+pub mod denial;
+pub mod envoy;
+pub mod ext_proc;
+pub mod http;
+pub mod keys;
+pub mod mutate;
+pub mod pipeline;
+pub mod policy;
+pub mod policy_file;
+pub mod route;
+pub mod rules;
+pub mod serve;
+pub mod state;
+pub mod store;
+
+/// latchkey's admin API, generated from `proto/latchkey/admin/v1/admin.proto`.
+pub mod pb {
+    tonic::include_proto!("latchkey.admin.v1");
+}

@@ -1,0 +1,100 @@
+//! Step 6, mutate: what the upstream receives. Every header that carried the proxy key
+//! and every header a client could route or re-interpret the request with is removed;
+//! the real credential is injected; the request is pointed at the target.
+
+use std::borrow::Cow;
+
+use percent_encoding::percent_decode_str;
+
+use crate::keys::CARRIERS;
+use crate::policy::{Injection, Proxy};
+use crate::route::Route;
+
+/// The header latchkey sets to pick Envoy's cluster (TLS or plain) for the target.
+pub const CLUSTER_HEADER: &str = "x-latchkey-cluster";
+
+/// Headers some upstream frameworks honour to change the path or method they act on;
+/// left in place they would let a client slip past the rules.
+const REINTERPRETING: [&str; 8] = [
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-host",
+    "x-forwarded-prefix",
+    "x-forwarded-path",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Header mutations for an allowed request.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Forward {
+    /// Set, replacing any value the request had. Removals apply first.
+    pub set: Vec<(Cow<'static, str>, Vec<u8>)>,
+    pub remove: Vec<String>,
+}
+
+fn stripped(name: &str) -> bool {
+    CARRIERS.contains(&name)
+        || name.starts_with("x-latchkey-")
+        || name.starts_with("x-envoy-")
+        || REINTERPRETING.contains(&name)
+}
+
+pub fn forward(proxy: &Proxy, route: &Route<'_>, headers: &[(&str, &[u8])]) -> Forward {
+    let upstream = &proxy.upstream;
+    let mut path = String::with_capacity(
+        upstream.base_path.len() + route.path.len() + route.query.map_or(0, str::len) + 64,
+    );
+    path.push_str(&upstream.base_path);
+    path.push_str(&route.path);
+
+    let mut remove: Vec<String> = Vec::new();
+    for (name, _) in headers {
+        if stripped(name) && !remove.iter().any(|r| r == name) {
+            remove.push((*name).to_owned());
+        }
+    }
+    let mut set: Vec<(Cow<'static, str>, Vec<u8>)> = Vec::with_capacity(4);
+    match &*proxy.injection {
+        Injection::Header { name, value } => {
+            // Removed first, then set: exactly one value reaches the upstream.
+            if !remove.iter().any(|r| r == name) {
+                remove.push(name.clone());
+            }
+            set.push((Cow::Owned(name.clone()), value.expose().to_vec()));
+            if let Some(q) = route.query {
+                path.push('?');
+                path.push_str(q);
+            }
+        }
+        Injection::Query { param, value } => {
+            // A client-sent parameter of the same name must not ride along or win.
+            let mut sep = '?';
+            for pair in route.query.into_iter().flat_map(|q| q.split('&')) {
+                let name = pair.split('=').next().unwrap_or_default();
+                if percent_decode_str(name).eq(percent_decode_str(param)) {
+                    continue;
+                }
+                path.push(sep);
+                path.push_str(pair);
+                sep = '&';
+            }
+            path.push(sep);
+            path.push_str(param);
+            path.push('=');
+            path.push_str(std::str::from_utf8(value.expose()).expect("percent-encoded is ASCII"));
+        }
+    }
+    set.push((Cow::Borrowed(":path"), path.into_bytes()));
+    set.push((
+        Cow::Borrowed(":authority"),
+        upstream.authority.as_bytes().to_vec(),
+    ));
+    set.push((
+        Cow::Borrowed(CLUSTER_HEADER),
+        upstream.cluster.as_bytes().to_vec(),
+    ));
+    remove.retain(|r| r != CLUSTER_HEADER);
+    Forward { set, remove }
+}

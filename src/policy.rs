@@ -1,0 +1,316 @@
+//! The compiled policy snapshot the request path reads: built once per change from the
+//! store, validated and pre-computed (regexes, injected header values, rule order), then
+//! swapped in whole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use zeroize::Zeroizing;
+
+use crate::crypto::MasterKey;
+use crate::policy_file::{AuthKind, CredentialType, Effect, TargetUrl, compile_regex};
+use crate::store::{StoreError, StoredPolicy};
+
+/// Envoy clusters that reach any host (see envoy/envoy.yaml): which one a request takes
+/// decides whether the upstream connection uses TLS.
+pub const CLUSTER_TLS: &str = "latchkey_tls";
+pub const CLUSTER_PLAIN: &str = "latchkey_plain";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Secret bytes that never print.
+pub struct Secret(Zeroizing<Vec<u8>>);
+
+impl Secret {
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// How the real credential reaches the upstream.
+#[derive(Debug)]
+pub enum Injection {
+    /// A header (lower-case name) with its complete value, e.g. `Bearer sk_…`.
+    Header { name: String, value: Secret },
+    /// A query parameter; name and value already percent-encoded.
+    Query { param: String, value: Secret },
+}
+
+#[derive(Debug)]
+pub struct Upstream {
+    pub cluster: &'static str,
+    pub authority: String,
+    pub base_path: String,
+}
+
+#[derive(Debug)]
+pub struct Rule {
+    pub id: Arc<str>,
+    pub effect: Effect,
+    /// Upper-case; empty matches every method.
+    pub methods: Box<[Box<str>]>,
+    pub path: Option<regex::Regex>,
+    pub notes: Option<Arc<str>>,
+    pub priority: i64,
+}
+
+#[derive(Debug)]
+pub struct Proxy {
+    pub name: Arc<str>,
+    pub upstream: Upstream,
+    pub injection: Arc<Injection>,
+    pub default_effect: Effect,
+    /// The bound proxy credentials, each with its rules for this proxy (its own and the
+    /// proxy's, merged and in evaluation order). Not in the map = not bound.
+    pub rules: HashMap<u32, Arc<[Arc<Rule>]>>,
+}
+
+#[derive(Debug)]
+pub struct KeyEntry {
+    pub hash: [u8; 32],
+    pub id: Arc<str>,
+    pub credential: u32,
+    pub label: Option<Arc<str>>,
+    pub expires_at: Option<i64>,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Policy {
+    proxies: HashMap<Box<str>, Proxy>,
+    /// Keyed by the first 16 bytes of the key's SHA-256; the full hash is compared in
+    /// constant time after the lookup.
+    keys: HashMap<u128, KeyEntry>,
+    credentials: Vec<Arc<str>>,
+}
+
+/// Characters left as they are in a query parameter.
+const QUERY_SAFE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+impl Policy {
+    pub fn proxy(&self, name: &str) -> Option<&Proxy> {
+        self.proxies.get(name)
+    }
+
+    pub fn key(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
+        let prefix = u128::from_be_bytes(hash[..16].try_into().expect("16 bytes"));
+        self.keys
+            .get(&prefix)
+            .filter(|k| crate::crypto::ct_eq(&k.hash, hash))
+    }
+
+    pub fn credential_name(&self, index: u32) -> &Arc<str> {
+        &self.credentials[index as usize]
+    }
+
+    /// Builds the snapshot, decrypting every target secret: a wrong master key fails here,
+    /// at start-up or at apply, never on a request.
+    pub fn compile(stored: &StoredPolicy, master: &MasterKey) -> Result<Self, CompileError> {
+        let invalid = |s: String| CompileError::Invalid(s);
+        let mut cred_index: HashMap<&str, u32> = HashMap::new();
+        let mut cred_by_id: HashMap<&str, u32> = HashMap::new();
+        let mut credentials = Vec::new();
+        let mut injections: HashMap<&str, Arc<Injection>> = HashMap::new();
+        for c in &stored.credentials {
+            match c.kind {
+                CredentialType::Proxy => {
+                    let i = credentials.len() as u32;
+                    credentials.push(Arc::from(c.name.as_str()));
+                    cred_index.insert(&c.name, i);
+                    cred_by_id.insert(&c.id, i);
+                }
+                CredentialType::Target => {
+                    let (Some(auth), Some(sealed)) = (&c.auth, &c.sealed) else {
+                        return Err(invalid(format!(
+                            "credential {:?} has no auth or secret",
+                            c.name
+                        )));
+                    };
+                    let sealed_with = c.master_key_id.as_deref().unwrap_or("unknown");
+                    let plain = master.open(&c.id, sealed, sealed_with).map_err(|source| {
+                        StoreError::Secret {
+                            name: c.name.clone(),
+                            source,
+                        }
+                    })?;
+                    let secret = std::str::from_utf8(&plain).map_err(|_| {
+                        invalid(format!("credential {:?}: secret is not UTF-8", c.name))
+                    })?;
+                    let header = |name: &str, value: String| Injection::Header {
+                        name: name.to_ascii_lowercase(),
+                        value: Secret(Zeroizing::new(value.into_bytes())),
+                    };
+                    let injection = match auth.kind {
+                        AuthKind::Bearer => header("authorization", format!("Bearer {secret}")),
+                        AuthKind::Header => header(
+                            auth.header.as_deref().unwrap_or_default(),
+                            format!("{}{secret}", auth.prefix.as_deref().unwrap_or_default()),
+                        ),
+                        AuthKind::Basic => {
+                            let user = auth.username.as_deref().unwrap_or_default();
+                            let pair = Zeroizing::new(format!("{user}:{secret}"));
+                            header("authorization", format!("Basic {}", BASE64.encode(&*pair)))
+                        }
+                        AuthKind::Query => Injection::Query {
+                            param: utf8_percent_encode(
+                                auth.param.as_deref().unwrap_or_default(),
+                                QUERY_SAFE,
+                            )
+                            .to_string(),
+                            value: Secret(Zeroizing::new(
+                                utf8_percent_encode(secret, QUERY_SAFE)
+                                    .to_string()
+                                    .into_bytes(),
+                            )),
+                        },
+                        AuthKind::Oauth2ClientCredentials => {
+                            return Err(invalid(format!(
+                                "credential {:?}: oauth2_client_credentials is not supported yet",
+                                c.name
+                            )));
+                        }
+                    };
+                    if let Injection::Header { value, .. } = &injection
+                        && value
+                            .expose()
+                            .iter()
+                            .any(|&b| b == b'\r' || b == b'\n' || b == 0)
+                    {
+                        return Err(invalid(format!(
+                            "credential {:?}: secret holds a line break or NUL",
+                            c.name
+                        )));
+                    }
+                    injections.insert(&c.name, Arc::new(injection));
+                }
+            }
+        }
+
+        let mut keys = HashMap::new();
+        for k in &stored.keys {
+            let Some(&credential) = cred_by_id.get(k.credential_id.as_str()) else {
+                continue;
+            };
+            let hash: [u8; 32] = k
+                .hash
+                .as_slice()
+                .try_into()
+                .map_err(|_| invalid(format!("key {} has a malformed hash", k.id)))?;
+            let prefix = u128::from_be_bytes(hash[..16].try_into().expect("16 bytes"));
+            keys.insert(
+                prefix,
+                KeyEntry {
+                    hash,
+                    id: Arc::from(k.id.as_str()),
+                    credential,
+                    label: k.label.as_deref().map(Arc::from),
+                    expires_at: k.expires_at,
+                    revoked: k.revoked_at.is_some(),
+                },
+            );
+        }
+
+        let mut credential_rules: HashMap<&str, Vec<(i64, Arc<Rule>)>> = HashMap::new();
+        let mut proxy_rules: HashMap<&str, Vec<(i64, Arc<Rule>)>> = HashMap::new();
+        for r in &stored.rules {
+            let rule = Arc::new(Rule {
+                id: Arc::from(r.id.as_str()),
+                effect: r.effect,
+                methods: r.methods.iter().map(|m| m.as_str().into()).collect(),
+                path: r
+                    .path
+                    .as_deref()
+                    .map(compile_regex)
+                    .transpose()
+                    .map_err(|e| invalid(format!("rule {}: path: {e}", r.id)))?,
+                notes: r.notes.as_deref().map(Arc::from),
+                priority: r.priority,
+            });
+            let owner = match (&r.credential, &r.proxy) {
+                (Some(c), _) => credential_rules.entry(c).or_default(),
+                (None, Some(p)) => proxy_rules.entry(p).or_default(),
+                (None, None) => return Err(invalid(format!("rule {} has no owner", r.id))),
+            };
+            owner.push((r.position, rule));
+        }
+
+        let targets: HashMap<&str, &str> = stored
+            .targets
+            .iter()
+            .map(|t| (t.name.as_str(), t.url.as_str()))
+            .collect();
+        let mut proxies = HashMap::new();
+        for p in &stored.proxies {
+            let url = targets
+                .get(p.target.as_str())
+                .ok_or_else(|| invalid(format!("proxy {:?}: no target {:?}", p.name, p.target)))?;
+            let url = TargetUrl::parse(url).map_err(invalid)?;
+            let injection = injections
+                .get(p.target_credential.as_str())
+                .cloned()
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "proxy {:?}: no target credential {:?}",
+                        p.name, p.target_credential
+                    ))
+                })?;
+            let mut rules = HashMap::new();
+            for c in &p.proxy_credentials {
+                let Some(&index) = cred_index.get(c.as_str()) else {
+                    return Err(invalid(format!(
+                        "proxy {:?}: no proxy credential {c:?}",
+                        p.name
+                    )));
+                };
+                let mut merged: Vec<(i64, Arc<Rule>)> = credential_rules
+                    .get(c.as_str())
+                    .into_iter()
+                    .chain(proxy_rules.get(p.name.as_str()))
+                    .flatten()
+                    .cloned()
+                    .collect();
+                // Lowest priority first; ties keep the order of the policy file.
+                merged.sort_by_key(|(position, r)| (r.priority, *position));
+                rules.insert(index, merged.into_iter().map(|(_, r)| r).collect());
+            }
+            proxies.insert(
+                Box::from(p.name.as_str()),
+                Proxy {
+                    name: Arc::from(p.name.as_str()),
+                    upstream: Upstream {
+                        cluster: if url.tls { CLUSTER_TLS } else { CLUSTER_PLAIN },
+                        authority: url.authority,
+                        base_path: url.base_path,
+                    },
+                    injection,
+                    default_effect: p.default_effect,
+                    rules,
+                },
+            );
+        }
+        Ok(Self {
+            proxies,
+            keys,
+            credentials,
+        })
+    }
+}

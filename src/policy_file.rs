@@ -1,0 +1,680 @@
+//! The policy file (DESIGN.md §4): its serde model and the validation that runs before
+//! anything is applied. Parsing and validation are shared by the CLI and the server.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy file: {0}")]
+    Syntax(String),
+    #[error("policy file, {item}: {problem}")]
+    Invalid { item: String, problem: String },
+}
+
+fn invalid(item: impl Into<String>, problem: impl Into<String>) -> PolicyError {
+    PolicyError::Invalid {
+        item: item.into(),
+        problem: problem.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub targets: Vec<TargetSpec>,
+    #[serde(default)]
+    pub credentials: Vec<CredentialSpec>,
+    #[serde(default)]
+    pub proxies: Vec<ProxySpec>,
+    #[serde(default)]
+    pub rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSpec {
+    pub name: String,
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CredentialType {
+    Target,
+    Proxy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthKind {
+    Bearer,
+    Header,
+    Basic,
+    Query,
+    Oauth2ClientCredentials,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialSpec {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: CredentialType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthKind>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<SecretRef>>,
+}
+
+/// Where secret material comes from: exactly one of the three.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    Allow,
+    #[default]
+    Deny,
+}
+
+impl Effect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySpec {
+    pub name: String,
+    pub target: String,
+    pub target_credential: String,
+    #[serde(default)]
+    pub proxy_credentials: Vec<String>,
+    #[serde(default)]
+    pub default_effect: Effect,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_day: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cost {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_json: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_unit: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_request_usd: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Optional stable id; otherwise one is derived from the rule's content.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<String>,
+    pub effect: Effect,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default = "default_priority")]
+    pub priority: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+}
+
+fn default_priority() -> i64 {
+    100
+}
+
+/// The longest regex source a rule may carry, and the compiled size it may reach: a
+/// policy must not be able to make the hot path slow or the process large.
+const MAX_REGEX_LEN: usize = 4096;
+pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
+const MAX_NAME_LEN: usize = 128;
+
+/// Proxy names are the first path segment of every request.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name != "."
+        && name != ".."
+}
+
+/// Compiles a rule's path regex with the limits every rule regex obeys.
+pub fn compile_regex(source: &str) -> Result<regex::Regex, String> {
+    if source.len() > MAX_REGEX_LEN {
+        return Err(format!("regex longer than {MAX_REGEX_LEN} characters"));
+    }
+    regex::RegexBuilder::new(source)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| format!("invalid regex: {e}"))
+}
+
+impl PolicyFile {
+    /// Parses and validates a policy file; the error names the line or the item at fault.
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile = if text.trim().is_empty() {
+            PolicyFile::default()
+        } else {
+            serde_norway::from_str(text).map_err(|e| PolicyError::Syntax(e.to_string()))?
+        };
+        file.validate()?;
+        Ok(file)
+    }
+
+    fn validate(&self) -> Result<(), PolicyError> {
+        let mut targets = HashSet::new();
+        for t in &self.targets {
+            let item = format!("target {:?}", t.name);
+            if !valid_name(&t.name) {
+                return Err(invalid(item, "name must be 1-128 of [A-Za-z0-9._-]"));
+            }
+            if !targets.insert(t.name.as_str()) {
+                return Err(invalid(item, "defined twice"));
+            }
+            TargetUrl::parse(&t.url).map_err(|p| invalid(&item, format!("url: {p}")))?;
+        }
+
+        let mut credentials = HashMap::new();
+        for c in &self.credentials {
+            let item = format!("credential {:?}", c.name);
+            if !valid_name(&c.name) {
+                return Err(invalid(item, "name must be 1-128 of [A-Za-z0-9._-]"));
+            }
+            if credentials.insert(c.name.as_str(), c.kind).is_some() {
+                return Err(invalid(item, "defined twice"));
+            }
+            c.validate().map_err(|p| invalid(item, p))?;
+        }
+
+        let mut proxies = HashSet::new();
+        for p in &self.proxies {
+            let item = format!("proxy {:?}", p.name);
+            if !valid_name(&p.name) {
+                return Err(invalid(item, "name must be 1-128 of [A-Za-z0-9._-]"));
+            }
+            if !proxies.insert(p.name.as_str()) {
+                return Err(invalid(item, "defined twice"));
+            }
+            if !targets.contains(p.target.as_str()) {
+                return Err(invalid(
+                    item,
+                    format!("target {:?} is not defined", p.target),
+                ));
+            }
+            match credentials.get(p.target_credential.as_str()) {
+                Some(CredentialType::Target) => {}
+                Some(CredentialType::Proxy) => {
+                    return Err(invalid(
+                        item,
+                        format!(
+                            "target_credential {:?} is a proxy credential, not a target one",
+                            p.target_credential
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(invalid(
+                        item,
+                        format!("target_credential {:?} is not defined", p.target_credential),
+                    ));
+                }
+            }
+            let mut bound = HashSet::new();
+            for name in &p.proxy_credentials {
+                match credentials.get(name.as_str()) {
+                    Some(CredentialType::Proxy) => {}
+                    Some(CredentialType::Target) => {
+                        return Err(invalid(
+                            item,
+                            format!("proxy_credentials: {name:?} is a target credential"),
+                        ));
+                    }
+                    None => {
+                        return Err(invalid(
+                            item,
+                            format!("proxy_credentials: {name:?} is not defined"),
+                        ));
+                    }
+                }
+                if !bound.insert(name) {
+                    return Err(invalid(item, format!("proxy_credentials: {name:?} twice")));
+                }
+            }
+            if let Some(cost) = &p.cost {
+                cost.validate()
+                    .map_err(|e| invalid(&item, format!("cost: {e}")))?;
+            }
+        }
+
+        let mut rule_ids = HashSet::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let item = format!("rules[{i}]");
+            let id = r.id();
+            if !rule_ids.insert(id.clone()) {
+                return Err(invalid(item, format!("rule id {id:?} used twice")));
+            }
+            match (&r.credential, &r.proxy) {
+                (Some(c), None) => match credentials.get(c.as_str()) {
+                    Some(CredentialType::Proxy) => {}
+                    Some(CredentialType::Target) => {
+                        return Err(invalid(
+                            item,
+                            format!(
+                                "credential {c:?} is a target credential; rules attach to proxy credentials"
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(invalid(item, format!("credential {c:?} is not defined")));
+                    }
+                },
+                (None, Some(p)) => {
+                    if !proxies.contains(p.as_str()) {
+                        return Err(invalid(item, format!("proxy {p:?} is not defined")));
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        item,
+                        "a rule names exactly one of `credential` or `proxy`",
+                    ));
+                }
+            }
+            for m in r.methods.iter().flatten() {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return Err(invalid(
+                        item,
+                        format!("methods: {m:?} is not an HTTP method"),
+                    ));
+                }
+            }
+            if let Some(path) = &r.path {
+                compile_regex(path).map_err(|e| invalid(&item, format!("path: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every secret reference in the file, by credential name: what a client resolves.
+    pub fn target_secrets(&self) -> impl Iterator<Item = (&str, &SecretRef)> {
+        self.credentials
+            .iter()
+            .filter_map(|c| Some((c.name.as_str(), c.secret.as_ref()?)))
+    }
+
+    /// Every imported proxy key reference, by credential name.
+    pub fn imported_keys(&self) -> impl Iterator<Item = (&str, &[SecretRef])> {
+        self.credentials
+            .iter()
+            .filter_map(|c| Some((c.name.as_str(), c.keys.as_deref()?)))
+    }
+}
+
+impl CredentialSpec {
+    fn validate(&self) -> Result<(), String> {
+        let present = |set: bool, field: &str, needed: bool| match (set, needed) {
+            (true, false) => Err(format!("`{field}` does not apply here")),
+            (false, true) => Err(format!("`{field}` is required")),
+            _ => Ok(()),
+        };
+        match self.kind {
+            CredentialType::Proxy => {
+                for (set, field) in [
+                    (self.auth.is_some(), "auth"),
+                    (self.secret.is_some(), "secret"),
+                    (self.header.is_some(), "header"),
+                    (self.prefix.is_some(), "prefix"),
+                    (self.username.is_some(), "username"),
+                    (self.param.is_some(), "param"),
+                    (self.token_url.is_some(), "token_url"),
+                    (self.client_id.is_some(), "client_id"),
+                    (self.scopes.is_some(), "scopes"),
+                ] {
+                    present(
+                        set,
+                        &format!("{field}` (proxy credentials take only `keys"),
+                        false,
+                    )?;
+                }
+                for k in self.keys.iter().flatten() {
+                    k.validate().map_err(|e| format!("keys: {e}"))?;
+                }
+                Ok(())
+            }
+            CredentialType::Target => {
+                let auth = self
+                    .auth
+                    .ok_or("`auth` is required for a target credential")?;
+                present(self.keys.is_some(), "keys", false)?;
+                self.secret
+                    .as_ref()
+                    .ok_or("`secret` is required")?
+                    .validate()
+                    .map_err(|e| format!("secret: {e}"))?;
+                let is = |k: AuthKind| auth == k;
+                present(self.header.is_some(), "header", is(AuthKind::Header))?;
+                present(
+                    self.prefix.is_some() && !is(AuthKind::Header),
+                    "prefix",
+                    false,
+                )?;
+                present(self.username.is_some(), "username", is(AuthKind::Basic))?;
+                present(self.param.is_some(), "param", is(AuthKind::Query))?;
+                let oauth = is(AuthKind::Oauth2ClientCredentials);
+                present(self.token_url.is_some(), "token_url", oauth)?;
+                present(self.client_id.is_some(), "client_id", oauth)?;
+                present(self.scopes.is_some() && !oauth, "scopes", false)?;
+                if oauth {
+                    return Err(
+                        "auth `oauth2_client_credentials` is not supported by this version yet"
+                            .into(),
+                    );
+                }
+                if let Some(h) = &self.header
+                    && (h.is_empty()
+                        || h.starts_with(':')
+                        || !h
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+                {
+                    return Err(format!("header: {h:?} is not a valid header name"));
+                }
+                if let Some(p) = &self.param
+                    && p.is_empty()
+                {
+                    return Err("param: must not be empty".into());
+                }
+                if let Some(u) = &self.username
+                    && u.contains(':')
+                {
+                    return Err("username: must not contain ':'".into());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl SecretRef {
+    fn validate(&self) -> Result<(), String> {
+        match (&self.env, &self.file, &self.value) {
+            (Some(_), None, None) | (None, Some(_), None) | (None, None, Some(_)) => Ok(()),
+            _ => Err("give exactly one of `env`, `file` or `value`".into()),
+        }
+    }
+
+    /// Reads the secret where the reference points: the caller's environment, or a file
+    /// (a relative path is taken from `base`, the policy file's folder).
+    pub fn resolve(&self, base: &std::path::Path) -> Result<String, String> {
+        if let Some(var) = &self.env {
+            return std::env::var(var)
+                .map_err(|_| format!("environment variable {var} is not set"));
+        }
+        if let Some(path) = &self.file {
+            let text = std::fs::read_to_string(base.join(path))
+                .map_err(|e| format!("file {path}: {e}"))?;
+            return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
+        }
+        Ok(self.value.clone().unwrap_or_default())
+    }
+}
+
+impl Cost {
+    fn validate(&self) -> Result<(), String> {
+        match (&self.response_json, self.usd_per_unit, self.per_request_usd) {
+            (Some(ptr), Some(f), None) if f.is_finite() && f >= 0.0 => {
+                if !ptr.is_empty() && !ptr.starts_with('/') {
+                    return Err(format!("response_json: {ptr:?} is not a JSON pointer"));
+                }
+                Ok(())
+            }
+            (None, None, Some(f)) if f.is_finite() && f >= 0.0 => Ok(()),
+            _ => Err(
+                "give `response_json` with `usd_per_unit`, or `per_request_usd` (non-negative)"
+                    .into(),
+            ),
+        }
+    }
+}
+
+impl RuleSpec {
+    /// The rule's id: given, or derived from its content so it is stable across applies.
+    pub fn id(&self) -> String {
+        if let Some(id) = &self.id {
+            return id.clone();
+        }
+        let canonical = serde_json::to_vec(self).expect("a rule serializes");
+        format!(
+            "rule_{}",
+            &crate::crypto::hex(&crate::crypto::hash_key(&canonical))[..12]
+        )
+    }
+}
+
+/// A target URL split into what routing needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetUrl {
+    pub tls: bool,
+    /// `host` or `host:port`, as the upstream's `Host` header.
+    pub authority: String,
+    /// The base path without a trailing slash ("" for none).
+    pub base_path: String,
+}
+
+impl TargetUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(format!("{url:?} must start with https:// or http://"));
+        };
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let (host, port) = match authority.strip_prefix('[') {
+            // An IPv6 literal: [addr] or [addr]:port.
+            Some(v6) => match v6.split_once(']') {
+                Some((addr, "")) => (addr, None),
+                Some((addr, port)) => (addr, Some(port.strip_prefix(':').unwrap_or(port))),
+                None => ("", None),
+            },
+            None => match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            },
+        };
+        let v6 = authority.starts_with('[');
+        let host_ok = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || (v6 && b == b':'));
+        if !host_ok {
+            return Err(format!("{url:?} has no valid host"));
+        }
+        if let Some(p) = port
+            && p.parse::<u16>().map_or(true, |p| p == 0)
+        {
+            return Err(format!("{url:?} has an invalid port"));
+        }
+        if path.contains(['?', '#', '%', '\\']) || path.split('/').any(|s| s == "." || s == "..") {
+            return Err(format!(
+                "{url:?}: the base path may not hold a query, fragment, escapes or dot segments"
+            ));
+        }
+        Ok(Self {
+            tls,
+            authority: authority.to_ascii_lowercase(),
+            base_path: path.trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+targets:
+  - name: stripe
+    url: https://api.stripe.com
+credentials:
+  - name: stripe-production
+    type: target
+    auth: bearer
+    secret: { env: STRIPE_SECRET }
+  - name: agent-billing
+    type: proxy
+    keys:
+      - { env: AGENT_BILLING_KEY }
+proxies:
+  - name: stripe-billing
+    target: stripe
+    target_credential: stripe-production
+    proxy_credentials: [agent-billing]
+    default_effect: deny
+    limits: { requests_per_minute: 100, requests_per_day: 1000 }
+    cost: { response_json: "/amount", usd_per_unit: 0.01 }
+rules:
+  - credential: agent-billing
+    effect: allow
+    methods: [GET, POST]
+    path: "^/v1/(charges|refunds)"
+    priority: 10
+    notes: "Billing agent: charges and refunds only"
+"#;
+
+    fn err(text: &str) -> String {
+        PolicyFile::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let f = PolicyFile::parse(EXAMPLE).unwrap();
+        assert_eq!(f.proxies[0].default_effect, Effect::Deny);
+        assert_eq!(f.rules[0].priority, 10);
+        assert_eq!(f.rules[0].id(), f.rules[0].clone().id());
+        assert!(f.rules[0].id().starts_with("rule_"));
+    }
+
+    #[test]
+    fn unknown_fields_name_the_line() {
+        let e = err(&EXAMPLE.replace("    priority: 10", "    priority: 10\n    prio: 3"));
+        assert!(
+            e.contains("unknown field `prio`") && e.contains("line"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_item() {
+        let e = err(&EXAMPLE.replace("(charges|refunds)", "(charges"));
+        assert!(e.contains("rules[0]") && e.contains("invalid regex"), "{e}");
+        let e = err(&EXAMPLE.replace("target: stripe\n", "target: strype\n"));
+        assert!(
+            e.contains("proxy \"stripe-billing\"") && e.contains("\"strype\""),
+            "{e}"
+        );
+        let e = err(&EXAMPLE.replace("[agent-billing]", "[agent-x]"));
+        assert!(e.contains("\"agent-x\" is not defined"), "{e}");
+        let e = err(&EXAMPLE.replace("- credential: agent-billing", "- credential: nobody"));
+        assert!(e.contains("rules[0]") && e.contains("\"nobody\""), "{e}");
+        let e = err(&EXAMPLE.replace("https://api.stripe.com", "ftp://x"));
+        assert!(e.contains("target \"stripe\"") && e.contains("url"), "{e}");
+        let e = err(&EXAMPLE.replace("auth: bearer", "auth: header"));
+        assert!(e.contains("`header` is required"), "{e}");
+        let e = err(&EXAMPLE.replace("{ env: STRIPE_SECRET }", "{ env: A, value: b }"));
+        assert!(e.contains("exactly one"), "{e}");
+        let e = err(&EXAMPLE.replace("name: stripe-billing", "name: a/b"));
+        assert!(e.contains("name must be"), "{e}");
+    }
+
+    #[test]
+    fn huge_regexes_are_refused() {
+        let e = err(&EXAMPLE.replace("^/v1/(charges|refunds)", "(?:[a-z]{500}){500}"));
+        assert!(e.contains("rules[0]") && e.contains("regex"), "{e}");
+    }
+
+    #[test]
+    fn target_urls() {
+        let u = TargetUrl::parse("https://API.example.com/base/").unwrap();
+        assert_eq!(
+            u,
+            TargetUrl {
+                tls: true,
+                authority: "api.example.com".into(),
+                base_path: "/base".into()
+            }
+        );
+        let u = TargetUrl::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            (u.tls, u.authority.as_str(), u.base_path.as_str()),
+            (false, "127.0.0.1:8080", "")
+        );
+        for bad in [
+            "api.example.com",
+            "https://",
+            "https://a b",
+            "https://h:0",
+            "https://h:99999",
+            "https://h/a/../b",
+            "https://h/a?x=1",
+            "https://user@h",
+        ] {
+            assert!(TargetUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! What every part of a running `serve` shares: the live policy snapshot and the metrics.
+
+use arc_swap::ArcSwap;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::pipeline::Decision;
+use crate::policy::Policy;
+
+pub struct Shared {
+    pub policy: ArcSwap<Policy>,
+    pub metrics: Metrics,
+}
+
+impl Shared {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            policy: ArcSwap::from_pointee(policy),
+            metrics: Metrics::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    /// Only names from the policy: never a value a client made up.
+    proxy: String,
+    decision: &'static str,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    decisions: Family<DecisionLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn record(&self, decision: &Decision) {
+        let labels = DecisionLabels {
+            proxy: decision
+                .subject
+                .proxy
+                .as_deref()
+                .unwrap_or_default()
+                .to_owned(),
+            decision: match &decision.outcome {
+                Ok(_) => "allow",
+                Err(denial) => denial.kind(),
+            },
+        };
+        self.decisions.get_or_create(&labels).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut registry = Registry::with_prefix("latchkey");
+        registry.register(
+            "decisions",
+            "Requests decided, by proxy and decision",
+            self.decisions.clone(),
+        );
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}

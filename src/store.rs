@@ -1,0 +1,799 @@
+//! The SQL store: the durable policy. Only the admin path reads or writes it; the request
+//! path works from the compiled snapshot built from [`Store::load`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{Row, Sqlite, Transaction};
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, CryptoError, MasterKey};
+use crate::policy_file::{AuthKind, Cost, CredentialType, Effect, Limits, PolicyFile, SecretRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL {0:?}: this build speaks sqlite:// only")]
+    UnsupportedUrl(String),
+    #[error("credential {name:?}: {source}")]
+    Secret {
+        name: String,
+        #[source]
+        source: CryptoError,
+    },
+    #[error("corrupt row in {table}: {problem}")]
+    Corrupt {
+        table: &'static str,
+        problem: String,
+    },
+}
+
+/// How a target secret is injected: the `auth` fields of a target credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthSpec {
+    pub kind: AuthKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetRow {
+    pub name: String,
+    pub url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct CredentialRow {
+    pub id: String,
+    pub name: String,
+    pub kind: CredentialType,
+    pub auth: Option<AuthSpec>,
+    pub secret_ref: Option<SecretRef>,
+    pub sealed: Option<Vec<u8>>,
+    pub master_key_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    pub id: String,
+    pub credential_id: String,
+    pub hash: Vec<u8>,
+    pub policy_sourced: bool,
+    pub label: Option<String>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyRow {
+    pub name: String,
+    pub target: String,
+    pub target_credential: String,
+    /// Sorted, so comparison ignores the order in the file.
+    pub proxy_credentials: Vec<String>,
+    pub default_effect: Effect,
+    pub limits: Option<Limits>,
+    pub cost: Option<Cost>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRow {
+    pub id: String,
+    pub credential: Option<String>,
+    pub proxy: Option<String>,
+    pub effect: Effect,
+    /// Upper-case; empty means any method.
+    pub methods: Vec<String>,
+    pub path: Option<String>,
+    pub priority: i64,
+    pub notes: Option<String>,
+    pub position: i64,
+}
+
+/// Everything the store holds, as loaded in one read.
+#[derive(Debug, Default)]
+pub struct StoredPolicy {
+    pub targets: Vec<TargetRow>,
+    pub credentials: Vec<CredentialRow>,
+    pub keys: Vec<KeyRow>,
+    pub proxies: Vec<ProxyRow>,
+    pub rules: Vec<RuleRow>,
+}
+
+/// What a policy file asks for, with its secrets already resolved by the client.
+pub struct Desired {
+    pub targets: Vec<TargetRow>,
+    pub credentials: Vec<DesiredCredential>,
+    pub proxies: Vec<ProxyRow>,
+    pub rules: Vec<RuleRow>,
+}
+
+pub struct DesiredCredential {
+    pub name: String,
+    pub kind: CredentialType,
+    pub auth: Option<AuthSpec>,
+    pub secret_ref: Option<SecretRef>,
+    pub secret: Option<Zeroizing<String>>,
+    pub key_hashes: Vec<[u8; 32]>,
+}
+
+impl Desired {
+    /// Joins a validated file with the secrets and key hashes its client resolved.
+    pub fn new(
+        file: &PolicyFile,
+        mut secrets: HashMap<String, Zeroizing<String>>,
+        mut keys: HashMap<String, Vec<[u8; 32]>>,
+    ) -> Result<Self, String> {
+        let mut credentials = Vec::new();
+        for c in &file.credentials {
+            let secret = match c.kind {
+                CredentialType::Target => Some(secrets.remove(&c.name).ok_or_else(|| {
+                    format!("credential {:?}: its secret was not provided", c.name)
+                })?),
+                CredentialType::Proxy => None,
+            };
+            let mut key_hashes = keys.remove(&c.name).unwrap_or_default();
+            let expected = c.keys.as_ref().map_or(0, Vec::len);
+            if key_hashes.len() != expected {
+                return Err(format!(
+                    "credential {:?}: {expected} keys in the file, {} provided",
+                    c.name,
+                    key_hashes.len()
+                ));
+            }
+            key_hashes.sort();
+            key_hashes.dedup();
+            credentials.push(DesiredCredential {
+                name: c.name.clone(),
+                kind: c.kind,
+                auth: c.auth.map(|kind| AuthSpec {
+                    kind,
+                    header: c.header.clone(),
+                    prefix: c.prefix.clone(),
+                    username: c.username.clone(),
+                    param: c.param.clone(),
+                }),
+                secret_ref: c.secret.clone(),
+                secret,
+                key_hashes,
+            });
+        }
+        if let Some(name) = secrets.keys().chain(keys.keys()).next() {
+            return Err(format!(
+                "material was provided for {name:?}, which the file does not define as such"
+            ));
+        }
+        Ok(Self {
+            targets: file
+                .targets
+                .iter()
+                .map(|t| TargetRow {
+                    name: t.name.clone(),
+                    url: t.url.clone(),
+                })
+                .collect(),
+            credentials,
+            proxies: file
+                .proxies
+                .iter()
+                .map(|p| {
+                    let mut bound = p.proxy_credentials.clone();
+                    bound.sort();
+                    ProxyRow {
+                        name: p.name.clone(),
+                        target: p.target.clone(),
+                        target_credential: p.target_credential.clone(),
+                        proxy_credentials: bound,
+                        default_effect: p.default_effect,
+                        limits: p.limits.clone(),
+                        cost: p.cost.clone(),
+                    }
+                })
+                .collect(),
+            rules: file
+                .rules
+                .iter()
+                .enumerate()
+                .map(|(i, r)| RuleRow {
+                    id: r.id(),
+                    credential: r.credential.clone(),
+                    proxy: r.proxy.clone(),
+                    effect: r.effect,
+                    methods: r
+                        .methods
+                        .iter()
+                        .flatten()
+                        .map(|m| m.to_ascii_uppercase())
+                        .collect(),
+                    path: r.path.clone(),
+                    priority: r.priority,
+                    notes: r.notes.clone(),
+                    position: i as i64,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// One line of an apply's report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub kind: &'static str,
+    pub name: String,
+    pub action: &'static str,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.name, self.action)
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating if missing) the database and runs the embedded migrations.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        if !url.starts_with("sqlite:") {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        }
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .foreign_keys(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn load(&self) -> Result<StoredPolicy, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let stored = load(&mut tx).await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    /// Makes the store match `desired` in one transaction. `check` sees the would-be
+    /// state before commit; if it fails, nothing is written. With `dry_run` the changes
+    /// are reported and rolled back.
+    pub async fn apply<E>(
+        &self,
+        desired: &Desired,
+        master: &MasterKey,
+        dry_run: bool,
+        check: impl FnOnce(&StoredPolicy) -> Result<(), E>,
+    ) -> Result<Result<Vec<Change>, E>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let current = load(&mut tx).await?;
+        let changes = write_diff(&mut tx, &current, desired, master).await?;
+        let after = load(&mut tx).await?;
+        if let Err(e) = check(&after) {
+            tx.rollback().await?;
+            return Ok(Err(e));
+        }
+        if dry_run || changes.is_empty() {
+            tx.rollback().await?;
+        } else {
+            tx.commit().await?;
+        }
+        Ok(Ok(changes))
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn parse_effect(table: &'static str, s: &str) -> Result<Effect, StoreError> {
+    match s {
+        "allow" => Ok(Effect::Allow),
+        "deny" => Ok(Effect::Deny),
+        other => Err(StoreError::Corrupt {
+            table,
+            problem: format!("effect {other:?}"),
+        }),
+    }
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    text: Option<String>,
+) -> Result<Option<T>, StoreError> {
+    text.map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt {
+            table,
+            problem: e.to_string(),
+        })
+}
+
+fn to_json<T: Serialize>(value: &Option<T>) -> Option<String> {
+    value
+        .as_ref()
+        .map(|v| serde_json::to_string(v).expect("plain data serializes"))
+}
+
+async fn load(tx: &mut Transaction<'_, Sqlite>) -> Result<StoredPolicy, StoreError> {
+    let mut out = StoredPolicy::default();
+    for row in sqlx::query("SELECT name, url FROM targets ORDER BY name")
+        .fetch_all(&mut **tx)
+        .await?
+    {
+        out.targets.push(TargetRow {
+            name: row.try_get("name")?,
+            url: row.try_get("url")?,
+        });
+    }
+    for row in sqlx::query(
+        "SELECT id, name, kind, auth, secret_ref, secret_sealed, master_key_id
+         FROM credentials ORDER BY name",
+    )
+    .fetch_all(&mut **tx)
+    .await?
+    {
+        let kind = match row.try_get::<String, _>("kind")?.as_str() {
+            "target" => CredentialType::Target,
+            "proxy" => CredentialType::Proxy,
+            other => {
+                return Err(StoreError::Corrupt {
+                    table: "credentials",
+                    problem: format!("kind {other:?}"),
+                });
+            }
+        };
+        out.credentials.push(CredentialRow {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            kind,
+            auth: from_json("credentials", row.try_get("auth")?)?,
+            secret_ref: from_json("credentials", row.try_get("secret_ref")?)?,
+            sealed: row.try_get("secret_sealed")?,
+            master_key_id: row.try_get("master_key_id")?,
+        });
+    }
+    for row in sqlx::query(
+        "SELECT id, credential_id, key_hash, source, label, expires_at, revoked_at
+         FROM proxy_keys ORDER BY id",
+    )
+    .fetch_all(&mut **tx)
+    .await?
+    {
+        out.keys.push(KeyRow {
+            id: row.try_get("id")?,
+            credential_id: row.try_get("credential_id")?,
+            hash: row.try_get("key_hash")?,
+            policy_sourced: row.try_get::<String, _>("source")? == "policy",
+            label: row.try_get("label")?,
+            expires_at: row.try_get("expires_at")?,
+            revoked_at: row.try_get("revoked_at")?,
+        });
+    }
+    let mut bindings: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for row in sqlx::query("SELECT proxy, credential FROM proxy_bindings ORDER BY credential")
+        .fetch_all(&mut **tx)
+        .await?
+    {
+        bindings
+            .entry(row.try_get("proxy")?)
+            .or_default()
+            .push(row.try_get("credential")?);
+    }
+    for row in sqlx::query(
+        "SELECT name, target, target_credential, default_effect, limits, cost
+         FROM proxies ORDER BY name",
+    )
+    .fetch_all(&mut **tx)
+    .await?
+    {
+        let name: String = row.try_get("name")?;
+        out.proxies.push(ProxyRow {
+            proxy_credentials: bindings.remove(&name).unwrap_or_default(),
+            name,
+            target: row.try_get("target")?,
+            target_credential: row.try_get("target_credential")?,
+            default_effect: parse_effect("proxies", &row.try_get::<String, _>("default_effect")?)?,
+            limits: from_json("proxies", row.try_get("limits")?)?,
+            cost: from_json("proxies", row.try_get("cost")?)?,
+        });
+    }
+    for row in sqlx::query(
+        "SELECT id, credential, proxy, effect, methods, path, priority, notes, position
+         FROM rules ORDER BY position",
+    )
+    .fetch_all(&mut **tx)
+    .await?
+    {
+        out.rules.push(RuleRow {
+            id: row.try_get("id")?,
+            credential: row.try_get("credential")?,
+            proxy: row.try_get("proxy")?,
+            effect: parse_effect("rules", &row.try_get::<String, _>("effect")?)?,
+            methods: from_json("rules", Some(row.try_get("methods")?))?.unwrap_or_default(),
+            path: row.try_get("path")?,
+            priority: row.try_get("priority")?,
+            notes: row.try_get("notes")?,
+            position: row.try_get("position")?,
+        });
+    }
+    Ok(out)
+}
+
+/// Created, updated and deleted items between two keyed lists.
+struct Diff<'a, O, N> {
+    created: Vec<&'a N>,
+    updated: Vec<(&'a O, &'a N)>,
+    deleted: Vec<&'a O>,
+}
+
+fn diff<'a, O, N>(
+    old: &'a [O],
+    new: &'a [N],
+    old_key: impl Fn(&O) -> &str,
+    new_key: impl Fn(&N) -> &str,
+    same: impl Fn(&O, &N) -> bool,
+) -> Diff<'a, O, N> {
+    let by_name: HashMap<&str, &O> = old.iter().map(|o| (old_key(o), o)).collect();
+    let mut d = Diff {
+        created: Vec::new(),
+        updated: Vec::new(),
+        deleted: Vec::new(),
+    };
+    for n in new {
+        match by_name.get(new_key(n)) {
+            None => d.created.push(n),
+            Some(&o) if !same(o, n) => d.updated.push((o, n)),
+            Some(_) => {}
+        }
+    }
+    let wanted: std::collections::HashSet<&str> = new.iter().map(&new_key).collect();
+    d.deleted = old
+        .iter()
+        .filter(|o| !wanted.contains(old_key(o)))
+        .collect();
+    d
+}
+
+fn change(kind: &'static str, name: &str, action: &'static str) -> Change {
+    Change {
+        kind,
+        name: name.to_owned(),
+        action,
+    }
+}
+
+async fn write_diff(
+    tx: &mut Transaction<'_, Sqlite>,
+    current: &StoredPolicy,
+    desired: &Desired,
+    master: &MasterKey,
+) -> Result<Vec<Change>, StoreError> {
+    let mut changes = Vec::new();
+
+    let targets = diff(
+        &current.targets,
+        &desired.targets,
+        |t| &t.name,
+        |t| &t.name,
+        |a, b| a == b,
+    );
+    for t in &targets.deleted {
+        sqlx::query("DELETE FROM targets WHERE name = ?")
+            .bind(&t.name)
+            .execute(&mut **tx)
+            .await?;
+        changes.push(change("target", &t.name, "deleted"));
+    }
+    for t in targets
+        .created
+        .iter()
+        .chain(targets.updated.iter().map(|(_, n)| n))
+    {
+        sqlx::query(
+            "INSERT INTO targets (name, url) VALUES (?, ?)
+             ON CONFLICT (name) DO UPDATE SET url = excluded.url",
+        )
+        .bind(&t.name)
+        .bind(&t.url)
+        .execute(&mut **tx)
+        .await?;
+    }
+    changes.extend(
+        targets
+            .created
+            .iter()
+            .map(|t| change("target", &t.name, "created")),
+    );
+    changes.extend(
+        targets
+            .updated
+            .iter()
+            .map(|(t, _)| change("target", &t.name, "updated")),
+    );
+
+    // A credential is unchanged only if its secret still decrypts to the same value.
+    let mut same_secret = HashMap::new();
+    for c in &current.credentials {
+        let Some(want) = desired.credentials.iter().find(|d| d.name == c.name) else {
+            continue;
+        };
+        let same = match (&c.sealed, &want.secret) {
+            (Some(sealed), Some(secret)) => {
+                let sealed_with = c.master_key_id.as_deref().unwrap_or("unknown");
+                let plain = master.open(&c.id, sealed, sealed_with).map_err(|source| {
+                    StoreError::Secret {
+                        name: c.name.clone(),
+                        source,
+                    }
+                })?;
+                crypto::ct_eq(&plain, secret.as_bytes())
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        same_secret.insert(c.name.as_str(), same);
+    }
+    let creds = diff(
+        &current.credentials,
+        &desired.credentials,
+        |c| &c.name,
+        |c| &c.name,
+        |o, n| {
+            o.kind == n.kind
+                && o.auth == n.auth
+                && o.secret_ref == n.secret_ref
+                && same_secret.get(o.name.as_str()) == Some(&true)
+        },
+    );
+    let mut ids: HashMap<&str, String> = current
+        .credentials
+        .iter()
+        .map(|c| (c.name.as_str(), c.id.clone()))
+        .collect();
+    // A change of type is a new credential: its issued keys must not survive it.
+    let (retyped, updated): (Vec<_>, Vec<_>) =
+        creds.updated.iter().partition(|(o, n)| o.kind != n.kind);
+    for c in creds.deleted.iter().chain(retyped.iter().map(|(o, _)| o)) {
+        sqlx::query("DELETE FROM credentials WHERE id = ?")
+            .bind(&c.id)
+            .execute(&mut **tx)
+            .await?;
+        ids.remove(c.name.as_str());
+    }
+    changes.extend(
+        creds
+            .deleted
+            .iter()
+            .map(|c| change("credential", &c.name, "deleted")),
+    );
+    for c in creds.created.iter().chain(retyped.iter().map(|(_, n)| n)) {
+        let id = crypto::random_id("cred");
+        insert_credential(tx, &id, c, master).await?;
+        changes.push(change("credential", &c.name, "created"));
+        ids.insert(&c.name, id);
+    }
+    for (o, n) in &updated {
+        let sealed = n.secret.as_ref().map(|s| master.seal(&o.id, s.as_bytes()));
+        sqlx::query(
+            "UPDATE credentials SET auth = ?, secret_ref = ?, secret_sealed = ?, master_key_id = ?
+             WHERE id = ?",
+        )
+        .bind(to_json(&n.auth))
+        .bind(to_json(&n.secret_ref))
+        .bind(sealed)
+        .bind(n.secret.as_ref().map(|_| master.id()))
+        .bind(&o.id)
+        .execute(&mut **tx)
+        .await?;
+        changes.push(change("credential", &n.name, "updated"));
+    }
+
+    // Imported keys are matched by hash; keys issued at run time are never touched here.
+    let existing: HashMap<&[u8], &KeyRow> = current
+        .keys
+        .iter()
+        .filter(|k| k.policy_sourced)
+        .map(|k| (k.hash.as_slice(), k))
+        .collect();
+    let mut kept = std::collections::HashSet::new();
+    for c in &desired.credentials {
+        let cred_id = &ids[c.name.as_str()];
+        for hash in &c.key_hashes {
+            match existing.get(hash.as_slice()) {
+                Some(k) if &k.credential_id == cred_id => {
+                    kept.insert(k.id.as_str());
+                }
+                _ => {
+                    let id = crypto::random_id("key");
+                    sqlx::query(
+                        "INSERT INTO proxy_keys (id, credential_id, key_hash, source, created_at)
+                         VALUES (?, ?, ?, 'policy', ?)
+                         ON CONFLICT (key_hash) DO UPDATE SET
+                           id = excluded.id, credential_id = excluded.credential_id,
+                           source = 'policy', revoked_at = NULL, expires_at = NULL",
+                    )
+                    .bind(&id)
+                    .bind(cred_id)
+                    .bind(hash.as_slice())
+                    .bind(now_unix())
+                    .execute(&mut **tx)
+                    .await?;
+                    changes.push(change("key", &format!("{}/{id}", c.name), "created"));
+                }
+            }
+        }
+    }
+    for k in existing.values().filter(|k| !kept.contains(k.id.as_str())) {
+        let live = sqlx::query("DELETE FROM proxy_keys WHERE id = ?")
+            .bind(&k.id)
+            .execute(&mut **tx)
+            .await?;
+        if live.rows_affected() > 0 {
+            let owner = current
+                .credentials
+                .iter()
+                .find(|c| c.id == k.credential_id)
+                .map_or("?", |c| c.name.as_str());
+            changes.push(change("key", &format!("{owner}/{}", k.id), "deleted"));
+        }
+    }
+
+    let proxies = diff(
+        &current.proxies,
+        &desired.proxies,
+        |p| &p.name,
+        |p| &p.name,
+        |a, b| a == b,
+    );
+    for p in &proxies.deleted {
+        sqlx::query("DELETE FROM proxies WHERE name = ?")
+            .bind(&p.name)
+            .execute(&mut **tx)
+            .await?;
+        changes.push(change("proxy", &p.name, "deleted"));
+    }
+    for p in proxies
+        .created
+        .iter()
+        .chain(proxies.updated.iter().map(|(_, n)| n))
+    {
+        sqlx::query(
+            "INSERT INTO proxies (name, target, target_credential, default_effect, limits, cost)
+             VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET target = excluded.target,
+               target_credential = excluded.target_credential,
+               default_effect = excluded.default_effect,
+               limits = excluded.limits, cost = excluded.cost",
+        )
+        .bind(&p.name)
+        .bind(&p.target)
+        .bind(&p.target_credential)
+        .bind(p.default_effect.as_str())
+        .bind(to_json(&p.limits))
+        .bind(to_json(&p.cost))
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("DELETE FROM proxy_bindings WHERE proxy = ?")
+            .bind(&p.name)
+            .execute(&mut **tx)
+            .await?;
+        for c in &p.proxy_credentials {
+            sqlx::query("INSERT INTO proxy_bindings (proxy, credential) VALUES (?, ?)")
+                .bind(&p.name)
+                .bind(c)
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
+    changes.extend(
+        proxies
+            .created
+            .iter()
+            .map(|p| change("proxy", &p.name, "created")),
+    );
+    changes.extend(
+        proxies
+            .updated
+            .iter()
+            .map(|(p, _)| change("proxy", &p.name, "updated")),
+    );
+
+    let rules = diff(
+        &current.rules,
+        &desired.rules,
+        |r| &r.id,
+        |r| &r.id,
+        |a, b| a == b,
+    );
+    for r in &rules.deleted {
+        sqlx::query("DELETE FROM rules WHERE id = ?")
+            .bind(&r.id)
+            .execute(&mut **tx)
+            .await?;
+        changes.push(change("rule", &r.id, "deleted"));
+    }
+    for r in rules
+        .created
+        .iter()
+        .chain(rules.updated.iter().map(|(_, n)| n))
+    {
+        sqlx::query(
+            "INSERT INTO rules (id, credential, proxy, effect, methods, path, priority, notes, position)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET credential = excluded.credential,
+               proxy = excluded.proxy, effect = excluded.effect, methods = excluded.methods,
+               path = excluded.path, priority = excluded.priority, notes = excluded.notes,
+               position = excluded.position",
+        )
+        .bind(&r.id)
+        .bind(&r.credential)
+        .bind(&r.proxy)
+        .bind(r.effect.as_str())
+        .bind(serde_json::to_string(&r.methods).expect("strings serialize"))
+        .bind(&r.path)
+        .bind(r.priority)
+        .bind(&r.notes)
+        .bind(r.position)
+        .execute(&mut **tx)
+        .await?;
+    }
+    changes.extend(
+        rules
+            .created
+            .iter()
+            .map(|r| change("rule", &r.id, "created")),
+    );
+    changes.extend(
+        rules
+            .updated
+            .iter()
+            .map(|(r, _)| change("rule", &r.id, "updated")),
+    );
+    Ok(changes)
+}
+
+async fn insert_credential(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: &str,
+    c: &DesiredCredential,
+    master: &MasterKey,
+) -> Result<(), StoreError> {
+    let kind = match c.kind {
+        CredentialType::Target => "target",
+        CredentialType::Proxy => "proxy",
+    };
+    sqlx::query(
+        "INSERT INTO credentials (id, name, kind, auth, secret_ref, secret_sealed, master_key_id)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(&c.name)
+    .bind(kind)
+    .bind(to_json(&c.auth))
+    .bind(to_json(&c.secret_ref))
+    .bind(c.secret.as_ref().map(|s| master.seal(id, s.as_bytes())))
+    .bind(c.secret.as_ref().map(|_| master.id()))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
