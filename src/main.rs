@@ -15,7 +15,8 @@ async fn main() -> std::process::ExitCode {
     match latchkey::cli::run(latchkey::cli::Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The contract: a one-line reason.
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
             std::process::ExitCode::FAILURE
         }
     }

@@ -200,7 +200,20 @@ pub fn compile_regex(source: &str) -> Result<regex::Regex, String> {
     regex::RegexBuilder::new(source)
         .size_limit(REGEX_SIZE_LIMIT)
         .build()
-        .map_err(|e| format!("invalid regex: {e}"))
+        .map_err(|e| match e {
+            // The syntax error's last line says what is wrong; the lines above draw it.
+            regex::Error::Syntax(text) => format!(
+                "invalid regex {source:?}: {}",
+                text.lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ")
+            ),
+            regex::Error::CompiledTooBig(limit) => {
+                format!("regex {source:?} compiles to more than {limit} bytes")
+            }
+            other => format!("invalid regex {source:?}: {other}"),
+        })
 }
 
 impl PolicyFile {

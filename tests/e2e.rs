@@ -1,0 +1,665 @@
+//! End to end: an agent calls the real Envoy with a proxy key; latchkey decides; an
+//! in-test upstream records what the vendor would see.
+
+mod common;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::{Stack, Upstream, client, denial};
+
+/// Name/value pairs: request headers or environment variables.
+type Headers<'a> = Vec<(&'a str, &'a str)>;
+
+const AGENT_KEY: &str = "lk_agentKEY000000000000000001";
+const OTHER_KEY: &str = "lk_otherKEY000000000000000002";
+const BEARER_SECRET: &str = "sk_live_BEARER_secret_value";
+const HEADER_SECRET: &str = "hdr-SECRET-value-42";
+const BASIC_SECRET: &str = "basic-PASS-word-7";
+const QUERY_SECRET: &str = "q&SECRET=value/9";
+
+fn secrets() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("BEARER_SECRET", BEARER_SECRET),
+        ("HEADER_SECRET", HEADER_SECRET),
+        ("BASIC_SECRET", BASIC_SECRET),
+        ("QUERY_SECRET", QUERY_SECRET),
+        ("AGENT_KEY", AGENT_KEY),
+        ("OTHER_KEY", OTHER_KEY),
+    ]
+}
+
+/// Four proxies, one per auth type, all to the same recording upstream under different
+/// base paths; `agent` may use all of them, `other` only `bearer`'s sibling `lonely`.
+fn policy(upstream: &str, extra_rules: &str) -> String {
+    format!(
+        r#"
+targets:
+  - name: vendor
+    url: {upstream}/base
+  - name: vendor-root
+    url: {upstream}
+credentials:
+  - name: bearer-cred
+    type: target
+    auth: bearer
+    secret: {{ env: BEARER_SECRET }}
+  - name: header-cred
+    type: target
+    auth: header
+    header: X-Vendor-Key
+    prefix: "Token "
+    secret: {{ env: HEADER_SECRET }}
+  - name: basic-cred
+    type: target
+    auth: basic
+    username: acct_1
+    secret: {{ env: BASIC_SECRET }}
+  - name: query-cred
+    type: target
+    auth: query
+    param: api_key
+    secret: {{ env: QUERY_SECRET }}
+  - name: agent
+    type: proxy
+    keys: [{{ env: AGENT_KEY }}]
+  - name: other
+    type: proxy
+    keys: [{{ env: OTHER_KEY }}]
+proxies:
+  - name: bearer
+    target: vendor
+    target_credential: bearer-cred
+    proxy_credentials: [agent]
+    default_effect: deny
+  - name: header
+    target: vendor-root
+    target_credential: header-cred
+    proxy_credentials: [agent]
+    default_effect: allow
+  - name: basic
+    target: vendor-root
+    target_credential: basic-cred
+    proxy_credentials: [agent]
+    default_effect: allow
+  - name: query
+    target: vendor-root
+    target_credential: query-cred
+    proxy_credentials: [agent]
+    default_effect: allow
+  - name: lonely
+    target: vendor-root
+    target_credential: bearer-cred
+    proxy_credentials: [other]
+    default_effect: allow
+rules:
+  - credential: agent
+    effect: allow
+    methods: [GET, POST]
+    path: "^/v1/(charges|refunds)"
+    priority: 10
+    notes: "charges and refunds only"
+  - proxy: bearer
+    effect: deny
+    path: "^/v1/refunds/big"
+    priority: 5
+    notes: "no big refunds"
+{extra_rules}
+"#
+    )
+}
+
+async fn stack_with_policy() -> (Stack, Upstream) {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&policy(&upstream.url(), ""), &secrets());
+    (stack, upstream)
+}
+
+fn assert_no_proxy_key(seen: &common::Seen) {
+    let dump = seen.dump();
+    for key in [AGENT_KEY, OTHER_KEY] {
+        assert!(
+            !dump.contains(key),
+            "proxy key reached the upstream: {dump}"
+        );
+    }
+    for (name, _) in &seen.headers {
+        assert!(
+            !name.starts_with("x-latchkey-"),
+            "{name} reached the upstream"
+        );
+    }
+}
+
+#[tokio::test]
+async fn each_auth_type_arrives_upstream_and_the_proxy_key_never_does() {
+    let (stack, upstream) = stack_with_policy().await;
+    let http = client();
+    let basic_carrier = format!("Basic {}", BASE64.encode(format!("anyone:{AGENT_KEY}")));
+    let bearer_carrier = format!("Bearer {AGENT_KEY}");
+    let cases: [(&str, &str, &str); 4] = [
+        (
+            "/bearer/v1/charges?limit=3&starting_after=ch_1",
+            "authorization",
+            &bearer_carrier,
+        ),
+        (
+            "/header/v1/charges/ch_9?expand[]=customer",
+            "x-api-key",
+            AGENT_KEY,
+        ),
+        ("/basic/v1/refunds", "authorization", &basic_carrier),
+        (
+            "/query/v1/charges?api_key=client-sent&b=2",
+            "x-latchkey-key",
+            AGENT_KEY,
+        ),
+    ];
+    for (path, carrier, value) in cases {
+        let response = http
+            .get(stack.url(path))
+            .header(carrier, value)
+            .header("proxy-authorization", format!("Bearer {AGENT_KEY}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let body = response.text().await.unwrap();
+        for secret in [BEARER_SECRET, HEADER_SECRET, BASIC_SECRET, "SECRET"] {
+            assert!(!body.contains(secret), "the agent saw a secret: {body}");
+        }
+    }
+
+    let seen = upstream.take();
+    assert_eq!(seen.len(), 4);
+    for s in &seen {
+        assert_no_proxy_key(s);
+        assert_eq!(s.header("host"), Some(upstream.addr.to_string().as_str()));
+        assert!(s.header("proxy-authorization").is_none());
+    }
+    // Bearer, with the target's base path and the query unchanged.
+    assert_eq!(seen[0].uri, "/base/v1/charges?limit=3&starting_after=ch_1");
+    assert_eq!(
+        seen[0].all("authorization"),
+        [format!("Bearer {BEARER_SECRET}")]
+    );
+    // A named header with its prefix; the x-api-key carrier is gone.
+    assert_eq!(seen[1].uri, "/v1/charges/ch_9?expand[]=customer");
+    assert_eq!(
+        seen[1].header("x-vendor-key"),
+        Some(format!("Token {HEADER_SECRET}").as_str())
+    );
+    assert!(seen[1].header("x-api-key").is_none());
+    assert!(seen[1].header("authorization").is_none());
+    // Basic: the configured user and the secret as password.
+    let basic = format!("Basic {}", BASE64.encode(format!("acct_1:{BASIC_SECRET}")));
+    assert_eq!(seen[2].all("authorization"), [basic]);
+    // Query: the client's own api_key is dropped, the secret is encoded.
+    assert_eq!(
+        seen[3].uri,
+        "/v1/charges?b=2&api_key=q%26SECRET%3Dvalue%2F9"
+    );
+    assert!(seen[3].header("authorization").is_none());
+}
+
+#[tokio::test]
+async fn denials_are_json_and_never_reach_the_upstream() {
+    let (stack, upstream) = stack_with_policy().await;
+    let http = client();
+    let get = |path: &str, headers: &[(&str, &str)]| {
+        let mut r = http.get(stack.url(path));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send()
+    };
+    let bearer = format!("Bearer {AGENT_KEY}");
+    let cases: Vec<(&str, Headers<'_>, u16, &str)> = vec![
+        ("/bearer/v1/charges", vec![], 401, "missing_key"),
+        (
+            "/bearer/v1/charges",
+            vec![("authorization", "Bearer short")],
+            401,
+            "invalid_key",
+        ),
+        (
+            "/bearer/v1/charges",
+            vec![("x-api-key", "lk_unknownKEY00000000000000")],
+            401,
+            "invalid_key",
+        ),
+        (
+            "/bearer/v1/charges",
+            vec![("x-api-key", AGENT_KEY), ("x-latchkey-key", OTHER_KEY)],
+            401,
+            "invalid_key",
+        ),
+        (
+            "/nowhere/v1/charges",
+            vec![("authorization", &bearer)],
+            404,
+            "unknown_proxy",
+        ),
+        (
+            "/lonely/v1/charges",
+            vec![("authorization", &bearer)],
+            403,
+            "not_bound",
+        ),
+        (
+            "/bearer/v1/customers",
+            vec![("authorization", &bearer)],
+            403,
+            "rule_denied",
+        ),
+        (
+            "/bearer/v1/refunds/big",
+            vec![("authorization", &bearer)],
+            403,
+            "rule_denied",
+        ),
+        (
+            "/bearer/v1/a%2Fb",
+            vec![("authorization", &bearer)],
+            400,
+            "invalid_request",
+        ),
+    ];
+    for (path, headers, status, kind) in cases {
+        let (got_status, got_kind, body) = denial(get(path, &headers).await.unwrap()).await;
+        assert_eq!(
+            (got_status, got_kind.as_str()),
+            (status, kind),
+            "{path} {headers:?}: {body}"
+        );
+        let text = body.to_string();
+        for secret in [BEARER_SECRET, AGENT_KEY, OTHER_KEY] {
+            assert!(!text.contains(secret), "{text}");
+        }
+    }
+    // A denying rule names itself and its notes; the default denial says so.
+    let (_, _, body) = denial(
+        get("/bearer/v1/refunds/big", &[("authorization", &bearer)])
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no big refunds"),
+        "{body}"
+    );
+    assert!(
+        body["error"]["rule_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("rule_"),
+        "{body}"
+    );
+    // The request id is Envoy's.
+    let (_, _, body) = denial(
+        get(
+            "/bearer/v1/customers",
+            &[
+                ("authorization", &bearer),
+                ("x-request-id", "req-from-test"),
+            ],
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert!(body["error"]["request_id"].is_string());
+    // The other credential works where it is bound; then nothing denied got through.
+    let ok = get("/lonely/anything", &[("x-api-key", OTHER_KEY)])
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let seen = upstream.take();
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the allowed request reached the upstream: {seen:?}"
+    );
+    assert_eq!(seen[0].uri, "/anything");
+}
+
+#[tokio::test]
+async fn hostile_input_neither_bypasses_rules_nor_reroutes() {
+    let (stack, upstream) = stack_with_policy().await;
+    let http = client();
+    let bearer = format!("Bearer {AGENT_KEY}");
+
+    // Client-sent routing and latchkey headers, a forged Host, method overrides.
+    let response = http
+        .get(stack.url("/bearer/v1/charges"))
+        .header("authorization", &bearer)
+        .header("host", "evil.example.com")
+        .header("x-latchkey-cluster", "latchkey")
+        .header("x-latchkey-decision", "allow")
+        .header("x-envoy-upstream-rq-timeout-ms", "1")
+        .header("x-original-url", "/v1/admin")
+        .header("x-http-method-override", "DELETE")
+        .header("x-forwarded-host", "evil.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = upstream.take();
+    assert_eq!(seen.len(), 1);
+    let s = &seen[0];
+    assert_eq!(s.header("host"), Some(upstream.addr.to_string().as_str()));
+    for stripped in [
+        "x-latchkey-cluster",
+        "x-latchkey-decision",
+        "x-envoy-upstream-rq-timeout-ms",
+        "x-original-url",
+        "x-http-method-override",
+        "x-forwarded-host",
+    ] {
+        assert!(
+            s.header(stripped).is_none(),
+            "{stripped} reached the upstream"
+        );
+    }
+    assert_no_proxy_key(s);
+
+    // Paths: what the rules judged is exactly what is forwarded.
+    let cases: [(&str, u16, Option<&str>); 8] = [
+        ("/bearer/v1/charges/../customers", 403, None),
+        ("/bearer/v1/charges/./x", 200, Some("/base/v1/charges/x")),
+        ("/bearer//v1//charges", 200, Some("/base/v1/charges")),
+        ("/bearer/v1/charges%2F..%2F..%2Fadmin", 400, None),
+        // Envoy decodes encoded dots and resolves them before latchkey judges the path.
+        ("/bearer/v1/%2e%2e/customers", 403, None),
+        ("/bearer/v1/charges/%2E%2E/%2E%2E/admin", 403, None),
+        // Climbing out of one proxy lands in another, whose binding is then checked.
+        ("/bearer/../lonely/v1/charges", 403, None),
+        ("/header/v1/charges/../../../bearer/v1/customers", 403, None),
+    ];
+    for (path, status, forwarded) in cases {
+        let response = http
+            .get(stack.url(path))
+            .header("authorization", &bearer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{path}");
+        let seen = upstream.take();
+        match forwarded {
+            Some(uri) => {
+                assert_eq!(seen.len(), 1, "{path}");
+                assert_eq!(seen[0].uri, uri, "{path}");
+            }
+            None => assert!(seen.is_empty(), "{path} reached the upstream: {seen:?}"),
+        }
+    }
+
+    // A client-sent copy of the injected header does not ride along: one value arrives.
+    let response = http
+        .get(stack.url("/header/v1/charges"))
+        .header("x-api-key", AGENT_KEY)
+        .header("x-vendor-key", "Token client-made")
+        .header("x-vendor-key", "Token client-made-2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = upstream.take();
+    assert_eq!(
+        seen[0].all("x-vendor-key"),
+        [format!("Token {HEADER_SECRET}")]
+    );
+
+    // Envoy joins repeated Authorization headers into one value: that is no clean key.
+    let response = http
+        .get(stack.url("/bearer/v1/charges"))
+        .header("authorization", &bearer)
+        .header("authorization", "Digest username=\"x\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denial(response).await.1, "invalid_key");
+    assert!(upstream.take().is_empty());
+
+    // A very long header is refused by Envoy or latchkey, and nothing is forwarded
+    // unchecked either way.
+    let response = http
+        .get(stack.url("/bearer/v1/customers"))
+        .header("authorization", &bearer)
+        .header("x-padding", "a".repeat(90_000))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_client_error(), "{}", response.status());
+    assert!(upstream.take().is_empty());
+    let response = http
+        .get(stack.url("/bearer/v1/charges"))
+        .header("authorization", format!("Bearer {}", "k".repeat(4000)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denial(response).await.1, "invalid_key");
+    assert!(upstream.take().is_empty());
+}
+
+#[tokio::test]
+async fn apply_validates_is_idempotent_and_takes_effect_on_the_next_request() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    let http = client();
+    let bearer = format!("Bearer {AGENT_KEY}");
+    let good = policy(&upstream.url(), "");
+    let first = stack.apply(&good, &secrets());
+    assert!(first.contains("proxy bearer: created"), "{first}");
+    assert!(!first.contains(BEARER_SECRET) && !first.contains(AGENT_KEY));
+    assert_eq!(stack.apply(&good, &secrets()).trim(), "no changes");
+
+    let charges = || {
+        http.get(stack.url("/bearer/v1/charges"))
+            .header("authorization", &bearer)
+            .send()
+    };
+    assert_eq!(charges().await.unwrap().status(), 200);
+
+    // Each bad file is refused with the item named, and nothing changes.
+    let bad: Vec<(String, Headers<'_>, &str)> = vec![
+        (
+            good.replace("(charges|refunds)", "(charges"),
+            secrets(),
+            "rules[0]",
+        ),
+        (
+            good.replace("    priority: 10\n", "    priority: 10\n    prio: 1\n"),
+            secrets(),
+            "unknown field `prio`",
+        ),
+        (
+            good.replace(
+                "proxy_credentials: [agent]\n    default_effect: deny",
+                "proxy_credentials: [agentx]\n    default_effect: deny",
+            ),
+            secrets(),
+            "\"agentx\" is not defined",
+        ),
+        (
+            good.clone(),
+            secrets()
+                .into_iter()
+                .filter(|(k, _)| *k != "QUERY_SECRET")
+                .collect(),
+            "QUERY_SECRET",
+        ),
+        (
+            good.replace("target: vendor\n", "target: nowhere\n"),
+            secrets(),
+            "target \"nowhere\" is not defined",
+        ),
+    ];
+    for (text, env, expected) in bad {
+        let out = stack.try_apply(&text, &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{expected}: accepted");
+        assert!(stderr.contains(expected), "{expected}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    assert_eq!(stack.apply(&good, &secrets()).trim(), "no changes");
+    assert_eq!(charges().await.unwrap().status(), 200);
+
+    // A change takes effect on the very next request.
+    let denying = policy(
+        &upstream.url(),
+        "  - credential: agent\n    effect: deny\n    path: \"^/v1/charges\"\n    priority: 1\n",
+    );
+    let out = stack.apply(&denying, &secrets());
+    assert!(
+        out.contains("rule rule_") && out.contains("created"),
+        "{out}"
+    );
+    let (status, kind, _) = denial(charges().await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (403, "rule_denied"));
+
+    // A rotated secret reaches the upstream on the next request too.
+    stack.apply(&good, &secrets());
+    let mut env = secrets();
+    env.retain(|(k, _)| *k != "BEARER_SECRET");
+    env.push(("BEARER_SECRET", "sk_live_ROTATED"));
+    let out = stack.apply(&good, &env);
+    assert!(out.contains("credential bearer-cred: updated"), "{out}");
+    upstream.take();
+    assert_eq!(charges().await.unwrap().status(), 200);
+    assert_eq!(
+        upstream.take()[0].header("authorization"),
+        Some("Bearer sk_live_ROTATED")
+    );
+
+    // Removing the key from the file revokes it.
+    let keyless = good.replace("    keys: [{ env: AGENT_KEY }]\n", "");
+    let out = stack.apply(&keyless, &env);
+    assert!(
+        out.contains("key agent/") && out.contains("deleted"),
+        "{out}"
+    );
+    assert_eq!(denial(charges().await.unwrap()).await.1, "invalid_key");
+
+    // A wrong admin token changes nothing.
+    let out = stack.cli(
+        &["apply", "-f", "/dev/null", "--admin-token", "wrong-token"],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong admin token"));
+}
+
+#[tokio::test]
+async fn latchkey_down_means_nothing_is_forwarded() {
+    let (mut stack, upstream) = stack_with_policy().await;
+    let http = client();
+    let bearer = format!("Bearer {AGENT_KEY}");
+    let url = stack.url("/bearer/v1/charges");
+    let charges = || http.get(&url).header("authorization", &bearer).send();
+    assert_eq!(charges().await.unwrap().status(), 200);
+    upstream.take();
+    stack.kill_latchkey();
+    for _ in 0..5 {
+        let response = http
+            .get(&url)
+            .header("authorization", &bearer)
+            .header("x-latchkey-cluster", "latchkey_plain")
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_server_error(), "{}", response.status());
+    }
+    assert!(
+        upstream.take().is_empty(),
+        "forwarded without latchkey's yes"
+    );
+    // And it recovers when latchkey is back.
+    stack.start_latchkey().await;
+    let mut ok = false;
+    for _ in 0..50 {
+        if charges().await.unwrap().status() == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ok, "Envoy did not recover once latchkey was back");
+}
+
+#[test]
+fn every_envoy_config_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let out = std::process::Command::new(common::envoy_bin())
+                .args(["--mode", "validate", "-c"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 1);
+}
+
+#[tokio::test]
+async fn secrets_are_sealed_at_rest_and_a_wrong_master_key_is_refused() {
+    let (mut stack, _upstream) = stack_with_policy().await;
+    stack.kill_latchkey();
+    let db = std::fs::read(stack.db_path()).unwrap();
+    let wal = std::fs::read(stack.db_path().with_extension("db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        for secret in [
+            BEARER_SECRET,
+            HEADER_SECRET,
+            BASIC_SECRET,
+            QUERY_SECRET,
+            AGENT_KEY,
+        ] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} stored in clear"
+            );
+        }
+    }
+
+    // A different master key: a clear refusal, not garbage credentials.
+    let other_key = String::from_utf8(
+        std::process::Command::new(common::latchkey_bin())
+            .arg("keygen")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let out = stack
+        .serve_command()
+        .env("LATCHKEY_MASTER_KEY", other_key.trim())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("wrong master key"), "{stderr}");
+
+    // No master key at all: says how to make one.
+    let out = stack
+        .serve_command()
+        .env_remove("LATCHKEY_MASTER_KEY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("latchkey keygen"), "{stderr}");
+}
