@@ -30,9 +30,25 @@ struct DecisionLabels {
     decision: &'static str,
 }
 
-#[derive(Default)]
 pub struct Metrics {
+    registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("latchkey");
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Requests decided, by proxy and decision",
+            decisions.clone(),
+        );
+        Self {
+            registry,
+            decisions,
+        }
+    }
 }
 
 impl Metrics {
@@ -53,14 +69,8 @@ impl Metrics {
     }
 
     pub fn encode(&self) -> String {
-        let mut registry = Registry::with_prefix("latchkey");
-        registry.register(
-            "decisions",
-            "Requests decided, by proxy and decision",
-            self.decisions.clone(),
-        );
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &registry)
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
     }

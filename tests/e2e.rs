@@ -200,6 +200,50 @@ async fn each_auth_type_arrives_upstream_and_the_proxy_key_never_does() {
         "/v1/charges?b=2&api_key=q%26SECRET%3Dvalue%2F9"
     );
     assert!(seen[3].header("authorization").is_none());
+
+    // Neither the secrets nor the proxy keys show in metrics or in any log.
+    let metrics_url = format!("http://127.0.0.1:{}/metrics", stack.http_port);
+    let metrics = http
+        .get(&metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"latchkey_decisions_total{proxy="bearer",decision="allow"} 1"#),
+        "{metrics}"
+    );
+    let denied = http
+        .get(stack.url("/made-up-proxy/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 404);
+    let metrics = http
+        .get(&metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("made-up-proxy"),
+        "client input became a label"
+    );
+    for text in [metrics, stack.log("latchkey"), stack.log("envoy")] {
+        for secret in [
+            BEARER_SECRET,
+            HEADER_SECRET,
+            BASIC_SECRET,
+            QUERY_SECRET,
+            AGENT_KEY,
+        ] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -662,4 +706,151 @@ async fn secrets_are_sealed_at_rest_and_a_wrong_master_key_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("latchkey keygen"), "{stderr}");
+}
+
+/// A CA and a certificate for `localhost` signed by it, made with the openssl command.
+fn make_certificates(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=latchkey test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+#[tokio::test]
+async fn https_targets_get_sni_and_a_checked_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let port = common::free_port();
+    let record = certs.path().join("seen.jsonl");
+    let mut server = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/tls_upstream.py"
+        ))
+        .arg(certs.path().join("server.pem"))
+        .arg(certs.path().join("server.key"))
+        .arg(port.to_string())
+        .arg(&record)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+
+    let ca = certs.path().join("ca.pem");
+    let stack = Stack::start_with(|config| {
+        config.replace("/etc/ssl/certs/ca-certificates.crt", ca.to_str().unwrap())
+    })
+    .await;
+    let policy = format!(
+        r#"
+targets:
+  - {{ name: good, url: "https://localhost:{port}/api" }}
+  - {{ name: wrong-name, url: "https://127.0.0.1:{port}/api" }}
+credentials:
+  - {{ name: vendor, type: target, auth: bearer, secret: {{ env: BEARER_SECRET }} }}
+  - {{ name: agent, type: proxy, keys: [{{ env: AGENT_KEY }}] }}
+proxies:
+  - {{ name: good, target: good, target_credential: vendor, proxy_credentials: [agent], default_effect: allow }}
+  - {{ name: bad, target: wrong-name, target_credential: vendor, proxy_credentials: [agent], default_effect: allow }}
+"#
+    );
+    stack.apply(&policy, &secrets());
+    let http = client();
+    let response = http
+        .get(stack.url("/good/v1/charges?x=1"))
+        .header("x-api-key", AGENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The certificate names localhost, not 127.0.0.1: Envoy must refuse to talk.
+    let response = http
+        .get(stack.url("/bad/v1/charges"))
+        .header("x-api-key", AGENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let lines = std::fs::read_to_string(&record).unwrap();
+    let seen: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(seen.len(), 1, "{lines}");
+    assert_eq!(seen[0]["path"], "/api/v1/charges?x=1");
+    let headers = seen[0]["headers"].as_array().unwrap();
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h[0] == name)
+            .map(|h| h[1].as_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        get("authorization"),
+        Some(format!("Bearer {BEARER_SECRET}"))
+    );
+    assert_eq!(get("host"), Some(format!("localhost:{port}")));
+    assert!(!lines.contains(AGENT_KEY));
 }
