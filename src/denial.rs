@@ -27,6 +27,10 @@ pub enum Denial {
     },
     #[error("denied by proxy {0:?}: no rule allows this request")]
     DefaultDenied(Arc<str>),
+    #[error("rule {id} judges the JSON request body, and this body is not JSON")]
+    BodyNotJson { id: Arc<str> },
+    #[error("the request body is larger than the {0} bytes latchkey reads to judge it")]
+    BodyTooLarge(usize),
 }
 
 impl Denial {
@@ -40,7 +44,10 @@ impl Denial {
             Denial::ExpiredKey => "expired_key",
             Denial::RevokedKey => "revoked_key",
             Denial::NotBound(_) => "not_bound",
-            Denial::RuleDenied { .. } | Denial::DefaultDenied(_) => "rule_denied",
+            Denial::RuleDenied { .. } | Denial::DefaultDenied(_) | Denial::BodyNotJson { .. } => {
+                "rule_denied"
+            }
+            Denial::BodyTooLarge(_) => "body_too_large",
         }
     }
 
@@ -52,14 +59,18 @@ impl Denial {
             | Denial::InvalidKey(_)
             | Denial::ExpiredKey
             | Denial::RevokedKey => 401,
-            Denial::NotBound(_) | Denial::RuleDenied { .. } | Denial::DefaultDenied(_) => 403,
+            Denial::NotBound(_)
+            | Denial::RuleDenied { .. }
+            | Denial::DefaultDenied(_)
+            | Denial::BodyNotJson { .. } => 403,
+            Denial::BodyTooLarge(_) => 413,
         }
     }
 
     /// The rule that decided, if one did.
     pub fn rule_id(&self) -> Option<&str> {
         match self {
-            Denial::RuleDenied { id, .. } => Some(id),
+            Denial::RuleDenied { id, .. } | Denial::BodyNotJson { id } => Some(id),
             _ => None,
         }
     }

@@ -2,9 +2,13 @@
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, HeaderValueOption};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
+    BodySendMode, HeaderSendMode,
+};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse, ProcessingResponse,
-    processing_response::Response,
+    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingResponse, processing_response::Response,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 
@@ -47,8 +51,9 @@ fn set_header(key: &str, value: Vec<u8>) -> HeaderValueOption {
 }
 
 /// Continue with the mutations, and have Envoy pick the route again: the cluster header
-/// and authority changed.
-pub fn allow(forward: Forward) -> ProcessingResponse {
+/// and authority changed. In the body phase the headers are still held, so the same
+/// mutations apply.
+pub fn allow(forward: Forward, in_body_phase: bool) -> ProcessingResponse {
     let mutation = HeaderMutation {
         set_headers: forward
             .set
@@ -57,14 +62,34 @@ pub fn allow(forward: Forward) -> ProcessingResponse {
             .collect(),
         remove_headers: forward.remove,
     };
+    let common = Some(CommonResponse {
+        header_mutation: Some(mutation),
+        clear_route_cache: true,
+        ..Default::default()
+    });
+    let response = if in_body_phase {
+        Response::RequestBody(BodyResponse { response: common })
+    } else {
+        Response::RequestHeaders(HeadersResponse { response: common })
+    };
+    pass(response)
+}
+
+/// Hold the headers and send the request body (buffered, up to Envoy's buffer limit):
+/// a rule that judges the body decides. Only requests that reach such a rule pay this.
+pub fn need_body() -> ProcessingResponse {
     ProcessingResponse {
-        response: Some(Response::RequestHeaders(HeadersResponse {
-            response: Some(CommonResponse {
-                header_mutation: Some(mutation),
-                clear_route_cache: true,
-                ..Default::default()
-            }),
-        })),
+        response: Some(Response::RequestHeaders(HeadersResponse::default())),
+        // Every field is set: a field left at DEFAULT would mean Envoy's default (SEND for
+        // response headers), not "as configured".
+        mode_override: Some(ProcessingMode {
+            request_header_mode: HeaderSendMode::Send as i32,
+            response_header_mode: HeaderSendMode::Skip as i32,
+            request_body_mode: BodySendMode::BufferedPartial as i32,
+            response_body_mode: BodySendMode::None as i32,
+            request_trailer_mode: HeaderSendMode::Skip as i32,
+            response_trailer_mode: HeaderSendMode::Skip as i32,
+        }),
         ..Default::default()
     }
 }

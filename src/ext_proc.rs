@@ -1,5 +1,5 @@
 //! The ext_proc stream loop: receive, dispatch by phase, send. Decisions live in
-//! `pipeline`; conversions in `envoy`.
+//! `pipeline`; conversions in `envoy`. One stream carries one HTTP request.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -8,15 +8,20 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::Ex
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyResponse, HeadersResponse, HttpHeaders, ProcessingRequest, ProcessingResponse,
+    BodyResponse, HeadersResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
     TrailersResponse,
 };
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Status, Streaming};
 
+use crate::denial::Denial;
 use crate::envoy;
-use crate::pipeline::{RequestView, decide};
-use crate::state::Shared;
+use crate::pipeline::{Decision, Outcome, RequestView, decide};
+use crate::rules::Body;
+use crate::state::{Shared, now_unix};
+
+/// The most request body latchkey reads to judge it; larger bodies are refused (413).
+pub const MAX_REQUEST_BODY: usize = 1 << 20;
 
 pub struct ExtProc {
     shared: Arc<Shared>,
@@ -38,61 +43,124 @@ impl ExternalProcessor for ExtProc {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<tonic::Response<ResponseStream>, Status> {
-        let shared = self.shared.clone();
+        let mut exchange = Exchange {
+            shared: self.shared.clone(),
+            held: None,
+        };
         let responses = request
             .into_inner()
-            .map(move |message| message.map(|m| handle(&shared, m)));
+            .map(move |message| message.map(|m| exchange.handle(m)));
         Ok(tonic::Response::new(Box::pin(responses)))
     }
 }
 
-fn handle(shared: &Shared, message: ProcessingRequest) -> ProcessingResponse {
-    match message.request {
-        Some(Phase::RequestHeaders(headers)) => request_headers(shared, &headers),
-        Some(Phase::ResponseHeaders(_)) => {
-            envoy::pass(Response::ResponseHeaders(HeadersResponse::default()))
-        }
-        Some(Phase::RequestBody(_)) => envoy::pass(Response::RequestBody(BodyResponse::default())),
-        Some(Phase::ResponseBody(_)) => {
-            envoy::pass(Response::ResponseBody(BodyResponse::default()))
-        }
-        Some(Phase::RequestTrailers(_)) => {
-            envoy::pass(Response::RequestTrailers(TrailersResponse::default()))
-        }
-        Some(Phase::ResponseTrailers(_)) => {
-            envoy::pass(Response::ResponseTrailers(TrailersResponse::default()))
-        }
-        None => ProcessingResponse::default(),
-    }
+/// The state of one request across its phases.
+struct Exchange {
+    shared: Arc<Shared>,
+    /// Request headers held while the body is on its way.
+    held: Option<HeldHeaders>,
 }
 
-fn request_headers(shared: &Shared, headers: &HttpHeaders) -> ProcessingResponse {
-    let pairs = envoy::header_pairs(headers.headers.as_ref());
-    let text = |name| {
-        envoy::header_value(&pairs, name)
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .unwrap_or_default()
-    };
-    let view = RequestView {
-        method: text(":method"),
-        path: text(":path"),
-        headers: &pairs,
-    };
-    let request_id = text("x-request-id");
-    let policy = shared.policy.load();
-    let decision = decide(&policy, &view, crate::state::now_unix());
-    shared.metrics.record(&decision);
-    match decision.outcome {
-        Ok(forward) => envoy::allow(forward),
-        Err(denial) => {
-            tracing::info!(
-                request_id,
-                proxy = decision.subject.proxy.as_deref(),
-                credential = decision.subject.credential.as_deref(),
-                decision = denial.kind(),
-                "request denied"
-            );
-            envoy::deny(&denial, request_id)
+struct HeldHeaders {
+    headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Exchange {
+    fn handle(&mut self, message: ProcessingRequest) -> ProcessingResponse {
+        match message.request {
+            Some(Phase::RequestHeaders(headers)) => self.request_headers(&headers),
+            Some(Phase::RequestBody(body)) => self.request_body(&body),
+            Some(Phase::ResponseHeaders(_)) => {
+                envoy::pass(Response::ResponseHeaders(HeadersResponse::default()))
+            }
+            Some(Phase::ResponseBody(_)) => {
+                envoy::pass(Response::ResponseBody(BodyResponse::default()))
+            }
+            Some(Phase::RequestTrailers(_)) => {
+                envoy::pass(Response::RequestTrailers(TrailersResponse::default()))
+            }
+            Some(Phase::ResponseTrailers(_)) => {
+                envoy::pass(Response::ResponseTrailers(TrailersResponse::default()))
+            }
+            None => ProcessingResponse::default(),
         }
+    }
+
+    fn request_headers(&mut self, headers: &HttpHeaders) -> ProcessingResponse {
+        let pairs = envoy::header_pairs(headers.headers.as_ref());
+        let body = if headers.end_of_stream {
+            Body::Empty
+        } else {
+            Body::Unread
+        };
+        let (decision, request_id) = self.decide(&pairs, &body);
+        if let Outcome::NeedBody = decision.outcome {
+            self.held = Some(HeldHeaders {
+                headers: pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+                    .collect(),
+            });
+            return envoy::need_body();
+        }
+        self.respond(decision, &request_id, false)
+    }
+
+    fn request_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
+        let Some(held) = self.held.take() else {
+            // A body latchkey did not ask for: nothing to judge.
+            return envoy::pass(Response::RequestBody(BodyResponse::default()));
+        };
+        let body = if !chunk.end_of_stream || chunk.body.len() > MAX_REQUEST_BODY {
+            Body::TooLarge(MAX_REQUEST_BODY)
+        } else {
+            Body::parse(&chunk.body)
+        };
+        let pairs: Vec<(&str, &[u8])> = held
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        let (decision, request_id) = self.decide(&pairs, &body);
+        self.respond(decision, &request_id, true)
+    }
+
+    fn decide(&self, pairs: &[(&str, &[u8])], body: &Body) -> (Decision, String) {
+        let text = |name| {
+            envoy::header_value(pairs, name)
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .unwrap_or_default()
+        };
+        let view = RequestView {
+            method: text(":method"),
+            path: text(":path"),
+            headers: pairs,
+        };
+        let policy = self.shared.policy.load();
+        let decision = decide(&policy, &view, body, now_unix());
+        (decision, text("x-request-id").to_owned())
+    }
+
+    fn respond(
+        &self,
+        decision: Decision,
+        request_id: &str,
+        in_body_phase: bool,
+    ) -> ProcessingResponse {
+        self.shared.metrics.record(&decision);
+        let denial = match decision.outcome {
+            Outcome::Forward(forward) => return envoy::allow(forward, in_body_phase),
+            Outcome::Deny(denial) => denial,
+            // Only with the body unread; here it has been read.
+            Outcome::NeedBody => Denial::BodyTooLarge(MAX_REQUEST_BODY),
+        };
+        tracing::info!(
+            request_id,
+            proxy = decision.subject.proxy.as_deref(),
+            credential = decision.subject.credential.as_deref(),
+            decision = denial.kind(),
+            "request denied"
+        );
+        envoy::deny(&denial, request_id)
     }
 }

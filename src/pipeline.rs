@@ -8,13 +8,25 @@ use crate::keys;
 use crate::mutate::{self, Forward};
 use crate::policy::Policy;
 use crate::route::route;
-use crate::rules::{self, Facts};
+use crate::rules::{self, Body, Facts, RuleList, Verdict};
 
 /// A request as the pipeline sees it. Header names are lower-case, as Envoy sends them.
 pub struct RequestView<'a> {
     pub method: &'a str,
+    /// The full `:path`: `/<proxy>/<upstream path>[?query]`.
     pub path: &'a str,
     pub headers: &'a [(&'a str, &'a [u8])],
+}
+
+/// Who the request is judged as.
+#[derive(Debug, Clone, Copy)]
+pub enum Caller<'a> {
+    /// Whoever the presented proxy key belongs to: every real request.
+    Key,
+    /// A named proxy credential, for `latchkey check` without a key.
+    Credential(&'a str),
+    /// Nobody in particular: only the proxy's own rules and default apply.
+    Anyone,
 }
 
 /// Who asked and what decided: filled in as far as the pipeline got, for the audit.
@@ -28,47 +40,95 @@ pub struct Subject {
 }
 
 #[derive(Debug)]
-pub struct Decision {
-    pub subject: Subject,
-    pub outcome: Result<Forward, Denial>,
+pub enum Outcome {
+    Forward(Forward),
+    Deny(Denial),
+    /// A rule that judges the body was reached: ask Envoy for the body, then decide.
+    NeedBody,
 }
 
-pub fn decide(policy: &Policy, req: &RequestView<'_>, now: i64) -> Decision {
+#[derive(Debug)]
+pub struct Decision {
+    pub subject: Subject,
+    pub outcome: Outcome,
+}
+
+pub fn decide(policy: &Policy, req: &RequestView<'_>, body: &Body, now: i64) -> Decision {
+    decide_as(policy, req, body, Caller::Key, now)
+}
+
+pub fn decide_as(
+    policy: &Policy,
+    req: &RequestView<'_>,
+    body: &Body,
+    caller: Caller<'_>,
+    now: i64,
+) -> Decision {
     let mut subject = Subject::default();
-    let outcome = run(policy, req, now, &mut subject);
-    if let Err(denial) = &outcome {
-        subject.rule_id = denial.rule_id().map(Arc::from);
-    }
+    let outcome = match run(policy, req, body, caller, now, &mut subject) {
+        Ok(Some(forward)) => Outcome::Forward(forward),
+        Ok(None) => Outcome::NeedBody,
+        Err(denial) => {
+            subject.rule_id = denial.rule_id().map(Arc::from);
+            Outcome::Deny(denial)
+        }
+    };
     Decision { subject, outcome }
 }
 
+/// `Ok(None)`: the body is needed to decide.
 fn run(
     policy: &Policy,
     req: &RequestView<'_>,
+    body: &Body,
+    caller: Caller<'_>,
     now: i64,
     subject: &mut Subject,
-) -> Result<Forward, Denial> {
+) -> Result<Option<Forward>, Denial> {
     let route = route(req.path)?;
     let proxy = policy
         .proxy(route.proxy)
         .ok_or_else(|| Denial::UnknownProxy(route.proxy.chars().take(128).collect()))?;
     subject.proxy = Some(proxy.name.clone());
 
-    let key = keys::presented(req.headers)?;
-    let entry = keys::authenticate(policy, &key, now)?;
-    subject.credential = Some(policy.credential_name(entry.credential).clone());
-    subject.key_id = Some(entry.id.clone());
-    subject.run_label = entry.label.clone();
-
-    let rules = proxy
-        .rules
-        .get(&entry.credential)
-        .ok_or_else(|| Denial::NotBound(proxy.name.clone()))?;
-
-    let facts = Facts {
-        method: req.method,
-        path: &route.path,
+    let no_rules = RuleList::default();
+    let credential = match caller {
+        Caller::Key => {
+            let key = keys::presented(req.headers)?;
+            let entry = keys::authenticate(policy, &key, now)?;
+            subject.key_id = Some(entry.id.clone());
+            subject.run_label = entry.label.clone();
+            Some(entry.credential)
+        }
+        Caller::Credential(name) => Some(
+            policy
+                .credential_index(name)
+                .ok_or(Denial::InvalidKey("unknown credential"))?,
+        ),
+        Caller::Anyone => None,
     };
-    subject.rule_id = rules::evaluate(proxy, rules, &facts)?;
-    Ok(mutate::forward(proxy, &route, req.headers))
+    let credential_rules = match credential {
+        Some(index) => {
+            subject.credential = Some(policy.credential_name(index).clone());
+            if !proxy.bound.contains(&index) {
+                return Err(Denial::NotBound(proxy.name.clone()));
+            }
+            policy.credential_rules(index)
+        }
+        None => &no_rules,
+    };
+
+    let facts = Facts::new(req.method, &route.path, req.headers, route.query, body);
+    match rules::evaluate(
+        [credential_rules, &proxy.rules],
+        proxy.default_effect,
+        &proxy.name,
+        &facts,
+    )? {
+        Verdict::NeedBody => Ok(None),
+        Verdict::Allow(rule) => {
+            subject.rule_id = rule.map(|r| r.id.clone());
+            Ok(Some(mutate::forward(proxy, &route, req.headers)))
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! store, validated and pre-computed (regexes, injected header values, rule order), then
 //! swapped in whole.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use base64::Engine;
@@ -11,7 +11,8 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use zeroize::Zeroizing;
 
 use crate::crypto::MasterKey;
-use crate::policy_file::{AuthKind, CredentialType, Effect, TargetUrl, compile_regex};
+use crate::policy_file::{AuthKind, CredentialType, Effect, TargetUrl};
+use crate::rules::{Rule, RuleList};
 use crate::store::{StoreError, StoredPolicy};
 
 /// Envoy clusters that reach any host (see envoy/envoy.yaml): which one a request takes
@@ -59,25 +60,17 @@ pub struct Upstream {
 }
 
 #[derive(Debug)]
-pub struct Rule {
-    pub id: Arc<str>,
-    pub effect: Effect,
-    /// Upper-case; empty matches every method.
-    pub methods: Box<[Box<str>]>,
-    pub path: Option<regex::Regex>,
-    pub notes: Option<Arc<str>>,
-    pub priority: i64,
-}
-
-#[derive(Debug)]
 pub struct Proxy {
     pub name: Arc<str>,
     pub upstream: Upstream,
     pub injection: Arc<Injection>,
     pub default_effect: Effect,
-    /// The bound proxy credentials, each with its rules for this proxy (its own and the
-    /// proxy's, merged and in evaluation order). Not in the map = not bound.
-    pub rules: HashMap<u32, Arc<[Arc<Rule>]>>,
+    /// The proxy's own rules; a credential's rules live with the credential.
+    pub rules: RuleList,
+    /// The proxy credentials bound to this proxy.
+    pub bound: HashSet<u32>,
+    /// Whether any rule a request here may meet judges the body.
+    pub needs_body: bool,
 }
 
 #[derive(Debug)]
@@ -97,6 +90,9 @@ pub struct Policy {
     /// constant time after the lookup.
     keys: HashMap<u128, KeyEntry>,
     credentials: Vec<Arc<str>>,
+    /// Each proxy credential's own rules, by credential index.
+    credential_rules: Vec<RuleList>,
+    rules_by_id: HashMap<Arc<str>, Arc<Rule>>,
 }
 
 /// Characters left as they are in a query parameter.
@@ -120,6 +116,21 @@ impl Policy {
 
     pub fn credential_name(&self, index: u32) -> &Arc<str> {
         &self.credentials[index as usize]
+    }
+
+    pub fn credential_index(&self, name: &str) -> Option<u32> {
+        self.credentials
+            .iter()
+            .position(|c| c.as_ref() == name)
+            .map(|i| i as u32)
+    }
+
+    pub fn credential_rules(&self, index: u32) -> &RuleList {
+        &self.credential_rules[index as usize]
+    }
+
+    pub fn rule(&self, id: &str) -> Option<&Arc<Rule>> {
+        self.rules_by_id.get(id)
     }
 
     /// Builds the snapshot, decrypting every target secret: a wrong master key fails here,
@@ -229,29 +240,27 @@ impl Policy {
             );
         }
 
-        let mut credential_rules: HashMap<&str, Vec<(i64, Arc<Rule>)>> = HashMap::new();
-        let mut proxy_rules: HashMap<&str, Vec<(i64, Arc<Rule>)>> = HashMap::new();
+        let mut credential_rules: HashMap<&str, Vec<Arc<Rule>>> = HashMap::new();
+        let mut proxy_rules: HashMap<&str, Vec<Arc<Rule>>> = HashMap::new();
+        let mut rules_by_id = HashMap::new();
         for r in &stored.rules {
-            let rule = Arc::new(Rule {
-                id: Arc::from(r.id.as_str()),
-                effect: r.effect,
-                methods: r.methods.iter().map(|m| m.as_str().into()).collect(),
-                path: r
-                    .path
-                    .as_deref()
-                    .map(compile_regex)
-                    .transpose()
-                    .map_err(|e| invalid(format!("rule {}: path: {e}", r.id)))?,
-                notes: r.notes.as_deref().map(Arc::from),
-                priority: r.priority,
-            });
+            let rule =
+                Arc::new(Rule::compile(r).map_err(|e| invalid(format!("rule {}: {e}", r.id)))?);
+            rules_by_id.insert(rule.id.clone(), rule.clone());
             let owner = match (&r.credential, &r.proxy) {
                 (Some(c), _) => credential_rules.entry(c).or_default(),
                 (None, Some(p)) => proxy_rules.entry(p).or_default(),
                 (None, None) => return Err(invalid(format!("rule {} has no owner", r.id))),
             };
-            owner.push((r.position, rule));
+            owner.push(rule);
         }
+        let credential_rules = credentials
+            .iter()
+            .map(|name: &Arc<str>| {
+                RuleList::new(credential_rules.remove(name.as_ref()).unwrap_or_default())
+                    .map_err(|e| invalid(format!("rules of credential {name:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         let targets: HashMap<&str, &str> = stored
             .targets
@@ -273,7 +282,7 @@ impl Policy {
                         p.name, p.target_credential
                     ))
                 })?;
-            let mut rules = HashMap::new();
+            let mut bound = HashSet::new();
             for c in &p.proxy_credentials {
                 let Some(&index) = cred_index.get(c.as_str()) else {
                     return Err(invalid(format!(
@@ -281,17 +290,14 @@ impl Policy {
                         p.name
                     )));
                 };
-                let mut merged: Vec<(i64, Arc<Rule>)> = credential_rules
-                    .get(c.as_str())
-                    .into_iter()
-                    .chain(proxy_rules.get(p.name.as_str()))
-                    .flatten()
-                    .cloned()
-                    .collect();
-                // Lowest priority first; ties keep the order of the policy file.
-                merged.sort_by_key(|(position, r)| (r.priority, *position));
-                rules.insert(index, merged.into_iter().map(|(_, r)| r).collect());
+                bound.insert(index);
             }
+            let rules = RuleList::new(proxy_rules.remove(p.name.as_str()).unwrap_or_default())
+                .map_err(|e| invalid(format!("rules of proxy {:?}: {e}", p.name)))?;
+            let needs_body = rules.needs_body()
+                || bound
+                    .iter()
+                    .any(|&c| credential_rules[c as usize].needs_body());
             proxies.insert(
                 Box::from(p.name.as_str()),
                 Proxy {
@@ -304,6 +310,8 @@ impl Policy {
                     injection,
                     default_effect: p.default_effect,
                     rules,
+                    bound,
+                    needs_body,
                 },
             );
         }
@@ -311,6 +319,8 @@ impl Policy {
             proxies,
             keys,
             credentials,
+            credential_rules,
+            rules_by_id,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! The policy file (DESIGN.md §4): its serde model and the validation that runs before
 //! anything is applied. Parsing and validation are shared by the CLI and the server.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -165,10 +165,138 @@ pub struct RuleSpec {
     pub methods: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Request header name (any case) → condition on its value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, ValueCondition>,
+    /// Query parameter name → condition on its (decoded) value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query: BTreeMap<String, ValueCondition>,
+    /// Conditions on the JSON request body, by JSON pointer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub body: Vec<BodyCondition>,
     #[serde(default = "default_priority")]
     pub priority: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Presence {
+    MustExist,
+    MustNotExist,
+}
+
+/// A header or query condition: a bare string is a regex every value must match.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ValueCondition {
+    Regex(String),
+    Spec(ValueSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<Presence>,
+}
+
+impl ValueCondition {
+    pub fn regex(&self) -> Option<&str> {
+        match self {
+            ValueCondition::Regex(r) => Some(r),
+            ValueCondition::Spec(s) => s.regex.as_deref(),
+        }
+    }
+
+    pub fn presence(&self) -> Option<Presence> {
+        match self {
+            ValueCondition::Regex(_) => None,
+            ValueCondition::Spec(s) => s.presence,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        match (self.regex(), self.presence()) {
+            (None, None) => Err("give `regex` or `presence`".into()),
+            (Some(_), Some(Presence::MustNotExist)) => {
+                Err("`regex` with `presence: must_not_exist` can never match".into())
+            }
+            (Some(r), _) => compile_regex(r).map(drop),
+            (None, Some(_)) => Ok(()),
+        }
+    }
+}
+
+/// A condition on the JSON request body at `pointer`; every operator given must hold.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BodyCondition {
+    pub pointer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lt: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lte: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gt: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gte: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eq: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<Presence>,
+}
+
+impl BodyCondition {
+    pub fn bounds(&self) -> [(&'static str, Option<f64>); 5] {
+        [
+            ("lt", self.lt),
+            ("lte", self.lte),
+            ("gt", self.gt),
+            ("gte", self.gte),
+            ("eq", self.eq),
+        ]
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.pointer.is_empty() && !self.pointer.starts_with('/') {
+            return Err(format!(
+                "pointer {:?} is not a JSON pointer (\"\" or starting with /)",
+                self.pointer
+            ));
+        }
+        let numeric = self.bounds().iter().filter(|(_, v)| v.is_some()).count();
+        if let Some((op, _)) = self
+            .bounds()
+            .iter()
+            .find(|(_, v)| v.is_some_and(|v| !v.is_finite()))
+        {
+            return Err(format!("`{op}` must be a finite number"));
+        }
+        if numeric > 0 && self.regex.is_some() {
+            return Err(
+                "a value is a number or a string: give numeric operators or `regex`, not both"
+                    .into(),
+            );
+        }
+        match self.presence {
+            Some(Presence::MustNotExist) if numeric > 0 || self.regex.is_some() => {
+                Err("an operator with `presence: must_not_exist` can never match".into())
+            }
+            None if numeric == 0 && self.regex.is_none() => Err(
+                "give at least one of `regex`, `lt`, `lte`, `gt`, `gte`, `eq`, `presence`".into(),
+            ),
+            _ => self
+                .regex
+                .as_deref()
+                .map_or(Ok(()), |r| compile_regex(r).map(drop)),
+        }
+    }
 }
 
 fn default_priority() -> i64 {
@@ -357,6 +485,31 @@ impl PolicyFile {
             }
             if let Some(path) = &r.path {
                 compile_regex(path).map_err(|e| invalid(&item, format!("path: {e}")))?;
+            }
+            for (name, condition) in &r.headers {
+                if name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(invalid(
+                        item,
+                        format!("headers: {name:?} is not a header name"),
+                    ));
+                }
+                condition
+                    .validate()
+                    .map_err(|e| invalid(&item, format!("headers: {name}: {e}")))?;
+            }
+            for (name, condition) in &r.query {
+                condition
+                    .validate()
+                    .map_err(|e| invalid(&item, format!("query: {name}: {e}")))?;
+            }
+            for (i, condition) in r.body.iter().enumerate() {
+                condition
+                    .validate()
+                    .map_err(|e| invalid(&item, format!("body[{i}]: {e}")))?;
             }
         }
         Ok(())
@@ -653,6 +806,70 @@ rules:
         assert!(e.contains("exactly one"), "{e}");
         let e = err(&EXAMPLE.replace("name: stripe-billing", "name: a/b"));
         assert!(e.contains("name must be"), "{e}");
+    }
+
+    #[test]
+    fn conditions_parse_and_bad_ones_are_named() {
+        let with = |conditions: &str| {
+            EXAMPLE.replace(
+                "    priority: 10\n",
+                &format!("    priority: 10\n{conditions}"),
+            )
+        };
+        let f = PolicyFile::parse(&with(
+            "    headers:\n      X-Env: \"^staging$\"\n      x-trace: { presence: must_not_exist }\n    query:\n      limit: { regex: \"^[0-9]+$\" }\n    body:\n      - { pointer: /amount, lte: 5000 }\n      - { pointer: /currency, regex: \"^usd$\" }\n",
+        ))
+        .unwrap();
+        let r = &f.rules[0];
+        assert_eq!(r.headers["X-Env"].regex(), Some("^staging$"));
+        assert_eq!(
+            r.headers["x-trace"].presence(),
+            Some(Presence::MustNotExist)
+        );
+        assert_eq!(r.body[0].lte, Some(5000.0));
+        assert_ne!(r.id(), PolicyFile::parse(EXAMPLE).unwrap().rules[0].id());
+
+        for (conditions, expected) in [
+            (
+                "    body:\n      - { pointer: /amount, between: 3 }\n",
+                "unknown field `between`",
+            ),
+            (
+                "    body:\n      - { pointer: amount, lt: 3 }\n",
+                "body[0]: pointer",
+            ),
+            (
+                "    body:\n      - { pointer: /a }\n",
+                "body[0]: give at least one",
+            ),
+            (
+                "    body:\n      - { pointer: /a, lt: 1, regex: x }\n",
+                "not both",
+            ),
+            (
+                "    body:\n      - { pointer: /a, regex: \"(\" }\n",
+                "body[0]: invalid regex",
+            ),
+            ("    headers:\n      \"bad name\": x\n", "not a header name"),
+            ("    headers:\n      x-a: { presence: sometimes }\n", "x-a"),
+            (
+                "    query:\n      q: { regex: a, presence: must_not_exist }\n",
+                "query: q",
+            ),
+            ("    query:\n      q: {}\n", "query: q: give"),
+        ] {
+            let e = err(&with(conditions));
+            assert!(
+                e.contains(expected) || e.contains("line"),
+                "{conditions}: {e}"
+            );
+            if !expected.contains("unknown") && !expected.starts_with('x') {
+                assert!(
+                    e.contains(expected) && e.contains("rules[0]"),
+                    "{conditions}: {e}"
+                );
+            }
+        }
     }
 
     #[test]

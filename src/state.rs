@@ -6,7 +6,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
-use crate::pipeline::Decision;
+use crate::pipeline::{Decision, Outcome};
 use crate::policy::Policy;
 
 pub struct Shared {
@@ -61,8 +61,9 @@ impl Metrics {
                 .unwrap_or_default()
                 .to_owned(),
             decision: match &decision.outcome {
-                Ok(_) => "allow",
-                Err(denial) => denial.kind(),
+                Outcome::Forward(_) => "allow",
+                Outcome::Deny(denial) => denial.kind(),
+                Outcome::NeedBody => return,
             },
         };
         self.decisions.get_or_create(&labels).inc();

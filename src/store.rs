@@ -11,7 +11,10 @@ use sqlx::{Row, Sqlite, Transaction};
 use zeroize::Zeroizing;
 
 use crate::crypto::{self, CryptoError, MasterKey};
-use crate::policy_file::{AuthKind, Cost, CredentialType, Effect, Limits, PolicyFile, SecretRef};
+use crate::policy_file::{
+    AuthKind, BodyCondition, Cost, CredentialType, Effect, Limits, PolicyFile, SecretRef,
+    ValueCondition,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -88,7 +91,7 @@ pub struct ProxyRow {
     pub cost: Option<Cost>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RuleRow {
     pub id: String,
     pub credential: Option<String>,
@@ -97,9 +100,21 @@ pub struct RuleRow {
     /// Upper-case; empty means any method.
     pub methods: Vec<String>,
     pub path: Option<String>,
+    pub conditions: RuleConditions,
     pub priority: i64,
     pub notes: Option<String>,
     pub position: i64,
+}
+
+/// A rule's header, query and body conditions, stored together as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RuleConditions {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, ValueCondition>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query: BTreeMap<String, ValueCondition>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub body: Vec<BodyCondition>,
 }
 
 /// Everything the store holds, as loaded in one read.
@@ -218,6 +233,16 @@ impl Desired {
                         .map(|m| m.to_ascii_uppercase())
                         .collect(),
                     path: r.path.clone(),
+                    conditions: RuleConditions {
+                        // Header names match case-insensitively: store them lower-case.
+                        headers: r
+                            .headers
+                            .iter()
+                            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                            .collect(),
+                        query: r.query.clone(),
+                        body: r.body.clone(),
+                    },
                     priority: r.priority,
                     notes: r.notes.clone(),
                     position: i as i64,
@@ -418,7 +443,7 @@ async fn load(tx: &mut Transaction<'_, Sqlite>) -> Result<StoredPolicy, StoreErr
         });
     }
     for row in sqlx::query(
-        "SELECT id, credential, proxy, effect, methods, path, priority, notes, position
+        "SELECT id, credential, proxy, effect, methods, path, conditions, priority, notes, position
          FROM rules ORDER BY position",
     )
     .fetch_all(&mut **tx)
@@ -431,6 +456,7 @@ async fn load(tx: &mut Transaction<'_, Sqlite>) -> Result<StoredPolicy, StoreErr
             effect: parse_effect("rules", &row.try_get::<String, _>("effect")?)?,
             methods: from_json("rules", Some(row.try_get("methods")?))?.unwrap_or_default(),
             path: row.try_get("path")?,
+            conditions: from_json("rules", Some(row.try_get("conditions")?))?.unwrap_or_default(),
             priority: row.try_get("priority")?,
             notes: row.try_get("notes")?,
             position: row.try_get("position")?,
@@ -738,11 +764,13 @@ async fn write_diff(
         .chain(rules.updated.iter().map(|(_, n)| n))
     {
         sqlx::query(
-            "INSERT INTO rules (id, credential, proxy, effect, methods, path, priority, notes, position)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+            "INSERT INTO rules (id, credential, proxy, effect, methods, path, conditions,
+                                priority, notes, position)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (id) DO UPDATE SET credential = excluded.credential,
                proxy = excluded.proxy, effect = excluded.effect, methods = excluded.methods,
-               path = excluded.path, priority = excluded.priority, notes = excluded.notes,
+               path = excluded.path, conditions = excluded.conditions,
+               priority = excluded.priority, notes = excluded.notes,
                position = excluded.position",
         )
         .bind(&r.id)
@@ -751,6 +779,7 @@ async fn write_diff(
         .bind(r.effect.as_str())
         .bind(serde_json::to_string(&r.methods).expect("strings serialize"))
         .bind(&r.path)
+        .bind(serde_json::to_string(&r.conditions).expect("plain data serializes"))
         .bind(r.priority)
         .bind(&r.notes)
         .bind(r.position)

@@ -1,11 +1,10 @@
-//! End to end: an agent calls the real Envoy with a proxy key; latchkey decides; an
-//! in-test upstream records what the vendor would see.
-
-mod common;
+//! The data plane: credential swap for every auth type, denials, hostile input, apply,
+//! fail-closed, TLS targets, secrets at rest.
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use common::{Stack, Upstream, client, denial};
+
+use crate::common::{self, Stack, Upstream, client, denial};
 
 /// Name/value pairs: request headers or environment variables.
 type Headers<'a> = Vec<(&'a str, &'a str)>;

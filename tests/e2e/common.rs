@@ -2,11 +2,10 @@
 //! config (ports rewritten), and an in-test upstream that records what reached it.
 //! When a test fails, the logs of latchkey and Envoy are printed.
 
-#![allow(dead_code)]
-
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,12 +25,23 @@ pub fn envoy_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
 }
 
+/// A port no other test of this run was given, below the kernel's ephemeral range (so
+/// no outgoing connection takes it between our check and the server's bind).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 500) as u16 * 20,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_000, "ran out of test ports");
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One request as the upstream saw it.
@@ -116,10 +126,6 @@ impl Upstream {
             .with_state(seen.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         Self { addr, seen }
-    }
-
-    pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
     }
 
     pub fn take(&self) -> Vec<Seen> {
