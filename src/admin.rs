@@ -10,9 +10,11 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{self, MasterKey};
 use crate::pb::admin_server::Admin;
-use crate::pb::{ApplyRequest, ApplyResponse, Change};
+use crate::pb::{ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule};
+use crate::pipeline::{Caller, Outcome, RequestView, decide_as};
 use crate::policy::Policy;
 use crate::policy_file::PolicyFile;
+use crate::rules::Body;
 use crate::state::Shared;
 use crate::store::{Desired, Store};
 
@@ -137,6 +139,90 @@ impl Admin for AdminService {
                     action: c.action.to_owned(),
                 })
                 .collect(),
+        }))
+    }
+
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let req = request.into_inner();
+        let policy = self.shared.policy.load();
+        if req.method.is_empty() {
+            return Err(Status::invalid_argument("method: required"));
+        }
+        if !req.credential.is_empty() && policy.credential_index(&req.credential).is_none() {
+            return Err(Status::not_found(format!(
+                "no proxy credential named {:?}",
+                req.credential
+            )));
+        }
+        let slash = if req.path.starts_with('/') { "" } else { "/" };
+        let path = format!("/{}{slash}{}", req.proxy, req.path);
+        let mut headers: Vec<(String, Vec<u8>)> = req
+            .headers
+            .into_iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.value.into_bytes()))
+            .collect();
+        let caller = if !req.key.is_empty() {
+            headers.retain(|(n, _)| !crate::keys::CARRIERS.contains(&n.as_str()));
+            headers.push(("x-latchkey-key".into(), req.key.into_bytes()));
+            Caller::Key
+        } else if !req.credential.is_empty() {
+            Caller::Credential(&req.credential)
+        } else {
+            Caller::Anyone
+        };
+        let pairs: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        let view = RequestView {
+            method: &req.method,
+            path: &path,
+            headers: &pairs,
+        };
+        let body = req.body.as_deref().map_or(Body::Empty, Body::parse);
+        let decision = decide_as(&policy, &view, &body, caller, crate::state::now_unix());
+        let subject = &decision.subject;
+        let rule = subject
+            .rule_id
+            .as_deref()
+            .and_then(|id| policy.rule(id))
+            .map(|r| CheckedRule {
+                id: r.id.to_string(),
+                effect: r.effect.as_str().to_owned(),
+                priority: r.priority,
+                notes: r.notes.as_deref().unwrap_or_default().to_owned(),
+            });
+        let default_effect = subject
+            .proxy
+            .as_deref()
+            .and_then(|p| policy.proxy(p))
+            .map(|p| p.default_effect.as_str().to_owned())
+            .unwrap_or_default();
+        let (allowed, kind, status, message) = match &decision.outcome {
+            Outcome::Forward(_) => (true, "allow".to_owned(), 0, "would be forwarded".to_owned()),
+            Outcome::Deny(d) => (
+                false,
+                d.kind().to_owned(),
+                u32::from(d.http_status()),
+                d.to_string(),
+            ),
+            Outcome::NeedBody => {
+                return Err(Status::internal(
+                    "the decision asked for a body it was given",
+                ));
+            }
+        };
+        Ok(Response::new(CheckResponse {
+            allowed,
+            decision: kind,
+            status,
+            message,
+            credential: subject.credential.as_deref().unwrap_or_default().to_owned(),
+            rule,
+            default_effect,
         }))
     }
 }

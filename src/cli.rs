@@ -11,7 +11,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{self, MasterKey};
 use crate::pb::admin_client::AdminClient;
-use crate::pb::{ApplyRequest, ImportedKeys, ResolvedSecret};
+use crate::pb::{ApplyRequest, CheckRequest, Header, ImportedKeys, ResolvedSecret};
 use crate::policy_file::PolicyFile;
 use crate::serve::{self, ServeConfig};
 
@@ -28,8 +28,38 @@ enum Command {
     Serve(ServeArgs),
     /// Make the store match a policy file (idempotent); prints what changed.
     Apply(ApplyArgs),
+    /// Explain how the live policy decides a request, without calling the upstream.
+    Check(CheckArgs),
     /// Print a new master key.
     Keygen,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    #[arg(long)]
+    proxy: String,
+    #[arg(long)]
+    method: String,
+    /// The upstream path with an optional query, e.g. `/v1/charges?limit=3`.
+    #[arg(long)]
+    path: String,
+    /// Judge the request as this proxy key's owner.
+    #[arg(long, conflicts_with = "credential")]
+    key: Option<String>,
+    /// Judge the request as this proxy credential.
+    #[arg(long)]
+    credential: Option<String>,
+    /// A request header, `name:value`; repeat for more.
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    headers: Vec<String>,
+    /// A file holding the request body.
+    #[arg(long)]
+    body: Option<PathBuf>,
+    /// Print the explanation as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: AdminConn,
 }
 
 #[derive(Args)]
@@ -95,6 +125,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Apply(args) => apply(args).await,
+        Command::Check(args) => check(args).await,
         Command::Keygen => {
             println!("{}", MasterKey::generate());
             Ok(())
@@ -220,4 +251,99 @@ fn plural(n: usize, word: &str) -> String {
     } else {
         format!("{n} {word}s")
     }
+}
+
+async fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| {
+            let (name, value) = h
+                .split_once(':')
+                .ok_or_else(|| anyhow!("--header {h:?}: expected NAME:VALUE"))?;
+            Ok(Header {
+                name: name.trim().to_owned(),
+                value: value.trim_start().to_owned(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let body = args
+        .body
+        .as_ref()
+        .map(|path| std::fs::read(path).with_context(|| format!("reading {}", path.display())))
+        .transpose()?;
+    let mut client = connect(&args.conn).await?;
+    let request = authorized(
+        &args.conn,
+        CheckRequest {
+            proxy: args.proxy.clone(),
+            method: args.method.clone(),
+            path: args.path.clone(),
+            key: args.key.clone().unwrap_or_default(),
+            credential: args.credential.clone().unwrap_or_default(),
+            headers,
+            body,
+        },
+    )?;
+    let r = client
+        .check(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.json {
+        let rule = r.rule.as_ref().map(|rule| {
+            serde_json::json!({
+                "id": rule.id, "effect": rule.effect, "priority": rule.priority,
+                "notes": (!rule.notes.is_empty()).then_some(&rule.notes),
+            })
+        });
+        let out = serde_json::json!({
+            "allowed": r.allowed,
+            "decision": r.decision,
+            "status": (r.status != 0).then_some(r.status),
+            "message": r.message,
+            "proxy": args.proxy,
+            "credential": (!r.credential.is_empty()).then_some(&r.credential),
+            "rule": rule,
+            "default_effect": (!r.default_effect.is_empty()).then_some(&r.default_effect),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    let who = if r.credential.is_empty() {
+        "anyone (proxy rules only)".to_owned()
+    } else {
+        format!("credential {}", r.credential)
+    };
+    println!(
+        "{} {} on proxy {}, as {who}",
+        args.method, args.path, args.proxy
+    );
+    if r.allowed {
+        println!("decision: allow");
+    } else {
+        println!("decision: {} ({} {})", r.message, r.status, r.decision);
+    }
+    match &r.rule {
+        Some(rule) if rule.notes.is_empty() => {
+            println!(
+                "rule: {} ({}, priority {})",
+                rule.id, rule.effect, rule.priority
+            )
+        }
+        Some(rule) => println!(
+            "rule: {} ({}, priority {}): {}",
+            rule.id, rule.effect, rule.priority, rule.notes
+        ),
+        None if !r.default_effect.is_empty()
+            && matches!(r.decision.as_str(), "allow" | "rule_denied") =>
+        {
+            println!(
+                "rule: none matched; the proxy's default effect is {}",
+                r.default_effect
+            )
+        }
+        None => {}
+    }
+    Ok(())
 }

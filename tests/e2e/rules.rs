@@ -180,3 +180,125 @@ async fn body_header_and_query_rules_decide_through_envoy() {
     );
     assert_eq!(upstream.take().len(), 1);
 }
+
+#[tokio::test]
+async fn check_explains_decisions_from_the_live_policy_without_calling_upstream() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&policy(&upstream.url()), &[("AGENT_KEY", AGENT_KEY)]);
+    let body = stack.dir.path().join("refund.json");
+    std::fs::write(&body, r#"{"amount": 9000, "currency": "usd"}"#).unwrap();
+    let check = |args: &[&str]| {
+        let mut all = vec!["check", "--proxy", "pay", "--json"];
+        all.extend_from_slice(args);
+        let out = stack.cli(&all, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+
+    let small = stack.dir.path().join("small.json");
+    std::fs::write(&small, r#"{"amount": 10, "currency": "eur"}"#).unwrap();
+    let v = check(&[
+        "--method",
+        "POST",
+        "--path",
+        "/v1/refunds",
+        "--credential",
+        "agent",
+        "--body",
+        small.to_str().unwrap(),
+    ]);
+    assert_eq!(v["allowed"], true, "{v}");
+    assert_eq!(v["rule"]["notes"], "small refunds only", "{v}");
+    assert_eq!(v["rule"]["priority"], 100, "{v}");
+    assert_eq!(v["credential"], "agent");
+
+    let v = check(&[
+        "--method",
+        "POST",
+        "--path",
+        "/v1/refunds",
+        "--key",
+        AGENT_KEY,
+        "--body",
+        body.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        (
+            v["allowed"].clone(),
+            v["decision"].clone(),
+            v["status"].clone()
+        ),
+        (false.into(), "rule_denied".into(), 403.into()),
+        "{v}"
+    );
+    assert!(v["rule"].is_null(), "the default decided: {v}");
+    assert_eq!(v["default_effect"], "deny");
+
+    let v = check(&[
+        "--method",
+        "GET",
+        "--path",
+        "/v1/customers",
+        "--header",
+        "x-debug: yes",
+        "--header",
+        "X-Tenant:acme",
+    ]);
+    assert_eq!(v["rule"]["id"], "no-debug", "{v}");
+    let v = check(&[
+        "--method",
+        "GET",
+        "--path",
+        "/v1/charges",
+        "--key",
+        "lk_notAKeyAtAll0000000000",
+    ]);
+    assert_eq!(v["decision"], "invalid_key", "{v}");
+
+    // The human form names the rule and the effect.
+    let out = stack.cli(
+        &[
+            "check",
+            "--proxy",
+            "pay",
+            "--method",
+            "GET",
+            "--path",
+            "/v1/customers",
+            "--credential",
+            "agent",
+            "--header",
+            "x-tenant:acme",
+        ],
+        &[],
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("decision: allow") && text.contains("priority 100"),
+        "{text}"
+    );
+
+    // A credential that does not exist is an error, not a decision.
+    let out = stack.cli(
+        &[
+            "check",
+            "--proxy",
+            "pay",
+            "--method",
+            "GET",
+            "--path",
+            "/",
+            "--credential",
+            "ghost",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no proxy credential named \"ghost\""));
+    assert!(upstream.take().is_empty(), "check called the upstream");
+}
