@@ -492,7 +492,8 @@ mod tests {
         let rules = list(&[r]);
         let empty = RuleList::default();
         let body = Body::Empty;
-        let cases: [(&[(&str, &[u8])], Option<&str>, &str); 6] = [
+        type Headers<'a> = &'a [(&'a str, &'a [u8])];
+        let cases: [(Headers<'_>, Option<&str>, &str); 6] = [
             (&[("x-tenant", b"acme")], None, "allow:r"),
             (&[("x-tenant", b"acme")], Some("a=1&b=2"), "allow:r"),
             (&[("x-tenant", b"acme")], Some("debug=0"), "deny:default"),
