@@ -5,7 +5,7 @@ ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 export LATCHKEY_ENVOY := $(abspath $(ENVOY))
 
-.PHONY: all build test lint run envoy clean
+.PHONY: all build test lint run bench envoy clean
 
 all: build
 
@@ -25,6 +25,10 @@ lint:
 
 test: $(ENVOY) lint
 	cargo test --all-targets --locked
+
+# Criterion micro-benchmarks of the decision path.
+bench:
+	cargo bench --bench decision
 
 run: $(ENVOY) build
 	scripts/run-local.sh

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::sync::Arc;
 
-use regex::{Regex, RegexSet, RegexSetBuilder, SetMatches};
+use regex::{Regex, RegexSet, RegexSetBuilder};
 
 use crate::denial::Denial;
 use crate::policy_file::{Effect, Presence, ValueCondition, compile_regex};
@@ -18,6 +18,8 @@ use crate::store::RuleRow;
 
 /// The compiled size all path regexes of one list may reach together.
 const SET_SIZE_LIMIT: usize = 64 << 20;
+/// The lazy DFA's cache per list: large sets need room to stay on the fast path.
+const DFA_CACHE_LIMIT: usize = 16 << 20;
 
 #[derive(Debug)]
 enum ValueMatcher {
@@ -167,14 +169,14 @@ impl Rule {
         !self.body.is_empty()
     }
 
-    /// Whether this rule matches, given whether its path regex did.
-    fn check(&self, path_matched: bool, facts: &Facts<'_>) -> Result<Match, Denial> {
+    /// Whether this rule matches; its path regex already did.
+    fn check(&self, facts: &Facts<'_>) -> Result<Match, Denial> {
         let method_ok = self.methods.is_empty()
             || self
                 .methods
                 .iter()
                 .any(|m| m.eq_ignore_ascii_case(facts.method));
-        if !method_ok || !path_matched {
+        if !method_ok {
             return Ok(Match::No);
         }
         for (name, matcher) in &self.headers {
@@ -289,45 +291,41 @@ impl<'a> Facts<'a> {
 }
 
 /// One owner's rules (a credential's or a proxy's), in evaluation order.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct RuleList {
     rules: Box<[Arc<Rule>]>,
-    paths: RegexSet,
-    /// For each rule, its pattern's index in `paths`, if it has a path.
-    slot: Box<[Option<usize>]>,
-}
-
-impl Default for RuleList {
-    fn default() -> Self {
-        Self {
-            rules: Box::default(),
-            paths: RegexSet::empty(),
-            slot: Box::default(),
-        }
-    }
+    /// The path regexes of the rules that have one, in rule order; `None` when none has.
+    paths: Option<RegexSet>,
+    /// For each pattern of `paths`, the index of its rule.
+    pattern_rule: Box<[usize]>,
+    /// The rules without a path: candidates for every request.
+    pathless: Box<[usize]>,
 }
 
 impl RuleList {
     pub fn new(mut rules: Vec<Arc<Rule>>) -> Result<Self, String> {
         rules.sort_by_key(|r| r.order());
-        let mut patterns = Vec::new();
-        let slot = rules
-            .iter()
-            .map(|r| {
-                r.path.as_ref().map(|p| {
-                    patterns.push(p.as_ref());
-                    patterns.len() - 1
-                })
-            })
-            .collect();
-        let paths = RegexSetBuilder::new(patterns)
-            .size_limit(SET_SIZE_LIMIT)
-            .build()
-            .map_err(|e| format!("path regexes together: {e}"))?;
+        let (with_path, pathless): (Vec<usize>, Vec<usize>) =
+            (0..rules.len()).partition(|&i| rules[i].path.is_some());
+        let paths = if with_path.is_empty() {
+            None
+        } else {
+            let patterns = with_path
+                .iter()
+                .map(|&i| rules[i].path.as_deref().unwrap_or_default());
+            Some(
+                RegexSetBuilder::new(patterns)
+                    .size_limit(SET_SIZE_LIMIT)
+                    .dfa_size_limit(DFA_CACHE_LIMIT)
+                    .build()
+                    .map_err(|e| format!("path regexes together: {e}"))?,
+            )
+        };
         Ok(Self {
             rules: rules.into(),
             paths,
-            slot,
+            pattern_rule: with_path.into(),
+            pathless: pathless.into(),
         })
     }
 
@@ -339,8 +337,15 @@ impl RuleList {
         &self.rules
     }
 
-    fn path_matches(&self, path: &str) -> Option<SetMatches> {
-        (!self.paths.is_empty()).then(|| self.paths.matches(path))
+    /// The rules whose path matches or who have none, in evaluation order: the only
+    /// ones worth a closer look.
+    fn candidates(&self, path: &str) -> Vec<usize> {
+        let mut out: Vec<usize> = self.pathless.to_vec();
+        if let Some(set) = &self.paths {
+            out.extend(set.matches(path).iter().map(|p| self.pattern_rule[p]));
+            out.sort_unstable();
+        }
+        out
     }
 }
 
@@ -360,25 +365,24 @@ pub fn evaluate(
     proxy: &Arc<str>,
     facts: &Facts<'_>,
 ) -> Result<Verdict, Denial> {
-    let matches = lists.map(|l| l.path_matches(facts.path));
+    let candidates = lists.map(|l| l.candidates(facts.path));
     let mut next = [0usize; 2];
     loop {
-        // The list whose next rule comes first.
-        let pick = match (lists[0].rules.get(next[0]), lists[1].rules.get(next[1])) {
+        let rule_at = |list: usize| {
+            candidates[list]
+                .get(next[list])
+                .map(|&i| &lists[list].rules[i])
+        };
+        // The list whose next candidate comes first.
+        let (pick, rule) = match (rule_at(0), rule_at(1)) {
             (None, None) => break,
-            (Some(_), None) => 0,
-            (None, Some(_)) => 1,
-            (Some(a), Some(b)) => usize::from(b.order() < a.order()),
+            (Some(a), None) => (0, a),
+            (None, Some(b)) => (1, b),
+            (Some(a), Some(b)) if b.order() < a.order() => (1, b),
+            (Some(a), Some(_)) => (0, a),
         };
-        let i = next[pick];
         next[pick] += 1;
-        let list = lists[pick];
-        let rule = &list.rules[i];
-        let path_matched = match (list.slot[i], &matches[pick]) {
-            (Some(slot), Some(m)) => m.matched(slot),
-            _ => true,
-        };
-        match rule.check(path_matched, facts)? {
+        match rule.check(facts)? {
             Match::No => continue,
             Match::NeedBody => return Ok(Verdict::NeedBody),
             Match::Yes if rule.effect == Effect::Allow => {
