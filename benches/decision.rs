@@ -53,8 +53,10 @@ fn policy(rules: usize, master: &MasterKey) -> Policy {
             hash: hash_key(KEY.as_bytes()).to_vec(),
             policy_sourced: true,
             label: None,
+            created_at: 0,
             expires_at: None,
             revoked_at: None,
+            spend_cap_usd: None,
         }],
         proxies: vec![ProxyRow {
             name: "vendor".into(),

@@ -10,30 +10,54 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{self, MasterKey};
 use crate::pb::admin_server::Admin;
-use crate::pb::{ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule};
+use crate::pb::{
+    ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule, IssueKeyRequest,
+    IssuedKey, KeyInfo, ListKeysRequest, ListKeysResponse, RevokeKeyRequest, RevokeKeyResponse,
+};
 use crate::pipeline::{Caller, Outcome, RequestView, decide_as};
 use crate::policy::Policy;
 use crate::policy_file::PolicyFile;
 use crate::rules::Body;
 use crate::state::Shared;
-use crate::store::{Desired, Store};
+use crate::store::{Desired, NewKey, Store, StoreError};
 
 pub struct AdminService {
     shared: Arc<Shared>,
     store: Store,
     master: Arc<MasterKey>,
-    /// One apply at a time: each sees the state the previous one left.
-    apply_lock: Mutex<()>,
+    /// One change at a time: each sees the state the previous one left.
+    write_lock: Mutex<()>,
 }
 
 impl AdminService {
+    /// Rebuilds the snapshot from the store and swaps it in: the change applies from the
+    /// next request on.
+    async fn reload(&self) -> Result<(), Status> {
+        let stored = self.store.load().await.map_err(internal)?;
+        let policy = Policy::compile(&stored, &self.master).map_err(internal)?;
+        self.shared.policy.store(Arc::new(policy));
+        Ok(())
+    }
+
     pub fn new(shared: Arc<Shared>, store: Store, master: Arc<MasterKey>) -> Self {
         Self {
             shared,
             store,
             master,
-            apply_lock: Mutex::new(()),
+            write_lock: Mutex::new(()),
         }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "admin call failed");
+    Status::internal(e.to_string())
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound(what) => Status::not_found(what),
+        other => internal(other),
     }
 }
 
@@ -111,7 +135,7 @@ impl Admin for AdminService {
         }
         let desired = Desired::new(&file, secrets, keys).map_err(Status::invalid_argument)?;
 
-        let _one_at_a_time = self.apply_lock.lock().await;
+        let _one_at_a_time = self.write_lock.lock().await;
         let mut compiled = None;
         let result = self
             .store
@@ -224,5 +248,100 @@ impl Admin for AdminService {
             rule,
             default_effect,
         }))
+    }
+
+    async fn issue_key(
+        &self,
+        request: Request<IssueKeyRequest>,
+    ) -> Result<Response<IssuedKey>, Status> {
+        let req = request.into_inner();
+        if let Some(cap) = req.spend_cap_usd
+            && !(cap.is_finite() && cap >= 0.0)
+        {
+            return Err(Status::invalid_argument(
+                "spend_cap_usd: a non-negative amount",
+            ));
+        }
+        let ttl = req
+            .ttl_seconds
+            .map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+        if ttl == Some(0) {
+            return Err(Status::invalid_argument("ttl_seconds: must be positive"));
+        }
+        let expires_at = ttl.map(|t| crate::state::now_unix().saturating_add(t));
+        let key = crate::crypto::new_proxy_key();
+        let label = (!req.label.is_empty()).then_some(req.label.as_str());
+        let _one_at_a_time = self.write_lock.lock().await;
+        let id = self
+            .store
+            .issue_key(&NewKey {
+                credential: &req.credential,
+                hash: crate::crypto::hash_key(key.as_bytes()),
+                label,
+                expires_at,
+                spend_cap_usd: req.spend_cap_usd,
+            })
+            .await
+            .map_err(store_status)?;
+        self.reload().await?;
+        tracing::info!(key_id = %id, credential = %req.credential, "key issued");
+        Ok(Response::new(IssuedKey {
+            id,
+            key,
+            credential: req.credential,
+            expires_at,
+            spend_cap_usd: req.spend_cap_usd,
+            label: req.label,
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<ListKeysRequest>,
+    ) -> Result<Response<ListKeysResponse>, Status> {
+        let req = request.into_inner();
+        let stored = self.store.load().await.map_err(internal)?;
+        let names: HashMap<&str, &str> = stored
+            .credentials
+            .iter()
+            .map(|c| (c.id.as_str(), c.name.as_str()))
+            .collect();
+        if !req.credential.is_empty() && !names.values().any(|n| *n == req.credential) {
+            return Err(Status::not_found(format!(
+                "no proxy credential named {:?}",
+                req.credential
+            )));
+        }
+        let keys = stored
+            .keys
+            .iter()
+            .filter_map(|k| {
+                let credential = *names.get(k.credential_id.as_str())?;
+                (req.credential.is_empty() || credential == req.credential).then(|| KeyInfo {
+                    id: k.id.clone(),
+                    credential: credential.to_owned(),
+                    source: if k.policy_sourced { "policy" } else { "issued" }.to_owned(),
+                    label: k.label.clone().unwrap_or_default(),
+                    created_at: k.created_at,
+                    expires_at: k.expires_at,
+                    revoked_at: k.revoked_at,
+                    spend_cap_usd: k.spend_cap_usd,
+                    spent_usd: 0.0,
+                })
+            })
+            .collect();
+        Ok(Response::new(ListKeysResponse { keys }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<RevokeKeyRequest>,
+    ) -> Result<Response<RevokeKeyResponse>, Status> {
+        let id = request.into_inner().id;
+        let _one_at_a_time = self.write_lock.lock().await;
+        let already_revoked = self.store.revoke_key(&id).await.map_err(store_status)?;
+        self.reload().await?;
+        tracing::info!(key_id = %id, "key revoked");
+        Ok(Response::new(RevokeKeyResponse { already_revoked }))
     }
 }

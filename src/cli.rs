@@ -11,7 +11,10 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{self, MasterKey};
 use crate::pb::admin_client::AdminClient;
-use crate::pb::{ApplyRequest, CheckRequest, Header, ImportedKeys, ResolvedSecret};
+use crate::pb::{
+    ApplyRequest, CheckRequest, Header, ImportedKeys, IssueKeyRequest, ListKeysRequest,
+    ResolvedSecret, RevokeKeyRequest,
+};
 use crate::policy_file::PolicyFile;
 use crate::serve::{self, ServeConfig};
 
@@ -30,8 +33,50 @@ enum Command {
     Apply(ApplyArgs),
     /// Explain how the live policy decides a request, without calling the upstream.
     Check(CheckArgs),
+    /// Issue, list and revoke proxy keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Print a new master key.
     Keygen,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Print a new run key of a proxy credential, once.
+    Issue {
+        #[arg(long)]
+        credential: String,
+        /// How long the key lives, e.g. `90s`, `15m`, `2h`, `7d`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Stop the key once its requests cost this much (USD).
+        #[arg(long)]
+        spend_cap_usd: Option<f64>,
+        /// A label, such as the agent run's id.
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// List keys (never the keys themselves).
+    List {
+        #[arg(long)]
+        credential: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Revoke a key by id; the next request with it is refused.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
 }
 
 #[derive(Args)]
@@ -126,6 +171,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Apply(args) => apply(args).await,
         Command::Check(args) => check(args).await,
+        Command::Key { command } => key(command).await,
         Command::Keygen => {
             println!("{}", MasterKey::generate());
             Ok(())
@@ -344,6 +390,145 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
             )
         }
         None => {}
+    }
+    Ok(())
+}
+
+/// Unix seconds as RFC 3339, the form every printed time takes.
+fn rfc3339(unix: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+async fn key(command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Issue {
+            credential,
+            ttl,
+            spend_cap_usd,
+            label,
+            json,
+            conn,
+        } => {
+            let mut client = connect(&conn).await?;
+            let request = authorized(
+                &conn,
+                IssueKeyRequest {
+                    credential,
+                    ttl_seconds: ttl.map(|t| t.as_secs().max(1)),
+                    spend_cap_usd,
+                    label: label.unwrap_or_default(),
+                },
+            )?;
+            let k = client
+                .issue_key(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                let out = serde_json::json!({
+                    "id": k.id,
+                    "key": k.key,
+                    "credential": k.credential,
+                    "expires_at": k.expires_at.map(rfc3339),
+                    "spend_cap_usd": k.spend_cap_usd,
+                    "label": (!k.label.is_empty()).then_some(&k.label),
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("{}", k.key);
+                eprintln!(
+                    "key {} for {}{}: shown once, keep it safe",
+                    k.id,
+                    k.credential,
+                    k.expires_at
+                        .map(|t| format!(", expires {}", rfc3339(t)))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        KeyCommand::List {
+            credential,
+            json,
+            conn,
+        } => {
+            let mut client = connect(&conn).await?;
+            let request = authorized(
+                &conn,
+                ListKeysRequest {
+                    credential: credential.unwrap_or_default(),
+                },
+            )?;
+            let keys = client
+                .list_keys(request)
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .keys;
+            let now = crate::state::now_unix();
+            let status = |k: &crate::pb::KeyInfo| {
+                if k.revoked_at.is_some() {
+                    "revoked"
+                } else if k.expires_at.is_some_and(|t| t <= now) {
+                    "expired"
+                } else {
+                    "active"
+                }
+            };
+            if json {
+                let rows: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "id": k.id,
+                            "credential": k.credential,
+                            "source": k.source,
+                            "label": (!k.label.is_empty()).then_some(&k.label),
+                            "status": status(k),
+                            "created_at": rfc3339(k.created_at),
+                            "expires_at": k.expires_at.map(rfc3339),
+                            "revoked_at": k.revoked_at.map(rfc3339),
+                            "spend_cap_usd": k.spend_cap_usd,
+                            "spent_usd": k.spent_usd,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<22} {:<20} {:<8} {:<16} {:<8} {:<21} SPENT/CAP USD",
+                    "ID", "CREDENTIAL", "SOURCE", "LABEL", "STATUS", "EXPIRES"
+                );
+                for k in &keys {
+                    println!(
+                        "{:<22} {:<20} {:<8} {:<16} {:<8} {:<21} {:.2}/{}",
+                        k.id,
+                        k.credential,
+                        k.source,
+                        if k.label.is_empty() { "-" } else { &k.label },
+                        status(k),
+                        k.expires_at.map_or("-".to_owned(), rfc3339),
+                        k.spent_usd,
+                        k.spend_cap_usd
+                            .map_or("-".to_owned(), |c| format!("{c:.2}")),
+                    );
+                }
+            }
+        }
+        KeyCommand::Revoke { id, conn } => {
+            let mut client = connect(&conn).await?;
+            let request = authorized(&conn, RevokeKeyRequest { id: id.clone() })?;
+            let r = client
+                .revoke_key(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if r.already_revoked {
+                println!("key {id} was already revoked");
+            } else {
+                println!("key {id} revoked");
+            }
+        }
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ use crate::policy_file::{
     AuthKind, BodyCondition, Cost, CredentialType, Effect, Limits, PolicyFile, SecretRef,
     ValueCondition,
 };
+use crate::state::now_unix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -35,6 +36,8 @@ pub enum StoreError {
         table: &'static str,
         problem: String,
     },
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// How a target secret is injected: the `auth` fields of a target credential.
@@ -75,8 +78,19 @@ pub struct KeyRow {
     pub hash: Vec<u8>,
     pub policy_sourced: bool,
     pub label: Option<String>,
+    pub created_at: i64,
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
+    pub spend_cap_usd: Option<f64>,
+}
+
+/// A run key to issue: its hash only, never the key.
+pub struct NewKey<'a> {
+    pub credential: &'a str,
+    pub hash: [u8; 32],
+    pub label: Option<&'a str>,
+    pub expires_at: Option<i64>,
+    pub spend_cap_usd: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -322,12 +336,54 @@ impl Store {
         }
         Ok(Ok(changes))
     }
-}
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    /// Stores a new run key of a proxy credential; returns its id.
+    pub async fn issue_key(&self, key: &NewKey<'_>) -> Result<String, StoreError> {
+        let credential: Option<String> =
+            sqlx::query_scalar("SELECT id FROM credentials WHERE name = ? AND kind = 'proxy'")
+                .bind(key.credential)
+                .fetch_optional(&self.pool)
+                .await?;
+        let credential = credential.ok_or_else(|| {
+            StoreError::NotFound(format!("no proxy credential named {:?}", key.credential))
+        })?;
+        let id = crypto::random_id("key");
+        sqlx::query(
+            "INSERT INTO proxy_keys (id, credential_id, key_hash, source, label, created_at,
+                                     expires_at, spend_cap_usd)
+             VALUES (?, ?, ?, 'issued', ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(&credential)
+        .bind(key.hash.as_slice())
+        .bind(key.label)
+        .bind(now_unix())
+        .bind(key.expires_at)
+        .bind(key.spend_cap_usd)
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// Marks a key revoked; `Ok(true)` if it already was.
+    pub async fn revoke_key(&self, id: &str) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE proxy_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+                .bind(now_unix())
+                .bind(id)
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 1 {
+            return Ok(false);
+        }
+        let exists: Option<String> = sqlx::query_scalar("SELECT id FROM proxy_keys WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        exists
+            .map(|_| true)
+            .ok_or_else(|| StoreError::NotFound(format!("no key with id {id:?}")))
+    }
 }
 
 fn parse_effect(table: &'static str, s: &str) -> Result<Effect, StoreError> {
@@ -398,8 +454,9 @@ async fn load(tx: &mut Transaction<'_, Sqlite>) -> Result<StoredPolicy, StoreErr
         });
     }
     for row in sqlx::query(
-        "SELECT id, credential_id, key_hash, source, label, expires_at, revoked_at
-         FROM proxy_keys ORDER BY id",
+        "SELECT id, credential_id, key_hash, source, label, created_at, expires_at,
+                revoked_at, spend_cap_usd
+         FROM proxy_keys ORDER BY created_at, id",
     )
     .fetch_all(&mut **tx)
     .await?
@@ -410,8 +467,10 @@ async fn load(tx: &mut Transaction<'_, Sqlite>) -> Result<StoredPolicy, StoreErr
             hash: row.try_get("key_hash")?,
             policy_sourced: row.try_get::<String, _>("source")? == "policy",
             label: row.try_get("label")?,
+            created_at: row.try_get("created_at")?,
             expires_at: row.try_get("expires_at")?,
             revoked_at: row.try_get("revoked_at")?,
+            spend_cap_usd: row.try_get("spend_cap_usd")?,
         });
     }
     let mut bindings: BTreeMap<String, Vec<String>> = BTreeMap::new();
