@@ -36,6 +36,7 @@ fn policy(rules: usize, master: &MasterKey) -> Policy {
                 secret_ref: None,
                 sealed: Some(master.seal("cred_t", b"sk_live_benchmark_secret")),
                 master_key_id: Some(master.id().into()),
+                limits: None,
             },
             CredentialRow {
                 id: "cred_a".into(),
@@ -45,6 +46,7 @@ fn policy(rules: usize, master: &MasterKey) -> Policy {
                 secret_ref: None,
                 sealed: None,
                 master_key_id: None,
+                limits: None,
             },
         ],
         keys: vec![KeyRow {

@@ -125,6 +125,9 @@ struct ServeArgs {
     admin_addr: SocketAddr,
     #[arg(long, env = "LATCHKEY_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     http_addr: SocketAddr,
+    /// Share rate limits between replicas in this Redis; per replica when unset.
+    #[arg(long, env = "LATCHKEY_REDIS_URL")]
+    redis_url: Option<String>,
 }
 
 /// Where the admin API is and the token it wants.
@@ -166,6 +169,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 admin_token: std::env::var("LATCHKEY_ADMIN_TOKEN")
                     .ok()
                     .map(Zeroizing::new),
+                redis_url: args.redis_url,
             })
             .await
         }

@@ -31,6 +31,10 @@ pub enum Denial {
     BodyNotJson { id: Arc<str> },
     #[error("the request body is larger than the {0} bytes latchkey reads to judge it")]
     BodyTooLarge(usize),
+    #[error("rate limit of {limit} requests reached; retry in {retry_after_s} s")]
+    RateLimited { limit: u32, retry_after_s: u64 },
+    #[error("the budget store is unreachable, so limited requests are refused")]
+    BudgetUnavailable,
 }
 
 impl Denial {
@@ -48,6 +52,8 @@ impl Denial {
                 "rule_denied"
             }
             Denial::BodyTooLarge(_) => "body_too_large",
+            Denial::RateLimited { .. } => "rate_limited",
+            Denial::BudgetUnavailable => "budget_unavailable",
         }
     }
 
@@ -64,6 +70,16 @@ impl Denial {
             | Denial::DefaultDenied(_)
             | Denial::BodyNotJson { .. } => 403,
             Denial::BodyTooLarge(_) => 413,
+            Denial::RateLimited { .. } => 429,
+            Denial::BudgetUnavailable => 503,
+        }
+    }
+
+    /// Seconds until a request could pass, for `Retry-After`.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Denial::RateLimited { retry_after_s, .. } => Some(*retry_after_s),
+            _ => None,
         }
     }
 

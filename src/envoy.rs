@@ -11,6 +11,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     ProcessingResponse, processing_response::Response,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Struct, Value};
 
 use crate::denial::Denial;
 use crate::mutate::Forward;
@@ -53,7 +55,11 @@ fn set_header(key: &str, value: Vec<u8>) -> HeaderValueOption {
 /// Continue with the mutations, and have Envoy pick the route again: the cluster header
 /// and authority changed. In the body phase the headers are still held, so the same
 /// mutations apply.
-pub fn allow(forward: Forward, in_body_phase: bool) -> ProcessingResponse {
+pub fn allow(
+    forward: Forward,
+    in_body_phase: bool,
+    rate: Option<(u32, u32)>,
+) -> ProcessingResponse {
     let mutation = HeaderMutation {
         set_headers: forward
             .set
@@ -72,7 +78,35 @@ pub fn allow(forward: Forward, in_body_phase: bool) -> ProcessingResponse {
     } else {
         Response::RequestHeaders(HeadersResponse { response: common })
     };
-    pass(response)
+    ProcessingResponse {
+        response: Some(response),
+        dynamic_metadata: rate.map(rate_metadata),
+        ..Default::default()
+    }
+}
+
+/// The rate-limit figures, as dynamic metadata in the `latchkey` namespace: Envoy's
+/// route adds them to the response as `x-ratelimit-*` headers, with no extra round trip.
+fn rate_metadata((limit, remaining): (u32, u32)) -> Struct {
+    let text = |n: u32| Value {
+        kind: Some(Kind::StringValue(n.to_string())),
+    };
+    let fields = [
+        ("ratelimit_limit".to_owned(), text(limit)),
+        ("ratelimit_remaining".to_owned(), text(remaining)),
+    ];
+    Struct {
+        fields: [(
+            "latchkey".to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(Struct {
+                    fields: fields.into_iter().collect(),
+                })),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    }
 }
 
 /// Hold the headers and send the request body (buffered, up to Envoy's buffer limit):
@@ -102,10 +136,23 @@ pub fn deny(denial: &Denial, request_id: &str) -> ProcessingResponse {
                 code: i32::from(denial.http_status()),
             }),
             headers: Some(HeaderMutation {
-                set_headers: vec![
-                    set_header("content-type", b"application/json".to_vec()),
-                    set_header("x-latchkey-decision", denial.kind().as_bytes().to_vec()),
-                ],
+                set_headers: [
+                    Some(("content-type", "application/json".to_owned())),
+                    Some(("x-latchkey-decision", denial.kind().to_owned())),
+                    denial.retry_after().map(|s| ("retry-after", s.to_string())),
+                    match denial {
+                        Denial::RateLimited { limit, .. } => {
+                            Some(("x-ratelimit-limit", limit.to_string()))
+                        }
+                        _ => None,
+                    },
+                    matches!(denial, Denial::RateLimited { .. })
+                        .then(|| ("x-ratelimit-remaining", "0".to_owned())),
+                ]
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| set_header(k, v.into_bytes()))
+                .collect(),
                 remove_headers: Vec::new(),
             }),
             body: denial.body(request_id),

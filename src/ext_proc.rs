@@ -11,12 +11,12 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, HeadersResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
     TrailersResponse,
 };
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::Stream;
 use tonic::{Request, Status, Streaming};
 
 use crate::denial::Denial;
 use crate::envoy;
-use crate::pipeline::{Decision, Outcome, RequestView, decide};
+use crate::pipeline::{Decision, Outcome, RequestView, admit, decide};
 use crate::rules::Body;
 use crate::state::{Shared, now_unix};
 
@@ -43,13 +43,24 @@ impl ExternalProcessor for ExtProc {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<tonic::Response<ResponseStream>, Status> {
-        let mut exchange = Exchange {
+        let exchange = Exchange {
             shared: self.shared.clone(),
             held: None,
         };
-        let responses = request
-            .into_inner()
-            .map(move |message| message.map(|m| exchange.handle(m)));
+        // Messages of one stream are answered in order, one at a time.
+        let responses = futures_util::stream::unfold(
+            (request.into_inner(), exchange),
+            |(mut inbound, mut exchange)| async move {
+                match inbound.message().await {
+                    Ok(Some(message)) => {
+                        let response = exchange.handle(message).await;
+                        Some((Ok(response), (inbound, exchange)))
+                    }
+                    Ok(None) => None,
+                    Err(status) => Some((Err(status), (inbound, exchange))),
+                }
+            },
+        );
         Ok(tonic::Response::new(Box::pin(responses)))
     }
 }
@@ -66,10 +77,10 @@ struct HeldHeaders {
 }
 
 impl Exchange {
-    fn handle(&mut self, message: ProcessingRequest) -> ProcessingResponse {
+    async fn handle(&mut self, message: ProcessingRequest) -> ProcessingResponse {
         match message.request {
-            Some(Phase::RequestHeaders(headers)) => self.request_headers(&headers),
-            Some(Phase::RequestBody(body)) => self.request_body(&body),
+            Some(Phase::RequestHeaders(headers)) => self.request_headers(&headers).await,
+            Some(Phase::RequestBody(body)) => self.request_body(&body).await,
             Some(Phase::ResponseHeaders(_)) => {
                 envoy::pass(Response::ResponseHeaders(HeadersResponse::default()))
             }
@@ -86,7 +97,7 @@ impl Exchange {
         }
     }
 
-    fn request_headers(&mut self, headers: &HttpHeaders) -> ProcessingResponse {
+    async fn request_headers(&mut self, headers: &HttpHeaders) -> ProcessingResponse {
         let pairs = envoy::header_pairs(headers.headers.as_ref());
         let body = if headers.end_of_stream {
             Body::Empty
@@ -103,10 +114,10 @@ impl Exchange {
             });
             return envoy::need_body();
         }
-        self.respond(decision, &request_id, false)
+        self.respond(decision, &request_id, false).await
     }
 
-    fn request_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
+    async fn request_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
         let Some(held) = self.held.take() else {
             // A body latchkey did not ask for: nothing to judge.
             return envoy::pass(Response::RequestBody(BodyResponse::default()));
@@ -122,7 +133,7 @@ impl Exchange {
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
         let (decision, request_id) = self.decide(&pairs, &body);
-        self.respond(decision, &request_id, true)
+        self.respond(decision, &request_id, true).await
     }
 
     fn decide(&self, pairs: &[(&str, &[u8])], body: &Body) -> (Decision, String) {
@@ -141,15 +152,18 @@ impl Exchange {
         (decision, text("x-request-id").to_owned())
     }
 
-    fn respond(
+    async fn respond(
         &self,
-        decision: Decision,
+        mut decision: Decision,
         request_id: &str,
         in_body_phase: bool,
     ) -> ProcessingResponse {
+        admit(&self.shared.budgets, &mut decision).await;
         self.shared.metrics.record(&decision);
         let denial = match decision.outcome {
-            Outcome::Forward(forward) => return envoy::allow(forward, in_body_phase),
+            Outcome::Forward(forward) => {
+                return envoy::allow(forward, in_body_phase, decision.rate);
+            }
             Outcome::Deny(denial) => denial,
             // Only with the body unread; here it has been read.
             Outcome::NeedBody => Denial::BodyTooLarge(MAX_REQUEST_BODY),

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::budget::{Admission, Budgets, Limit};
 use crate::denial::Denial;
 use crate::keys;
 use crate::mutate::{self, Forward};
@@ -51,6 +52,34 @@ pub enum Outcome {
 pub struct Decision {
     pub subject: Subject,
     pub outcome: Outcome,
+    /// The budgets an allowed request counts against (step 5).
+    pub limits: Vec<Limit>,
+    /// After step 5: the tightest limit and what is left of it.
+    pub rate: Option<(u32, u32)>,
+}
+
+/// Step 5, budgets: counts an allowed request against its limits, or refuses it. Apart
+/// from the rest because a shared store answers asynchronously.
+pub async fn admit(budgets: &Budgets, decision: &mut Decision) {
+    if !matches!(decision.outcome, Outcome::Forward(_)) || decision.limits.is_empty() {
+        return;
+    }
+    match budgets.admit(&decision.limits).await {
+        Ok(Admission::Admitted { limit, remaining }) => decision.rate = Some((limit, remaining)),
+        Ok(Admission::Refused {
+            limit,
+            retry_after_ms,
+        }) => {
+            decision.outcome = Outcome::Deny(Denial::RateLimited {
+                limit,
+                retry_after_s: retry_after_ms.div_ceil(1000).max(1),
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "refusing a limited request");
+            decision.outcome = Outcome::Deny(Denial::BudgetUnavailable);
+        }
+    }
 }
 
 pub fn decide(policy: &Policy, req: &RequestView<'_>, body: &Body, now: i64) -> Decision {
@@ -65,7 +94,8 @@ pub fn decide_as(
     now: i64,
 ) -> Decision {
     let mut subject = Subject::default();
-    let outcome = match run(policy, req, body, caller, now, &mut subject) {
+    let mut limits = Vec::new();
+    let outcome = match run(policy, req, body, caller, now, &mut subject, &mut limits) {
         Ok(Some(forward)) => Outcome::Forward(forward),
         Ok(None) => Outcome::NeedBody,
         Err(denial) => {
@@ -73,7 +103,12 @@ pub fn decide_as(
             Outcome::Deny(denial)
         }
     };
-    Decision { subject, outcome }
+    Decision {
+        subject,
+        outcome,
+        limits,
+        rate: None,
+    }
 }
 
 /// `Ok(None)`: the body is needed to decide.
@@ -84,6 +119,7 @@ fn run(
     caller: Caller<'_>,
     now: i64,
     subject: &mut Subject,
+    limits: &mut Vec<Limit>,
 ) -> Result<Option<Forward>, Denial> {
     let route = route(req.path)?;
     let proxy = policy
@@ -113,10 +149,12 @@ fn run(
             if !proxy.bound.contains(&index) {
                 return Err(Denial::NotBound(proxy.name.clone()));
             }
+            limits.extend_from_slice(policy.credential_limits(index));
             policy.credential_rules(index)
         }
         None => &no_rules,
     };
+    limits.extend_from_slice(&proxy.limits);
 
     let facts = Facts::new(req.method, &route.path, req.headers, route.query, body);
     match rules::evaluate(

@@ -10,8 +10,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use zeroize::Zeroizing;
 
+use crate::budget::{Limit, Rate};
 use crate::crypto::MasterKey;
-use crate::policy_file::{AuthKind, CredentialType, Effect, TargetUrl};
+use crate::policy_file::{AuthKind, CredentialType, Effect, Limits, TargetUrl};
 use crate::rules::{Rule, RuleList};
 use crate::store::{StoreError, StoredPolicy};
 
@@ -71,6 +72,8 @@ pub struct Proxy {
     pub bound: HashSet<u32>,
     /// Whether any rule a request here may meet judges the body.
     pub needs_body: bool,
+    /// The proxy's request limits, for all its traffic.
+    pub limits: Box<[Limit]>,
 }
 
 #[derive(Debug)]
@@ -92,6 +95,8 @@ pub struct Policy {
     credentials: Vec<Arc<str>>,
     /// Each proxy credential's own rules, by credential index.
     credential_rules: Vec<RuleList>,
+    /// Each proxy credential's request limits, across every proxy it uses.
+    credential_limits: Vec<Box<[Limit]>>,
     rules_by_id: HashMap<Arc<str>, Arc<Rule>>,
 }
 
@@ -101,6 +106,25 @@ const QUERY_SAFE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'.')
     .remove(b'~');
+
+/// The budget limits a `limits:` block sets, with their store keys.
+fn limits(owner: &str, name: &str, limits: Option<&Limits>) -> Box<[Limit]> {
+    let Some(limits) = limits else {
+        return Box::default();
+    };
+    [
+        ("minute", limits.requests_per_minute.map(Rate::per_minute)),
+        ("day", limits.requests_per_day.map(Rate::per_day)),
+    ]
+    .into_iter()
+    .filter_map(|(period, rate)| {
+        Some(Limit {
+            key: Arc::from(format!("{owner}:{name}:{period}")),
+            rate: rate?,
+        })
+    })
+    .collect()
+}
 
 impl Policy {
     pub fn proxy(&self, name: &str) -> Option<&Proxy> {
@@ -129,6 +153,10 @@ impl Policy {
         &self.credential_rules[index as usize]
     }
 
+    pub fn credential_limits(&self, index: u32) -> &[Limit] {
+        &self.credential_limits[index as usize]
+    }
+
     pub fn rule(&self, id: &str) -> Option<&Arc<Rule>> {
         self.rules_by_id.get(id)
     }
@@ -140,12 +168,14 @@ impl Policy {
         let mut cred_index: HashMap<&str, u32> = HashMap::new();
         let mut cred_by_id: HashMap<&str, u32> = HashMap::new();
         let mut credentials = Vec::new();
+        let mut credential_limits = Vec::new();
         let mut injections: HashMap<&str, Arc<Injection>> = HashMap::new();
         for c in &stored.credentials {
             match c.kind {
                 CredentialType::Proxy => {
                     let i = credentials.len() as u32;
                     credentials.push(Arc::from(c.name.as_str()));
+                    credential_limits.push(limits("credential", &c.name, c.limits.as_ref()));
                     cred_index.insert(&c.name, i);
                     cred_by_id.insert(&c.id, i);
                 }
@@ -312,6 +342,7 @@ impl Policy {
                     rules,
                     bound,
                     needs_body,
+                    limits: limits("proxy", &p.name, p.limits.as_ref()),
                 },
             );
         }
@@ -320,6 +351,7 @@ impl Policy {
             keys,
             credentials,
             credential_rules,
+            credential_limits,
             rules_by_id,
         })
     }

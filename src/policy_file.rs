@@ -83,6 +83,9 @@ pub struct CredentialSpec {
     pub scopes: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<Vec<SecretRef>>,
+    /// Proxy credentials: request limits across every proxy the credential uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
 }
 
 /// Where secret material comes from: exactly one of the three.
@@ -559,7 +562,7 @@ impl CredentialSpec {
                 for k in self.keys.iter().flatten() {
                     k.validate().map_err(|e| format!("keys: {e}"))?;
                 }
-                Ok(())
+                self.limits.as_ref().map_or(Ok(()), Limits::validate)
             }
             CredentialType::Target => {
                 let auth = self
@@ -636,6 +639,20 @@ impl SecretRef {
             return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
         }
         Ok(self.value.clone().unwrap_or_default())
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("requests_per_minute", self.requests_per_minute),
+            ("requests_per_day", self.requests_per_day),
+        ] {
+            if value == Some(0) {
+                return Err(format!("limits: {name} must be at least 1"));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 use zeroize::Zeroizing;
 
 use crate::admin::{AdminAuth, AdminService};
+use crate::budget::{Budgets, LocalBudgets, RedisBudgets, SystemClock};
 use crate::crypto::MasterKey;
 use crate::ext_proc::ExtProc;
 use crate::http::{HttpState, router};
@@ -31,6 +32,7 @@ pub struct ServeConfig {
     pub admin_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub admin_token: Option<Zeroizing<String>>,
+    pub redis_url: Option<String>,
 }
 
 pub fn load_master_key(
@@ -72,7 +74,13 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the store {}", cfg.database_url))?;
     let policy = Policy::compile(&store.load().await?, &master).context("loading the policy")?;
-    let shared = Arc::new(Shared::new(policy));
+    let budgets = match &cfg.redis_url {
+        Some(url) => {
+            Budgets::Redis(RedisBudgets::new(url).with_context(|| format!("budget store {url}"))?)
+        }
+        None => Budgets::Local(LocalBudgets::new(Arc::new(SystemClock))),
+    };
+    let shared = Arc::new(Shared::new(policy, budgets));
     let ready = Arc::new(AtomicBool::new(false));
 
     let grpc = bind(cfg.grpc_addr, "ext_proc").await?;

@@ -6,18 +6,21 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use crate::budget::Budgets;
 use crate::pipeline::{Decision, Outcome};
 use crate::policy::Policy;
 
 pub struct Shared {
     pub policy: ArcSwap<Policy>,
+    pub budgets: Budgets,
     pub metrics: Metrics,
 }
 
 impl Shared {
-    pub fn new(policy: Policy) -> Self {
+    pub fn new(policy: Policy, budgets: Budgets) -> Self {
         Self {
             policy: ArcSwap::from_pointee(policy),
+            budgets,
             metrics: Metrics::default(),
         }
     }

@@ -69,6 +69,7 @@ pub struct CredentialRow {
     pub secret_ref: Option<SecretRef>,
     pub sealed: Option<Vec<u8>>,
     pub master_key_id: Option<String>,
+    pub limits: Option<Limits>,
 }
 
 #[derive(Debug, Clone)]
@@ -156,6 +157,7 @@ pub struct DesiredCredential {
     pub secret_ref: Option<SecretRef>,
     pub secret: Option<Zeroizing<String>>,
     pub key_hashes: Vec<[u8; 32]>,
+    pub limits: Option<Limits>,
 }
 
 impl Desired {
@@ -197,6 +199,7 @@ impl Desired {
                 secret_ref: c.secret.clone(),
                 secret,
                 key_hashes,
+                limits: c.limits.clone(),
             });
         }
         if let Some(name) = secrets.keys().chain(keys.keys()).next() {
@@ -427,7 +430,7 @@ async fn load(tx: &mut Transaction<'_, Sqlite>) -> Result<StoredPolicy, StoreErr
         });
     }
     for row in sqlx::query(
-        "SELECT id, name, kind, auth, secret_ref, secret_sealed, master_key_id
+        "SELECT id, name, kind, auth, secret_ref, secret_sealed, master_key_id, limits
          FROM credentials ORDER BY name",
     )
     .fetch_all(&mut **tx)
@@ -451,6 +454,7 @@ async fn load(tx: &mut Transaction<'_, Sqlite>) -> Result<StoredPolicy, StoreErr
             secret_ref: from_json("credentials", row.try_get("secret_ref")?)?,
             sealed: row.try_get("secret_sealed")?,
             master_key_id: row.try_get("master_key_id")?,
+            limits: from_json("credentials", row.try_get("limits")?)?,
         });
     }
     for row in sqlx::query(
@@ -647,6 +651,7 @@ async fn write_diff(
             o.kind == n.kind
                 && o.auth == n.auth
                 && o.secret_ref == n.secret_ref
+                && o.limits == n.limits
                 && same_secret.get(o.name.as_str()) == Some(&true)
         },
     );
@@ -680,13 +685,15 @@ async fn write_diff(
     for (o, n) in &updated {
         let sealed = n.secret.as_ref().map(|s| master.seal(&o.id, s.as_bytes()));
         sqlx::query(
-            "UPDATE credentials SET auth = ?, secret_ref = ?, secret_sealed = ?, master_key_id = ?
+            "UPDATE credentials SET auth = ?, secret_ref = ?, secret_sealed = ?, master_key_id = ?,
+                                    limits = ?
              WHERE id = ?",
         )
         .bind(to_json(&n.auth))
         .bind(to_json(&n.secret_ref))
         .bind(sealed)
         .bind(n.secret.as_ref().map(|_| master.id()))
+        .bind(to_json(&n.limits))
         .bind(&o.id)
         .execute(&mut **tx)
         .await?;
@@ -871,8 +878,9 @@ async fn insert_credential(
         CredentialType::Proxy => "proxy",
     };
     sqlx::query(
-        "INSERT INTO credentials (id, name, kind, auth, secret_ref, secret_sealed, master_key_id)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO credentials (id, name, kind, auth, secret_ref, secret_sealed, master_key_id,
+                                  limits)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(id)
     .bind(&c.name)
@@ -881,6 +889,7 @@ async fn insert_credential(
     .bind(to_json(&c.secret_ref))
     .bind(c.secret.as_ref().map(|s| master.seal(id, s.as_bytes())))
     .bind(c.secret.as_ref().map(|_| master.id()))
+    .bind(to_json(&c.limits))
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -168,3 +168,198 @@ async fn run_keys_issue_expire_and_revoke_one_at_a_time() {
     assert_eq!(call(key_b).await.unwrap().status(), 200);
     assert_eq!(denial(call(key_a).await.unwrap()).await.1, "revoked_key");
 }
+
+/// A name no other test run uses: Redis is shared by every run on this machine.
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        crate::common::free_port()
+    )
+}
+
+fn limited_policy(upstream: &str, proxy: &str, credential: &str) -> String {
+    format!(
+        r#"
+targets:
+  - {{ name: vendor, url: "{upstream}" }}
+credentials:
+  - {{ name: vendor-cred, type: target, auth: bearer, secret: {{ value: sk_budget_secret }} }}
+  - name: {credential}
+    type: proxy
+    keys: [{{ env: AGENT_KEY }}]
+    limits: {{ requests_per_minute: 5 }}
+proxies:
+  - name: {proxy}
+    target: vendor
+    target_credential: vendor-cred
+    proxy_credentials: [{credential}]
+    default_effect: allow
+    limits: {{ requests_per_minute: 3, requests_per_day: 1000 }}
+  - name: {proxy}-free
+    target: vendor
+    target_credential: vendor-cred
+    proxy_credentials: [{credential}]
+    default_effect: allow
+"#
+    )
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_count_per_proxy_and_credential() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    let proxy = unique("limited");
+    stack.apply(
+        &limited_policy(&upstream.url(), &proxy, "agent"),
+        &[("AGENT_KEY", AGENT_KEY)],
+    );
+    let http = client();
+    let call = |p: String| {
+        http.get(stack.url(&format!("/{p}/v1/x")))
+            .bearer_auth(AGENT_KEY)
+            .send()
+    };
+
+    for remaining in ["2", "1", "0"] {
+        let r = call(proxy.clone()).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-ratelimit-limit"], "3");
+        assert_eq!(r.headers()["x-ratelimit-remaining"], remaining);
+    }
+    let r = call(proxy.clone()).await.unwrap();
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (19..=20).contains(&retry_after),
+        "one request every 20 s: {retry_after}"
+    );
+    assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
+    let (status, kind, _) = denial(r).await;
+    assert_eq!((status, kind.as_str()), (429, "rate_limited"));
+    assert_eq!(upstream.take().len(), 3, "the refused request never left");
+
+    // The credential's own limit (5 a minute) spans its proxies: 3 used, 2 left.
+    for _ in 0..2 {
+        let r = call(format!("{proxy}-free")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-ratelimit-limit"], "5");
+    }
+    let (status, kind, _) = denial(call(format!("{proxy}-free")).await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (429, "rate_limited"));
+}
+
+#[tokio::test]
+async fn unlimited_proxies_carry_no_rate_headers() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&policy(&upstream.url(), ""), &[("AGENT_KEY", AGENT_KEY)]);
+    let r = client()
+        .get(stack.url("/api/x"))
+        .bearer_auth(AGENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("x-ratelimit-limit").is_none(),
+        "{:?}",
+        r.headers()
+    );
+}
+
+#[tokio::test]
+async fn two_replicas_share_one_limit_in_redis() {
+    let upstream = Upstream::start().await;
+    let redis = [("LATCHKEY_REDIS_URL", "redis://127.0.0.1:6379")];
+    let a = Stack::start_configured(|c| c, &redis).await;
+    let b = Stack::start_configured(|c| c, &redis).await;
+    let proxy = unique("shared");
+    let credential = unique("agent");
+    for stack in [&a, &b] {
+        stack.apply(
+            &limited_policy(&upstream.url(), &proxy, &credential),
+            &[("AGENT_KEY", AGENT_KEY)],
+        );
+    }
+    let http = client();
+    let mut admitted = 0;
+    for i in 0..12 {
+        let stack = if i % 2 == 0 { &a } else { &b };
+        let r = http
+            .get(stack.url(&format!("/{proxy}/x")))
+            .bearer_auth(AGENT_KEY)
+            .send()
+            .await
+            .unwrap();
+        match r.status().as_u16() {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(admitted, 3, "the limit holds across both replicas");
+    assert_eq!(upstream.take().len(), 3);
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_fails_closed_and_recovers() {
+    let port = crate::common::free_port();
+    let start_redis = || {
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server")
+    };
+    let url = format!("redis://127.0.0.1:{port}");
+    let upstream = Upstream::start().await;
+    let stack = Stack::start_configured(|c| c, &[("LATCHKEY_REDIS_URL", &url)]).await;
+    let proxy = unique("flaky");
+    stack.apply(
+        &limited_policy(&upstream.url(), &proxy, "agent"),
+        &[("AGENT_KEY", AGENT_KEY)],
+    );
+    let http = client();
+    let call = |p: String| {
+        http.get(stack.url(&format!("/{p}/x")))
+            .bearer_auth(AGENT_KEY)
+            .send()
+    };
+
+    // Redis down: limited requests are refused with a clear 503 and a log line.
+    let (status, kind, body) = denial(call(proxy.clone()).await.unwrap()).await;
+    assert_eq!(
+        (status, kind.as_str()),
+        (503, "budget_unavailable"),
+        "{body}"
+    );
+    assert!(upstream.take().is_empty());
+    assert!(stack.log("latchkey").contains("refusing a limited request"));
+
+    // Redis back: latchkey reconnects by itself.
+    let mut redis = start_redis();
+    let mut recovered = false;
+    for _ in 0..100 {
+        if call(proxy.clone()).await.unwrap().status() == 200 {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert!(recovered, "latchkey did not recover once Redis was back");
+}

@@ -146,6 +146,8 @@ pub struct Stack {
     pub http_port: u16,
     pub envoy_port: u16,
     pub envoy_admin_port: u16,
+    /// Extra environment for `latchkey serve`.
+    pub serve_env: Vec<(String, String)>,
     latchkey: Option<Child>,
     envoy: Option<Child>,
 }
@@ -157,6 +159,14 @@ impl Stack {
 
     /// Starts the stack, letting the test adjust the Envoy config text first.
     pub async fn start_with(edit_envoy: impl FnOnce(String) -> String) -> Self {
+        Self::start_configured(edit_envoy, &[]).await
+    }
+
+    /// Starts the stack with extra environment for `latchkey serve`.
+    pub async fn start_configured(
+        edit_envoy: impl FnOnce(String) -> String,
+        serve_env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let master_key = String::from_utf8(
             Command::new(latchkey_bin())
@@ -176,6 +186,10 @@ impl Stack {
             http_port: free_port(),
             envoy_port: free_port(),
             envoy_admin_port: free_port(),
+            serve_env: serve_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             latchkey: None,
             envoy: None,
         };
@@ -213,6 +227,9 @@ impl Stack {
                 format!("127.0.0.1:{}", self.http_port),
             )
             .env("RUST_LOG", "info");
+        for (k, v) in &self.serve_env {
+            cmd.env(k, v);
+        }
         cmd
     }
 
