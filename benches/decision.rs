@@ -59,6 +59,7 @@ fn policy(rules: usize, master: &MasterKey) -> Policy {
             expires_at: None,
             revoked_at: None,
             spend_cap_usd: None,
+            spent_usd: 0.0,
         }],
         proxies: vec![ProxyRow {
             name: "vendor".into(),

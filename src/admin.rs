@@ -326,7 +326,7 @@ impl Admin for AdminService {
                     expires_at: k.expires_at,
                     revoked_at: k.revoked_at,
                     spend_cap_usd: k.spend_cap_usd,
-                    spent_usd: 0.0,
+                    spent_usd: k.spent_usd,
                 })
             })
             .collect();

@@ -122,6 +122,24 @@ fn admit_all(limits: &[Limit], now: u64, tats: &mut [&mut Option<u64>]) -> Admis
 #[error("the shared budget store is unreachable: {0}")]
 pub struct BudgetError(String);
 
+impl BudgetError {
+    pub fn new(problem: String) -> Self {
+        Self(problem)
+    }
+}
+
+/// One lazily connected, self-reconnecting Redis connection for every budget: latchkey
+/// starts while Redis is down, refuses limited requests until it is up, and recovers.
+pub fn redis_connection(url: &str) -> Result<redis::aio::ConnectionManager, BudgetError> {
+    let client = redis::Client::open(url).map_err(|e| BudgetError(e.to_string()))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_millis(500)))
+        .set_number_of_retries(1);
+    redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+        .map_err(|e| BudgetError(e.to_string()))
+}
+
 /// Per replica, in memory. Bounded: idle limits are dropped after their period (a
 /// dropped limit has nothing left to remember: a fresh one is just as full).
 pub struct LocalBudgets {
@@ -203,20 +221,11 @@ return {1, tight - 1, tight_left}
 ";
 
 impl RedisBudgets {
-    /// Connects lazily: latchkey starts while Redis is down, refuses limited requests
-    /// until it is up, and reconnects by itself.
-    pub fn new(url: &str) -> Result<Self, BudgetError> {
-        let client = redis::Client::open(url).map_err(|e| BudgetError(e.to_string()))?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(Duration::from_millis(500)))
-            .set_number_of_retries(1);
-        let connection = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| BudgetError(e.to_string()))?;
-        Ok(Self {
+    pub fn new(connection: redis::aio::ConnectionManager) -> Self {
+        Self {
             connection,
             script: redis::Script::new(GCRA_SCRIPT),
-        })
+        }
     }
 
     pub async fn admit(&self, limits: &[Limit]) -> Result<Admission, BudgetError> {

@@ -35,6 +35,10 @@ pub enum Denial {
     RateLimited { limit: u32, retry_after_s: u64 },
     #[error("the budget store is unreachable, so limited requests are refused")]
     BudgetUnavailable,
+    #[error("{what} is reached")]
+    SpendCapExceeded { what: String, retry_after_s: u64 },
+    #[error("{0} requests of this spend-capped key are already in flight; retry in 1 s")]
+    TooManyInFlight(u64),
 }
 
 impl Denial {
@@ -52,7 +56,8 @@ impl Denial {
                 "rule_denied"
             }
             Denial::BodyTooLarge(_) => "body_too_large",
-            Denial::RateLimited { .. } => "rate_limited",
+            Denial::RateLimited { .. } | Denial::TooManyInFlight(_) => "rate_limited",
+            Denial::SpendCapExceeded { .. } => "spend_cap_exceeded",
             Denial::BudgetUnavailable => "budget_unavailable",
         }
     }
@@ -70,7 +75,9 @@ impl Denial {
             | Denial::DefaultDenied(_)
             | Denial::BodyNotJson { .. } => 403,
             Denial::BodyTooLarge(_) => 413,
-            Denial::RateLimited { .. } => 429,
+            Denial::RateLimited { .. }
+            | Denial::TooManyInFlight(_)
+            | Denial::SpendCapExceeded { .. } => 429,
             Denial::BudgetUnavailable => 503,
         }
     }
@@ -78,7 +85,9 @@ impl Denial {
     /// Seconds until a request could pass, for `Retry-After`.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Denial::RateLimited { retry_after_s, .. } => Some(*retry_after_s),
+            Denial::RateLimited { retry_after_s, .. }
+            | Denial::SpendCapExceeded { retry_after_s, .. } => Some(*retry_after_s),
+            Denial::TooManyInFlight(_) => Some(1),
             _ => None,
         }
     }

@@ -59,6 +59,7 @@ pub fn allow(
     forward: Forward,
     in_body_phase: bool,
     rate: Option<(u32, u32)>,
+    priced: Option<Priced>,
 ) -> ProcessingResponse {
     let mutation = HeaderMutation {
         set_headers: forward
@@ -81,7 +82,41 @@ pub fn allow(
     ProcessingResponse {
         response: Some(response),
         dynamic_metadata: rate.map(rate_metadata),
+        // The mode can change only in answer to the request headers; a request that
+        // went through the body phase got its response modes then.
+        mode_override: (!in_body_phase)
+            .then_some(priced)
+            .flatten()
+            .map(|p| mode(BodySendMode::None, Some(p))),
         ..Default::default()
+    }
+}
+
+/// How a priced response is read: its status alone, or its body too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priced {
+    ByStatus,
+    ByBody,
+}
+
+/// A full processing mode: every field set, since a field left at DEFAULT would mean
+/// Envoy's default (SEND for response headers), not "as configured".
+fn mode(request_body: BodySendMode, priced: Option<Priced>) -> ProcessingMode {
+    ProcessingMode {
+        request_header_mode: HeaderSendMode::Send as i32,
+        response_header_mode: if priced.is_some() {
+            HeaderSendMode::Send
+        } else {
+            HeaderSendMode::Skip
+        } as i32,
+        request_body_mode: request_body as i32,
+        response_body_mode: if priced == Some(Priced::ByBody) {
+            BodySendMode::BufferedPartial
+        } else {
+            BodySendMode::None
+        } as i32,
+        request_trailer_mode: HeaderSendMode::Skip as i32,
+        response_trailer_mode: HeaderSendMode::Skip as i32,
     }
 }
 
@@ -111,19 +146,10 @@ fn rate_metadata((limit, remaining): (u32, u32)) -> Struct {
 
 /// Hold the headers and send the request body (buffered, up to Envoy's buffer limit):
 /// a rule that judges the body decides. Only requests that reach such a rule pay this.
-pub fn need_body() -> ProcessingResponse {
+pub fn need_body(priced: Option<Priced>) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::RequestHeaders(HeadersResponse::default())),
-        // Every field is set: a field left at DEFAULT would mean Envoy's default (SEND for
-        // response headers), not "as configured".
-        mode_override: Some(ProcessingMode {
-            request_header_mode: HeaderSendMode::Send as i32,
-            response_header_mode: HeaderSendMode::Skip as i32,
-            request_body_mode: BodySendMode::BufferedPartial as i32,
-            response_body_mode: BodySendMode::None as i32,
-            request_trailer_mode: HeaderSendMode::Skip as i32,
-            response_trailer_mode: HeaderSendMode::Skip as i32,
-        }),
+        mode_override: Some(mode(BodySendMode::BufferedPartial, priced)),
         ..Default::default()
     }
 }

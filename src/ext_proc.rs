@@ -16,7 +16,9 @@ use tonic::{Request, Status, Streaming};
 
 use crate::denial::Denial;
 use crate::envoy;
-use crate::pipeline::{Decision, Outcome, RequestView, admit, decide};
+use crate::envoy::Priced;
+use crate::pipeline::{Charge, Decision, Outcome, RequestView, admit, decide};
+use crate::policy::CostSpec;
 use crate::rules::Body;
 use crate::state::{Shared, now_unix};
 
@@ -46,6 +48,7 @@ impl ExternalProcessor for ExtProc {
         let exchange = Exchange {
             shared: self.shared.clone(),
             held: None,
+            pending: None,
         };
         // Messages of one stream are answered in order, one at a time.
         let responses = futures_util::stream::unfold(
@@ -70,6 +73,38 @@ struct Exchange {
     shared: Arc<Shared>,
     /// Request headers held while the body is on its way.
     held: Option<HeldHeaders>,
+    /// A priced request's reservation, until its response is judged.
+    pending: Option<Charge>,
+}
+
+impl Drop for Exchange {
+    /// A request whose response never came (client gone, upstream reset) releases its
+    /// reservation: it is charged nothing.
+    fn drop(&mut self) {
+        if let Some(charge) = self.pending.take() {
+            let shared = self.shared.clone();
+            tokio::spawn(async move { settle(&shared, charge, 0).await });
+        }
+    }
+}
+
+/// Ends a reservation, charging `actual` micro-dollars.
+async fn settle(shared: &Shared, charge: Charge, actual: u64) {
+    if let Err(e) = shared
+        .spend
+        .settle(&charge.accounts, charge.reserved, actual)
+        .await
+    {
+        tracing::error!(error = %e, key_id = %charge.key_id, "could not settle a charge");
+    }
+    shared.spend_log.charge(charge.key_id, actual);
+}
+
+fn priced(charge: Option<&Charge>) -> Option<Priced> {
+    charge.map(|c| match &*c.cost {
+        CostSpec::PerRequest(_) => Priced::ByStatus,
+        CostSpec::ResponseJson { .. } => Priced::ByBody,
+    })
 }
 
 struct HeldHeaders {
@@ -81,10 +116,12 @@ impl Exchange {
         match message.request {
             Some(Phase::RequestHeaders(headers)) => self.request_headers(&headers).await,
             Some(Phase::RequestBody(body)) => self.request_body(&body).await,
-            Some(Phase::ResponseHeaders(_)) => {
+            Some(Phase::ResponseHeaders(headers)) => {
+                self.response_headers(&headers).await;
                 envoy::pass(Response::ResponseHeaders(HeadersResponse::default()))
             }
-            Some(Phase::ResponseBody(_)) => {
+            Some(Phase::ResponseBody(body)) => {
+                self.response_body(&body).await;
                 envoy::pass(Response::ResponseBody(BodyResponse::default()))
             }
             Some(Phase::RequestTrailers(_)) => {
@@ -112,7 +149,7 @@ impl Exchange {
                     .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
                     .collect(),
             });
-            return envoy::need_body();
+            return envoy::need_body(priced(decision.charge.as_ref()));
         }
         self.respond(decision, &request_id, false).await
     }
@@ -136,6 +173,39 @@ impl Exchange {
         self.respond(decision, &request_id, true).await
     }
 
+    /// A priced request's response status: a failure is charged nothing, a fixed price
+    /// is charged now, a price in the body waits for the body.
+    async fn response_headers(&mut self, headers: &HttpHeaders) {
+        let Some(charge) = self.pending.take() else {
+            return;
+        };
+        let pairs = envoy::header_pairs(headers.headers.as_ref());
+        let success = envoy::header_value(&pairs, ":status").is_some_and(|s| s.starts_with(b"2"));
+        match (&*charge.cost, success) {
+            (_, false) => settle(&self.shared, charge, 0).await,
+            (CostSpec::PerRequest(micros), true) => {
+                let micros = *micros;
+                settle(&self.shared, charge, micros).await;
+            }
+            (CostSpec::ResponseJson { .. }, true) => self.pending = Some(charge),
+        }
+    }
+
+    async fn response_body(&mut self, chunk: &HttpBody) {
+        let Some(charge) = self.pending.take() else {
+            return;
+        };
+        let price = if chunk.end_of_stream {
+            charge.cost.price(&chunk.body)
+        } else {
+            None
+        };
+        if price.is_none() {
+            tracing::warn!(key_id = %charge.key_id, "the response did not say what it cost");
+        }
+        settle(&self.shared, charge, price.unwrap_or(0)).await;
+    }
+
     fn decide(&self, pairs: &[(&str, &[u8])], body: &Body) -> (Decision, String) {
         let text = |name| {
             envoy::header_value(pairs, name)
@@ -153,16 +223,18 @@ impl Exchange {
     }
 
     async fn respond(
-        &self,
+        &mut self,
         mut decision: Decision,
         request_id: &str,
         in_body_phase: bool,
     ) -> ProcessingResponse {
-        admit(&self.shared.budgets, &mut decision).await;
+        admit(&self.shared.budgets, &self.shared.spend, &mut decision).await;
         self.shared.metrics.record(&decision);
         let denial = match decision.outcome {
             Outcome::Forward(forward) => {
-                return envoy::allow(forward, in_body_phase, decision.rate);
+                let priced = priced(decision.charge.as_ref());
+                self.pending = decision.charge;
+                return envoy::allow(forward, in_body_phase, decision.rate, priced);
             }
             Outcome::Deny(denial) => denial,
             // Only with the body unread; here it has been read.

@@ -22,6 +22,7 @@ pub mod policy_file;
 pub mod route;
 pub mod rules;
 pub mod serve;
+pub mod spend;
 pub mod state;
 pub mod store;
 

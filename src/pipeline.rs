@@ -7,9 +7,12 @@ use crate::budget::{Admission, Budgets, Limit};
 use crate::denial::Denial;
 use crate::keys;
 use crate::mutate::{self, Forward};
+use crate::policy::CostSpec;
 use crate::policy::Policy;
 use crate::route::route;
 use crate::rules::{self, Body, Facts, RuleList, Verdict};
+use crate::spend::{Account, MAX_IN_FLIGHT, Refusal, Spend};
+use crate::state::now_unix;
 
 /// A request as the pipeline sees it. Header names are lower-case, as Envoy sends them.
 pub struct RequestView<'a> {
@@ -56,14 +59,75 @@ pub struct Decision {
     pub limits: Vec<Limit>,
     /// After step 5: the tightest limit and what is left of it.
     pub rate: Option<(u32, u32)>,
+    /// What the response will cost and whom it is charged to, on priced proxies.
+    pub charge: Option<Charge>,
+}
+
+/// A priced request's accounts: its key's and, if capped, its credential's for the day.
+#[derive(Debug, Clone)]
+pub struct Charge {
+    pub cost: Arc<CostSpec>,
+    pub key_id: Arc<str>,
+    pub accounts: Vec<Account>,
+    /// Reserved by step 5, in micro-dollars; settled when the response is judged.
+    pub reserved: u64,
+}
+
+const DAY_S: i64 = 86_400;
+
+fn seconds_to_utc_midnight(now: i64) -> u64 {
+    (DAY_S - now.rem_euclid(DAY_S)) as u64
 }
 
 /// Step 5, budgets: counts an allowed request against its limits, or refuses it. Apart
 /// from the rest because a shared store answers asynchronously.
-pub async fn admit(budgets: &Budgets, decision: &mut Decision) {
-    if !matches!(decision.outcome, Outcome::Forward(_)) || decision.limits.is_empty() {
+pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) {
+    if !matches!(decision.outcome, Outcome::Forward(_)) {
         return;
     }
+    if !decision.limits.is_empty() {
+        admit_rate(budgets, decision).await;
+    }
+    if let (Outcome::Forward(_), Some(charge)) = (&decision.outcome, &mut decision.charge) {
+        let estimate = match &*charge.cost {
+            CostSpec::PerRequest(micros) => *micros,
+            CostSpec::ResponseJson { .. } => 0,
+        };
+        match spend.reserve(&charge.accounts, estimate).await {
+            Ok(Ok(())) => charge.reserved = estimate,
+            Ok(Err(refusal)) => {
+                let denial = match refusal {
+                    Refusal::TooManyInFlight => Denial::TooManyInFlight(MAX_IN_FLIGHT),
+                    Refusal::CapReached(i) => {
+                        let day = charge.accounts.get(i).is_some_and(|a| a.ttl_s.is_some());
+                        Denial::SpendCapExceeded {
+                            what: if day {
+                                "the credential's daily spend cap".to_owned()
+                            } else {
+                                "this key's spend cap".to_owned()
+                            },
+                            // A key's cap never resets; a day's does at midnight UTC.
+                            retry_after_s: if day {
+                                seconds_to_utc_midnight(now_unix())
+                            } else {
+                                DAY_S as u64
+                            },
+                        }
+                    }
+                };
+                decision.charge = None;
+                decision.outcome = Outcome::Deny(denial);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing a priced request");
+                decision.charge = None;
+                decision.outcome = Outcome::Deny(Denial::BudgetUnavailable);
+            }
+        }
+    }
+}
+
+async fn admit_rate(budgets: &Budgets, decision: &mut Decision) {
     match budgets.admit(&decision.limits).await {
         Ok(Admission::Admitted { limit, remaining }) => decision.rate = Some((limit, remaining)),
         Ok(Admission::Refused {
@@ -93,22 +157,23 @@ pub fn decide_as(
     caller: Caller<'_>,
     now: i64,
 ) -> Decision {
-    let mut subject = Subject::default();
-    let mut limits = Vec::new();
-    let outcome = match run(policy, req, body, caller, now, &mut subject, &mut limits) {
+    // Filled in as the steps go; the outcome is set once they have run.
+    let mut decision = Decision {
+        subject: Subject::default(),
+        outcome: Outcome::NeedBody,
+        limits: Vec::new(),
+        rate: None,
+        charge: None,
+    };
+    decision.outcome = match run(policy, req, body, caller, now, &mut decision) {
         Ok(Some(forward)) => Outcome::Forward(forward),
         Ok(None) => Outcome::NeedBody,
         Err(denial) => {
-            subject.rule_id = denial.rule_id().map(Arc::from);
+            decision.subject.rule_id = denial.rule_id().map(Arc::from);
             Outcome::Deny(denial)
         }
     };
-    Decision {
-        subject,
-        outcome,
-        limits,
-        rate: None,
-    }
+    decision
 }
 
 /// `Ok(None)`: the body is needed to decide.
@@ -118,9 +183,14 @@ fn run(
     body: &Body,
     caller: Caller<'_>,
     now: i64,
-    subject: &mut Subject,
-    limits: &mut Vec<Limit>,
+    decision: &mut Decision,
 ) -> Result<Option<Forward>, Denial> {
+    let Decision {
+        subject,
+        limits,
+        charge,
+        ..
+    } = decision;
     let route = route(req.path)?;
     let proxy = policy
         .proxy(route.proxy)
@@ -134,6 +204,29 @@ fn run(
             let entry = keys::authenticate(policy, &key, now)?;
             subject.key_id = Some(entry.id.clone());
             subject.run_label = entry.label.clone();
+            if let Some(cost) = &proxy.cost {
+                let mut accounts = vec![Account {
+                    id: format!("key:{}", entry.id).into(),
+                    cap_micros: entry.spend_cap_micros,
+                    seed_micros: entry.spent_micros,
+                    ttl_s: None,
+                }];
+                if let Some(cap) = policy.credential_spend_cap(entry.credential) {
+                    let name = policy.credential_name(entry.credential);
+                    accounts.push(Account {
+                        id: format!("credential:{name}:{}", now.div_euclid(DAY_S)).into(),
+                        cap_micros: Some(cap),
+                        seed_micros: 0,
+                        ttl_s: Some(2 * DAY_S as u64),
+                    });
+                }
+                *charge = Some(Charge {
+                    cost: cost.clone(),
+                    key_id: entry.id.clone(),
+                    accounts,
+                    reserved: 0,
+                });
+            }
             Some(entry.credential)
         }
         Caller::Credential(name) => Some(

@@ -12,8 +12,9 @@ use zeroize::Zeroizing;
 
 use crate::budget::{Limit, Rate};
 use crate::crypto::MasterKey;
-use crate::policy_file::{AuthKind, CredentialType, Effect, Limits, TargetUrl};
+use crate::policy_file::{AuthKind, Cost, CredentialType, Effect, Limits, TargetUrl};
 use crate::rules::{Rule, RuleList};
+use crate::spend::to_micros;
 use crate::store::{StoreError, StoredPolicy};
 
 /// Envoy clusters that reach any host (see envoy/envoy.yaml): which one a request takes
@@ -74,6 +75,45 @@ pub struct Proxy {
     pub needs_body: bool,
     /// The proxy's request limits, for all its traffic.
     pub limits: Box<[Limit]>,
+    /// What a successful response costs, when the proxy says.
+    pub cost: Option<Arc<CostSpec>>,
+}
+
+/// How a proxy's responses are priced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CostSpec {
+    /// A fixed price per successful request, in micro-dollars.
+    PerRequest(u64),
+    /// A number read from the JSON response, times a price per unit.
+    ResponseJson { pointer: String, usd_per_unit: f64 },
+}
+
+impl CostSpec {
+    fn from_policy(cost: &Cost) -> Option<Self> {
+        match (&cost.response_json, cost.usd_per_unit, cost.per_request_usd) {
+            (Some(pointer), Some(usd_per_unit), _) => Some(CostSpec::ResponseJson {
+                pointer: pointer.clone(),
+                usd_per_unit,
+            }),
+            (_, _, Some(usd)) => Some(CostSpec::PerRequest(to_micros(usd))),
+            _ => None,
+        }
+    }
+
+    /// The price of one response, in micro-dollars: `None` if the body does not say.
+    pub fn price(&self, body: &[u8]) -> Option<u64> {
+        match self {
+            CostSpec::PerRequest(micros) => Some(*micros),
+            CostSpec::ResponseJson {
+                pointer,
+                usd_per_unit,
+            } => {
+                let json: serde_json::Value = serde_json::from_slice(body).ok()?;
+                let units = json.pointer(pointer)?.as_f64()?;
+                Some(to_micros(units.max(0.0) * usd_per_unit))
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -84,6 +124,9 @@ pub struct KeyEntry {
     pub label: Option<Arc<str>>,
     pub expires_at: Option<i64>,
     pub revoked: bool,
+    pub spend_cap_micros: Option<u64>,
+    /// Spent as of the snapshot: where an account not yet in memory starts.
+    pub spent_micros: u64,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +140,8 @@ pub struct Policy {
     credential_rules: Vec<RuleList>,
     /// Each proxy credential's request limits, across every proxy it uses.
     credential_limits: Vec<Box<[Limit]>>,
+    /// Each proxy credential's daily spend cap, in micro-dollars.
+    credential_spend_caps: Vec<Option<u64>>,
     rules_by_id: HashMap<Arc<str>, Arc<Rule>>,
 }
 
@@ -157,6 +202,10 @@ impl Policy {
         &self.credential_limits[index as usize]
     }
 
+    pub fn credential_spend_cap(&self, index: u32) -> Option<u64> {
+        self.credential_spend_caps[index as usize]
+    }
+
     pub fn rule(&self, id: &str) -> Option<&Arc<Rule>> {
         self.rules_by_id.get(id)
     }
@@ -169,6 +218,7 @@ impl Policy {
         let mut cred_by_id: HashMap<&str, u32> = HashMap::new();
         let mut credentials = Vec::new();
         let mut credential_limits = Vec::new();
+        let mut credential_spend_caps = Vec::new();
         let mut injections: HashMap<&str, Arc<Injection>> = HashMap::new();
         for c in &stored.credentials {
             match c.kind {
@@ -176,6 +226,12 @@ impl Policy {
                     let i = credentials.len() as u32;
                     credentials.push(Arc::from(c.name.as_str()));
                     credential_limits.push(limits("credential", &c.name, c.limits.as_ref()));
+                    credential_spend_caps.push(
+                        c.limits
+                            .as_ref()
+                            .and_then(|l| l.spend_usd_per_day)
+                            .map(to_micros),
+                    );
                     cred_index.insert(&c.name, i);
                     cred_by_id.insert(&c.id, i);
                 }
@@ -266,6 +322,8 @@ impl Policy {
                     label: k.label.as_deref().map(Arc::from),
                     expires_at: k.expires_at,
                     revoked: k.revoked_at.is_some(),
+                    spend_cap_micros: k.spend_cap_usd.map(to_micros),
+                    spent_micros: to_micros(k.spent_usd),
                 },
             );
         }
@@ -343,6 +401,11 @@ impl Policy {
                     bound,
                     needs_body,
                     limits: limits("proxy", &p.name, p.limits.as_ref()),
+                    cost: p
+                        .cost
+                        .as_ref()
+                        .and_then(CostSpec::from_policy)
+                        .map(Arc::new),
                 },
             );
         }
@@ -352,6 +415,7 @@ impl Policy {
             credentials,
             credential_rules,
             credential_limits,
+            credential_spend_caps,
             rules_by_id,
         })
     }

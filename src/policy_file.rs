@@ -133,13 +133,16 @@ pub struct ProxySpec {
     pub cost: Option<Cost>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_day: Option<u32>,
+    /// Proxy credentials: what all their requests may cost per UTC day (USD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_usd_per_day: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -442,6 +445,15 @@ impl PolicyFile {
                 cost.validate()
                     .map_err(|e| invalid(&item, format!("cost: {e}")))?;
             }
+            if let Some(limits) = &p.limits {
+                limits.validate().map_err(|e| invalid(&item, e))?;
+                if limits.spend_usd_per_day.is_some() {
+                    return Err(invalid(
+                        item,
+                        "limits: spend_usd_per_day goes on proxy credentials",
+                    ));
+                }
+            }
         }
 
         let mut rule_ids = HashSet::new();
@@ -652,7 +664,12 @@ impl Limits {
                 return Err(format!("limits: {name} must be at least 1"));
             }
         }
-        Ok(())
+        match self.spend_usd_per_day {
+            Some(usd) if !(usd.is_finite() && usd >= 0.0) => {
+                Err("limits: spend_usd_per_day must be a non-negative amount".into())
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -15,13 +15,15 @@ use tonic::transport::server::TcpIncoming;
 use zeroize::Zeroizing;
 
 use crate::admin::{AdminAuth, AdminService};
-use crate::budget::{Budgets, LocalBudgets, RedisBudgets, SystemClock};
+use crate::budget::{Budgets, LocalBudgets, RedisBudgets, SystemClock, redis_connection};
 use crate::crypto::MasterKey;
 use crate::ext_proc::ExtProc;
 use crate::http::{HttpState, router};
 use crate::pb::admin_server::AdminServer;
 use crate::policy::Policy;
+use crate::spend::{LocalSpend, RedisSpend, Spend};
 use crate::state::Shared;
+use crate::state::SpendLog;
 use crate::store::Store;
 
 pub struct ServeConfig {
@@ -74,13 +76,22 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the store {}", cfg.database_url))?;
     let policy = Policy::compile(&store.load().await?, &master).context("loading the policy")?;
-    let budgets = match &cfg.redis_url {
+    let (budgets, spend) = match &cfg.redis_url {
         Some(url) => {
-            Budgets::Redis(RedisBudgets::new(url).with_context(|| format!("budget store {url}"))?)
+            let connection =
+                redis_connection(url).with_context(|| format!("budget store {url}"))?;
+            (
+                Budgets::Redis(RedisBudgets::new(connection.clone())),
+                Spend::Redis(RedisSpend::new(connection)),
+            )
         }
-        None => Budgets::Local(LocalBudgets::new(Arc::new(SystemClock))),
+        None => (
+            Budgets::Local(LocalBudgets::new(Arc::new(SystemClock))),
+            Spend::Local(LocalSpend::default()),
+        ),
     };
-    let shared = Arc::new(Shared::new(policy, budgets));
+    let spend_log = SpendLog::start(store.clone());
+    let shared = Arc::new(Shared::new(policy, budgets, spend, spend_log));
     let ready = Arc::new(AtomicBool::new(false));
 
     let grpc = bind(cfg.grpc_addr, "ext_proc").await?;

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,7 @@ pub struct KeyRow {
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub spend_cap_usd: Option<f64>,
+    pub spent_usd: f64,
 }
 
 /// A run key to issue: its hash only, never the key.
@@ -368,6 +370,20 @@ impl Store {
         Ok(id)
     }
 
+    /// Adds what keys spent (micro-dollars), in one transaction.
+    pub async fn add_spend(&self, charges: &HashMap<Arc<str>, u64>) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (key, micros) in charges {
+            sqlx::query("UPDATE proxy_keys SET spent_usd = spent_usd + ? WHERE id = ?")
+                .bind(crate::spend::to_usd(*micros))
+                .bind(key.as_ref())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Marks a key revoked; `Ok(true)` if it already was.
     pub async fn revoke_key(&self, id: &str) -> Result<bool, StoreError> {
         let done =
@@ -459,7 +475,7 @@ async fn load(tx: &mut Transaction<'_, Sqlite>) -> Result<StoredPolicy, StoreErr
     }
     for row in sqlx::query(
         "SELECT id, credential_id, key_hash, source, label, created_at, expires_at,
-                revoked_at, spend_cap_usd
+                revoked_at, spend_cap_usd, spent_usd
          FROM proxy_keys ORDER BY created_at, id",
     )
     .fetch_all(&mut **tx)
@@ -475,6 +491,7 @@ async fn load(tx: &mut Transaction<'_, Sqlite>) -> Result<StoredPolicy, StoreErr
             expires_at: row.try_get("expires_at")?,
             revoked_at: row.try_get("revoked_at")?,
             spend_cap_usd: row.try_get("spend_cap_usd")?,
+            spent_usd: row.try_get("spent_usd")?,
         });
     }
     let mut bindings: BTreeMap<String, Vec<String>> = BTreeMap::new();

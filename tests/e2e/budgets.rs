@@ -363,3 +363,201 @@ async fn an_unreachable_redis_fails_closed_and_recovers() {
     let _ = redis.wait();
     assert!(recovered, "latchkey did not recover once Redis was back");
 }
+
+fn priced_policy(upstream: &str, cost: &str, credential_limits: &str) -> String {
+    format!(
+        r#"
+targets:
+  - {{ name: vendor, url: "{upstream}" }}
+credentials:
+  - {{ name: vendor-cred, type: target, auth: bearer, secret: {{ value: sk_budget_secret }} }}
+  - name: agent
+    type: proxy
+    keys: [{{ env: AGENT_KEY }}]
+{credential_limits}
+proxies:
+  - name: paid
+    target: vendor
+    target_credential: vendor-cred
+    proxy_credentials: [agent]
+    default_effect: allow
+    cost: {cost}
+"#
+    )
+}
+
+/// Fires `n` requests at once with `key`; returns how many got each status.
+async fn burst(stack: &Stack, key: &str, n: usize) -> std::collections::BTreeMap<u16, usize> {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let request = client()
+            .get(stack.url("/paid/v1/generate"))
+            .bearer_auth(key)
+            .send();
+        set.spawn(async move { request.await.unwrap().status().as_u16() });
+    }
+    let mut counts = std::collections::BTreeMap::new();
+    while let Some(status) = set.join_next().await {
+        *counts.entry(status.unwrap()).or_default() += 1;
+    }
+    counts
+}
+
+fn issue(stack: &Stack, cap: &str) -> (String, String) {
+    let k = json(&stack.cli(
+        &[
+            "key",
+            "issue",
+            "--credential",
+            "agent",
+            "--spend-cap-usd",
+            cap,
+            "--json",
+        ],
+        &[],
+    ));
+    (
+        k["id"].as_str().unwrap().to_owned(),
+        k["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn spent(stack: &Stack, id: &str) -> f64 {
+    let list = json(&stack.cli(&["key", "list", "--json"], &[]));
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id)
+        .unwrap()["spent_usd"]
+        .as_f64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_fixed_price_never_overshoots_the_cap_even_fifty_at_once() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(
+        &priced_policy(&upstream.url(), "{ per_request_usd: 0.1 }", ""),
+        &[("AGENT_KEY", AGENT_KEY)],
+    );
+    let (id, key) = issue(&stack, "1");
+    let counts = burst(&stack, &key, 50).await;
+    assert_eq!(counts.get(&200), Some(&10), "{counts:?}");
+    assert_eq!(counts.get(&429), Some(&40), "{counts:?}");
+    assert_eq!(upstream.take().len(), 10);
+    let r = client()
+        .get(stack.url("/paid/v1/generate"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("retry-after").is_some());
+    let (status, kind, body) = denial(r).await;
+    assert_eq!(
+        (status, kind.as_str()),
+        (429, "spend_cap_exceeded"),
+        "{body}"
+    );
+    // The spend is on record, off the request path.
+    let mut recorded = 0.0;
+    for _ in 0..50 {
+        recorded = spent(&stack, &id).await;
+        if (recorded - 1.0).abs() < 1e-9 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!((recorded - 1.0).abs() < 1e-9, "spent {recorded}");
+    // An uncapped sibling is unaffected and its spend is counted too.
+    assert_eq!(
+        client()
+            .get(stack.url("/paid/v1/generate"))
+            .bearer_auth(AGENT_KEY)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_price_read_from_the_response_overshoots_by_at_most_the_requests_in_flight() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    // The upstream answers {"ok":true,"units":3}: 0.30 USD a response.
+    stack.apply(
+        &priced_policy(
+            &upstream.url(),
+            "{ response_json: /units, usd_per_unit: 0.1 }",
+            "",
+        ),
+        &[("AGENT_KEY", AGENT_KEY)],
+    );
+    let (id, key) = issue(&stack, "1");
+    let counts = burst(&stack, &key, 50).await;
+    let admitted = counts.get(&200).copied().unwrap_or(0);
+    // Bound: the cap (1.00) plus MAX_IN_FLIGHT (8) responses of 0.30 in flight.
+    assert!((4..=11).contains(&admitted), "{counts:?}");
+    assert_eq!(upstream.take().len(), admitted);
+    let (status, kind, _) = denial(
+        client()
+            .get(stack.url("/paid/v1/generate"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, kind.as_str()), (429, "spend_cap_exceeded"));
+    let mut recorded = 0.0;
+    for _ in 0..50 {
+        recorded = spent(&stack, &id).await;
+        if (recorded - 0.3 * admitted as f64).abs() < 1e-6 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        (recorded - 0.3 * admitted as f64).abs() < 1e-6,
+        "spent {recorded} for {admitted}"
+    );
+    assert!(recorded <= 1.0 + 8.0 * 0.3 + 1e-9);
+}
+
+#[tokio::test]
+async fn a_credential_daily_cap_spans_its_keys() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(
+        &priced_policy(
+            &upstream.url(),
+            "{ per_request_usd: 0.1 }",
+            "    limits: { spend_usd_per_day: 0.25 }",
+        ),
+        &[("AGENT_KEY", AGENT_KEY)],
+    );
+    let (_, key) = issue(&stack, "100");
+    let http = client();
+    let call = |k: &str| {
+        http.get(stack.url("/paid/v1/generate"))
+            .bearer_auth(k.to_owned())
+            .send()
+    };
+    assert_eq!(call(&key).await.unwrap().status(), 200);
+    assert_eq!(call(AGENT_KEY).await.unwrap().status(), 200);
+    let r = call(&key).await.unwrap();
+    let retry_after: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=86_400).contains(&retry_after));
+    let (_, kind, body) = denial(r).await;
+    assert_eq!(kind, "spend_cap_exceeded");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("daily"),
+        "{body}"
+    );
+}

@@ -112,7 +112,7 @@ async fn record(
     (
         StatusCode::OK,
         [("content-type", "application/json")],
-        "{\"ok\":true}",
+        "{\"ok\":true,\"units\":3}",
     )
 }
 

@@ -1,0 +1,335 @@
+//! Spend caps: what a run key (and a proxy credential, per day) has cost, and whether
+//! one more request may start.
+//!
+//! Costs are known only when a response comes back, so a request *reserves* before it is
+//! forwarded and *settles* when its response is judged (or is released if none comes).
+//! A fixed per-request cost is reserved exactly: the cap is never exceeded. A cost read
+//! from the response is unknown up front: a capped account then admits a request only
+//! while its recorded spend is below the cap and fewer than [`MAX_IN_FLIGHT`] of its
+//! requests are in flight, so the overshoot is at most `MAX_IN_FLIGHT` responses' cost.
+//!
+//! Amounts are whole micro-dollars, so both stores add them exactly and atomically.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::budget::BudgetError;
+
+/// Requests of one capped account in flight at once on proxies whose cost comes from
+/// the response: the overshoot bound.
+pub const MAX_IN_FLIGHT: u64 = 8;
+
+pub fn to_micros(usd: f64) -> u64 {
+    (usd * 1e6).round().max(0.0) as u64
+}
+
+pub fn to_usd(micros: u64) -> f64 {
+    micros as f64 / 1e6
+}
+
+/// One account a request's cost is charged to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Account {
+    /// The store key: `key:<id>` or `credential:<name>:<day>`.
+    pub id: Arc<str>,
+    pub cap_micros: Option<u64>,
+    /// What the durable store said was spent, for an account not yet in memory.
+    pub seed_micros: u64,
+    /// How long the account lives after its last change (credential-day accounts).
+    pub ttl_s: Option<u64>,
+}
+
+/// Why a request may not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The account at this index is at its cap.
+    CapReached(usize),
+    TooManyInFlight,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct State {
+    spent: u64,
+    reserved: u64,
+    in_flight: u64,
+}
+
+/// Per replica, in memory.
+#[derive(Default)]
+pub struct LocalSpend {
+    accounts: Mutex<HashMap<Arc<str>, State>>,
+}
+
+impl LocalSpend {
+    fn reserve(&self, accounts: &[Account], estimate: u64) -> Result<(), Refusal> {
+        let mut all = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, a) in accounts.iter().enumerate() {
+            let s = all.entry(a.id.clone()).or_insert(State {
+                spent: a.seed_micros,
+                ..State::default()
+            });
+            if let Some(cap) = a.cap_micros {
+                check(s, cap, estimate).map_err(|r| match r {
+                    Refusal::CapReached(_) => Refusal::CapReached(i),
+                    other => other,
+                })?;
+            }
+        }
+        for a in accounts {
+            let s = all.get_mut(&a.id).expect("inserted above");
+            s.reserved += estimate;
+            s.in_flight += 1;
+        }
+        Ok(())
+    }
+
+    fn settle(&self, accounts: &[Account], reserved: u64, actual: u64) {
+        let mut all = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        for a in accounts {
+            let s = all.entry(a.id.clone()).or_default();
+            s.reserved = s.reserved.saturating_sub(reserved);
+            s.in_flight = s.in_flight.saturating_sub(1);
+            s.spent += actual;
+        }
+    }
+
+    fn spent(&self, id: &str) -> Option<u64> {
+        let all = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(id).map(|s| s.spent)
+    }
+}
+
+/// The admission rule both stores apply to a capped account.
+fn check(s: &State, cap: u64, estimate: u64) -> Result<(), Refusal> {
+    if estimate > 0 {
+        // A known cost: admit only what fits under the cap.
+        if s.spent + s.reserved + estimate > cap {
+            return Err(Refusal::CapReached(0));
+        }
+    } else {
+        if s.spent + s.reserved >= cap {
+            return Err(Refusal::CapReached(0));
+        }
+        if s.in_flight >= MAX_IN_FLIGHT {
+            return Err(Refusal::TooManyInFlight);
+        }
+    }
+    Ok(())
+}
+
+/// Shared through Redis. KEYS: per account its spent, reserved and in-flight counters.
+/// ARGV: estimate, then per account cap (-1 for none), seed, ttl (0 for none).
+const RESERVE_SCRIPT: &str = r"
+local estimate = tonumber(ARGV[1])
+local max_in_flight = tonumber(ARGV[2])
+local n = #KEYS / 3
+for i = 1, n do
+  local cap = tonumber(ARGV[3 * i])
+  redis.call('SET', KEYS[3 * i - 2], ARGV[3 * i + 1], 'NX')
+  if cap >= 0 then
+    local spent = tonumber(redis.call('GET', KEYS[3 * i - 2]))
+    local reserved = tonumber(redis.call('GET', KEYS[3 * i - 1]) or '0')
+    local in_flight = tonumber(redis.call('GET', KEYS[3 * i]) or '0')
+    if estimate > 0 then
+      if spent + reserved + estimate > cap then return i end
+    else
+      if spent + reserved >= cap then return i end
+      if in_flight >= max_in_flight then return -1 end
+    end
+  end
+end
+for i = 1, n do
+  redis.call('INCRBY', KEYS[3 * i - 1], estimate)
+  redis.call('INCR', KEYS[3 * i])
+  local ttl = tonumber(ARGV[3 * i + 2])
+  if ttl > 0 then
+    for k = 3 * i - 2, 3 * i do redis.call('EXPIRE', KEYS[k], ttl) end
+  end
+end
+return 0
+";
+
+/// KEYS as for reserve; ARGV: reserved, actual.
+const SETTLE_SCRIPT: &str = r"
+for i = 1, #KEYS / 3 do
+  redis.call('INCRBY', KEYS[3 * i - 2], ARGV[2])
+  if tonumber(redis.call('DECRBY', KEYS[3 * i - 1], ARGV[1])) < 0 then
+    redis.call('SET', KEYS[3 * i - 1], 0, 'KEEPTTL')
+  end
+  if tonumber(redis.call('DECR', KEYS[3 * i])) < 0 then
+    redis.call('SET', KEYS[3 * i], 0, 'KEEPTTL')
+  end
+end
+return 0
+";
+
+pub struct RedisSpend {
+    connection: redis::aio::ConnectionManager,
+    reserve: redis::Script,
+    settle: redis::Script,
+}
+
+impl RedisSpend {
+    pub fn new(connection: redis::aio::ConnectionManager) -> Self {
+        Self {
+            connection,
+            reserve: redis::Script::new(RESERVE_SCRIPT),
+            settle: redis::Script::new(SETTLE_SCRIPT),
+        }
+    }
+
+    fn keys(invocation: &mut redis::ScriptInvocation<'_>, accounts: &[Account]) {
+        for a in accounts {
+            for part in ["spent", "reserved", "in_flight"] {
+                invocation.key(format!("latchkey:spend:{}:{part}", a.id));
+            }
+        }
+    }
+
+    async fn reserve(
+        &self,
+        accounts: &[Account],
+        estimate: u64,
+    ) -> Result<Result<(), Refusal>, BudgetError> {
+        let mut invocation = self.reserve.prepare_invoke();
+        Self::keys(&mut invocation, accounts);
+        invocation.arg(estimate).arg(MAX_IN_FLIGHT);
+        for a in accounts {
+            invocation
+                .arg(a.cap_micros.map_or(-1, |c| c.min(i64::MAX as u64) as i64))
+                .arg(a.seed_micros)
+                .arg(a.ttl_s.unwrap_or(0));
+        }
+        let mut connection = self.connection.clone();
+        let code: i64 = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| BudgetError::new(e.to_string()))?;
+        Ok(match code {
+            0 => Ok(()),
+            -1 => Err(Refusal::TooManyInFlight),
+            i => Err(Refusal::CapReached(i as usize - 1)),
+        })
+    }
+
+    async fn settle(
+        &self,
+        accounts: &[Account],
+        reserved: u64,
+        actual: u64,
+    ) -> Result<(), BudgetError> {
+        let mut invocation = self.settle.prepare_invoke();
+        Self::keys(&mut invocation, accounts);
+        invocation.arg(reserved).arg(actual);
+        let mut connection = self.connection.clone();
+        invocation
+            .invoke_async::<i64>(&mut connection)
+            .await
+            .map(drop)
+            .map_err(|e| BudgetError::new(e.to_string()))
+    }
+}
+
+pub enum Spend {
+    Local(LocalSpend),
+    Redis(RedisSpend),
+}
+
+impl Spend {
+    /// Whether a request charged to `accounts`, costing `estimate` micro-dollars if
+    /// known up front (0 if not), may start; if so it is counted as in flight.
+    pub async fn reserve(
+        &self,
+        accounts: &[Account],
+        estimate: u64,
+    ) -> Result<Result<(), Refusal>, BudgetError> {
+        match self {
+            Spend::Local(local) => Ok(local.reserve(accounts, estimate)),
+            Spend::Redis(redis) => redis.reserve(accounts, estimate).await,
+        }
+    }
+
+    /// Ends a reservation: `actual` micro-dollars are charged (0 when released).
+    pub async fn settle(
+        &self,
+        accounts: &[Account],
+        reserved: u64,
+        actual: u64,
+    ) -> Result<(), BudgetError> {
+        match self {
+            Spend::Local(local) => {
+                local.settle(accounts, reserved, actual);
+                Ok(())
+            }
+            Spend::Redis(redis) => redis.settle(accounts, reserved, actual).await,
+        }
+    }
+
+    /// This replica's view of an account's spend (local store only).
+    pub fn local_spent(&self, id: &str) -> Option<u64> {
+        match self {
+            Spend::Local(local) => local.spent(id),
+            Spend::Redis(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(cap: Option<f64>) -> Account {
+        Account {
+            id: "key:k1".into(),
+            cap_micros: cap.map(to_micros),
+            seed_micros: 0,
+            ttl_s: None,
+        }
+    }
+
+    #[test]
+    fn a_known_cost_never_exceeds_the_cap() {
+        let spend = LocalSpend::default();
+        let a = [account(Some(1.0))];
+        let price = to_micros(0.3);
+        let admitted = (0..10).filter(|_| spend.reserve(&a, price).is_ok()).count();
+        assert_eq!(admitted, 3, "0.9 of 1.0 reserved");
+        for _ in 0..3 {
+            spend.settle(&a, price, price);
+        }
+        assert_eq!(spend.spent("key:k1"), Some(to_micros(0.9)));
+        assert_eq!(spend.reserve(&a, price), Err(Refusal::CapReached(0)));
+    }
+
+    #[test]
+    fn an_unknown_cost_is_bounded_by_the_requests_in_flight() {
+        let spend = LocalSpend::default();
+        let a = [account(Some(1.0))];
+        let admitted = (0..50).filter(|_| spend.reserve(&a, 0).is_ok()).count();
+        assert_eq!(admitted as u64, MAX_IN_FLIGHT);
+        assert_eq!(spend.reserve(&a, 0), Err(Refusal::TooManyInFlight));
+        // Each response costs 0.3: the cap is crossed, by at most the in-flight ones.
+        for _ in 0..MAX_IN_FLIGHT {
+            spend.settle(&a, 0, to_micros(0.3));
+        }
+        assert_eq!(spend.reserve(&a, 0), Err(Refusal::CapReached(0)));
+        assert!(spend.spent("key:k1").unwrap() <= to_micros(1.0) + MAX_IN_FLIGHT * to_micros(0.3));
+    }
+
+    #[test]
+    fn uncapped_accounts_only_count_and_a_release_charges_nothing() {
+        let spend = LocalSpend::default();
+        let a = [Account {
+            seed_micros: 500,
+            ..account(None)
+        }];
+        for _ in 0..100 {
+            assert!(spend.reserve(&a, 0).is_ok());
+        }
+        spend.settle(&a, 0, 0);
+        spend.settle(&a, 0, 250);
+        assert_eq!(spend.spent("key:k1"), Some(750));
+        assert_eq!(to_micros(0.000_001), 1);
+        assert_eq!(to_usd(1_500_000), 1.5);
+    }
+}
