@@ -433,10 +433,21 @@ async fn spent(stack: &Stack, id: &str) -> f64 {
         .unwrap()
 }
 
+const REDIS: [(&str, &str); 1] = [("LATCHKEY_REDIS_URL", "redis://127.0.0.1:6379")];
+
 #[tokio::test]
 async fn a_fixed_price_never_overshoots_the_cap_even_fifty_at_once() {
+    fixed_price_cap(&[]).await;
+}
+
+#[tokio::test]
+async fn a_fixed_price_never_overshoots_the_cap_in_redis_either() {
+    fixed_price_cap(&REDIS).await;
+}
+
+async fn fixed_price_cap(serve_env: &[(&str, &str)]) {
     let upstream = Upstream::start().await;
-    let stack = Stack::start().await;
+    let stack = Stack::start_configured(|c| c, serve_env).await;
     stack.apply(
         &priced_policy(&upstream.url(), "{ per_request_usd: 0.1 }", ""),
         &[("AGENT_KEY", AGENT_KEY)],
@@ -484,8 +495,17 @@ async fn a_fixed_price_never_overshoots_the_cap_even_fifty_at_once() {
 
 #[tokio::test]
 async fn a_price_read_from_the_response_overshoots_by_at_most_the_requests_in_flight() {
+    response_price_cap(&[]).await;
+}
+
+#[tokio::test]
+async fn a_price_read_from_the_response_is_bounded_in_redis_too() {
+    response_price_cap(&REDIS).await;
+}
+
+async fn response_price_cap(serve_env: &[(&str, &str)]) {
     let upstream = Upstream::start().await;
-    let stack = Stack::start().await;
+    let stack = Stack::start_configured(|c| c, serve_env).await;
     // The upstream answers {"ok":true,"units":3}: 0.30 USD a response.
     stack.apply(
         &priced_policy(
