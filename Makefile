@@ -26,9 +26,9 @@ lint:
 test: $(ENVOY) lint
 	cargo test --all-targets --locked
 
-# Criterion micro-benchmarks of the decision path.
+# Criterion micro-benchmarks: a decision (10, 100, 1,000 rules) and the budget step.
 bench:
-	cargo bench --bench decision
+	cargo bench --bench decision --bench budget
 
 run: $(ENVOY) build
 	scripts/run-local.sh
