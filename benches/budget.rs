@@ -6,7 +6,9 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use latchkey::budget::{Budgets, Limit, LocalBudgets, Rate, RedisBudgets, SystemClock, redis_connection};
+use latchkey::budget::{
+    Budgets, Limit, LocalBudgets, Rate, RedisBudgets, SystemClock, redis_connection,
+};
 use latchkey::spend::{Account, LocalSpend, RedisSpend, Spend};
 
 fn limits(tag: &str) -> Vec<Limit> {
@@ -33,7 +35,10 @@ fn accounts(tag: &str) -> Vec<Account> {
 }
 
 fn budget(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let tag = std::process::id().to_string();
     let mut stores: Vec<(&str, Budgets, Spend)> = vec![(
         "moka",
@@ -60,7 +65,11 @@ fn budget(c: &mut Criterion) {
         group.bench_function(format!("spend_reserve_settle/{name}"), |b| {
             b.iter(|| {
                 runtime.block_on(async {
-                    spend.reserve(black_box(&accounts), 100).await.unwrap().unwrap();
+                    spend
+                        .reserve(black_box(&accounts), 100)
+                        .await
+                        .unwrap()
+                        .unwrap();
                     spend.settle(&accounts, 100, 100).await.unwrap();
                 })
             })

@@ -236,19 +236,12 @@ impl Policy {
                     cred_by_id.insert(&c.id, i);
                 }
                 CredentialType::Target => {
-                    let (Some(auth), Some(sealed)) = (&c.auth, &c.sealed) else {
+                    let (Some(auth), Some(plain)) = (&c.auth, c.open_secret(master)?) else {
                         return Err(invalid(format!(
                             "credential {:?} has no auth or secret",
                             c.name
                         )));
                     };
-                    let sealed_with = c.master_key_id.as_deref().unwrap_or("unknown");
-                    let plain = master.open(&c.id, sealed, sealed_with).map_err(|source| {
-                        StoreError::Secret {
-                            name: c.name.clone(),
-                            source,
-                        }
-                    })?;
                     let secret = std::str::from_utf8(&plain).map_err(|_| {
                         invalid(format!("credential {:?}: secret is not UTF-8", c.name))
                     })?;

@@ -73,6 +73,26 @@ pub struct CredentialRow {
     pub limits: Option<Limits>,
 }
 
+impl CredentialRow {
+    /// The credential's secret, decrypted; `None` for a credential without one.
+    pub fn open_secret(
+        &self,
+        master: &MasterKey,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let Some(sealed) = &self.sealed else {
+            return Ok(None);
+        };
+        let sealed_with = self.master_key_id.as_deref().unwrap_or("unknown");
+        master
+            .open(&self.id, sealed, sealed_with)
+            .map(Some)
+            .map_err(|source| StoreError::Secret {
+                name: self.name.clone(),
+                source,
+            })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KeyRow {
     pub id: String,
@@ -643,17 +663,8 @@ async fn write_diff(
         let Some(want) = desired.credentials.iter().find(|d| d.name == c.name) else {
             continue;
         };
-        let same = match (&c.sealed, &want.secret) {
-            (Some(sealed), Some(secret)) => {
-                let sealed_with = c.master_key_id.as_deref().unwrap_or("unknown");
-                let plain = master.open(&c.id, sealed, sealed_with).map_err(|source| {
-                    StoreError::Secret {
-                        name: c.name.clone(),
-                        source,
-                    }
-                })?;
-                crypto::ct_eq(&plain, secret.as_bytes())
-            }
+        let same = match (c.open_secret(master)?, &want.secret) {
+            (Some(plain), Some(secret)) => crypto::ct_eq(&plain, secret.as_bytes()),
             (None, None) => true,
             _ => false,
         };
