@@ -23,8 +23,10 @@ lint:
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
 
+# The benchmarks run once each as smoke tests first, so the run ends on the test summary.
 test: $(ENVOY) lint
-	cargo test --all-targets --locked
+	cargo test --locked --benches
+	cargo test --locked --lib --bins --tests
 
 # Criterion micro-benchmarks: a decision (10, 100, 1,000 rules) and the budget step.
 bench:
