@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::budget::BudgetError;
+use crate::state::now_unix;
 
 /// Requests of one capped account in flight at once on proxies whose cost comes from
 /// the response: the overshoot bound.
@@ -52,22 +53,46 @@ struct State {
     spent: u64,
     reserved: u64,
     in_flight: u64,
+    /// Unix seconds after which an idle account with a TTL may be forgotten.
+    expires: Option<i64>,
 }
 
-/// Per replica, in memory.
+/// Per replica, in memory. Accounts with a TTL (a credential's day) are pruned once
+/// expired, so the map does not grow day after day.
 #[derive(Default)]
 pub struct LocalSpend {
-    accounts: Mutex<HashMap<Arc<str>, State>>,
+    accounts: Mutex<Accounts>,
+}
+
+#[derive(Default)]
+struct Accounts {
+    map: HashMap<Arc<str>, State>,
+    prune_at: usize,
+}
+
+impl Accounts {
+    fn prune(&mut self, now: i64) {
+        if self.map.len() < self.prune_at {
+            return;
+        }
+        self.map
+            .retain(|_, s| s.in_flight > 0 || s.expires.is_none_or(|e| e > now));
+        self.prune_at = (self.map.len() * 2).max(1024);
+    }
 }
 
 impl LocalSpend {
     fn reserve(&self, accounts: &[Account], estimate: u64) -> Result<(), Refusal> {
-        let mut all = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_unix();
+        guard.prune(now);
+        let all = &mut guard.map;
         for (i, a) in accounts.iter().enumerate() {
             let s = all.entry(a.id.clone()).or_insert(State {
                 spent: a.seed_micros,
                 ..State::default()
             });
+            s.expires = a.ttl_s.map(|t| now.saturating_add(t as i64));
             if let Some(cap) = a.cap_micros {
                 check(s, cap, estimate).map_err(|r| match r {
                     Refusal::CapReached(_) => Refusal::CapReached(i),
@@ -84,7 +109,8 @@ impl LocalSpend {
     }
 
     fn settle(&self, accounts: &[Account], reserved: u64, actual: u64) {
-        let mut all = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let all = &mut guard.map;
         for a in accounts {
             let s = all.entry(a.id.clone()).or_default();
             s.reserved = s.reserved.saturating_sub(reserved);
@@ -94,8 +120,8 @@ impl LocalSpend {
     }
 
     fn spent(&self, id: &str) -> Option<u64> {
-        let all = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
-        all.get(id).map(|s| s.spent)
+        let guard = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        guard.map.get(id).map(|s| s.spent)
     }
 }
 
@@ -331,5 +357,22 @@ mod tests {
         assert_eq!(spend.spent("key:k1"), Some(750));
         assert_eq!(to_micros(0.000_001), 1);
         assert_eq!(to_usd(1_500_000), 1.5);
+    }
+
+    #[test]
+    fn expired_day_accounts_are_forgotten() {
+        let spend = LocalSpend::default();
+        let day = |n: u32| Account {
+            id: format!("credential:c:{n}").into(),
+            cap_micros: Some(10),
+            seed_micros: 0,
+            ttl_s: Some(0),
+        };
+        for n in 0..5000 {
+            spend.reserve(&[day(n)], 1).unwrap();
+            spend.settle(&[day(n)], 1, 1);
+        }
+        let held = spend.accounts.lock().unwrap().map.len();
+        assert!(held <= 2048, "{held} accounts held");
     }
 }
