@@ -12,11 +12,14 @@ use crate::crypto::{self, MasterKey};
 use crate::pb::admin_server::Admin;
 use crate::pb::{
     ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule, IssueKeyRequest,
-    IssuedKey, KeyInfo, ListKeysRequest, ListKeysResponse, RevokeKeyRequest, RevokeKeyResponse,
+    IssuedKey, KeyInfo, ListKeysRequest, ListKeysResponse, ListRequestsRequest,
+    ListRequestsResponse, RequestFilter, RequestRecord, RevokeKeyRequest, RevokeKeyResponse,
+    TelemetryBucket, TelemetryRequest, TelemetryResponse,
 };
 use crate::pipeline::{Caller, Outcome, RequestView, decide_as};
 use crate::policy::Policy;
 use crate::policy_file::PolicyFile;
+use crate::request_log::{self, Filter};
 use crate::rules::Body;
 use crate::state::Shared;
 use crate::store::{Desired, NewKey, Store, StoreError};
@@ -268,7 +271,9 @@ impl Admin for AdminService {
         if ttl == Some(0) {
             return Err(Status::invalid_argument("ttl_seconds: must be positive"));
         }
-        let expires_at = ttl.map(|t| crate::state::now_unix().saturating_add(t));
+        // Expiry is kept in whole seconds: round now up, so a key lives at least its TTL.
+        let now_ceil = (crate::state::now_unix_ms() + 999) / 1000;
+        let expires_at = ttl.map(|t| now_ceil.saturating_add(t));
         let key = crate::crypto::new_proxy_key();
         let label = (!req.label.is_empty()).then_some(req.label.as_str());
         let _one_at_a_time = self.write_lock.lock().await;
@@ -344,4 +349,95 @@ impl Admin for AdminService {
         tracing::info!(key_id = %id, "key revoked");
         Ok(Response::new(RevokeKeyResponse { already_revoked }))
     }
+
+    async fn list_requests(
+        &self,
+        request: Request<ListRequestsRequest>,
+    ) -> Result<Response<ListRequestsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = filter(req.filter.unwrap_or_default())?;
+        let limit = match req.limit {
+            0 => 100,
+            n => n.min(request_log::MAX_LIMIT),
+        };
+        let entries = request_log::list(&self.store, &filter, limit, req.page)
+            .await
+            .map_err(internal)?;
+        let next_page = (entries.len() == limit as usize)
+            .then(|| entries.last().map(|e| e.seq))
+            .flatten();
+        let records = entries
+            .into_iter()
+            .map(|e| RequestRecord {
+                request_id: e.request_id,
+                time_ms: e.time_ms,
+                proxy: e.proxy.unwrap_or_default(),
+                target: e.target.unwrap_or_default(),
+                credential: e.credential.unwrap_or_default(),
+                key_id: e.key_id.unwrap_or_default(),
+                run_label: e.run_label.unwrap_or_default(),
+                method: e.method,
+                path: e.path,
+                status: e.status.map(u32::from),
+                upstream_status: e.upstream_status.map(u32::from),
+                decision: e.decision,
+                rule_id: e.rule_id.unwrap_or_default(),
+                latency_ms: e.latency_ms,
+                cost_usd: e.cost_usd,
+                bytes_in: e.bytes_in,
+                bytes_out: e.bytes_out,
+                retries: e.retries,
+            })
+            .collect();
+        Ok(Response::new(ListRequestsResponse { records, next_page }))
+    }
+
+    async fn telemetry(
+        &self,
+        request: Request<TelemetryRequest>,
+    ) -> Result<Response<TelemetryResponse>, Status> {
+        let req = request.into_inner();
+        let width_ms = match req.interval.as_str() {
+            "hour" | "" => 3_600_000,
+            "day" => 86_400_000,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "interval: \"hour\" or \"day\", not {other:?}"
+                )));
+            }
+        };
+        let filter = filter(req.filter.unwrap_or_default())?;
+        let buckets = request_log::telemetry(&self.store, &filter, width_ms)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|b| TelemetryBucket {
+                start_ms: b.start_ms,
+                requests: b.requests,
+                decisions: b.decisions.into_iter().collect(),
+                status_classes: b.status_classes.into_iter().collect(),
+                p50_latency_ms: b.p50_latency_ms,
+                p95_latency_ms: b.p95_latency_ms,
+                cost_usd: b.cost_usd,
+            })
+            .collect();
+        Ok(Response::new(TelemetryResponse { buckets }))
+    }
+}
+
+fn filter(f: RequestFilter) -> Result<Filter, Status> {
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    Ok(Filter {
+        status: some(f.status)
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(Status::invalid_argument)?,
+        proxy: some(f.proxy),
+        credential: some(f.credential),
+        key_id: some(f.key_id),
+        label: some(f.label),
+        decision: some(f.decision),
+        since_ms: f.since_ms,
+        until_ms: f.until_ms,
+    })
 }

@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
@@ -14,13 +15,14 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use tokio_stream::Stream;
 use tonic::{Request, Status, Streaming};
 
+use crate::audit::{Decided, Event};
 use crate::denial::Denial;
 use crate::envoy;
 use crate::envoy::Priced;
 use crate::pipeline::{Charge, Decision, Outcome, RequestView, admit, decide};
 use crate::policy::CostSpec;
 use crate::rules::Body;
-use crate::state::{Shared, now_unix};
+use crate::state::{Shared, now_unix, now_unix_ms};
 
 /// The most request body latchkey reads to judge it; larger bodies are refused (413).
 pub const MAX_REQUEST_BODY: usize = 1 << 20;
@@ -47,6 +49,7 @@ impl ExternalProcessor for ExtProc {
     ) -> Result<tonic::Response<ResponseStream>, Status> {
         let exchange = Exchange {
             shared: self.shared.clone(),
+            request_id: String::new(),
             held: None,
             pending: None,
         };
@@ -71,6 +74,8 @@ impl ExternalProcessor for ExtProc {
 /// The state of one request across its phases.
 struct Exchange {
     shared: Arc<Shared>,
+    /// Envoy's `x-request-id` (or one of latchkey's own if it sent none): the audit's key.
+    request_id: String,
     /// Request headers held while the body is on its way.
     held: Option<HeldHeaders>,
     /// A priced request's reservation, until its response is judged.
@@ -83,13 +88,14 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         if let Some(charge) = self.pending.take() {
             let shared = self.shared.clone();
-            tokio::spawn(async move { settle(&shared, charge, 0).await });
+            let request_id = std::mem::take(&mut self.request_id);
+            tokio::spawn(async move { settle(&shared, &request_id, charge, 0).await });
         }
     }
 }
 
 /// Ends a reservation, charging `actual` micro-dollars.
-async fn settle(shared: &Shared, charge: Charge, actual: u64) {
+async fn settle(shared: &Shared, request_id: &str, charge: Charge, actual: u64) {
     if let Err(e) = shared
         .spend
         .settle(&charge.accounts, charge.reserved, actual)
@@ -97,7 +103,22 @@ async fn settle(shared: &Shared, charge: Charge, actual: u64) {
     {
         tracing::error!(error = %e, key_id = %charge.key_id, "could not settle a charge");
     }
-    shared.spend_log.charge(charge.key_id, actual);
+    if actual > 0 {
+        shared
+            .audit
+            .record(Event::Charged {
+                request_id: request_id.to_owned(),
+                key_id: charge.key_id,
+                micros: actual,
+            })
+            .await;
+    }
+}
+
+fn text<'a>(pairs: &[(&str, &'a [u8])], name: &str) -> &'a str {
+    envoy::header_value(pairs, name)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .unwrap_or_default()
 }
 
 fn priced(charge: Option<&Charge>) -> Option<Priced> {
@@ -135,13 +156,20 @@ impl Exchange {
     }
 
     async fn request_headers(&mut self, headers: &HttpHeaders) -> ProcessingResponse {
+        let started = Instant::now();
         let pairs = envoy::header_pairs(headers.headers.as_ref());
+        self.request_id = match envoy::header_value(&pairs, "x-request-id") {
+            Some(id) if !id.is_empty() && id.len() <= 128 => {
+                String::from_utf8_lossy(id).into_owned()
+            }
+            _ => crate::crypto::random_id("req"),
+        };
         let body = if headers.end_of_stream {
             Body::Empty
         } else {
             Body::Unread
         };
-        let (decision, request_id) = self.decide(&pairs, &body);
+        let decision = self.decide(&pairs, &body);
         if let Outcome::NeedBody = decision.outcome {
             self.held = Some(HeldHeaders {
                 headers: pairs
@@ -151,10 +179,11 @@ impl Exchange {
             });
             return envoy::need_body(priced(decision.charge.as_ref()));
         }
-        self.respond(decision, &request_id, false).await
+        self.respond(&pairs, decision, started, false).await
     }
 
     async fn request_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
+        let started = Instant::now();
         let Some(held) = self.held.take() else {
             // A body latchkey did not ask for: nothing to judge.
             return envoy::pass(Response::RequestBody(BodyResponse::default()));
@@ -169,8 +198,8 @@ impl Exchange {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
-        let (decision, request_id) = self.decide(&pairs, &body);
-        self.respond(decision, &request_id, true).await
+        let decision = self.decide(&pairs, &body);
+        self.respond(&pairs, decision, started, true).await
     }
 
     /// A priced request's response status: a failure is charged nothing, a fixed price
@@ -182,10 +211,10 @@ impl Exchange {
         let pairs = envoy::header_pairs(headers.headers.as_ref());
         let success = envoy::header_value(&pairs, ":status").is_some_and(|s| s.starts_with(b"2"));
         match (&*charge.cost, success) {
-            (_, false) => settle(&self.shared, charge, 0).await,
+            (_, false) => settle(&self.shared, &self.request_id, charge, 0).await,
             (CostSpec::PerRequest(micros), true) => {
                 let micros = *micros;
-                settle(&self.shared, charge, micros).await;
+                settle(&self.shared, &self.request_id, charge, micros).await;
             }
             (CostSpec::ResponseJson { .. }, true) => self.pending = Some(charge),
         }
@@ -203,33 +232,38 @@ impl Exchange {
         if price.is_none() {
             tracing::warn!(key_id = %charge.key_id, "the response did not say what it cost");
         }
-        settle(&self.shared, charge, price.unwrap_or(0)).await;
+        settle(&self.shared, &self.request_id, charge, price.unwrap_or(0)).await;
     }
 
-    fn decide(&self, pairs: &[(&str, &[u8])], body: &Body) -> (Decision, String) {
-        let text = |name| {
-            envoy::header_value(pairs, name)
-                .and_then(|v| std::str::from_utf8(v).ok())
-                .unwrap_or_default()
-        };
+    fn decide(&self, pairs: &[(&str, &[u8])], body: &Body) -> Decision {
         let view = RequestView {
-            method: text(":method"),
-            path: text(":path"),
+            method: text(pairs, ":method"),
+            path: text(pairs, ":path"),
             headers: pairs,
         };
         let policy = self.shared.policy.load();
-        let decision = decide(&policy, &view, body, now_unix());
-        (decision, text("x-request-id").to_owned())
+        decide(&policy, &view, body, now_unix())
     }
 
     async fn respond(
         &mut self,
+        pairs: &[(&str, &[u8])],
         mut decision: Decision,
-        request_id: &str,
+        started: Instant,
         in_body_phase: bool,
     ) -> ProcessingResponse {
         admit(&self.shared.budgets, &self.shared.spend, &mut decision).await;
+        if let Outcome::NeedBody = decision.outcome {
+            // Only with the body unread; here it has been read.
+            decision.outcome = Outcome::Deny(Denial::BodyTooLarge(MAX_REQUEST_BODY));
+        }
         self.shared.metrics.record(&decision);
+        self.shared.metrics.observe_decision(started.elapsed());
+        self.shared
+            .audit
+            .record(Event::Decided(self.audit_record(pairs, &decision)))
+            .await;
+        let request_id = self.request_id.as_str();
         let denial = match decision.outcome {
             Outcome::Forward(forward) => {
                 let priced = priced(decision.charge.as_ref());
@@ -237,8 +271,7 @@ impl Exchange {
                 return envoy::allow(forward, in_body_phase, decision.rate, priced);
             }
             Outcome::Deny(denial) => denial,
-            // Only with the body unread; here it has been read.
-            Outcome::NeedBody => Denial::BodyTooLarge(MAX_REQUEST_BODY),
+            Outcome::NeedBody => unreachable!("replaced above"),
         };
         tracing::info!(
             request_id,
@@ -248,5 +281,33 @@ impl Exchange {
             "request denied"
         );
         envoy::deny(&denial, request_id)
+    }
+
+    fn audit_record(&self, pairs: &[(&str, &[u8])], decision: &Decision) -> Decided {
+        let subject = &decision.subject;
+        let (status, kind) = match &decision.outcome {
+            Outcome::Deny(denial) => (Some(denial.http_status()), denial.kind()),
+            _ => (None, "allow"),
+        };
+        // Unrouted requests: what the client sent, query cut off, length bounded.
+        let path = subject.path.clone().unwrap_or_else(|| {
+            let raw = text(pairs, ":path");
+            let raw = raw.split('?').next().unwrap_or_default();
+            raw.chars().take(512).collect()
+        });
+        Decided {
+            request_id: self.request_id.clone(),
+            time_ms: now_unix_ms(),
+            proxy: subject.proxy.clone(),
+            target: subject.target.clone(),
+            credential: subject.credential.clone(),
+            key_id: subject.key_id.clone(),
+            run_label: subject.run_label.clone(),
+            method: text(pairs, ":method").chars().take(32).collect(),
+            path,
+            status,
+            decision: kind,
+            rule_id: subject.rule_id.clone(),
+        }
     }
 }

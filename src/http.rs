@@ -40,6 +40,6 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.shared.metrics.encode(),
+        state.shared.metrics.encode(state.shared.audit.queued()),
     )
 }

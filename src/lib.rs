@@ -3,10 +3,12 @@
 //! the real upstream credential, which the agent never sees.
 //!
 //! The request path, one module per step: [`route`] → [`keys`] → scope ([`policy`]) →
-//! [`rules`] → [`mutate`], tied together by [`pipeline`].
+//! [`rules`] → [`budget`] → [`mutate`] → [`audit`], tied together by [`pipeline`].
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
+pub mod audit;
 pub mod budget;
 pub mod cli;
 pub mod crypto;
@@ -19,6 +21,7 @@ pub mod mutate;
 pub mod pipeline;
 pub mod policy;
 pub mod policy_file;
+pub mod request_log;
 pub mod route;
 pub mod rules;
 pub mod serve;

@@ -37,6 +37,9 @@ pub enum Caller<'a> {
 #[derive(Debug, Default, Clone)]
 pub struct Subject {
     pub proxy: Option<Arc<str>>,
+    pub target: Option<Arc<str>>,
+    /// The upstream path the rules judged, without the query.
+    pub path: Option<String>,
     pub credential: Option<Arc<str>>,
     pub key_id: Option<Arc<str>>,
     pub run_label: Option<Arc<str>>,
@@ -196,6 +199,8 @@ fn run(
         .proxy(route.proxy)
         .ok_or_else(|| Denial::UnknownProxy(route.proxy.chars().take(128).collect()))?;
     subject.proxy = Some(proxy.name.clone());
+    subject.target = Some(proxy.target.clone());
+    subject.path = Some(route.path.to_string());
 
     let no_rules = RuleList::default();
     let credential = match caller {

@@ -64,6 +64,8 @@ pub struct Upstream {
 #[derive(Debug)]
 pub struct Proxy {
     pub name: Arc<str>,
+    /// The target's name, for the audit.
+    pub target: Arc<str>,
     pub upstream: Upstream,
     pub injection: Arc<Injection>,
     pub default_effect: Effect,
@@ -383,6 +385,7 @@ impl Policy {
                 Box::from(p.name.as_str()),
                 Proxy {
                     name: Arc::from(p.name.as_str()),
+                    target: Arc::from(p.target.as_str()),
                     upstream: Upstream {
                         cluster: if url.tls { CLUSTER_TLS } else { CLUSTER_PLAIN },
                         authority: url.authority,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -14,7 +15,9 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use zeroize::Zeroizing;
 
+use crate::access_log::AccessLog;
 use crate::admin::{AdminAuth, AdminService};
+use crate::audit::AuditLog;
 use crate::budget::{Budgets, LocalBudgets, RedisBudgets, SystemClock, redis_connection};
 use crate::crypto::MasterKey;
 use crate::ext_proc::ExtProc;
@@ -22,8 +25,7 @@ use crate::http::{HttpState, router};
 use crate::pb::admin_server::AdminServer;
 use crate::policy::Policy;
 use crate::spend::{LocalSpend, RedisSpend, Spend};
-use crate::state::Shared;
-use crate::state::SpendLog;
+use crate::state::{Metrics, Shared, now_unix_ms};
 use crate::store::Store;
 
 pub struct ServeConfig {
@@ -35,6 +37,8 @@ pub struct ServeConfig {
     pub http_addr: SocketAddr,
     pub admin_token: Option<Zeroizing<String>>,
     pub redis_url: Option<String>,
+    /// Request-log records older than this many days are deleted; 0 keeps them all.
+    pub audit_retention_days: u32,
 }
 
 pub fn load_master_key(
@@ -90,8 +94,11 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             Spend::Local(LocalSpend::default()),
         ),
     };
-    let spend_log = SpendLog::start(store.clone());
-    let shared = Arc::new(Shared::new(policy, budgets, spend, spend_log));
+    let metrics = Metrics::default();
+    let (audit, audit_writer) = AuditLog::start(store.clone(), metrics.audit.clone());
+    let shared = Arc::new(Shared::new(policy, budgets, spend, audit.clone(), metrics));
+    let retention = (cfg.audit_retention_days > 0)
+        .then(|| tokio::spawn(prune_forever(store.clone(), cfg.audit_retention_days)));
     let ready = Arc::new(AtomicBool::new(false));
 
     let grpc = bind(cfg.grpc_addr, "ext_proc").await?;
@@ -101,6 +108,10 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 
     let ext_proc = Server::builder()
         .add_service(ExternalProcessorServer::new(ExtProc::new(shared.clone())))
+        .add_service(AccessLogServiceServer::new(AccessLog::new(
+            audit,
+            stop_rx.clone(),
+        )))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
@@ -141,7 +152,37 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     ready.store(false, Ordering::Release);
     let _ = stop.send(true);
-    servers.await.context("server task")?
+    // Open streams get a moment to finish; Envoy keeps its connections open otherwise.
+    let served = match tokio::time::timeout(SHUTDOWN_GRACE, servers).await {
+        Ok(joined) => joined.context("server task")?,
+        Err(_) => {
+            tracing::warn!("streams still open after {SHUTDOWN_GRACE:?}; closing them");
+            Ok(())
+        }
+    };
+    if let Some(task) = retention {
+        task.abort();
+    }
+    audit_writer.finish().await;
+    tracing::info!("audit flushed");
+    served
+}
+
+/// How long shutdown waits for open streams before it flushes the audit and exits.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Deletes request-log records past retention, at start and then hourly.
+async fn prune_forever(store: Store, days: u32) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        let cutoff = now_unix_ms() - i64::from(days) * 86_400_000;
+        match crate::request_log::prune(&store, cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, days, "request log pruned"),
+            Err(e) => tracing::error!(error = %e, "could not prune the request log"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

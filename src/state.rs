@@ -4,77 +4,38 @@ use arc_swap::ArcSwap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use tokio::sync::mpsc;
-
+use crate::audit::{AuditCounters, AuditLog};
 use crate::budget::Budgets;
 use crate::pipeline::{Decision, Outcome};
 use crate::policy::Policy;
 use crate::spend::Spend;
-use crate::store::Store;
 
 pub struct Shared {
     pub policy: ArcSwap<Policy>,
     pub budgets: Budgets,
     pub spend: Spend,
-    pub spend_log: SpendLog,
+    pub audit: AuditLog,
     pub metrics: Metrics,
 }
 
 impl Shared {
-    pub fn new(policy: Policy, budgets: Budgets, spend: Spend, spend_log: SpendLog) -> Self {
+    pub fn new(
+        policy: Policy,
+        budgets: Budgets,
+        spend: Spend,
+        audit: AuditLog,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             policy: ArcSwap::from_pointee(policy),
             budgets,
             spend,
-            spend_log,
-            metrics: Metrics::default(),
-        }
-    }
-}
-
-/// Writes what keys spent to the store, off the request path: charges are queued, summed
-/// per key and written one transaction per batch; a failed write is retried, not dropped.
-#[derive(Clone)]
-pub struct SpendLog {
-    tx: mpsc::UnboundedSender<(Arc<str>, u64)>,
-}
-
-impl SpendLog {
-    pub fn start(store: Store) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Arc<str>, u64)>();
-        tokio::spawn(async move {
-            let mut pending: HashMap<Arc<str>, u64> = HashMap::new();
-            loop {
-                if pending.is_empty() {
-                    let Some((key, micros)) = rx.recv().await else {
-                        break;
-                    };
-                    *pending.entry(key).or_default() += micros;
-                }
-                while let Ok((key, micros)) = rx.try_recv() {
-                    *pending.entry(key).or_default() += micros;
-                }
-                match store.add_spend(&pending).await {
-                    Ok(()) => pending.clear(),
-                    Err(e) => {
-                        tracing::error!(error = %e, "could not record key spend; will retry");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        });
-        Self { tx }
-    }
-
-    /// Queues a charge to a key; never blocks.
-    pub fn charge(&self, key_id: Arc<str>, micros: u64) {
-        if micros > 0 {
-            let _ = self.tx.send((key_id, micros));
+            audit,
+            metrics,
         }
     }
 }
@@ -89,6 +50,9 @@ struct DecisionLabels {
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+    decision_seconds: Histogram,
+    pub audit: AuditCounters,
+    audit_queued: Gauge,
 }
 
 impl Default for Metrics {
@@ -100,9 +64,46 @@ impl Default for Metrics {
             "Requests decided, by proxy and decision",
             decisions.clone(),
         );
+        // 5 µs to 40 ms: latchkey's own time per decision, budgets included.
+        let decision_seconds = Histogram::new(exponential_buckets(5e-6, 2.0, 14));
+        registry.register(
+            "decision_seconds",
+            "Time latchkey took to decide a request, budget checks included",
+            decision_seconds.clone(),
+        );
+        let audit = AuditCounters::default();
+        registry.register(
+            "audit_events_written",
+            "Audit events stored",
+            audit.written.clone(),
+        );
+        registry.register(
+            "audit_waits",
+            "Times a request waited because the audit queue was full",
+            audit.waited.clone(),
+        );
+        registry.register(
+            "audit_events_dropped",
+            "Audit events lost because the writer had stopped (only at shutdown)",
+            audit.dropped.clone(),
+        );
+        registry.register(
+            "audit_write_errors",
+            "Failed audit batch writes (each is retried)",
+            audit.write_errors.clone(),
+        );
+        let audit_queued = Gauge::default();
+        registry.register(
+            "audit_queue_depth",
+            "Audit events waiting to be written",
+            audit_queued.clone(),
+        );
         Self {
             registry,
             decisions,
+            decision_seconds,
+            audit,
+            audit_queued,
         }
     }
 }
@@ -125,7 +126,13 @@ impl Metrics {
         self.decisions.get_or_create(&labels).inc();
     }
 
-    pub fn encode(&self) -> String {
+    pub fn observe_decision(&self, elapsed: std::time::Duration) {
+        self.decision_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn encode(&self, audit_queued: usize) -> String {
+        self.audit_queued
+            .set(i64::try_from(audit_queued).unwrap_or(i64::MAX));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -137,4 +144,10 @@ pub fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -3,7 +3,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -329,6 +328,11 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// For the request log, which keeps its own SQL beside its own types.
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     pub async fn load(&self) -> Result<StoredPolicy, StoreError> {
         let mut tx = self.pool.begin().await?;
         let stored = load(&mut tx).await?;
@@ -346,7 +350,9 @@ impl Store {
         dry_run: bool,
         check: impl FnOnce(&StoredPolicy) -> Result<(), E>,
     ) -> Result<Result<Vec<Change>, E>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // Reads, then writes: take the write lock up front, or a write committed by
+        // another connection in between (the audit) would fail this transaction.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let current = load(&mut tx).await?;
         let changes = write_diff(&mut tx, &current, desired, master).await?;
         let after = load(&mut tx).await?;
@@ -388,20 +394,6 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(id)
-    }
-
-    /// Adds what keys spent (micro-dollars), in one transaction.
-    pub async fn add_spend(&self, charges: &HashMap<Arc<str>, u64>) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        for (key, micros) in charges {
-            sqlx::query("UPDATE proxy_keys SET spent_usd = spent_usd + ? WHERE id = ?")
-                .bind(crate::spend::to_usd(*micros))
-                .bind(key.as_ref())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     /// Marks a key revoked; `Ok(true)` if it already was.

@@ -246,6 +246,17 @@ impl Stack {
         self.wait_for(&url, "latchkey").await;
     }
 
+    /// SIGTERM, as Kubernetes stops a pod; waits for the exit and returns its status.
+    pub fn terminate_latchkey(&mut self) -> std::process::ExitStatus {
+        let mut child = self.latchkey.take().expect("latchkey is running");
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        child.wait().unwrap()
+    }
+
     pub fn kill_latchkey(&mut self) {
         if let Some(mut child) = self.latchkey.take() {
             let _ = child.kill();

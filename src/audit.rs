@@ -1,0 +1,412 @@
+//! Step 7, audit: a record of every request latchkey decides, allowed or denied, written
+//! off the request path. Events go through a bounded queue to one writer that stores them
+//! a batch per transaction. When the store falls behind and the queue is full, the
+//! request waits for room (back-pressure, counted): records are never dropped to keep up.
+//!
+//! A record is written in two halves joined by `request_id`: the decision, when latchkey
+//! makes it, and the completion (status, latency, bytes), when Envoy's access log reports
+//! the finished request (`access_log.rs`). A request whose response never comes is still
+//! recorded: its decision row is there from the start.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use sqlx::{Sqlite, Transaction};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::store::{Store, StoreError};
+
+/// Events waiting for the writer; beyond this a request waits for room.
+pub const QUEUE_CAPACITY: usize = 16_384;
+/// Events written per transaction at most.
+const BATCH: usize = 1_024;
+/// How long a completion whose decision row is not there yet (another replica has not
+/// written it) keeps being retried.
+const ORPHAN_TTL: Duration = Duration::from_secs(30);
+
+/// The decision half of a record.
+#[derive(Debug, Clone, Default)]
+pub struct Decided {
+    pub request_id: String,
+    pub time_ms: i64,
+    pub proxy: Option<Arc<str>>,
+    pub target: Option<Arc<str>>,
+    pub credential: Option<Arc<str>>,
+    pub key_id: Option<Arc<str>>,
+    pub run_label: Option<Arc<str>>,
+    pub method: String,
+    pub path: String,
+    /// Known now for a denial; for an allowed request, when it completes.
+    pub status: Option<u16>,
+    pub decision: &'static str,
+    pub rule_id: Option<Arc<str>>,
+}
+
+/// The completion half, from Envoy's access log.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Completed {
+    pub request_id: String,
+    pub status: Option<u16>,
+    pub upstream_status: Option<u16>,
+    pub latency_ms: Option<f64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub retries: u32,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Decided(Decided),
+    Completed(Completed),
+    /// What a priced request cost: added to its record and to its key's spend.
+    Charged {
+        request_id: String,
+        key_id: Arc<str>,
+        micros: u64,
+    },
+}
+
+/// The audit's counters, registered with the metrics.
+#[derive(Clone, Default)]
+pub struct AuditCounters {
+    pub written: Counter,
+    pub waited: Counter,
+    pub dropped: Counter,
+    pub write_errors: Counter,
+}
+
+/// The sending side, shared by everything that records.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Event>,
+    counters: AuditCounters,
+}
+
+/// The writer task; [`AuditWriter::finish`] drains the queue and returns when every
+/// queued event is stored.
+pub struct AuditWriter {
+    stop: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl AuditLog {
+    pub fn start(store: Store, counters: AuditCounters) -> (Self, AuditWriter) {
+        Self::with_capacity(store, counters, QUEUE_CAPACITY)
+    }
+
+    pub fn with_capacity(
+        store: Store,
+        counters: AuditCounters,
+        capacity: usize,
+    ) -> (Self, AuditWriter) {
+        let (tx, rx) = mpsc::channel(capacity);
+        let stop = Arc::new(Notify::new());
+        let task = tokio::spawn(write_loop(store, rx, stop.clone(), counters.clone()));
+        (Self { tx, counters }, AuditWriter { stop, task })
+    }
+
+    /// Queues an event; waits only while the queue is full.
+    pub async fn record(&self, event: Event) {
+        let event = match self.tx.try_send(event) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+            Err(mpsc::error::TrySendError::Closed(event)) => return self.lost(&event),
+        };
+        self.counters.waited.inc();
+        if let Err(mpsc::error::SendError(event)) = self.tx.send(event).await {
+            self.lost(&event);
+        }
+    }
+
+    /// Only after the writer has finished (shutdown): nothing is left to write with.
+    fn lost(&self, event: &Event) {
+        self.counters.dropped.inc();
+        let request_id = match event {
+            Event::Decided(d) => &d.request_id,
+            Event::Completed(c) => &c.request_id,
+            Event::Charged { request_id, .. } => request_id,
+        };
+        tracing::error!(request_id, "audit event dropped: the writer has stopped");
+    }
+
+    /// Events queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+impl AuditWriter {
+    pub async fn finish(self) {
+        self.stop.notify_one();
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the audit writer failed");
+        }
+    }
+}
+
+async fn write_loop(
+    store: Store,
+    mut rx: mpsc::Receiver<Event>,
+    stop: Arc<Notify>,
+    counters: AuditCounters,
+) {
+    let mut batch: Vec<Event> = Vec::with_capacity(BATCH);
+    let mut orphans: Vec<(Instant, Completed)> = Vec::new();
+    let mut closing = false;
+    loop {
+        if batch.is_empty() {
+            tokio::select! {
+                biased;
+                () = stop.notified(), if !closing => {
+                    // Refuse new events; what is queued is still received below.
+                    rx.close();
+                    closing = true;
+                    continue;
+                }
+                n = rx.recv_many(&mut batch, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep(Duration::from_secs(1)), if !orphans.is_empty() => {}
+            }
+        }
+        let now = Instant::now();
+        orphans.retain(|(since, c)| {
+            let keep = now.duration_since(*since) < ORPHAN_TTL;
+            if !keep {
+                tracing::debug!(request_id = %c.request_id, "completion of a request latchkey did not decide");
+            }
+            keep
+        });
+        let retried = orphans.len();
+        let events = orphans
+            .iter()
+            .map(|(_, c)| Event::Completed(c.clone()))
+            .chain(batch.drain(..))
+            .collect::<Vec<_>>();
+        let unmatched = loop {
+            match write(&store, &events).await {
+                Ok(unmatched) => break unmatched,
+                Err(e) => {
+                    // Kept, not dropped: the queue fills and requests wait meanwhile.
+                    counters.write_errors.inc();
+                    tracing::error!(error = %e, events = events.len(), "could not write the audit; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        counters.written.inc_by((events.len() - retried) as u64);
+        let mut kept = Vec::with_capacity(unmatched.len());
+        for i in unmatched {
+            if let Event::Completed(c) = &events[i] {
+                let since = orphans.get(i).map_or(now, |(s, _)| *s);
+                kept.push((since, c.clone()));
+            }
+        }
+        orphans = kept;
+    }
+}
+
+/// Writes one batch in one transaction, in order. Returns the positions of completions
+/// whose decision row is not (yet) in the store.
+async fn write(store: &Store, events: &[Event]) -> Result<Vec<usize>, StoreError> {
+    let mut tx = store.pool().begin().await?;
+    let mut unmatched = Vec::new();
+    for (i, event) in events.iter().enumerate() {
+        let found = match event {
+            Event::Decided(d) => insert(&mut tx, d).await?,
+            Event::Completed(c) => complete(&mut tx, c).await?,
+            Event::Charged {
+                request_id,
+                key_id,
+                micros,
+            } => charge(&mut tx, request_id, key_id, *micros).await?,
+        };
+        if !found {
+            unmatched.push(i);
+        }
+    }
+    tx.commit().await?;
+    Ok(unmatched)
+}
+
+async fn insert(tx: &mut Transaction<'_, Sqlite>, d: &Decided) -> Result<bool, StoreError> {
+    sqlx::query(
+        "INSERT INTO requests (request_id, time_ms, proxy, target, credential, key_id,
+                               run_label, method, path, status, decision, rule_id)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&d.request_id)
+    .bind(d.time_ms)
+    .bind(d.proxy.as_deref())
+    .bind(d.target.as_deref())
+    .bind(d.credential.as_deref())
+    .bind(d.key_id.as_deref())
+    .bind(d.run_label.as_deref())
+    .bind(&d.method)
+    .bind(&d.path)
+    .bind(d.status)
+    .bind(d.decision)
+    .bind(d.rule_id.as_deref())
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}
+
+/// The newest row of a request id not yet completed: a client that replays an id can
+/// not rewrite an older record.
+async fn complete(tx: &mut Transaction<'_, Sqlite>, c: &Completed) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE requests SET status = COALESCE(?, status), upstream_status = ?, latency_ms = ?,
+                bytes_in = ?, bytes_out = ?, retries = ?, completed = 1
+         WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = ? AND completed = 0)",
+    )
+    .bind(c.status)
+    .bind(c.upstream_status)
+    .bind(c.latency_ms)
+    .bind(i64::try_from(c.bytes_in).unwrap_or(i64::MAX))
+    .bind(i64::try_from(c.bytes_out).unwrap_or(i64::MAX))
+    .bind(c.retries)
+    .bind(&c.request_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+async fn charge(
+    tx: &mut Transaction<'_, Sqlite>,
+    request_id: &str,
+    key_id: &str,
+    micros: u64,
+) -> Result<bool, StoreError> {
+    let usd = crate::spend::to_usd(micros);
+    sqlx::query("UPDATE proxy_keys SET spent_usd = spent_usd + ? WHERE id = ?")
+        .bind(usd)
+        .bind(key_id)
+        .execute(&mut **tx)
+        .await?;
+    // The key's spend is what matters; a record that is gone (retention) is no reason
+    // to retry.
+    sqlx::query(
+        "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + ?
+         WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = ? AND key_id = ?)",
+    )
+    .bind(usd)
+    .bind(request_id)
+    .bind(key_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("audit.db").display());
+        let store = Store::open(&url).await.unwrap();
+        (dir, store)
+    }
+
+    fn decided(id: &str) -> Event {
+        Event::Decided(Decided {
+            request_id: id.to_owned(),
+            time_ms: 1_700_000_000_000,
+            method: "GET".into(),
+            path: "/v1/x".into(),
+            decision: "allow",
+            ..Decided::default()
+        })
+    }
+
+    async fn count(store: &Store) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM requests")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn completion_finds_its_decision_and_a_replayed_id_adds_a_row() {
+        let (_dir, store) = store().await;
+        let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default());
+        for event in [
+            decided("r1"),
+            Event::Completed(Completed {
+                request_id: "r1".into(),
+                status: Some(200),
+                upstream_status: Some(200),
+                latency_ms: Some(1.5),
+                ..Completed::default()
+            }),
+            // The same id again (a client that sent its own): a second record, and the
+            // completed first one is left as it was.
+            decided("r1"),
+        ] {
+            log.record(event).await;
+        }
+        writer.finish().await;
+        let rows: Vec<(Option<i64>, i64)> =
+            sqlx::query_as("SELECT status, completed FROM requests ORDER BY seq")
+                .fetch_all(store.pool())
+                .await
+                .unwrap();
+        assert_eq!(rows, vec![(Some(200), 1), (None, 0)]);
+    }
+
+    /// The stated back-pressure: with the store locked, the writer retries, the queue
+    /// fills and the next request waits; once the store is free, every record lands.
+    #[tokio::test]
+    async fn a_slow_store_makes_requests_wait_and_loses_nothing() {
+        let (_dir, store) = store().await;
+        let counters = AuditCounters::default();
+        let (log, writer) = AuditLog::with_capacity(store.clone(), counters.clone(), 4);
+        // Hold SQLite's write lock from another connection.
+        let mut blocker = store.pool().acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        let sender = tokio::spawn({
+            let log = log.clone();
+            async move {
+                for i in 0..20 {
+                    log.record(decided(&format!("r{i}"))).await;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!sender.is_finished(), "a full queue makes the sender wait");
+        assert!(counters.waited.get() >= 1);
+        sqlx::query("ROLLBACK")
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        drop(blocker);
+        tokio::time::timeout(Duration::from_secs(30), sender)
+            .await
+            .expect("the sender gets through once the store is free")
+            .unwrap();
+        writer.finish().await;
+        assert_eq!(count(&store).await, 20);
+        assert_eq!(counters.dropped.get(), 0);
+        assert_eq!(counters.written.get(), 20);
+    }
+
+    #[tokio::test]
+    async fn after_finish_an_event_is_counted_as_dropped() {
+        let (_dir, store) = store().await;
+        let counters = AuditCounters::default();
+        let (log, writer) = AuditLog::start(store.clone(), counters.clone());
+        log.record(decided("before")).await;
+        writer.finish().await;
+        log.record(decided("after")).await;
+        assert_eq!(count(&store).await, 1);
+        assert_eq!(counters.dropped.get(), 1);
+    }
+}
