@@ -28,6 +28,8 @@ pub struct AdminService {
     shared: Arc<Shared>,
     store: Store,
     master: Arc<MasterKey>,
+    /// Policies are refused that ext_authz alone could not enforce.
+    ext_authz_only: bool,
     /// One change at a time: each sees the state the previous one left.
     write_lock: Mutex<()>,
 }
@@ -42,11 +44,17 @@ impl AdminService {
         Ok(())
     }
 
-    pub fn new(shared: Arc<Shared>, store: Store, master: Arc<MasterKey>) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        store: Store,
+        master: Arc<MasterKey>,
+        ext_authz_only: bool,
+    ) -> Self {
         Self {
             shared,
             store,
             master,
+            ext_authz_only,
             write_lock: Mutex::new(()),
         }
     }
@@ -143,7 +151,13 @@ impl Admin for AdminService {
         let result = self
             .store
             .apply(&desired, &self.master, req.dry_run, |after| {
-                compiled = Some(Policy::compile(after, &self.master)?);
+                let policy = Policy::compile(after, &self.master)?;
+                if self.ext_authz_only
+                    && let Some(obstacle) = policy.ext_authz_obstacle()
+                {
+                    return Err(crate::policy::CompileError::Invalid(obstacle));
+                }
+                compiled = Some(policy);
                 Ok::<_, crate::policy::CompileError>(())
             })
             .await

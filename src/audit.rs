@@ -16,6 +16,8 @@ use sqlx::{Sqlite, Transaction};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::pipeline::{Asked, Decision, Outcome};
+use crate::state::now_unix_ms;
 use crate::store::{Store, StoreError};
 
 /// Events waiting for the writer; beyond this a request waits for room.
@@ -42,6 +44,35 @@ pub struct Decided {
     pub status: Option<u16>,
     pub decision: &'static str,
     pub rule_id: Option<Arc<str>>,
+}
+
+impl Decided {
+    pub fn of(asked: &Asked<'_>, decision: &Decision) -> Self {
+        let subject = &decision.subject;
+        let (status, kind) = match &decision.outcome {
+            Outcome::Deny(denial) => (Some(denial.http_status()), denial.kind()),
+            _ => (None, "allow"),
+        };
+        // Unrouted requests: what the client sent, query cut off, length bounded.
+        let path = subject.path.clone().unwrap_or_else(|| {
+            let raw = asked.path.split('?').next().unwrap_or_default();
+            raw.chars().take(512).collect()
+        });
+        Decided {
+            request_id: asked.request_id.to_owned(),
+            time_ms: now_unix_ms(),
+            proxy: subject.proxy.clone(),
+            target: subject.target.clone(),
+            credential: subject.credential.clone(),
+            key_id: subject.key_id.clone(),
+            run_label: subject.run_label.clone(),
+            method: asked.method.chars().take(32).collect(),
+            path,
+            status,
+            decision: kind,
+            rule_id: subject.rule_id.clone(),
+        }
+    }
 }
 
 /// The completion half, from Envoy's access log.

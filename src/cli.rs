@@ -226,6 +226,11 @@ struct ServeArgs {
     /// them all.
     #[arg(long, env = "LATCHKEY_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     audit_retention_days: u32,
+    /// The Envoy filter in front: `ext_proc` (the full feature set) or `ext_authz`
+    /// (headers only: policies that need bodies or responses are refused). Both APIs
+    /// are served either way.
+    #[arg(long, env = "LATCHKEY_MODE", value_enum, default_value = "ext_proc")]
+    mode: serve::Mode,
 }
 
 /// Where the admin API is and the token it wants.
@@ -269,6 +274,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(Zeroizing::new),
                 redis_url: args.redis_url,
                 audit_retention_days: args.audit_retention_days,
+                mode: args.mode,
             })
             .await
         }

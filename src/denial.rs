@@ -39,6 +39,10 @@ pub enum Denial {
     SpendCapExceeded { what: String, retry_after_s: u64 },
     #[error("{0} requests of this spend-capped key are already in flight; retry in 1 s")]
     TooManyInFlight(u64),
+    #[error(
+        "proxy {proxy:?} needs Envoy's ext_proc filter ({why}); this request came through ext_authz"
+    )]
+    NeedsExtProc { proxy: Arc<str>, why: &'static str },
 }
 
 impl Denial {
@@ -59,6 +63,7 @@ impl Denial {
             Denial::RateLimited { .. } | Denial::TooManyInFlight(_) => "rate_limited",
             Denial::SpendCapExceeded { .. } => "spend_cap_exceeded",
             Denial::BudgetUnavailable => "budget_unavailable",
+            Denial::NeedsExtProc { .. } => "needs_ext_proc",
         }
     }
 
@@ -79,6 +84,7 @@ impl Denial {
             | Denial::TooManyInFlight(_)
             | Denial::SpendCapExceeded { .. } => 429,
             Denial::BudgetUnavailable => 503,
+            Denial::NeedsExtProc { .. } => 500,
         }
     }
 

@@ -6,6 +6,9 @@ use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingM
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
     BodySendMode, HeaderSendMode,
 };
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response,
+};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
     ProcessingResponse, processing_response::Response,
@@ -13,6 +16,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::{Struct, Value};
+use envoy_types::pb::google::rpc;
 
 use crate::denial::Denial;
 use crate::mutate::Forward;
@@ -38,6 +42,15 @@ pub fn header_value<'a>(headers: &[(&str, &'a [u8])], name: &str) -> Option<&'a 
     headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }
 
+/// Envoy's `x-request-id`, the audit's join key; one of latchkey's own if it sent none
+/// (or an unreasonable one).
+pub fn request_id(headers: &[(&str, &[u8])]) -> String {
+    match header_value(headers, "x-request-id") {
+        Some(id) if !id.is_empty() && id.len() <= 128 => String::from_utf8_lossy(id).into_owned(),
+        _ => crate::crypto::random_id("req"),
+    }
+}
+
 /// ext_proc reads mutations from `raw_value` only: a header given in `value` alone is
 /// silently dropped.
 fn set_header(key: &str, value: Vec<u8>) -> HeaderValueOption {
@@ -48,6 +61,72 @@ fn set_header(key: &str, value: Vec<u8>) -> HeaderValueOption {
             ..Default::default()
         }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+/// ext_authz reads `value`, ext_proc `raw_value`: set both, so either works.
+fn set_header_text(key: &str, value: Vec<u8>) -> HeaderValueOption {
+    let mut option = set_header(key, value);
+    if let Some(h) = option.header.as_mut() {
+        h.value = String::from_utf8_lossy(&h.raw_value).into_owned();
+    }
+    option
+}
+
+/// ext_authz's yes: the same mutations as ext_proc's, and the rate-limit figures as
+/// response headers (ext_authz's metadata lands in another namespace).
+pub fn check_allow(forward: Forward, rate: Option<(u32, u32)>) -> CheckResponse {
+    // ext_authz removes after it sets (ext_proc the other way round); a set header
+    // replaces every value it had, so it need not be removed too.
+    let mut remove = forward.remove;
+    remove.retain(|r| !forward.set.iter().any(|(k, _)| k == r));
+    CheckResponse {
+        status: Some(rpc::Status::default()),
+        http_response: Some(check_response::HttpResponse::OkResponse(OkHttpResponse {
+            headers: forward
+                .set
+                .into_iter()
+                .map(|(k, v)| set_header_text(&k, v))
+                .collect(),
+            headers_to_remove: remove,
+            response_headers_to_add: rate
+                .map(|(limit, remaining)| {
+                    vec![
+                        set_header_text("x-ratelimit-limit", limit.to_string().into_bytes()),
+                        set_header_text(
+                            "x-ratelimit-remaining",
+                            remaining.to_string().into_bytes(),
+                        ),
+                    ]
+                })
+                .unwrap_or_default(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// ext_authz's no: the same status, headers and JSON body as ext_proc's denial.
+pub fn check_deny(denial: &Denial, request_id: &str) -> CheckResponse {
+    CheckResponse {
+        // PERMISSION_DENIED: Envoy answers with the response below, not its own 403.
+        status: Some(rpc::Status {
+            code: tonic::Code::PermissionDenied as i32,
+            ..Default::default()
+        }),
+        http_response: Some(check_response::HttpResponse::DeniedResponse(
+            DeniedHttpResponse {
+                status: Some(HttpStatus {
+                    code: i32::from(denial.http_status()),
+                }),
+                headers: denial_headers(denial)
+                    .into_iter()
+                    .map(|(k, v)| set_header_text(k, v.into_bytes()))
+                    .collect(),
+                body: String::from_utf8(denial.body(request_id)).expect("JSON is UTF-8"),
+            },
+        )),
         ..Default::default()
     }
 }
@@ -162,23 +241,10 @@ pub fn deny(denial: &Denial, request_id: &str) -> ProcessingResponse {
                 code: i32::from(denial.http_status()),
             }),
             headers: Some(HeaderMutation {
-                set_headers: [
-                    Some(("content-type", "application/json".to_owned())),
-                    Some(("x-latchkey-decision", denial.kind().to_owned())),
-                    denial.retry_after().map(|s| ("retry-after", s.to_string())),
-                    match denial {
-                        Denial::RateLimited { limit, .. } => {
-                            Some(("x-ratelimit-limit", limit.to_string()))
-                        }
-                        _ => None,
-                    },
-                    matches!(denial, Denial::RateLimited { .. })
-                        .then(|| ("x-ratelimit-remaining", "0".to_owned())),
-                ]
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| set_header(k, v.into_bytes()))
-                .collect(),
+                set_headers: denial_headers(denial)
+                    .into_iter()
+                    .map(|(k, v)| set_header(k, v.into_bytes()))
+                    .collect(),
                 remove_headers: Vec::new(),
             }),
             body: denial.body(request_id),
@@ -187,6 +253,24 @@ pub fn deny(denial: &Denial, request_id: &str) -> ProcessingResponse {
         })),
         ..Default::default()
     }
+}
+
+/// The headers every denial carries, whichever API answers it.
+fn denial_headers(denial: &Denial) -> Vec<(&'static str, String)> {
+    [
+        Some(("content-type", "application/json".to_owned())),
+        Some(("x-latchkey-decision", denial.kind().to_owned())),
+        denial.retry_after().map(|s| ("retry-after", s.to_string())),
+        match denial {
+            Denial::RateLimited { limit, .. } => Some(("x-ratelimit-limit", limit.to_string())),
+            _ => None,
+        },
+        matches!(denial, Denial::RateLimited { .. })
+            .then(|| ("x-ratelimit-remaining", "0".to_owned())),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// "Carry on unchanged" for a phase latchkey has nothing to do in.

@@ -15,14 +15,14 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use tokio_stream::Stream;
 use tonic::{Request, Status, Streaming};
 
-use crate::audit::{Decided, Event};
+use crate::audit::Event;
 use crate::denial::Denial;
 use crate::envoy;
 use crate::envoy::Priced;
-use crate::pipeline::{Charge, Decision, Outcome, RequestView, admit, decide};
+use crate::pipeline::{Asked, Charge, Decision, Outcome, RequestView, conclude, decide};
 use crate::policy::CostSpec;
 use crate::rules::Body;
-use crate::state::{Shared, now_unix, now_unix_ms};
+use crate::state::{Shared, now_unix};
 
 /// The most request body latchkey reads to judge it; larger bodies are refused (413).
 pub const MAX_REQUEST_BODY: usize = 1 << 20;
@@ -158,12 +158,7 @@ impl Exchange {
     async fn request_headers(&mut self, headers: &HttpHeaders) -> ProcessingResponse {
         let started = Instant::now();
         let pairs = envoy::header_pairs(headers.headers.as_ref());
-        self.request_id = match envoy::header_value(&pairs, "x-request-id") {
-            Some(id) if !id.is_empty() && id.len() <= 128 => {
-                String::from_utf8_lossy(id).into_owned()
-            }
-            _ => crate::crypto::random_id("req"),
-        };
+        self.request_id = envoy::request_id(&pairs);
         let body = if headers.end_of_stream {
             Body::Empty
         } else {
@@ -252,17 +247,16 @@ impl Exchange {
         started: Instant,
         in_body_phase: bool,
     ) -> ProcessingResponse {
-        admit(&self.shared.budgets, &self.shared.spend, &mut decision).await;
         if let Outcome::NeedBody = decision.outcome {
             // Only with the body unread; here it has been read.
             decision.outcome = Outcome::Deny(Denial::BodyTooLarge(MAX_REQUEST_BODY));
         }
-        self.shared.metrics.record(&decision);
-        self.shared.metrics.observe_decision(started.elapsed());
-        self.shared
-            .audit
-            .record(Event::Decided(self.audit_record(pairs, &decision)))
-            .await;
+        let asked = Asked {
+            request_id: &self.request_id,
+            method: text(pairs, ":method"),
+            path: text(pairs, ":path"),
+        };
+        conclude(&self.shared, &mut decision, &asked, started).await;
         let request_id = self.request_id.as_str();
         let denial = match decision.outcome {
             Outcome::Forward(forward) => {
@@ -281,33 +275,5 @@ impl Exchange {
             "request denied"
         );
         envoy::deny(&denial, request_id)
-    }
-
-    fn audit_record(&self, pairs: &[(&str, &[u8])], decision: &Decision) -> Decided {
-        let subject = &decision.subject;
-        let (status, kind) = match &decision.outcome {
-            Outcome::Deny(denial) => (Some(denial.http_status()), denial.kind()),
-            _ => (None, "allow"),
-        };
-        // Unrouted requests: what the client sent, query cut off, length bounded.
-        let path = subject.path.clone().unwrap_or_else(|| {
-            let raw = text(pairs, ":path");
-            let raw = raw.split('?').next().unwrap_or_default();
-            raw.chars().take(512).collect()
-        });
-        Decided {
-            request_id: self.request_id.clone(),
-            time_ms: now_unix_ms(),
-            proxy: subject.proxy.clone(),
-            target: subject.target.clone(),
-            credential: subject.credential.clone(),
-            key_id: subject.key_id.clone(),
-            run_label: subject.run_label.clone(),
-            method: text(pairs, ":method").chars().take(32).collect(),
-            path,
-            status,
-            decision: kind,
-            rule_id: subject.rule_id.clone(),
-        }
     }
 }

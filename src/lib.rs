@@ -14,6 +14,7 @@ pub mod cli;
 pub mod crypto;
 pub mod denial;
 pub mod envoy;
+pub mod ext_authz;
 pub mod ext_proc;
 pub mod http;
 pub mod keys;

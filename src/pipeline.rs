@@ -2,7 +2,9 @@
 //! nothing of protobuf; `envoy.rs` converts at the edge.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use crate::audit::{Decided, Event};
 use crate::budget::{Admission, Budgets, Limit};
 use crate::denial::Denial;
 use crate::keys;
@@ -12,7 +14,7 @@ use crate::policy::Policy;
 use crate::route::route;
 use crate::rules::{self, Body, Facts, RuleList, Verdict};
 use crate::spend::{Account, MAX_IN_FLIGHT, Refusal, Spend};
-use crate::state::now_unix;
+use crate::state::{Shared, now_unix};
 
 /// A request as the pipeline sees it. Header names are lower-case, as Envoy sends them.
 pub struct RequestView<'a> {
@@ -80,6 +82,31 @@ const DAY_S: i64 = 86_400;
 
 fn seconds_to_utc_midnight(now: i64) -> u64 {
     (DAY_S - now.rem_euclid(DAY_S)) as u64
+}
+
+/// How Envoy named the request, for the audit.
+pub struct Asked<'a> {
+    pub request_id: &'a str,
+    pub method: &'a str,
+    /// The full `:path` as the agent sent it.
+    pub path: &'a str,
+}
+
+/// Steps 5 and 7 for a request whose rules have decided, whichever Envoy API asked:
+/// budgets, then metrics and the audit record.
+pub async fn conclude(
+    shared: &Shared,
+    decision: &mut Decision,
+    asked: &Asked<'_>,
+    started: Instant,
+) {
+    admit(&shared.budgets, &shared.spend, decision).await;
+    shared.metrics.record(decision);
+    shared.metrics.observe_decision(started.elapsed());
+    shared
+        .audit
+        .record(Event::Decided(Decided::of(asked, decision)))
+        .await;
 }
 
 /// Step 5, budgets: counts an allowed request against its limits, or refuses it. Apart

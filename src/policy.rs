@@ -178,6 +178,26 @@ impl Policy {
         self.proxies.get(name)
     }
 
+    /// Why this policy cannot be enforced by ext_authz alone, if it cannot: the first
+    /// proxy that needs a body or a response phase, named.
+    pub fn ext_authz_obstacle(&self) -> Option<String> {
+        let mut names: Vec<&Proxy> = self.proxies.values().collect();
+        names.sort_by(|a, b| a.name.cmp(&b.name));
+        names.into_iter().find_map(|p| {
+            let why = if p.needs_body {
+                "rules that read the request body"
+            } else if p.cost.is_some() {
+                "a cost read from responses"
+            } else {
+                return None;
+            };
+            Some(format!(
+                "proxy {:?} has {why}, which needs Envoy's ext_proc; this latchkey runs with LATCHKEY_MODE=ext_authz",
+                p.name
+            ))
+        })
+    }
+
     pub fn key(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
         let prefix = u128::from_be_bytes(hash[..16].try_into().expect("16 bytes"));
         self.keys

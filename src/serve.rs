@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -20,6 +21,7 @@ use crate::admin::{AdminAuth, AdminService};
 use crate::audit::AuditLog;
 use crate::budget::{Budgets, LocalBudgets, RedisBudgets, SystemClock, redis_connection};
 use crate::crypto::MasterKey;
+use crate::ext_authz::ExtAuthz;
 use crate::ext_proc::ExtProc;
 use crate::http::{HttpState, router};
 use crate::pb::admin_server::AdminServer;
@@ -39,6 +41,17 @@ pub struct ServeConfig {
     pub redis_url: Option<String>,
     /// Request-log records older than this many days are deleted; 0 keeps them all.
     pub audit_retention_days: u32,
+    pub mode: Mode,
+}
+
+/// Which Envoy filter the deployment puts in front of latchkey. Both APIs are always
+/// served; `ExtAuthz` also refuses policies that ext_authz alone cannot enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    #[value(name = "ext_proc", alias = "ext-proc")]
+    ExtProc,
+    #[value(name = "ext_authz", alias = "ext-authz")]
+    ExtAuthz,
 }
 
 pub fn load_master_key(
@@ -80,6 +93,11 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the store {}", cfg.database_url))?;
     let policy = Policy::compile(&store.load().await?, &master).context("loading the policy")?;
+    if cfg.mode == Mode::ExtAuthz
+        && let Some(obstacle) = policy.ext_authz_obstacle()
+    {
+        bail!("the stored policy cannot run in ext_authz mode: {obstacle}");
+    }
     let (budgets, spend) = match &cfg.redis_url {
         Some(url) => {
             let connection =
@@ -108,6 +126,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 
     let ext_proc = Server::builder()
         .add_service(ExternalProcessorServer::new(ExtProc::new(shared.clone())))
+        .add_service(AuthorizationServer::new(ExtAuthz::new(shared.clone())))
         .add_service(AccessLogServiceServer::new(AccessLog::new(
             audit,
             stop_rx.clone(),
@@ -116,7 +135,8 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             TcpIncoming::from(grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
-    let admin_service = AdminService::new(shared.clone(), store, master);
+    let admin_service =
+        AdminService::new(shared.clone(), store, master, cfg.mode == Mode::ExtAuthz);
     let admin_auth = AdminAuth::new(cfg.admin_token.as_deref().map(String::as_str));
     if cfg.admin_token.is_none() {
         tracing::warn!("LATCHKEY_ADMIN_TOKEN is not set: the admin API refuses every call");

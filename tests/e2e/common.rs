@@ -137,6 +137,22 @@ impl Upstream {
     }
 }
 
+/// Which Envoy filter asks latchkey: the shipped config for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    ExtProc,
+    ExtAuthz,
+}
+
+impl Mode {
+    fn envoy_config(self) -> &'static str {
+        match self {
+            Mode::ExtProc => "envoy/envoy.yaml",
+            Mode::ExtAuthz => "envoy/envoy-ext-authz.yaml",
+        }
+    }
+}
+
 /// latchkey + Envoy, each on its own free ports, with a fresh SQLite store.
 pub struct Stack {
     pub dir: tempfile::TempDir,
@@ -148,6 +164,7 @@ pub struct Stack {
     pub envoy_admin_port: u16,
     /// Extra environment for `latchkey serve`.
     pub serve_env: Vec<(String, String)>,
+    pub mode: Mode,
     latchkey: Option<Child>,
     envoy: Option<Child>,
 }
@@ -162,8 +179,26 @@ impl Stack {
         Self::start_configured(edit_envoy, &[]).await
     }
 
+    /// The stack with Envoy's ext_authz filter, and latchkey in ext_authz mode.
+    pub async fn start_in(mode: Mode) -> Self {
+        match mode {
+            Mode::ExtProc => Self::start().await,
+            Mode::ExtAuthz => {
+                Self::start_full(mode, |c| c, &[("LATCHKEY_MODE", "ext_authz")]).await
+            }
+        }
+    }
+
     /// Starts the stack with extra environment for `latchkey serve`.
     pub async fn start_configured(
+        edit_envoy: impl FnOnce(String) -> String,
+        serve_env: &[(&str, &str)],
+    ) -> Self {
+        Self::start_full(Mode::ExtProc, edit_envoy, serve_env).await
+    }
+
+    pub async fn start_full(
+        mode: Mode,
         edit_envoy: impl FnOnce(String) -> String,
         serve_env: &[(&str, &str)],
     ) -> Self {
@@ -190,6 +225,7 @@ impl Stack {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            mode,
             latchkey: None,
             envoy: None,
         };
@@ -265,9 +301,10 @@ impl Stack {
     }
 
     async fn start_envoy(&mut self, edit: impl FnOnce(String) -> String) {
-        let shipped =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy/envoy.yaml"))
-                .unwrap();
+        let shipped = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(self.mode.envoy_config()),
+        )
+        .unwrap();
         let config = shipped
             .replace(
                 "port_value: 10000",

@@ -4,7 +4,7 @@
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use crate::common::{self, Stack, Upstream, client, denial};
+use crate::common::{self, Mode, Stack, Upstream, client, denial};
 
 /// Name/value pairs: request headers or environment variables.
 type Headers<'a> = Vec<(&'a str, &'a str)>;
@@ -108,8 +108,12 @@ rules:
 }
 
 async fn stack_with_policy() -> (Stack, Upstream) {
+    stack_in(Mode::ExtProc).await
+}
+
+async fn stack_in(mode: Mode) -> (Stack, Upstream) {
     let upstream = Upstream::start().await;
-    let stack = Stack::start().await;
+    let stack = Stack::start_in(mode).await;
     stack.apply(&policy(&upstream.url(), ""), &secrets());
     (stack, upstream)
 }
@@ -132,7 +136,16 @@ fn assert_no_proxy_key(seen: &common::Seen) {
 
 #[tokio::test]
 async fn each_auth_type_arrives_upstream_and_the_proxy_key_never_does() {
-    let (stack, upstream) = stack_with_policy().await;
+    each_auth_type(Mode::ExtProc).await;
+}
+
+#[tokio::test]
+async fn each_auth_type_arrives_upstream_through_ext_authz_too() {
+    each_auth_type(Mode::ExtAuthz).await;
+}
+
+async fn each_auth_type(mode: Mode) {
+    let (stack, upstream) = stack_in(mode).await;
     let http = client();
     let basic_carrier = format!("Basic {}", BASE64.encode(format!("anyone:{AGENT_KEY}")));
     let bearer_carrier = format!("Bearer {AGENT_KEY}");
@@ -247,7 +260,16 @@ async fn each_auth_type_arrives_upstream_and_the_proxy_key_never_does() {
 
 #[tokio::test]
 async fn denials_are_json_and_never_reach_the_upstream() {
-    let (stack, upstream) = stack_with_policy().await;
+    denials_are_json(Mode::ExtProc).await;
+}
+
+#[tokio::test]
+async fn denials_are_json_through_ext_authz_too() {
+    denials_are_json(Mode::ExtAuthz).await;
+}
+
+async fn denials_are_json(mode: Mode) {
+    let (stack, upstream) = stack_in(mode).await;
     let http = client();
     let get = |path: &str, headers: &[(&str, &str)]| {
         let mut r = http.get(stack.url(path));
@@ -371,7 +393,16 @@ async fn denials_are_json_and_never_reach_the_upstream() {
 
 #[tokio::test]
 async fn hostile_input_neither_bypasses_rules_nor_reroutes() {
-    let (stack, upstream) = stack_with_policy().await;
+    hostile_input(Mode::ExtProc).await;
+}
+
+#[tokio::test]
+async fn hostile_input_through_ext_authz_too() {
+    hostile_input(Mode::ExtAuthz).await;
+}
+
+async fn hostile_input(mode: Mode) {
+    let (stack, upstream) = stack_in(mode).await;
     let http = client();
     let bearer = format!("Bearer {AGENT_KEY}");
 
@@ -598,7 +629,16 @@ async fn apply_validates_is_idempotent_and_takes_effect_on_the_next_request() {
 
 #[tokio::test]
 async fn latchkey_down_means_nothing_is_forwarded() {
-    let (mut stack, upstream) = stack_with_policy().await;
+    latchkey_down(Mode::ExtProc).await;
+}
+
+#[tokio::test]
+async fn latchkey_down_means_nothing_is_forwarded_through_ext_authz_either() {
+    latchkey_down(Mode::ExtAuthz).await;
+}
+
+async fn latchkey_down(mode: Mode) {
+    let (mut stack, upstream) = stack_in(mode).await;
     let http = client();
     let bearer = format!("Bearer {AGENT_KEY}");
     let url = stack.url("/bearer/v1/charges");
@@ -654,7 +694,7 @@ fn every_envoy_config_validates() {
             checked += 1;
         }
     }
-    assert!(checked >= 1);
+    assert!(checked >= 2, "envoy.yaml and envoy-ext-authz.yaml");
 }
 
 #[tokio::test]

@@ -5,4 +5,5 @@ mod audit;
 mod budgets;
 mod common;
 mod data_plane;
+mod ext_authz;
 mod rules;

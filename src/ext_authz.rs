@@ -1,0 +1,129 @@
+//! Envoy's ext_authz (`envoy.service.auth.v3.Authorization/Check`): one call per request,
+//! headers only, for setups that prefer it to ext_proc. The same pipeline decides; a
+//! proxy that needs more than headers (rules on the body, a cost read from responses)
+//! is refused here rather than half-enforced.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use tonic::{Request, Response, Status};
+
+use crate::denial::Denial;
+use crate::envoy;
+use crate::pipeline::{Asked, Outcome, RequestView, conclude, decide};
+use crate::rules::Body;
+use crate::state::{Shared, now_unix};
+
+pub struct ExtAuthz {
+    shared: Arc<Shared>,
+}
+
+impl ExtAuthz {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
+        let check = request.into_inner();
+        let http = check
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .ok_or_else(|| Status::invalid_argument("no HTTP request in the check"))?;
+        // `header_map` (encode_raw_headers) keeps repeated headers apart; else the map.
+        let pairs: Vec<(&str, &[u8])> = match &http.header_map {
+            Some(map) => envoy::header_pairs(Some(map)),
+            None => http
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_bytes()))
+                .collect(),
+        };
+        // `http.id` is Envoy's stream id; the access log joins on x-request-id.
+        let request_id = envoy::request_id(&pairs);
+        let view = RequestView {
+            method: &http.method,
+            path: &http.path,
+            headers: &pairs,
+        };
+        let body = if has_no_body(&pairs, &http.protocol) {
+            Body::Empty
+        } else {
+            // Not sent to ext_authz: a rule that would judge it cannot decide.
+            Body::Unread
+        };
+        let mut decision = decide(&self.shared.policy.load(), &view, &body, now_unix());
+        let needs = match (&decision.outcome, &decision.charge) {
+            (Outcome::NeedBody, _) => Some("its rules read the request body"),
+            (Outcome::Forward(_), Some(_)) => Some("its cost is read from responses"),
+            _ => None,
+        };
+        if let Some(why) = needs {
+            decision.charge = None;
+            decision.outcome = Outcome::Deny(Denial::NeedsExtProc {
+                proxy: decision.subject.proxy.clone().unwrap_or_default(),
+                why,
+            });
+        }
+        let asked = Asked {
+            request_id: &request_id,
+            method: &http.method,
+            path: &http.path,
+        };
+        conclude(&self.shared, &mut decision, &asked, started).await;
+        Ok(Response::new(match decision.outcome {
+            Outcome::Forward(forward) => envoy::check_allow(forward, decision.rate),
+            Outcome::Deny(denial) => {
+                tracing::info!(
+                    request_id,
+                    proxy = decision.subject.proxy.as_deref(),
+                    credential = decision.subject.credential.as_deref(),
+                    decision = denial.kind(),
+                    "request denied"
+                );
+                envoy::check_deny(&denial, &request_id)
+            }
+            Outcome::NeedBody => unreachable!("replaced above"),
+        }))
+    }
+}
+
+/// Whether the request certainly has no body. ext_authz does not say; HTTP/1.1 does:
+/// without `content-length` or `transfer-encoding` there is none. HTTP/2 may end the
+/// stream without either, so only an explicit zero length counts there.
+fn has_no_body(pairs: &[(&str, &[u8])], protocol: &str) -> bool {
+    let length = envoy::header_value(pairs, "content-length");
+    if length.is_some_and(|v| v.trim_ascii() == b"0") {
+        return true;
+    }
+    protocol.starts_with("HTTP/1")
+        && length.is_none()
+        && envoy::header_value(pairs, "transfer-encoding").is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_no_body;
+
+    #[test]
+    fn a_body_is_assumed_unless_the_request_rules_it_out() {
+        assert!(has_no_body(&[], "HTTP/1.1"));
+        assert!(has_no_body(&[("content-length", b"0")], "HTTP/2"));
+        assert!(!has_no_body(&[], "HTTP/2"));
+        assert!(!has_no_body(&[("content-length", b"12")], "HTTP/1.1"));
+        assert!(!has_no_body(
+            &[("transfer-encoding", b"chunked")],
+            "HTTP/1.1"
+        ));
+    }
+}
