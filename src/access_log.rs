@@ -11,17 +11,20 @@ use envoy_types::pb::envoy::service::accesslog::v3::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::audit::{AuditLog, Completed, Event};
+use std::sync::Arc;
+
+use crate::audit::{Completed, Event};
+use crate::state::Shared;
 
 pub struct AccessLog {
-    audit: AuditLog,
+    shared: Arc<Shared>,
     /// Becomes true at shutdown: Envoy never ends its log stream, so latchkey does.
     stopping: watch::Receiver<bool>,
 }
 
 impl AccessLog {
-    pub fn new(audit: AuditLog, stopping: watch::Receiver<bool>) -> Self {
-        Self { audit, stopping }
+    pub fn new(shared: Arc<Shared>, stopping: watch::Receiver<bool>) -> Self {
+        Self { shared, stopping }
     }
 }
 
@@ -44,8 +47,9 @@ impl AccessLogService for AccessLog {
             };
             for entry in &logs.log_entry {
                 if let Some(completed) = completion(entry) {
+                    self.shared.metrics.record_response(completed.status);
                     // Waits when the audit queue is full: Envoy buffers meanwhile.
-                    self.audit.record(Event::Completed(completed)).await;
+                    self.shared.audit.record(Event::Completed(completed)).await;
                 }
             }
         }

@@ -40,7 +40,7 @@ impl AdminService {
     async fn reload(&self) -> Result<(), Status> {
         let stored = self.store.load().await.map_err(internal)?;
         let policy = Policy::compile(&stored, &self.master).map_err(internal)?;
-        self.shared.policy.store(Arc::new(policy));
+        self.shared.install(policy);
         Ok(())
     }
 
@@ -168,7 +168,7 @@ impl Admin for AdminService {
         let changes = result.map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !req.dry_run && !changes.is_empty() {
             let policy = compiled.expect("compiled before commit");
-            self.shared.policy.store(Arc::new(policy));
+            self.shared.install(policy);
             tracing::info!(changes = changes.len(), "policy applied");
         }
         Ok(Response::new(ApplyResponse {

@@ -16,6 +16,7 @@ use sqlx::{Sqlite, Transaction};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::otel::Otlp;
 use crate::pipeline::{Asked, Decision, Outcome};
 use crate::state::now_unix_ms;
 use crate::store::{Store, StoreError};
@@ -33,6 +34,8 @@ const ORPHAN_TTL: Duration = Duration::from_secs(30);
 pub struct Decided {
     pub request_id: String,
     pub time_ms: i64,
+    /// How long latchkey took to decide, budgets included.
+    pub elapsed_us: u32,
     pub proxy: Option<Arc<str>>,
     pub target: Option<Arc<str>>,
     pub credential: Option<Arc<str>>,
@@ -47,7 +50,7 @@ pub struct Decided {
 }
 
 impl Decided {
-    pub fn of(asked: &Asked<'_>, decision: &Decision) -> Self {
+    pub fn of(asked: &Asked<'_>, decision: &Decision, elapsed: Duration) -> Self {
         let subject = &decision.subject;
         let (status, kind) = match &decision.outcome {
             Outcome::Deny(denial) => (Some(denial.http_status()), denial.kind()),
@@ -61,6 +64,7 @@ impl Decided {
         Decided {
             request_id: asked.request_id.to_owned(),
             time_ms: now_unix_ms(),
+            elapsed_us: u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX),
             proxy: subject.proxy.clone(),
             target: subject.target.clone(),
             credential: subject.credential.clone(),
@@ -106,6 +110,8 @@ pub struct AuditCounters {
     pub waited: Counter,
     pub dropped: Counter,
     pub write_errors: Counter,
+    /// Batches the OTLP exporter had no room for.
+    pub otlp_dropped: Counter,
 }
 
 /// The sending side, shared by everything that records.
@@ -123,18 +129,28 @@ pub struct AuditWriter {
 }
 
 impl AuditLog {
-    pub fn start(store: Store, counters: AuditCounters) -> (Self, AuditWriter) {
-        Self::with_capacity(store, counters, QUEUE_CAPACITY)
+    /// The writer also hands each written batch to the OTLP exporter, if there is one.
+    pub fn start(store: Store, counters: AuditCounters, otlp: Option<Otlp>) -> (Self, AuditWriter) {
+        Self::with_capacity(store, counters, otlp, QUEUE_CAPACITY)
     }
 
     pub fn with_capacity(
         store: Store,
         counters: AuditCounters,
+        otlp: Option<Otlp>,
         capacity: usize,
     ) -> (Self, AuditWriter) {
         let (tx, rx) = mpsc::channel(capacity);
         let stop = Arc::new(Notify::new());
-        let task = tokio::spawn(write_loop(store, rx, stop.clone(), counters.clone()));
+        let task = tokio::spawn({
+            let (stop, counters) = (stop.clone(), counters.clone());
+            async move {
+                write_loop(store, rx, stop, counters, otlp.as_ref()).await;
+                if let Some(otlp) = otlp {
+                    otlp.finish().await;
+                }
+            }
+        });
         (Self { tx, counters }, AuditWriter { stop, task })
     }
 
@@ -182,6 +198,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Event>,
     stop: Arc<Notify>,
     counters: AuditCounters,
+    otlp: Option<&Otlp>,
 ) {
     let mut batch: Vec<Event> = Vec::with_capacity(BATCH);
     let mut orphans: Vec<(Instant, Completed)> = Vec::new();
@@ -230,6 +247,9 @@ async fn write_loop(
             }
         };
         counters.written.inc_by((events.len() - retried) as u64);
+        if let Some(otlp) = otlp {
+            otlp.offer(&events[retried..]);
+        }
         let mut kept = Vec::with_capacity(unmatched.len());
         for i in unmatched {
             if let Event::Completed(c) = &events[i] {
@@ -365,7 +385,7 @@ mod tests {
     #[tokio::test]
     async fn completion_finds_its_decision_and_a_replayed_id_adds_a_row() {
         let (_dir, store) = store().await;
-        let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default());
+        let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
         for event in [
             decided("r1"),
             Event::Completed(Completed {
@@ -396,7 +416,7 @@ mod tests {
     async fn a_slow_store_makes_requests_wait_and_loses_nothing() {
         let (_dir, store) = store().await;
         let counters = AuditCounters::default();
-        let (log, writer) = AuditLog::with_capacity(store.clone(), counters.clone(), 4);
+        let (log, writer) = AuditLog::with_capacity(store.clone(), counters.clone(), None, 4);
         // Hold SQLite's write lock from another connection.
         let mut blocker = store.pool().acquire().await.unwrap();
         sqlx::query("BEGIN IMMEDIATE")
@@ -433,7 +453,7 @@ mod tests {
     async fn after_finish_an_event_is_counted_as_dropped() {
         let (_dir, store) = store().await;
         let counters = AuditCounters::default();
-        let (log, writer) = AuditLog::start(store.clone(), counters.clone());
+        let (log, writer) = AuditLog::start(store.clone(), counters.clone(), None);
         log.record(decided("before")).await;
         writer.finish().await;
         log.record(decided("after")).await;

@@ -153,7 +153,7 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn random_bytes<const N: usize>() -> [u8; N] {
+pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];
     getrandom::getrandom(&mut buf).expect("the operating system's random source failed");
     buf
@@ -189,6 +189,14 @@ mod tests {
         *tampered.last_mut().unwrap() ^= 1;
         assert!(k.open("cred_1", &tampered, k.id()).is_err());
         assert!(k.open("cred_1", &sealed[..5], k.id()).is_err());
+    }
+
+    #[test]
+    fn a_master_key_prints_only_its_id() {
+        let text = MasterKey::generate();
+        let key = MasterKey::parse(&text).unwrap();
+        let printed = format!("{key:?}");
+        assert!(printed.contains("<redacted>") && !printed.contains(text.trim()));
     }
 
     #[test]

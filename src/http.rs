@@ -1,8 +1,10 @@
 //! The plain HTTP endpoints: `/healthz` (the process answers), `/readyz` (a policy is
-//! loaded and the gRPC servers are up) and `/metrics` (Prometheus text).
+//! loaded, the gRPC servers are up and the store answers) and `/metrics` (Prometheus
+//! text).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -11,11 +13,13 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::state::Shared;
+use crate::store::Store;
 
 #[derive(Clone)]
 pub struct HttpState {
     pub shared: Arc<Shared>,
     pub ready: Arc<AtomicBool>,
+    pub store: Store,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -27,10 +31,16 @@ pub fn router(state: HttpState) -> Router {
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    if !state.ready.load(Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
+    }
+    // The request path never needs the store, but policy changes and the audit do.
+    match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store does not answer\n",
+        ),
     }
 }
 

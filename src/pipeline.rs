@@ -105,7 +105,11 @@ pub async fn conclude(
     shared.metrics.observe_decision(started.elapsed());
     shared
         .audit
-        .record(Event::Decided(Decided::of(asked, decision)))
+        .record(Event::Decided(Decided::of(
+            asked,
+            decision,
+            started.elapsed(),
+        )))
         .await;
 }
 

@@ -436,3 +436,19 @@ impl Policy {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_print_redacted_wherever_they_sit() {
+        let injection = Injection::Header {
+            name: "authorization".into(),
+            value: Secret(Zeroizing::new(b"Bearer sk_live_123".to_vec())),
+        };
+        let printed = format!("{injection:?} {:?}", Secret(Zeroizing::new(b"pw".to_vec())));
+        assert!(!printed.contains("sk_live_123") && !printed.contains("pw\""));
+        assert!(printed.contains("<redacted>"));
+    }
+}

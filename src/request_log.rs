@@ -282,7 +282,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("log.db").display());
         let store = Store::open(&url).await.unwrap();
-        let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default());
+        let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
         let hour = 3_600_000;
         let base = 1_700_000_000_000 / hour * hour;
         for i in 0..10i64 {

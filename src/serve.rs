@@ -24,6 +24,7 @@ use crate::crypto::MasterKey;
 use crate::ext_authz::ExtAuthz;
 use crate::ext_proc::ExtProc;
 use crate::http::{HttpState, router};
+use crate::otel::{Otlp, OtlpConfig};
 use crate::pb::admin_server::AdminServer;
 use crate::policy::Policy;
 use crate::spend::{LocalSpend, RedisSpend, Spend};
@@ -113,7 +114,13 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         ),
     };
     let metrics = Metrics::default();
-    let (audit, audit_writer) = AuditLog::start(store.clone(), metrics.audit.clone());
+    let otlp = OtlpConfig::from_env(|k| std::env::var(k).ok())
+        .map(|config| {
+            tracing::info!(traces = ?config.traces, logs = ?config.logs, "exporting to OTLP");
+            Otlp::start(config, metrics.audit.otlp_dropped.clone())
+        })
+        .transpose()?;
+    let (audit, audit_writer) = AuditLog::start(store.clone(), metrics.audit.clone(), otlp);
     let shared = Arc::new(Shared::new(policy, budgets, spend, audit.clone(), metrics));
     let retention = (cfg.audit_retention_days > 0)
         .then(|| tokio::spawn(prune_forever(store.clone(), cfg.audit_retention_days)));
@@ -128,15 +135,19 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .add_service(ExternalProcessorServer::new(ExtProc::new(shared.clone())))
         .add_service(AuthorizationServer::new(ExtAuthz::new(shared.clone())))
         .add_service(AccessLogServiceServer::new(AccessLog::new(
-            audit,
+            shared.clone(),
             stop_rx.clone(),
         )))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
-    let admin_service =
-        AdminService::new(shared.clone(), store, master, cfg.mode == Mode::ExtAuthz);
+    let admin_service = AdminService::new(
+        shared.clone(),
+        store.clone(),
+        master,
+        cfg.mode == Mode::ExtAuthz,
+    );
     let admin_auth = AdminAuth::new(cfg.admin_token.as_deref().map(String::as_str));
     if cfg.admin_token.is_none() {
         tracing::warn!("LATCHKEY_ADMIN_TOKEN is not set: the admin API refuses every call");
@@ -149,6 +160,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         router(HttpState {
             shared: shared.clone(),
             ready: ready.clone(),
+            store: store.clone(),
         }),
     )
     .with_graceful_shutdown(stopped(stop_rx));

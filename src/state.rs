@@ -30,6 +30,7 @@ impl Shared {
         audit: AuditLog,
         metrics: Metrics,
     ) -> Self {
+        metrics.policy_version.set(1);
         Self {
             policy: ArcSwap::from_pointee(policy),
             budgets,
@@ -37,6 +38,12 @@ impl Shared {
             audit,
             metrics,
         }
+    }
+
+    /// Puts a new policy into effect for the next request.
+    pub fn install(&self, policy: Policy) {
+        self.policy.store(std::sync::Arc::new(policy));
+        self.metrics.policy_version.inc();
     }
 }
 
@@ -47,9 +54,18 @@ struct DecisionLabels {
     decision: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    /// `2xx` … `5xx`, or `none` when the client left before any status.
+    class: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
+    responses: Family<StatusLabels, Counter>,
+    /// Bumped by every policy change a replica takes in.
+    pub policy_version: Gauge,
     decision_seconds: Histogram,
     pub audit: AuditCounters,
     audit_queued: Gauge,
@@ -63,6 +79,18 @@ impl Default for Metrics {
             "decisions",
             "Requests decided, by proxy and decision",
             decisions.clone(),
+        );
+        let responses = Family::<StatusLabels, Counter>::default();
+        registry.register(
+            "responses",
+            "Finished requests by the status class the agent got, from Envoy's access log",
+            responses.clone(),
+        );
+        let policy_version = Gauge::default();
+        registry.register(
+            "policy_version",
+            "Policy changes taken in since start (1 = the policy loaded at start)",
+            policy_version.clone(),
         );
         // 5 µs to 40 ms: latchkey's own time per decision, budgets included.
         let decision_seconds = Histogram::new(exponential_buckets(5e-6, 2.0, 14));
@@ -92,6 +120,11 @@ impl Default for Metrics {
             "Failed audit batch writes (each is retried)",
             audit.write_errors.clone(),
         );
+        registry.register(
+            "otlp_batches_dropped",
+            "Telemetry batches dropped because the OTLP collector fell behind",
+            audit.otlp_dropped.clone(),
+        );
         let audit_queued = Gauge::default();
         registry.register(
             "audit_queue_depth",
@@ -101,6 +134,8 @@ impl Default for Metrics {
         Self {
             registry,
             decisions,
+            responses,
+            policy_version,
             decision_seconds,
             audit,
             audit_queued,
@@ -124,6 +159,18 @@ impl Metrics {
             },
         };
         self.decisions.get_or_create(&labels).inc();
+    }
+
+    pub fn record_response(&self, status: Option<u16>) {
+        let class = match status.map(|s| s / 100) {
+            Some(1) => "1xx",
+            Some(2) => "2xx",
+            Some(3) => "3xx",
+            Some(4) => "4xx",
+            Some(5) => "5xx",
+            _ => "none",
+        };
+        self.responses.get_or_create(&StatusLabels { class }).inc();
     }
 
     pub fn observe_decision(&self, elapsed: std::time::Duration) {

@@ -328,6 +328,11 @@ impl Store {
         Ok(Self { pool })
     }
 
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// For the request log, which keeps its own SQL beside its own types.
     pub(crate) fn pool(&self) -> &SqlitePool {
         &self.pool

@@ -226,6 +226,13 @@ async fn every_request_is_recorded_allowed_or_denied_and_completed_by_envoy() {
         .unwrap();
     assert!(metrics.contains("latchkey_audit_events_written_total"));
     assert!(metrics.contains("latchkey_decision_seconds_bucket"));
+    assert!(
+        metrics.contains(r#"latchkey_responses_total{class="2xx"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"latchkey_responses_total{class="4xx"} 3"#));
+    assert!(metrics.contains(r#"latchkey_responses_total{class="5xx"} 1"#));
+    assert!(metrics.contains("latchkey_policy_version 2"), "start + one apply");
     assert!(!metrics.contains(SECRET) && !metrics.contains(AGENT_KEY));
     assert!(!stack.log("latchkey").contains(SECRET));
     assert!(!stack.log("latchkey").contains(AGENT_KEY));
@@ -305,4 +312,141 @@ async fn sigterm_flushes_every_record_before_exit() {
         "every decision was written before exit"
     );
     assert!(records.iter().all(|r| r.decision == "allow"));
+}
+
+async fn all_records(stack: &Stack) -> Vec<latchkey::request_log::Entry> {
+    let url = format!("sqlite://{}", stack.db_path().display());
+    let store = latchkey::store::Store::open(&url).await.unwrap();
+    latchkey::request_log::list(
+        &store,
+        &latchkey::request_log::Filter::default(),
+        latchkey::request_log::MAX_LIMIT,
+        None,
+    )
+    .await
+    .unwrap()
+}
+
+/// Sends `n` requests, `concurrency` at a time, alternating allowed GETs and denied
+/// DELETEs; returns the request ids latchkey answered (from the upstream's view for
+/// allowed requests and from the denial body for denied ones) and the count of
+/// requests Envoy refused without latchkey (fail closed, e.g. during shutdown).
+async fn load(
+    stack: &Stack,
+    upstream: &Upstream,
+    n: usize,
+    concurrency: usize,
+) -> (Vec<String>, usize) {
+    use futures_util::StreamExt;
+    let c = client();
+    let results: Vec<Option<String>> = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let c = c.clone();
+            let method = if i % 2 == 0 { "GET" } else { "DELETE" };
+            let url = stack.url(&format!("/vendor/v1/load/{i}"));
+            async move {
+                let response = c
+                    .request(method.parse().unwrap(), url)
+                    .header("authorization", format!("Bearer {AGENT_KEY}"))
+                    .send()
+                    .await
+                    .ok()?;
+                let decided = response.headers().contains_key("x-latchkey-decision");
+                let status = response.status().as_u16();
+                let body: serde_json::Value = response.json().await.ok()?;
+                match (status, decided) {
+                    (403, true) => body["error"]["request_id"].as_str().map(str::to_owned),
+                    (200, false) => Some(String::new()),
+                    _ => None,
+                }
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let refused = results.iter().filter(|r| r.is_none()).count();
+    let mut ids: Vec<String> = results
+        .into_iter()
+        .flatten()
+        .filter(|id| !id.is_empty())
+        .collect();
+    ids.extend(
+        upstream
+            .take()
+            .iter()
+            .filter_map(|s| s.header("x-request-id").map(str::to_owned)),
+    );
+    (ids, refused)
+}
+
+#[tokio::test]
+async fn ten_thousand_concurrent_requests_make_ten_thousand_records() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&policy(&upstream.url()), &env());
+    let n = 10_000;
+    let (ids, refused) = load(&stack, &upstream, n, 32).await;
+    assert_eq!(refused, 0);
+    assert_eq!(ids.len(), n);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let records = loop {
+        let records = all_records(&stack).await;
+        if records.len() >= n && records.iter().all(|r| r.status.is_some()) {
+            break records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} records",
+            records.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(records.len(), n, "one record per request, no more");
+    let recorded: std::collections::HashSet<&str> =
+        records.iter().map(|r| r.request_id.as_str()).collect();
+    assert!(ids.iter().all(|id| recorded.contains(id.as_str())));
+    let denied = records
+        .iter()
+        .filter(|r| r.decision == "rule_denied")
+        .count();
+    assert_eq!(denied, n / 2);
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.decision == "allow")
+            .all(|r| r.upstream_status == Some(200))
+    );
+}
+
+#[tokio::test]
+async fn sigterm_under_load_loses_no_record() {
+    let upstream = Upstream::start().await;
+    let mut stack = Stack::start().await;
+    stack.apply(&policy(&upstream.url()), &env());
+    let (answered, _) = tokio::join!(load(&stack, &upstream, 3_000, 16), async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        stack.signal_latchkey("TERM");
+    });
+    let (ids, refused) = answered;
+    assert!(
+        !ids.is_empty(),
+        "some requests were answered before the stop"
+    );
+    assert!(refused > 0, "and some were refused after it: fail closed");
+    // Wait for the process to be gone, then read what it wrote.
+    let status = stack.wait_latchkey();
+    assert!(status.success(), "{status}");
+    let records = all_records(&stack).await;
+    let recorded: std::collections::HashSet<&str> =
+        records.iter().map(|r| r.request_id.as_str()).collect();
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|id| !recorded.contains(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} answered requests without a record, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
 }

@@ -284,13 +284,25 @@ impl Stack {
 
     /// SIGTERM, as Kubernetes stops a pod; waits for the exit and returns its status.
     pub fn terminate_latchkey(&mut self) -> std::process::ExitStatus {
-        let mut child = self.latchkey.take().expect("latchkey is running");
+        self.signal_latchkey("TERM");
+        self.wait_latchkey()
+    }
+
+    pub fn signal_latchkey(&self, signal: &str) {
+        let child = self.latchkey.as_ref().expect("latchkey is running");
         let sent = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([format!("-{signal}"), child.id().to_string()])
             .status()
             .unwrap();
         assert!(sent.success());
-        child.wait().unwrap()
+    }
+
+    pub fn wait_latchkey(&mut self) -> std::process::ExitStatus {
+        self.latchkey
+            .take()
+            .expect("latchkey is running")
+            .wait()
+            .unwrap()
     }
 
     pub fn kill_latchkey(&mut self) {

@@ -6,4 +6,5 @@ mod budgets;
 mod common;
 mod data_plane;
 mod ext_authz;
+mod observability;
 mod rules;

@@ -1,0 +1,285 @@
+//! OpenTelemetry export to a real OTLP/gRPC receiver (the collector's own protobuf
+//! services, served here), and secret hygiene across every output of a full scenario.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
+    LogsService, LogsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
+
+use crate::common::{Stack, Upstream, client, denial};
+
+const AGENT_KEY: &str = "lk_otelAgentKEY0000000000000001";
+const SECRET: &str = "sk_live_OTEL_secret_value_4242";
+
+#[derive(Clone, Default)]
+struct Collector {
+    traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    logs: Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.traces.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        self.logs.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    async fn start() -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let collector = Collector::default();
+        let server = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .add_service(LogsServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        (collector, format!("http://{addr}"))
+    }
+
+    fn spans(&self) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
+        self.traces
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.resource_spans)
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| s.spans.clone())
+            .collect()
+    }
+
+    fn records(&self) -> Vec<opentelemetry_proto::tonic::logs::v1::LogRecord> {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| &r.resource_logs)
+            .flat_map(|r| &r.scope_logs)
+            .flat_map(|s| s.log_records.clone())
+            .collect()
+    }
+
+    fn dump(&self) -> String {
+        format!(
+            "{:?}\n{:?}",
+            self.traces.lock().unwrap(),
+            self.logs.lock().unwrap()
+        )
+    }
+}
+
+fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
+    attrs
+        .iter()
+        .find(|a| a.key == key)
+        .and_then(|a| a.value.as_ref()?.value.as_ref())
+}
+
+fn text(attrs: &[KeyValue], key: &str) -> String {
+    match attr(attrs, key) {
+        Some(Value::StringValue(s)) => s.clone(),
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+fn policy(upstream: &str) -> String {
+    format!(
+        r#"
+targets:
+  - {{ name: vendor, url: "{upstream}" }}
+credentials:
+  - {{ name: vendor-cred, type: target, auth: bearer, secret: {{ env: SECRET }} }}
+  - {{ name: agent, type: proxy, keys: [{{ env: AGENT_KEY }}] }}
+proxies:
+  - name: api
+    target: vendor
+    target_credential: vendor-cred
+    proxy_credentials: [agent]
+    default_effect: deny
+    limits: {{ requests_per_minute: 1000 }}
+rules:
+  - {{ proxy: api, id: reads, effect: allow, methods: [GET], path: "^/v1/" }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn spans_and_audit_logs_reach_an_otlp_collector_and_no_secret_goes_anywhere() {
+    let (collector, endpoint) = Collector::start().await;
+    let upstream = Upstream::start().await;
+    let stack = Stack::start_configured(
+        |c| c,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_SERVICE_NAME", "latchkey-test"),
+            // Everything latchkey and its libraries would say, to search it all.
+            ("RUST_LOG", "debug"),
+        ],
+    )
+    .await;
+    let env = [("SECRET", SECRET), ("AGENT_KEY", AGENT_KEY)];
+    stack.apply(&policy(&upstream.url()), &env);
+    let http = client();
+    let ok = http
+        .get(stack.url("/api/v1/things"))
+        .bearer_auth(AGENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let ok_body = ok.text().await.unwrap();
+    let (_, _, denied_body) = denial(
+        http.post(stack.url("/api/v1/things"))
+            .bearer_auth(AGENT_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let (_, _, bad_key_body) = denial(
+        http.get(stack.url("/api/v1/things"))
+            .bearer_auth(format!("{AGENT_KEY}x"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let allowed_id = upstream.take()[0]
+        .header("x-request-id")
+        .unwrap()
+        .to_owned();
+
+    // Two decisions by a known key plus one by an unknown one: three spans, and log
+    // records for the decisions and the completions.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while collector.spans().len() < 3
+        || collector
+            .records()
+            .iter()
+            .filter(|r| r.event_name == "latchkey.request.completed")
+            .count()
+            < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the collector got: {}",
+            collector.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spans = collector.spans();
+    let allowed = spans
+        .iter()
+        .find(|s| text(&s.attributes, "latchkey.request_id") == allowed_id)
+        .expect("a span for the allowed request");
+    assert_eq!(text(&allowed.attributes, "latchkey.proxy"), "api");
+    assert_eq!(text(&allowed.attributes, "latchkey.credential"), "agent");
+    assert_eq!(text(&allowed.attributes, "latchkey.decision"), "allow");
+    assert_eq!(text(&allowed.attributes, "latchkey.rule_id"), "reads");
+    assert!(allowed.end_time_unix_nano >= allowed.start_time_unix_nano);
+    let denied = spans
+        .iter()
+        .find(|s| text(&s.attributes, "latchkey.decision") == "rule_denied")
+        .unwrap();
+    assert_eq!(
+        attr(&denied.attributes, "http.response.status_code"),
+        Some(&Value::IntValue(403))
+    );
+    let service = collector.traces.lock().unwrap()[0].resource_spans[0]
+        .resource
+        .clone()
+        .unwrap();
+    assert_eq!(text(&service.attributes, "service.name"), "latchkey-test");
+    let decided = collector
+        .records()
+        .into_iter()
+        .find(|r| {
+            r.event_name == "latchkey.request.decided"
+                && text(&r.attributes, "latchkey.request_id") == allowed_id
+        })
+        .expect("the audit record as a log record");
+    assert_eq!(decided.span_id, allowed.span_id);
+    let completed = collector
+        .records()
+        .into_iter()
+        .find(|r| {
+            r.event_name == "latchkey.request.completed"
+                && text(&r.attributes, "latchkey.request_id") == allowed_id
+        })
+        .unwrap();
+    assert_eq!(
+        attr(&completed.attributes, "latchkey.upstream_status"),
+        Some(&Value::IntValue(200))
+    );
+
+    // Secret hygiene: every output of the scenario, searched for the upstream secret and
+    // the proxy key.
+    let metrics = http
+        .get(format!("http://127.0.0.1:{}/metrics", stack.http_port))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let requests = stack.cli(&["requests", "--json"], &[]);
+    let telemetry = stack.cli(&["telemetry", "--json"], &[]);
+    let keys = stack.cli(&["key", "list", "--json"], &[]);
+    // SQLite in WAL mode: the newest pages may still be in the -wal file.
+    let mut db = std::fs::read(stack.db_path()).unwrap();
+    let wal = stack.db_path().with_extension("db-wal");
+    db.extend(std::fs::read(wal).unwrap_or_default());
+    let outputs = [
+        ("latchkey log (debug)", stack.log("latchkey")),
+        ("envoy log", stack.log("envoy")),
+        ("metrics", metrics),
+        ("OTLP exports", collector.dump()),
+        ("requests", String::from_utf8_lossy(&requests.stdout).into()),
+        (
+            "telemetry",
+            String::from_utf8_lossy(&telemetry.stdout).into(),
+        ),
+        ("key list", String::from_utf8_lossy(&keys.stdout).into()),
+        ("database", String::from_utf8_lossy(&db).into()),
+        ("allowed body", ok_body),
+        ("denial body", denied_body.to_string()),
+        ("bad key body", bad_key_body.to_string()),
+    ];
+    assert!(
+        outputs[0].1.contains("DEBUG"),
+        "the log really is at debug level"
+    );
+    for (what, text) in &outputs {
+        assert!(!text.is_empty() || *what == "envoy log", "{what} is empty");
+        for secret in [SECRET, AGENT_KEY] {
+            assert!(!text.contains(secret), "{secret} leaked into the {what}");
+        }
+    }
+}
