@@ -232,7 +232,27 @@ async fn every_request_is_recorded_allowed_or_denied_and_completed_by_envoy() {
     );
     assert!(metrics.contains(r#"latchkey_responses_total{class="4xx"} 3"#));
     assert!(metrics.contains(r#"latchkey_responses_total{class="5xx"} 1"#));
-    assert!(metrics.contains("latchkey_policy_version 2"), "start + one apply");
+    assert!(
+        metrics.contains("latchkey_policy_version 2"),
+        "start + one apply"
+    );
+    // The shipped dashboard charts only metrics that exist.
+    let dashboard = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana-dashboard.json"),
+    )
+    .unwrap();
+    let names = regex::Regex::new(r"latchkey_[a-z_]+").unwrap();
+    let families: Vec<&str> = names.find_iter(&dashboard).map(|m| m.as_str()).collect();
+    assert!(families.len() >= 10);
+    for name in families {
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name, |n, suffix| n.strip_suffix(suffix).unwrap_or(n));
+        assert!(
+            metrics.contains(&format!("# TYPE {family} ")),
+            "the dashboard charts {name}, which /metrics does not have"
+        );
+    }
     assert!(!metrics.contains(SECRET) && !metrics.contains(AGENT_KEY));
     assert!(!stack.log("latchkey").contains(SECRET));
     assert!(!stack.log("latchkey").contains(AGENT_KEY));
