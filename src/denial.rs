@@ -39,6 +39,8 @@ pub enum Denial {
     SpendCapExceeded { what: String, retry_after_s: u64 },
     #[error("{0} requests of this spend-capped key are already in flight; retry in 1 s")]
     TooManyInFlight(u64),
+    #[error("the upstream credential of proxy {0:?} could not be obtained; retry later")]
+    CredentialUnavailable(Arc<str>),
     #[error(
         "proxy {proxy:?} needs Envoy's ext_proc filter ({why}); this request came through ext_authz"
     )]
@@ -64,6 +66,7 @@ impl Denial {
             Denial::SpendCapExceeded { .. } => "spend_cap_exceeded",
             Denial::BudgetUnavailable => "budget_unavailable",
             Denial::NeedsExtProc { .. } => "needs_ext_proc",
+            Denial::CredentialUnavailable(_) => "credential_unavailable",
         }
     }
 
@@ -85,6 +88,7 @@ impl Denial {
             | Denial::SpendCapExceeded { .. } => 429,
             Denial::BudgetUnavailable => 503,
             Denial::NeedsExtProc { .. } => 500,
+            Denial::CredentialUnavailable(_) => 503,
         }
     }
 
@@ -94,6 +98,7 @@ impl Denial {
             Denial::RateLimited { retry_after_s, .. }
             | Denial::SpendCapExceeded { retry_after_s, .. } => Some(*retry_after_s),
             Denial::TooManyInFlight(_) => Some(1),
+            Denial::CredentialUnavailable(_) => Some(5),
             _ => None,
         }
     }

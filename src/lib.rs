@@ -19,6 +19,7 @@ pub mod ext_proc;
 pub mod http;
 pub mod keys;
 pub mod mutate;
+pub mod oauth2;
 pub mod otel;
 pub mod pipeline;
 pub mod policy;

@@ -68,6 +68,17 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, headers: &[(&str, &[u8])]) -> F
                 path.push_str(q);
             }
         }
+        Injection::OAuth2(_) => {
+            // The token is set once fetched (`pipeline::conclude`); whatever the client
+            // sent goes.
+            if !remove.iter().any(|r| r == "authorization") {
+                remove.push("authorization".to_owned());
+            }
+            if let Some(q) = route.query {
+                path.push('?');
+                path.push_str(q);
+            }
+        }
         Injection::Query { param, value } => {
             // A client-sent parameter of the same name must not ride along or win.
             let mut sep = '?';

@@ -9,8 +9,9 @@ use crate::budget::{Admission, Budgets, Limit};
 use crate::denial::Denial;
 use crate::keys;
 use crate::mutate::{self, Forward};
-use crate::policy::CostSpec;
+use crate::oauth2::TokenSource;
 use crate::policy::Policy;
+use crate::policy::{CostSpec, Injection};
 use crate::route::route;
 use crate::rules::{self, Body, Facts, RuleList, Verdict};
 use crate::spend::{Account, MAX_IN_FLIGHT, Refusal, Spend};
@@ -66,6 +67,8 @@ pub struct Decision {
     pub rate: Option<(u32, u32)>,
     /// What the response will cost and whom it is charged to, on priced proxies.
     pub charge: Option<Charge>,
+    /// Where the credential comes from when it is fetched per request (OAuth2).
+    pub token: Option<Arc<TokenSource>>,
 }
 
 /// A priced request's accounts: its key's and, if capped, its credential's for the day.
@@ -101,6 +104,7 @@ pub async fn conclude(
     started: Instant,
 ) {
     admit(&shared.budgets, &shared.spend, decision).await;
+    inject_token(decision).await;
     shared.metrics.record(decision);
     shared.metrics.observe_decision(started.elapsed());
     shared
@@ -111,6 +115,23 @@ pub async fn conclude(
             started.elapsed(),
         )))
         .await;
+}
+
+/// Step 6 for fetched credentials: the token goes in last, once the request is admitted.
+async fn inject_token(decision: &mut Decision) {
+    let (Outcome::Forward(forward), Some(source)) = (&mut decision.outcome, &decision.token) else {
+        return;
+    };
+    match source.header().await {
+        Ok(value) => forward
+            .set
+            .push((std::borrow::Cow::Borrowed("authorization"), value.to_vec())),
+        Err(e) => {
+            let proxy = decision.subject.proxy.clone().unwrap_or_default();
+            tracing::warn!(proxy = %proxy, error = %e, "no upstream token; refusing the request");
+            decision.outcome = Outcome::Deny(Denial::CredentialUnavailable(proxy));
+        }
+    }
 }
 
 /// Step 5, budgets: counts an allowed request against its limits, or refuses it. Apart
@@ -198,6 +219,7 @@ pub fn decide_as(
         limits: Vec::new(),
         rate: None,
         charge: None,
+        token: None,
     };
     decision.outcome = match run(policy, req, body, caller, now, &mut decision) {
         Ok(Some(forward)) => Outcome::Forward(forward),
@@ -223,6 +245,7 @@ fn run(
         subject,
         limits,
         charge,
+        token,
         ..
     } = decision;
     let route = route(req.path)?;
@@ -295,6 +318,9 @@ fn run(
         Verdict::NeedBody => Ok(None),
         Verdict::Allow(rule) => {
             subject.rule_id = rule.map(|r| r.id.clone());
+            if let Injection::OAuth2(source) = &*proxy.injection {
+                *token = Some(source.clone());
+            }
             Ok(Some(mutate::forward(proxy, &route, req.headers)))
         }
     }

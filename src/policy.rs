@@ -52,6 +52,8 @@ pub enum Injection {
     Header { name: String, value: Secret },
     /// A query parameter; name and value already percent-encoded.
     Query { param: String, value: Secret },
+    /// `Authorization: Bearer` with a token fetched for the request (`oauth2.rs`).
+    OAuth2(Arc<crate::oauth2::TokenSource>),
 }
 
 #[derive(Debug)]
@@ -295,10 +297,17 @@ impl Policy {
                             )),
                         },
                         AuthKind::Oauth2ClientCredentials => {
-                            return Err(invalid(format!(
-                                "credential {:?}: oauth2_client_credentials is not supported yet",
-                                c.name
-                            )));
+                            Injection::OAuth2(crate::oauth2::source(
+                                &c.id,
+                                crate::oauth2::TokenConfig {
+                                    token_url: auth.token_url.clone().unwrap_or_default(),
+                                    client_id: auth.client_id.clone().unwrap_or_default(),
+                                    scopes: auth.scopes.clone().unwrap_or_default(),
+                                    client_auth: auth.client_auth.unwrap_or_default(),
+                                    params: auth.token_params.clone().unwrap_or_default(),
+                                },
+                                secret,
+                            ))
                         }
                     };
                     if let Injection::Header { value, .. } = &injection

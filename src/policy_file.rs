@@ -81,6 +81,12 @@ pub struct CredentialSpec {
     pub client_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
+    /// oauth2: `basic` (default) or `body`: how the client secret reaches the endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<crate::oauth2::ClientAuth>,
+    /// oauth2: extra form parameters of the token request, e.g. `audience`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_params: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<Vec<SecretRef>>,
     /// Proxy credentials: request limits across every proxy the credential uses.
@@ -564,6 +570,8 @@ impl CredentialSpec {
                     (self.token_url.is_some(), "token_url"),
                     (self.client_id.is_some(), "client_id"),
                     (self.scopes.is_some(), "scopes"),
+                    (self.client_auth.is_some(), "client_auth"),
+                    (self.token_params.is_some(), "token_params"),
                 ] {
                     present(
                         set,
@@ -599,11 +607,22 @@ impl CredentialSpec {
                 present(self.token_url.is_some(), "token_url", oauth)?;
                 present(self.client_id.is_some(), "client_id", oauth)?;
                 present(self.scopes.is_some() && !oauth, "scopes", false)?;
-                if oauth {
-                    return Err(
-                        "auth `oauth2_client_credentials` is not supported by this version yet"
-                            .into(),
-                    );
+                present(self.client_auth.is_some() && !oauth, "client_auth", false)?;
+                present(self.token_params.is_some() && !oauth, "token_params", false)?;
+                if let Some(url) = &self.token_url
+                    && !(url.starts_with("https://") || url.starts_with("http://"))
+                {
+                    return Err(format!("token_url: {url:?} is not an http(s) URL"));
+                }
+                for (k, _) in self.token_params.iter().flatten() {
+                    if matches!(
+                        k.as_str(),
+                        "grant_type" | "scope" | "client_id" | "client_secret"
+                    ) {
+                        return Err(format!(
+                            "token_params: {k:?} is set by latchkey, not by the policy"
+                        ));
+                    }
                 }
                 if let Some(h) = &self.header
                     && (h.is_empty()

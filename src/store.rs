@@ -52,6 +52,34 @@ pub struct AuthSpec {
     pub username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub param: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<crate::oauth2::ClientAuth>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_params: Option<BTreeMap<String, String>>,
+}
+
+impl AuthSpec {
+    /// An auth of this kind with none of its optional fields.
+    pub fn of(kind: AuthKind) -> Self {
+        Self {
+            kind,
+            header: None,
+            prefix: None,
+            username: None,
+            param: None,
+            token_url: None,
+            client_id: None,
+            scopes: None,
+            client_auth: None,
+            token_params: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +244,11 @@ impl Desired {
                     prefix: c.prefix.clone(),
                     username: c.username.clone(),
                     param: c.param.clone(),
+                    token_url: c.token_url.clone(),
+                    client_id: c.client_id.clone(),
+                    scopes: c.scopes.clone(),
+                    client_auth: c.client_auth,
+                    token_params: c.token_params.clone(),
                 }),
                 secret_ref: c.secret.clone(),
                 secret,

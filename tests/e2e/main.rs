@@ -6,5 +6,6 @@ mod budgets;
 mod common;
 mod data_plane;
 mod ext_authz;
+mod oauth2;
 mod observability;
 mod rules;
