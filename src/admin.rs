@@ -23,11 +23,13 @@ use crate::request_log::{self, Filter};
 use crate::rules::Body;
 use crate::state::Shared;
 use crate::store::{Desired, NewKey, Store, StoreError};
+use crate::sync::PolicySync;
 
 pub struct AdminService {
     shared: Arc<Shared>,
     store: Store,
     master: Arc<MasterKey>,
+    sync: Arc<PolicySync>,
     /// Policies are refused that ext_authz alone could not enforce.
     ext_authz_only: bool,
     /// One change at a time: each sees the state the previous one left.
@@ -35,25 +37,24 @@ pub struct AdminService {
 }
 
 impl AdminService {
-    /// Rebuilds the snapshot from the store and swaps it in: the change applies from the
-    /// next request on.
+    /// Takes a change made to the store into this replica's snapshot; the others take
+    /// it in through their own `PolicySync`.
     async fn reload(&self) -> Result<(), Status> {
-        let stored = self.store.load().await.map_err(internal)?;
-        let policy = Policy::compile(&stored, &self.master).map_err(internal)?;
-        self.shared.install(policy);
-        Ok(())
+        self.sync.reload().await.map_err(internal)
     }
 
     pub fn new(
         shared: Arc<Shared>,
         store: Store,
         master: Arc<MasterKey>,
+        sync: Arc<PolicySync>,
         ext_authz_only: bool,
     ) -> Self {
         Self {
             shared,
             store,
             master,
+            sync,
             ext_authz_only,
             write_lock: Mutex::new(()),
         }
@@ -165,11 +166,12 @@ impl Admin for AdminService {
                 tracing::error!(error = %e, "apply failed");
                 Status::internal(format!("apply failed, nothing changed: {e}"))
             })?;
-        let changes = result.map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !req.dry_run && !changes.is_empty() {
+        let (changes, version) = result.map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(version) = version {
             let policy = compiled.expect("compiled before commit");
             self.shared.install(policy);
-            tracing::info!(changes = changes.len(), "policy applied");
+            self.sync.installed(version);
+            tracing::info!(changes = changes.len(), version, "policy applied");
         }
         Ok(Response::new(ApplyResponse {
             changes: changes

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
-use sqlx::{Sqlite, Transaction};
+use sqlx::{Any, Transaction};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
@@ -284,11 +284,11 @@ async fn write(store: &Store, events: &[Event]) -> Result<Vec<usize>, StoreError
     Ok(unmatched)
 }
 
-async fn insert(tx: &mut Transaction<'_, Sqlite>, d: &Decided) -> Result<bool, StoreError> {
+async fn insert(tx: &mut Transaction<'_, Any>, d: &Decided) -> Result<bool, StoreError> {
     sqlx::query(
         "INSERT INTO requests (request_id, time_ms, proxy, target, credential, key_id,
                                run_label, method, path, status, decision, rule_id)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(&d.request_id)
     .bind(d.time_ms)
@@ -299,7 +299,7 @@ async fn insert(tx: &mut Transaction<'_, Sqlite>, d: &Decided) -> Result<bool, S
     .bind(d.run_label.as_deref())
     .bind(&d.method)
     .bind(&d.path)
-    .bind(d.status)
+    .bind(d.status.map(i64::from))
     .bind(d.decision)
     .bind(d.rule_id.as_deref())
     .execute(&mut **tx)
@@ -309,18 +309,18 @@ async fn insert(tx: &mut Transaction<'_, Sqlite>, d: &Decided) -> Result<bool, S
 
 /// The newest row of a request id not yet completed: a client that replays an id can
 /// not rewrite an older record.
-async fn complete(tx: &mut Transaction<'_, Sqlite>, c: &Completed) -> Result<bool, StoreError> {
+async fn complete(tx: &mut Transaction<'_, Any>, c: &Completed) -> Result<bool, StoreError> {
     let done = sqlx::query(
-        "UPDATE requests SET status = COALESCE(?, status), upstream_status = ?, latency_ms = ?,
-                bytes_in = ?, bytes_out = ?, retries = ?, completed = 1
-         WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = ? AND completed = 0)",
+        "UPDATE requests SET status = COALESCE($1, status), upstream_status = $2, latency_ms = $3,
+                bytes_in = $4, bytes_out = $5, retries = $6, completed = 1
+         WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = $7 AND completed = 0)",
     )
-    .bind(c.status)
-    .bind(c.upstream_status)
+    .bind(c.status.map(i64::from))
+    .bind(c.upstream_status.map(i64::from))
     .bind(c.latency_ms)
     .bind(i64::try_from(c.bytes_in).unwrap_or(i64::MAX))
     .bind(i64::try_from(c.bytes_out).unwrap_or(i64::MAX))
-    .bind(c.retries)
+    .bind(i64::from(c.retries))
     .bind(&c.request_id)
     .execute(&mut **tx)
     .await?;
@@ -328,13 +328,13 @@ async fn complete(tx: &mut Transaction<'_, Sqlite>, c: &Completed) -> Result<boo
 }
 
 async fn charge(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     request_id: &str,
     key_id: &str,
     micros: u64,
 ) -> Result<bool, StoreError> {
     let usd = crate::spend::to_usd(micros);
-    sqlx::query("UPDATE proxy_keys SET spent_usd = spent_usd + ? WHERE id = ?")
+    sqlx::query("UPDATE proxy_keys SET spent_usd = spent_usd + $1 WHERE id = $2")
         .bind(usd)
         .bind(key_id)
         .execute(&mut **tx)
@@ -342,8 +342,8 @@ async fn charge(
     // The key's spend is what matters; a record that is gone (retention) is no reason
     // to retry.
     sqlx::query(
-        "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + ?
-         WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = ? AND key_id = ?)",
+        "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + $1
+         WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = $2 AND key_id = $3)",
     )
     .bind(usd)
     .bind(request_id)
@@ -357,12 +357,7 @@ async fn charge(
 mod tests {
     use super::*;
 
-    async fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("audit.db").display());
-        let store = Store::open(&url).await.unwrap();
-        (dir, store)
-    }
+    use crate::store::{Backend, testing};
 
     fn decided(id: &str) -> Event {
         Event::Decided(Decided {
@@ -384,7 +379,12 @@ mod tests {
 
     #[tokio::test]
     async fn completion_finds_its_decision_and_a_replayed_id_adds_a_row() {
-        let (_dir, store) = store().await;
+        for (_label, _scratch, store) in testing::stores().await {
+            completion_and_replay(store).await;
+        }
+    }
+
+    async fn completion_and_replay(store: Store) {
         let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
         for event in [
             decided("r1"),
@@ -414,15 +414,23 @@ mod tests {
     /// fills and the next request waits; once the store is free, every record lands.
     #[tokio::test]
     async fn a_slow_store_makes_requests_wait_and_loses_nothing() {
-        let (_dir, store) = store().await;
+        for (_label, _scratch, store) in testing::stores().await {
+            slow_store(store).await;
+        }
+    }
+
+    async fn slow_store(store: Store) {
         let counters = AuditCounters::default();
         let (log, writer) = AuditLog::with_capacity(store.clone(), counters.clone(), None, 4);
-        // Hold SQLite's write lock from another connection.
+        // Hold the write lock from another connection.
         let mut blocker = store.pool().acquire().await.unwrap();
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut *blocker)
-            .await
-            .unwrap();
+        let lock: &[&str] = match store.backend() {
+            Backend::Sqlite => &["BEGIN IMMEDIATE"],
+            Backend::Postgres => &["BEGIN", "LOCK TABLE requests IN ACCESS EXCLUSIVE MODE"],
+        };
+        for statement in lock {
+            sqlx::query(statement).execute(&mut *blocker).await.unwrap();
+        }
         let sender = tokio::spawn({
             let log = log.clone();
             async move {
@@ -451,7 +459,7 @@ mod tests {
 
     #[tokio::test]
     async fn after_finish_an_event_is_counted_as_dropped() {
-        let (_dir, store) = store().await;
+        let (_label, _scratch, store) = testing::stores().await.remove(0);
         let counters = AuditCounters::default();
         let (log, writer) = AuditLog::start(store.clone(), counters.clone(), None);
         log.record(decided("before")).await;

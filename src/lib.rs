@@ -31,6 +31,7 @@ pub mod serve;
 pub mod spend;
 pub mod state;
 pub mod store;
+pub mod sync;
 
 /// latchkey's admin API, generated from `proto/latchkey/admin/v1/admin.proto`.
 pub mod pb {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Row;
 
 use crate::store::{Store, StoreError};
 
@@ -72,8 +72,48 @@ pub struct Entry {
     pub retries: Option<u32>,
 }
 
-fn push_filter(q: &mut QueryBuilder<'_, Sqlite>, f: &Filter) {
-    q.push(" WHERE 1 = 1");
+/// A statement being built, with `$n` placeholders (the same in SQLite and PostgreSQL).
+#[derive(Default)]
+struct Sql {
+    text: String,
+    args: Vec<Arg>,
+}
+
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+impl Sql {
+    fn new(text: &str) -> Self {
+        Self {
+            text: text.to_owned(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Appends `text` followed by a placeholder for `arg`.
+    fn push(&mut self, text: &str, arg: Arg) -> &mut Self {
+        self.args.push(arg);
+        self.text.push_str(text);
+        self.text.push_str(&format!("${}", self.args.len()));
+        self
+    }
+
+    async fn fetch_all(&self, store: &Store) -> Result<Vec<sqlx::any::AnyRow>, StoreError> {
+        let mut query = sqlx::query(&self.text);
+        for arg in &self.args {
+            query = match arg {
+                Arg::Text(s) => query.bind(s.as_str()),
+                Arg::Int(i) => query.bind(*i),
+            };
+        }
+        Ok(query.fetch_all(store.pool()).await?)
+    }
+}
+
+fn push_filter(q: &mut Sql, f: &Filter) {
+    q.text.push_str(" WHERE 1 = 1");
     let text = [
         ("proxy", &f.proxy),
         ("credential", &f.credential),
@@ -83,25 +123,24 @@ fn push_filter(q: &mut QueryBuilder<'_, Sqlite>, f: &Filter) {
     ];
     for (column, value) in text {
         if let Some(v) = value {
-            q.push(format_args!(" AND {column} = "));
-            q.push_bind(v.clone());
+            q.push(&format!(" AND {column} = "), Arg::Text(v.clone()));
         }
     }
     match f.status {
         Some(StatusFilter::Exact(code)) => {
-            q.push(" AND status = ").push_bind(i64::from(code));
+            q.push(" AND status = ", Arg::Int(i64::from(code)));
         }
         Some(StatusFilter::Class(c)) => {
-            q.push(" AND status >= ").push_bind(i64::from(c) * 100);
-            q.push(" AND status < ").push_bind(i64::from(c + 1) * 100);
+            q.push(" AND status >= ", Arg::Int(i64::from(c) * 100));
+            q.push(" AND status < ", Arg::Int(i64::from(c + 1) * 100));
         }
         None => {}
     }
     if let Some(t) = f.since_ms {
-        q.push(" AND time_ms >= ").push_bind(t);
+        q.push(" AND time_ms >= ", Arg::Int(t));
     }
     if let Some(t) = f.until_ms {
-        q.push(" AND time_ms < ").push_bind(t);
+        q.push(" AND time_ms < ", Arg::Int(t));
     }
 }
 
@@ -112,7 +151,7 @@ pub async fn list(
     limit: u32,
     before: Option<i64>,
 ) -> Result<Vec<Entry>, StoreError> {
-    let mut q = QueryBuilder::<Sqlite>::new(
+    let mut q = Sql::new(
         "SELECT seq, request_id, time_ms, proxy, target, credential, key_id, run_label, method,
                 path, status, upstream_status, decision, rule_id, latency_ms, cost_usd, bytes_in,
                 bytes_out, retries
@@ -120,11 +159,13 @@ pub async fn list(
     );
     push_filter(&mut q, filter);
     if let Some(seq) = before {
-        q.push(" AND seq < ").push_bind(seq);
+        q.push(" AND seq < ", Arg::Int(seq));
     }
-    q.push(" ORDER BY seq DESC LIMIT ")
-        .push_bind(i64::from(limit.clamp(1, MAX_LIMIT)));
-    let rows = q.build().fetch_all(store.pool()).await?;
+    q.push(
+        " ORDER BY seq DESC LIMIT ",
+        Arg::Int(i64::from(limit.clamp(1, MAX_LIMIT))),
+    );
+    let rows = q.fetch_all(store).await?;
     rows.iter()
         .map(|r| {
             let u16_of = |name: &str| -> Result<Option<u16>, sqlx::Error> {
@@ -180,12 +221,10 @@ pub async fn telemetry(
     filter: &Filter,
     width_ms: i64,
 ) -> Result<Vec<Bucket>, StoreError> {
-    let mut q = QueryBuilder::<Sqlite>::new(
-        "SELECT time_ms, decision, status, latency_ms, cost_usd FROM requests",
-    );
+    let mut q = Sql::new("SELECT time_ms, decision, status, latency_ms, cost_usd FROM requests");
     push_filter(&mut q, filter);
-    q.push(" ORDER BY time_ms");
-    let rows = q.build().fetch_all(store.pool()).await?;
+    q.text.push_str(" ORDER BY time_ms");
+    let rows = q.fetch_all(store).await?;
     let mut buckets: BTreeMap<i64, (Bucket, Vec<f64>)> = BTreeMap::new();
     for r in &rows {
         let time_ms: i64 = r.try_get("time_ms")?;
@@ -241,7 +280,7 @@ pub async fn prune(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
     loop {
         let done = sqlx::query(
             "DELETE FROM requests WHERE seq IN
-               (SELECT seq FROM requests WHERE time_ms < ? LIMIT 5000)",
+               (SELECT seq FROM requests WHERE time_ms < $1 LIMIT 5000)",
         )
         .bind(cutoff_ms)
         .execute(store.pool())
@@ -279,9 +318,12 @@ mod tests {
 
     #[tokio::test]
     async fn filters_pages_buckets_and_retention() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("log.db").display());
-        let store = Store::open(&url).await.unwrap();
+        for (_label, _scratch, store) in crate::store::testing::stores().await {
+            filters_on(store).await;
+        }
+    }
+
+    async fn filters_on(store: Store) {
         let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
         let hour = 3_600_000;
         let base = 1_700_000_000_000 / hour * hour;

@@ -30,6 +30,7 @@ use crate::policy::Policy;
 use crate::spend::{LocalSpend, RedisSpend, Spend};
 use crate::state::{Metrics, Shared, now_unix_ms};
 use crate::store::Store;
+use crate::sync::PolicySync;
 
 pub struct ServeConfig {
     pub database_url: String,
@@ -93,6 +94,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let store = Store::open(&cfg.database_url)
         .await
         .with_context(|| format!("opening the store {}", cfg.database_url))?;
+    let version = store.version().await?;
     let policy = Policy::compile(&store.load().await?, &master).context("loading the policy")?;
     if cfg.mode == Mode::ExtAuthz
         && let Some(obstacle) = policy.ext_authz_obstacle()
@@ -131,7 +133,14 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let http = bind(cfg.http_addr, "health and metrics").await?;
     let (stop, stop_rx) = watch::channel(false);
 
+    // gRPC health (grpc.health.v1) on both gRPC ports: Envoy health-checks its latchkey
+    // endpoints with it, and Kubernetes can probe it.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
     let ext_proc = Server::builder()
+        .add_service(health_service.clone())
         .add_service(ExternalProcessorServer::new(ExtProc::new(shared.clone())))
         .add_service(AuthorizationServer::new(ExtAuthz::new(shared.clone())))
         .add_service(AccessLogServiceServer::new(AccessLog::new(
@@ -142,10 +151,18 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             TcpIncoming::from(grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
+    let sync = Arc::new(PolicySync::new(
+        shared.clone(),
+        store.clone(),
+        master.clone(),
+        version,
+    ));
+    sync.spawn(&cfg.database_url);
     let admin_service = AdminService::new(
         shared.clone(),
         store.clone(),
         master,
+        sync,
         cfg.mode == Mode::ExtAuthz,
     );
     let admin_auth = AdminAuth::new(cfg.admin_token.as_deref().map(String::as_str));
@@ -153,6 +170,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         tracing::warn!("LATCHKEY_ADMIN_TOKEN is not set: the admin API refuses every call");
     }
     let admin_server = Server::builder()
+        .add_service(health_service)
         .add_service(AdminServer::with_interceptor(admin_service, admin_auth))
         .serve_with_incoming_shutdown(TcpIncoming::from(admin), stopped(stop_rx.clone()));
     let http_server = axum::serve(
@@ -182,7 +200,13 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     tracing::info!("shutting down");
+    // Say so first, so Envoy's health checks move new requests to other replicas while
+    // this one still answers; then stop taking streams.
     ready.store(false, Ordering::Release);
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    tokio::time::sleep(DRAIN_NOTICE).await;
     let _ = stop.send(true);
     // Open streams get a moment to finish; Envoy keeps its connections open otherwise.
     let served = match tokio::time::timeout(SHUTDOWN_GRACE, servers).await {
@@ -199,6 +223,10 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     tracing::info!("audit flushed");
     served
 }
+
+/// Between saying "not serving" and closing: a bit more than Envoy's health-check
+/// interval (1 s in the shipped configs).
+const DRAIN_NOTICE: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// How long shutdown waits for open streams before it flushes the audit and exits.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -305,6 +305,35 @@ impl Stack {
             .unwrap()
     }
 
+    /// Another `latchkey serve` sharing this stack's settings (store, master key, Redis),
+    /// on the given gRPC, admin and HTTP ports; waits until it is ready.
+    pub async fn spawn_replica(&self, name: &str, ports: [u16; 3]) -> Child {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let [grpc, admin, http] = ports;
+        let mut child = self
+            .serve_command()
+            .env("LATCHKEY_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+            .env("LATCHKEY_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+            .env("LATCHKEY_HTTP_ADDR", format!("127.0.0.1:{http}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{http}/readyz");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !reqwest::get(&url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("{name} exited: {status}: {}", self.log(name));
+            }
+            assert!(Instant::now() < deadline, "{name} not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        child
+    }
+
     pub fn kill_latchkey(&mut self) {
         if let Some(mut child) = self.latchkey.take() {
             let _ = child.kill();
@@ -476,4 +505,54 @@ pub async fn denial(response: reqwest::Response) -> (u16, String, serde_json::Va
         "header and body agree"
     );
     (status, decision, body)
+}
+
+/// A fresh PostgreSQL database for one test, dropped when the guard goes.
+pub struct PgDatabase {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl PgDatabase {
+    pub async fn create() -> Self {
+        use sqlx::Connection;
+        let admin_url = std::env::var("LATCHKEY_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432");
+        let name = format!("lk_e2e_{}_{}", std::process::id(), free_port());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        let base = admin_url.rsplit_once('/').unwrap().0;
+        Self {
+            url: format!("{base}/{name}"),
+            admin_url,
+            name,
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut c)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
 }

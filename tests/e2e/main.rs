@@ -9,3 +9,4 @@ mod ext_authz;
 mod oauth2;
 mod observability;
 mod rules;
+mod scale_out;

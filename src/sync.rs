@@ -1,0 +1,117 @@
+//! Keeps this replica's policy snapshot current with the store: a change made through
+//! any replica's admin API (apply, key issue, key revoke) is taken in here too. On
+//! PostgreSQL the change is pushed (LISTEN/NOTIFY) and lands within milliseconds; the
+//! store's policy version is also compared on a timer, as a safety net for a missed
+//! notification and for a listener that had to reconnect.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio::sync::Mutex;
+
+use crate::crypto::MasterKey;
+use crate::policy::{CompileError, Policy};
+use crate::state::Shared;
+use crate::store::{Backend, Store, StoreError};
+
+/// How often the version is compared without a notification.
+const SAFETY_NET: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+}
+
+pub struct PolicySync {
+    shared: Arc<Shared>,
+    store: Store,
+    master: Arc<MasterKey>,
+    /// The store version the running snapshot was built from.
+    running: AtomicI64,
+    /// One reload at a time: each sees what the previous one installed.
+    reloading: Mutex<()>,
+}
+
+impl PolicySync {
+    pub fn new(shared: Arc<Shared>, store: Store, master: Arc<MasterKey>, running: i64) -> Self {
+        Self {
+            shared,
+            store,
+            master,
+            running: AtomicI64::new(running),
+            reloading: Mutex::new(()),
+        }
+    }
+
+    /// Builds the snapshot from the store and swaps it in, if the store has moved on.
+    pub async fn reload(&self) -> Result<(), SyncError> {
+        let _one = self.reloading.lock().await;
+        // Read before loading: a change that lands in between is seen again next time.
+        let version = self.store.version().await?;
+        if version <= self.running.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let policy = Policy::compile(&self.store.load().await?, &self.master)?;
+        self.shared.install(policy);
+        self.running.store(version, Ordering::Release);
+        tracing::info!(version, "policy reloaded");
+        Ok(())
+    }
+
+    /// The snapshot of version `version` was installed by the caller (an apply that
+    /// compiled it already).
+    pub fn installed(&self, version: i64) {
+        self.running.fetch_max(version, Ordering::AcqRel);
+    }
+
+    /// Runs until the process ends.
+    pub fn spawn(self: &Arc<Self>, database_url: &str) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SAFETY_NET);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if let Err(e) = me.reload().await {
+                    tracing::error!(error = %e, "could not reload the policy; the running one stays");
+                }
+            }
+        });
+        if self.store.backend() == Backend::Postgres {
+            let me = self.clone();
+            let url = database_url.to_owned();
+            tokio::spawn(async move { me.listen(&url).await });
+        }
+    }
+
+    async fn listen(&self, url: &str) {
+        loop {
+            let mut listener = match PgListener::connect(url).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for policy changes; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen("latchkey_policy").await {
+                tracing::warn!(error = %e, "cannot listen for policy changes; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            // Whatever changed while not listening.
+            let _ = self.reload().await;
+            // Ends when the connection drops: reconnect and catch up.
+            while let Ok(Some(_)) = listener.try_recv().await {
+                if let Err(e) = self.reload().await {
+                    tracing::error!(error = %e, "could not reload the policy; the running one stays");
+                }
+            }
+        }
+    }
+}

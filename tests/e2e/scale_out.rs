@@ -1,0 +1,287 @@
+//! Two `latchkey serve` replicas on one PostgreSQL database and one Redis, behind one
+//! Envoy that balances its ext_proc calls across both.
+
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use crate::common::{PgDatabase, Stack, Upstream, client, free_port};
+
+const AGENT_KEY: &str = "lk_scaleAgentKEY000000000001";
+const SECRET: &str = "sk_scale_secret_value_999";
+
+struct Pair {
+    stack: Stack,
+    b: Child,
+    b_admin: u16,
+    b_http: u16,
+    _db: PgDatabase,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = self.b.kill();
+        let _ = self.b.wait();
+    }
+}
+
+/// Replica A is the stack's own; B gets its own ports, and Envoy's latchkey cluster
+/// gets B as a second endpoint.
+async fn pair() -> Pair {
+    let db = PgDatabase::create().await;
+    let b_ports = [free_port(), free_port(), free_port()];
+    let b_grpc = b_ports[0];
+    let stack = Stack::start_full(
+        crate::common::Mode::ExtProc,
+        move |config| {
+            let endpoint = "              - endpoint:\n                  address:\n                    socket_address: { address: 127.0.0.1, port_value: ";
+            let start = config.find(endpoint).expect("the latchkey endpoint");
+            let line_end = start + config[start..].find("}\n").unwrap() + 2;
+            let a = config[start..line_end].to_owned();
+            let b = a.replace(
+                &a[endpoint.len()..a.len() - 3],
+                &b_grpc.to_string(),
+            );
+            format!("{}{a}{b}{}", &config[..start], &config[line_end..])
+        },
+        &[
+            ("LATCHKEY_DATABASE_URL", db.url.as_str()),
+            ("LATCHKEY_REDIS_URL", "redis://127.0.0.1:6379"),
+        ],
+    )
+    .await;
+    let b = stack.spawn_replica("latchkey-b", b_ports).await;
+    // Envoy health-checks its endpoints every second: wait until it sends B requests.
+    let clusters = format!("http://127.0.0.1:{}/clusters", stack.envoy_admin_port);
+    let healthy = format!("latchkey::127.0.0.1:{b_grpc}::health_flags::healthy");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client()
+        .get(&clusters)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .contains(&healthy)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "Envoy never found B healthy: {}",
+            client()
+                .get(&clusters)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+                .lines()
+                .filter(|l| l.starts_with("latchkey::"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Pair {
+        stack,
+        b,
+        b_admin: b_ports[1],
+        b_http: b_ports[2],
+        _db: db,
+    }
+}
+
+fn policy(upstream: &str, proxy: &str, limit: u32) -> String {
+    format!(
+        r#"
+targets:
+  - {{ name: vendor, url: "{upstream}" }}
+credentials:
+  - {{ name: vendor-cred, type: target, auth: bearer, secret: {{ env: SECRET }} }}
+  - {{ name: agent, type: proxy, keys: [{{ env: AGENT_KEY }}] }}
+proxies:
+  - name: {proxy}
+    target: vendor
+    target_credential: vendor-cred
+    proxy_credentials: [agent]
+    default_effect: allow
+    limits: {{ requests_per_minute: {limit} }}
+"#
+    )
+}
+
+fn env() -> Vec<(&'static str, &'static str)> {
+    vec![("SECRET", SECRET), ("AGENT_KEY", AGENT_KEY)]
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), free_port())
+}
+
+/// `latchkey check` against one replica's admin API: its own live policy.
+fn check_on(stack: &Stack, admin_port: u16, proxy: &str, key: &str) -> serde_json::Value {
+    let out = stack.cli(
+        &[
+            "check", "--proxy", proxy, "--method", "GET", "--path", "/v1/x", "--key", key, "--json",
+        ],
+        &[("LATCHKEY_ADMIN_ADDR", &format!("127.0.0.1:{admin_port}"))],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn a_change_on_one_replica_is_enforced_by_the_other_within_a_second() {
+    let upstream = Upstream::start().await;
+    let pair = pair().await;
+    let proxy = unique("api");
+    // Applied through A only.
+    pair.stack
+        .apply(&policy(&upstream.url(), &proxy, 1000), &env());
+    let issued = pair
+        .stack
+        .cli(&["key", "issue", "--credential", "agent", "--json"], &[]);
+    let issued: serde_json::Value = serde_json::from_slice(&issued.stdout).unwrap();
+    let key = issued["key"].as_str().unwrap();
+
+    // B knows the proxy and the new key.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while check_on(&pair.stack, pair.b_admin, &proxy, key)["allowed"] != true {
+        assert!(Instant::now() < deadline, "B never took in A's apply");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Revoke on A: B refuses within a second.
+    let revoke = pair
+        .stack
+        .cli(&["key", "revoke", issued["id"].as_str().unwrap()], &[]);
+    assert!(revoke.status.success());
+    let revoked_at = Instant::now();
+    loop {
+        let verdict = check_on(&pair.stack, pair.b_admin, &proxy, key);
+        if verdict["decision"] == "revoked_key" {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "B still says {verdict}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = revoked_at.elapsed();
+    eprintln!("revocation reached replica B in {took:?}");
+
+    // Through Envoy (either replica), the revoked key gets nowhere.
+    for _ in 0..6 {
+        let r = client()
+            .get(pair.stack.url(&format!("/{proxy}/v1/x")))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    assert!(upstream.take().is_empty());
+}
+
+#[tokio::test]
+async fn the_rate_limit_holds_across_both_replicas_and_one_dying_changes_nothing_unsafe() {
+    let upstream = Upstream::start().await;
+    let mut pair = pair().await;
+    let proxy = unique("limited");
+    pair.stack
+        .apply(&policy(&upstream.url(), &proxy, 10), &env());
+    let http = client();
+    let url = pair.stack.url(&format!("/{proxy}/v1/x"));
+    let mut admitted = 0;
+    for _ in 0..30 {
+        match http
+            .get(&url)
+            .bearer_auth(AGENT_KEY)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+        {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(admitted, 10, "one limit across both replicas");
+    // Envoy spread them: both replicas decided some.
+    for port in [pair.stack.http_port, pair.b_http] {
+        let metrics = http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains(&format!("proxy=\"{proxy}\"")),
+            "a replica decided nothing: {metrics}"
+        );
+    }
+    upstream.take();
+
+    // Load on a fresh proxy, and B killed in the middle of it.
+    let proxy = unique("busy");
+    pair.stack
+        .apply(&policy(&upstream.url(), &proxy, 100_000), &env());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let url = pair.stack.url(&format!("/{proxy}/v1/x"));
+    let mut statuses = Vec::new();
+    let started = Instant::now();
+    let mut killed = false;
+    while started.elapsed() < Duration::from_secs(5) {
+        if !killed && started.elapsed() > Duration::from_secs(1) {
+            pair.b.kill().unwrap();
+            pair.b.wait().unwrap();
+            killed = true;
+        }
+        let status = http
+            .get(&url)
+            .bearer_auth(AGENT_KEY)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        statuses.push((started.elapsed(), status));
+    }
+    // Nothing reached the upstream without latchkey's credential swap.
+    for seen in upstream.take() {
+        assert_eq!(
+            seen.all("authorization"),
+            [format!("Bearer {SECRET}")],
+            "forwarded unchecked"
+        );
+        assert!(!seen.dump().contains(AGENT_KEY));
+    }
+    let failed = statuses.iter().filter(|(_, s)| *s != 200).count();
+    eprintln!(
+        "{} requests, {failed} failed while replica B died",
+        statuses.len()
+    );
+    // Within a couple of health-check intervals Envoy serves through A alone.
+    let settled: Vec<u16> = statuses
+        .iter()
+        .filter(|(t, _)| *t > Duration::from_millis(3500))
+        .map(|(_, s)| *s)
+        .collect();
+    assert!(!settled.is_empty());
+    assert!(
+        settled.iter().all(|s| *s == 200),
+        "after the failover: {settled:?}"
+    );
+    for (_, s) in &statuses {
+        assert!(*s == 200 || *s >= 500, "only fail-closed errors: {s}");
+    }
+}
