@@ -650,6 +650,15 @@ impl CredentialSpec {
 }
 
 impl SecretRef {
+    /// What may be stored and shown of the reference: where a secret came from, never
+    /// the secret itself (an inline `value` becomes a marker).
+    pub fn stored_form(&self) -> Self {
+        Self {
+            value: self.value.as_ref().map(|_| "<sealed>".to_owned()),
+            ..self.clone()
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
         match (&self.env, &self.file, &self.value) {
             (Some(_), None, None) | (None, Some(_), None) | (None, None, Some(_)) => Ok(()),

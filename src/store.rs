@@ -249,7 +249,8 @@ impl Desired {
                     client_auth: c.client_auth,
                     token_params: c.token_params.clone(),
                 }),
-                secret_ref: c.secret.clone(),
+                // An inline value is sealed like any secret: never kept in the reference.
+                secret_ref: c.secret.as_ref().map(SecretRef::stored_form),
                 secret,
                 key_hashes,
                 limits: c.limits.clone(),
@@ -1137,6 +1138,7 @@ targets:
   - { name: vendor, url: "https://api.vendor.example/v1" }
 credentials:
   - { name: vendor-cred, type: target, auth: bearer, secret: { env: S } }
+  - { name: inline-cred, type: target, auth: bearer, secret: { value: sk_inline_CLEAR_77 } }
   - name: agent
     type: proxy
     keys: [{ env: K }]
@@ -1160,7 +1162,14 @@ rules:
         let file = crate::policy_file::PolicyFile::parse(policy).unwrap();
         Desired::new(
             &file,
-            [("vendor-cred".to_owned(), Zeroizing::new(secret.to_owned()))].into(),
+            [
+                ("vendor-cred".to_owned(), Zeroizing::new(secret.to_owned())),
+                (
+                    "inline-cred".to_owned(),
+                    Zeroizing::new("sk_inline_CLEAR_77".to_owned()),
+                ),
+            ]
+            .into(),
             [("agent".to_owned(), vec![hash_key(b"lk_key")])].into(),
         )
         .unwrap()
@@ -1224,6 +1233,18 @@ rules:
             let run = stored.keys.iter().find(|k| k.id == id).unwrap();
             assert!(run.revoked_at.is_some() && run.label.as_deref() == Some("run-1"));
             assert_eq!(run.spend_cap_usd, Some(2.5));
+            // An inline secret is sealed like the others; its reference keeps no copy.
+            let refs: Vec<Option<String>> =
+                sqlx::query_scalar("SELECT secret_ref FROM credentials")
+                    .fetch_all(store.pool())
+                    .await
+                    .unwrap();
+            assert!(
+                refs.iter()
+                    .flatten()
+                    .all(|r| !r.contains("sk_inline_CLEAR_77")),
+                "{label}: {refs:?}"
+            );
             // Compiles on both: every column decodes to what the compiler expects.
             crate::policy::Policy::compile(&stored, &master).unwrap();
             let mut summary: Vec<String> = stored
