@@ -8,13 +8,15 @@ use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use crate::crypto::{self, MasterKey};
+use crate::crypto::MasterKey;
 use crate::pb::admin_server::Admin;
 use crate::pb::{
-    ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule, IssueKeyRequest,
-    IssuedKey, KeyInfo, ListKeysRequest, ListKeysResponse, ListRequestsRequest,
-    ListRequestsResponse, RequestFilter, RequestRecord, RevokeKeyRequest, RevokeKeyResponse,
-    TelemetryBucket, TelemetryRequest, TelemetryResponse,
+    ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule,
+    CreateTokenRequest, CreatedToken, ExportRequest, ExportResponse, IssueKeyRequest, IssuedKey,
+    KeyInfo, ListKeysRequest, ListKeysResponse, ListRequestsRequest, ListRequestsResponse,
+    ListTokensRequest, ListTokensResponse, RequestFilter, RequestRecord, RevokeKeyRequest,
+    RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse, TelemetryBucket, TelemetryRequest,
+    TelemetryResponse, TokenInfo as PbTokenInfo,
 };
 use crate::pipeline::{Caller, Outcome, RequestView, decide_as};
 use crate::policy::Policy;
@@ -24,6 +26,7 @@ use crate::rules::Body;
 use crate::state::Shared;
 use crate::store::{Desired, NewKey, Store, StoreError};
 use crate::sync::PolicySync;
+use crate::tokens::{Role, new_token, require_admin};
 
 pub struct AdminService {
     shared: Arc<Shared>,
@@ -69,50 +72,9 @@ fn internal(e: impl std::fmt::Display) -> Status {
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(what) => Status::not_found(what),
+        StoreError::Conflict(what) => Status::already_exists(what),
+        StoreError::Invalid(what) => Status::invalid_argument(format!("nothing changed: {what}")),
         other => internal(other),
-    }
-}
-
-/// Checks the bearer token of every admin call against the configured one (by hash, in
-/// constant time). Without a configured token the admin API refuses everything.
-#[derive(Clone)]
-pub struct AdminAuth {
-    token_hash: Option<[u8; 32]>,
-}
-
-impl AdminAuth {
-    pub fn new(token: Option<&str>) -> Self {
-        Self {
-            token_hash: token
-                .filter(|t| !t.is_empty())
-                .map(|t| crypto::hash_key(t.as_bytes())),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for AdminAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.token_hash else {
-            return Err(Status::unauthenticated(
-                "the admin API is disabled: start serve with LATCHKEY_ADMIN_TOKEN set",
-            ));
-        };
-        let presented = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .ok_or_else(|| {
-                Status::unauthenticated("missing `authorization: Bearer <admin token>`")
-            })?;
-        if crypto::ct_eq(&crypto::hash_key(presented.trim().as_bytes()), expected) {
-            Ok(request)
-        } else {
-            Err(Status::unauthenticated("wrong admin token"))
-        }
     }
 }
 
@@ -122,6 +84,9 @@ impl Admin for AdminService {
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
+        if !request.get_ref().dry_run {
+            require_admin(&request)?;
+        }
         let req = request.into_inner();
         let file = PolicyFile::parse(&req.policy_yaml)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -162,9 +127,12 @@ impl Admin for AdminService {
                 Ok::<_, crate::policy::CompileError>(())
             })
             .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "apply failed");
-                Status::internal(format!("apply failed, nothing changed: {e}"))
+            .map_err(|e| match e {
+                StoreError::Invalid(_) => store_status(e),
+                other => {
+                    tracing::error!(error = %other, "apply failed");
+                    Status::internal(format!("apply failed, nothing changed: {other}"))
+                }
             })?;
         let (changes, version) = result.map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Some(version) = version {
@@ -273,6 +241,7 @@ impl Admin for AdminService {
         &self,
         request: Request<IssueKeyRequest>,
     ) -> Result<Response<IssuedKey>, Status> {
+        require_admin(&request)?;
         let req = request.into_inner();
         if let Some(cap) = req.spend_cap_usd
             && !(cap.is_finite() && cap >= 0.0)
@@ -358,6 +327,7 @@ impl Admin for AdminService {
         &self,
         request: Request<RevokeKeyRequest>,
     ) -> Result<Response<RevokeKeyResponse>, Status> {
+        require_admin(&request)?;
         let id = request.into_inner().id;
         let _one_at_a_time = self.write_lock.lock().await;
         let already_revoked = self.store.revoke_key(&id).await.map_err(store_status)?;
@@ -438,6 +408,81 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(TelemetryResponse { buckets }))
+    }
+
+    async fn export(
+        &self,
+        _request: Request<ExportRequest>,
+    ) -> Result<Response<ExportResponse>, Status> {
+        let stored = self.store.load().await.map_err(internal)?;
+        let policy_yaml = serde_norway::to_string(&stored.to_file()).map_err(internal)?;
+        Ok(Response::new(ExportResponse { policy_yaml }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreatedToken>, Status> {
+        require_admin(&request)?;
+        let req = request.into_inner();
+        let role = Role::parse(&req.role).ok_or_else(|| {
+            Status::invalid_argument(format!("role: \"admin\" or \"viewer\", not {:?}", req.role))
+        })?;
+        if req.name.trim().is_empty() {
+            return Err(Status::invalid_argument("name: required"));
+        }
+        let token = new_token();
+        let info = self
+            .store
+            .create_admin_token(&req.name, role, &token)
+            .await
+            .map_err(store_status)?;
+        self.reload().await?;
+        tracing::info!(id = %info.id, name = %info.name, role = role.as_str(), "admin token created");
+        Ok(Response::new(CreatedToken {
+            id: info.id,
+            token,
+            name: info.name,
+            role: role.as_str().to_owned(),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        require_admin(&request)?;
+        let tokens = self
+            .store
+            .list_admin_tokens()
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .map(|t| PbTokenInfo {
+                id: t.id,
+                name: t.name,
+                role: t.role.as_str().to_owned(),
+                created_at: t.created_at,
+                revoked_at: t.revoked_at,
+            })
+            .collect();
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        require_admin(&request)?;
+        let id = request.into_inner().id;
+        let already_revoked = self
+            .store
+            .revoke_admin_token(&id)
+            .await
+            .map_err(store_status)?;
+        self.reload().await?;
+        tracing::info!(id = %id, "admin token revoked");
+        Ok(Response::new(RevokeTokenResponse { already_revoked }))
     }
 }
 

@@ -12,8 +12,9 @@ use zeroize::Zeroizing;
 use crate::crypto::{self, MasterKey};
 use crate::pb::admin_client::AdminClient;
 use crate::pb::{
-    ApplyRequest, CheckRequest, Header, ImportedKeys, IssueKeyRequest, ListKeysRequest,
-    ListRequestsRequest, RequestFilter, ResolvedSecret, RevokeKeyRequest, TelemetryRequest,
+    ApplyRequest, CheckRequest, CreateTokenRequest, ExportRequest, Header, ImportedKeys,
+    IssueKeyRequest, ListKeysRequest, ListRequestsRequest, ListTokensRequest, RequestFilter,
+    ResolvedSecret, RevokeKeyRequest, RevokeTokenRequest, TelemetryRequest,
 };
 use crate::policy_file::PolicyFile;
 use crate::serve::{self, ServeConfig};
@@ -37,6 +38,19 @@ enum Command {
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// Print the live policy as a policy file (secrets by reference, never in clear).
+    Export {
+        /// Write it to this file instead of standard output.
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Create, list and revoke admin API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// The request log, newest first.
     Requests(RequestsArgs),
@@ -134,6 +148,34 @@ struct TelemetryArgs {
     json: bool,
     #[command(flatten)]
     conn: AdminConn,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new admin token once: `admin` may change policy, `viewer` may only read.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["admin", "viewer"])]
+        role: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// List admin tokens (never the tokens themselves).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Revoke an admin token by id; it is refused from the next call on.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
 }
 
 #[derive(Subcommand)]
@@ -281,6 +323,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(args) => apply(args).await,
         Command::Check(args) => check(args).await,
         Command::Key { command } => key(command).await,
+        Command::Export { output, conn } => export(output, conn).await,
+        Command::Token { command } => token(command).await,
         Command::Requests(args) => requests(args).await,
         Command::Telemetry(args) => telemetry(args).await,
         Command::Keygen => {
@@ -814,6 +858,106 @@ async fn telemetry(args: TelemetryArgs) -> anyhow::Result<()> {
             counts(&b.decisions),
             counts(&b.status_classes),
         );
+    }
+    Ok(())
+}
+
+async fn export(output: Option<PathBuf>, conn: AdminConn) -> anyhow::Result<()> {
+    let mut client = connect(&conn).await?;
+    let yaml = client
+        .export(authorized(&conn, ExportRequest {})?)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .policy_yaml;
+    match output {
+        Some(path) => {
+            std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{yaml}"),
+    }
+    Ok(())
+}
+
+async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            name,
+            role,
+            json,
+            conn,
+        } => {
+            let mut client = connect(&conn).await?;
+            let t = client
+                .create_token(authorized(&conn, CreateTokenRequest { name, role })?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                let out = serde_json::json!({
+                    "id": t.id, "token": t.token, "name": t.name, "role": t.role,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "admin token {} ({}, {}): shown once, keep it safe",
+                    t.id, t.name, t.role
+                );
+            }
+        }
+        TokenCommand::List { json, conn } => {
+            let mut client = connect(&conn).await?;
+            let tokens = client
+                .list_tokens(authorized(&conn, ListTokensRequest {})?)
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .tokens;
+            if json {
+                let rows: Vec<_> = tokens
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "id": t.id,
+                            "name": t.name,
+                            "role": t.role,
+                            "created_at": rfc3339(t.created_at),
+                            "revoked_at": t.revoked_at.map(rfc3339),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<22} {:<24} {:<7} {:<21} REVOKED",
+                    "ID", "NAME", "ROLE", "CREATED"
+                );
+                for t in &tokens {
+                    println!(
+                        "{:<22} {:<24} {:<7} {:<21} {}",
+                        t.id,
+                        t.name,
+                        t.role,
+                        rfc3339(t.created_at),
+                        t.revoked_at.map_or("-".to_owned(), rfc3339)
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { id, conn } => {
+            let mut client = connect(&conn).await?;
+            let r = client
+                .revoke_token(authorized(&conn, RevokeTokenRequest { id: id.clone() })?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if r.already_revoked {
+                println!("admin token {id} was already revoked");
+            } else {
+                println!("admin token {id} revoked");
+            }
+        }
     }
     Ok(())
 }

@@ -32,6 +32,7 @@ pub mod spend;
 pub mod state;
 pub mod store;
 pub mod sync;
+pub mod tokens;
 
 /// latchkey's admin API, generated from `proto/latchkey/admin/v1/admin.proto`.
 pub mod pb {

@@ -94,7 +94,8 @@ pub struct CredentialSpec {
     pub limits: Option<Limits>,
 }
 
-/// Where secret material comes from: exactly one of the three.
+/// Where secret material comes from: exactly one of the four. `sealed: true` keeps what
+/// latchkey already holds (what `export` writes for a secret that was given inline).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretRef {
@@ -104,6 +105,8 @@ pub struct SecretRef {
     pub file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -537,10 +540,12 @@ impl PolicyFile {
     }
 
     /// Every secret reference in the file, by credential name: what a client resolves.
+    /// The secrets the client must resolve: every target credential's but the sealed.
     pub fn target_secrets(&self) -> impl Iterator<Item = (&str, &SecretRef)> {
         self.credentials
             .iter()
             .filter_map(|c| Some((c.name.as_str(), c.secret.as_ref()?)))
+            .filter(|(_, s)| !s.is_sealed())
     }
 
     /// Every imported proxy key reference, by credential name.
@@ -548,6 +553,7 @@ impl PolicyFile {
         self.credentials
             .iter()
             .filter_map(|c| Some((c.name.as_str(), c.keys.as_deref()?)))
+            .filter(|(_, keys)| !keys.iter().any(SecretRef::is_sealed))
     }
 }
 
@@ -581,6 +587,13 @@ impl CredentialSpec {
                 }
                 for k in self.keys.iter().flatten() {
                     k.validate().map_err(|e| format!("keys: {e}"))?;
+                }
+                let keys = self.keys.as_deref().unwrap_or_default();
+                if keys.iter().any(SecretRef::is_sealed) && keys.len() != 1 {
+                    return Err(
+                        "keys: `[{ sealed: true }]` keeps the imported keys latchkey holds; it stands alone"
+                            .into(),
+                    );
                 }
                 self.limits.as_ref().map_or(Ok(()), Limits::validate)
             }
@@ -653,17 +666,36 @@ impl SecretRef {
     /// What may be stored and shown of the reference: where a secret came from, never
     /// the secret itself (an inline `value` becomes a marker).
     pub fn stored_form(&self) -> Self {
-        Self {
-            value: self.value.as_ref().map(|_| "<sealed>".to_owned()),
-            ..self.clone()
+        if self.value.is_some() {
+            Self::sealed()
+        } else {
+            self.clone()
         }
     }
 
-    fn validate(&self) -> Result<(), String> {
-        match (&self.env, &self.file, &self.value) {
-            (Some(_), None, None) | (None, Some(_), None) | (None, None, Some(_)) => Ok(()),
-            _ => Err("give exactly one of `env`, `file` or `value`".into()),
+    pub fn sealed() -> Self {
+        Self {
+            sealed: Some(true),
+            ..Self::default()
         }
+    }
+
+    /// Keeps the secret latchkey holds rather than giving one.
+    pub fn is_sealed(&self) -> bool {
+        self.sealed == Some(true)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let given = [
+            self.env.is_some(),
+            self.file.is_some(),
+            self.value.is_some(),
+            self.is_sealed(),
+        ];
+        if given.iter().filter(|g| **g).count() != 1 || self.sealed == Some(false) {
+            return Err("give exactly one of `env`, `file`, `value` or `sealed: true`".into());
+        }
+        Ok(())
     }
 
     /// Reads the secret where the reference points: the caller's environment, or a file

@@ -17,7 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use zeroize::Zeroizing;
 
 use crate::access_log::AccessLog;
-use crate::admin::{AdminAuth, AdminService};
+use crate::admin::AdminService;
 use crate::audit::AuditLog;
 use crate::budget::{Budgets, LocalBudgets, RedisBudgets, SystemClock, redis_connection};
 use crate::crypto::MasterKey;
@@ -31,6 +31,7 @@ use crate::spend::{LocalSpend, RedisSpend, Spend};
 use crate::state::{Metrics, Shared, now_unix_ms};
 use crate::store::Store;
 use crate::sync::PolicySync;
+use crate::tokens::{AdminAuth, Tokens};
 
 pub struct ServeConfig {
     pub database_url: String,
@@ -151,8 +152,14 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             TcpIncoming::from(grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
         );
+    let tokens = Tokens::default();
+    tokens
+        .reload(&store)
+        .await
+        .context("loading admin tokens")?;
     let sync = Arc::new(PolicySync::new(
         shared.clone(),
+        tokens.clone(),
         store.clone(),
         master.clone(),
         version,
@@ -165,9 +172,11 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         sync,
         cfg.mode == Mode::ExtAuthz,
     );
-    let admin_auth = AdminAuth::new(cfg.admin_token.as_deref().map(String::as_str));
+    let admin_auth = AdminAuth::new(cfg.admin_token.as_deref().map(String::as_str), tokens);
     if cfg.admin_token.is_none() {
-        tracing::warn!("LATCHKEY_ADMIN_TOKEN is not set: the admin API refuses every call");
+        tracing::warn!(
+            "LATCHKEY_ADMIN_TOKEN is not set: only tokens created earlier open the admin API"
+        );
     }
     let admin_server = Server::builder()
         .add_service(health_service)

@@ -37,6 +37,11 @@ pub enum StoreError {
     },
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The request cannot be carried out as asked; nothing was changed.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// How a target secret is injected: the `auth` fields of a target credential.
@@ -190,6 +195,96 @@ pub struct StoredPolicy {
     pub rules: Vec<RuleRow>,
 }
 
+impl StoredPolicy {
+    /// The policy as a file that `apply` takes back unchanged: secrets by reference
+    /// (`env`/`file`) or `sealed: true`, imported keys as `[{ sealed: true }]`, rules in
+    /// their order with their ids. Run keys are not policy and are not in it.
+    pub fn to_file(&self) -> PolicyFile {
+        use crate::policy_file::{CredentialSpec, ProxySpec, RuleSpec, TargetSpec};
+        let imported: std::collections::HashSet<&str> = self
+            .keys
+            .iter()
+            .filter(|k| k.policy_sourced)
+            .map(|k| k.credential_id.as_str())
+            .collect();
+        let mut rules: Vec<&RuleRow> = self.rules.iter().collect();
+        rules.sort_by_key(|r| r.position);
+        PolicyFile {
+            targets: self
+                .targets
+                .iter()
+                .map(|t| TargetSpec {
+                    name: t.name.clone(),
+                    url: t.url.clone(),
+                })
+                .collect(),
+            credentials: self
+                .credentials
+                .iter()
+                .map(|c| {
+                    let auth = c.auth.clone();
+                    let a = auth.as_ref();
+                    CredentialSpec {
+                        name: c.name.clone(),
+                        kind: c.kind,
+                        auth: a.map(|a| a.kind),
+                        secret: match c.kind {
+                            CredentialType::Target => Some(
+                                c.secret_ref
+                                    .as_ref()
+                                    .map_or_else(SecretRef::sealed, SecretRef::stored_form),
+                            ),
+                            CredentialType::Proxy => None,
+                        },
+                        header: a.and_then(|a| a.header.clone()),
+                        prefix: a.and_then(|a| a.prefix.clone()),
+                        username: a.and_then(|a| a.username.clone()),
+                        param: a.and_then(|a| a.param.clone()),
+                        token_url: a.and_then(|a| a.token_url.clone()),
+                        client_id: a.and_then(|a| a.client_id.clone()),
+                        scopes: a.and_then(|a| a.scopes.clone()),
+                        client_auth: a.and_then(|a| a.client_auth),
+                        token_params: a.and_then(|a| a.token_params.clone()),
+                        keys: imported
+                            .contains(c.id.as_str())
+                            .then(|| vec![SecretRef::sealed()]),
+                        limits: c.limits.clone(),
+                    }
+                })
+                .collect(),
+            proxies: self
+                .proxies
+                .iter()
+                .map(|p| ProxySpec {
+                    name: p.name.clone(),
+                    target: p.target.clone(),
+                    target_credential: p.target_credential.clone(),
+                    proxy_credentials: p.proxy_credentials.clone(),
+                    default_effect: p.default_effect,
+                    limits: p.limits.clone(),
+                    cost: p.cost.clone(),
+                })
+                .collect(),
+            rules: rules
+                .into_iter()
+                .map(|r| RuleSpec {
+                    id: Some(r.id.clone()),
+                    credential: r.credential.clone(),
+                    proxy: r.proxy.clone(),
+                    effect: r.effect,
+                    methods: (!r.methods.is_empty()).then(|| r.methods.clone()),
+                    path: r.path.clone(),
+                    headers: r.conditions.headers.clone(),
+                    query: r.conditions.query.clone(),
+                    body: r.conditions.body.clone(),
+                    priority: r.priority,
+                    notes: r.notes.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// What a policy file asks for, with its secrets already resolved by the client.
 pub struct Desired {
     pub targets: Vec<TargetRow>,
@@ -203,9 +298,18 @@ pub struct DesiredCredential {
     pub kind: CredentialType,
     pub auth: Option<AuthSpec>,
     pub secret_ref: Option<SecretRef>,
+    /// `None` for a target credential whose file says `sealed: true`: keep what is held.
     pub secret: Option<Zeroizing<String>>,
     pub key_hashes: Vec<[u8; 32]>,
+    /// `keys: [{ sealed: true }]`: keep the imported keys as they are.
+    pub keep_keys: bool,
     pub limits: Option<Limits>,
+}
+
+impl DesiredCredential {
+    fn keeps_secret(&self) -> bool {
+        self.kind == CredentialType::Target && self.secret.is_none()
+    }
 }
 
 impl Desired {
@@ -217,14 +321,21 @@ impl Desired {
     ) -> Result<Self, String> {
         let mut credentials = Vec::new();
         for c in &file.credentials {
+            let sealed = c.secret.as_ref().is_some_and(SecretRef::is_sealed);
             let secret = match c.kind {
+                CredentialType::Target if sealed => None,
                 CredentialType::Target => Some(secrets.remove(&c.name).ok_or_else(|| {
                     format!("credential {:?}: its secret was not provided", c.name)
                 })?),
                 CredentialType::Proxy => None,
             };
+            let keep_keys = c.keys.iter().flatten().any(SecretRef::is_sealed);
             let mut key_hashes = keys.remove(&c.name).unwrap_or_default();
-            let expected = c.keys.as_ref().map_or(0, Vec::len);
+            let expected = if keep_keys {
+                0
+            } else {
+                c.keys.as_ref().map_or(0, Vec::len)
+            };
             if key_hashes.len() != expected {
                 return Err(format!(
                     "credential {:?}: {expected} keys in the file, {} provided",
@@ -253,6 +364,7 @@ impl Desired {
                 secret_ref: c.secret.as_ref().map(SecretRef::stored_form),
                 secret,
                 key_hashes,
+                keep_keys,
                 limits: c.limits.clone(),
             });
         }
@@ -403,7 +515,7 @@ impl Store {
     }
 
     /// A transaction that reads, then writes, one at a time across every replica.
-    async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
         Ok(match self.backend {
             // Take SQLite's write lock up front, or a write committed by another
             // connection in between (the audit) would fail this transaction.
@@ -530,7 +642,10 @@ impl Store {
 
     /// Marks a change inside its transaction; on PostgreSQL every replica listening is
     /// told when it commits.
-    async fn bump_version(&self, tx: &mut Transaction<'_, Any>) -> Result<i64, StoreError> {
+    pub(crate) async fn bump_version(
+        &self,
+        tx: &mut Transaction<'_, Any>,
+    ) -> Result<i64, StoreError> {
         let version: i64 = sqlx::query_scalar(
             "UPDATE policy_version SET version = version + 1 WHERE id = 1 RETURNING version",
         )
@@ -785,6 +900,8 @@ async fn write_diff(
         };
         let same = match (c.open_secret(master)?, &want.secret) {
             (Some(plain), Some(secret)) => crypto::ct_eq(&plain, secret.as_bytes()),
+            // `sealed: true`: what is held is what is wanted.
+            (Some(_), None) => want.keeps_secret(),
             (None, None) => true,
             _ => false,
         };
@@ -798,7 +915,8 @@ async fn write_diff(
         |o, n| {
             o.kind == n.kind
                 && o.auth == n.auth
-                && o.secret_ref == n.secret_ref
+                // A kept secret keeps its reference too (where it first came from).
+                && (n.keeps_secret() || o.secret_ref == n.secret_ref)
                 && o.limits == n.limits
                 && same_secret.get(o.name.as_str()) == Some(&true)
         },
@@ -825,12 +943,34 @@ async fn write_diff(
             .map(|c| change("credential", &c.name, "deleted")),
     );
     for c in creds.created.iter().chain(retyped.iter().map(|(_, n)| n)) {
+        if c.keeps_secret() {
+            return Err(StoreError::Invalid(format!(
+                "credential {:?}: `secret: {{ sealed: true }}` keeps the secret latchkey holds, and it holds none",
+                c.name
+            )));
+        }
         let id = crypto::random_id("cred");
         insert_credential(tx, &id, c, master).await?;
         changes.push(change("credential", &c.name, "created"));
         ids.insert(&c.name, id);
     }
     for (o, n) in &updated {
+        if n.keeps_secret() {
+            if o.sealed.is_none() {
+                return Err(StoreError::Invalid(format!(
+                    "credential {:?}: `secret: {{ sealed: true }}` keeps the secret latchkey holds, and it holds none",
+                    n.name
+                )));
+            }
+            sqlx::query("UPDATE credentials SET auth = $1, limits = $2 WHERE id = $3")
+                .bind(to_json(&n.auth))
+                .bind(to_json(&n.limits))
+                .bind(&o.id)
+                .execute(&mut **tx)
+                .await?;
+            changes.push(change("credential", &n.name, "updated"));
+            continue;
+        }
         let sealed = n.secret.as_ref().map(|s| master.seal(&o.id, s.as_bytes()));
         sqlx::query(
             "UPDATE credentials SET auth = $1, secret_ref = $2, secret_sealed = $3, master_key_id = $4,
@@ -858,6 +998,14 @@ async fn write_diff(
     let mut kept = std::collections::HashSet::new();
     for c in &desired.credentials {
         let cred_id = &ids[c.name.as_str()];
+        if c.keep_keys {
+            kept.extend(
+                existing
+                    .values()
+                    .filter(|k| &k.credential_id == cred_id)
+                    .map(|k| k.id.as_str()),
+            );
+        }
         for hash in &c.key_hashes {
             match existing.get(hash.as_slice()) {
                 Some(k) if &k.credential_id == cred_id => {

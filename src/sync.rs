@@ -1,4 +1,4 @@
-//! Keeps this replica's policy snapshot current with the store: a change made through
+//! Keeps this replica's policy snapshot (and admin tokens) current with the store: a change made through
 //! any replica's admin API (apply, key issue, key revoke) is taken in here too. On
 //! PostgreSQL the change is pushed (LISTEN/NOTIFY) and lands within milliseconds; the
 //! store's policy version is also compared on a timer, as a safety net for a missed
@@ -15,6 +15,7 @@ use crate::crypto::MasterKey;
 use crate::policy::{CompileError, Policy};
 use crate::state::Shared;
 use crate::store::{Backend, Store, StoreError};
+use crate::tokens::Tokens;
 
 /// How often the version is compared without a notification.
 const SAFETY_NET: Duration = Duration::from_secs(5);
@@ -29,6 +30,7 @@ pub enum SyncError {
 
 pub struct PolicySync {
     shared: Arc<Shared>,
+    tokens: Tokens,
     store: Store,
     master: Arc<MasterKey>,
     /// The store version the running snapshot was built from.
@@ -38,9 +40,16 @@ pub struct PolicySync {
 }
 
 impl PolicySync {
-    pub fn new(shared: Arc<Shared>, store: Store, master: Arc<MasterKey>, running: i64) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        tokens: Tokens,
+        store: Store,
+        master: Arc<MasterKey>,
+        running: i64,
+    ) -> Self {
         Self {
             shared,
+            tokens,
             store,
             master,
             running: AtomicI64::new(running),
@@ -57,6 +66,7 @@ impl PolicySync {
             return Ok(());
         }
         let policy = Policy::compile(&self.store.load().await?, &self.master)?;
+        self.tokens.reload(&self.store).await?;
         self.shared.install(policy);
         self.running.store(version, Ordering::Release);
         tracing::info!(version, "policy reloaded");

@@ -624,7 +624,7 @@ async fn apply_validates_is_idempotent_and_takes_effect_on_the_next_request() {
         &[],
     );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong admin token"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown or revoked admin token"));
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! End to end: an agent calls the real Envoy with a proxy key; latchkey decides; an
 //! in-test upstream records what the vendor would see. One binary, one shared harness.
 
+mod admin;
 mod audit;
 mod budgets;
 mod common;
