@@ -5,7 +5,7 @@ ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 export LATCHKEY_ENVOY := $(abspath $(ENVOY))
 
-.PHONY: all build test lint run bench envoy k8s-validate clean
+.PHONY: all build test lint run bench bench-tools envoy k8s-validate clean
 
 all: build
 
@@ -42,9 +42,17 @@ test: $(ENVOY) lint k8s-validate
 	cargo test --locked --benches
 	cargo test --locked --lib --bins --tests
 
-# Criterion micro-benchmarks: a decision (10, 100, 1,000 rules) and the budget step.
-bench:
+# Criterion micro-benchmarks (a decision at 10, 100, 1,000 rules; the budget step), then
+# load runs through the real Envoy, interleaved A-E, written to docs/benchmarks.md.
+bench: $(ENVOY) bench-tools
 	cargo bench --bench decision --bench budget
+	cargo build --release --locked --bin latchkey --example bench_upstream --example minimal_ext_proc
+	python3 bench/run.py
+
+# The load generators, from Debian's packages.
+bench-tools:
+	@command -v wrk > /dev/null && command -v hey > /dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq wrk hey)
 
 run: $(ENVOY) build
 	scripts/run-local.sh

@@ -346,7 +346,9 @@ async fn connect(conn: &AdminConn) -> anyhow::Result<AdminClient<Channel>> {
         .connect()
         .await
         .map_err(|e| anyhow!("cannot reach the admin API at {}: {e}", conn.admin_addr))?;
-    Ok(AdminClient::new(channel))
+    Ok(AdminClient::new(channel)
+        .max_decoding_message_size(serve::MAX_ADMIN_MESSAGE)
+        .max_encoding_message_size(serve::MAX_ADMIN_MESSAGE))
 }
 
 fn authorized<T>(conn: &AdminConn, message: T) -> anyhow::Result<tonic::Request<T>> {

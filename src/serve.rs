@@ -180,7 +180,15 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     }
     let admin_server = Server::builder()
         .add_service(health_service)
-        .add_service(AdminServer::with_interceptor(admin_service, admin_auth))
+        .add_service(
+            // Large policies (10,000s of proxies and keys) arrive in one Apply.
+            tonic::service::interceptor::InterceptedService::new(
+                AdminServer::new(admin_service)
+                    .max_decoding_message_size(MAX_ADMIN_MESSAGE)
+                    .max_encoding_message_size(MAX_ADMIN_MESSAGE),
+                admin_auth,
+            ),
+        )
         .serve_with_incoming_shutdown(TcpIncoming::from(admin), stopped(stop_rx.clone()));
     let http_server = axum::serve(
         http,
@@ -236,6 +244,9 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 /// Between saying "not serving" and closing: a bit more than Envoy's health-check
 /// interval (1 s in the shipped configs).
 const DRAIN_NOTICE: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// The largest admin request or answer (an Apply or an Export of a big policy).
+pub const MAX_ADMIN_MESSAGE: usize = 64 << 20;
 
 /// How long shutdown waits for open streams before it flushes the audit and exits.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
