@@ -17,7 +17,8 @@ credential and no proxy key; a run where any did not is an error, not a result.
 Then the scale check: start-up time and resident memory of `latchkey serve` with
 10,000 proxies and 100,000 keys.
 
-Writes docs/benchmarks.md. Settings: BENCH_ROUNDS (2), BENCH_SECONDS (10).
+Writes docs/benchmarks.md. Settings: BENCH_ROUNDS (2), BENCH_SECONDS (10); while
+working on one configuration, BENCH_ONLY=D (no report is written then).
 """
 
 import json
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -236,7 +238,7 @@ def seconds_of(text):
     return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def wrk(url, headers):
+def wrk(url, headers, name):
     args = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency"]
     for h in headers:
         args += ["-H", h]
@@ -246,8 +248,23 @@ def wrk(url, headers):
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:.*", out)
     if non2xx or errors:
-        sys.exit(f"wrk saw failures:\n{out}")
+        sys.exit(f"{name}: wrk saw failures:\n{out}\nnow: {probe(url, headers)}")
     return rps, total
+
+
+def probe(url, headers):
+    """What a few requests get right now, to say why a run failed."""
+    seen = []
+    for _ in range(5):
+        request = urllib.request.Request(url, headers=dict(h.split(": ", 1) for h in headers))
+        try:
+            with urllib.request.urlopen(request, timeout=5) as r:
+                seen.append(f"{r.status}")
+        except urllib.error.HTTPError as e:
+            seen.append(f"{e.code} {e.read()[:200]!r}")
+        except Exception as e:
+            seen.append(repr(e))
+    return seen
 
 
 def hey(url, headers, connections, rate=None, seconds=SECONDS):
@@ -270,7 +287,7 @@ def measure(name, listen, upstream_port, injects):
     headers = [f"Authorization: Bearer {KEY}", "User-Agent: bench"]
     hey(url, headers, 4, seconds=1)  # warm-up
     before = counts(upstream_port)
-    rps, sent = wrk(url, headers)
+    rps, sent = wrk(url, headers, name)
     single, sent1 = hey(url, headers, 1, seconds=max(3, SECONDS // 2))
     fixed, sent2 = hey(url, headers, 10, rate=1000)
     after = counts(upstream_port)
@@ -359,6 +376,9 @@ def main():
             "D": (lambda l, a: shipped("envoy.yaml", l, a, grpc), True),
             "E": (lambda l, a: shipped("envoy-ext-authz.yaml", l, a, grpc), True),
         }
+        only = os.environ.get("BENCH_ONLY")
+        if only:
+            configs = {n: c for n, c in configs.items() if n in only}
         results = {name: [] for name in configs}
         for rnd in range(ROUNDS):
             for name, (config, injects) in configs.items():
@@ -376,6 +396,8 @@ def main():
                       f"(1 conn), p99 {r['p99_1k']:.3f} ms at 1,000 req/s", flush=True)
                 procs.stop(envoy)
         procs.stop_all()
+        if only:
+            return
         scale = scale_check(procs, work)
     finally:
         procs.stop_all()

@@ -50,9 +50,14 @@ impl Rate {
         }
     }
 
-    /// The spacing between requests at the sustained rate, in ms (at least 1).
-    fn interval(&self) -> u64 {
-        (self.period_ms / u64::from(self.limit.max(1))).max(1)
+    fn period_us(&self) -> u64 {
+        self.period_ms * 1000
+    }
+
+    /// The spacing between requests at the sustained rate, in µs (at least 1): fine
+    /// enough for a million requests a second per limit.
+    fn interval_us(&self) -> u64 {
+        (self.period_us() / u64::from(self.limit.max(1))).max(1)
     }
 }
 
@@ -72,18 +77,20 @@ pub enum Admission {
     Refused { limit: u32, retry_after_ms: u64 },
 }
 
-/// GCRA for one limit: the new arrival time and what remains, or how long to wait.
+/// GCRA for one limit, in µs: the new arrival time and what remains, or how long to
+/// wait.
 pub fn gcra(tat: Option<u64>, now: u64, rate: Rate) -> Result<(u64, u32), u64> {
-    let interval = rate.interval();
+    let (interval, period) = (rate.interval_us(), rate.period_us());
     let next = tat.unwrap_or(now).max(now) + interval;
-    if next - now > rate.period_ms {
-        return Err(next - rate.period_ms - now);
+    if next - now > period {
+        return Err(next - period - now);
     }
-    let remaining = (rate.period_ms - (next - now)) / interval;
+    let remaining = (period - (next - now)) / interval;
     Ok((next, remaining.min(u64::from(u32::MAX)) as u32))
 }
 
-/// Checks every limit and, only if all admit, counts the request against each.
+/// Checks every limit and, only if all admit, counts the request against each. Times
+/// in µs.
 fn admit_all(limits: &[Limit], now: u64, tats: &mut [&mut Option<u64>]) -> Admission {
     let mut refused: Option<(u32, u64)> = None;
     let mut next = Vec::with_capacity(limits.len());
@@ -103,10 +110,10 @@ fn admit_all(limits: &[Limit], now: u64, tats: &mut [&mut Option<u64>]) -> Admis
             }
         }
     }
-    if let Some((limit, retry_after_ms)) = refused {
+    if let Some((limit, wait_us)) = refused {
         return Admission::Refused {
             limit,
-            retry_after_ms,
+            retry_after_ms: wait_us.div_ceil(1000),
         };
     }
     for (tat, t) in tats.iter_mut().zip(next) {
@@ -179,7 +186,7 @@ impl LocalBudgets {
             .collect();
         let ordered: Vec<Limit> = order.iter().map(|&i| limits[i].clone()).collect();
         let mut tats: Vec<&mut Option<u64>> = guards.iter_mut().map(|g| &mut **g).collect();
-        admit_all(&ordered, self.clock.now_ms(), &mut tats)
+        admit_all(&ordered, self.clock.now_ms() * 1000, &mut tats)
     }
 }
 
@@ -191,10 +198,11 @@ pub struct RedisBudgets {
 
 /// Checks all of a request's limits and updates them only if all admit, on Redis's
 /// clock so replicas with skewed clocks agree. KEYS: the limits; ARGV: interval and
-/// period (ms) of each. Returns {1, limit index, remaining} or {0, limit index, wait ms}.
+/// period (µs) of each. Returns {1, limit index, remaining} or {0, limit index, wait µs}.
+/// Times are µs since the epoch, exact in a Lua double, written as integers.
 const GCRA_SCRIPT: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local next = {}
 local tight, tight_left = 1, -1
 local worst, worst_wait = 0, -1
@@ -215,7 +223,8 @@ for i = 1, #KEYS do
 end
 if worst_wait >= 0 then return {0, worst - 1, worst_wait} end
 for i = 1, #KEYS do
-  redis.call('SET', KEYS[i], next[i], 'PX', tonumber(ARGV[2 * i]))
+  local ttl_ms = math.ceil(tonumber(ARGV[2 * i]) / 1000)
+  redis.call('SET', KEYS[i], string.format('%.0f', next[i]), 'PX', ttl_ms)
 end
 return {1, tight - 1, tight_left}
 ";
@@ -233,8 +242,8 @@ impl RedisBudgets {
         for limit in limits {
             invocation
                 .key(format!("latchkey:rate:{}", limit.key))
-                .arg(limit.rate.interval())
-                .arg(limit.rate.period_ms);
+                .arg(limit.rate.interval_us())
+                .arg(limit.rate.period_us());
         }
         let mut connection = self.connection.clone();
         let (admitted, index, value): (i64, usize, u64) = invocation
@@ -250,7 +259,7 @@ impl RedisBudgets {
         } else {
             Admission::Refused {
                 limit,
-                retry_after_ms: value,
+                retry_after_ms: value.div_ceil(1000),
             }
         })
     }
@@ -391,8 +400,9 @@ mod tests {
             } => {
                 assert_eq!(limit, 7);
                 // Eight requests are due 8·T after the start; one day of them may be early.
-                let interval = 86_400_000 / 7;
-                assert_eq!(retry_after_ms, 8 * interval - 86_400_000 - 60_000);
+                let interval_us: u64 = 86_400_000_000 / 7;
+                let wait_us = 8 * interval_us - 86_400_000_000 - 60_000_000;
+                assert_eq!(retry_after_ms, wait_us.div_ceil(1000));
             }
             other => panic!("{other:?}"),
         }
@@ -412,12 +422,31 @@ mod tests {
 
     #[test]
     fn gcra_maths() {
+        // In µs: 2 per minute is one every 30 s.
         let rate = Rate::per_minute(2);
-        assert_eq!(gcra(None, 0, rate), Ok((30_000, 1)));
-        assert_eq!(gcra(Some(30_000), 0, rate), Ok((60_000, 0)));
-        assert_eq!(gcra(Some(60_000), 0, rate), Err(30_000));
-        assert_eq!(gcra(Some(60_000), 30_000, rate), Ok((90_000, 0)));
+        let s = 1_000_000;
+        assert_eq!(gcra(None, 0, rate), Ok((30 * s, 1)));
+        assert_eq!(gcra(Some(30 * s), 0, rate), Ok((60 * s, 0)));
+        assert_eq!(gcra(Some(60 * s), 0, rate), Err(30 * s));
+        assert_eq!(gcra(Some(60 * s), 30 * s, rate), Ok((90 * s, 0)));
         // An old arrival time does not bank credit beyond the burst.
-        assert_eq!(gcra(Some(5), 1_000_000, rate), Ok((1_030_000, 1)));
+        assert_eq!(gcra(Some(5), 1000 * s, rate), Ok((1030 * s, 1)));
+    }
+
+    /// Limits above 1,000 a second hold as configured, not at the clock's resolution.
+    #[test]
+    fn high_limits_are_not_capped_by_the_clock() {
+        let (clock, budgets) = setup();
+        let l = [limit("big", Rate::per_minute(120_000))];
+        let burst = (0..130_000)
+            .take_while(|_| matches!(budgets.admit(&l), Admission::Admitted { .. }))
+            .count();
+        assert_eq!(burst, 120_000);
+        // Then the sustained 2,000 a second: 20 in 10 ms.
+        clock.advance(10);
+        let sustained = (0..100)
+            .take_while(|_| matches!(budgets.admit(&l), Admission::Admitted { .. }))
+            .count();
+        assert_eq!(sustained, 20);
     }
 }
