@@ -6,9 +6,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; the variable is read by prost-build below.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
+    // The descriptor set feeds gRPC reflection, so `grpcurl` needs no .proto file.
+    let descriptors =
+        std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("latchkey_admin_descriptor.bin");
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .file_descriptor_set_path(descriptors)
         .compile_protos(&["proto/latchkey/admin/v1/admin.proto"], &["proto"])?;
     Ok(())
 }

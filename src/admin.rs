@@ -14,9 +14,9 @@ use crate::pb::{
     ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule,
     CreateTokenRequest, CreatedToken, ExportRequest, ExportResponse, IssueKeyRequest, IssuedKey,
     KeyInfo, ListKeysRequest, ListKeysResponse, ListRequestsRequest, ListRequestsResponse,
-    ListTokensRequest, ListTokensResponse, RequestFilter, RequestRecord, RevokeKeyRequest,
-    RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse, TelemetryBucket, TelemetryRequest,
-    TelemetryResponse, TokenInfo as PbTokenInfo,
+    ListTokensRequest, ListTokensResponse, RekeyRequest, RekeyResponse, RequestFilter,
+    RequestRecord, RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse,
+    TelemetryBucket, TelemetryRequest, TelemetryResponse, TokenInfo as PbTokenInfo,
 };
 use crate::pipeline::{Caller, Outcome, RequestView, decide_as};
 use crate::policy::Policy;
@@ -483,6 +483,25 @@ impl Admin for AdminService {
         self.reload().await?;
         tracing::info!(id = %id, "admin token revoked");
         Ok(Response::new(RevokeTokenResponse { already_revoked }))
+    }
+
+    async fn rekey(
+        &self,
+        request: Request<RekeyRequest>,
+    ) -> Result<Response<RekeyResponse>, Status> {
+        require_admin(&request)?;
+        let _one_at_a_time = self.write_lock.lock().await;
+        let resealed = self.store.rekey(&self.master).await.map_err(store_status)?;
+        self.reload().await?;
+        tracing::info!(
+            resealed,
+            master_key_id = self.master.id(),
+            "secrets re-sealed"
+        );
+        Ok(Response::new(RekeyResponse {
+            resealed: u32::try_from(resealed).unwrap_or(u32::MAX),
+            master_key_id: self.master.id().to_owned(),
+        }))
     }
 }
 

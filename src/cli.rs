@@ -56,6 +56,13 @@ enum Command {
     Requests(RequestsArgs),
     /// The request log aggregated per hour or day: counts, latency percentiles, cost.
     Telemetry(TelemetryArgs),
+    /// Re-seal every stored secret under the running master key (after starting the
+    /// replicas with a new LATCHKEY_MASTER_KEY and the old one in
+    /// LATCHKEY_MASTER_KEY_PREVIOUS).
+    Rekey {
+        #[command(flatten)]
+        conn: AdminConn,
+    },
     /// Print a new master key.
     Keygen,
 }
@@ -308,6 +315,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .ok()
                     .map(Zeroizing::new),
                 master_key_file: args.master_key_file,
+                previous_master_keys: std::env::var("LATCHKEY_MASTER_KEY_PREVIOUS")
+                    .ok()
+                    .map(Zeroizing::new),
                 grpc_addr: args.grpc_addr,
                 admin_addr: args.admin_addr,
                 http_addr: args.http_addr,
@@ -325,6 +335,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key { command } => key(command).await,
         Command::Export { output, conn } => export(output, conn).await,
         Command::Token { command } => token(command).await,
+        Command::Rekey { conn } => {
+            let mut client = connect(&conn).await?;
+            let r = client
+                .rekey(authorized(&conn, crate::pb::RekeyRequest {})?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "{} secret(s) re-sealed; every secret is sealed under master key {}",
+                r.resealed, r.master_key_id
+            );
+            Ok(())
+        }
         Command::Requests(args) => requests(args).await,
         Command::Telemetry(args) => telemetry(args).await,
         Command::Keygen => {

@@ -31,9 +31,12 @@ pub enum CryptoError {
 
 /// The AES-256 key that seals every target secret. Its id, a fingerprint, is stored
 /// beside each ciphertext so a rotation knows which key sealed what.
+/// The key that seals secrets, and the keys it replaced: a secret sealed under a previous
+/// key still opens (its key's id is stored beside it) until `latchkey rekey` re-seals it.
 pub struct MasterKey {
     cipher: Aes256Gcm,
     id: String,
+    previous: Vec<MasterKey>,
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -65,7 +68,14 @@ impl MasterKey {
         Ok(Self {
             cipher: Aes256Gcm::new_from_slice(&bytes).map_err(|_| CryptoError::BadMasterKey)?,
             id: hex(&digest[..6]),
+            previous: Vec::new(),
         })
+    }
+
+    /// This key, still able to open what `previous` sealed.
+    pub fn with_previous(mut self, previous: Vec<MasterKey>) -> Self {
+        self.previous = previous.into_iter().filter(|p| p.id != self.id).collect();
+        self
     }
 
     pub fn id(&self) -> &str {
@@ -106,8 +116,14 @@ impl MasterKey {
         if sealed.len() < NONCE_LEN {
             return Err(err());
         }
+        // The key the secret says it was sealed with; this one if it names no other.
+        let key = self
+            .previous
+            .iter()
+            .find(|p| p.id == sealed_with)
+            .unwrap_or(self);
         let (nonce, body) = sealed.split_at(NONCE_LEN);
-        self.cipher
+        key.cipher
             .decrypt(
                 Nonce::from_slice(nonce),
                 Payload {
@@ -189,6 +205,22 @@ mod tests {
         *tampered.last_mut().unwrap() ^= 1;
         assert!(k.open("cred_1", &tampered, k.id()).is_err());
         assert!(k.open("cred_1", &sealed[..5], k.id()).is_err());
+    }
+
+    #[test]
+    fn a_new_key_opens_what_the_previous_sealed_until_rekeyed() {
+        let old = key();
+        let sealed = old.seal("cred_1", b"sk_live");
+        let old_id = old.id().to_owned();
+        let new = key().with_previous(vec![old]);
+        assert_eq!(&*new.open("cred_1", &sealed, &old_id).unwrap(), b"sk_live");
+        let resealed = new.seal("cred_1", b"sk_live");
+        assert_eq!(
+            &*new.open("cred_1", &resealed, new.id()).unwrap(),
+            b"sk_live"
+        );
+        // Without the previous key: a clear refusal.
+        assert!(key().open("cred_1", &sealed, &old_id).is_err());
     }
 
     #[test]

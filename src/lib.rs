@@ -37,4 +37,8 @@ pub mod tokens;
 /// latchkey's admin API, generated from `proto/latchkey/admin/v1/admin.proto`.
 pub mod pb {
     tonic::include_proto!("latchkey.admin.v1");
+
+    /// The admin API's descriptors, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("latchkey_admin_descriptor");
 }

@@ -37,6 +37,7 @@ pub struct ServeConfig {
     pub database_url: String,
     pub master_key: Option<Zeroizing<String>>,
     pub master_key_file: Option<PathBuf>,
+    pub previous_master_keys: Option<Zeroizing<String>>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub http_addr: SocketAddr,
@@ -55,6 +56,23 @@ pub enum Mode {
     ExtProc,
     #[value(name = "ext_authz", alias = "ext-authz")]
     ExtAuthz,
+}
+
+/// The master key, and the previous ones it replaced (`LATCHKEY_MASTER_KEY_PREVIOUS`:
+/// comma-separated), which only open what they sealed until `latchkey rekey`.
+pub fn load_master_keys(
+    key: Option<&str>,
+    file: Option<&std::path::Path>,
+    previous: Option<&str>,
+) -> anyhow::Result<MasterKey> {
+    let previous = previous
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| MasterKey::parse(k).context("LATCHKEY_MASTER_KEY_PREVIOUS"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(load_master_key(key, file)?.with_previous(previous))
 }
 
 pub fn load_master_key(
@@ -88,9 +106,10 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
-    let master = Arc::new(load_master_key(
+    let master = Arc::new(load_master_keys(
         cfg.master_key.as_deref().map(String::as_str),
         cfg.master_key_file.as_deref(),
+        cfg.previous_master_keys.as_deref().map(String::as_str),
     )?);
     let store = Store::open(&cfg.database_url)
         .await
@@ -178,8 +197,15 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             "LATCHKEY_ADMIN_TOKEN is not set: only tokens created earlier open the admin API"
         );
     }
+    // gRPC reflection on the admin port: `grpcurl` lists and calls the admin API.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
     let admin_server = Server::builder()
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(
             // Large policies (10,000s of proxies and keys) arrive in one Apply.
             tonic::service::interceptor::InterceptedService::new(

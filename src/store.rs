@@ -631,6 +631,42 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("no key with id {id:?}")))
     }
 
+    /// Re-seals under `master`'s current key every secret sealed under another (one of
+    /// its previous keys), in one transaction. Returns how many were re-sealed.
+    pub async fn rekey(&self, master: &MasterKey) -> Result<usize, StoreError> {
+        let mut tx = self.begin_write().await?;
+        let rows: Vec<(String, String, Vec<u8>, Option<String>)> = sqlx::query_as(
+            "SELECT id, name, secret_sealed, master_key_id FROM credentials
+             WHERE secret_sealed IS NOT NULL",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut resealed = 0;
+        for (id, name, sealed, sealed_with) in rows {
+            let sealed_with = sealed_with.unwrap_or_else(|| "unknown".to_owned());
+            if sealed_with == master.id() {
+                continue;
+            }
+            let plain = master
+                .open(&id, &sealed, &sealed_with)
+                .map_err(|source| StoreError::Secret { name, source })?;
+            sqlx::query(
+                "UPDATE credentials SET secret_sealed = $1, master_key_id = $2 WHERE id = $3",
+            )
+            .bind(master.seal(&id, &plain))
+            .bind(master.id())
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            resealed += 1;
+        }
+        if resealed > 0 {
+            self.bump_version(&mut tx).await?;
+        }
+        tx.commit().await?;
+        Ok(resealed)
+    }
+
     /// The version of the stored policy: it grows with every change.
     pub async fn version(&self) -> Result<i64, StoreError> {
         Ok(

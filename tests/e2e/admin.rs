@@ -397,3 +397,128 @@ async fn rotations_of_the_target_credential_and_of_a_proxy_key_fail_no_request()
         .unwrap();
     assert_eq!(new_key_ok.status(), 200);
 }
+
+#[tokio::test]
+async fn grpc_reflection_lists_the_admin_api() {
+    use tokio_stream::StreamExt;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let stack = Stack::start().await;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", stack.admin_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(Ok(answer)) = answers.next().await else {
+        panic!("no reflection answer");
+    };
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("{answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"latchkey.admin.v1.Admin".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_owned()),
+        "{names:?}"
+    );
+}
+
+/// Master key rotation: restart with the new key (the old one as previous), re-seal
+/// everything while serving, then run with the new key alone.
+#[tokio::test]
+async fn master_key_rotation_reseals_every_secret_while_serving() {
+    let upstream = Upstream::start().await;
+    let mut stack = Stack::start().await;
+    stack.apply(
+        &policy(&upstream.url(), "cred-v1", "[{ env: OLD_KEY }]"),
+        &env(),
+    );
+    let old = stack.master_key.clone();
+    let new = String::from_utf8(
+        std::process::Command::new(crate::common::latchkey_bin())
+            .arg("keygen")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_owned();
+
+    stack.kill_latchkey();
+    stack.master_key = new.clone();
+    stack
+        .serve_env
+        .push(("LATCHKEY_MASTER_KEY_PREVIOUS".into(), old.clone()));
+    stack.start_latchkey().await;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = steady_load(&stack, OLD_KEY, stopped);
+    let rekey = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let out = stack.cli(&["rekey"], &[]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stop.send(true).unwrap();
+        out
+    };
+    let (statuses, out) = tokio::join!(load, rekey);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("2 secret(s) re-sealed"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        statuses.len() > 5 && statuses.iter().all(|s| *s == 200),
+        "{statuses:?}"
+    );
+    let again = stack.cli(&["rekey"], &[]);
+    assert!(String::from_utf8_lossy(&again.stdout).starts_with("0 secret(s)"));
+
+    // The new key alone now opens everything; the old one alone no longer does.
+    stack.kill_latchkey();
+    stack
+        .serve_env
+        .retain(|(k, _)| k != "LATCHKEY_MASTER_KEY_PREVIOUS");
+    stack.start_latchkey().await;
+    let ok = client()
+        .get(stack.url("/api/v1/x"))
+        .bearer_auth(OLD_KEY)
+        .header("x-team", "ops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        upstream.take().last().unwrap().header("authorization"),
+        Some(format!("Bearer {SECRET_V1}").as_str())
+    );
+    stack.kill_latchkey();
+    let refused = stack
+        .serve_command()
+        .env("LATCHKEY_MASTER_KEY", &old)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("wrong master key"));
+}
