@@ -346,12 +346,19 @@ impl Admin for AdminService {
             0 => 100,
             n => n.min(request_log::MAX_LIMIT),
         };
-        let entries = request_log::list(&self.store, &filter, limit, req.page)
+        let page = match req.page.as_str() {
+            "" => None,
+            token => Some(request_log::Cursor::parse(token).ok_or_else(|| {
+                Status::invalid_argument("page: a next_page token from a previous answer")
+            })?),
+        };
+        let entries = request_log::list(&self.store, &filter, limit, page)
             .await
             .map_err(internal)?;
-        let next_page = (entries.len() == limit as usize)
-            .then(|| entries.last().map(|e| e.seq))
-            .flatten();
+        let next_page = match entries.last() {
+            Some(last) if entries.len() == limit as usize => request_log::Cursor::of(last).token(),
+            _ => String::new(),
+        };
         let records = entries
             .into_iter()
             .map(|e| RequestRecord {

@@ -726,7 +726,7 @@ async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.conn).await?;
     let filter = args.filter.into_request();
     let mut records = Vec::new();
-    let mut page = None;
+    let mut page = String::new();
     while records.len() < args.limit as usize {
         let want =
             (args.limit as usize - records.len()).min(crate::request_log::MAX_LIMIT as usize);
@@ -735,7 +735,7 @@ async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
             ListRequestsRequest {
                 filter: Some(filter.clone()),
                 limit: want as u32,
-                page,
+                page: page.clone(),
             },
         )?;
         let response = client
@@ -744,10 +744,10 @@ async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
             .map_err(status_error)?
             .into_inner();
         records.extend(response.records);
-        match response.next_page {
-            Some(next) => page = Some(next),
-            None => break,
+        if response.next_page.is_empty() {
+            break;
         }
+        page = response.next_page;
     }
     if args.json {
         let rows: Vec<_> = records

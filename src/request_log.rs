@@ -144,12 +144,41 @@ fn push_filter(q: &mut Sql, f: &Filter) {
     }
 }
 
-/// Newest first; `before` is the `seq` a previous page ended at.
+/// Where a page ended: records are ordered by decision time, then by row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub time_ms: i64,
+    pub seq: i64,
+}
+
+impl Cursor {
+    pub fn of(entry: &Entry) -> Self {
+        Self {
+            time_ms: entry.time_ms,
+            seq: entry.seq,
+        }
+    }
+
+    /// As `time_ms.seq`, the page token of the admin API.
+    pub fn token(&self) -> String {
+        format!("{}.{}", self.time_ms, self.seq)
+    }
+
+    pub fn parse(token: &str) -> Option<Self> {
+        let (t, s) = token.split_once('.')?;
+        Some(Self {
+            time_ms: t.parse().ok()?,
+            seq: s.parse().ok()?,
+        })
+    }
+}
+
+/// Newest first (by decision time); `before` is where a previous page ended.
 pub async fn list(
     store: &Store,
     filter: &Filter,
     limit: u32,
-    before: Option<i64>,
+    before: Option<Cursor>,
 ) -> Result<Vec<Entry>, StoreError> {
     let mut q = Sql::new(
         "SELECT seq, request_id, time_ms, proxy, target, credential, key_id, run_label, method,
@@ -158,11 +187,14 @@ pub async fn list(
          FROM requests",
     );
     push_filter(&mut q, filter);
-    if let Some(seq) = before {
-        q.push(" AND seq < ", Arg::Int(seq));
+    if let Some(c) = before {
+        q.push(" AND (time_ms < ", Arg::Int(c.time_ms));
+        q.push(" OR (time_ms = ", Arg::Int(c.time_ms));
+        q.push(" AND seq < ", Arg::Int(c.seq));
+        q.text.push_str("))");
     }
     q.push(
-        " ORDER BY seq DESC LIMIT ",
+        " ORDER BY time_ms DESC, seq DESC LIMIT ",
         Arg::Int(i64::from(limit.clamp(1, MAX_LIMIT))),
     );
     let rows = q.fetch_all(store).await?;
@@ -356,7 +388,7 @@ mod tests {
         let all = list(&store, &Filter::default(), 100, None).await.unwrap();
         assert_eq!(all.len(), 10);
         assert_eq!(all[0].request_id, "r9", "newest first");
-        let page = list(&store, &Filter::default(), 4, Some(all[3].seq))
+        let page = list(&store, &Filter::default(), 4, Some(Cursor::of(&all[3])))
             .await
             .unwrap();
         assert_eq!(page[0].request_id, "r5");
