@@ -275,6 +275,19 @@ struct ServeArgs {
     /// them all.
     #[arg(long, env = "LATCHKEY_AUDIT_RETENTION_DAYS", default_value_t = 90)]
     audit_retention_days: u32,
+    /// TLS for the admin listener: certificate chain (PEM).
+    #[arg(long, env = "LATCHKEY_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    admin_tls_cert: Option<PathBuf>,
+    /// TLS for the admin listener: private key (PEM).
+    #[arg(long, env = "LATCHKEY_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    admin_tls_key: Option<PathBuf>,
+    /// Require admin clients to present a certificate signed by this CA (mTLS).
+    #[arg(
+        long,
+        env = "LATCHKEY_ADMIN_TLS_CLIENT_CA",
+        requires = "admin_tls_cert"
+    )]
+    admin_tls_client_ca: Option<PathBuf>,
     /// The Envoy filter in front: `ext_proc` (the full feature set) or `ext_authz`
     /// (headers only: policies that need bodies or responses are refused). Both APIs
     /// are served either way.
@@ -285,10 +298,27 @@ struct ServeArgs {
 /// Where the admin API is and the token it wants.
 #[derive(Args)]
 struct AdminConn {
+    /// `host:port`, or `https://host:port` for an admin API behind TLS.
     #[arg(long, env = "LATCHKEY_ADMIN_ADDR", default_value = "127.0.0.1:50052")]
     admin_addr: String,
     #[arg(long, env = "LATCHKEY_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// The CA that signed the admin API's certificate (PEM): implies TLS.
+    #[arg(long, env = "LATCHKEY_ADMIN_CA")]
+    admin_ca: Option<PathBuf>,
+    /// A client certificate and key (PEM), for an admin API that requires mTLS.
+    #[arg(
+        long,
+        env = "LATCHKEY_ADMIN_CLIENT_CERT",
+        requires = "admin_client_key"
+    )]
+    admin_client_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "LATCHKEY_ADMIN_CLIENT_KEY",
+        requires = "admin_client_cert"
+    )]
+    admin_client_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -327,6 +357,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 redis_url: args.redis_url,
                 audit_retention_days: args.audit_retention_days,
                 mode: args.mode,
+                admin_tls: args
+                    .admin_tls_cert
+                    .zip(args.admin_tls_key)
+                    .map(|(cert, key)| serve::AdminTls {
+                        cert,
+                        key,
+                        client_ca: args.admin_tls_client_ca,
+                    }),
             })
             .await
         }
@@ -358,13 +396,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn connect(conn: &AdminConn) -> anyhow::Result<AdminClient<Channel>> {
+    let tls = conn.admin_ca.is_some() || conn.admin_addr.starts_with("https://");
     let url = if conn.admin_addr.contains("://") {
         conn.admin_addr.clone()
+    } else if tls {
+        format!("https://{}", conn.admin_addr)
     } else {
         format!("http://{}", conn.admin_addr)
     };
-    let channel = Endpoint::from_shared(url)
-        .with_context(|| format!("bad admin address {:?}", conn.admin_addr))?
+    let mut endpoint = Endpoint::from_shared(url)
+        .with_context(|| format!("bad admin address {:?}", conn.admin_addr))?;
+    if tls {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+        };
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &conn.admin_ca {
+            config = config.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&conn.admin_client_cert, &conn.admin_client_key) {
+            config = config.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        endpoint = endpoint.tls_config(config).context("admin TLS")?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await

@@ -46,6 +46,36 @@ pub struct ServeConfig {
     /// Request-log records older than this many days are deleted; 0 keeps them all.
     pub audit_retention_days: u32,
     pub mode: Mode,
+    pub admin_tls: Option<AdminTls>,
+}
+
+/// TLS on the admin listener (PEM files); with a client CA, callers must also present a
+/// certificate it signed (mTLS) besides their bearer token.
+pub struct AdminTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl AdminTls {
+    fn server_config(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path)
+                .with_context(|| format!("reading the admin TLS {what} {}", path.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(
+            read(&self.cert, "certificate")?,
+            read(&self.key, "key")?,
+        );
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(
+                ca,
+                "client CA",
+            )?));
+        }
+        Ok(config)
+    }
 }
 
 /// Which Envoy filter the deployment puts in front of latchkey. Both APIs are always
@@ -203,7 +233,13 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building gRPC reflection")?;
-    let admin_server = Server::builder()
+    let mut admin_builder = Server::builder();
+    if let Some(tls) = &cfg.admin_tls {
+        admin_builder = admin_builder
+            .tls_config(tls.server_config()?)
+            .context("admin TLS")?;
+    }
+    let admin_server = admin_builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

@@ -522,3 +522,52 @@ async fn master_key_rotation_reseals_every_secret_while_serving() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("wrong master key"));
 }
+
+#[tokio::test]
+async fn the_admin_api_over_tls_and_mutual_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    crate::common::make_certificates(certs.path());
+    let path = |f: &str| certs.path().join(f).display().to_string();
+    let (cert, key, ca) = (path("server.pem"), path("server.key"), path("ca.pem"));
+    let stack = Stack::start_configured(
+        |c| c,
+        &[
+            ("LATCHKEY_ADMIN_TLS_CERT", cert.as_str()),
+            ("LATCHKEY_ADMIN_TLS_KEY", key.as_str()),
+            ("LATCHKEY_ADMIN_TLS_CLIENT_CA", ca.as_str()),
+        ],
+    )
+    .await;
+    let addr = format!("https://localhost:{}", stack.admin_port);
+    let (client_cert, client_key) = (path("client.pem"), path("client.key"));
+    let with = |extra: &[(&str, &str)]| {
+        let mut env = vec![("LATCHKEY_ADMIN_ADDR", addr.as_str())];
+        env.extend_from_slice(extra);
+        stack.cli(&["key", "list", "--json"], &env)
+    };
+    // TLS with the CA and a client certificate: in.
+    let ok = with(&[
+        ("LATCHKEY_ADMIN_CA", ca.as_str()),
+        ("LATCHKEY_ADMIN_CLIENT_CERT", client_cert.as_str()),
+        ("LATCHKEY_ADMIN_CLIENT_KEY", client_key.as_str()),
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // No client certificate, no trust in the server, or plain text: out.
+    for refused in [
+        with(&[("LATCHKEY_ADMIN_CA", ca.as_str())]),
+        with(&[]),
+        stack.cli(
+            &["key", "list"],
+            &[(
+                "LATCHKEY_ADMIN_ADDR",
+                &format!("127.0.0.1:{}", stack.admin_port),
+            )],
+        ),
+    ] {
+        assert!(!refused.status.success());
+    }
+}

@@ -748,70 +748,10 @@ async fn secrets_are_sealed_at_rest_and_a_wrong_master_key_is_refused() {
 }
 
 /// A CA and a certificate for `localhost` signed by it, made with the openssl command.
-fn make_certificates(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=latchkey test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.pem",
-    ]);
-}
-
 #[tokio::test]
 async fn https_targets_get_sni_and_a_checked_certificate() {
     let certs = tempfile::tempdir().unwrap();
-    make_certificates(certs.path());
+    common::make_certificates(certs.path());
     let port = common::free_port();
     let record = certs.path().join("seen.jsonl");
     let mut server = std::process::Command::new("python3")
