@@ -761,14 +761,18 @@ async fn key(command: KeyCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if r.already_revoked {
-                println!("key {id} was already revoked");
-            } else {
-                println!("key {id} revoked");
-            }
+            say_revoked("key", &id, r.already_revoked);
         }
     }
     Ok(())
+}
+
+fn say_revoked(what: &str, id: &str, already: bool) {
+    if already {
+        println!("{what} {id} was already revoked");
+    } else {
+        println!("{what} {id} revoked");
+    }
 }
 
 fn rfc3339_ms(ms: i64) -> String {
@@ -1035,11 +1039,7 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if r.already_revoked {
-                println!("admin token {id} was already revoked");
-            } else {
-                println!("admin token {id} revoked");
-            }
+            say_revoked("admin token", &id, r.already_revoked);
         }
     }
     Ok(())

@@ -83,16 +83,7 @@ impl Authorization for ExtAuthz {
         conclude(&self.shared, &mut decision, &asked, started).await;
         Ok(Response::new(match decision.outcome {
             Outcome::Forward(forward) => envoy::check_allow(forward, decision.rate),
-            Outcome::Deny(denial) => {
-                tracing::info!(
-                    request_id,
-                    proxy = decision.subject.proxy.as_deref(),
-                    credential = decision.subject.credential.as_deref(),
-                    decision = denial.kind(),
-                    "request denied"
-                );
-                envoy::check_deny(&denial, &request_id)
-            }
+            Outcome::Deny(denial) => envoy::check_deny(&denial, &request_id),
             Outcome::NeedBody => unreachable!("replaced above"),
         }))
     }

@@ -267,13 +267,6 @@ impl Exchange {
             Outcome::Deny(denial) => denial,
             Outcome::NeedBody => unreachable!("replaced above"),
         };
-        tracing::info!(
-            request_id,
-            proxy = decision.subject.proxy.as_deref(),
-            credential = decision.subject.credential.as_deref(),
-            decision = denial.kind(),
-            "request denied"
-        );
         envoy::deny(&denial, request_id)
     }
 }

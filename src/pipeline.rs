@@ -107,6 +107,15 @@ pub async fn conclude(
     inject_token(decision).await;
     shared.metrics.record(decision);
     shared.metrics.observe_decision(started.elapsed());
+    if let Outcome::Deny(denial) = &decision.outcome {
+        tracing::info!(
+            request_id = asked.request_id,
+            proxy = decision.subject.proxy.as_deref(),
+            credential = decision.subject.credential.as_deref(),
+            decision = denial.kind(),
+            "request denied"
+        );
+    }
     shared
         .audit
         .record(Event::Decided(Decided::of(
