@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use futures_util::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
@@ -764,14 +765,15 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             limits: from_json("credentials", row.try_get("limits")?)?,
         });
     }
-    for row in sqlx::query(
+    // Streamed, row by row: a policy with 100,000s of keys is never held twice (as
+    // database rows and as key rows) at once.
+    let mut rows = sqlx::query(
         "SELECT id, credential_id, key_hash, source, label, created_at, expires_at,
                 revoked_at, spend_cap_usd, spent_usd
          FROM proxy_keys ORDER BY created_at, id",
     )
-    .fetch_all(&mut **tx)
-    .await?
-    {
+    .fetch(&mut **tx);
+    while let Some(row) = rows.try_next().await? {
         out.keys.push(KeyRow {
             id: row.try_get("id")?,
             credential_id: row.try_get("credential_id")?,
@@ -785,23 +787,23 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             spent_usd: row.try_get("spent_usd")?,
         });
     }
+    drop(rows);
     let mut bindings: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for row in sqlx::query("SELECT proxy, credential FROM proxy_bindings ORDER BY credential")
-        .fetch_all(&mut **tx)
-        .await?
-    {
+    let mut rows = sqlx::query("SELECT proxy, credential FROM proxy_bindings ORDER BY credential")
+        .fetch(&mut **tx);
+    while let Some(row) = rows.try_next().await? {
         bindings
             .entry(row.try_get("proxy")?)
             .or_default()
             .push(row.try_get("credential")?);
     }
-    for row in sqlx::query(
+    drop(rows);
+    let mut rows = sqlx::query(
         "SELECT name, target, target_credential, default_effect, limits, cost
          FROM proxies ORDER BY name",
     )
-    .fetch_all(&mut **tx)
-    .await?
-    {
+    .fetch(&mut **tx);
+    while let Some(row) = rows.try_next().await? {
         let name: String = row.try_get("name")?;
         out.proxies.push(ProxyRow {
             proxy_credentials: bindings.remove(&name).unwrap_or_default(),
@@ -813,6 +815,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             cost: from_json("proxies", row.try_get("cost")?)?,
         });
     }
+    drop(rows);
     for row in sqlx::query(
         "SELECT id, credential, proxy, effect, methods, path, conditions, priority, notes, position
          FROM rules ORDER BY position",
