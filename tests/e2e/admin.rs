@@ -8,7 +8,7 @@ use latchkey::pb::{ApplyRequest, ExportRequest, IssueKeyRequest, ListKeysRequest
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::{ADMIN_TOKEN, Stack, Upstream, client, denial};
+use crate::common::{ADMIN_TOKEN, Stack, Upstream, client, denial, json};
 
 const OLD_KEY: &str = "lk_adminOLDkey00000000000001";
 const NEW_KEY: &str = "lk_adminNEWkey00000000000002";
@@ -29,15 +29,6 @@ fn with_token<T>(token: Option<&str>, message: T) -> tonic::Request<T> {
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
     request
-}
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn policy(upstream: &str, credential: &str, keys: &str) -> String {

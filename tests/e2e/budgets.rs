@@ -1,6 +1,6 @@
 //! Run keys, rate limits and spend caps through real Envoy.
 
-use crate::common::{Stack, Upstream, client, denial};
+use crate::common::{Stack, Upstream, client, denial, json, unique};
 
 const AGENT_KEY: &str = "lk_budgetAgentKEY000000000001";
 
@@ -22,15 +22,6 @@ proxies:
 {limits}
 "#
     )
-}
-
-fn json(out: &std::process::Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 #[tokio::test]
@@ -167,15 +158,6 @@ async fn run_keys_issue_expire_and_revoke_one_at_a_time() {
     );
     assert_eq!(call(key_b).await.unwrap().status(), 200);
     assert_eq!(denial(call(key_a).await.unwrap()).await.1, "revoked_key");
-}
-
-/// A name no other test run uses: Redis is shared by every run on this machine.
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        crate::common::free_port()
-    )
 }
 
 fn limited_policy(upstream: &str, proxy: &str, credential: &str) -> String {

@@ -480,6 +480,21 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// The JSON a successful CLI command printed; panics with its stderr otherwise.
+pub fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A name no other test or run uses (Redis keys outlive a run).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), free_port())
+}
+
 /// The parsed `{"error":{...}}` body of a denial, checked for its contract shape.
 pub async fn denial(response: reqwest::Response) -> (u16, String, serde_json::Value) {
     let status = response.status().as_u16();

@@ -4,7 +4,7 @@
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::common::{PgDatabase, Stack, Upstream, client, free_port};
+use crate::common::{PgDatabase, Stack, Upstream, client, free_port, unique};
 
 const AGENT_KEY: &str = "lk_scaleAgentKEY000000000001";
 const SECRET: &str = "sk_scale_secret_value_999";
@@ -112,10 +112,6 @@ proxies:
 
 fn env() -> Vec<(&'static str, &'static str)> {
     vec![("SECRET", SECRET), ("AGENT_KEY", AGENT_KEY)]
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), free_port())
 }
 
 /// `latchkey check` against one replica's admin API: its own live policy.
