@@ -141,7 +141,7 @@ async fn one_fetch_serves_many_and_the_token_is_what_the_upstream_gets() {
 #[tokio::test]
 async fn tokens_are_refreshed_before_they_expire() {
     let (ep, token_url) = start_endpoint().await;
-    ep.expires_in.store(2, Ordering::SeqCst);
+    ep.expires_in.store(4, Ordering::SeqCst);
     let upstream = Upstream::start().await;
     let stack = Stack::start().await;
     stack.apply(
@@ -153,10 +153,11 @@ async fn tokens_are_refreshed_before_they_expire() {
         &env(),
     );
     assert_eq!(burst(&stack, 1).await, [200]);
-    // Inside the last fifth of the token's life: still used, and replaced meanwhile.
-    tokio::time::sleep(Duration::from_millis(1700)).await;
+    // Inside the last fifth of the token's life (3.2-4 s): still used, and replaced
+    // meanwhile; then past its expiry, the replacement is what goes out.
+    tokio::time::sleep(Duration::from_millis(3300)).await;
     assert_eq!(burst(&stack, 1).await, [200]);
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(burst(&stack, 1).await, [200]);
     let tokens: Vec<String> = upstream
         .take()
