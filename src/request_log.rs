@@ -73,7 +73,6 @@ pub struct Entry {
 }
 
 /// A statement being built, with `$n` placeholders (the same in SQLite and PostgreSQL).
-#[derive(Default)]
 struct Sql {
     text: String,
     args: Vec<Arg>,

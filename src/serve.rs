@@ -105,10 +105,7 @@ pub fn load_master_keys(
     Ok(load_master_key(key, file)?.with_previous(previous))
 }
 
-pub fn load_master_key(
-    key: Option<&str>,
-    file: Option<&std::path::Path>,
-) -> anyhow::Result<MasterKey> {
+fn load_master_key(key: Option<&str>, file: Option<&std::path::Path>) -> anyhow::Result<MasterKey> {
     let text = match (key, file) {
         (Some(_), Some(_)) => {
             bail!("set LATCHKEY_MASTER_KEY or LATCHKEY_MASTER_KEY_FILE, not both")

@@ -188,9 +188,7 @@ impl Metrics {
 }
 
 pub fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
+    now_unix_ms().div_euclid(1000)
 }
 
 pub fn now_unix_ms() -> i64 {
