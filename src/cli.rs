@@ -461,12 +461,12 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     let file = PolicyFile::parse(&text)?;
     let base = args.file.parent().unwrap_or(Path::new("."));
     let mut secrets = Vec::new();
-    for (name, secret) in file.target_secrets() {
-        let value = secret
-            .resolve(base)
-            .map_err(|e| anyhow!("credential {name:?}: secret: {e}"))?;
+    for credential in file.target_secrets() {
+        let value = credential
+            .resolve_secret(base)
+            .map_err(|e| anyhow!("credential {:?}: {e}", credential.name))?;
         secrets.push(ResolvedSecret {
-            credential: name.to_owned(),
+            credential: credential.name.clone(),
             value,
         });
     }

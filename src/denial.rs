@@ -45,6 +45,8 @@ pub enum Denial {
         "proxy {proxy:?} needs Envoy's ext_proc filter ({why}); this request came through ext_authz"
     )]
     NeedsExtProc { proxy: Arc<str>, why: &'static str },
+    #[error("the upstream's response could not be checked before it reached you ({0})")]
+    ResponseUnreadable(&'static str),
 }
 
 impl Denial {
@@ -67,6 +69,7 @@ impl Denial {
             Denial::BudgetUnavailable => "budget_unavailable",
             Denial::NeedsExtProc { .. } => "needs_ext_proc",
             Denial::CredentialUnavailable(_) => "credential_unavailable",
+            Denial::ResponseUnreadable(_) => "response_unreadable",
         }
     }
 
@@ -89,6 +92,7 @@ impl Denial {
             Denial::BudgetUnavailable => 503,
             Denial::NeedsExtProc { .. } => 500,
             Denial::CredentialUnavailable(_) => 503,
+            Denial::ResponseUnreadable(_) => 502,
         }
     }
 

@@ -10,8 +10,8 @@ use envoy_types::pb::envoy::service::auth::v3::{
     CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response,
 };
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
-    ProcessingResponse, processing_response::Response,
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse,
+    ProcessingResponse, body_mutation, processing_response::Response,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::value::Kind;
@@ -138,7 +138,7 @@ pub fn allow(
     forward: Forward,
     in_body_phase: bool,
     rate: Option<(u32, u32)>,
-    priced: Option<Priced>,
+    reads: ResponseRead,
 ) -> ProcessingResponse {
     let mutation = HeaderMutation {
         set_headers: forward
@@ -163,36 +163,40 @@ pub fn allow(
         dynamic_metadata: rate.map(rate_metadata),
         // The mode can change only in answer to the request headers; a request that
         // went through the body phase got its response modes then.
-        mode_override: (!in_body_phase)
-            .then_some(priced)
-            .flatten()
-            .map(|p| mode(BodySendMode::None, Some(p))),
+        mode_override: (!in_body_phase && reads != ResponseRead::Nothing)
+            .then(|| mode(BodySendMode::None, reads)),
         ..Default::default()
     }
 }
 
-/// How a priced response is read: its status alone, or its body too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Priced {
-    ByStatus,
-    ByBody,
+/// How much of the response latchkey reads; the most any need of a request asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum ResponseRead {
+    #[default]
+    Nothing,
+    /// The status: a fixed price is charged on success.
+    Status,
+    /// As much of the body as Envoy buffers: where a price is read.
+    BodyStart,
+    /// The whole body, held back until checked: scrubbing and redaction.
+    WholeBody,
 }
 
 /// A full processing mode: every field set, since a field left at DEFAULT would mean
 /// Envoy's default (SEND for response headers), not "as configured".
-fn mode(request_body: BodySendMode, priced: Option<Priced>) -> ProcessingMode {
+fn mode(request_body: BodySendMode, reads: ResponseRead) -> ProcessingMode {
     ProcessingMode {
         request_header_mode: HeaderSendMode::Send as i32,
-        response_header_mode: if priced.is_some() {
-            HeaderSendMode::Send
-        } else {
+        response_header_mode: if reads == ResponseRead::Nothing {
             HeaderSendMode::Skip
+        } else {
+            HeaderSendMode::Send
         } as i32,
         request_body_mode: request_body as i32,
-        response_body_mode: if priced == Some(Priced::ByBody) {
-            BodySendMode::BufferedPartial
-        } else {
-            BodySendMode::None
+        response_body_mode: match reads {
+            ResponseRead::Nothing | ResponseRead::Status => BodySendMode::None,
+            ResponseRead::BodyStart => BodySendMode::BufferedPartial,
+            ResponseRead::WholeBody => BodySendMode::Buffered,
         } as i32,
         request_trailer_mode: HeaderSendMode::Skip as i32,
         response_trailer_mode: HeaderSendMode::Skip as i32,
@@ -225,10 +229,10 @@ fn rate_metadata((limit, remaining): (u32, u32)) -> Struct {
 
 /// Hold the headers and send the request body (buffered, up to Envoy's buffer limit):
 /// a rule that judges the body decides. Only requests that reach such a rule pay this.
-pub fn need_body(priced: Option<Priced>) -> ProcessingResponse {
+pub fn need_body(reads: ResponseRead) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::RequestHeaders(HeadersResponse::default())),
-        mode_override: Some(mode(BodySendMode::BufferedPartial, priced)),
+        mode_override: Some(mode(BodySendMode::BufferedPartial, reads)),
         ..Default::default()
     }
 }
@@ -271,6 +275,49 @@ fn denial_headers(denial: &Denial) -> Vec<(&'static str, String)> {
     .into_iter()
     .flatten()
     .collect()
+}
+
+/// The response headers, with echoed secrets replaced: each `(name, values)` replaces
+/// every value of that header. `drop_length`: the body may change size.
+pub fn response_headers(
+    replaced: Vec<(String, Vec<Vec<u8>>)>,
+    drop_length: bool,
+) -> ProcessingResponse {
+    let mut mutation = HeaderMutation::default();
+    for (name, values) in replaced {
+        for value in values {
+            let mut option = set_header(&name, value);
+            option.append_action = HeaderAppendAction::AppendIfExistsOrAdd as i32;
+            // ext_proc reads the deprecated `append` flag, not `append_action`, here.
+            #[allow(deprecated)]
+            {
+                option.append = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+            }
+            mutation.set_headers.push(option);
+        }
+        mutation.remove_headers.push(name);
+    }
+    if drop_length {
+        mutation.remove_headers.push("content-length".to_owned());
+    }
+    pass(Response::ResponseHeaders(HeadersResponse {
+        response: Some(CommonResponse {
+            header_mutation: Some(mutation),
+            ..Default::default()
+        }),
+    }))
+}
+
+/// The response body, replaced.
+pub fn replace_body(body: Vec<u8>) -> ProcessingResponse {
+    pass(Response::ResponseBody(BodyResponse {
+        response: Some(CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::Body(body)),
+            }),
+            ..Default::default()
+        }),
+    }))
 }
 
 /// "Carry on unchanged" for a phase latchkey has nothing to do in.

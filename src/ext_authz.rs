@@ -51,21 +51,24 @@ impl Authorization for ExtAuthz {
         };
         // `http.id` is Envoy's stream id; the access log joins on x-request-id.
         let request_id = envoy::request_id(&pairs);
+        let no_body = has_no_body(&pairs, &http.protocol);
         let view = RequestView {
             method: &http.method,
             path: &http.path,
             headers: &pairs,
+            body: no_body.then_some(&[][..]),
         };
-        let body = if has_no_body(&pairs, &http.protocol) {
+        let body = if no_body {
             Body::Empty
         } else {
-            // Not sent to ext_authz: a rule that would judge it cannot decide.
+            // Not sent to ext_authz: a rule (or signature) that would read it cannot.
             Body::Unread
         };
         let mut decision = decide(&self.shared.policy.load(), &view, &body, now_unix());
-        let needs = match (&decision.outcome, &decision.charge) {
-            (Outcome::NeedBody, _) => Some("its rules read the request body"),
-            (Outcome::Forward(_), Some(_)) => Some("its cost is read from responses"),
+        let needs = match (&decision.outcome, &decision.charge, &decision.guard) {
+            (Outcome::NeedBody, _, _) => Some("its rules or its signature read the request body"),
+            (Outcome::Forward(_), Some(_), _) => Some("its cost is read from responses"),
+            (Outcome::Forward(_), _, Some(_)) => Some("its responses are scrubbed or redacted"),
             _ => None,
         };
         if let Some(why) = needs {

@@ -14,13 +14,15 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 };
 use tokio_stream::Stream;
 use tonic::{Request, Status, Streaming};
+use zeroize::Zeroizing;
 
 use crate::audit::Event;
 use crate::denial::Denial;
 use crate::envoy;
-use crate::envoy::Priced;
+use crate::envoy::ResponseRead;
 use crate::pipeline::{Asked, Charge, Decision, Outcome, RequestView, conclude, decide};
 use crate::policy::CostSpec;
+use crate::redact::Guard;
 use crate::rules::Body;
 use crate::state::{Shared, now_unix};
 
@@ -52,6 +54,7 @@ impl ExternalProcessor for ExtProc {
             request_id: String::new(),
             held: None,
             pending: None,
+            guarded: None,
         };
         // Messages of one stream are answered in order, one at a time.
         let responses = futures_util::stream::unfold(
@@ -80,6 +83,15 @@ struct Exchange {
     held: Option<HeldHeaders>,
     /// A priced request's reservation, until its response is judged.
     pending: Option<Charge>,
+    /// A guarded proxy's response checks, until its response has passed them.
+    guarded: Option<Guarded>,
+}
+
+struct Guarded {
+    guard: Arc<Guard>,
+    proxy: Arc<str>,
+    /// The credential fetched for this request (OAuth2), scrubbed like the secret.
+    token: Option<Zeroizing<Vec<u8>>>,
 }
 
 impl Drop for Exchange {
@@ -121,11 +133,18 @@ fn text<'a>(pairs: &[(&str, &'a [u8])], name: &str) -> &'a str {
         .unwrap_or_default()
 }
 
-fn priced(charge: Option<&Charge>) -> Option<Priced> {
-    charge.map(|c| match &*c.cost {
-        CostSpec::PerRequest(_) => Priced::ByStatus,
-        CostSpec::ResponseJson { .. } => Priced::ByBody,
-    })
+/// How much of the response this request's price and guard need to see.
+fn reads(decision: &Decision) -> ResponseRead {
+    let priced = match decision.charge.as_ref().map(|c| &*c.cost) {
+        None => ResponseRead::Nothing,
+        Some(CostSpec::PerRequest(_)) => ResponseRead::Status,
+        Some(CostSpec::ResponseJson { .. }) => ResponseRead::BodyStart,
+    };
+    if decision.guard.is_some() {
+        ResponseRead::WholeBody
+    } else {
+        priced
+    }
 }
 
 struct HeldHeaders {
@@ -137,14 +156,8 @@ impl Exchange {
         match message.request {
             Some(Phase::RequestHeaders(headers)) => self.request_headers(&headers).await,
             Some(Phase::RequestBody(body)) => self.request_body(&body).await,
-            Some(Phase::ResponseHeaders(headers)) => {
-                self.response_headers(&headers).await;
-                envoy::pass(Response::ResponseHeaders(HeadersResponse::default()))
-            }
-            Some(Phase::ResponseBody(body)) => {
-                self.response_body(&body).await;
-                envoy::pass(Response::ResponseBody(BodyResponse::default()))
-            }
+            Some(Phase::ResponseHeaders(headers)) => self.response_headers(&headers).await,
+            Some(Phase::ResponseBody(body)) => self.response_body(&body).await,
             Some(Phase::RequestTrailers(_)) => {
                 envoy::pass(Response::RequestTrailers(TrailersResponse::default()))
             }
@@ -159,12 +172,12 @@ impl Exchange {
         let started = Instant::now();
         let pairs = envoy::header_pairs(headers.headers.as_ref());
         self.request_id = envoy::request_id(&pairs);
-        let body = if headers.end_of_stream {
-            Body::Empty
+        let (body, raw) = if headers.end_of_stream {
+            (Body::Empty, Some(&[][..]))
         } else {
-            Body::Unread
+            (Body::Unread, None)
         };
-        let decision = self.decide(&pairs, &body);
+        let decision = self.decide(&pairs, &body, raw);
         if let Outcome::NeedBody = decision.outcome {
             self.held = Some(HeldHeaders {
                 headers: pairs
@@ -172,7 +185,7 @@ impl Exchange {
                     .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
                     .collect(),
             });
-            return envoy::need_body(priced(decision.charge.as_ref()));
+            return envoy::need_body(reads(&decision));
         }
         self.respond(&pairs, decision, started, false).await
     }
@@ -183,28 +196,96 @@ impl Exchange {
             // A body latchkey did not ask for: nothing to judge.
             return envoy::pass(Response::RequestBody(BodyResponse::default()));
         };
-        let body = if !chunk.end_of_stream || chunk.body.len() > MAX_REQUEST_BODY {
-            Body::TooLarge(MAX_REQUEST_BODY)
+        let (body, raw) = if !chunk.end_of_stream || chunk.body.len() > MAX_REQUEST_BODY {
+            (Body::TooLarge(MAX_REQUEST_BODY), None)
         } else {
-            Body::parse(&chunk.body)
+            (Body::parse(&chunk.body), Some(chunk.body.as_slice()))
         };
         let pairs: Vec<(&str, &[u8])> = held
             .headers
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
-        let decision = self.decide(&pairs, &body);
+        let decision = self.decide(&pairs, &body, raw);
         self.respond(&pairs, decision, started, true).await
+    }
+
+    async fn response_headers(&mut self, headers: &HttpHeaders) -> ProcessingResponse {
+        let pairs = envoy::header_pairs(headers.headers.as_ref());
+        self.price_by_status(&pairs).await;
+        let Some(guarded) = &self.guarded else {
+            return envoy::pass(Response::ResponseHeaders(HeadersResponse::default()));
+        };
+        let encoding = envoy::header_value(&pairs, "content-encoding").unwrap_or(b"identity");
+        if !encoding.eq_ignore_ascii_case(b"identity") && !headers.end_of_stream {
+            // Asked for uncompressed; a compressed body cannot be checked, so it stops.
+            tracing::warn!(proxy = %guarded.proxy, request_id = %self.request_id,
+                "a guarded proxy's upstream answered compressed; refused");
+            self.guarded = None;
+            return envoy::deny(
+                &Denial::ResponseUnreadable("compressed by the upstream"),
+                &self.request_id,
+            );
+        }
+        let mut replaced: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
+        let mut echoes = 0;
+        for (name, _) in &pairs {
+            if name.starts_with(':') || replaced.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            let values: Vec<&[u8]> = pairs
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| *v)
+                .collect();
+            let scrubbed: Vec<Option<(Vec<u8>, usize)>> = values
+                .iter()
+                .map(|v| {
+                    guarded
+                        .guard
+                        .scrub(v, guarded.token.as_ref().map(|t| t.as_slice()))
+                })
+                .collect();
+            if scrubbed.iter().all(Option::is_none) {
+                continue;
+            }
+            let mut kept = Vec::with_capacity(values.len());
+            for (value, scrubbed) in values.iter().zip(scrubbed) {
+                match scrubbed {
+                    Some((v, n)) => {
+                        echoes += n;
+                        kept.push(v);
+                    }
+                    None => kept.push(value.to_vec()),
+                }
+            }
+            replaced.push(((*name).to_owned(), kept));
+        }
+        if echoes > 0 {
+            self.echoed(echoes, "response headers");
+        }
+        envoy::response_headers(replaced, !headers.end_of_stream)
+    }
+
+    /// Logs and counts echoes of the credential, never the credential.
+    fn echoed(&self, count: usize, place: &str) {
+        let Some(guarded) = &self.guarded else {
+            return;
+        };
+        tracing::warn!(proxy = %guarded.proxy, request_id = %self.request_id, count, place,
+            "the upstream echoed the credential; scrubbed");
+        self.shared
+            .metrics
+            .record_response_safety(&guarded.proxy, count, 0);
     }
 
     /// A priced request's response status: a failure is charged nothing, a fixed price
     /// is charged now, a price in the body waits for the body.
-    async fn response_headers(&mut self, headers: &HttpHeaders) {
+    async fn price_by_status(&mut self, pairs: &[(&str, &[u8])]) {
         let Some(charge) = self.pending.take() else {
             return;
         };
-        let pairs = envoy::header_pairs(headers.headers.as_ref());
-        let success = envoy::header_value(&pairs, ":status").is_some_and(|s| s.starts_with(b"2"));
+        let success = envoy::header_value(pairs, ":status").is_some_and(|s| s.starts_with(b"2"));
         match (&*charge.cost, success) {
             (_, false) => settle(&self.shared, &self.request_id, charge, 0).await,
             (CostSpec::PerRequest(micros), true) => {
@@ -215,7 +296,38 @@ impl Exchange {
         }
     }
 
-    async fn response_body(&mut self, chunk: &HttpBody) {
+    async fn response_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
+        self.price_by_body(chunk).await;
+        let Some(guarded) = &self.guarded else {
+            return envoy::pass(Response::ResponseBody(BodyResponse::default()));
+        };
+        let scrubbed = guarded
+            .guard
+            .scrub(&chunk.body, guarded.token.as_ref().map(|t| t.as_slice()));
+        let (echoes, body) = match scrubbed {
+            Some((body, n)) => (n, Some(body)),
+            None => (0, None),
+        };
+        let redacted = guarded.guard.redact(body.as_deref().unwrap_or(&chunk.body));
+        let (fields, body) = match redacted {
+            Some((body, n)) => (n, Some(body)),
+            None => (0, body),
+        };
+        if echoes > 0 {
+            self.echoed(echoes, "response body");
+        }
+        if fields > 0 {
+            self.shared
+                .metrics
+                .record_response_safety(&guarded.proxy, 0, fields);
+        }
+        match body {
+            Some(body) => envoy::replace_body(body),
+            None => envoy::pass(Response::ResponseBody(BodyResponse::default())),
+        }
+    }
+
+    async fn price_by_body(&mut self, chunk: &HttpBody) {
         let Some(charge) = self.pending.take() else {
             return;
         };
@@ -230,11 +342,12 @@ impl Exchange {
         settle(&self.shared, &self.request_id, charge, price.unwrap_or(0)).await;
     }
 
-    fn decide(&self, pairs: &[(&str, &[u8])], body: &Body) -> Decision {
+    fn decide(&self, pairs: &[(&str, &[u8])], body: &Body, raw: Option<&[u8]>) -> Decision {
         let view = RequestView {
             method: text(pairs, ":method"),
             path: text(pairs, ":path"),
             headers: pairs,
+            body: raw,
         };
         let policy = self.shared.policy.load();
         decide(&policy, &view, body, now_unix())
@@ -258,11 +371,29 @@ impl Exchange {
         };
         conclude(&self.shared, &mut decision, &asked, started).await;
         let request_id = self.request_id.as_str();
+        let reads = reads(&decision);
         let denial = match decision.outcome {
             Outcome::Forward(forward) => {
-                let priced = priced(decision.charge.as_ref());
                 self.pending = decision.charge;
-                return envoy::allow(forward, in_body_phase, decision.rate, priced);
+                if let Some(guard) = decision.guard {
+                    // An OAuth2 token is injected per request: scrubbed like a secret.
+                    let token = (decision.token.is_some() && guard.scrubs())
+                        .then(|| {
+                            forward
+                                .set
+                                .iter()
+                                .find(|(k, _)| k == "authorization")
+                                .and_then(|(_, v)| v.strip_prefix(b"Bearer "))
+                                .map(|t| Zeroizing::new(t.to_vec()))
+                        })
+                        .flatten();
+                    self.guarded = Some(Guarded {
+                        guard,
+                        proxy: decision.subject.proxy.clone().unwrap_or_default(),
+                        token,
+                    });
+                }
+                return envoy::allow(forward, in_body_phase, decision.rate, reads);
             }
             Outcome::Deny(denial) => denial,
             Outcome::NeedBody => unreachable!("replaced above"),

@@ -7,8 +7,10 @@ use std::borrow::Cow;
 use percent_encoding::percent_decode_str;
 
 use crate::keys::CARRIERS;
+use crate::pipeline::RequestView;
 use crate::policy::{Injection, Proxy};
 use crate::route::Route;
+use crate::sigv4;
 
 /// The header latchkey sets to pick Envoy's cluster (TLS or plain) for the target.
 pub const CLUSTER_HEADER: &str = "x-latchkey-cluster";
@@ -41,7 +43,17 @@ fn stripped(name: &str) -> bool {
         || REINTERPRETING.contains(&name)
 }
 
-pub fn forward(proxy: &Proxy, route: &Route<'_>, headers: &[(&str, &[u8])]) -> Forward {
+/// Headers latchkey sets on a signed AWS request; a client's own never reach AWS.
+const SIGV4_HEADERS: [&str; 4] = [
+    "authorization",
+    "x-amz-content-sha256",
+    "x-amz-date",
+    "x-amz-security-token",
+];
+
+/// The mutations for an allowed request at `now` (Unix seconds; what a signature dates).
+pub fn forward(proxy: &Proxy, route: &Route<'_>, req: &RequestView<'_>, now: i64) -> Forward {
+    let headers = req.headers;
     let upstream = &proxy.upstream;
     let mut path = String::with_capacity(
         upstream.base_path.len() + route.path.len() + route.query.map_or(0, str::len) + 64,
@@ -54,6 +66,10 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, headers: &[(&str, &[u8])]) -> F
         if stripped(name) && !remove.iter().any(|r| r == name) {
             remove.push((*name).to_owned());
         }
+    }
+    if proxy.response.is_some() && !remove.iter().any(|r| r == "accept-encoding") {
+        // A compressed response could not be scrubbed or redacted.
+        remove.push("accept-encoding".to_owned());
     }
     let mut set: Vec<(Cow<'static, str>, Vec<u8>)> = Vec::with_capacity(4);
     match &*proxy.injection {
@@ -78,6 +94,40 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, headers: &[(&str, &[u8])]) -> F
                 path.push('?');
                 path.push_str(q);
             }
+        }
+        Injection::SigV4(signer) => {
+            if let Some(q) = route.query {
+                path.push('?');
+                path.push_str(q);
+            }
+            for name in SIGV4_HEADERS {
+                if !remove.iter().any(|r| r == name) {
+                    remove.push(name.to_owned());
+                }
+            }
+            // What S3 wants signed when present: the content's type and digest, and
+            // every `x-amz-*` header the client sends.
+            let signed: Vec<(&str, &str)> = headers
+                .iter()
+                .filter(|(name, _)| {
+                    (matches!(*name, "content-type" | "content-md5") || name.starts_with("x-amz-"))
+                        && !remove.iter().any(|r| r == name)
+                })
+                .filter_map(|(name, value)| Some((*name, std::str::from_utf8(value).ok()?)))
+                .collect();
+            let request = sigv4::Request {
+                method: req.method,
+                authority: &upstream.authority,
+                path: &path,
+                body: req.body,
+                headers: &signed,
+            };
+            set.extend(
+                signer
+                    .sign(&request, now)
+                    .into_iter()
+                    .map(|(name, value)| (Cow::Borrowed(name), value)),
+            );
         }
         Injection::Query { param, value } => {
             // A client-sent parameter of the same name must not ride along or win.

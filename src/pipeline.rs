@@ -12,6 +12,7 @@ use crate::mutate::{self, Forward};
 use crate::oauth2::TokenSource;
 use crate::policy::Policy;
 use crate::policy::{CostSpec, Injection};
+use crate::redact::Guard;
 use crate::route::route;
 use crate::rules::{self, Body, Facts, RuleList, Verdict};
 use crate::spend::{Account, MAX_IN_FLIGHT, Refusal, Spend};
@@ -23,6 +24,8 @@ pub struct RequestView<'a> {
     /// The full `:path`: `/<proxy>/<upstream path>[?query]`.
     pub path: &'a str,
     pub headers: &'a [(&'a str, &'a [u8])],
+    /// The request body as received, when it has been (empty for a request without one).
+    pub body: Option<&'a [u8]>,
 }
 
 /// Who the request is judged as.
@@ -69,6 +72,8 @@ pub struct Decision {
     pub charge: Option<Charge>,
     /// Where the credential comes from when it is fetched per request (OAuth2).
     pub token: Option<Arc<TokenSource>>,
+    /// What is scrubbed or redacted from the response, on proxies that say.
+    pub guard: Option<Arc<Guard>>,
 }
 
 /// A priced request's accounts: its key's and, if capped, its credential's for the day.
@@ -229,6 +234,7 @@ pub fn decide_as(
         rate: None,
         charge: None,
         token: None,
+        guard: None,
     };
     decision.outcome = match run(policy, req, body, caller, now, &mut decision) {
         Ok(Some(forward)) => Outcome::Forward(forward),
@@ -255,6 +261,7 @@ fn run(
         limits,
         charge,
         token,
+        guard,
         ..
     } = decision;
     let route = route(req.path)?;
@@ -264,6 +271,7 @@ fn run(
     subject.proxy = Some(proxy.name.clone());
     subject.target = Some(proxy.target.clone());
     subject.path = Some(route.path.to_string());
+    guard.clone_from(&proxy.response);
 
     let no_rules = RuleList::default();
     let credential = match caller {
@@ -327,10 +335,20 @@ fn run(
         Verdict::NeedBody => Ok(None),
         Verdict::Allow(rule) => {
             subject.rule_id = rule.map(|r| r.id.clone());
-            if let Injection::OAuth2(source) = &*proxy.injection {
-                *token = Some(source.clone());
+            match &*proxy.injection {
+                Injection::OAuth2(source) => *token = Some(source.clone()),
+                // A signature over the payload waits for the payload.
+                Injection::SigV4(signer) if signer.signs_payload() => {
+                    if let Body::TooLarge(limit) = body {
+                        return Err(Denial::BodyTooLarge(*limit));
+                    }
+                    if req.body.is_none() {
+                        return Ok(None);
+                    }
+                }
+                _ => {}
             }
-            Ok(Some(mutate::forward(proxy, &route, req.headers)))
+            Ok(Some(mutate::forward(proxy, &route, req, now)))
         }
     }
 }

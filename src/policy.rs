@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 use crate::budget::{Limit, Rate};
 use crate::crypto::MasterKey;
 use crate::policy_file::{AuthKind, Cost, CredentialType, Effect, Limits, TargetUrl};
+use crate::redact::Guard;
 use crate::rules::{Rule, RuleList};
 use crate::spend::to_micros;
 use crate::store::{StoreError, StoredPolicy};
@@ -54,6 +55,8 @@ pub enum Injection {
     Query { param: String, value: Secret },
     /// `Authorization: Bearer` with a token fetched for the request (`oauth2.rs`).
     OAuth2(Arc<crate::oauth2::TokenSource>),
+    /// An AWS Signature Version 4 over the request as it goes upstream.
+    SigV4(crate::sigv4::Signer),
 }
 
 #[derive(Debug)]
@@ -75,12 +78,15 @@ pub struct Proxy {
     pub rules: RuleList,
     /// The proxy credentials bound to this proxy.
     pub bound: HashSet<u32>,
-    /// Whether any rule a request here may meet judges the body.
+    /// Whether a request here may need its body read: a rule judges it, or the
+    /// signature covers it.
     pub needs_body: bool,
     /// The proxy's request limits, for all its traffic.
     pub limits: Box<[Limit]>,
     /// What a successful response costs, when the proxy says.
     pub cost: Option<Arc<CostSpec>>,
+    /// What is scrubbed or redacted from responses, when the proxy says.
+    pub response: Option<Arc<Guard>>,
 }
 
 /// How a proxy's responses are priced.
@@ -156,6 +162,28 @@ const QUERY_SAFE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
+/// A target secret in every form it travels upstream, so an echo of any is caught.
+fn echoed_forms(auth: &crate::store::AuthSpec, secret: &str) -> Vec<Zeroizing<Vec<u8>>> {
+    let bytes = |s: &str| Zeroizing::new(s.as_bytes().to_vec());
+    let mut forms: Vec<Zeroizing<Vec<u8>>> = match auth.kind {
+        // The secret access key and the session token.
+        AuthKind::AwsSigv4 => secret.split('\n').map(bytes).collect(),
+        _ => vec![bytes(secret)],
+    };
+    match auth.kind {
+        AuthKind::Basic => {
+            let user = auth.username.as_deref().unwrap_or_default();
+            let pair = Zeroizing::new(format!("{user}:{secret}"));
+            forms.push(bytes(&BASE64.encode(&*pair)));
+        }
+        AuthKind::Query => {
+            forms.push(bytes(&utf8_percent_encode(secret, QUERY_SAFE).to_string()));
+        }
+        _ => {}
+    }
+    forms
+}
+
 /// The budget limits a `limits:` block sets, with their store keys.
 fn limits(owner: &str, name: &str, limits: Option<&Limits>) -> Box<[Limit]> {
     let Some(limits) = limits else {
@@ -186,10 +214,14 @@ impl Policy {
         let mut names: Vec<&Proxy> = self.proxies.values().collect();
         names.sort_by(|a, b| a.name.cmp(&b.name));
         names.into_iter().find_map(|p| {
-            let why = if p.needs_body {
+            let why = if matches!(&*p.injection, Injection::SigV4(s) if s.signs_payload()) {
+                "an AWS signature over the request body (or set `unsigned_payload: true`)"
+            } else if p.needs_body {
                 "rules that read the request body"
             } else if p.cost.is_some() {
                 "a cost read from responses"
+            } else if p.response.is_some() {
+                "responses scrubbed or redacted"
             } else {
                 return None;
             };
@@ -244,6 +276,7 @@ impl Policy {
         let mut credential_limits = Vec::new();
         let mut credential_spend_caps = Vec::new();
         let mut injections: HashMap<&str, Arc<Injection>> = HashMap::new();
+        let mut echoes: HashMap<&str, Vec<Zeroizing<Vec<u8>>>> = HashMap::new();
         for c in &stored.credentials {
             match c.kind {
                 CredentialType::Proxy => {
@@ -309,6 +342,20 @@ impl Policy {
                                 secret,
                             ))
                         }
+                        AuthKind::AwsSigv4 => {
+                            let (secret, token) = match secret.split_once('\n') {
+                                Some((s, t)) => (s, Some(t)),
+                                None => (secret, None),
+                            };
+                            Injection::SigV4(crate::sigv4::Signer::new(
+                                auth.access_key_id.as_deref().unwrap_or_default(),
+                                secret,
+                                token,
+                                auth.region.as_deref().unwrap_or_default(),
+                                auth.service.as_deref().unwrap_or_default(),
+                                auth.unsigned_payload.unwrap_or(false),
+                            ))
+                        }
                     };
                     if let Injection::Header { value, .. } = &injection
                         && value
@@ -322,6 +369,7 @@ impl Policy {
                         )));
                     }
                     injections.insert(&c.name, Arc::new(injection));
+                    echoes.insert(&c.name, echoed_forms(auth, secret));
                 }
             }
         }
@@ -406,7 +454,9 @@ impl Policy {
             }
             let rules = RuleList::new(proxy_rules.remove(p.name.as_str()).unwrap_or_default())
                 .map_err(|e| invalid(format!("rules of proxy {:?}: {e}", p.name)))?;
-            let needs_body = rules.needs_body()
+            let signs_body = matches!(&*injection, Injection::SigV4(s) if s.signs_payload());
+            let needs_body = signs_body
+                || rules.needs_body()
                 || bound
                     .iter()
                     .any(|&c| credential_rules[c as usize].needs_body());
@@ -431,6 +481,16 @@ impl Policy {
                         .as_ref()
                         .and_then(CostSpec::from_policy)
                         .map(Arc::new),
+                    response: p
+                        .response
+                        .as_ref()
+                        .map(|spec| {
+                            let forms = echoes.get(p.target_credential.as_str()).cloned();
+                            Guard::new(spec, forms.unwrap_or_default())
+                                .map(Arc::new)
+                                .map_err(|e| invalid(format!("proxy {:?}: response: {e}", p.name)))
+                        })
+                        .transpose()?,
                 },
             );
         }

@@ -55,6 +55,7 @@ pub enum AuthKind {
     Basic,
     Query,
     Oauth2ClientCredentials,
+    AwsSigv4,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -87,6 +88,20 @@ pub struct CredentialSpec {
     /// oauth2: extra form parameters of the token request, e.g. `audience`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_params: Option<BTreeMap<String, String>>,
+    /// aws_sigv4: the access key id; the secret is the secret access key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// aws_sigv4: temporary credentials' session token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_token: Option<SecretRef>,
+    /// aws_sigv4: sign `UNSIGNED-PAYLOAD` instead of the body's hash (S3 allows it); the
+    /// body then never passes through latchkey.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsigned_payload: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<Vec<SecretRef>>,
     /// Proxy credentials: request limits across every proxy the credential uses.
@@ -140,6 +155,24 @@ pub struct ProxySpec {
     pub limits: Option<Limits>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Cost>,
+    /// What latchkey does to responses before the agent sees them. Only proxies that set
+    /// it stream their responses through latchkey.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<ResponseSafety>,
+}
+
+/// Response safety of a proxy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseSafety {
+    /// Replace the target credential's secret wherever the upstream echoes it, in
+    /// response headers and body.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub scrub_credential: bool,
+    /// JSON response fields replaced with `"[REDACTED]"`: a JSON pointer (`/user/email`)
+    /// or a field name matched at any depth (`phone`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -454,6 +487,11 @@ impl PolicyFile {
                 cost.validate()
                     .map_err(|e| invalid(&item, format!("cost: {e}")))?;
             }
+            if let Some(response) = &p.response {
+                response
+                    .validate()
+                    .map_err(|e| invalid(&item, format!("response: {e}")))?;
+            }
             if let Some(limits) = &p.limits {
                 limits.validate().map_err(|e| invalid(&item, e))?;
                 if limits.spend_usd_per_day.is_some() {
@@ -541,11 +579,11 @@ impl PolicyFile {
 
     /// Every secret reference in the file, by credential name: what a client resolves.
     /// The secrets the client must resolve: every target credential's but the sealed.
-    pub fn target_secrets(&self) -> impl Iterator<Item = (&str, &SecretRef)> {
+    /// Target credentials whose secret the client resolves (not `sealed: true`).
+    pub fn target_secrets(&self) -> impl Iterator<Item = &CredentialSpec> {
         self.credentials
             .iter()
-            .filter_map(|c| Some((c.name.as_str(), c.secret.as_ref()?)))
-            .filter(|(_, s)| !s.is_sealed())
+            .filter(|c| c.secret.as_ref().is_some_and(|s| !s.is_sealed()))
     }
 
     /// Every imported proxy key reference, by credential name.
@@ -578,6 +616,11 @@ impl CredentialSpec {
                     (self.scopes.is_some(), "scopes"),
                     (self.client_auth.is_some(), "client_auth"),
                     (self.token_params.is_some(), "token_params"),
+                    (self.access_key_id.is_some(), "access_key_id"),
+                    (self.region.is_some(), "region"),
+                    (self.service.is_some(), "service"),
+                    (self.session_token.is_some(), "session_token"),
+                    (self.unsigned_payload.is_some(), "unsigned_payload"),
                 ] {
                     present(
                         set,
@@ -622,6 +665,17 @@ impl CredentialSpec {
                 present(self.scopes.is_some() && !oauth, "scopes", false)?;
                 present(self.client_auth.is_some() && !oauth, "client_auth", false)?;
                 present(self.token_params.is_some() && !oauth, "token_params", false)?;
+                let aws = is(AuthKind::AwsSigv4);
+                present(self.access_key_id.is_some(), "access_key_id", aws)?;
+                present(self.region.is_some(), "region", aws)?;
+                present(self.service.is_some(), "service", aws)?;
+                present(self.session_token.is_some() && !aws, "session_token", false)?;
+                present(
+                    self.unsigned_payload.is_some() && !aws,
+                    "unsigned_payload",
+                    false,
+                )?;
+                self.validate_aws()?;
                 if let Some(url) = &self.token_url
                     && !(url.starts_with("https://") || url.starts_with("http://"))
                 {
@@ -659,6 +713,60 @@ impl CredentialSpec {
                 Ok(())
             }
         }
+    }
+}
+
+impl CredentialSpec {
+    fn validate_aws(&self) -> Result<(), String> {
+        let word = |field: &str, value: &Option<String>, extra: &[u8]| match value {
+            Some(v)
+                if v.is_empty()
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b)) =>
+            {
+                Err(format!("{field}: {v:?} is not a valid AWS {field}"))
+            }
+            _ => Ok(()),
+        };
+        word("access_key_id", &self.access_key_id, b"")?;
+        word("region", &self.region, b"-")?;
+        word("service", &self.service, b"-")?;
+        if let Some(token) = &self.session_token {
+            token
+                .validate()
+                .map_err(|e| format!("session_token: {e}"))?;
+            let secret_sealed = self.secret.as_ref().is_some_and(SecretRef::is_sealed);
+            if token.is_sealed() != secret_sealed {
+                return Err(
+                    "session_token: `sealed: true` keeps the secret and the token latchkey holds, so give both sealed or neither"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The secret material the server seals for a target credential, resolved by the
+    /// client: the secret, then for AWS temporary credentials a line break and the
+    /// session token (neither can hold a line break).
+    pub fn resolve_secret(&self, base: &std::path::Path) -> Result<String, String> {
+        let secret = self
+            .secret
+            .as_ref()
+            .ok_or("no secret")?
+            .resolve(base)
+            .map_err(|e| format!("secret: {e}"))?;
+        let Some(token) = &self.session_token else {
+            return Ok(secret);
+        };
+        let token = token
+            .resolve(base)
+            .map_err(|e| format!("session_token: {e}"))?;
+        if secret.contains('\n') || token.contains('\n') {
+            return Err("an AWS secret or session token holds a line break".into());
+        }
+        Ok(format!("{secret}\n{token}"))
     }
 }
 
@@ -730,6 +838,33 @@ impl Limits {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// The most fields one proxy redacts: each is looked for in every response.
+const MAX_REDACTED_FIELDS: usize = 64;
+
+impl ResponseSafety {
+    fn validate(&self) -> Result<(), String> {
+        if !self.scrub_credential && self.redact.is_empty() {
+            return Err("set `scrub_credential: true` or list fields to `redact`".into());
+        }
+        if self.redact.len() > MAX_REDACTED_FIELDS {
+            return Err(format!(
+                "redact: at most {MAX_REDACTED_FIELDS} fields, not {}",
+                self.redact.len()
+            ));
+        }
+        let mut seen = HashSet::new();
+        for field in &self.redact {
+            if field.is_empty() || field == "/" {
+                return Err("redact: an empty field name or pointer redacts nothing".into());
+            }
+            if !seen.insert(field) {
+                return Err(format!("redact: {field:?} twice"));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -48,6 +48,11 @@ impl Shared {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProxyLabels {
+    proxy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
     /// Only names from the policy: never a value a client made up.
     proxy: String,
@@ -67,6 +72,8 @@ pub struct Metrics {
     /// Bumped by every policy change a replica takes in.
     pub policy_version: Gauge,
     decision_seconds: Histogram,
+    echoes: Family<ProxyLabels, Counter>,
+    redactions: Family<ProxyLabels, Counter>,
     pub audit: AuditCounters,
     audit_queued: Gauge,
 }
@@ -98,6 +105,18 @@ impl Default for Metrics {
             "decision_seconds",
             "Time latchkey took to decide a request, budget checks included",
             decision_seconds.clone(),
+        );
+        let echoes = Family::<ProxyLabels, Counter>::default();
+        registry.register(
+            "credential_echoes",
+            "Echoes of the target credential scrubbed from upstream responses",
+            echoes.clone(),
+        );
+        let redactions = Family::<ProxyLabels, Counter>::default();
+        registry.register(
+            "redacted_fields",
+            "JSON response fields redacted",
+            redactions.clone(),
         );
         let audit = AuditCounters::default();
         registry.register(
@@ -137,6 +156,8 @@ impl Default for Metrics {
             responses,
             policy_version,
             decision_seconds,
+            echoes,
+            redactions,
             audit,
             audit_queued,
         }
@@ -171,6 +192,21 @@ impl Metrics {
             _ => "none",
         };
         self.responses.get_or_create(&StatusLabels { class }).inc();
+    }
+
+    /// Echoes of the credential scrubbed, and fields redacted, from one response.
+    pub fn record_response_safety(&self, proxy: &str, echoes: usize, redacted: usize) {
+        let labels = ProxyLabels {
+            proxy: proxy.to_owned(),
+        };
+        if echoes > 0 {
+            self.echoes.get_or_create(&labels).inc_by(echoes as u64);
+        }
+        if redacted > 0 {
+            self.redactions
+                .get_or_create(&labels)
+                .inc_by(redacted as u64);
+        }
     }
 
     pub fn observe_decision(&self, elapsed: std::time::Duration) {

@@ -12,8 +12,8 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{self, CryptoError, MasterKey};
 use crate::policy_file::{
-    AuthKind, BodyCondition, Cost, CredentialType, Effect, Limits, PolicyFile, SecretRef,
-    ValueCondition,
+    AuthKind, BodyCondition, Cost, CredentialType, Effect, Limits, PolicyFile, ResponseSafety,
+    SecretRef, ValueCondition,
 };
 use crate::state::now_unix;
 
@@ -67,6 +67,17 @@ pub struct AuthSpec {
     pub client_auth: Option<crate::oauth2::ClientAuth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_params: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Where the session token came from; the token itself is sealed with the secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_token: Option<SecretRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsigned_payload: Option<bool>,
 }
 
 impl AuthSpec {
@@ -83,6 +94,11 @@ impl AuthSpec {
             scopes: None,
             client_auth: None,
             token_params: None,
+            access_key_id: None,
+            region: None,
+            service: None,
+            session_token: None,
+            unsigned_payload: None,
         }
     }
 }
@@ -158,6 +174,7 @@ pub struct ProxyRow {
     pub default_effect: Effect,
     pub limits: Option<Limits>,
     pub cost: Option<Cost>,
+    pub response: Option<ResponseSafety>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -246,6 +263,11 @@ impl StoredPolicy {
                         scopes: a.and_then(|a| a.scopes.clone()),
                         client_auth: a.and_then(|a| a.client_auth),
                         token_params: a.and_then(|a| a.token_params.clone()),
+                        access_key_id: a.and_then(|a| a.access_key_id.clone()),
+                        region: a.and_then(|a| a.region.clone()),
+                        service: a.and_then(|a| a.service.clone()),
+                        session_token: a.and_then(|a| a.session_token.clone()),
+                        unsigned_payload: a.and_then(|a| a.unsigned_payload),
                         keys: imported
                             .contains(c.id.as_str())
                             .then(|| vec![SecretRef::sealed()]),
@@ -264,6 +286,7 @@ impl StoredPolicy {
                     default_effect: p.default_effect,
                     limits: p.limits.clone(),
                     cost: p.cost.clone(),
+                    response: p.response.clone(),
                 })
                 .collect(),
             rules: rules
@@ -360,6 +383,11 @@ impl Desired {
                     scopes: c.scopes.clone(),
                     client_auth: c.client_auth,
                     token_params: c.token_params.clone(),
+                    access_key_id: c.access_key_id.clone(),
+                    region: c.region.clone(),
+                    service: c.service.clone(),
+                    session_token: c.session_token.as_ref().map(SecretRef::stored_form),
+                    unsigned_payload: c.unsigned_payload,
                 }),
                 // An inline value is sealed like any secret: never kept in the reference.
                 secret_ref: c.secret.as_ref().map(SecretRef::stored_form),
@@ -398,6 +426,7 @@ impl Desired {
                         default_effect: p.default_effect,
                         limits: p.limits.clone(),
                         cost: p.cost.clone(),
+                        response: p.response.clone(),
                     }
                 })
                 .collect(),
@@ -799,7 +828,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
     }
     drop(rows);
     let mut rows = sqlx::query(
-        "SELECT name, target, target_credential, default_effect, limits, cost
+        "SELECT name, target, target_credential, default_effect, limits, cost, response
          FROM proxies ORDER BY name",
     )
     .fetch(&mut **tx);
@@ -813,6 +842,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             default_effect: parse_effect("proxies", &row.try_get::<String, _>("default_effect")?)?,
             limits: from_json("proxies", row.try_get("limits")?)?,
             cost: from_json("proxies", row.try_get("cost")?)?,
+            response: from_json("proxies", row.try_get("response")?)?,
         });
     }
     drop(rows);
@@ -1105,12 +1135,13 @@ async fn write_diff(
         .chain(proxies.updated.iter().map(|(_, n)| n))
     {
         sqlx::query(
-            "INSERT INTO proxies (name, target, target_credential, default_effect, limits, cost)
-             VALUES ($1, $2, $3, $4, $5, $6)
+            "INSERT INTO proxies (name, target, target_credential, default_effect, limits, cost,
+               response)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (name) DO UPDATE SET target = excluded.target,
                target_credential = excluded.target_credential,
                default_effect = excluded.default_effect,
-               limits = excluded.limits, cost = excluded.cost",
+               limits = excluded.limits, cost = excluded.cost, response = excluded.response",
         )
         .bind(&p.name)
         .bind(&p.target)
@@ -1118,6 +1149,7 @@ async fn write_diff(
         .bind(p.default_effect.as_str())
         .bind(to_json(&p.limits))
         .bind(to_json(&p.cost))
+        .bind(to_json(&p.response))
         .execute(&mut **tx)
         .await?;
         sqlx::query("DELETE FROM proxy_bindings WHERE proxy = $1")

@@ -216,14 +216,7 @@ async fn every_request_is_recorded_allowed_or_denied_and_completed_by_envoy() {
     assert!(human.contains("rule_denied") && human.contains("/v1/things"));
 
     // Metrics count what was written, and carry no secret.
-    let metrics = c
-        .get(format!("http://127.0.0.1:{}/metrics", stack.http_port))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.metrics().await;
     assert!(metrics.contains("latchkey_audit_events_written_total"));
     assert!(metrics.contains("latchkey_decision_seconds_bucket"));
     assert!(

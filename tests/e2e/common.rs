@@ -440,6 +440,18 @@ impl Stack {
         format!("http://127.0.0.1:{}{path}", self.envoy_port)
     }
 
+    /// latchkey's Prometheus metrics, as text.
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(format!("http://127.0.0.1:{}/metrics", self.http_port))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub fn log(&self, which: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{which}.log"))).unwrap_or_default()
     }

@@ -9,5 +9,7 @@ mod data_plane;
 mod ext_authz;
 mod oauth2;
 mod observability;
+mod response_safety;
 mod rules;
 mod scale_out;
+mod sigv4;

@@ -241,14 +241,7 @@ async fn spans_and_audit_logs_reach_an_otlp_collector_and_no_secret_goes_anywher
 
     // Secret hygiene: every output of the scenario, searched for the upstream secret and
     // the proxy key.
-    let metrics = http
-        .get(format!("http://127.0.0.1:{}/metrics", stack.http_port))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.metrics().await;
     let requests = stack.cli(&["requests", "--json"], &[]);
     let telemetry = stack.cli(&["telemetry", "--json"], &[]);
     let keys = stack.cli(&["key", "list", "--json"], &[]);
