@@ -19,6 +19,8 @@ const TOKEN_SECRET: &str = "oauth-client-SECRET-0123";
 struct Echo {
     accept_encoding: Mutex<Vec<Option<String>>>,
     big: Mutex<bool>,
+    /// Answer `content-encoding: gzip` whatever was asked.
+    compressed: Mutex<bool>,
 }
 
 /// An upstream that repeats the credential it received, in headers and body, beside
@@ -31,6 +33,13 @@ async fn echo(State(echo): State<Arc<Echo>>, headers: HeaderMap) -> Response {
         .push(get("accept-encoding"));
     let auth = get("authorization").unwrap_or_default();
     let secret = auth.trim_start_matches("Bearer ").to_owned();
+    if *echo.compressed.lock().unwrap() {
+        let headers = [
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+        ];
+        return (StatusCode::OK, headers, format!("\u{1f}\u{8b}{secret}")).into_response();
+    }
     if *echo.big.lock().unwrap() {
         let body = format!(
             "{{\"pad\":\"{}\",\"key\":\"{secret}\"}}",
@@ -184,6 +193,14 @@ async fn configured_fields_are_redacted_from_json() {
         m.contains("latchkey_redacted_fields_total{proxy=\"redacted\"} 3"),
         "{m}"
     );
+    // The settings survive export and apply.
+    let yaml = String::from_utf8(stack.cli(&["export"], &[]).stdout).unwrap();
+    assert!(
+        yaml.contains("scrub_credential: true") && yaml.contains("/user/phone"),
+        "{yaml}"
+    );
+    let again = stack.apply(&yaml, &env());
+    assert!(again.contains("no changes"), "{again}");
 }
 
 #[tokio::test]
@@ -202,6 +219,21 @@ async fn a_response_too_large_to_check_never_reaches_the_agent() {
     let body = response.bytes().await.unwrap_or_default();
     assert!(status >= 500, "status {status}");
     assert!(!String::from_utf8_lossy(&body).contains(SECRET));
+
+    // A compressed answer, though none was asked for, cannot be checked: refused.
+    *upstream.big.lock().unwrap() = false;
+    *upstream.compressed.lock().unwrap() = true;
+    let (status, kind, body) = denial(
+        client()
+            .get(stack.url("/scrubbed/v1/export"))
+            .bearer_auth(AGENT_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, kind.as_str()), (502, "response_unreadable"));
+    assert!(!body.to_string().contains(SECRET));
 }
 
 #[tokio::test]

@@ -259,3 +259,25 @@ async fn bad_aws_settings_are_refused_with_the_field_named() {
         assert!(err.contains(field), "{field}: {err}");
     }
 }
+
+#[tokio::test]
+async fn export_keeps_the_aws_settings_and_no_secret() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&policy(&upstream.url()), &env());
+    let exported = stack.cli(&["export"], &[]);
+    assert!(exported.status.success());
+    let yaml = String::from_utf8(exported.stdout).unwrap();
+    assert!(!yaml.contains(SECRET) && !yaml.contains(TOKEN), "{yaml}");
+    for expected in [
+        "auth: aws_sigv4",
+        "access_key_id: ASIAEXAMPLE",
+        "service: execute-api",
+        "env: AWS_TOKEN",
+        "unsigned_payload: true",
+    ] {
+        assert!(yaml.contains(expected), "{expected}:\n{yaml}");
+    }
+    let again = stack.apply(&yaml, &env());
+    assert!(again.contains("no changes"), "{again}");
+}
