@@ -9,14 +9,17 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use crate::crypto::MasterKey;
+use crate::items::{self, Edit, ItemError, Kind};
 use crate::pb::admin_server::Admin;
 use crate::pb::{
     ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule,
-    CreateTokenRequest, CreatedToken, ExportRequest, ExportResponse, IssueKeyRequest, IssuedKey,
-    KeyInfo, ListKeysRequest, ListKeysResponse, ListRequestsRequest, ListRequestsResponse,
-    ListTokensRequest, ListTokensResponse, RekeyRequest, RekeyResponse, RequestFilter,
-    RequestRecord, RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse,
-    TelemetryBucket, TelemetryRequest, TelemetryResponse, TokenInfo as PbTokenInfo,
+    CreateTokenRequest, CreatedToken, DeleteItemRequest, ExportRequest, ExportResponse,
+    GetItemRequest, ImportedKeys, IssueKeyRequest, IssuedKey, Item, ItemChangeResponse, ItemKind,
+    KeyInfo, ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse,
+    ListRequestsRequest, ListRequestsResponse, ListTokensRequest, ListTokensResponse,
+    PutItemRequest, RekeyRequest, RekeyResponse, RequestFilter, RequestRecord, ResolvedSecret,
+    RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse, TelemetryBucket,
+    TelemetryRequest, TelemetryResponse, TokenInfo as PbTokenInfo,
 };
 use crate::pipeline::{Caller, Outcome, RequestView, decide_as};
 use crate::policy::Policy;
@@ -24,7 +27,7 @@ use crate::policy_file::PolicyFile;
 use crate::request_log::{self, Filter};
 use crate::rules::Body;
 use crate::state::Shared;
-use crate::store::{Desired, NewKey, Store, StoreError};
+use crate::store::{Desired, NewKey, Store, StoreError, StoredPolicy};
 use crate::sync::PolicySync;
 use crate::tokens::{Role, new_token, require_admin};
 
@@ -44,6 +47,81 @@ impl AdminService {
     /// it in through their own `PolicySync`.
     async fn reload(&self) -> Result<(), Status> {
         self.sync.reload().await.map_err(internal)
+    }
+
+    /// One change of the policy: what is desired is built from the current state in the
+    /// write transaction, compiled and checked before commit, then put into effect.
+    async fn commit(
+        &self,
+        dry_run: bool,
+        build: impl FnOnce(&StoredPolicy) -> Result<Desired, Status>,
+    ) -> Result<Vec<Change>, Status> {
+        let _one_at_a_time = self.write_lock.lock().await;
+        let mut compiled = None;
+        let result = self
+            .store
+            .edit(&self.master, dry_run, build, |after| {
+                let policy = Policy::compile(after, &self.master)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if self.ext_authz_only
+                    && let Some(obstacle) = policy.ext_authz_obstacle()
+                {
+                    return Err(Status::invalid_argument(obstacle));
+                }
+                compiled = Some(policy);
+                Ok(())
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Invalid(_) => store_status(e),
+                other => {
+                    tracing::error!(error = %other, "apply failed");
+                    Status::internal(format!("apply failed, nothing changed: {other}"))
+                }
+            })?;
+        let (changes, version) = result?;
+        if let Some(version) = version {
+            let policy = compiled.expect("compiled before commit");
+            self.shared.install(policy);
+            self.sync.installed(version);
+            tracing::info!(changes = changes.len(), version, "policy applied");
+        }
+        Ok(changes
+            .into_iter()
+            .map(|c| Change {
+                kind: c.kind.to_owned(),
+                name: c.name,
+                action: c.action.to_owned(),
+            })
+            .collect())
+    }
+
+    async fn put_item(
+        &self,
+        request: Request<PutItemRequest>,
+        create: bool,
+    ) -> Result<Response<ItemChangeResponse>, Status> {
+        if !request.get_ref().dry_run {
+            require_admin(&request)?;
+        }
+        let req = request.into_inner();
+        let kind = item_kind(req.kind)?;
+        let (secrets, keys) = material(req.secrets, req.keys)?;
+        let changes = self
+            .commit(req.dry_run, |current| {
+                let mut file = current.to_file();
+                let edit = if create {
+                    Edit::Create(&req.spec)
+                } else {
+                    Edit::Update(&req.spec)
+                };
+                items::edit(&mut file, kind, edit).map_err(item_status)?;
+                file.validate()
+                    .map_err(|e| Status::invalid_argument(format!("nothing changed: {e}")))?;
+                items::desired(file, secrets, keys).map_err(Status::invalid_argument)
+            })
+            .await?;
+        Ok(Response::new(ItemChangeResponse { changes }))
     }
 
     pub fn new(
@@ -69,6 +147,55 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+fn item_kind(kind: i32) -> Result<Kind, Status> {
+    match ItemKind::try_from(kind) {
+        Ok(ItemKind::Target) => Ok(Kind::Target),
+        Ok(ItemKind::Credential) => Ok(Kind::Credential),
+        Ok(ItemKind::Proxy) => Ok(Kind::Proxy),
+        Ok(ItemKind::Rule) => Ok(Kind::Rule),
+        _ => Err(Status::invalid_argument(
+            "kind: one of target, credential, proxy, rule",
+        )),
+    }
+}
+
+fn item_status(e: ItemError) -> Status {
+    match e {
+        ItemError::NotFound { .. } => Status::not_found(e.to_string()),
+        ItemError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        ItemError::Invalid(_) => Status::invalid_argument(format!("nothing changed: {e}")),
+    }
+}
+
+/// Secrets and imported key hashes as the client resolved them.
+type Material = (
+    HashMap<String, Zeroizing<String>>,
+    HashMap<String, Vec<[u8; 32]>>,
+);
+
+fn material(secrets: Vec<ResolvedSecret>, imported: Vec<ImportedKeys>) -> Result<Material, Status> {
+    let secrets = secrets
+        .into_iter()
+        .map(|s| (s.credential, Zeroizing::new(s.value)))
+        .collect();
+    let mut keys: HashMap<String, Vec<[u8; 32]>> = HashMap::new();
+    for imported in imported {
+        let hashes = imported
+            .sha256
+            .iter()
+            .map(|h| <[u8; 32]>::try_from(h.as_slice()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                Status::invalid_argument(format!(
+                    "keys of credential {:?}: a SHA-256 hash is 32 bytes",
+                    imported.credential
+                ))
+            })?;
+        keys.entry(imported.credential).or_default().extend(hashes);
+    }
+    Ok((secrets, keys))
+}
+
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(what) => Status::not_found(what),
@@ -90,66 +217,99 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let file = PolicyFile::parse(&req.policy_yaml)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let secrets: HashMap<String, Zeroizing<String>> = req
-            .secrets
-            .into_iter()
-            .map(|s| (s.credential, Zeroizing::new(s.value)))
-            .collect();
-        let mut keys: HashMap<String, Vec<[u8; 32]>> = HashMap::new();
-        for imported in req.keys {
-            let hashes = imported
-                .sha256
-                .iter()
-                .map(|h| <[u8; 32]>::try_from(h.as_slice()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| {
-                    Status::invalid_argument(format!(
-                        "keys of credential {:?}: a SHA-256 hash is 32 bytes",
-                        imported.credential
-                    ))
-                })?;
-            keys.entry(imported.credential).or_default().extend(hashes);
-        }
+        let (secrets, keys) = material(req.secrets, req.keys)?;
         let desired = Desired::new(&file, secrets, keys).map_err(Status::invalid_argument)?;
+        let changes = self.commit(req.dry_run, |_| Ok(desired)).await?;
+        Ok(Response::new(ApplyResponse { changes }))
+    }
 
-        let _one_at_a_time = self.write_lock.lock().await;
-        let mut compiled = None;
-        let result = self
-            .store
-            .apply(&desired, &self.master, req.dry_run, |after| {
-                let policy = Policy::compile(after, &self.master)?;
-                if self.ext_authz_only
-                    && let Some(obstacle) = policy.ext_authz_obstacle()
-                {
-                    return Err(crate::policy::CompileError::Invalid(obstacle));
-                }
-                compiled = Some(policy);
-                Ok::<_, crate::policy::CompileError>(())
-            })
-            .await
-            .map_err(|e| match e {
-                StoreError::Invalid(_) => store_status(e),
-                other => {
-                    tracing::error!(error = %other, "apply failed");
-                    Status::internal(format!("apply failed, nothing changed: {other}"))
-                }
-            })?;
-        let (changes, version) = result.map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Some(version) = version {
-            let policy = compiled.expect("compiled before commit");
-            self.shared.install(policy);
-            self.sync.installed(version);
-            tracing::info!(changes = changes.len(), version, "policy applied");
+    async fn create_item(
+        &self,
+        request: Request<PutItemRequest>,
+    ) -> Result<Response<ItemChangeResponse>, Status> {
+        self.put_item(request, true).await
+    }
+
+    async fn update_item(
+        &self,
+        request: Request<PutItemRequest>,
+    ) -> Result<Response<ItemChangeResponse>, Status> {
+        self.put_item(request, false).await
+    }
+
+    async fn delete_item(
+        &self,
+        request: Request<DeleteItemRequest>,
+    ) -> Result<Response<ItemChangeResponse>, Status> {
+        if !request.get_ref().dry_run {
+            require_admin(&request)?;
         }
-        Ok(Response::new(ApplyResponse {
-            changes: changes
-                .into_iter()
-                .map(|c| Change {
-                    kind: c.kind.to_owned(),
-                    name: c.name,
-                    action: c.action.to_owned(),
+        let req = request.into_inner();
+        let kind = item_kind(req.kind)?;
+        let changes = self
+            .commit(req.dry_run, |current| {
+                let mut file = current.to_file();
+                items::edit(&mut file, kind, Edit::Delete(&req.name)).map_err(item_status)?;
+                // What still refers to the item stops the delete, named.
+                file.validate()
+                    .map_err(|e| Status::failed_precondition(format!("nothing changed: {e}")))?;
+                items::desired(file, HashMap::new(), HashMap::new())
+                    .map_err(Status::invalid_argument)
+            })
+            .await?;
+        Ok(Response::new(ItemChangeResponse { changes }))
+    }
+
+    async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<Item>, Status> {
+        let req = request.into_inner();
+        let kind = item_kind(req.kind)?;
+        let stored = self.store.load().await.map_err(internal)?;
+        let (name, spec) = items::list(&stored.to_file(), kind)
+            .into_iter()
+            .find(|(name, _)| *name == req.name)
+            .ok_or_else(|| {
+                item_status(ItemError::NotFound {
+                    kind: kind.as_str(),
+                    name: req.name.clone(),
                 })
-                .collect(),
+            })?;
+        Ok(Response::new(Item {
+            kind: req.kind,
+            name,
+            spec_json: spec.to_string(),
+        }))
+    }
+
+    async fn list_items(
+        &self,
+        request: Request<ListItemsRequest>,
+    ) -> Result<Response<ListItemsResponse>, Status> {
+        let req = request.into_inner();
+        let kind = item_kind(req.kind)?;
+        let page_size = match req.page_size {
+            0 => 100,
+            n => n.min(1000),
+        } as usize;
+        let stored = self.store.load().await.map_err(internal)?;
+        let mut items: Vec<Item> = items::list(&stored.to_file(), kind)
+            .into_iter()
+            .filter(|(name, _)| req.page_token.is_empty() || *name > req.page_token)
+            .take(page_size + 1)
+            .map(|(name, spec)| Item {
+                kind: req.kind,
+                name,
+                spec_json: spec.to_string(),
+            })
+            .collect();
+        let next_page_token = if items.len() > page_size {
+            items.truncate(page_size);
+            items.last().map(|i| i.name.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(ListItemsResponse {
+            items,
+            next_page_token,
         }))
     }
 

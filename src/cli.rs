@@ -9,7 +9,12 @@ use clap::{Args, Parser, Subcommand};
 use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
+mod item_cli;
+
+use item_cli::ItemCommand;
+
 use crate::crypto::{self, MasterKey};
+use crate::items::Kind;
 use crate::pb::admin_client::AdminClient;
 use crate::pb::{
     ApplyRequest, CheckRequest, CreateTokenRequest, ExportRequest, Header, ImportedKeys,
@@ -65,6 +70,26 @@ enum Command {
     },
     /// Print a new master key.
     Keygen,
+    /// Targets, one at a time (the policy file's `targets:` items).
+    Target {
+        #[command(subcommand)]
+        command: ItemCommand,
+    },
+    /// Credentials, one at a time; secrets are write-only.
+    Credential {
+        #[command(subcommand)]
+        command: ItemCommand,
+    },
+    /// Proxies, one at a time.
+    Proxy {
+        #[command(subcommand)]
+        command: ItemCommand,
+    },
+    /// Rules, one at a time, named by id.
+    Rule {
+        #[command(subcommand)]
+        command: ItemCommand,
+    },
 }
 
 /// A point in time: RFC 3339 (`2026-11-25T09:00:00Z`) or an age (`90m`, `2h`, `7d` ago).
@@ -388,6 +413,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Requests(args) => requests(args).await,
         Command::Telemetry(args) => telemetry(args).await,
+        Command::Target { command } => item_cli::run(Kind::Target, command).await,
+        Command::Credential { command } => item_cli::run(Kind::Credential, command).await,
+        Command::Proxy { command } => item_cli::run(Kind::Proxy, command).await,
+        Command::Rule { command } => item_cli::run(Kind::Rule, command).await,
         Command::Keygen => {
             println!("{}", MasterKey::generate());
             Ok(())
@@ -455,11 +484,12 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
 /// Imported keys shorter than this are refused: a proxy key must not be guessable.
 const MIN_IMPORTED_KEY_LEN: usize = 16;
 
-async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("reading {}", args.file.display()))?;
-    let file = PolicyFile::parse(&text)?;
-    let base = args.file.parent().unwrap_or(Path::new("."));
+/// The secrets and imported keys a file refers to, resolved here (where the `env` and
+/// `file` references make sense): secrets to send, keys hashed so none crosses the wire.
+pub(crate) fn resolve_material(
+    file: &PolicyFile,
+    base: &Path,
+) -> anyhow::Result<(Vec<ResolvedSecret>, Vec<ImportedKeys>)> {
     let mut secrets = Vec::new();
     for credential in file.target_secrets() {
         let value = credential
@@ -490,6 +520,15 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
             sha256,
         });
     }
+    Ok((secrets, keys))
+}
+
+async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let file = PolicyFile::parse(&text)?;
+    let base = args.file.parent().unwrap_or(Path::new("."));
+    let (secrets, keys) = resolve_material(&file, base)?;
 
     let mut client = connect(&args.conn).await?;
     let request = authorized(
@@ -507,7 +546,16 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner()
         .changes;
-    if args.json {
+    print_changes(&changes, args.json, args.dry_run)
+}
+
+/// What a change did: a line per item, or JSON.
+pub(crate) fn print_changes(
+    changes: &[crate::pb::Change],
+    json: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    if json {
         let rows: Vec<_> = changes
             .iter()
             .map(|c| serde_json::json!({"kind": c.kind, "name": c.name, "action": c.action}))
@@ -516,14 +564,10 @@ async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     } else if changes.is_empty() {
         println!("no changes");
     } else {
-        for c in &changes {
+        for c in changes {
             println!("{} {}: {}", c.kind, c.name, c.action);
         }
-        let verb = if args.dry_run {
-            "would change"
-        } else {
-            "changed"
-        };
+        let verb = if dry_run { "would change" } else { "changed" };
         println!("{} {verb}", plural(changes.len(), "item"));
     }
     Ok(())

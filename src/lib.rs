@@ -17,6 +17,7 @@ pub mod envoy;
 pub mod ext_authz;
 pub mod ext_proc;
 pub mod http;
+pub mod items;
 pub mod keys;
 pub mod mutate;
 pub mod oauth2;

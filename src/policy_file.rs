@@ -404,7 +404,7 @@ impl PolicyFile {
         Ok(file)
     }
 
-    fn validate(&self) -> Result<(), PolicyError> {
+    pub fn validate(&self) -> Result<(), PolicyError> {
         let mut targets = HashSet::new();
         for t in &self.targets {
             let item = format!("target {:?}", t.name);

@@ -588,9 +588,28 @@ impl Store {
         dry_run: bool,
         check: impl FnOnce(&StoredPolicy) -> Result<(), E>,
     ) -> Result<Result<(Vec<Change>, Option<i64>), E>, StoreError> {
+        self.edit(master, dry_run, |_| Ok(desired), check).await
+    }
+
+    /// As `apply`, with what is desired built from the current state inside the same
+    /// transaction: an edit of one item cannot lose a concurrent change to another.
+    pub async fn edit<E, D: std::borrow::Borrow<Desired>>(
+        &self,
+        master: &MasterKey,
+        dry_run: bool,
+        build: impl FnOnce(&StoredPolicy) -> Result<D, E>,
+        check: impl FnOnce(&StoredPolicy) -> Result<(), E>,
+    ) -> Result<Result<(Vec<Change>, Option<i64>), E>, StoreError> {
         let mut tx = self.begin_write().await?;
         let current = load(&mut tx).await?;
-        let changes = write_diff(&mut tx, &current, desired, master).await?;
+        let desired = match build(&current) {
+            Ok(d) => d,
+            Err(e) => {
+                tx.rollback().await?;
+                return Ok(Err(e));
+            }
+        };
+        let changes = write_diff(&mut tx, &current, desired.borrow(), master).await?;
         let after = load(&mut tx).await?;
         if let Err(e) = check(&after) {
             tx.rollback().await?;

@@ -7,6 +7,7 @@ mod budgets;
 mod common;
 mod data_plane;
 mod ext_authz;
+mod items;
 mod oauth2;
 mod observability;
 mod response_safety;

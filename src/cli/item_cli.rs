@@ -1,0 +1,265 @@
+//! `latchkey target|credential|proxy|rule create|get|list|update|delete`: one policy item
+//! at a time, in its policy-file form.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow};
+use clap::Subcommand;
+
+use super::{AdminConn, authorized, connect, print_changes, resolve_material, status_error};
+use crate::items::Kind;
+use crate::pb::{DeleteItemRequest, GetItemRequest, ItemKind, ListItemsRequest, PutItemRequest};
+use crate::policy_file::PolicyFile;
+
+#[derive(Subcommand)]
+pub enum ItemCommand {
+    /// Create one from its policy-file form (YAML or JSON) in a file, or `-` for stdin.
+    Create {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Check and report, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Print one in its policy-file form (YAML; JSON with --json). Never a secret.
+    Get {
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// List them by name, a page at a time.
+    List {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Start after this name (the last of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Replace one (named by the `name`, or a rule's `id`, in the file) with its new form.
+    /// A target credential given `secret: { sealed: true }` keeps the secret it has.
+    Update {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Delete one; refused, naming them, while other items refer to it.
+    Delete {
+        name: String,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+}
+
+fn pb_kind(kind: Kind) -> ItemKind {
+    match kind {
+        Kind::Target => ItemKind::Target,
+        Kind::Credential => ItemKind::Credential,
+        Kind::Proxy => ItemKind::Proxy,
+        Kind::Rule => ItemKind::Rule,
+    }
+}
+
+/// The columns a listing shows besides the name, by kind.
+fn columns(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Target => &["url"],
+        Kind::Credential => &["type", "auth"],
+        Kind::Proxy => &["target", "target_credential", "default_effect"],
+        Kind::Rule => &["proxy", "credential", "effect", "priority", "path"],
+    }
+}
+
+pub async fn run(kind: Kind, command: ItemCommand) -> anyhow::Result<()> {
+    match command {
+        ItemCommand::Create {
+            file,
+            dry_run,
+            json,
+            conn,
+        } => put(kind, &file, dry_run, json, conn, true).await,
+        ItemCommand::Update {
+            file,
+            dry_run,
+            json,
+            conn,
+        } => put(kind, &file, dry_run, json, conn, false).await,
+        ItemCommand::Delete {
+            name,
+            dry_run,
+            json,
+            conn,
+        } => {
+            let mut client = connect(&conn).await?;
+            let request = DeleteItemRequest {
+                kind: pb_kind(kind) as i32,
+                name,
+                dry_run,
+            };
+            let changes = client
+                .delete_item(authorized(&conn, request)?)
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .changes;
+            print_changes(&changes, json, dry_run)
+        }
+        ItemCommand::Get { name, json, conn } => {
+            let mut client = connect(&conn).await?;
+            let request = GetItemRequest {
+                kind: pb_kind(kind) as i32,
+                name,
+            };
+            let item = client
+                .get_item(authorized(&conn, request)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let spec: serde_json::Value = serde_json::from_str(&item.spec_json)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&spec)?);
+            } else {
+                print!("{}", serde_norway::to_string(&spec)?);
+            }
+            Ok(())
+        }
+        ItemCommand::List {
+            limit,
+            after,
+            json,
+            conn,
+        } => {
+            let mut client = connect(&conn).await?;
+            let request = ListItemsRequest {
+                kind: pb_kind(kind) as i32,
+                page_size: limit,
+                page_token: after.unwrap_or_default(),
+            };
+            let page = client
+                .list_items(authorized(&conn, request)?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let specs = page
+                .items
+                .iter()
+                .map(|i| Ok((i.name.as_str(), serde_json::from_str(&i.spec_json)?)))
+                .collect::<anyhow::Result<Vec<(&str, serde_json::Value)>>>()?;
+            if json {
+                let all: Vec<_> = specs.into_iter().map(|(_, s)| s).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print_table(kind, &specs);
+            }
+            if !page.next_page_token.is_empty() {
+                eprintln!("more: --after {}", page.next_page_token);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_table(kind: Kind, specs: &[(&str, serde_json::Value)]) {
+    let header: Vec<String> = std::iter::once(if kind == Kind::Rule { "id" } else { "name" })
+        .chain(columns(kind).iter().copied())
+        .map(str::to_uppercase)
+        .collect();
+    let rows: Vec<Vec<String>> = specs
+        .iter()
+        .map(|(name, spec)| {
+            std::iter::once(name.to_string())
+                .chain(columns(kind).iter().map(|c| match &spec[*c] {
+                    serde_json::Value::Null => "-".to_owned(),
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                }))
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].len())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+async fn put(
+    kind: Kind,
+    file: &Path,
+    dry_run: bool,
+    json: bool,
+    conn: AdminConn,
+    create: bool,
+) -> anyhow::Result<()> {
+    let spec = if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        text
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    // A credential's secret and keys are resolved here, as `apply` does.
+    let (secrets, keys) = if kind == Kind::Credential {
+        let credential = serde_norway::from_str(&spec).map_err(|e| anyhow!("credential: {e}"))?;
+        let one = PolicyFile {
+            credentials: vec![credential],
+            ..PolicyFile::default()
+        };
+        let base = file.parent().unwrap_or(Path::new("."));
+        resolve_material(&one, base)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut client = connect(&conn).await?;
+    let request = authorized(
+        &conn,
+        PutItemRequest {
+            kind: pb_kind(kind) as i32,
+            spec,
+            secrets,
+            keys,
+            dry_run,
+        },
+    )?;
+    let changes = if create {
+        client.create_item(request).await
+    } else {
+        client.update_item(request).await
+    }
+    .map_err(status_error)?
+    .into_inner()
+    .changes;
+    print_changes(&changes, json, dry_run)
+}
