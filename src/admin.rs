@@ -147,6 +147,32 @@ fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
 
+/// One page of `items` (sorted by `key`): those after `token`, at most `size` (0: 100, at
+/// most 1000), and the token of the next page (empty on the last).
+fn page<T>(
+    items: impl IntoIterator<Item = T>,
+    key: impl Fn(&T) -> &str,
+    size: u32,
+    token: &str,
+) -> (Vec<T>, String) {
+    let size = match size {
+        0 => 100,
+        n => n.min(1000),
+    } as usize;
+    let mut out: Vec<T> = items
+        .into_iter()
+        .filter(|i| token.is_empty() || key(i) > token)
+        .take(size + 1)
+        .collect();
+    let next = if out.len() > size {
+        out.truncate(size);
+        out.last().map(|i| key(i).to_owned()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    (out, next)
+}
+
 fn item_kind(kind: i32) -> Result<Kind, Status> {
     match ItemKind::try_from(kind) {
         Ok(ItemKind::Target) => Ok(Kind::Target),
@@ -286,27 +312,21 @@ impl Admin for AdminService {
     ) -> Result<Response<ListItemsResponse>, Status> {
         let req = request.into_inner();
         let kind = item_kind(req.kind)?;
-        let page_size = match req.page_size {
-            0 => 100,
-            n => n.min(1000),
-        } as usize;
         let stored = self.store.load().await.map_err(internal)?;
-        let mut items: Vec<Item> = items::list(&stored.to_file(), kind)
+        let (items, next_page_token) = page(
+            items::list(&stored.to_file(), kind),
+            |(name, _)| name,
+            req.page_size,
+            &req.page_token,
+        );
+        let items = items
             .into_iter()
-            .filter(|(name, _)| req.page_token.is_empty() || *name > req.page_token)
-            .take(page_size + 1)
             .map(|(name, spec)| Item {
                 kind: req.kind,
                 name,
                 spec_json: spec.to_string(),
             })
             .collect();
-        let next_page_token = if items.len() > page_size {
-            items.truncate(page_size);
-            items.last().map(|i| i.name.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
         Ok(Response::new(ListItemsResponse {
             items,
             next_page_token,
@@ -463,7 +483,7 @@ impl Admin for AdminService {
                 req.credential
             )));
         }
-        let keys = stored
+        let mut keys: Vec<_> = stored
             .keys
             .iter()
             .filter_map(|k| {
@@ -481,7 +501,12 @@ impl Admin for AdminService {
                 })
             })
             .collect();
-        Ok(Response::new(ListKeysResponse { keys }))
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        let (keys, next_page_token) = page(keys, |k| &k.id, req.page_size, &req.page_token);
+        Ok(Response::new(ListKeysResponse {
+            keys,
+            next_page_token,
+        }))
     }
 
     async fn revoke_key(
@@ -620,7 +645,8 @@ impl Admin for AdminService {
         request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
         require_admin(&request)?;
-        let tokens = self
+        let req = request.into_inner();
+        let mut tokens: Vec<PbTokenInfo> = self
             .store
             .list_admin_tokens()
             .await
@@ -634,7 +660,12 @@ impl Admin for AdminService {
                 revoked_at: t.revoked_at,
             })
             .collect();
-        Ok(Response::new(ListTokensResponse { tokens }))
+        tokens.sort_by(|a, b| a.id.cmp(&b.id));
+        let (tokens, next_page_token) = page(tokens, |t| &t.id, req.page_size, &req.page_token);
+        Ok(Response::new(ListTokensResponse {
+            tokens,
+            next_page_token,
+        }))
     }
 
     async fn revoke_token(

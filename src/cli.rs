@@ -230,10 +230,16 @@ enum KeyCommand {
         #[command(flatten)]
         conn: AdminConn,
     },
-    /// List keys (never the keys themselves).
+    /// List keys by id (never the keys themselves): all, or a page with --limit.
     List {
         #[arg(long)]
         credential: Option<String>,
+        /// One page of at most this many keys (at most 1000).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Start after this key id (the last of the previous page).
+        #[arg(long)]
+        after: Option<String>,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -731,22 +737,39 @@ async fn key(command: KeyCommand) -> anyhow::Result<()> {
         }
         KeyCommand::List {
             credential,
+            limit,
+            after,
             json,
             conn,
         } => {
             let mut client = connect(&conn).await?;
-            let request = authorized(
-                &conn,
-                ListKeysRequest {
-                    credential: credential.unwrap_or_default(),
-                },
-            )?;
-            let keys = client
-                .list_keys(request)
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .keys;
+            // Every page, unless one page of `limit` keys was asked for.
+            let mut keys = Vec::new();
+            let mut token = after.unwrap_or_default();
+            loop {
+                let request = authorized(
+                    &conn,
+                    ListKeysRequest {
+                        credential: credential.clone().unwrap_or_default(),
+                        page_size: limit.unwrap_or(1000),
+                        page_token: token,
+                    },
+                )?;
+                let page = client
+                    .list_keys(request)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                keys.extend(page.keys);
+                token = page.next_page_token;
+                if token.is_empty() {
+                    break;
+                }
+                if limit.is_some() {
+                    eprintln!("more: --after {token}");
+                    break;
+                }
+            }
             let now = crate::state::now_unix();
             let status = |k: &crate::pb::KeyInfo| {
                 if k.revoked_at.is_some() {
@@ -1039,12 +1062,24 @@ async fn token(command: TokenCommand) -> anyhow::Result<()> {
         }
         TokenCommand::List { json, conn } => {
             let mut client = connect(&conn).await?;
-            let tokens = client
-                .list_tokens(authorized(&conn, ListTokensRequest {})?)
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .tokens;
+            let mut tokens = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let request = ListTokensRequest {
+                    page_size: 1000,
+                    page_token,
+                };
+                let page = client
+                    .list_tokens(authorized(&conn, request)?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                tokens.extend(page.tokens);
+                page_token = page.next_page_token;
+                if page_token.is_empty() {
+                    break;
+                }
+            }
             if json {
                 let rows: Vec<_> = tokens
                     .iter()

@@ -194,6 +194,26 @@ async fn items_one_at_a_time_through_the_cli() {
     assert_eq!(next.as_array().unwrap().len(), 1);
     assert_eq!(next[0]["name"], "vendor-c");
 
+    // Keys page too: one imported plus three issued.
+    for _ in 0..3 {
+        ok(&stack.cli(&["key", "issue", "--credential", "agent"], &[]));
+    }
+    assert_eq!(
+        json(&stack.cli(&["key", "list", "--json"], &[]))
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    let first = stack.cli(&["key", "list", "--limit", "3", "--json"], &[]);
+    let page: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(page.as_array().unwrap().len(), 3);
+    let last_id = page[2]["id"].as_str().unwrap();
+    assert!(String::from_utf8_lossy(&first.stderr).contains(&format!("--after {last_id}")));
+    let rest = json(&stack.cli(&["key", "list", "--after", last_id, "--json"], &[]));
+    assert_eq!(rest.as_array().unwrap().len(), 1);
+    assert!(rest[0]["id"].as_str().unwrap() > last_id);
+
     // The whole policy still round-trips.
     let exported = ok(&stack.cli(&["export"], &[]));
     assert!(stack.apply(&exported, &env()).contains("no changes"));
