@@ -8,6 +8,7 @@ Configurations (A B C D E, repeated for BENCH_ROUNDS rounds; medians reported):
   D  Envoy + latchkey ext_proc (envoy/envoy.yaml), realistic policy: 100 proxies,
      1,000 keys, 10 rules on the proxy in use, rate limits on
   E  Envoy + latchkey ext_authz (envoy/envoy-ext-authz.yaml), same policy
+  F  as D, with Envoy reaching latchkey over a Unix domain socket instead of TCP
 
 Per run: throughput with wrk (fixed connections and duration), unloaded latency with one
 connection (hey -c 1), and latency at a fixed 1,000 req/s (hey -q). Every configuration
@@ -108,7 +109,7 @@ def latchkey_env(state, grpc, admin, http, db_url=None):
         LATCHKEY_DATABASE_URL=db_url or f"sqlite://{state}/latchkey.db",
         LATCHKEY_MASTER_KEY=(state / "master.key").read_text().strip(),
         LATCHKEY_ADMIN_TOKEN=ADMIN_TOKEN,
-        LATCHKEY_GRPC_ADDR=f"127.0.0.1:{grpc}",
+        LATCHKEY_GRPC_ADDR=grpc if str(grpc).startswith("unix:") else f"127.0.0.1:{grpc}",
         LATCHKEY_ADMIN_ADDR=f"127.0.0.1:{admin}",
         LATCHKEY_HTTP_ADDR=f"127.0.0.1:{http}",
         RUST_LOG="warn",
@@ -211,6 +212,15 @@ def shipped(name, listen, admin, grpc):
         text.replace("port_value: 10000", f"port_value: {listen}")
         .replace("port_value: 9901", f"port_value: {admin}")
         .replace("port_value: 50051", f"port_value: {grpc}")
+    )
+
+
+def unix_config(listen, admin, socket_path):
+    """F: the shipped ext_proc config with latchkey's cluster on a Unix socket."""
+    text = shipped("envoy.yaml", listen, admin, 50051)
+    return text.replace(
+        "socket_address: { address: 127.0.0.1, port_value: 50051 }",
+        f"pipe: {{ path: {socket_path} }}",
     )
 
 
@@ -363,6 +373,17 @@ def main():
         run([LATCHKEY, "apply", "-f", policy, "--admin-addr", f"127.0.0.1:{admin}",
              "--admin-token", ADMIN_TOKEN])
 
+        # A second latchkey on the same store (policy loaded at start), on a Unix socket.
+        sock = work / "ext_proc.sock"
+        unix_state = work / "latchkey-unix"
+        unix_state.mkdir()
+        (unix_state / "master.key").write_text((state / "master.key").read_text())
+        unix_http = free_port()
+        procs.start([LATCHKEY, "serve"], unix_state / "serve.log",
+                    latchkey_env(unix_state, f"unix:{sock}", free_port(), unix_http,
+                                 db_url=f"sqlite://{state}/latchkey.db"))
+        wait_http(f"http://127.0.0.1:{unix_http}/readyz", "latchkey on a Unix socket")
+
         minimal_port = free_port()
         procs.start([MINIMAL, minimal_port, f"127.0.0.1:{upstream_port}"], work / "minimal.log")
         time.sleep(0.3)
@@ -375,6 +396,7 @@ def main():
             "C": (lambda l, a: floor_config(l, a, minimal_port), True),
             "D": (lambda l, a: shipped("envoy.yaml", l, a, grpc), True),
             "E": (lambda l, a: shipped("envoy-ext-authz.yaml", l, a, grpc), True),
+            "F": (lambda l, a: unix_config(l, a, sock), True),
         }
         only = os.environ.get("BENCH_ONLY")
         if only:
@@ -418,7 +440,7 @@ def machine():
 def write_report(med, scale):
     names = {"A": "Envoy passthrough", "B": "Envoy credential_injector",
              "C": "Envoy + minimal ext_proc", "D": "Envoy + latchkey ext_proc",
-             "E": "Envoy + latchkey ext_authz"}
+             "E": "Envoy + latchkey ext_authz", "F": "Envoy + latchkey ext_proc, Unix socket"}
     rows = ["| config | req/s | p50, 1 connection (ms) | p50 at 1,000 req/s (ms) | p99 at 1,000 req/s (ms) |",
             "|---|---:|---:|---:|---:|"]
     for n, m in med.items():
@@ -428,6 +450,9 @@ def write_report(med, scale):
         f"- throughput D/A {d['rps'] / med['A']['rps']:.2f}, D/B {d['rps'] / med['B']['rps']:.2f}, "
         f"D/C {d['rps'] / c['rps']:.2f} (target ≥ 0.87), E/C {med['E']['rps'] / c['rps']:.2f}",
         f"- unloaded p50, D − C: {(d['p50_1'] - c['p50_1']) * 1000:+.0f} µs (target ≤ +50 µs)",
+        f"- Unix socket instead of TCP (F vs D): throughput {med['F']['rps'] / d['rps']:.2f}×, "
+        f"unloaded p50 {(med['F']['p50_1'] - d['p50_1']) * 1000:+.0f} µs, "
+        f"p99 at 1,000 req/s {med['F']['p99_1k'] - d['p99_1k']:+.3f} ms",
         f"- p99 at 1,000 req/s, D − A: {d['p99_1k'] - med['A']['p99_1k']:+.3f} ms (target ≤ +0.5 ms)",
         f"- 10,000 proxies and 100,000 keys: apply {scale['apply_s']:.1f} s, start-up to ready "
         f"{scale['startup_s']:.2f} s (target < 2 s), resident memory {scale['rss_mb']:.0f} MB (target < 64 MB)",
@@ -436,7 +461,7 @@ def write_report(med, scale):
         "# Benchmarks",
         "",
         "Made by `make bench` (`bench/run.py`): load through the real Envoy against a local",
-        "upstream, configurations interleaved A B C D E for "
+        "upstream, configurations interleaved A B C D E F for "
         f"{ROUNDS} rounds, medians below. Throughput: `wrk -t2 -c{CONNECTIONS} -d{SECONDS}s`;",
         "unloaded latency: `hey -c 1`; fixed rate: `hey -c 10 -q 100` (1,000 req/s). Every",
         "configuration but A was checked to inject the credential on every request.",

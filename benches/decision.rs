@@ -1,10 +1,17 @@
 //! The cost of one decision (key lookup + rules + mutation build) on a proxy with 10, 100
 //! and 1,000 rules, headers only. The request matches the last rule: the worst case.
+//! And the whole ext_proc message as latchkey handles it: the request-headers message
+//! decoded from its wire bytes, decided, and the answer encoded (budgets and the audit
+//! record, which are asynchronous, are measured apart: `benches/budget.rs`).
 
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
+use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
 use latchkey::crypto::{MasterKey, hash_key};
+use latchkey::envoy::{self, ResponseRead};
 use latchkey::pipeline::{Outcome, RequestView, decide};
 use latchkey::policy::Policy;
 use latchkey::policy_file::{AuthKind, CredentialType, Effect};
@@ -12,6 +19,7 @@ use latchkey::rules::Body;
 use latchkey::store::{
     AuthSpec, CredentialRow, KeyRow, ProxyRow, RuleConditions, RuleRow, StoredPolicy, TargetRow,
 };
+use prost::Message;
 
 const KEY: &str = "lk_benchKEY0000000000000000001";
 
@@ -117,5 +125,74 @@ fn decision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision);
+/// What Envoy sends: the request headers, as `raw_value` bytes.
+fn request_headers_message(headers: &[(&str, &[u8])]) -> Vec<u8> {
+    ProcessingRequest {
+        request: Some(Phase::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: (*k).to_owned(),
+                        raw_value: v.to_vec(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Wire bytes in, wire bytes out: decode, decide, build and encode the mutation.
+fn handle(policy: &Policy, wire: &[u8]) -> Vec<u8> {
+    let message = ProcessingRequest::decode(wire).expect("a valid message");
+    let Some(Phase::RequestHeaders(headers)) = message.request else {
+        unreachable!("request headers")
+    };
+    let pairs = envoy::header_pairs(headers.headers.as_ref());
+    let text = |name| {
+        envoy::header_value(&pairs, name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .unwrap_or_default()
+    };
+    let view = RequestView {
+        method: text(":method"),
+        path: text(":path"),
+        headers: &pairs,
+        body: Some(&[]),
+    };
+    let decision = decide(policy, &view, &Body::Empty, 0);
+    let Outcome::Forward(forward) = decision.outcome else {
+        unreachable!("allowed")
+    };
+    envoy::allow(forward, false, decision.rate, ResponseRead::Nothing).encode_to_vec()
+}
+
+fn ext_proc_message(c: &mut Criterion) {
+    let master = MasterKey::parse(&MasterKey::generate()).unwrap();
+    let policy = policy(10, &master);
+    let bearer = format!("Bearer {KEY}");
+    let wire = request_headers_message(&[
+        (":method", b"GET"),
+        (":path", b"/vendor/v1/resource_9/items?limit=10"),
+        (":authority", b"127.0.0.1:10000"),
+        (":scheme", b"http"),
+        ("user-agent", b"agent-sdk/1.2.3"),
+        ("accept", b"application/json"),
+        ("authorization", bearer.as_bytes()),
+        ("x-request-id", b"6c1f9a34-5b7e-4c1d-9d2a-0f3e8b7a6c5d"),
+        ("x-forwarded-proto", b"http"),
+        ("content-type", b"application/json"),
+    ]);
+    assert!(!handle(&policy, &wire).is_empty());
+    c.bench_function("ext_proc_request_headers_message", |b| {
+        b.iter(|| handle(black_box(&policy), black_box(&wire)))
+    });
+}
+
+criterion_group!(benches, decision, ext_proc_message);
 criterion_main!(benches);

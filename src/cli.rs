@@ -293,8 +293,9 @@ struct ServeArgs {
     /// never from a flag, so it stays out of process listings).
     #[arg(long, env = "LATCHKEY_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
+    /// `host:port`, or `unix:/path` for a Unix domain socket beside Envoy.
     #[arg(long, env = "LATCHKEY_GRPC_ADDR", default_value = "127.0.0.1:50051")]
-    grpc_addr: SocketAddr,
+    grpc_addr: serve::GrpcAddr,
     #[arg(long, env = "LATCHKEY_ADMIN_ADDR", default_value = "127.0.0.1:50052")]
     admin_addr: SocketAddr,
     #[arg(long, env = "LATCHKEY_HTTP_ADDR", default_value = "127.0.0.1:9464")]

@@ -1,8 +1,11 @@
 //! `latchkey serve`: the ext_proc server, the admin server and the HTTP endpoints, wired
 //! to one policy snapshot, with a clean shutdown on SIGTERM or Ctrl-C.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -10,8 +13,10 @@ use anyhow::{Context, bail};
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
-use tokio::net::TcpListener;
+use futures_util::future::Either;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use zeroize::Zeroizing;
@@ -38,7 +43,7 @@ pub struct ServeConfig {
     pub master_key: Option<Zeroizing<String>>,
     pub master_key_file: Option<PathBuf>,
     pub previous_master_keys: Option<Zeroizing<String>>,
-    pub grpc_addr: SocketAddr,
+    pub grpc_addr: GrpcAddr,
     pub admin_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub admin_token: Option<Zeroizing<String>>,
@@ -122,6 +127,39 @@ fn load_master_key(key: Option<&str>, file: Option<&std::path::Path>) -> anyhow:
     Ok(MasterKey::parse(&text)?)
 }
 
+/// Where Envoy reaches latchkey: a TCP address, or `unix:/path` for a Unix domain socket
+/// when Envoy runs beside latchkey (one kernel hop less per message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for GrpcAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => {
+                Err("unix: needs a socket path, e.g. unix:/run/latchkey/ext_proc.sock".into())
+            }
+            Some(path) => Ok(GrpcAddr::Unix(PathBuf::from(path))),
+            None => s
+                .parse()
+                .map(GrpcAddr::Tcp)
+                .map_err(|e| format!("{s:?}: {e} (host:port, or unix:/path)")),
+        }
+    }
+}
+
+impl std::fmt::Display for GrpcAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GrpcAddr::Tcp(addr) => addr.fmt(f),
+            GrpcAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -175,7 +213,19 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .then(|| tokio::spawn(prune_forever(store.clone(), cfg.audit_retention_days)));
     let ready = Arc::new(AtomicBool::new(false));
 
-    let grpc = bind(cfg.grpc_addr, "ext_proc").await?;
+    let grpc =
+        match &cfg.grpc_addr {
+            GrpcAddr::Tcp(addr) => Either::Left(bind(*addr, "ext_proc").await?),
+            GrpcAddr::Unix(path) => {
+                // A socket file left by a previous run would refuse the bind.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    std::fs::remove_file(path).ok();
+                }
+                Either::Right(UnixListener::bind(path).with_context(|| {
+                    format!("cannot listen on unix:{} (ext_proc)", path.display())
+                })?)
+            }
+        };
     let admin = bind(cfg.admin_addr, "admin").await?;
     let http = bind(cfg.http_addr, "health and metrics").await?;
     let (stop, stop_rx) = watch::channel(false);
@@ -193,11 +243,18 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .add_service(AccessLogServiceServer::new(AccessLog::new(
             shared.clone(),
             stop_rx.clone(),
-        )))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            stopped(stop_rx.clone()),
-        );
+        )));
+    let ext_proc: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match grpc {
+            Either::Left(tcp) => Box::pin(ext_proc.serve_with_incoming_shutdown(
+                TcpIncoming::from(tcp).with_nodelay(Some(true)),
+                stopped(stop_rx.clone()),
+            )),
+            Either::Right(unix) => Box::pin(ext_proc.serve_with_incoming_shutdown(
+                UnixListenerStream::new(unix),
+                stopped(stop_rx.clone()),
+            )),
+        };
     let tokens = Tokens::default();
     tokens
         .reload(&store)
@@ -337,4 +394,34 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_addresses_are_tcp_or_a_unix_socket() {
+        assert_eq!(
+            "127.0.0.1:50051".parse::<GrpcAddr>().unwrap(),
+            GrpcAddr::Tcp("127.0.0.1:50051".parse().unwrap())
+        );
+        let unix = "unix:/run/latchkey/ext_proc.sock"
+            .parse::<GrpcAddr>()
+            .unwrap();
+        assert_eq!(unix, GrpcAddr::Unix("/run/latchkey/ext_proc.sock".into()));
+        assert_eq!(unix.to_string(), "unix:/run/latchkey/ext_proc.sock");
+        assert!(
+            "unix:"
+                .parse::<GrpcAddr>()
+                .unwrap_err()
+                .contains("socket path")
+        );
+        assert!(
+            "localhost"
+                .parse::<GrpcAddr>()
+                .unwrap_err()
+                .contains("unix:/path")
+        );
+    }
 }

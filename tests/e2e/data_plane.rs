@@ -135,6 +135,48 @@ fn assert_no_proxy_key(seen: &common::Seen) {
 }
 
 #[tokio::test]
+async fn envoy_reaches_latchkey_over_a_unix_socket() {
+    let upstream = Upstream::start().await;
+    let sockets = tempfile::tempdir().unwrap();
+    let socket = sockets.path().join("ext_proc.sock");
+    let pipe = format!("pipe: {{ path: {} }}", socket.display());
+    let addr = format!("unix:{}", socket.display());
+    // The latchkey cluster's endpoint (the only address indented this deep) becomes the
+    // socket.
+    let stack = Stack::start_configured(
+        |config| {
+            config
+                .lines()
+                .map(|line| match line.strip_prefix(&" ".repeat(20)) {
+                    Some(rest) if rest.starts_with("socket_address:") => {
+                        format!("{}{pipe}", " ".repeat(20))
+                    }
+                    _ => line.to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        },
+        &[("LATCHKEY_GRPC_ADDR", &addr)],
+    )
+    .await;
+    stack.apply(&policy(&upstream.url(), ""), &secrets());
+    let response = client()
+        .get(stack.url("/bearer/v1/charges"))
+        .bearer_auth(AGENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = upstream.take().pop().unwrap();
+    assert_eq!(
+        seen.header("authorization"),
+        Some(format!("Bearer {BEARER_SECRET}").as_str())
+    );
+    assert_no_proxy_key(&seen);
+    assert!(stack.log("latchkey").contains(&addr));
+}
+
+#[tokio::test]
 async fn each_auth_type_arrives_upstream_and_the_proxy_key_never_does() {
     each_auth_type(Mode::ExtProc).await;
 }
