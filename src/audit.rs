@@ -26,6 +26,10 @@ use crate::store::{Store, StoreError};
 pub const QUEUE_CAPACITY: usize = 16_384;
 /// Events written per transaction at most.
 const BATCH: usize = 1_024;
+/// After the first event of a batch, how long the writer gathers more before it works:
+/// one wake-up and one transaction per linger rather than per request, which on a busy
+/// host would otherwise contend with Envoy for the cores on every request.
+const LINGER: Duration = Duration::from_millis(50);
 /// How long a completion whose decision row is not there yet (another replica has not
 /// written it) keeps being retried.
 const ORPHAN_TTL: Duration = Duration::from_secs(30);
@@ -247,7 +251,23 @@ async fn write_loop(
                     closing = true;
                     continue;
                 }
-                n = rx.recv_many(&mut batch, BATCH) => open = n > 0,
+                n = rx.recv_many(&mut batch, BATCH) => {
+                    open = n > 0;
+                    if open && batch.len() < BATCH {
+                        // Senders do not wake a writer that is not waiting on the queue.
+                        tokio::time::sleep(LINGER).await;
+                        while batch.len() < BATCH {
+                            match rx.try_recv() {
+                                Ok(event) => batch.push(event),
+                                Err(mpsc::error::TryRecvError::Empty) => break,
+                                Err(mpsc::error::TryRecvError::Disconnected) => {
+                                    open = false;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
                 () = tokio::time::sleep(Duration::from_millis(200)),
                     if !held.is_empty() || !orphans.is_empty() => {}
             }
