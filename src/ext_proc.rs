@@ -308,7 +308,14 @@ impl Exchange {
             Some((body, n)) => (n, Some(body)),
             None => (0, None),
         };
-        let redacted = guarded.guard.redact(body.as_deref().unwrap_or(&chunk.body));
+        let Ok(redacted) = guarded.guard.redact(body.as_deref().unwrap_or(&chunk.body)) else {
+            tracing::warn!(proxy = %guarded.proxy, request_id = %self.request_id,
+                "a response to redact looks like JSON but does not parse; refused");
+            return envoy::deny(
+                &Denial::ResponseUnreadable("JSON that could not be parsed to redact"),
+                &self.request_id,
+            );
+        };
         let (fields, body) = match redacted {
             Some((body, n)) => (n, Some(body)),
             None => (0, body),

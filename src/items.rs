@@ -148,21 +148,18 @@ pub fn desired(
         if c.kind != CredentialType::Target || secrets.contains_key(&c.name) {
             continue;
         }
-        let shown = (
-            c.secret.replace(SecretRef::sealed()),
-            c.session_token.clone(),
-        );
+        references.insert(c.name.clone(), c.stored_references());
+        c.secret = Some(SecretRef::sealed());
         if let Some(token) = &mut c.session_token {
             *token = SecretRef::sealed();
         }
-        references.insert(c.name.clone(), shown);
     }
     let mut desired = Desired::new(&file, secrets, keys)?;
     for c in &mut desired.credentials {
         if let Some((secret, token)) = references.remove(&c.name) {
-            c.secret_ref = secret.as_ref().map(SecretRef::stored_form);
+            c.secret_ref = secret;
             if let Some(auth) = &mut c.auth {
-                auth.session_token = token.as_ref().map(SecretRef::stored_form);
+                auth.session_token = token;
             }
         }
     }

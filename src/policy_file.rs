@@ -757,16 +757,40 @@ impl CredentialSpec {
             .ok_or("no secret")?
             .resolve(base)
             .map_err(|e| format!("secret: {e}"))?;
-        let Some(token) = &self.session_token else {
+        if self.auth != Some(AuthKind::AwsSigv4) {
             return Ok(secret);
-        };
-        let token = token
-            .resolve(base)
-            .map_err(|e| format!("session_token: {e}"))?;
-        if secret.contains('\n') || token.contains('\n') {
-            return Err("an AWS secret or session token holds a line break".into());
         }
-        Ok(format!("{secret}\n{token}"))
+        let token = match &self.session_token {
+            Some(token) => Some(
+                token
+                    .resolve(base)
+                    .map_err(|e| format!("session_token: {e}"))?,
+            ),
+            None => None,
+        };
+        if std::iter::once(&secret)
+            .chain(&token)
+            .any(|s| s.is_empty() || s.contains(['\n', '\r']))
+        {
+            return Err("an AWS secret or session token is empty or holds a line break".into());
+        }
+        Ok(match token {
+            Some(token) => format!("{secret}\n{token}"),
+            None => secret,
+        })
+    }
+
+    /// The references stored for a secret and its session token: where each came from,
+    /// and if either is held sealed, both (the two travel and are kept as one).
+    pub fn stored_references(&self) -> (Option<SecretRef>, Option<SecretRef>) {
+        let secret = self.secret.as_ref().map(SecretRef::stored_form);
+        let token = self.session_token.as_ref().map(SecretRef::stored_form);
+        let sealed = secret.iter().chain(&token).any(SecretRef::is_sealed);
+        if sealed && token.is_some() {
+            (Some(SecretRef::sealed()), Some(SecretRef::sealed()))
+        } else {
+            (secret, token)
+        }
     }
 }
 

@@ -89,13 +89,18 @@ impl Guard {
         out.map(|o| (o, count))
     }
 
-    /// The JSON body with the proxy's fields redacted, and how many were; `None` if
-    /// nothing was (or the body is not JSON: only JSON fields are named).
-    pub fn redact(&self, body: &[u8]) -> Option<(Vec<u8>, usize)> {
+    /// The JSON body with the proxy's fields redacted, and how many were; `Ok(None)` if
+    /// nothing was, or the body is not JSON (only JSON fields are named). A body that
+    /// looks like JSON but does not parse is `Err`: it cannot be checked, so it stops.
+    pub fn redact(&self, body: &[u8]) -> Result<Option<(Vec<u8>, usize)>, Unparsed> {
         if self.pointers.is_empty() && self.names.is_empty() {
-            return None;
+            return Ok(None);
         }
-        let mut json: Value = serde_json::from_slice(body).ok()?;
+        let mut json: Value = match serde_json::from_slice(body) {
+            Ok(json) => json,
+            Err(_) if looks_like_json(body) => return Err(Unparsed),
+            Err(_) => return Ok(None),
+        };
         let mut count = 0;
         for pointer in &self.pointers {
             if let Some(v) = json.pointer_mut(pointer) {
@@ -106,8 +111,21 @@ impl Guard {
         if !self.names.is_empty() {
             count += redact_names(&mut json, &self.names);
         }
-        (count > 0).then(|| (serde_json::to_vec(&json).expect("JSON serializes"), count))
+        Ok((count > 0).then(|| (serde_json::to_vec(&json).expect("JSON serializes"), count)))
     }
+}
+
+/// A response body that looks like JSON and does not parse.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unparsed;
+
+/// Starts (after a byte-order mark and white space) like a JSON object or array.
+fn looks_like_json(body: &[u8]) -> bool {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    matches!(
+        body.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
 }
 
 fn redact_names(value: &mut Value, names: &HashSet<String>) -> usize {
@@ -183,15 +201,21 @@ mod tests {
     fn fields_are_redacted_by_pointer_and_by_name_at_any_depth() {
         let g = guard(false, &["/owner/phone", "email"]);
         let body = br#"{"owner":{"phone":"555","name":"A"},"users":[{"email":"a@x"},{"email":"b@x","id":2}]}"#;
-        let (out, n) = g.redact(body).unwrap();
+        let (out, n) = g.redact(body).unwrap().unwrap();
         assert_eq!(n, 3);
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["owner"]["phone"], REDACTED);
         assert_eq!(v["owner"]["name"], "A");
         assert_eq!(v["users"][1]["email"], REDACTED);
         assert_eq!(v["users"][1]["id"], 2);
-        assert!(g.redact(b"not json").is_none());
-        assert!(g.redact(br#"{"other":1}"#).is_none());
+        assert_eq!(g.redact(b"not json"), Ok(None));
+        assert_eq!(g.redact(br#"{"other":1}"#), Ok(None));
+        // Looks like JSON, cannot be parsed: not passed on unchecked.
+        assert_eq!(g.redact(b"\xEF\xBB\xBF{\"email\":\"a@x\"}"), Err(Unparsed));
+        assert_eq!(
+            g.redact(b"{\"email\":\"a@x\"}\n{\"email\":\"b@x\"}"),
+            Err(Unparsed)
+        );
     }
 
     #[test]

@@ -369,6 +369,7 @@ impl Desired {
             }
             key_hashes.sort();
             key_hashes.dedup();
+            let (secret_ref, session_token) = c.stored_references();
             credentials.push(DesiredCredential {
                 name: c.name.clone(),
                 kind: c.kind,
@@ -386,11 +387,11 @@ impl Desired {
                     access_key_id: c.access_key_id.clone(),
                     region: c.region.clone(),
                     service: c.service.clone(),
-                    session_token: c.session_token.as_ref().map(SecretRef::stored_form),
+                    session_token,
                     unsigned_payload: c.unsigned_payload,
                 }),
                 // An inline value is sealed like any secret: never kept in the reference.
-                secret_ref: c.secret.as_ref().map(SecretRef::stored_form),
+                secret_ref,
                 secret,
                 key_hashes,
                 keep_keys,

@@ -21,6 +21,8 @@ struct Echo {
     big: Mutex<bool>,
     /// Answer `content-encoding: gzip` whatever was asked.
     compressed: Mutex<bool>,
+    /// Answer JSON behind a byte-order mark, which a JSON parser refuses.
+    bom: Mutex<bool>,
 }
 
 /// An upstream that repeats the credential it received, in headers and body, beside
@@ -39,6 +41,10 @@ async fn echo(State(echo): State<Arc<Echo>>, headers: HeaderMap) -> Response {
             ("content-encoding", "gzip"),
         ];
         return (StatusCode::OK, headers, format!("\u{1f}\u{8b}{secret}")).into_response();
+    }
+    if *echo.bom.lock().unwrap() {
+        let body = "\u{feff}{\"user\":{\"email\":\"ann@example.com\"}}";
+        return (StatusCode::OK, [("content-type", "application/json")], body).into_response();
     }
     if *echo.big.lock().unwrap() {
         let body = format!(
@@ -171,7 +177,7 @@ async fn an_echoed_secret_is_scrubbed_from_headers_and_body() {
 
 #[tokio::test]
 async fn configured_fields_are_redacted_from_json() {
-    let (_upstream, url) = start_echo().await;
+    let (upstream, url) = start_echo().await;
     let stack = Stack::start().await;
     stack.apply(&policy(&url), &env());
     let response = client()
@@ -193,6 +199,20 @@ async fn configured_fields_are_redacted_from_json() {
         m.contains("latchkey_redacted_fields_total{proxy=\"redacted\"} 3"),
         "{m}"
     );
+    // JSON that cannot be parsed to redact is refused, not passed on unchecked.
+    *upstream.bom.lock().unwrap() = true;
+    let (status, kind, body) = denial(
+        client()
+            .get(stack.url("/redacted/v1/me"))
+            .bearer_auth(AGENT_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, kind.as_str()), (502, "response_unreadable"));
+    assert!(!body.to_string().contains("ann@example.com"));
+
     // The settings survive export and apply.
     let yaml = String::from_utf8(stack.cli(&["export"], &[]).stdout).unwrap();
     assert!(

@@ -264,7 +264,14 @@ async fn bad_aws_settings_are_refused_with_the_field_named() {
 async fn export_keeps_the_aws_settings_and_no_secret() {
     let upstream = Upstream::start().await;
     let stack = Stack::start().await;
-    stack.apply(&policy(&upstream.url()), &env());
+    // The S3 secret inline, its session token from the environment: held as one.
+    let mixed = policy(&upstream.url()).replacen(
+        "    unsigned_payload: true\n    secret: { env: AWS_SECRET }",
+        &format!("    unsigned_payload: true\n    secret: {{ value: \"{SECRET}\" }}"),
+        1,
+    );
+    assert_ne!(mixed, policy(&upstream.url()));
+    stack.apply(&mixed, &env());
     let exported = stack.cli(&["export"], &[]);
     assert!(exported.status.success());
     let yaml = String::from_utf8(exported.stdout).unwrap();
@@ -273,11 +280,31 @@ async fn export_keeps_the_aws_settings_and_no_secret() {
         "auth: aws_sigv4",
         "access_key_id: ASIAEXAMPLE",
         "service: execute-api",
-        "env: AWS_TOKEN",
         "unsigned_payload: true",
     ] {
         assert!(yaml.contains(expected), "{expected}:\n{yaml}");
     }
     let again = stack.apply(&yaml, &env());
     assert!(again.contains("no changes"), "{again}");
+    // Items can still be edited one at a time beside it.
+    let item = stack.dir.path().join("target.yaml");
+    std::fs::write(&item, "{ name: other, url: \"http://other.example\" }").unwrap();
+    let out = stack.cli(&["target", "create", "-f", item.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The S3 proxy still signs with the held secret and token.
+    let put = client()
+        .put(stack.url("/s3/bucket/k"))
+        .bearer_auth(AGENT_KEY)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let seen = upstream.take().pop().unwrap();
+    assert_eq!(seen.header("x-amz-security-token"), Some(TOKEN));
+    assert_eq!(botocore(&seen)["valid"], true);
 }
