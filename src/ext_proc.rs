@@ -1,6 +1,7 @@
 //! The ext_proc stream loop: receive, dispatch by phase, send. Decisions live in
 //! `pipeline`; conversions in `envoy`. One stream carries one HTTP request.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -227,39 +228,33 @@ impl Exchange {
                 &self.request_id,
             );
         }
+        let token = guarded.token.as_ref().map(|t| t.as_slice());
+        let scrubbed: Vec<Option<(Vec<u8>, usize)>> = pairs
+            .iter()
+            .map(|(name, value)| {
+                (!name.starts_with(':'))
+                    .then(|| guarded.guard.scrub(value, token))
+                    .flatten()
+            })
+            .collect();
+        let echoes: usize = scrubbed.iter().flatten().map(|(_, n)| n).sum();
+        // A header with an echo in any of its values is set again whole, in order.
+        let echoed: HashSet<&str> = pairs
+            .iter()
+            .zip(&scrubbed)
+            .filter(|(_, s)| s.is_some())
+            .map(|((name, _), _)| *name)
+            .collect();
         let mut replaced: Vec<(String, Vec<Vec<u8>>)> = Vec::new();
-        let mut echoes = 0;
-        for (name, _) in &pairs {
-            if name.starts_with(':') || replaced.iter().any(|(n, _)| n == name) {
+        for ((name, value), scrubbed) in pairs.iter().zip(scrubbed) {
+            if !echoed.contains(name) {
                 continue;
             }
-            let values: Vec<&[u8]> = pairs
-                .iter()
-                .filter(|(n, _)| n == name)
-                .map(|(_, v)| *v)
-                .collect();
-            let scrubbed: Vec<Option<(Vec<u8>, usize)>> = values
-                .iter()
-                .map(|v| {
-                    guarded
-                        .guard
-                        .scrub(v, guarded.token.as_ref().map(|t| t.as_slice()))
-                })
-                .collect();
-            if scrubbed.iter().all(Option::is_none) {
-                continue;
+            let value = scrubbed.map_or_else(|| value.to_vec(), |(v, _)| v);
+            match replaced.iter_mut().find(|(n, _)| n == name) {
+                Some((_, values)) => values.push(value),
+                None => replaced.push(((*name).to_owned(), vec![value])),
             }
-            let mut kept = Vec::with_capacity(values.len());
-            for (value, scrubbed) in values.iter().zip(scrubbed) {
-                match scrubbed {
-                    Some((v, n)) => {
-                        echoes += n;
-                        kept.push(v);
-                    }
-                    None => kept.push(value.to_vec()),
-                }
-            }
-            replaced.push(((*name).to_owned(), kept));
         }
         if echoes > 0 {
             self.echoed(echoes, "response headers");

@@ -338,7 +338,7 @@ fn run(
             match &*proxy.injection {
                 Injection::OAuth2(source) => *token = Some(source.clone()),
                 // A signature over the payload waits for the payload.
-                Injection::SigV4(signer) if signer.signs_payload() => {
+                injection if injection.signs_body() => {
                     if let Body::TooLarge(limit) = body {
                         return Err(Denial::BodyTooLarge(*limit));
                     }

@@ -59,6 +59,14 @@ pub enum Injection {
     SigV4(crate::sigv4::Signer),
 }
 
+impl Injection {
+    /// Whether the credential covers the request body (an AWS signature over the
+    /// payload): the body must be read before the request can go.
+    pub fn signs_body(&self) -> bool {
+        matches!(self, Injection::SigV4(signer) if signer.signs_payload())
+    }
+}
+
 #[derive(Debug)]
 pub struct Upstream {
     pub cluster: &'static str,
@@ -162,26 +170,22 @@ const QUERY_SAFE: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
-/// A target secret in every form it travels upstream, so an echo of any is caught.
-fn echoed_forms(auth: &crate::store::AuthSpec, secret: &str) -> Vec<Zeroizing<Vec<u8>>> {
-    let bytes = |s: &str| Zeroizing::new(s.as_bytes().to_vec());
-    let mut forms: Vec<Zeroizing<Vec<u8>>> = match auth.kind {
-        // The secret access key and the session token.
-        AuthKind::AwsSigv4 => secret.split('\n').map(bytes).collect(),
-        _ => vec![bytes(secret)],
-    };
-    match auth.kind {
-        AuthKind::Basic => {
-            let user = auth.username.as_deref().unwrap_or_default();
-            let pair = Zeroizing::new(format!("{user}:{secret}"));
-            forms.push(bytes(&BASE64.encode(&*pair)));
+/// A target secret in every form it travels upstream, so an echo of any is caught: as
+/// given, and as the injection carries it (Basic's base64 pair, a query's encoding, an
+/// AWS secret and session token).
+fn echoed_forms(kind: AuthKind, secret: &str, injection: &Injection) -> Vec<Zeroizing<Vec<u8>>> {
+    let bytes = |s: &[u8]| Zeroizing::new(s.to_vec());
+    match (kind, injection) {
+        (_, Injection::SigV4(signer)) => signer.secrets().map(bytes).collect(),
+        (AuthKind::Basic, Injection::Header { value, .. }) => {
+            let pair = value.expose().strip_prefix(b"Basic ").unwrap_or_default();
+            vec![bytes(secret.as_bytes()), bytes(pair)]
         }
-        AuthKind::Query => {
-            forms.push(bytes(&utf8_percent_encode(secret, QUERY_SAFE).to_string()));
+        (_, Injection::Query { value, .. }) => {
+            vec![bytes(secret.as_bytes()), bytes(value.expose())]
         }
-        _ => {}
+        _ => vec![bytes(secret.as_bytes())],
     }
-    forms
 }
 
 /// The budget limits a `limits:` block sets, with their store keys.
@@ -214,7 +218,7 @@ impl Policy {
         let mut names: Vec<&Proxy> = self.proxies.values().collect();
         names.sort_by(|a, b| a.name.cmp(&b.name));
         names.into_iter().find_map(|p| {
-            let why = if matches!(&*p.injection, Injection::SigV4(s) if s.signs_payload()) {
+            let why = if p.injection.signs_body() {
                 "an AWS signature over the request body (or set `unsigned_payload: true`)"
             } else if p.needs_body {
                 "rules that read the request body"
@@ -277,6 +281,13 @@ impl Policy {
         let mut credential_spend_caps = Vec::new();
         let mut injections: HashMap<&str, Arc<Injection>> = HashMap::new();
         let mut echoes: HashMap<&str, Vec<Zeroizing<Vec<u8>>>> = HashMap::new();
+        // Only the credentials a proxy scrubs need their echoed forms.
+        let scrubbed: HashSet<&str> = stored
+            .proxies
+            .iter()
+            .filter(|p| p.response.as_ref().is_some_and(|r| r.scrub_credential))
+            .map(|p| p.target_credential.as_str())
+            .collect();
         for c in &stored.credentials {
             match c.kind {
                 CredentialType::Proxy => {
@@ -377,8 +388,10 @@ impl Policy {
                             c.name
                         )));
                     }
+                    if scrubbed.contains(c.name.as_str()) {
+                        echoes.insert(&c.name, echoed_forms(auth.kind, secret, &injection));
+                    }
                     injections.insert(&c.name, Arc::new(injection));
-                    echoes.insert(&c.name, echoed_forms(auth, secret));
                 }
             }
         }
@@ -463,8 +476,7 @@ impl Policy {
             }
             let rules = RuleList::new(proxy_rules.remove(p.name.as_str()).unwrap_or_default())
                 .map_err(|e| invalid(format!("rules of proxy {:?}: {e}", p.name)))?;
-            let signs_body = matches!(&*injection, Injection::SigV4(s) if s.signs_payload());
-            let needs_body = signs_body
+            let needs_body = injection.signs_body()
                 || rules.needs_body()
                 || bound
                     .iter()
