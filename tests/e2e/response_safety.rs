@@ -106,6 +106,16 @@ proxies:
     )
 }
 
+/// A GET through Envoy with the agent's key.
+async fn get(stack: &Stack, path: &str) -> reqwest::Response {
+    client()
+        .get(stack.url(path))
+        .bearer_auth(AGENT_KEY)
+        .send()
+        .await
+        .unwrap()
+}
+
 fn env() -> Vec<(&'static str, &'static str)> {
     vec![("SECRET", SECRET), ("AGENT_KEY", AGENT_KEY)]
 }
@@ -180,12 +190,7 @@ async fn configured_fields_are_redacted_from_json() {
     let (upstream, url) = start_echo().await;
     let stack = Stack::start().await;
     stack.apply(&policy(&url), &env());
-    let response = client()
-        .get(stack.url("/redacted/v1/me"))
-        .bearer_auth(AGENT_KEY)
-        .send()
-        .await
-        .unwrap();
+    let response = get(&stack, "/redacted/v1/me").await;
     let body = response.text().await.unwrap();
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["user"]["phone"], "[REDACTED]");
@@ -201,15 +206,7 @@ async fn configured_fields_are_redacted_from_json() {
     );
     // JSON that cannot be parsed to redact is refused, not passed on unchecked.
     *upstream.bom.lock().unwrap() = true;
-    let (status, kind, body) = denial(
-        client()
-            .get(stack.url("/redacted/v1/me"))
-            .bearer_auth(AGENT_KEY)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, kind, body) = denial(get(&stack, "/redacted/v1/me").await).await;
     assert_eq!((status, kind.as_str()), (502, "response_unreadable"));
     assert!(!body.to_string().contains("ann@example.com"));
 
@@ -229,12 +226,7 @@ async fn a_response_too_large_to_check_never_reaches_the_agent() {
     *upstream.big.lock().unwrap() = true;
     let stack = Stack::start().await;
     stack.apply(&policy(&url), &env());
-    let response = client()
-        .get(stack.url("/scrubbed/v1/export"))
-        .bearer_auth(AGENT_KEY)
-        .send()
-        .await
-        .unwrap();
+    let response = get(&stack, "/scrubbed/v1/export").await;
     let status = response.status().as_u16();
     let body = response.bytes().await.unwrap_or_default();
     assert!(status >= 500, "status {status}");
@@ -243,15 +235,7 @@ async fn a_response_too_large_to_check_never_reaches_the_agent() {
     // A compressed answer, though none was asked for, cannot be checked: refused.
     *upstream.big.lock().unwrap() = false;
     *upstream.compressed.lock().unwrap() = true;
-    let (status, kind, body) = denial(
-        client()
-            .get(stack.url("/scrubbed/v1/export"))
-            .bearer_auth(AGENT_KEY)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, kind, body) = denial(get(&stack, "/scrubbed/v1/export").await).await;
     assert_eq!((status, kind.as_str()), (502, "response_unreadable"));
     assert!(!body.to_string().contains(SECRET));
 }
@@ -294,12 +278,7 @@ proxies:
         ),
         &[("TOKEN_SECRET", TOKEN_SECRET), ("AGENT_KEY", AGENT_KEY)],
     );
-    let response = client()
-        .get(stack.url("/api/v1/me"))
-        .bearer_auth(AGENT_KEY)
-        .send()
-        .await
-        .unwrap();
+    let response = get(&stack, "/api/v1/me").await;
     assert_eq!(response.headers()["x-debug-key"], "[REDACTED]");
     let body = response.text().await.unwrap();
     assert!(!body.contains("tok-ECHOED"), "{body}");
@@ -336,14 +315,6 @@ async fn guarded_proxies_need_ext_proc_and_a_scrubbable_secret() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("redact"));
     // Nothing was applied.
-    let (status, kind, _) = denial(
-        client()
-            .get(stack.url("/plain/v1/me"))
-            .bearer_auth(AGENT_KEY)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (status, kind, _) = denial(get(&stack, "/plain/v1/me").await).await;
     assert_eq!((status, kind.as_str()), (404, "unknown_proxy"));
 }
