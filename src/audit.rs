@@ -383,14 +383,16 @@ impl Plan {
         for chunk in self.rows.chunks(ROWS_PER_INSERT) {
             insert(&mut tx, store.backend(), chunk).await?;
         }
+        // Costs before completions: a request's cost is queued before its completion, so
+        // its record is still open (and found as such) when the cost is added.
+        for (request_id, key_id, micros) in &self.costs {
+            add_cost(&mut tx, store.backend(), request_id, key_id, *micros).await?;
+        }
         let mut unmatched = Vec::new();
         for (since, c) in &self.completions {
             if !complete(&mut tx, c).await? {
                 unmatched.push((*since, c.clone()));
             }
-        }
-        for (request_id, key_id, micros) in &self.costs {
-            add_cost(&mut tx, request_id, key_id, *micros).await?;
         }
         for (key_id, micros) in &self.spend {
             sqlx::query("UPDATE proxy_keys SET spent_usd = spent_usd + $1 WHERE id = $2")
@@ -486,20 +488,32 @@ async fn complete(tx: &mut Transaction<'_, Any>, c: &Completed) -> Result<bool, 
 
 async fn add_cost(
     tx: &mut Transaction<'_, Any>,
+    backend: Backend,
     request_id: &str,
     key_id: &str,
     micros: u64,
 ) -> Result<(), StoreError> {
+    // SQLite indexes request ids of open records only. Its one replica queues a cost
+    // before the completion, so the record is open. Replicas sharing PostgreSQL may
+    // complete a record before another adds its cost: any record, by the full index.
+    let sql = match backend {
+        Backend::Sqlite => {
+            "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + $1
+             WHERE seq = (SELECT max(seq) FROM requests
+                          WHERE request_id = $2 AND key_id = $3 AND completed = 0)"
+        }
+        Backend::Postgres => {
+            "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + $1
+             WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = $2 AND key_id = $3)"
+        }
+    };
     // A record that is gone (retention) is no reason to retry.
-    sqlx::query(
-        "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + $1
-         WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = $2 AND key_id = $3)",
-    )
-    .bind(crate::spend::to_usd(micros))
-    .bind(request_id)
-    .bind(key_id)
-    .execute(&mut **tx)
-    .await?;
+    sqlx::query(sql)
+        .bind(crate::spend::to_usd(micros))
+        .bind(request_id)
+        .bind(key_id)
+        .execute(&mut **tx)
+        .await?;
     Ok(())
 }
 
@@ -558,6 +572,55 @@ mod tests {
                 .await
                 .unwrap();
         assert_eq!(rows, vec![(Some(200), 1), (None, 0)]);
+    }
+
+    /// A slow response: the decision goes in alone after HOLD, then its cost and its
+    /// completion find it (on SQLite through the index of open records, not a scan).
+    #[tokio::test]
+    async fn a_late_cost_and_completion_find_their_written_record() {
+        for (_label, _scratch, store) in testing::stores().await {
+            let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
+            let mut event = decided("slow");
+            if let Event::Decided(d) = &mut event {
+                d.key_id = Some("k1".into());
+            }
+            log.record(event).await;
+            tokio::time::sleep(HOLD + Duration::from_millis(400)).await;
+            assert_eq!(count(&store).await, 1, "written alone after HOLD");
+            log.record(Event::Charged {
+                request_id: "slow".into(),
+                key_id: "k1".into(),
+                micros: 2_500_000,
+            })
+            .await;
+            log.record(Event::Completed(Completed {
+                request_id: "slow".into(),
+                status: Some(200),
+                ..Completed::default()
+            }))
+            .await;
+            writer.finish().await;
+            let row: (Option<i64>, Option<f64>, i64) =
+                sqlx::query_as("SELECT status, cost_usd, completed FROM requests")
+                    .fetch_one(store.pool())
+                    .await
+                    .unwrap();
+            assert_eq!(row, (Some(200), Some(2.5), 1));
+            if store.backend() == Backend::Sqlite {
+                let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
+                    "EXPLAIN QUERY PLAN SELECT max(seq) FROM requests
+                     WHERE request_id = 'x' AND completed = 0",
+                )
+                .fetch_all(store.pool())
+                .await
+                .unwrap();
+                assert!(
+                    plan.iter()
+                        .any(|(.., detail)| detail.contains("requests_open")),
+                    "{plan:?}"
+                );
+            }
+        }
     }
 
     /// More rows than one INSERT takes: every row lands, each with its own values in

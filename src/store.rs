@@ -522,10 +522,12 @@ impl Store {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         // WAL: readers never wait for the writer; a writer waits up to
-                        // 5 s for another.
+                        // 5 s for another. A statement's undo journal (the audit's batch
+                        // INSERTs) stays in memory instead of spilling to a temporary file.
                         conn.execute(
                             "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000; \
-                             PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL",
+                             PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
+                             PRAGMA temp_store = MEMORY",
                         )
                         .await?;
                     }
