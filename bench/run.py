@@ -11,7 +11,8 @@ Configurations (A B C D E, repeated for BENCH_ROUNDS rounds; medians reported):
   F  as D, with Envoy reaching latchkey over a Unix domain socket instead of TCP
 
 Per run: throughput with wrk (fixed connections and duration), unloaded latency with one
-connection (wrk -c 1, to the microsecond), and latency at a fixed 1,000 req/s (hey -q). Every configuration
+connection (wrk -c 1, to the microsecond), and latency at a fixed 1,000 req/s (oha -q: requests
+evenly spaced, latency counted from when each was due). Every configuration
 but A must really inject: the upstream counts requests that carried the expected
 credential and no proxy key; a run where any did not is an error, not a result.
 
@@ -44,6 +45,9 @@ LATCHKEY = RELEASE / "latchkey"
 UPSTREAM = RELEASE / "examples" / "bench_upstream"
 MINIMAL = RELEASE / "examples" / "minimal_ext_proc"
 ENVOY = Path(os.environ.get("LATCHKEY_ENVOY", ROOT / ".venv" / "bin" / "envoy"))
+OHA = Path(os.environ.get("OHA", ROOT / ".bench-tools" / "bin" / "oha"))
+FIXED_RATE = 1000
+FIXED_CONNECTIONS = 10
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = 64
@@ -280,30 +284,32 @@ def probe(url, headers):
     return seen
 
 
-def hey(url, headers, connections, rate=None, seconds=SECONDS):
-    args = ["hey", "-z", f"{seconds}s", "-c", str(connections)]
-    if rate:
-        args += ["-q", str(rate // connections)]
+def oha(url, headers, name, seconds=SECONDS):
+    """Latency percentiles (ms) at a fixed rate, and requests sent. Requests are paced
+    evenly and each one's latency counts from when it was due, so a stall shows in the
+    percentiles instead of delaying the requests behind it."""
+    args = [str(OHA), "-z", f"{seconds}s", "-q", str(FIXED_RATE), "-c", str(FIXED_CONNECTIONS),
+            "--latency-correction", "-w", "--no-tui", "--output-format", "json"]
     for h in headers:
         args += ["-H", h]
-    out = run(args + [url])
-    statuses = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
-    if set(statuses) - {"200"}:
-        sys.exit(f"hey saw non-200 answers:\n{out}")
-    pct = {int(p): float(s) * 1e3 for p, s in re.findall(r"(\d+)%+ in ([\d.]+) secs", out)}
-    total = sum(int(n) for n in statuses.values())
-    return pct, total
+    out = json.loads(run(args + [url]))
+    statuses = out["statusCodeDistribution"]
+    if set(statuses) - {"200"} or out["errorDistribution"]:
+        sys.exit(f"{name}: oha saw failures: {statuses} {out['errorDistribution']}")
+    pct = {int(k[1:]): v * 1e3 for k, v in out["latencyPercentiles"].items()
+           if re.fullmatch(r"p\d+", k)}
+    return pct, sum(statuses.values())
 
 
 def measure(name, listen, upstream_port, injects):
     url = f"http://127.0.0.1:{listen}{PATH}"
     headers = [f"Authorization: Bearer {KEY}", "User-Agent: bench"]
-    hey(url, headers, 4, seconds=1)  # warm-up
+    wrk(url, headers, name, connections=4, seconds=1)  # warm-up
     before = counts(upstream_port)
     rps, sent, _ = wrk(url, headers, name)
     # One connection, one request at a time: wrk reports the median to the microsecond.
     _, sent1, single_p50 = wrk(url, headers, name, connections=1, seconds=max(3, SECONDS // 2))
-    fixed, sent2 = hey(url, headers, 10, rate=1000)
+    fixed, sent2 = oha(url, headers, name)
     after = counts(upstream_port)
     good = after["good"] - before["good"]
     bad = after["bad"] - before["bad"]
@@ -352,10 +358,9 @@ def scale_check(procs, work):
 
 
 def main():
-    for tool in ["wrk", "hey"]:
-        if not shutil.which(tool):
-            sys.exit(f"{tool} is not installed (make bench installs it)")
-    for binary in [LATCHKEY, UPSTREAM, MINIMAL, ENVOY]:
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed (make bench installs it)")
+    for binary in [LATCHKEY, UPSTREAM, MINIMAL, ENVOY, OHA]:
         if not Path(binary).exists():
             sys.exit(f"missing {binary} (make bench builds it)")
     work = Path(tempfile.mkdtemp(prefix="latchkey-bench-"))
@@ -467,9 +472,10 @@ def write_report(med, scale):
         "Made by `make bench` (`bench/run.py`): load through the real Envoy against a local",
         "upstream, configurations interleaved A B C D E F for "
         f"{ROUNDS} rounds, medians below. Throughput: `wrk -t2 -c{CONNECTIONS} -d{SECONDS}s`;",
-        "unloaded latency: `wrk -t1 -c1 --latency` (µs resolution); fixed rate: `hey -c 10 -q 100`",
-        "(1,000 req/s; hey reports 0.1 ms steps). Every",
-        "configuration but A was checked to inject the credential on every request.",
+        "unloaded latency: `wrk -t1 -c1 --latency` (µs resolution); fixed rate:",
+        f"`oha -q {FIXED_RATE} -c {FIXED_CONNECTIONS} --latency-correction` (requests evenly spaced, each",
+        "one's latency counted from when it was due). Every configuration but A was checked to",
+        "inject the credential on every request.",
         "",
         f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
         "Load generator, Envoy, latchkey and the upstream all share the machine's cores.",
