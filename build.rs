@@ -1,4 +1,5 @@
-//! Compiles latchkey's own admin API; Envoy's types come from the `envoy-types` crate.
+//! Compiles latchkey's own admin API and the slice of Envoy's access log it reads; Envoy's
+//! other types come from the `envoy-types` crate.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A vendored protoc so a clean machine needs no system package.
@@ -14,5 +15,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .file_descriptor_set_path(descriptors)
         .compile_protos(&["proto/latchkey/admin/v1/admin.proto"], &["proto"])?;
+    // The fields of Envoy's access log that latchkey reads; apart, so that reflection on
+    // the admin port does not list a service it does not serve.
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .compile_protos(&["proto/latchkey/envoy/access_log.proto"], &["proto"])?;
     Ok(())
 }

@@ -2,17 +2,16 @@
 //! request path, and latchkey completes the request's audit record with what happened
 //! (status, upstream status, latency, bytes, retries), joined by `x-request-id`.
 
-use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
-use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogService;
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
-use envoy_types::pb::envoy::service::accesslog::v3::{
-    StreamAccessLogsMessage, StreamAccessLogsResponse,
-};
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use std::sync::Arc;
 
+use crate::access_log_pb::access_log_service_server::AccessLogService;
+use crate::access_log_pb::stream_access_logs_message::LogEntries;
+use crate::access_log_pb::{
+    Duration, HttpAccessLogEntry, StreamAccessLogsMessage, StreamAccessLogsResponse,
+};
 use crate::audit::{Completed, Event};
 use crate::state::Shared;
 
@@ -57,7 +56,7 @@ impl AccessLogService for AccessLog {
     }
 }
 
-fn millis(d: &envoy_types::pb::google::protobuf::Duration) -> f64 {
+fn millis(d: &Duration) -> f64 {
     d.seconds as f64 * 1e3 + f64::from(d.nanos) / 1e6
 }
 
@@ -97,13 +96,40 @@ pub fn completion(entry: &HttpAccessLogEntry) -> Option<Completed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address};
+    use envoy_types::pb::envoy::data::accesslog::v3 as envoy;
     use envoy_types::pb::envoy::data::accesslog::v3::{
         AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
     };
+    use envoy_types::pb::envoy::service::accesslog::v3 as envoy_service;
     use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+    use prost::Message;
 
     fn entry(code: u32, upstream_answered: bool) -> HttpAccessLogEntry {
-        HttpAccessLogEntry {
+        decode_one(full_entry(code, upstream_answered))
+    }
+
+    /// Envoy's whole entry, as Envoy sends it, read back through latchkey's slice of it.
+    fn decode_one(full: envoy::HttpAccessLogEntry) -> HttpAccessLogEntry {
+        let message = envoy_service::StreamAccessLogsMessage {
+            log_entries: Some(
+                envoy_service::stream_access_logs_message::LogEntries::HttpLogs(
+                    envoy_service::stream_access_logs_message::HttpAccessLogEntries {
+                        log_entry: vec![full],
+                    },
+                ),
+            ),
+            ..Default::default()
+        };
+        let read = StreamAccessLogsMessage::decode(message.encode_to_vec().as_slice()).unwrap();
+        let Some(LogEntries::HttpLogs(mut logs)) = read.log_entries else {
+            panic!("no HTTP logs in {read:?}");
+        };
+        logs.log_entry.pop().unwrap()
+    }
+
+    fn full_entry(code: u32, upstream_answered: bool) -> envoy::HttpAccessLogEntry {
+        envoy::HttpAccessLogEntry {
             common_properties: Some(AccessLogCommon {
                 time_to_first_upstream_rx_byte: upstream_answered.then_some(Duration {
                     seconds: 0,
@@ -114,12 +140,22 @@ mod tests {
                     nanos: 500_000_000,
                 }),
                 upstream_request_attempt_count: 2,
+                // Fields latchkey does not read, skipped on the wire.
+                downstream_remote_address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: "10.0.0.7".into(),
+                        ..Default::default()
+                    })),
+                }),
+                upstream_cluster: "latchkey_tls".into(),
                 ..Default::default()
             }),
             request: Some(HttpRequestProperties {
                 request_id: "req-1".into(),
                 request_headers_bytes: 100,
                 request_body_bytes: 20,
+                path: "/p0/v1/items".into(),
+                user_agent: "agent".into(),
                 ..Default::default()
             }),
             response: Some(HttpResponseProperties {
@@ -151,8 +187,8 @@ mod tests {
     #[test]
     fn a_client_that_left_has_no_status_and_no_id_is_no_completion() {
         assert_eq!(completion(&entry(0, false)).unwrap().status, None);
-        let mut e = entry(200, true);
+        let mut e = full_entry(200, true);
         e.request.as_mut().unwrap().request_id.clear();
-        assert_eq!(completion(&e), None);
+        assert_eq!(completion(&decode_one(e)), None);
     }
 }

@@ -45,3 +45,9 @@ pub mod pb {
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         tonic::include_file_descriptor_set!("latchkey_admin_descriptor");
 }
+
+/// The fields of Envoy's gRPC access log that latchkey reads, generated from
+/// `proto/latchkey/envoy/access_log.proto`.
+pub mod access_log_pb {
+    tonic::include_proto!("envoy.service.accesslog.v3");
+}

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, bail};
-use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use futures_util::future::Either;
@@ -22,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use zeroize::Zeroizing;
 
 use crate::access_log::AccessLog;
+use crate::access_log_pb::access_log_service_server::AccessLogServiceServer;
 use crate::admin::AdminService;
 use crate::audit::AuditLog;
 use crate::budget::{Budgets, LocalBudgets, RedisBudgets, SystemClock, redis_connection};
