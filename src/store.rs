@@ -524,10 +524,13 @@ impl Store {
                         // WAL: readers never wait for the writer; a writer waits up to
                         // 5 s for another. A statement's undo journal (the audit's batch
                         // INSERTs) stays in memory instead of spilling to a temporary file.
+                        // Each pooled connection caches 512 KiB of pages, not 2 MiB: the
+                        // policy lives in memory and the audit appends, so a larger cache
+                        // is resident memory that buys nothing.
                         conn.execute(
                             "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000; \
                              PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL; \
-                             PRAGMA temp_store = MEMORY",
+                             PRAGMA temp_store = MEMORY; PRAGMA cache_size = -512",
                         )
                         .await?;
                     }
