@@ -396,7 +396,9 @@ impl Policy {
             }
         }
 
-        let mut keys = HashMap::new();
+        // Sized once: growing a table of 100,000s of keys leaves its smaller copies behind as
+        // freed but resident memory.
+        let mut keys = HashMap::with_capacity(stored.keys.len());
         for k in &stored.keys {
             let Some(&credential) = cred_by_id.get(k.credential_id.as_str()) else {
                 continue;
@@ -449,7 +451,7 @@ impl Policy {
             .iter()
             .map(|t| (t.name.as_str(), t.url.as_str()))
             .collect();
-        let mut proxies = HashMap::new();
+        let mut proxies = HashMap::with_capacity(stored.proxies.len());
         for p in &stored.proxies {
             let url = targets
                 .get(p.target.as_str())
