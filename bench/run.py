@@ -19,7 +19,7 @@ credential and no proxy key; a run where any did not is an error, not a result.
 Then the scale check: start-up time and resident memory of `latchkey serve` with
 10,000 proxies and 100,000 keys.
 
-Writes docs/benchmarks.md. Settings: BENCH_ROUNDS (2), BENCH_SECONDS (10); while
+Writes docs/benchmarks.md. Settings: BENCH_ROUNDS (3: a median that one noisy run cannot move), BENCH_SECONDS (10); while
 working on one configuration, BENCH_ONLY=D (no report is written then).
 """
 
@@ -48,7 +48,7 @@ ENVOY = Path(os.environ.get("LATCHKEY_ENVOY", ROOT / ".venv" / "bin" / "envoy"))
 OHA = Path(os.environ.get("OHA", ROOT / ".bench-tools" / "bin" / "oha"))
 FIXED_RATE = 1000
 FIXED_CONNECTIONS = 10
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "2"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = 64
 SECRET = "sk_bench_secret"
