@@ -434,7 +434,7 @@ def main():
         procs.stop_all()
 
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in results.items()}
-    write_report(med, scale)
+    write_report(med, scale, results)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -446,7 +446,14 @@ def machine():
     return f"{os.cpu_count()} cores ({cpu}), {mem_kb / 1024 / 1024:.0f} GiB, {platform.system()} {platform.release()}, Envoy {envoy} with one worker"
 
 
-def write_report(med, scale):
+def per_round(results, of, fmt):
+    """`a, b, c (median m)`: a figure of each round's runs, then their median."""
+    rounds = [{n: rs[i] for n, rs in results.items()} for i in range(len(results["D"]))]
+    values = [of(r) for r in rounds]
+    return f"{', '.join(fmt.format(v) for v in values)} (median {fmt.format(statistics.median(values))})"
+
+
+def write_report(med, scale, results):
     names = {"A": "Envoy passthrough", "B": "Envoy credential_injector",
              "C": "Envoy + minimal ext_proc", "D": "Envoy + latchkey ext_proc",
              "E": "Envoy + latchkey ext_authz", "F": "Envoy + latchkey ext_proc, Unix socket"}
@@ -463,6 +470,13 @@ def write_report(med, scale):
         f"unloaded p50 {(med['F']['p50_1'] - d['p50_1']) * 1000:+.0f} µs, "
         f"p99 at 1,000 req/s {med['F']['p99_1k'] - d['p99_1k']:+.3f} ms",
         f"- p99 at 1,000 req/s, D − A: {d['p99_1k'] - med['A']['p99_1k']:+.3f} ms (target ≤ +0.5 ms)",
+        "- the same, round by round (each D beside the C and A it ran next to, so a slow "
+        "stretch of the machine weighs on both sides):",
+        f"  D/C {per_round(results, lambda r: r['D']['rps'] / r['C']['rps'], '{:.2f}')}; "
+        f"unloaded p50 D − C "
+        f"{per_round(results, lambda r: (r['D']['p50_1'] - r['C']['p50_1']) * 1000, '{:+.0f} µs')}; "
+        f"p99 D − A {per_round(results, lambda r: r['D']['p99_1k'] - r['A']['p99_1k'], '{:+.3f} ms')} "
+        f"(C − A {per_round(results, lambda r: r['C']['p99_1k'] - r['A']['p99_1k'], '{:+.3f} ms')})",
         f"- 10,000 proxies and 100,000 keys: apply {scale['apply_s']:.1f} s, start-up to ready "
         f"{scale['startup_s']:.2f} s (target < 2 s), resident memory {scale['rss_mb']:.0f} MB (target < 64 MB)",
     ]
