@@ -53,19 +53,20 @@ test: $(ENVOY) $(BOTOCORE) lint k8s-validate
 bench: $(ENVOY) bench-tools
 	cargo bench --bench decision --bench budget
 	cargo build --release --locked --bin latchkey --example bench_upstream --example minimal_ext_proc
-	OHA=$(OHA) python3 bench/run.py
+	OHA=$(abspath $(OHA)) python3 bench/run.py
 
 # The load generators: wrk from Debian's packages; oha (requests paced evenly at a fixed
 # rate, for latency percentiles) built from crates.io into .bench-tools/.
-OHA := .bench-tools/bin/oha
+OHA_VERSION := 1.16.0
+OHA := .bench-tools/oha-$(OHA_VERSION)/bin/oha
 bench-tools: $(OHA)
 	@command -v wrk > /dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 
 $(OHA):
 	@pkg-config --exists openssl 2> /dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq pkg-config libssl-dev)
-	cargo install oha --version 1.16.0 --locked --no-default-features --features native-tls \
-	  --root .bench-tools
+	cargo install oha --version $(OHA_VERSION) --locked --no-default-features \
+	  --features native-tls --root .bench-tools/oha-$(OHA_VERSION)
 
 run: $(ENVOY) build
 	scripts/run-local.sh

@@ -45,7 +45,7 @@ LATCHKEY = RELEASE / "latchkey"
 UPSTREAM = RELEASE / "examples" / "bench_upstream"
 MINIMAL = RELEASE / "examples" / "minimal_ext_proc"
 ENVOY = Path(os.environ.get("LATCHKEY_ENVOY", ROOT / ".venv" / "bin" / "envoy"))
-OHA = Path(os.environ.get("OHA", ROOT / ".bench-tools" / "bin" / "oha"))
+OHA = Path(os.environ.get("OHA", ROOT / ".bench-tools" / "oha-1.16.0" / "bin" / "oha"))
 FIXED_RATE = 1000
 FIXED_CONNECTIONS = 10
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -464,14 +464,15 @@ def write_report(med, scale, results):
     d, c = med["D"], med["C"]
     ratios = [
         f"- throughput D/A {d['rps'] / med['A']['rps']:.2f}, D/B {d['rps'] / med['B']['rps']:.2f}, "
-        f"D/C {d['rps'] / c['rps']:.2f} (target ≥ 0.87), E/C {med['E']['rps'] / c['rps']:.2f}",
+        f"D/C {d['rps'] / c['rps']:.2f} (target ≥ 0.87; here and below, ratios of the medians), "
+        f"E/C {med['E']['rps'] / c['rps']:.2f}",
         f"- unloaded p50, D − C: {(d['p50_1'] - c['p50_1']) * 1000:+.0f} µs (target ≤ +50 µs)",
         f"- Unix socket instead of TCP (F vs D): throughput {med['F']['rps'] / d['rps']:.2f}×, "
         f"unloaded p50 {(med['F']['p50_1'] - d['p50_1']) * 1000:+.0f} µs, "
         f"p99 at 1,000 req/s {med['F']['p99_1k'] - d['p99_1k']:+.3f} ms",
         f"- p99 at 1,000 req/s, D − A: {d['p99_1k'] - med['A']['p99_1k']:+.3f} ms (target ≤ +0.5 ms)",
-        "- the same, round by round (each D beside the C and A it ran next to, so a slow "
-        "stretch of the machine weighs on both sides):",
+        "- the same, round by round, then the median of the rounds (each D beside the C and "
+        "A it ran next to, so a slow stretch of the machine weighs on both sides):",
         f"  D/C {per_round(results, lambda r: r['D']['rps'] / r['C']['rps'], '{:.2f}')}; "
         f"unloaded p50 D − C "
         f"{per_round(results, lambda r: (r['D']['p50_1'] - r['C']['p50_1']) * 1000, '{:+.0f} µs')}; "

@@ -366,11 +366,17 @@ impl Plan {
                 micros,
             } => {
                 *self.spend.entry(key_id.clone()).or_default() += micros;
-                match held.get_mut(request_id) {
-                    Some(h) => h.cost_micros += micros,
-                    None => self
-                        .costs
-                        .push((request_id.clone(), key_id.clone(), *micros)),
+                if let Some(h) = held.get_mut(request_id) {
+                    h.cost_micros += micros;
+                } else if let Some(row) = self.rows.iter_mut().rfind(|r| {
+                    r.decided.request_id == *request_id
+                        && r.decided.key_id.as_deref() == Some(&**key_id)
+                }) {
+                    // Its completion came first, in this batch: the row is not written yet.
+                    row.cost_micros += micros;
+                } else {
+                    self.costs
+                        .push((request_id.clone(), key_id.clone(), *micros));
                 }
             }
         }
@@ -507,13 +513,18 @@ async fn add_cost(
              WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = $2 AND key_id = $3)"
         }
     };
-    // A record that is gone (retention) is no reason to retry.
-    sqlx::query(sql)
+    let updated = sqlx::query(sql)
         .bind(crate::spend::to_usd(micros))
         .bind(request_id)
         .bind(key_id)
         .execute(&mut **tx)
-        .await?;
+        .await?
+        .rows_affected();
+    if updated == 0 {
+        // No record to add it to (gone with retention; on SQLite, one already completed):
+        // no reason to retry. The key's spend has counted it all the same.
+        tracing::warn!(request_id, key_id, "a cost found no open audit record");
+    }
     Ok(())
 }
 
@@ -532,6 +543,15 @@ mod tests {
             decision: "allow",
             ..Decided::default()
         })
+    }
+
+    /// A decision on a key's request: what a cost is charged to.
+    fn decided_by(id: &str, key_id: &str) -> Event {
+        let mut event = decided(id);
+        if let Event::Decided(d) = &mut event {
+            d.key_id = Some(key_id.into());
+        }
+        event
     }
 
     async fn count(store: &Store) -> i64 {
@@ -580,11 +600,7 @@ mod tests {
     async fn a_late_cost_and_completion_find_their_written_record() {
         for (_label, _scratch, store) in testing::stores().await {
             let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
-            let mut event = decided("slow");
-            if let Event::Decided(d) = &mut event {
-                d.key_id = Some("k1".into());
-            }
-            log.record(event).await;
+            log.record(decided_by("slow", "k1")).await;
             tokio::time::sleep(HOLD + Duration::from_millis(400)).await;
             assert_eq!(count(&store).await, 1, "written alone after HOLD");
             log.record(Event::Charged {
@@ -620,6 +636,34 @@ mod tests {
                     "{plan:?}"
                 );
             }
+        }
+    }
+
+    /// A cost that comes after its completion, in the same batch, still lands on the row.
+    #[tokio::test]
+    async fn a_cost_after_its_completion_in_one_batch_is_kept() {
+        for (_label, _scratch, store) in testing::stores().await {
+            let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
+            log.record(decided_by("r1", "k1")).await;
+            log.record(Event::Completed(Completed {
+                request_id: "r1".into(),
+                status: Some(200),
+                ..Completed::default()
+            }))
+            .await;
+            log.record(Event::Charged {
+                request_id: "r1".into(),
+                key_id: "k1".into(),
+                micros: 1_000_000,
+            })
+            .await;
+            writer.finish().await;
+            let row: (Option<f64>, i64) =
+                sqlx::query_as("SELECT cost_usd, completed FROM requests")
+                    .fetch_one(store.pool())
+                    .await
+                    .unwrap();
+            assert_eq!(row, (Some(1.0), 1));
         }
     }
 

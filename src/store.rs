@@ -495,8 +495,9 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating a SQLite file if missing) the database and runs the embedded
-    /// migrations of its kind. The SQL is written once, for both: `$n` parameters and
-    /// `ON CONFLICT` upserts mean the same in each.
+    /// migrations of its kind. The SQL is written once for both where it can be: `$n`
+    /// parameters and `ON CONFLICT` upserts mean the same in each (the audit's writes
+    /// differ, for speed; see `audit.rs`).
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let (backend, url) = if url.starts_with("sqlite:") {
@@ -522,8 +523,9 @@ impl Store {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         // WAL: readers never wait for the writer; a writer waits up to
-                        // 5 s for another. A statement's undo journal (the audit's batch
-                        // INSERTs) stays in memory instead of spilling to a temporary file.
+                        // 5 s for another. Temporary data (a statement's undo journal, as the
+                        // audit's batch INSERTs keep; sorts) stays in memory instead of
+                        // spilling to temporary files.
                         // Each pooled connection caches 512 KiB of pages, not 2 MiB: the
                         // policy lives in memory and the audit appends, so a larger cache
                         // is resident memory that buys nothing.
