@@ -102,13 +102,28 @@ impl Drop for Exchange {
         if let Some(charge) = self.pending.take() {
             let shared = self.shared.clone();
             let request_id = std::mem::take(&mut self.request_id);
-            tokio::spawn(async move { settle(&shared, &request_id, charge, 0).await });
+            tokio::spawn(async move { settle_now(&shared, &request_id, charge, 0).await });
         }
     }
 }
 
-/// Ends a reservation, charging `actual` micro-dollars.
-async fn settle(shared: &Shared, request_id: &str, charge: Charge, actual: u64) {
+/// Ends a reservation, charging `actual` micro-dollars, on a task of its own that this
+/// request waits for: the cost is still recorded before latchkey answers Envoy, and if
+/// Envoy resets the stream meanwhile (a message timeout while Redis is slow), the
+/// settlement is not dropped halfway, which would hold one of the key's in-flight
+/// places for good.
+async fn settle(shared: &Arc<Shared>, request_id: &str, charge: Charge, actual: u64) {
+    let shared = shared.clone();
+    let request_id = request_id.to_owned();
+    let settling =
+        tokio::spawn(async move { settle_now(&shared, &request_id, charge, actual).await });
+    if let Err(e) = settling.await {
+        tracing::error!(error = %e, "settling a charge failed");
+    }
+}
+
+/// The settlement itself: the accounts, then the audit's record of the cost.
+async fn settle_now(shared: &Shared, request_id: &str, charge: Charge, actual: u64) {
     if let Err(e) = shared
         .spend
         .settle(&charge.accounts, charge.reserved, actual)
