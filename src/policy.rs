@@ -358,15 +358,8 @@ impl Policy {
                                 Some((s, t)) => (s, Some(t)),
                                 None => (secret, None),
                             };
-                            if std::iter::once(secret)
-                                .chain(token)
-                                .any(|s| s.is_empty() || s.contains(['\n', '\r']))
-                            {
-                                return Err(invalid(format!(
-                                    "credential {:?}: an AWS secret or session token is empty or holds a line break",
-                                    c.name
-                                )));
-                            }
+                            crate::sigv4::check_secrets(secret, token)
+                                .map_err(|e| invalid(format!("credential {:?}: {e}", c.name)))?;
                             Injection::SigV4(crate::sigv4::Signer::new(
                                 auth.access_key_id.as_deref().unwrap_or_default(),
                                 secret,

@@ -768,12 +768,7 @@ impl CredentialSpec {
             ),
             None => None,
         };
-        if std::iter::once(&secret)
-            .chain(&token)
-            .any(|s| s.is_empty() || s.contains(['\n', '\r']))
-        {
-            return Err("an AWS secret or session token is empty or holds a line break".into());
-        }
+        crate::sigv4::check_secrets(&secret, token.as_deref())?;
         Ok(match token {
             Some(token) => format!("{secret}\n{token}"),
             None => secret,

@@ -68,6 +68,19 @@ pub struct Request<'a> {
     pub headers: &'a [(&'a str, &'a str)],
 }
 
+/// Checks an AWS secret access key and session token before they are used: they travel
+/// and are stored as one text, "secret\ntoken", so neither may be empty or hold a line
+/// break.
+pub fn check_secrets(secret: &str, token: Option<&str>) -> Result<(), &'static str> {
+    if std::iter::once(secret)
+        .chain(token)
+        .any(|s| s.is_empty() || s.contains(['\n', '\r']))
+    {
+        return Err("an AWS secret or session token is empty or holds a line break");
+    }
+    Ok(())
+}
+
 impl Signer {
     pub fn new(
         access_key_id: &str,
