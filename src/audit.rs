@@ -502,18 +502,16 @@ async fn add_cost(
     // SQLite indexes request ids of open records only. Its one replica queues a cost
     // before the completion, so the record is open. Replicas sharing PostgreSQL may
     // complete a record before another adds its cost: any record, by the full index.
-    let sql = match backend {
-        Backend::Sqlite => {
-            "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + $1
-             WHERE seq = (SELECT max(seq) FROM requests
-                          WHERE request_id = $2 AND key_id = $3 AND completed = 0)"
-        }
-        Backend::Postgres => {
-            "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + $1
-             WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = $2 AND key_id = $3)"
-        }
+    let open_only = match backend {
+        Backend::Sqlite => " AND completed = 0",
+        Backend::Postgres => "",
     };
-    let updated = sqlx::query(sql)
+    let sql = format!(
+        "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + $1
+         WHERE seq = (SELECT max(seq) FROM requests
+                      WHERE request_id = $2 AND key_id = $3{open_only})"
+    );
+    let updated = sqlx::query(&sql)
         .bind(crate::spend::to_usd(micros))
         .bind(request_id)
         .bind(key_id)
