@@ -116,6 +116,8 @@ def latchkey_env(state, grpc, admin, http, db_url=None):
         LATCHKEY_GRPC_ADDR=grpc if str(grpc).startswith("unix:") else f"127.0.0.1:{grpc}",
         LATCHKEY_ADMIN_ADDR=f"127.0.0.1:{admin}",
         LATCHKEY_HTTP_ADDR=f"127.0.0.1:{http}",
+        # The ext_proc channel's minted CA and certificates, which Envoy reads too.
+        LATCHKEY_GRPC_TLS_DIR=str(state / "tls"),
         RUST_LOG="warn",
     )
     return env
@@ -210,18 +212,27 @@ INJECTOR = """                  - name: envoy.filters.http.credential_injector
 """
 
 
-def shipped(name, listen, admin, grpc):
+def shipped(name, listen, admin, grpc, tls_dir=None):
+    """A shipped config with only its ports (and where it finds the ext_proc channel's
+    certificates) rewritten."""
     text = (ROOT / "envoy" / name).read_text()
-    return (
+    text = (
         text.replace("port_value: 10000", f"port_value: {listen}")
         .replace("port_value: 9901", f"port_value: {admin}")
         .replace("port_value: 50051", f"port_value: {grpc}")
     )
+    return text.replace(".latchkey/tls/", f"{tls_dir}/") if tls_dir else text
+
+
+def plain_channel(text):
+    """latchkey's cluster without its mutual TLS (a Unix socket, or a processor that
+    speaks plain h2): the first cluster-level transport socket goes."""
+    return re.sub(r"\n {6}transport_socket:\n(?: {8,}.*\n)+", "\n", text, count=1)
 
 
 def unix_config(listen, admin, socket_path):
     """F: the shipped ext_proc config with latchkey's cluster on a Unix socket."""
-    text = shipped("envoy.yaml", listen, admin, 50051)
+    text = plain_channel(shipped("envoy.yaml", listen, admin, 50051))
     return text.replace(
         "socket_address: { address: 127.0.0.1, port_value: 50051 }",
         f"pipe: {{ path: {socket_path} }}",
@@ -231,7 +242,7 @@ def unix_config(listen, admin, socket_path):
 def floor_config(listen, admin, grpc):
     """C: the shipped ext_proc config, pointed at the minimal processor, which serves
     neither the access log nor gRPC health: both go."""
-    text = shipped("envoy.yaml", listen, admin, grpc)
+    text = plain_channel(shipped("envoy.yaml", listen, admin, grpc))
     text = re.sub(r"\n {16}access_log:\n(?: {18,}.*\n)+", "\n", text)
     text = re.sub(r"\n {6}health_checks:\n(?: {8,}.*\n|\s*#.*\n)+", "\n", text)
     text = re.sub(r"\n {6}outlier_detection:\n(?: {8,}.*\n)+", "\n", text)
@@ -403,8 +414,8 @@ def main():
             "B": (lambda l, a: PASSTHROUGH.format(admin=a, listen=l, upstream=upstream_port,
                                                   secret=SECRET, filters=INJECTOR), True),
             "C": (lambda l, a: floor_config(l, a, minimal_port), True),
-            "D": (lambda l, a: shipped("envoy.yaml", l, a, grpc), True),
-            "E": (lambda l, a: shipped("envoy-ext-authz.yaml", l, a, grpc), True),
+            "D": (lambda l, a: shipped("envoy.yaml", l, a, grpc, state / "tls"), True),
+            "E": (lambda l, a: shipped("envoy-ext-authz.yaml", l, a, grpc, state / "tls"), True),
             "F": (lambda l, a: unix_config(l, a, sock), True),
         }
         only = os.environ.get("BENCH_ONLY")

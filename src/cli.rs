@@ -13,6 +13,7 @@ mod item_cli;
 
 use item_cli::ItemCommand;
 
+use crate::channel::{Guard, ProvidedTls};
 use crate::crypto::{self, MasterKey};
 use crate::items::Kind;
 use crate::pb::admin_client::AdminClient;
@@ -320,6 +321,30 @@ struct ServeArgs {
         requires = "admin_tls_cert"
     )]
     admin_tls_client_ca: Option<PathBuf>,
+    /// Mutual TLS on the TCP ext_proc port: latchkey's certificate (PEM). Without it,
+    /// latchkey mints a local CA and certificates for itself and Envoy under
+    /// --grpc-tls-dir.
+    #[arg(
+        long,
+        env = "LATCHKEY_GRPC_TLS_CERT",
+        requires_all = ["grpc_tls_key", "grpc_tls_client_ca"]
+    )]
+    grpc_tls_cert: Option<PathBuf>,
+    /// Mutual TLS on the TCP ext_proc port: latchkey's private key (PEM).
+    #[arg(long, env = "LATCHKEY_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    grpc_tls_key: Option<PathBuf>,
+    /// Mutual TLS on the TCP ext_proc port: the CA that signed Envoy's client
+    /// certificate; callers without one it signed fail the handshake.
+    #[arg(long, env = "LATCHKEY_GRPC_TLS_CLIENT_CA", requires = "grpc_tls_cert")]
+    grpc_tls_client_ca: Option<PathBuf>,
+    /// Where the minted local CA and certificates live (Envoy's shipped configs read
+    /// them from `.latchkey/tls/` when run from the same directory).
+    #[arg(long, env = "LATCHKEY_GRPC_TLS_DIR", default_value = ".latchkey/tls")]
+    grpc_tls_dir: PathBuf,
+    /// Serve the ext_proc port over plain, unauthenticated TCP: any process that
+    /// reaches it can obtain upstream credentials. For throwaway setups only.
+    #[arg(long, env = "LATCHKEY_GRPC_INSECURE", conflicts_with = "grpc_tls_cert")]
+    grpc_insecure: bool,
     /// The Envoy filter in front: `ext_proc` (the full feature set) or `ext_authz`
     /// (headers only: policies that need bodies or responses are refused). Both APIs
     /// are served either way.
@@ -381,6 +406,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .ok()
                     .map(Zeroizing::new),
                 grpc_addr: args.grpc_addr,
+                grpc_guard: match (args.grpc_insecure, args.grpc_tls_cert) {
+                    (true, _) => Guard::Insecure,
+                    (false, Some(cert)) => Guard::Provided(ProvidedTls {
+                        cert,
+                        key: args.grpc_tls_key.expect("required by clap"),
+                        client_ca: args.grpc_tls_client_ca.expect("required by clap"),
+                    }),
+                    (false, None) => Guard::Minted(args.grpc_tls_dir),
+                },
                 admin_addr: args.admin_addr,
                 http_addr: args.http_addr,
                 admin_token: std::env::var("LATCHKEY_ADMIN_TOKEN")

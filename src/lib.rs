@@ -10,6 +10,7 @@ pub mod access_log;
 pub mod admin;
 pub mod audit;
 pub mod budget;
+pub mod channel;
 pub mod cli;
 pub mod crypto;
 pub mod denial;

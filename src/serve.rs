@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use anyhow::{Context, bail};
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use futures_util::future::Either;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
@@ -25,6 +24,7 @@ use crate::access_log_pb::access_log_service_server::AccessLogServiceServer;
 use crate::admin::AdminService;
 use crate::audit::AuditLog;
 use crate::budget::{Budgets, LocalBudgets, RedisBudgets, SystemClock, redis_connection};
+use crate::channel::{Guard, bind_unix};
 use crate::crypto::MasterKey;
 use crate::ext_authz::ExtAuthz;
 use crate::ext_proc::ExtProc;
@@ -44,6 +44,9 @@ pub struct ServeConfig {
     pub master_key_file: Option<PathBuf>,
     pub previous_master_keys: Option<Zeroizing<String>>,
     pub grpc_addr: GrpcAddr,
+    /// Who may use the data-plane port when it is TCP (a Unix socket's permissions
+    /// guard it otherwise).
+    pub grpc_guard: Guard,
     pub admin_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub admin_token: Option<Zeroizing<String>>,
@@ -213,19 +216,21 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .then(|| tokio::spawn(prune_forever(store.clone(), cfg.audit_retention_days)));
     let ready = Arc::new(AtomicBool::new(false));
 
-    let grpc =
-        match &cfg.grpc_addr {
-            GrpcAddr::Tcp(addr) => Either::Left(bind(*addr, "ext_proc").await?),
-            GrpcAddr::Unix(path) => {
-                // A socket file left by a previous run would refuse the bind.
-                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-                    std::fs::remove_file(path).ok();
-                }
-                Either::Right(UnixListener::bind(path).with_context(|| {
-                    format!("cannot listen on unix:{} (ext_proc)", path.display())
-                })?)
-            }
-        };
+    let grpc = match &cfg.grpc_addr {
+        GrpcAddr::Tcp(addr) => Either::Left(bind(*addr, "ext_proc").await?),
+        GrpcAddr::Unix(path) => Either::Right(bind_unix(path)?),
+    };
+    let grpc_tls = match (&cfg.grpc_addr, &cfg.grpc_guard) {
+        (GrpcAddr::Unix(_), _) => None,
+        (GrpcAddr::Tcp(_), Guard::Insecure) => {
+            tracing::warn!(
+                "the ext_proc port is plain TCP (LATCHKEY_GRPC_INSECURE): any process that \
+                 reaches it can obtain upstream credentials"
+            );
+            None
+        }
+        (GrpcAddr::Tcp(_), guard) => guard.server_tls().context("ext_proc mutual TLS")?,
+    };
     let admin = bind(cfg.admin_addr, "admin").await?;
     let http = bind(cfg.http_addr, "health and metrics").await?;
     let (stop, stop_rx) = watch::channel(false);
@@ -236,7 +241,11 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let ext_proc = Server::builder()
+    let mut ext_proc = Server::builder();
+    if let Some(tls) = grpc_tls {
+        ext_proc = ext_proc.tls_config(tls).context("ext_proc mutual TLS")?;
+    }
+    let ext_proc = ext_proc
         .add_service(health_service.clone())
         .add_service(ExternalProcessorServer::new(ExtProc::new(shared.clone())))
         .add_service(AuthorizationServer::new(ExtAuthz::new(shared.clone())))

@@ -254,12 +254,13 @@ async fn grpc_health_answers_on_both_grpc_ports() {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
     let stack = Stack::start().await;
-    for port in [stack.grpc_port, stack.admin_port] {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+    let admin =
+        tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", stack.admin_port))
             .unwrap()
             .connect()
             .await
             .unwrap();
+    for channel in [stack.data_plane().await, admin] {
         let mut health = HealthClient::new(channel);
         let status = health
             .check(HealthCheckRequest {

@@ -262,7 +262,10 @@ impl Stack {
                 "LATCHKEY_HTTP_ADDR",
                 format!("127.0.0.1:{}", self.http_port),
             )
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            // As from the repository root: the minted ext_proc certificates land in
+            // .latchkey/tls/, where the shipped Envoy configs (run from here too) read them.
+            .current_dir(self.dir.path());
         for (k, v) in &self.serve_env {
             cmd.env(k, v);
         }
@@ -334,6 +337,30 @@ impl Stack {
         child
     }
 
+    /// The directory of the ext_proc channel's minted CA and certificates.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join(".latchkey/tls")
+    }
+
+    /// A gRPC channel to latchkey's data-plane port, holding Envoy's client certificate.
+    pub async fn data_plane(&self) -> tonic::transport::Channel {
+        let read = |f: &str| std::fs::read(self.tls_dir().join(f)).unwrap();
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .domain_name("localhost")
+            .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")))
+            .identity(tonic::transport::Identity::from_pem(
+                read("envoy.pem"),
+                read("envoy.key"),
+            ));
+        tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{}", self.grpc_port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     pub fn kill_latchkey(&mut self) {
         if let Some(mut child) = self.latchkey.take() {
             let _ = child.kill();
@@ -363,6 +390,7 @@ impl Stack {
         std::fs::write(&path, edit(config)).unwrap();
         let log = std::fs::File::create(self.dir.path().join("envoy.log")).unwrap();
         let child = Command::new(envoy_bin())
+            .current_dir(self.dir.path())
             .args([
                 "--disable-hot-restart",
                 "--concurrency",
@@ -481,6 +509,88 @@ impl Drop for Stack {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// The shipped Envoy config with latchkey's cluster on plain h2, without its transport
+/// socket (for a latchkey told `LATCHKEY_GRPC_INSECURE`, or on a Unix socket).
+pub fn plain_channel(config: &str) -> String {
+    let mut out = Vec::new();
+    let mut skipping = false;
+    let mut removed = false;
+    for line in config.lines() {
+        if line == "      transport_socket:" && !removed {
+            // The first cluster-level transport socket is latchkey's.
+            removed = true;
+            skipping = true;
+            continue;
+        }
+        if skipping && line.starts_with("        ") {
+            continue;
+        }
+        skipping = false;
+        out.push(line);
+    }
+    out.join("\n")
+}
+
+/// The shipped Envoy config with latchkey reached over the Unix socket `socket`: its
+/// cluster's endpoint (the only address indented this deep) becomes the socket.
+pub fn on_unix_socket(config: &str, socket: &Path) -> String {
+    let pipe = format!("pipe: {{ path: {} }}", socket.display());
+    plain_channel(config)
+        .lines()
+        .map(|line| match line.strip_prefix(&" ".repeat(20)) {
+            Some(rest) if rest.starts_with("socket_address:") => {
+                format!("{}{pipe}", " ".repeat(20))
+            }
+            _ => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Another Envoy with the given config, for tests that play a second proxy; killed
+/// when dropped.
+pub struct ExtraEnvoy {
+    child: Child,
+}
+
+impl ExtraEnvoy {
+    pub async fn start(dir: &Path, name: &str, config: &str, admin_port: u16) -> Self {
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, config).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let mut child = Command::new(envoy_bin())
+            .current_dir(dir)
+            .args(["--disable-hot-restart", "--concurrency", "1", "-c"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{admin_port}/ready");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !reqwest::get(&url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                panic!("{name} exited: {status}: {tail:?}");
+            }
+            assert!(Instant::now() < deadline, "{name} not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { child }
+    }
+}
+
+impl Drop for ExtraEnvoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

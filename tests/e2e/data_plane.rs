@@ -139,23 +139,9 @@ async fn envoy_reaches_latchkey_over_a_unix_socket() {
     let upstream = Upstream::start().await;
     let sockets = tempfile::tempdir().unwrap();
     let socket = sockets.path().join("ext_proc.sock");
-    let pipe = format!("pipe: {{ path: {} }}", socket.display());
     let addr = format!("unix:{}", socket.display());
-    // The latchkey cluster's endpoint (the only address indented this deep) becomes the
-    // socket.
     let stack = Stack::start_configured(
-        |config| {
-            config
-                .lines()
-                .map(|line| match line.strip_prefix(&" ".repeat(20)) {
-                    Some(rest) if rest.starts_with("socket_address:") => {
-                        format!("{}{pipe}", " ".repeat(20))
-                    }
-                    _ => line.to_owned(),
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-        },
+        |config| common::on_unix_socket(&config, &socket),
         &[("LATCHKEY_GRPC_ADDR", &addr)],
     )
     .await;
@@ -718,11 +704,16 @@ async fn latchkey_down(mode: Mode) {
 #[test]
 fn every_envoy_config_validates() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("envoy");
+    // The configs name the ext_proc channel's certificates relative to where Envoy runs,
+    // as `latchkey serve` mints them.
+    let here = tempfile::tempdir().unwrap();
+    latchkey::channel::ensure_minted(&here.path().join(".latchkey/tls")).unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let out = std::process::Command::new(common::envoy_bin())
+                .current_dir(here.path())
                 .args(["--mode", "validate", "-c"])
                 .arg(&path)
                 .output()

@@ -5,6 +5,7 @@ mod admin;
 mod audit;
 mod budgets;
 mod common;
+mod containment;
 mod data_plane;
 mod ext_authz;
 mod items;
