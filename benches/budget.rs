@@ -9,7 +9,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use latchkey::budget::{
     Budgets, Limit, LocalBudgets, Rate, RedisBudgets, SystemClock, redis_connection,
 };
-use latchkey::spend::{Account, LocalSpend, RedisSpend, Spend};
+use latchkey::spend::{Account, LocalSpend, RedisSpend, Settlement, Spend};
 
 fn limits(tag: &str) -> Vec<Limit> {
     // Limits high enough that every iteration is admitted: the common case.
@@ -70,7 +70,10 @@ fn budget(c: &mut Criterion) {
                         .await
                         .unwrap()
                         .unwrap();
-                    spend.settle(&accounts, 100, 100).await.unwrap();
+                    spend
+                        .settle(&accounts, 100, Settlement::Charge(100))
+                        .await
+                        .unwrap();
                 })
             })
         });

@@ -58,7 +58,7 @@ fn policy(rules: usize, master: &MasterKey) -> Policy {
             policy_sourced: true,
             label: None,
             created_at: 0,
-            expires_at: None,
+            expires_at_ms: None,
             revoked_at: None,
             spend_cap_usd: None,
             spent_usd: 0.0,

@@ -374,8 +374,16 @@ impl Admin for AdminService {
             headers: &pairs,
             body: Some(req.body.as_deref().unwrap_or_default()),
         };
-        let body = req.body.as_deref().map_or(Body::Empty, Body::parse);
-        let decision = decide_as(&policy, &view, &body, caller, crate::state::now_unix());
+        // A body to explain is JSON unless the check names another content type.
+        let content_type = pairs
+            .iter()
+            .find(|(k, _)| *k == "content-type")
+            .map_or(&b"application/json"[..], |(_, v)| *v);
+        let body = req
+            .body
+            .as_deref()
+            .map_or(Body::Empty, |b| Body::parse(b, Some(content_type)));
+        let decision = decide_as(&policy, &view, &body, caller, crate::state::now_unix_ms());
         let subject = &decision.subject;
         let rule = subject
             .rule_id
@@ -437,9 +445,9 @@ impl Admin for AdminService {
         if ttl == Some(0) {
             return Err(Status::invalid_argument("ttl_seconds: must be positive"));
         }
-        // Expiry is kept in whole seconds: round now up, so a key lives at least its TTL.
-        let now_ceil = (crate::state::now_unix_ms() + 999) / 1000;
-        let expires_at = ttl.map(|t| now_ceil.saturating_add(t));
+        // Kept to the millisecond: the key is refused once its TTL has passed, not later.
+        let expires_at_ms =
+            ttl.map(|t| crate::state::now_unix_ms().saturating_add(t.saturating_mul(1000)));
         let key = crate::crypto::new_proxy_key();
         let label = (!req.label.is_empty()).then_some(req.label.as_str());
         let _one_at_a_time = self.write_lock.lock().await;
@@ -449,7 +457,7 @@ impl Admin for AdminService {
                 credential: &req.credential,
                 hash: crate::crypto::hash_key(key.as_bytes()),
                 label,
-                expires_at,
+                expires_at_ms,
                 spend_cap_usd: req.spend_cap_usd,
             })
             .await
@@ -460,7 +468,7 @@ impl Admin for AdminService {
             id,
             key,
             credential: req.credential,
-            expires_at,
+            expires_at: expires_at_ms.map(seconds_up),
             spend_cap_usd: req.spend_cap_usd,
             label: req.label,
         }))
@@ -494,7 +502,7 @@ impl Admin for AdminService {
                     source: if k.policy_sourced { "policy" } else { "issued" }.to_owned(),
                     label: k.label.clone().unwrap_or_default(),
                     created_at: k.created_at,
-                    expires_at: k.expires_at,
+                    expires_at: k.expires_at_ms.map(seconds_up),
                     revoked_at: k.revoked_at,
                     spend_cap_usd: k.spend_cap_usd,
                     spent_usd: k.spent_usd,
@@ -719,4 +727,10 @@ fn filter(f: RequestFilter) -> Result<Filter, Status> {
         since_ms: f.since_ms,
         until_ms: f.until_ms,
     })
+}
+
+/// Unix milliseconds as the API's whole seconds, rounded up: a key shown to expire at
+/// `t` is refused from `t` on, never a second before it says.
+fn seconds_up(ms: i64) -> i64 {
+    (ms + 999).div_euclid(1000)
 }

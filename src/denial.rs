@@ -27,8 +27,8 @@ pub enum Denial {
     },
     #[error("denied by proxy {0:?}: no rule allows this request")]
     DefaultDenied(Arc<str>),
-    #[error("rule {id} judges the JSON request body, and this body is not JSON")]
-    BodyNotJson { id: Arc<str> },
+    #[error("rule {id} judges the request body and cannot judge this one: {why}")]
+    BodyUnjudgeable { id: Arc<str>, why: &'static str },
     #[error("the request body is larger than the {0} bytes latchkey reads to judge it")]
     BodyTooLarge(usize),
     #[error("rate limit of {limit} requests reached; retry in {retry_after_s} s")]
@@ -60,9 +60,9 @@ impl Denial {
             Denial::ExpiredKey => "expired_key",
             Denial::RevokedKey => "revoked_key",
             Denial::NotBound(_) => "not_bound",
-            Denial::RuleDenied { .. } | Denial::DefaultDenied(_) | Denial::BodyNotJson { .. } => {
-                "rule_denied"
-            }
+            Denial::RuleDenied { .. }
+            | Denial::DefaultDenied(_)
+            | Denial::BodyUnjudgeable { .. } => "rule_denied",
             Denial::BodyTooLarge(_) => "body_too_large",
             Denial::RateLimited { .. } | Denial::TooManyInFlight(_) => "rate_limited",
             Denial::SpendCapExceeded { .. } => "spend_cap_exceeded",
@@ -84,7 +84,7 @@ impl Denial {
             Denial::NotBound(_)
             | Denial::RuleDenied { .. }
             | Denial::DefaultDenied(_)
-            | Denial::BodyNotJson { .. } => 403,
+            | Denial::BodyUnjudgeable { .. } => 403,
             Denial::BodyTooLarge(_) => 413,
             Denial::RateLimited { .. }
             | Denial::TooManyInFlight(_)
@@ -110,7 +110,7 @@ impl Denial {
     /// The rule that decided, if one did.
     pub fn rule_id(&self) -> Option<&str> {
         match self {
-            Denial::RuleDenied { id, .. } | Denial::BodyNotJson { id } => Some(id),
+            Denial::RuleDenied { id, .. } | Denial::BodyUnjudgeable { id, .. } => Some(id),
             _ => None,
         }
     }

@@ -320,6 +320,16 @@ pub fn replace_body(body: Vec<u8>) -> ProcessingResponse {
     }))
 }
 
+/// The response headers pass unchanged; with `body_done`, latchkey needs nothing more
+/// of this response, so Envoy streams its body past (a stream is never held back).
+pub fn response_passes(body_done: bool) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::ResponseHeaders(HeadersResponse::default())),
+        mode_override: body_done.then(|| mode(BodySendMode::None, ResponseRead::Status)),
+        ..Default::default()
+    }
+}
+
 /// "Carry on unchanged" for a phase latchkey has nothing to do in.
 pub fn pass(response: Response) -> ProcessingResponse {
     ProcessingResponse {

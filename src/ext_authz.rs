@@ -14,7 +14,7 @@ use crate::denial::Denial;
 use crate::envoy;
 use crate::pipeline::{Asked, Outcome, RequestView, conclude, decide};
 use crate::rules::Body;
-use crate::state::{Shared, now_unix};
+use crate::state::{Shared, now_unix_ms};
 
 pub struct ExtAuthz {
     shared: Arc<Shared>,
@@ -64,7 +64,7 @@ impl Authorization for ExtAuthz {
             // Not sent to ext_authz: a rule (or signature) that would read it cannot.
             Body::Unread
         };
-        let mut decision = decide(&self.shared.policy.load(), &view, &body, now_unix());
+        let mut decision = decide(&self.shared.policy.load(), &view, &body, now_unix_ms());
         let needs = match (&decision.outcome, &decision.charge, &decision.guard) {
             (Outcome::NeedBody, _, _) => Some("its rules or its signature read the request body"),
             (Outcome::Forward(_), Some(_), _) => Some("its cost is read from responses"),

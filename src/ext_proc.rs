@@ -10,8 +10,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::Ex
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    BodyResponse, HeadersResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
-    TrailersResponse,
+    BodyResponse, HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse, TrailersResponse,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Status, Streaming};
@@ -24,11 +23,15 @@ use crate::envoy::ResponseRead;
 use crate::pipeline::{Asked, Charge, Decision, Outcome, RequestView, conclude, decide};
 use crate::policy::CostSpec;
 use crate::redact::Guard;
-use crate::rules::Body;
-use crate::state::{Shared, now_unix};
+use crate::rules::{Body, is_json_media_type};
+use crate::spend::Settlement;
+use crate::state::{Shared, now_unix_ms};
 
 /// The most request body latchkey reads to judge it; larger bodies are refused (413).
 pub const MAX_REQUEST_BODY: usize = 1 << 20;
+
+/// The most response body Envoy buffers for a price (its default buffer limit).
+const MAX_PRICED_BODY: usize = 1 << 20;
 
 pub struct ExtProc {
     shared: Arc<Shared>,
@@ -96,50 +99,99 @@ struct Guarded {
 }
 
 impl Drop for Exchange {
-    /// A request whose response never came (client gone, upstream reset) releases its
-    /// reservation: it is charged nothing.
+    /// A request whose response was never judged (the caller hung up, the upstream
+    /// reset mid-body) may still have cost the vendor's price: it is charged as a
+    /// response that cannot be priced.
     fn drop(&mut self) {
         if let Some(charge) = self.pending.take() {
             let shared = self.shared.clone();
             let request_id = std::mem::take(&mut self.request_id);
-            tokio::spawn(async move { settle_now(&shared, &request_id, charge, 0).await });
+            let settlement = unpriced(&shared, &charge, "no response was read");
+            tokio::spawn(async move { settle_now(&shared, &request_id, charge, settlement).await });
         }
     }
 }
 
-/// Ends a reservation, charging `actual` micro-dollars, on a task of its own that this
-/// request waits for: the cost is still recorded before latchkey answers Envoy, and if
-/// Envoy resets the stream meanwhile (a message timeout while Redis is slow), the
-/// settlement is not dropped halfway, which would hold one of the key's in-flight
-/// places for good.
-async fn settle(shared: &Arc<Shared>, request_id: &str, charge: Charge, actual: u64) {
+/// What a response that cannot be priced is charged: its whole reservation or, where
+/// nothing was reserved (no `max_usd_per_request`), its accounts are closed.
+fn unpriced(shared: &Shared, charge: &Charge, why: &str) -> Settlement {
+    let (settlement, outcome) = if charge.reserved > 0 {
+        (Settlement::Charge(charge.reserved), "unpriced")
+    } else {
+        (Settlement::Close, "closed")
+    };
+    tracing::warn!(proxy = %charge.proxy, key_id = %charge.key_id, why, ?settlement,
+        "a priced response could not be priced");
+    shared
+        .metrics
+        .record_pricing_exception(&charge.proxy, outcome);
+    settlement
+}
+
+/// Ends a reservation on a task of its own that this request waits for: the cost is
+/// still recorded before latchkey answers Envoy, and if Envoy resets the stream
+/// meanwhile (a message timeout while Redis is slow), the settlement is not dropped
+/// halfway, which would hold one of the key's in-flight places for good.
+async fn settle(shared: &Arc<Shared>, request_id: &str, charge: Charge, settlement: Settlement) {
     let shared = shared.clone();
     let request_id = request_id.to_owned();
     let settling =
-        tokio::spawn(async move { settle_now(&shared, &request_id, charge, actual).await });
+        tokio::spawn(async move { settle_now(&shared, &request_id, charge, settlement).await });
     if let Err(e) = settling.await {
         tracing::error!(error = %e, "settling a charge failed");
     }
 }
 
 /// The settlement itself: the accounts, then the audit's record of the cost.
-async fn settle_now(shared: &Shared, request_id: &str, charge: Charge, actual: u64) {
-    if let Err(e) = shared
+async fn settle_now(shared: &Shared, request_id: &str, charge: Charge, settlement: Settlement) {
+    if let Settlement::Charge(actual) = settlement
+        && charge.reserved > 0
+        && actual > charge.reserved
+    {
+        tracing::warn!(proxy = %charge.proxy, key_id = %charge.key_id, actual,
+            reserved = charge.reserved, "a response cost more than was reserved; charged in full");
+        shared
+            .metrics
+            .record_pricing_exception(&charge.proxy, "over_reservation");
+    }
+    match shared
         .spend
-        .settle(&charge.accounts, charge.reserved, actual)
+        .settle(&charge.accounts, charge.reserved, settlement)
         .await
     {
-        tracing::error!(error = %e, key_id = %charge.key_id, "could not settle a charge");
+        Ok(0) => {}
+        Ok(micros) => {
+            shared
+                .audit
+                .record(Event::Charged {
+                    request_id: request_id.to_owned(),
+                    key_id: charge.key_id,
+                    micros,
+                })
+                .await;
+        }
+        Err(e) => tracing::error!(error = %e, key_id = %charge.key_id, "could not settle a charge"),
     }
-    if actual > 0 {
-        shared
-            .audit
-            .record(Event::Charged {
-                request_id: request_id.to_owned(),
-                key_id: charge.key_id,
-                micros: actual,
-            })
-            .await;
+}
+
+/// Why a response's headers show its body cannot be priced, if they do.
+fn unreadable_body(pairs: &[(&str, &[u8])], end_of_stream: bool) -> Option<&'static str> {
+    let header = |name| envoy::header_value(pairs, name).unwrap_or_default();
+    let encoding = header("content-encoding");
+    let too_large = std::str::from_utf8(header("content-length"))
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .is_some_and(|n| n > MAX_PRICED_BODY);
+    if end_of_stream {
+        Some("the response has no body")
+    } else if !encoding.is_empty() && !encoding.eq_ignore_ascii_case(b"identity") {
+        Some("the response is compressed")
+    } else if !is_json_media_type(header("content-type")) {
+        Some("the response is not JSON (a stream?)")
+    } else if too_large {
+        Some("the response is larger than the buffer")
+    } else {
+        None
     }
 }
 
@@ -165,6 +217,13 @@ fn reads(decision: &Decision) -> ResponseRead {
 
 struct HeldHeaders {
     headers: Vec<(String, Vec<u8>)>,
+}
+
+fn held_value<'a>(held: &'a HeldHeaders, name: &str) -> Option<&'a [u8]> {
+    held.headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_slice())
 }
 
 impl Exchange {
@@ -215,7 +274,10 @@ impl Exchange {
         let (body, raw) = if !chunk.end_of_stream || chunk.body.len() > MAX_REQUEST_BODY {
             (Body::TooLarge(MAX_REQUEST_BODY), None)
         } else {
-            (Body::parse(&chunk.body), Some(chunk.body.as_slice()))
+            (
+                Body::parse(&chunk.body, held_value(&held, "content-type")),
+                Some(chunk.body.as_slice()),
+            )
         };
         let pairs: Vec<(&str, &[u8])> = held
             .headers
@@ -228,9 +290,10 @@ impl Exchange {
 
     async fn response_headers(&mut self, headers: &HttpHeaders) -> ProcessingResponse {
         let pairs = envoy::header_pairs(headers.headers.as_ref());
-        self.price_by_status(&pairs).await;
+        self.price_by_status(&pairs, headers.end_of_stream).await;
         let Some(guarded) = &self.guarded else {
-            return envoy::pass(Response::ResponseHeaders(HeadersResponse::default()));
+            // Priced already, or never: the body streams past without latchkey.
+            return envoy::response_passes(self.pending.is_none());
         };
         let encoding = envoy::header_value(&pairs, "content-encoding").unwrap_or(b"identity");
         if !encoding.eq_ignore_ascii_case(b"identity") && !headers.end_of_stream {
@@ -289,21 +352,26 @@ impl Exchange {
             .record_response_safety(&guarded.proxy, count, 0);
     }
 
-    /// A priced request's response status: a failure is charged nothing, a fixed price
-    /// is charged now, a price in the body waits for the body.
-    async fn price_by_status(&mut self, pairs: &[(&str, &[u8])]) {
+    /// A priced request's response headers: a failure is charged nothing, a fixed price
+    /// is charged now, a price in the body waits for the body — unless the headers
+    /// already say it cannot be read there (compressed, not JSON, too large, no body).
+    async fn price_by_status(&mut self, pairs: &[(&str, &[u8])], end_of_stream: bool) {
         let Some(charge) = self.pending.take() else {
             return;
         };
         let success = envoy::header_value(pairs, ":status").is_some_and(|s| s.starts_with(b"2"));
-        match (&*charge.cost, success) {
-            (_, false) => settle(&self.shared, &self.request_id, charge, 0).await,
-            (CostSpec::PerRequest(micros), true) => {
-                let micros = *micros;
-                settle(&self.shared, &self.request_id, charge, micros).await;
-            }
-            (CostSpec::ResponseJson { .. }, true) => self.pending = Some(charge),
-        }
+        let settlement = match (&*charge.cost, success) {
+            (_, false) => Settlement::Charge(0),
+            (CostSpec::PerRequest(micros), true) => Settlement::Charge(*micros),
+            (CostSpec::ResponseJson { .. }, true) => match unreadable_body(pairs, end_of_stream) {
+                Some(why) => unpriced(&self.shared, &charge, why),
+                None => {
+                    self.pending = Some(charge);
+                    return;
+                }
+            },
+        };
+        settle(&self.shared, &self.request_id, charge, settlement).await;
     }
 
     async fn response_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
@@ -348,15 +416,20 @@ impl Exchange {
         let Some(charge) = self.pending.take() else {
             return;
         };
-        let price = if chunk.end_of_stream {
-            charge.cost.price(&chunk.body)
+        let settlement = if !chunk.end_of_stream {
+            // Envoy sends what it could buffer: the body is larger than that.
+            unpriced(
+                &self.shared,
+                &charge,
+                "the response is larger than the buffer",
+            )
         } else {
-            None
+            match charge.cost.price(&chunk.body) {
+                Some(micros) => Settlement::Charge(micros),
+                None => unpriced(&self.shared, &charge, "the response did not say its price"),
+            }
         };
-        if price.is_none() {
-            tracing::warn!(key_id = %charge.key_id, "the response did not say what it cost");
-        }
-        settle(&self.shared, &self.request_id, charge, price.unwrap_or(0)).await;
+        settle(&self.shared, &self.request_id, charge, settlement).await;
     }
 
     fn decide(&self, pairs: &[(&str, &[u8])], body: &Body, raw: Option<&[u8]>) -> Decision {
@@ -367,7 +440,7 @@ impl Exchange {
             body: raw,
         };
         let policy = self.shared.policy.load();
-        decide(&policy, &view, body, now_unix())
+        decide(&policy, &view, body, now_unix_ms())
     }
 
     async fn respond(

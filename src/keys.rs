@@ -73,15 +73,19 @@ pub fn presented<'a>(headers: &[(&str, &'a [u8])]) -> Result<Cow<'a, [u8]>, Deni
     Ok(key)
 }
 
-/// The live key entry for `key`, or why there is none.
-pub fn authenticate<'p>(policy: &'p Policy, key: &[u8], now: i64) -> Result<&'p KeyEntry, Denial> {
+/// The live key entry for `key` at `now_ms` (Unix milliseconds), or why there is none.
+pub fn authenticate<'p>(
+    policy: &'p Policy,
+    key: &[u8],
+    now_ms: i64,
+) -> Result<&'p KeyEntry, Denial> {
     let entry = policy
         .key(&hash_key(key))
         .ok_or(Denial::InvalidKey("unknown key"))?;
     if entry.revoked {
         return Err(Denial::RevokedKey);
     }
-    if entry.expires_at.is_some_and(|t| t <= now) {
+    if entry.expires_at_ms.is_some_and(|t| t <= now_ms) {
         return Err(Denial::ExpiredKey);
     }
     Ok(entry)

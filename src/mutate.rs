@@ -36,11 +36,19 @@ pub struct Forward {
     pub remove: Vec<String>,
 }
 
+/// Names compared with `_` read as `-`: CGI, WSGI, Rack and PHP hand `x_http_method`
+/// and `x-http-method` to the application as one variable. (The shipped Envoy configs
+/// refuse such names outright; this holds without them.)
 fn stripped(name: &str) -> bool {
-    CARRIERS.contains(&name)
+    let name: Cow<'_, str> = if name.contains('_') {
+        Cow::Owned(name.replace('_', "-"))
+    } else {
+        Cow::Borrowed(name)
+    };
+    CARRIERS.contains(&&*name)
         || name.starts_with("x-latchkey-")
         || name.starts_with("x-envoy-")
-        || REINTERPRETING.contains(&name)
+        || REINTERPRETING.contains(&&*name)
 }
 
 /// Headers latchkey sets on a signed AWS request; a client's own never reach AWS.
@@ -67,11 +75,15 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, req: &RequestView<'_>, now: i64
             remove.push((*name).to_owned());
         }
     }
-    if proxy.response.is_some() && !remove.iter().any(|r| r == "accept-encoding") {
-        // A compressed response could not be scrubbed or redacted.
-        remove.push("accept-encoding".to_owned());
-    }
     let mut set: Vec<(Cow<'static, str>, Vec<u8>)> = Vec::with_capacity(4);
+    if proxy.reads_response_body() {
+        // A compressed response could not be scrubbed, redacted or priced: the upstream
+        // is asked for the identity encoding, whatever the agent accepts.
+        if !remove.iter().any(|r| r == "accept-encoding") {
+            remove.push("accept-encoding".to_owned());
+        }
+        set.push((Cow::Borrowed("accept-encoding"), b"identity".to_vec()));
+    }
     match &*proxy.injection {
         Injection::Header { name, value } => {
             // Removed first, then set: exactly one value reaches the upstream.

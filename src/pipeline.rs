@@ -80,6 +80,7 @@ pub struct Decision {
 #[derive(Debug, Clone)]
 pub struct Charge {
     pub cost: Arc<CostSpec>,
+    pub proxy: Arc<str>,
     pub key_id: Arc<str>,
     pub accounts: Vec<Account>,
     /// Reserved by step 5, in micro-dollars; settled when the response is judged.
@@ -158,10 +159,7 @@ pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) {
         admit_rate(budgets, decision).await;
     }
     if let (Outcome::Forward(_), Some(charge)) = (&decision.outcome, &mut decision.charge) {
-        let estimate = match &*charge.cost {
-            CostSpec::PerRequest(micros) => *micros,
-            CostSpec::ResponseJson { .. } => 0,
-        };
+        let estimate = charge.cost.reservation();
         match spend.reserve(&charge.accounts, estimate).await {
             Ok(Ok(())) => charge.reserved = estimate,
             Ok(Err(refusal)) => {
@@ -215,8 +213,9 @@ async fn admit_rate(budgets: &Budgets, decision: &mut Decision) {
     }
 }
 
-pub fn decide(policy: &Policy, req: &RequestView<'_>, body: &Body, now: i64) -> Decision {
-    decide_as(policy, req, body, Caller::Key, now)
+/// Steps 1 to 4 (and 6's mutations) at `now_ms`, Unix milliseconds.
+pub fn decide(policy: &Policy, req: &RequestView<'_>, body: &Body, now_ms: i64) -> Decision {
+    decide_as(policy, req, body, Caller::Key, now_ms)
 }
 
 pub fn decide_as(
@@ -224,7 +223,7 @@ pub fn decide_as(
     req: &RequestView<'_>,
     body: &Body,
     caller: Caller<'_>,
-    now: i64,
+    now_ms: i64,
 ) -> Decision {
     // Filled in as the steps go; the outcome is set once they have run.
     let mut decision = Decision {
@@ -236,7 +235,7 @@ pub fn decide_as(
         token: None,
         guard: None,
     };
-    decision.outcome = match run(policy, req, body, caller, now, &mut decision) {
+    decision.outcome = match run(policy, req, body, caller, now_ms, &mut decision) {
         Ok(Some(forward)) => Outcome::Forward(forward),
         Ok(None) => Outcome::NeedBody,
         Err(denial) => {
@@ -253,9 +252,10 @@ fn run(
     req: &RequestView<'_>,
     body: &Body,
     caller: Caller<'_>,
-    now: i64,
+    now_ms: i64,
     decision: &mut Decision,
 ) -> Result<Option<Forward>, Denial> {
+    let now = now_ms.div_euclid(1000);
     let Decision {
         subject,
         limits,
@@ -266,7 +266,7 @@ fn run(
     } = decision;
     let route = route(req.path)?;
     let proxy = policy
-        .proxy(route.proxy)
+        .proxy(&route.proxy)
         .ok_or_else(|| Denial::UnknownProxy(route.proxy.chars().take(128).collect()))?;
     subject.proxy = Some(proxy.name.clone());
     subject.target = Some(proxy.target.clone());
@@ -277,7 +277,7 @@ fn run(
     let credential = match caller {
         Caller::Key => {
             let key = keys::presented(req.headers)?;
-            let entry = keys::authenticate(policy, &key, now)?;
+            let entry = keys::authenticate(policy, &key, now_ms)?;
             subject.key_id = Some(entry.id.clone());
             subject.run_label = entry.label.clone();
             if let Some(cost) = &proxy.cost {
@@ -298,6 +298,7 @@ fn run(
                 }
                 *charge = Some(Charge {
                     cost: cost.clone(),
+                    proxy: proxy.name.clone(),
                     key_id: entry.id.clone(),
                     accounts,
                     reserved: 0,

@@ -97,13 +97,29 @@ pub struct Proxy {
     pub response: Option<Arc<Guard>>,
 }
 
+impl Proxy {
+    /// Whether latchkey reads this proxy's response bodies (to scrub, redact or price).
+    pub fn reads_response_body(&self) -> bool {
+        self.response.is_some()
+            || self
+                .cost
+                .as_deref()
+                .is_some_and(|c| matches!(c, CostSpec::ResponseJson { .. }))
+    }
+}
+
 /// How a proxy's responses are priced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CostSpec {
     /// A fixed price per successful request, in micro-dollars.
     PerRequest(u64),
-    /// A number read from the JSON response, times a price per unit.
-    ResponseJson { pointer: String, usd_per_unit: f64 },
+    /// A number read from the JSON response, times a price per unit. `max_micros` is
+    /// reserved before forwarding and charged whole when the response cannot be priced.
+    ResponseJson {
+        pointer: String,
+        usd_per_unit: f64,
+        max_micros: Option<u64>,
+    },
 }
 
 impl CostSpec {
@@ -112,9 +128,19 @@ impl CostSpec {
             (Some(pointer), Some(usd_per_unit), _) => Some(CostSpec::ResponseJson {
                 pointer: pointer.clone(),
                 usd_per_unit,
+                max_micros: cost.max_usd_per_request.map(to_micros),
             }),
             (_, _, Some(usd)) => Some(CostSpec::PerRequest(to_micros(usd))),
             _ => None,
+        }
+    }
+
+    /// What is reserved before forwarding: the known price, or the most a response may
+    /// cost (0 when the proxy gives no maximum).
+    pub fn reservation(&self) -> u64 {
+        match self {
+            CostSpec::PerRequest(micros) => *micros,
+            CostSpec::ResponseJson { max_micros, .. } => max_micros.unwrap_or(0),
         }
     }
 
@@ -125,6 +151,7 @@ impl CostSpec {
             CostSpec::ResponseJson {
                 pointer,
                 usd_per_unit,
+                ..
             } => {
                 let json: serde_json::Value = serde_json::from_slice(body).ok()?;
                 let units = json.pointer(pointer)?.as_f64()?;
@@ -140,7 +167,8 @@ pub struct KeyEntry {
     pub id: Arc<str>,
     pub credential: u32,
     pub label: Option<Arc<str>>,
-    pub expires_at: Option<i64>,
+    /// Unix milliseconds.
+    pub expires_at_ms: Option<i64>,
     pub revoked: bool,
     pub spend_cap_micros: Option<u64>,
     /// Spent as of the snapshot: where an account not yet in memory starts.
@@ -409,7 +437,7 @@ impl Policy {
                     id: Arc::from(k.id.as_str()),
                     credential,
                     label: k.label.as_deref().map(Arc::from),
-                    expires_at: k.expires_at,
+                    expires_at_ms: k.expires_at_ms,
                     revoked: k.revoked_at.is_some(),
                     spend_cap_micros: k.spend_cap_usd.map(to_micros),
                     spent_micros: to_micros(k.spent_usd),

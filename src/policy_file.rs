@@ -196,6 +196,10 @@ pub struct Cost {
     pub usd_per_unit: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_request_usd: Option<f64>,
+    /// With `response_json`: reserved before forwarding, and charged whole for a
+    /// response that cannot be priced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_usd_per_request: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -894,9 +898,17 @@ impl Cost {
                 if !ptr.is_empty() && !ptr.starts_with('/') {
                     return Err(format!("response_json: {ptr:?} is not a JSON pointer"));
                 }
-                Ok(())
+                match self.max_usd_per_request {
+                    Some(max) if !(max.is_finite() && max > 0.0) => {
+                        Err("max_usd_per_request: a positive amount".into())
+                    }
+                    _ => Ok(()),
+                }
             }
-            (None, None, Some(f)) if f.is_finite() && f >= 0.0 => Ok(()),
+            (None, None, Some(f)) if f.is_finite() && f >= 0.0 => match self.max_usd_per_request {
+                Some(_) => Err("`max_usd_per_request` goes with `response_json`".into()),
+                None => Ok(()),
+            },
             _ => Err(
                 "give `response_json` with `usd_per_unit`, or `per_request_usd` (non-negative)"
                     .into(),

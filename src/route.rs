@@ -10,7 +10,7 @@ const MAX_PATH_LEN: usize = 8 * 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Route<'a> {
-    pub proxy: &'a str,
+    pub proxy: Cow<'a, str>,
     /// Starts with `/`; no dot segments, no empty segments.
     pub path: Cow<'a, str>,
     /// The raw query after `?`, forwarded unchanged.
@@ -48,8 +48,34 @@ pub fn route(raw: &str) -> Result<Route<'_>, Denial> {
             "path holds an encoded slash, backslash, dot or NUL",
         ));
     }
+    if let Some(query) = query {
+        check_query(query)?;
+    }
+    // `%61dmin` is `admin` to every upstream: decoded here, so that a rule on `admin`
+    // sees it whatever Envoy's normalization settings are.
+    match decode_unreserved(path) {
+        Cow::Borrowed(path) => normalize(path, query),
+        Cow::Owned(path) => {
+            let route = normalize(&path, query)?;
+            Ok(Route {
+                proxy: Cow::Owned(route.proxy.into_owned()),
+                path: Cow::Owned(route.path.into_owned()),
+                query,
+            })
+        }
+    }
+}
 
+/// Splits off the proxy and resolves dot and empty segments.
+fn normalize<'a>(path: &'a str, query: Option<&'a str>) -> Result<Route<'a>, Denial> {
     let raw_segments: Vec<&str> = path[1..].split('/').collect();
+    // Servlet containers and Spring read `..;x` (path parameters) as `..`: a dot segment
+    // the rules never saw.
+    if raw_segments.iter().any(|s| is_dot_with_parameters(s)) {
+        return Err(Denial::InvalidRequest(
+            "path holds a dot segment with ;parameters",
+        ));
+    }
     let last = raw_segments.len() - 1;
     let normal = raw_segments
         .iter()
@@ -93,10 +119,74 @@ pub fn route(raw: &str) -> Result<Route<'_>, Denial> {
         return Err(Denial::UnknownProxy(String::new()));
     }
     Ok(Route {
-        proxy,
+        proxy: Cow::Borrowed(proxy),
         path: upstream,
         query,
     })
+}
+
+/// `.;x`, `..;x` and `..%3bx`: a dot segment once its parameters are cut off.
+fn is_dot_with_parameters(segment: &str) -> bool {
+    let lower = segment.to_ascii_lowercase();
+    let cut = [lower.find(';'), lower.find("%3b")]
+        .into_iter()
+        .flatten()
+        .min();
+    cut.is_some_and(|i| matches!(&segment[..i], "." | ".."))
+}
+
+/// `%XX` escapes of unreserved characters (letters, digits, `-`, `_`, `~`; dots are
+/// refused above) decoded: RFC 3986 makes the two spellings the same URI.
+fn decode_unreserved(path: &str) -> Cow<'_, str> {
+    let unreserved = |w: &[u8]| -> Option<u8> {
+        if w[0] != b'%' {
+            return None;
+        }
+        let hex = std::str::from_utf8(&w[1..3]).ok()?;
+        let byte = u8::from_str_radix(hex, 16).ok()?;
+        (byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'~')).then_some(byte)
+    };
+    let bytes = path.as_bytes();
+    if !bytes.windows(3).any(|w| unreserved(w).is_some()) {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes.get(i..i + 3).and_then(unreserved) {
+            Some(byte) => {
+                out.push(char::from(byte));
+                i += 3;
+            }
+            None => {
+                out.push(char::from(bytes[i]));
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Query parameters that frameworks (Rails, Laravel, Express's method-override, Symfony)
+/// read as the method to act on: a POST the rules allowed would become a DELETE.
+const METHOD_OVERRIDES: [&str; 5] = [
+    "_method",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "_httpmethod",
+];
+
+fn check_query(query: &str) -> Result<(), Denial> {
+    for (name, _) in form_urlencoded::parse(query.as_bytes()) {
+        let name = name.trim().to_ascii_lowercase().replace('_', "-");
+        if METHOD_OVERRIDES.iter().any(|m| m.replace('_', "-") == name) {
+            return Err(Denial::InvalidRequest(
+                "the query names a method override (_method)",
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -105,7 +195,11 @@ mod tests {
 
     fn ok(raw: &str) -> (String, String, Option<String>) {
         let r = route(raw).unwrap();
-        (r.proxy.into(), r.path.into_owned(), r.query.map(Into::into))
+        (
+            r.proxy.into_owned(),
+            r.path.into_owned(),
+            r.query.map(Into::into),
+        )
     }
 
     #[test]
@@ -137,6 +231,17 @@ mod tests {
     }
 
     #[test]
+    fn decodes_escaped_unreserved_characters() {
+        assert_eq!(ok("/p/v1/%61dmin").1, "/v1/admin");
+        assert_eq!(ok("/p/v1/%7Euser%2Dx%5f%30").1, "/v1/~user-x_0");
+        assert_eq!(ok("/%70/x").0, "p");
+        // Reserved and other characters keep their escapes.
+        assert_eq!(ok("/p/a%20b%3Fc%25").1, "/a%20b%3Fc%25");
+        assert_eq!(ok("/p/a;b/c").1, "/a;b/c");
+        assert_eq!(ok("/p/v1/charges?method=card").2.unwrap(), "method=card");
+    }
+
+    #[test]
     fn refuses_tricks() {
         for raw in [
             "/p/../../etc",
@@ -151,6 +256,16 @@ mod tests {
             "/p/a#f",
             "p/a",
             "/p/\u{e9}",
+            "/p/v1/charges/..;/admin",
+            "/p/v1/charges/..;jsessionid=1/admin",
+            "/p/v1/.;/admin",
+            "/p/v1/..%3b/admin",
+            "/p/v1/..%3B/admin",
+            "/p/v1/charges?_method=DELETE",
+            "/p/v1/charges?a=1&_METHOD=delete",
+            "/p/v1/charges?x_http_method_override=DELETE",
+            "/p/v1/charges?X-HTTP-Method-Override=DELETE",
+            "/p/v1/charges?%5Fmethod=DELETE",
         ] {
             assert!(
                 matches!(route(raw), Err(Denial::InvalidRequest(_))),
@@ -160,5 +275,25 @@ mod tests {
         }
         assert!(matches!(route("/"), Err(Denial::UnknownProxy(_))));
         assert!(route(&format!("/p/{}", "a".repeat(MAX_PATH_LEN))).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever the agent sends, what is forwarded has no dot segment (with or
+        /// without parameters), no escaped unreserved character, and routes to itself.
+        #[test]
+        fn forwarded_paths_are_canonical(raw in "/[a-z]{1,3}(/(\\.|\\.\\.|%2[eE]|%3[bB]|%6[1-9]|;|[a-z]|%20|\\?|_method|=|&)*){0,6}") {
+            if let Ok(r) = route(&raw) {
+                proptest::prop_assert!(r.path.starts_with('/'));
+                for segment in r.path.split('/') {
+                    proptest::prop_assert!(segment != "." && segment != "..", "{raw} -> {}", r.path);
+                    proptest::prop_assert!(!is_dot_with_parameters(segment), "{raw} -> {}", r.path);
+                }
+                proptest::prop_assert!(matches!(decode_unreserved(&r.path), Cow::Borrowed(_)));
+                let again = format!("/{}{}", r.proxy, r.path);
+                let second = route(&again).unwrap();
+                proptest::prop_assert_eq!(second.path, r.path.clone());
+                proptest::prop_assert_eq!(second.proxy, r.proxy.clone());
+            }
+        }
     }
 }

@@ -70,34 +70,51 @@ struct BodyMatcher {
     bounds: Box<[(Op, f64)]>,
 }
 
+/// What one body condition makes of a body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judged {
+    Yes,
+    No,
+    /// The value is there but of a type the condition cannot compare (a string where a
+    /// number is bounded, a number where a regex applies): a deny rule refuses rather
+    /// than let it through as "not matched".
+    Incomparable(&'static str),
+}
+
 impl BodyMatcher {
-    fn test(&self, body: Option<&serde_json::Value>) -> bool {
+    fn test(&self, body: Option<&serde_json::Value>) -> Judged {
         let value = body.and_then(|b| b.pointer(&self.pointer));
-        match (self.presence, value) {
-            (Some(Presence::MustNotExist), v) => return v.is_none(),
-            (_, None) => return false,
-            (_, Some(_)) => {}
-        }
-        let value = value.expect("checked above");
-        if let Some(re) = &self.regex
-            && !value.as_str().is_some_and(|s| re.is_match(s))
-        {
-            return false;
+        let value = match (self.presence, value) {
+            (Some(Presence::MustNotExist), v) => return judged(v.is_none()),
+            (_, None) => return Judged::No,
+            (_, Some(v)) => v,
+        };
+        if let Some(re) = &self.regex {
+            let Some(text) = value.as_str() else {
+                return Judged::Incomparable("a regex condition met a value that is not a string");
+            };
+            if !re.is_match(text) {
+                return Judged::No;
+            }
         }
         if self.bounds.is_empty() {
-            return true;
+            return Judged::Yes;
         }
         let Some(n) = value.as_f64() else {
-            return false;
+            return Judged::Incomparable("a numeric condition met a value that is not a number");
         };
-        self.bounds.iter().all(|&(op, bound)| match op {
+        judged(self.bounds.iter().all(|&(op, bound)| match op {
             Op::Lt => n < bound,
             Op::Lte => n <= bound,
             Op::Gt => n > bound,
             Op::Gte => n >= bound,
             Op::Eq => n == bound,
-        })
+        }))
     }
+}
+
+fn judged(yes: bool) -> Judged {
+    if yes { Judged::Yes } else { Judged::No }
 }
 
 #[derive(Debug)]
@@ -208,18 +225,31 @@ impl Rule {
             Body::Unread => return Ok(Match::NeedBody),
             Body::Empty => None,
             Body::Json(value) => Some(value),
-            Body::NotJson => {
-                return Err(Denial::BodyNotJson {
+            Body::Unjudgeable(why) => {
+                return Err(Denial::BodyUnjudgeable {
                     id: self.id.clone(),
+                    why,
                 });
             }
             Body::TooLarge(limit) => return Err(Denial::BodyTooLarge(*limit)),
         };
-        Ok(if self.body.iter().all(|m| m.test(json)) {
-            Match::Yes
-        } else {
-            Match::No
-        })
+        let mut incomparable = None;
+        for matcher in &self.body {
+            match matcher.test(json) {
+                Judged::Yes => {}
+                Judged::No => return Ok(Match::No),
+                Judged::Incomparable(why) => incomparable = Some(why),
+            }
+        }
+        match (incomparable, self.effect) {
+            (None, _) => Ok(Match::Yes),
+            (Some(why), Effect::Deny) => Err(Denial::BodyUnjudgeable {
+                id: self.id.clone(),
+                why,
+            }),
+            // An allow rule that cannot judge does not allow.
+            (Some(_), Effect::Allow) => Ok(Match::No),
+        }
     }
 }
 
@@ -236,18 +266,103 @@ pub enum Body {
     Unread,
     /// The request has no body: every pointer is missing.
     Empty,
+    /// A JSON object, sent as JSON, each key once.
     Json(serde_json::Value),
-    NotJson,
+    /// A body no rule can judge: why.
+    Unjudgeable(&'static str),
     /// Larger than latchkey reads (the limit, in bytes).
     TooLarge(usize),
 }
 
 impl Body {
-    pub fn parse(bytes: &[u8]) -> Self {
+    /// The body a rule judges: only a JSON object sent as JSON. Anything else (another
+    /// content type the upstream would parse its own way, a top-level array or string,
+    /// a key given twice, which parsers resolve differently) is refused by any rule
+    /// that must judge it.
+    pub fn parse(bytes: &[u8], content_type: Option<&[u8]>) -> Self {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Body::Empty;
         }
-        serde_json::from_slice(bytes).map_or(Body::NotJson, Body::Json)
+        if !content_type.is_some_and(is_json_media_type) {
+            return Body::Unjudgeable("the body is not sent as application/json");
+        }
+        match serde_json::from_slice::<StrictJson>(bytes) {
+            Ok(StrictJson(value)) if value.is_object() => Body::Json(value),
+            Ok(_) => Body::Unjudgeable("the body is not a JSON object"),
+            Err(e) if e.to_string().starts_with(DUPLICATE) => {
+                Body::Unjudgeable("the body gives a JSON key twice")
+            }
+            Err(_) => Body::Unjudgeable("the body is not JSON"),
+        }
+    }
+}
+
+/// `application/json` or any `…+json`, parameters aside.
+pub fn is_json_media_type(content_type: &[u8]) -> bool {
+    let media = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    media.eq_ignore_ascii_case(b"application/json")
+        || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json"))
+}
+
+const DUPLICATE: &str = "duplicate key";
+
+/// JSON read into a `serde_json::Value`, refusing an object that gives a key twice.
+struct StrictJson(serde_json::Value);
+
+impl<'de> serde::Deserialize<'de> for StrictJson {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, MapAccess, SeqAccess, Visitor};
+        use serde_json::Value;
+        struct Strict;
+        impl<'de> Visitor<'de> for Strict {
+            type Value = Value;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+                Ok(Value::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+                Ok(v.into())
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+                Ok(v.into())
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+                Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+                Ok(Value::String(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Value, E> {
+                Ok(Value::String(v))
+            }
+            fn visit_unit<E>(self) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(StrictJson(item)) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(Value::Array(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+                let mut object = serde_json::Map::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    let StrictJson(value) = map.next_value()?;
+                    if object.insert(key.clone(), value).is_some() {
+                        return Err(A::Error::custom(format!("{DUPLICATE} {key:?}")));
+                    }
+                }
+                Ok(Value::Object(object))
+            }
+        }
+        d.deserialize_any(Strict).map(StrictJson)
     }
 }
 
@@ -562,7 +677,7 @@ mod tests {
             let mut r = row("r", Effect::Allow, 1, 0);
             r.conditions.body = vec![cond(condition)];
             let rules = list(&[r]);
-            let body = Body::parse(body.as_bytes());
+            let body = Body::parse(body.as_bytes(), Some(JSON));
             let got = decide([&rules, &empty], Effect::Deny, &facts("POST", "/", &body));
             assert_eq!(got == "allow:r", expected, "{condition} on {body:?}: {got}");
         }
@@ -580,11 +695,95 @@ mod tests {
         assert_eq!(run("POST", &Body::Unread), "need-body");
         // A request the body rule does not apply to never waits for its body.
         assert_eq!(run("GET", &Body::Unread), "deny:default");
-        assert_eq!(run("POST", &Body::NotJson), "rule_denied");
+        assert_eq!(run("POST", &Body::Unjudgeable("x")), "rule_denied");
         assert_eq!(run("POST", &Body::TooLarge(10)), "body_too_large");
-        assert_eq!(run("POST", &Body::parse(br#"{"n":1}"#)), "allow:body-rule");
-        assert!(matches!(Body::parse(b"  \n"), Body::Empty));
-        assert!(matches!(Body::parse(b"{"), Body::NotJson));
+        assert_eq!(
+            run("POST", &Body::parse(br#"{"n":1}"#, Some(JSON))),
+            "allow:body-rule"
+        );
+        assert!(matches!(Body::parse(b"  \n", None), Body::Empty));
+        assert!(matches!(
+            Body::parse(b"{", Some(JSON)),
+            Body::Unjudgeable(_)
+        ));
+    }
+
+    const JSON: &[u8] = b"application/json; charset=utf-8";
+
+    /// What an agent sends to slip past `deny /amount gt 5000`, then `allow POST`.
+    #[test]
+    fn a_deny_rule_judges_or_refuses() {
+        let mut deny = row("no-big", Effect::Deny, 1, 0);
+        deny.conditions.body =
+            vec![serde_json::from_str(r#"{"pointer":"/amount","gt":5000}"#).unwrap()];
+        let mut allow = row("post", Effect::Allow, 10, 1);
+        allow.methods = vec!["POST".into()];
+        let rules = list(&[deny, allow]);
+        let empty = RuleList::default();
+        let run = |body: &str, content_type: &[u8]| {
+            let body = Body::parse(body.as_bytes(), Some(content_type));
+            decide([&rules, &empty], Effect::Deny, &facts("POST", "/", &body))
+        };
+        assert_eq!(run(r#"{"amount":10}"#, JSON), "allow:post");
+        assert_eq!(run(r#"{"amount":999999}"#, JSON), "deny:no-big");
+        assert_eq!(run(r#"{"currency":"usd"}"#, JSON), "allow:post");
+        for (body, content_type) in [
+            (r#"{"amount":"999999"}"#, JSON),
+            (r#"{"amount":[999999]}"#, JSON),
+            (r#"{"amount":null}"#, JSON),
+            (r#"[{"amount":999999}]"#, JSON),
+            (
+                r#""&amount=999999&x=""#,
+                b"application/x-www-form-urlencoded",
+            ),
+            (r#"{"amount":1}"#, b"application/x-www-form-urlencoded"),
+            (r#"{"amount":1}"#, b"text/plain"),
+            (r#"{"amount":1,"amount":999999}"#, JSON),
+            (r#"{"a":{"b":1,"b":2},"amount":1}"#, JSON),
+        ] {
+            assert_eq!(
+                run(body, content_type),
+                "rule_denied",
+                "{body} as {}",
+                String::from_utf8_lossy(content_type)
+            );
+        }
+        assert!(is_json_media_type(b"application/vnd.api+json"));
+        assert!(!is_json_media_type(b"application/jsonp"));
+    }
+
+    mod strict_bodies {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the body, a deny rule on a number either matches, passes a body
+            /// whose number is in range, or refuses: a number over the bound never passes.
+            #[test]
+            fn a_number_over_a_deny_bound_never_passes(
+                amount in prop_oneof![
+                    (5001u64..u64::MAX).prop_map(|n| n.to_string()),
+                    (5001u64..10_000_000).prop_map(|n| format!("\"{n}\"")),
+                    (5001u64..10_000_000).prop_map(|n| format!("[{n}]")),
+                    (5001u64..10_000_000).prop_map(|n| format!("{n}.5e0")),
+                ],
+                dup in any::<bool>(),
+            ) {
+                let mut deny = row("no-big", Effect::Deny, 1, 0);
+                deny.conditions.body =
+                    vec![serde_json::from_str(r#"{"pointer":"/amount","gt":5000}"#).unwrap()];
+                let rules = list(&[deny, row("all", Effect::Allow, 10, 1)]);
+                let empty = RuleList::default();
+                let json = if dup {
+                    format!(r#"{{"amount":1,"amount":{amount}}}"#)
+                } else {
+                    format!(r#"{{"amount":{amount}}}"#)
+                };
+                let body = Body::parse(json.as_bytes(), Some(JSON));
+                let got = decide([&rules, &empty], Effect::Deny, &facts("POST", "/", &body));
+                prop_assert!(got == "deny:no-big" || got == "rule_denied", "{} -> {}", json, got);
+            }
+        }
     }
 
     mod properties {

@@ -2,11 +2,14 @@
 //! one more request may start.
 //!
 //! Costs are known only when a response comes back, so a request *reserves* before it is
-//! forwarded and *settles* when its response is judged (or is released if none comes).
-//! A fixed per-request cost is reserved exactly: the cap is never exceeded. A cost read
-//! from the response is unknown up front: a capped account then admits a request only
-//! while its recorded spend is below the cap and fewer than [`MAX_IN_FLIGHT`] of its
-//! requests are in flight, so the overshoot is at most `MAX_IN_FLIGHT` responses' cost.
+//! forwarded and *settles* when its response is judged. What is reserved is the fixed
+//! price, or the proxy's `max_usd_per_request`: a capped account admits a request only
+//! if spent + reserved + this reservation fit under the cap, so the cap is a ceiling.
+//! A response that cannot be priced (compressed, streamed, too large, the caller gone)
+//! is charged its whole reservation. Without a maximum nothing is reserved: a capped
+//! account then admits a request only while its spend is below the cap and fewer than
+//! [`MAX_IN_FLIGHT`] of its requests are in flight, and an unpriceable response closes
+//! the account for its period ([`Settlement::Close`]): failing closed.
 //!
 //! Amounts are whole micro-dollars, so both stores add them exactly and atomically.
 
@@ -39,6 +42,20 @@ pub struct Account {
     /// How long the account lives after its last change (credential-day accounts).
     pub ttl_s: Option<u64>,
 }
+
+/// How a reservation ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Charge this many micro-dollars (0: released, nothing charged).
+    Charge(u64),
+    /// The response could not be priced and nothing was reserved for it: each capped
+    /// account's spend is raised to its cap, closing it until its period ends.
+    Close,
+}
+
+/// How long a shared account's in-flight counters outlive its last reservation: a
+/// count a failed settlement left behind drains once the account is idle this long.
+const IN_FLIGHT_TTL_S: u64 = 600;
 
 /// Why a request may not start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,15 +125,24 @@ impl LocalSpend {
         Ok(())
     }
 
-    fn settle(&self, accounts: &[Account], reserved: u64, actual: u64) {
+    /// Returns what was charged to the first account (the key's).
+    fn settle(&self, accounts: &[Account], reserved: u64, settlement: Settlement) -> u64 {
         let mut guard = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         let all = &mut guard.map;
+        let mut first = None;
         for a in accounts {
             let s = all.entry(a.id.clone()).or_default();
             s.reserved = s.reserved.saturating_sub(reserved);
             s.in_flight = s.in_flight.saturating_sub(1);
-            s.spent += actual;
+            let charged = match (settlement, a.cap_micros) {
+                (Settlement::Charge(actual), _) => actual,
+                (Settlement::Close, Some(cap)) => cap.saturating_sub(s.spent),
+                (Settlement::Close, None) => 0,
+            };
+            s.spent += charged;
+            first.get_or_insert(charged);
         }
+        first.unwrap_or(0)
     }
 
     fn spent(&self, id: &str) -> Option<u64> {
@@ -144,14 +170,16 @@ fn check(s: &State, cap: u64, estimate: u64) -> Result<(), Refusal> {
 }
 
 /// Shared through Redis. KEYS: per account its spent, reserved and in-flight counters.
-/// ARGV: estimate, then per account cap (-1 for none), seed, ttl (0 for none).
+/// ARGV: estimate, max in flight, in-flight TTL, then per account cap (-1 for none),
+/// seed, ttl (0 for none).
 const RESERVE_SCRIPT: &str = r"
 local estimate = tonumber(ARGV[1])
 local max_in_flight = tonumber(ARGV[2])
+local in_flight_ttl = tonumber(ARGV[3])
 local n = #KEYS / 3
 for i = 1, n do
-  local cap = tonumber(ARGV[3 * i])
-  redis.call('SET', KEYS[3 * i - 2], ARGV[3 * i + 1], 'NX')
+  local cap = tonumber(ARGV[3 * i + 1])
+  redis.call('SET', KEYS[3 * i - 2], ARGV[3 * i + 2], 'NX')
   if cap >= 0 then
     local spent = tonumber(redis.call('GET', KEYS[3 * i - 2]))
     local reserved = tonumber(redis.call('GET', KEYS[3 * i - 1]) or '0')
@@ -167,18 +195,32 @@ end
 for i = 1, n do
   redis.call('INCRBY', KEYS[3 * i - 1], estimate)
   redis.call('INCR', KEYS[3 * i])
-  local ttl = tonumber(ARGV[3 * i + 2])
+  local ttl = tonumber(ARGV[3 * i + 3])
   if ttl > 0 then
     for k = 3 * i - 2, 3 * i do redis.call('EXPIRE', KEYS[k], ttl) end
+  else
+    for k = 3 * i - 1, 3 * i do redis.call('EXPIRE', KEYS[k], in_flight_ttl) end
   end
 end
 return 0
 ";
 
-/// KEYS as for reserve; ARGV: reserved, actual.
+/// KEYS as for reserve; ARGV: reserved, actual, close (1 or 0), then per account cap
+/// (-1 for none). Returns what was charged to the first account.
 const SETTLE_SCRIPT: &str = r"
+local first = 0
 for i = 1, #KEYS / 3 do
-  redis.call('INCRBY', KEYS[3 * i - 2], ARGV[2])
+  local charge = tonumber(ARGV[2])
+  local cap = tonumber(ARGV[3 + i])
+  if ARGV[3] == '1' then
+    charge = 0
+    if cap >= 0 then
+      local spent = tonumber(redis.call('GET', KEYS[3 * i - 2]) or '0')
+      if cap > spent then charge = cap - spent end
+    end
+  end
+  redis.call('INCRBY', KEYS[3 * i - 2], charge)
+  if i == 1 then first = charge end
   if tonumber(redis.call('DECRBY', KEYS[3 * i - 1], ARGV[1])) < 0 then
     redis.call('SET', KEYS[3 * i - 1], 0, 'KEEPTTL')
   end
@@ -186,7 +228,7 @@ for i = 1, #KEYS / 3 do
     redis.call('SET', KEYS[3 * i], 0, 'KEEPTTL')
   end
 end
-return 0
+return first
 ";
 
 pub struct RedisSpend {
@@ -219,10 +261,13 @@ impl RedisSpend {
     ) -> Result<Result<(), Refusal>, BudgetError> {
         let mut invocation = self.reserve.prepare_invoke();
         Self::keys(&mut invocation, accounts);
-        invocation.arg(estimate).arg(MAX_IN_FLIGHT);
+        invocation
+            .arg(estimate)
+            .arg(MAX_IN_FLIGHT)
+            .arg(IN_FLIGHT_TTL_S);
         for a in accounts {
             invocation
-                .arg(a.cap_micros.map_or(-1, |c| c.min(i64::MAX as u64) as i64))
+                .arg(cap_arg(a))
                 .arg(a.seed_micros)
                 .arg(a.ttl_s.unwrap_or(0));
         }
@@ -242,18 +287,29 @@ impl RedisSpend {
         &self,
         accounts: &[Account],
         reserved: u64,
-        actual: u64,
-    ) -> Result<(), BudgetError> {
+        settlement: Settlement,
+    ) -> Result<u64, BudgetError> {
         let mut invocation = self.settle.prepare_invoke();
         Self::keys(&mut invocation, accounts);
-        invocation.arg(reserved).arg(actual);
+        let (actual, close) = match settlement {
+            Settlement::Charge(actual) => (actual, 0),
+            Settlement::Close => (0, 1),
+        };
+        invocation.arg(reserved).arg(actual).arg(close);
+        for a in accounts {
+            invocation.arg(cap_arg(a));
+        }
         let mut connection = self.connection.clone();
         invocation
             .invoke_async::<i64>(&mut connection)
             .await
-            .map(drop)
+            .map(|charged| charged.max(0) as u64)
             .map_err(|e| BudgetError::new(e.to_string()))
     }
+}
+
+fn cap_arg(a: &Account) -> i64 {
+    a.cap_micros.map_or(-1, |c| c.min(i64::MAX as u64) as i64)
 }
 
 pub enum Spend {
@@ -275,19 +331,16 @@ impl Spend {
         }
     }
 
-    /// Ends a reservation: `actual` micro-dollars are charged (0 when released).
+    /// Ends a reservation; returns what was charged to the first account (the key's).
     pub async fn settle(
         &self,
         accounts: &[Account],
         reserved: u64,
-        actual: u64,
-    ) -> Result<(), BudgetError> {
+        settlement: Settlement,
+    ) -> Result<u64, BudgetError> {
         match self {
-            Spend::Local(local) => {
-                local.settle(accounts, reserved, actual);
-                Ok(())
-            }
-            Spend::Redis(redis) => redis.settle(accounts, reserved, actual).await,
+            Spend::Local(local) => Ok(local.settle(accounts, reserved, settlement)),
+            Spend::Redis(redis) => redis.settle(accounts, reserved, settlement).await,
         }
     }
 
@@ -321,7 +374,7 @@ mod tests {
         let admitted = (0..10).filter(|_| spend.reserve(&a, price).is_ok()).count();
         assert_eq!(admitted, 3, "0.9 of 1.0 reserved");
         for _ in 0..3 {
-            spend.settle(&a, price, price);
+            spend.settle(&a, price, Settlement::Charge(price));
         }
         assert_eq!(spend.spent("key:k1"), Some(to_micros(0.9)));
         assert_eq!(spend.reserve(&a, price), Err(Refusal::CapReached(0)));
@@ -336,7 +389,7 @@ mod tests {
         assert_eq!(spend.reserve(&a, 0), Err(Refusal::TooManyInFlight));
         // Each response costs 0.3: the cap is crossed, by at most the in-flight ones.
         for _ in 0..MAX_IN_FLIGHT {
-            spend.settle(&a, 0, to_micros(0.3));
+            spend.settle(&a, 0, Settlement::Charge(to_micros(0.3)));
         }
         assert_eq!(spend.reserve(&a, 0), Err(Refusal::CapReached(0)));
         assert!(spend.spent("key:k1").unwrap() <= to_micros(1.0) + MAX_IN_FLIGHT * to_micros(0.3));
@@ -352,11 +405,25 @@ mod tests {
         for _ in 0..100 {
             assert!(spend.reserve(&a, 0).is_ok());
         }
-        spend.settle(&a, 0, 0);
-        spend.settle(&a, 0, 250);
+        spend.settle(&a, 0, Settlement::Charge(0));
+        spend.settle(&a, 0, Settlement::Charge(250));
+        // Closing an uncapped account charges nothing.
+        assert_eq!(spend.settle(&a, 0, Settlement::Close), 0);
         assert_eq!(spend.spent("key:k1"), Some(750));
         assert_eq!(to_micros(0.000_001), 1);
         assert_eq!(to_usd(1_500_000), 1.5);
+    }
+
+    #[test]
+    fn an_unpriced_response_without_a_reservation_closes_the_account() {
+        let spend = LocalSpend::default();
+        let a = [account(Some(1.0))];
+        spend.reserve(&a, 0).unwrap();
+        spend.settle(&a, 0, Settlement::Charge(to_micros(0.25)));
+        spend.reserve(&a, 0).unwrap();
+        assert_eq!(spend.settle(&a, 0, Settlement::Close), to_micros(0.75));
+        assert_eq!(spend.spent("key:k1"), Some(to_micros(1.0)));
+        assert_eq!(spend.reserve(&a, 0), Err(Refusal::CapReached(0)));
     }
 
     #[test]
@@ -370,7 +437,7 @@ mod tests {
         };
         for n in 0..5000 {
             spend.reserve(&[day(n)], 1).unwrap();
-            spend.settle(&[day(n)], 1, 1);
+            spend.settle(&[day(n)], 1, Settlement::Charge(1));
         }
         let held = spend.accounts.lock().unwrap().map.len();
         assert!(held <= 2048, "{held} accounts held");

@@ -60,6 +60,14 @@ struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PricingLabels {
+    proxy: String,
+    /// `unpriced` (charged its reservation), `closed` (no reservation: the account is
+    /// closed) or `over_reservation` (priced above it, charged in full).
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     /// `2xx` … `5xx`, or `none` when the client left before any status.
     class: &'static str,
@@ -74,6 +82,7 @@ pub struct Metrics {
     decision_seconds: Histogram,
     echoes: Family<ProxyLabels, Counter>,
     redactions: Family<ProxyLabels, Counter>,
+    pricing: Family<PricingLabels, Counter>,
     pub audit: AuditCounters,
     audit_queued: Gauge,
 }
@@ -118,6 +127,12 @@ impl Default for Metrics {
             "JSON response fields redacted",
             redactions.clone(),
         );
+        let pricing = Family::<PricingLabels, Counter>::default();
+        registry.register(
+            "pricing_exceptions",
+            "Priced responses that could not be priced, or cost more than was reserved",
+            pricing.clone(),
+        );
         let audit = AuditCounters::default();
         registry.register(
             "audit_events_written",
@@ -158,6 +173,7 @@ impl Default for Metrics {
             decision_seconds,
             echoes,
             redactions,
+            pricing,
             audit,
             audit_queued,
         }
@@ -207,6 +223,16 @@ impl Metrics {
                 .get_or_create(&labels)
                 .inc_by(redacted as u64);
         }
+    }
+
+    /// A priced response that was not charged as priced (see [`PricingLabels`]).
+    pub fn record_pricing_exception(&self, proxy: &str, outcome: &'static str) {
+        self.pricing
+            .get_or_create(&PricingLabels {
+                proxy: proxy.to_owned(),
+                outcome,
+            })
+            .inc();
     }
 
     pub fn observe_decision(&self, elapsed: std::time::Duration) {

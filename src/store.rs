@@ -149,7 +149,8 @@ pub struct KeyRow {
     pub policy_sourced: bool,
     pub label: Option<String>,
     pub created_at: i64,
-    pub expires_at: Option<i64>,
+    /// Unix milliseconds.
+    pub expires_at_ms: Option<i64>,
     pub revoked_at: Option<i64>,
     pub spend_cap_usd: Option<f64>,
     pub spent_usd: f64,
@@ -160,7 +161,8 @@ pub struct NewKey<'a> {
     pub credential: &'a str,
     pub hash: [u8; 32],
     pub label: Option<&'a str>,
-    pub expires_at: Option<i64>,
+    /// Unix milliseconds.
+    pub expires_at_ms: Option<i64>,
     pub spend_cap_usd: Option<f64>,
 }
 
@@ -646,15 +648,17 @@ impl Store {
         let id = crypto::random_id("key");
         sqlx::query(
             "INSERT INTO proxy_keys (id, credential_id, key_hash, source, label, created_at,
-                                     expires_at, spend_cap_usd)
-             VALUES ($1, $2, $3, 'issued', $4, $5, $6, $7)",
+                                     expires_at, expires_at_ms, spend_cap_usd)
+             VALUES ($1, $2, $3, 'issued', $4, $5, $6, $7, $8)",
         )
         .bind(&id)
         .bind(&credential)
         .bind(key.hash.as_slice())
         .bind(key.label)
         .bind(now_unix())
-        .bind(key.expires_at)
+        // Seconds, rounded up, for display; the milliseconds decide.
+        .bind(key.expires_at_ms.map(|ms| (ms + 999).div_euclid(1000)))
+        .bind(key.expires_at_ms)
         .bind(key.spend_cap_usd)
         .execute(&mut *tx)
         .await?;
@@ -824,7 +828,8 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
     // Streamed, row by row: a policy with 100,000s of keys is never held twice (as
     // database rows and as key rows) at once.
     let mut rows = sqlx::query(
-        "SELECT id, credential_id, key_hash, source, label, created_at, expires_at,
+        "SELECT id, credential_id, key_hash, source, label, created_at,
+                COALESCE(expires_at_ms, expires_at * 1000) AS expires_at_ms,
                 revoked_at, spend_cap_usd, spent_usd
          FROM proxy_keys ORDER BY created_at, id",
     )
@@ -837,7 +842,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             policy_sourced: row.try_get::<String, _>("source")? == "policy",
             label: row.try_get("label")?,
             created_at: row.try_get("created_at")?,
-            expires_at: row.try_get("expires_at")?,
+            expires_at_ms: row.try_get("expires_at_ms")?,
             revoked_at: row.try_get("revoked_at")?,
             spend_cap_usd: row.try_get("spend_cap_usd")?,
             spent_usd: row.try_get("spent_usd")?,
@@ -1114,7 +1119,8 @@ async fn write_diff(
                          VALUES ($1, $2, $3, 'policy', $4)
                          ON CONFLICT (key_hash) DO UPDATE SET
                            id = excluded.id, credential_id = excluded.credential_id,
-                           source = 'policy', revoked_at = NULL, expires_at = NULL",
+                           source = 'policy', revoked_at = NULL, expires_at = NULL,
+                           expires_at_ms = NULL",
                     )
                     .bind(&id)
                     .bind(cred_id)
@@ -1456,7 +1462,7 @@ rules:
                     credential: "agent",
                     hash: hash_key(b"lk_run"),
                     label: Some("run-1"),
-                    expires_at: Some(4_000_000_000),
+                    expires_at_ms: Some(4_000_000_000_000),
                     spend_cap_usd: Some(2.5),
                 })
                 .await

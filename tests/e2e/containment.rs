@@ -227,3 +227,443 @@ async fn the_insecure_opt_in_is_what_hands_out_the_secret() {
     assert!(seen.contains(SECRET), "{seen}");
     assert!(audited >= 1);
 }
+
+/// A vendor priced from its JSON answers (`{"units": 3}`, 0.30 USD), with the answers an
+/// agent can provoke: compressed when asked (`/honest`) or always (`/gzip`), a slow
+/// event stream (`/stream`), a body over Envoy's buffer (`/large`), a slow answer
+/// (`/slow`).
+struct Vendor {
+    addr: std::net::SocketAddr,
+    /// Each request's path and the `accept-encoding` it came with.
+    seen: Asked,
+}
+
+type Asked = std::sync::Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
+impl Vendor {
+    async fn start() -> Self {
+        use axum::body::Body;
+        use axum::http::{HeaderMap, Response, Uri};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |uri: Uri, headers: HeaderMap| {
+            let log = log.clone();
+            async move {
+                let accept = headers
+                    .get("accept-encoding")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                log.lock()
+                    .unwrap()
+                    .push((uri.path().to_owned(), accept.clone()));
+                let json = |body: Vec<u8>| {
+                    Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Body::from(body))
+                        .unwrap()
+                };
+                // Not real gzip: what matters is that latchkey cannot read it.
+                let gzip = || {
+                    Response::builder()
+                        .header("content-type", "application/json")
+                        .header("content-encoding", "gzip")
+                        .body(Body::from(vec![0x1f, 0x8b, 8, 0, 1, 2, 3]))
+                        .unwrap()
+                };
+                match uri.path() {
+                    "/v1/honest" if accept.as_deref().is_some_and(|a| a.contains("gzip")) => gzip(),
+                    "/v1/gzip" => gzip(),
+                    "/v1/stream" => {
+                        let chunks = futures_util::stream::unfold(0, |i| async move {
+                            if i == 3 {
+                                return None;
+                            }
+                            if i > 0 {
+                                tokio::time::sleep(Duration::from_millis(400)).await;
+                            }
+                            let event = format!("data: {{\"units\": 3, \"chunk\": {i}}}\n\n");
+                            Some((Ok::<_, std::io::Error>(event), i + 1))
+                        });
+                        Response::builder()
+                            .header("content-type", "text/event-stream")
+                            .body(Body::from_stream(chunks))
+                            .unwrap()
+                    }
+                    "/v1/large" => {
+                        let pad = "x".repeat(2 << 20);
+                        json(format!("{{\"pad\":\"{pad}\",\"units\":3}}").into_bytes())
+                    }
+                    "/v1/slow" => {
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        json(b"{\"units\":3}".to_vec())
+                    }
+                    _ => json(b"{\"units\":3}".to_vec()),
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self { addr, seen }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn take(&self) -> Vec<(String, Option<String>)> {
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
+fn priced(upstream: &str, cost: &str) -> String {
+    format!(
+        r#"
+targets:
+  - {{ name: vendor, url: "{upstream}" }}
+credentials:
+  - {{ name: vendor-key, type: target, auth: bearer, secret: {{ env: VENDOR_SECRET }} }}
+  - {{ name: agent, type: proxy, keys: [{{ env: AGENT_KEY }}] }}
+proxies:
+  - name: paid
+    target: vendor
+    target_credential: vendor-key
+    proxy_credentials: [agent]
+    default_effect: allow
+    cost: {cost}
+"#
+    )
+}
+
+/// A key of `agent` capped at `cap` USD: its id and the key.
+fn capped_key(stack: &Stack, cap: &str) -> (String, String) {
+    let k = common::json(&stack.cli(
+        &[
+            "key",
+            "issue",
+            "--credential",
+            "agent",
+            "--spend-cap-usd",
+            cap,
+            "--json",
+        ],
+        &[],
+    ));
+    (
+        k["id"].as_str().unwrap().to_owned(),
+        k["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// The key's recorded spend, once it has settled at `expected` (or what it was after 3 s).
+async fn spent(stack: &Stack, id: &str, expected: f64) -> f64 {
+    let mut spent = f64::NAN;
+    for _ in 0..60 {
+        let list = common::json(&stack.cli(&["key", "list", "--json"], &[]));
+        spent = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id)
+            .unwrap()["spent_usd"]
+            .as_f64()
+            .unwrap();
+        if (spent - expected).abs() < 1e-9 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    spent
+}
+
+/// `n` calls one after another with `accept-encoding: gzip`; their statuses.
+async fn calls(stack: &Stack, key: &str, path: &str, n: usize) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for _ in 0..n {
+        let response = client()
+            .get(stack.url(path))
+            .bearer_auth(key)
+            .header("accept-encoding", "gzip, br")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+        let _ = response.bytes().await;
+    }
+    statuses
+}
+
+const RESERVED: &str = "{ response_json: /units, usd_per_unit: 0.1, max_usd_per_request: 0.5 }";
+
+#[tokio::test]
+async fn priced_calls_cannot_be_made_free() {
+    priced_calls(&[]).await;
+}
+
+#[tokio::test]
+async fn priced_calls_cannot_be_made_free_with_budgets_in_redis() {
+    priced_calls(&[("LATCHKEY_REDIS_URL", "redis://127.0.0.1:6379")]).await;
+}
+
+async fn priced_calls(serve_env: &[(&str, &str)]) {
+    let vendor = Vendor::start().await;
+    let stack = Stack::start_configured(|c| c, serve_env).await;
+    stack.apply(&priced(&vendor.url(), RESERVED), &ENV);
+
+    // Asking for gzip: the vendor is asked for identity instead and the price is read.
+    let (id, key) = capped_key(&stack, "1.2");
+    assert_eq!(calls(&stack, &key, "/paid/v1/honest", 3).await, [200; 3]);
+    assert!(
+        vendor
+            .take()
+            .iter()
+            .all(|(_, accept)| accept.as_deref() == Some("identity"))
+    );
+    assert!((spent(&stack, &id, 0.9).await - 0.9).abs() < 1e-9);
+    // 0.9 spent + 0.5 reserved would cross the 1.20 cap: refused before forwarding.
+    assert_eq!(calls(&stack, &key, "/paid/v1/honest", 1).await, [429]);
+    assert!(vendor.take().is_empty());
+
+    // Answers latchkey cannot price are charged their reservation: two fit in 1.00.
+    for path in ["/paid/v1/gzip", "/paid/v1/stream", "/paid/v1/large"] {
+        let (id, key) = capped_key(&stack, "1");
+        assert_eq!(
+            calls(&stack, &key, path, 4).await,
+            [200, 200, 429, 429],
+            "{path}"
+        );
+        assert!((spent(&stack, &id, 1.0).await - 1.0).abs() < 1e-9, "{path}");
+        assert_eq!(vendor.take().len(), 2, "{path}");
+    }
+    let metrics = stack.metrics().await;
+    assert!(
+        metrics
+            .contains("latchkey_pricing_exceptions_total{proxy=\"paid\",outcome=\"unpriced\"} 6"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_caller_that_hangs_up_is_charged_the_reservation() {
+    let vendor = Vendor::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&priced(&vendor.url(), RESERVED), &ENV);
+    let (id, key) = capped_key(&stack, "1");
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let gone = impatient
+            .get(stack.url("/paid/v1/slow"))
+            .bearer_auth(&key)
+            .send()
+            .await;
+        assert!(gone.is_err(), "the caller hung up");
+    }
+    assert!((spent(&stack, &id, 1.0).await - 1.0).abs() < 1e-9);
+    assert_eq!(calls(&stack, &key, "/paid/v1/slow", 1).await, [429]);
+}
+
+#[tokio::test]
+async fn without_a_maximum_an_unpriceable_answer_closes_the_account() {
+    let vendor = Vendor::start().await;
+    let stack = Stack::start().await;
+    stack.apply(
+        &priced(
+            &vendor.url(),
+            "{ response_json: /units, usd_per_unit: 0.1 }",
+        ),
+        &ENV,
+    );
+    let (id, key) = capped_key(&stack, "1");
+    assert_eq!(calls(&stack, &key, "/paid/v1/ok", 1).await, [200]);
+    assert!((spent(&stack, &id, 0.3).await - 0.3).abs() < 1e-9);
+    assert_eq!(calls(&stack, &key, "/paid/v1/gzip", 2).await, [200, 429]);
+    assert!((spent(&stack, &id, 1.0).await - 1.0).abs() < 1e-9);
+}
+
+#[tokio::test]
+async fn a_stream_on_a_priced_proxy_is_not_held_back() {
+    let vendor = Vendor::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&priced(&vendor.url(), RESERVED), &ENV);
+    let started = std::time::Instant::now();
+    let mut response = client()
+        .get(stack.url("/paid/v1/stream"))
+        .bearer_auth(AGENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let first = response.chunk().await.unwrap().unwrap();
+    let first_at = started.elapsed();
+    assert!(String::from_utf8_lossy(&first).contains("\"chunk\": 0"));
+    // The vendor pauses 400 ms between events: the first one came before the second.
+    assert!(first_at < Duration::from_millis(350), "{first_at:?}");
+    let mut rest = Vec::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        rest.extend_from_slice(&chunk);
+    }
+    assert!(String::from_utf8_lossy(&rest).contains("\"chunk\": 2"));
+}
+
+fn ruled(upstream: &str) -> String {
+    format!(
+        r#"{}
+rules:
+  - {{ proxy: vendor, effect: deny, path: "^/v1/admin", priority: 1 }}
+  - {{ proxy: vendor, effect: allow, methods: [GET, POST], path: "^/v1/charges", priority: 10 }}
+"#,
+        policy(upstream).replace("default_effect: allow", "default_effect: deny")
+    )
+}
+
+#[tokio::test]
+async fn paths_and_overrides_the_upstream_reads_differently_are_refused() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&ruled(&upstream.url()), &ENV);
+    let http = client();
+    let get = |path: &str| {
+        http.get(stack.url(&format!("/vendor{path}")))
+            .bearer_auth(AGENT_KEY)
+            .send()
+    };
+    assert_eq!(get("/v1/charges").await.unwrap().status(), 200);
+    upstream.take();
+    // Servlet path parameters on dot segments: none reaches the vendor.
+    for path in [
+        "/v1/charges/%2e%2e;/admin",
+        "/v1/charges/..;/admin",
+        "/v1/charges/..;jsessionid=x/admin",
+        "/v1/charges/%2E%2E%3B/admin",
+        "/v1/charges/..%3b/admin",
+        "/v1/charges/.;/x",
+    ] {
+        let response = get(path).await.unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        // Refused by latchkey (400); resolved by Envoy to /v1/admin and denied (403);
+        // or resolved to a plain path the rules allow: never forwarded as `..;`.
+        assert!(
+            matches!(status.as_u16(), 200 | 400 | 403 | 404),
+            "{path}: {status} {body}"
+        );
+        for seen in upstream.take() {
+            let lower = seen.uri.to_ascii_lowercase();
+            assert!(
+                !lower.contains("/..;") && !lower.contains("/.;") && !lower.contains("%3b"),
+                "{path} reached the vendor as {}",
+                seen.uri
+            );
+            assert!(seen.uri.starts_with("/v1/charges/"), "{}", seen.uri);
+        }
+    }
+    // An escaped letter is the same path to the upstream: the deny rule sees it.
+    let (status, kind, _) = common::denial(get("/v1/%61dmin").await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (403, "rule_denied"));
+    // Method overrides: in the query, or in a header spelled with underscores.
+    for query in [
+        "_method=DELETE",
+        "X-HTTP-Method-Override=DELETE",
+        "%5Fmethod=DELETE",
+    ] {
+        let response = http
+            .post(stack.url(&format!("/vendor/v1/charges?{query}")))
+            .bearer_auth(AGENT_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{query}");
+    }
+    for header in ["x_http_method_override", "x_api_key", "x_latchkey_key"] {
+        let response = http
+            .post(stack.url("/vendor/v1/charges"))
+            .bearer_auth(AGENT_KEY)
+            .header(header, "DELETE")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{header}");
+    }
+    assert!(
+        upstream.take().is_empty(),
+        "none of them reached the vendor"
+    );
+}
+
+#[tokio::test]
+async fn a_deny_rule_on_the_body_judges_or_refuses() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    let rules = r#"
+rules:
+  - { proxy: vendor, effect: deny, body: [{ pointer: /amount, gt: 5000 }], priority: 1 }
+  - { proxy: vendor, effect: allow, methods: [POST], path: "^/v1/charges$", priority: 10 }
+"#;
+    let file = policy(&upstream.url()).replace("default_effect: allow", "default_effect: deny");
+    stack.apply(&format!("{file}{rules}"), &ENV);
+    let post = |body: &'static str, content_type: &'static str| {
+        client()
+            .post(stack.url("/vendor/v1/charges"))
+            .bearer_auth(AGENT_KEY)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let json = "application/json";
+    assert_eq!(post(r#"{"amount":100}"#, json).await.unwrap().status(), 200);
+    assert_eq!(upstream.take().len(), 1);
+    for (body, content_type) in [
+        (r#"{"amount":999999}"#, json),
+        (r#"{"amount":"999999"}"#, json),
+        (r#"[{"amount":999999}]"#, json),
+        (
+            r#""&amount=999999&x=""#,
+            "application/x-www-form-urlencoded",
+        ),
+        (r#"{"amount":1,"amount":999999}"#, json),
+    ] {
+        let (status, kind, error) = common::denial(post(body, content_type).await.unwrap()).await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (403, "rule_denied"),
+            "{body}: {error}"
+        );
+    }
+    assert!(
+        upstream.take().is_empty(),
+        "a refused body reached the vendor"
+    );
+}
+
+#[tokio::test]
+async fn a_run_key_expires_to_the_millisecond() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&policy(&upstream.url()), &ENV);
+    let issued = common::json(&stack.cli(
+        &[
+            "key",
+            "issue",
+            "--credential",
+            "agent",
+            "--ttl",
+            "1s",
+            "--json",
+        ],
+        &[],
+    ));
+    let started = std::time::Instant::now();
+    let key = issued["key"].as_str().unwrap().to_owned();
+    let call = || {
+        client()
+            .get(stack.url("/vendor/v1/balance"))
+            .bearer_auth(&key)
+            .send()
+    };
+    assert_eq!(call().await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(started.elapsed())).await;
+    let (status, kind, _) = common::denial(call().await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (401, "expired_key"));
+}
