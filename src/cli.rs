@@ -522,9 +522,6 @@ fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow!("{}", status.message())
 }
 
-/// Imported keys shorter than this are refused: a proxy key must not be guessable.
-const MIN_IMPORTED_KEY_LEN: usize = 16;
-
 /// The secrets and imported keys a file refers to, resolved here (where the `env` and
 /// `file` references make sense): secrets to send, keys hashed so none crosses the wire.
 pub(crate) fn resolve_material(
@@ -549,9 +546,9 @@ pub(crate) fn resolve_material(
                 key.resolve(base)
                     .map_err(|e| anyhow!("credential {name:?}: keys[{i}]: {e}"))?,
             );
-            if key.len() < MIN_IMPORTED_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            if !crate::keys::strong_enough(key.as_bytes()) {
                 return Err(anyhow!(
-                    "credential {name:?}: keys[{i}]: a proxy key is at least {MIN_IMPORTED_KEY_LEN} printable characters"
+                    "credential {name:?}: keys[{i}]: a proxy key is 16 to 512 printable characters, at least 8 of them different"
                 ));
             }
             sha256.push(crypto::hash_key(key.as_bytes()).to_vec());
@@ -677,7 +674,11 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
             "default_effect": (!r.default_effect.is_empty()).then_some(&r.default_effect),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
+        return if r.allowed {
+            Ok(())
+        } else {
+            Err(Denied.into())
+        };
     }
     let who = if r.credential.is_empty() {
         "anyone (proxy rules only)".to_owned()
@@ -714,8 +715,18 @@ async fn check(args: CheckArgs) -> anyhow::Result<()> {
         }
         None => {}
     }
-    Ok(())
+    if r.allowed {
+        Ok(())
+    } else {
+        Err(Denied.into())
+    }
 }
+
+/// `latchkey check`'s answer "denied": exit code 1, the explanation already printed
+/// (any other failure exits 2).
+#[derive(Debug, thiserror::Error)]
+#[error("the request would be denied")]
+pub struct Denied;
 
 /// Unix seconds as RFC 3339, the form every printed time takes.
 fn rfc3339(unix: i64) -> String {

@@ -107,6 +107,13 @@ impl Denial {
         }
     }
 
+    /// Whether sending the same request again cannot help (the key, the rules or the
+    /// spend cap stand in the way): such denials tell SDKs not to retry
+    /// (`x-should-retry: false`), so a looping agent stops sooner.
+    pub fn permanent(&self) -> bool {
+        matches!(self.http_status(), 401 | 403) || matches!(self, Denial::SpendCapExceeded { .. })
+    }
+
     /// The rule that decided, if one did.
     pub fn rule_id(&self) -> Option<&str> {
         match self {

@@ -271,6 +271,9 @@ fn denial_headers(denial: &Denial) -> Vec<(&'static str, String)> {
         },
         matches!(denial, Denial::RateLimited { .. })
             .then(|| ("x-ratelimit-remaining", "0".to_owned())),
+        denial
+            .permanent()
+            .then(|| ("x-should-retry", "false".to_owned())),
     ]
     .into_iter()
     .flatten()

@@ -1,5 +1,5 @@
 //! The plain HTTP endpoints: `/healthz` (the process answers), `/readyz` (a policy is
-//! loaded, the gRPC servers are up and the store answers) and `/metrics` (Prometheus
+//! loaded and current, the gRPC servers are up and the store answers) and `/metrics` (Prometheus
 //! text).
 
 use std::sync::Arc;
@@ -33,6 +33,12 @@ pub fn router(state: HttpState) -> Router {
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if !state.ready.load(Ordering::Acquire) {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n");
+    }
+    if !state.shared.policy_is_current() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the policy cannot be reloaded from the store\n",
+        );
     }
     // The request path never needs the store, but policy changes and the audit do.
     match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {

@@ -11,20 +11,45 @@ use crate::denial::Denial;
 use crate::policy::{KeyEntry, Policy};
 
 /// Headers that can carry a proxy key; every one of them is stripped before forwarding.
-pub const CARRIERS: [&str; 4] = [
+/// `api-key` is Azure OpenAI's, `x-goog-api-key` Gemini's: their SDKs keep working.
+pub const CARRIERS: [&str; 6] = [
     "authorization",
     "proxy-authorization",
     "x-api-key",
     "x-latchkey-key",
+    "api-key",
+    "x-goog-api-key",
 ];
 
 const MIN_KEY_LEN: usize = 16;
 const MAX_KEY_LEN: usize = 512;
+/// Different characters a key must have: `aaaaaaaaaaaaaaaa` is 16 long and guessable.
+const MIN_DISTINCT: usize = 8;
+
+/// Whether `key` could be a proxy key: 16 to 512 printable characters, at least 8 of
+/// them different. Checked where keys are imported (the CLI, which hashes them) and
+/// again by the server whenever one is presented, since the server only ever holds
+/// hashes: a weak imported key never authenticates.
+pub fn strong_enough(key: &[u8]) -> bool {
+    let mut seen = [false; 128];
+    let mut distinct = 0;
+    for &b in key {
+        if !b.is_ascii_graphic() {
+            return false;
+        }
+        if !std::mem::replace(&mut seen[usize::from(b)], true) {
+            distinct += 1;
+        }
+    }
+    (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&key.len()) && distinct >= MIN_DISTINCT
+}
 
 /// The key a header carries, if it carries one (`name` is lower-case).
 fn carried<'a>(name: &str, value: &'a [u8]) -> Option<Cow<'a, [u8]>> {
     match name {
-        "x-api-key" | "x-latchkey-key" => Some(Cow::Borrowed(value.trim_ascii())),
+        "x-api-key" | "x-latchkey-key" | "api-key" | "x-goog-api-key" => {
+            Some(Cow::Borrowed(value.trim_ascii()))
+        }
         "authorization" | "proxy-authorization" => {
             let value = value.trim_ascii();
             let (scheme, rest) = value.split_at(value.iter().position(|&b| b == b' ')?);
@@ -64,10 +89,7 @@ pub fn presented<'a>(headers: &[(&str, &'a [u8])]) -> Result<Cow<'a, [u8]>, Deni
         }
     }
     let key = found.ok_or(Denial::MissingKey)?;
-    if key.len() < MIN_KEY_LEN
-        || key.len() > MAX_KEY_LEN
-        || !key.iter().all(|b| b.is_ascii_graphic())
-    {
+    if !strong_enough(&key) {
         return Err(Denial::InvalidKey("malformed"));
     }
     Ok(key)
@@ -82,7 +104,7 @@ pub fn authenticate<'p>(
     let entry = policy
         .key(&hash_key(key))
         .ok_or(Denial::InvalidKey("unknown key"))?;
-    if entry.revoked {
+    if entry.revoked.load(std::sync::atomic::Ordering::Relaxed) {
         return Err(Denial::RevokedKey);
     }
     if entry.expires_at_ms.is_some_and(|t| t <= now_ms) {
@@ -116,6 +138,8 @@ mod tests {
             ("proxy-authorization", bearer.as_str()),
             ("x-api-key", KEY),
             ("x-latchkey-key", KEY),
+            ("api-key", KEY),
+            ("x-goog-api-key", KEY),
         ] {
             assert_eq!(present(&[("accept", "*/*"), h]).unwrap(), KEY, "{h:?}");
         }
@@ -140,6 +164,17 @@ mod tests {
             present(&[("x-api-key", &"a".repeat(600))]),
             Err(Denial::InvalidKey("malformed"))
         );
+        for weak in [
+            "aaaaaaaaaaaaaaaaaaaa",
+            "0000000000000000",
+            "abababababababab",
+        ] {
+            assert_eq!(
+                present(&[("x-api-key", weak)]),
+                Err(Denial::InvalidKey("malformed")),
+                "{weak}"
+            );
+        }
         let other = "lk_zzzzzzzzzzzzzzzzzzzzzzzz";
         assert!(matches!(
             present(&[("x-api-key", KEY), ("x-latchkey-key", other)]),

@@ -14,10 +14,12 @@ async fn main() -> std::process::ExitCode {
         .init();
     match latchkey::cli::run(latchkey::cli::Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // `check`: denied, as printed.
+        Err(e) if e.is::<latchkey::cli::Denied>() => std::process::ExitCode::from(1),
         Err(e) => {
-            // The contract: a one-line reason.
+            // The contract: a one-line reason; exit 2 (`check` tells 1, denied, apart).
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(2)
         }
     }
 }

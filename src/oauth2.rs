@@ -82,6 +82,16 @@ impl std::fmt::Debug for TokenSource {
 const REQUEST_BUDGET: Duration = Duration::from_millis(1500);
 /// Without `expires_in`, a token is trusted this long.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// Nor longer than this, whatever the server says (`expires_in: 1e19` must not
+/// overflow the clock, and a day-old token is refreshed anyway).
+const MAX_LIFETIME: Duration = Duration::from_secs(86_400);
+
+/// How long a token the server says lives `expires_in` seconds is used.
+fn lifetime(expires_in: Option<u64>) -> Duration {
+    expires_in.map_or(DEFAULT_LIFETIME, |s| {
+        Duration::from_secs(s).min(MAX_LIFETIME)
+    })
+}
 
 static CLIENT: LazyLock<reqwest::Client> = LazyLock::new(|| {
     reqwest::Client::builder()
@@ -236,9 +246,7 @@ impl TokenSource {
         if !usable {
             return Err(TokenError::BadAnswer);
         }
-        let lifetime = answer
-            .expires_in
-            .map_or(DEFAULT_LIFETIME, Duration::from_secs);
+        let lifetime = lifetime(answer.expires_in);
         let mut header = Zeroizing::new(Vec::with_capacity(7 + access_token.len()));
         header.extend_from_slice(b"Bearer ");
         header.extend_from_slice(access_token.as_bytes());
@@ -247,5 +255,19 @@ impl TokenSource {
             fetched,
             expires: fetched + lifetime,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_expires_in_is_clamped() {
+        let now = Instant::now();
+        assert_eq!(lifetime(Some(u64::MAX)), MAX_LIFETIME);
+        assert!(now.checked_add(lifetime(Some(u64::MAX))).is_some());
+        assert_eq!(lifetime(Some(60)), Duration::from_secs(60));
+        assert_eq!(lifetime(None), DEFAULT_LIFETIME);
     }
 }

@@ -265,19 +265,28 @@ fn run(
         ..
     } = decision;
     let route = route(req.path)?;
-    let proxy = policy
-        .proxy(&route.proxy)
-        .ok_or_else(|| Denial::UnknownProxy(route.proxy.chars().take(128).collect()))?;
-    subject.proxy = Some(proxy.name.clone());
-    subject.target = Some(proxy.target.clone());
+    let proxy = policy.proxy(&route.proxy);
+    if let Some(proxy) = proxy {
+        subject.proxy = Some(proxy.name.clone());
+        subject.target = Some(proxy.target.clone());
+    }
     subject.path = Some(route.path.to_string());
+    // The key is checked before the proxy is said to be unknown: a caller without a
+    // valid key cannot tell which proxies exist.
+    let entry = match caller {
+        Caller::Key => {
+            let key = keys::presented(req.headers)?;
+            Some(keys::authenticate(policy, &key, now_ms)?)
+        }
+        _ => None,
+    };
+    let proxy =
+        proxy.ok_or_else(|| Denial::UnknownProxy(route.proxy.chars().take(128).collect()))?;
     guard.clone_from(&proxy.response);
 
     let no_rules = RuleList::default();
-    let credential = match caller {
-        Caller::Key => {
-            let key = keys::presented(req.headers)?;
-            let entry = keys::authenticate(policy, &key, now_ms)?;
+    let credential = match (caller, entry) {
+        (Caller::Key, Some(entry)) => {
             subject.key_id = Some(entry.id.clone());
             subject.run_label = entry.label.clone();
             if let Some(cost) = &proxy.cost {
@@ -306,12 +315,12 @@ fn run(
             }
             Some(entry.credential)
         }
-        Caller::Credential(name) => Some(
+        (Caller::Credential(name), _) => Some(
             policy
                 .credential_index(name)
                 .ok_or(Denial::InvalidKey("unknown credential"))?,
         ),
-        Caller::Anyone => None,
+        (Caller::Key | Caller::Anyone, _) => None,
     };
     let credential_rules = match credential {
         Some(index) => {

@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -169,7 +170,8 @@ pub struct KeyEntry {
     pub label: Option<Arc<str>>,
     /// Unix milliseconds.
     pub expires_at_ms: Option<i64>,
-    pub revoked: bool,
+    /// Set by the snapshot that revoked it, or later by [`Policy::apply_revocations`].
+    pub revoked: AtomicBool,
     pub spend_cap_micros: Option<u64>,
     /// Spent as of the snapshot: where an account not yet in memory starts.
     pub spent_micros: u64,
@@ -262,6 +264,26 @@ impl Policy {
                 p.name
             ))
         })
+    }
+
+    /// Revokes, in this running snapshot, every key the store revokes or no longer
+    /// has: a replica that cannot compile the store's policy (a master key it lacks, a
+    /// bug) still stops revoked keys, which must never wait for a full compile.
+    /// Returns how many keys it revoked.
+    pub fn apply_revocations(&self, stored: &StoredPolicy) -> usize {
+        let live: HashMap<&[u8], bool> = stored
+            .keys
+            .iter()
+            .map(|k| (k.hash.as_slice(), k.revoked_at.is_some()))
+            .collect();
+        self.keys
+            .values()
+            .filter(|entry| {
+                live.get(entry.hash.as_slice())
+                    .is_none_or(|&revoked| revoked)
+                    && !entry.revoked.swap(true, Ordering::Relaxed)
+            })
+            .count()
     }
 
     pub fn key(&self, hash: &[u8; 32]) -> Option<&KeyEntry> {
@@ -438,7 +460,7 @@ impl Policy {
                     credential,
                     label: k.label.as_deref().map(Arc::from),
                     expires_at_ms: k.expires_at_ms,
-                    revoked: k.revoked_at.is_some(),
+                    revoked: AtomicBool::new(k.revoked_at.is_some()),
                     spend_cap_micros: k.spend_cap_usd.map(to_micros),
                     spent_micros: to_micros(k.spent_usd),
                 },

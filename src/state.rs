@@ -1,5 +1,7 @@
 //! What every part of a running `serve` shares: the live policy snapshot and the metrics.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use arc_swap::ArcSwap;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,6 +22,8 @@ pub struct Shared {
     pub spend: Spend,
     pub audit: AuditLog,
     pub metrics: Metrics,
+    /// False while the running policy is known to be behind the store's.
+    policy_current: AtomicBool,
 }
 
 impl Shared {
@@ -37,7 +41,16 @@ impl Shared {
             spend,
             audit,
             metrics,
+            policy_current: AtomicBool::new(true),
         }
+    }
+
+    pub fn set_policy_current(&self, current: bool) {
+        self.policy_current.store(current, Ordering::Release);
+    }
+
+    pub fn policy_is_current(&self) -> bool {
+        self.policy_current.load(Ordering::Acquire)
     }
 
     /// Puts a new policy into effect for the next request.
@@ -79,6 +92,7 @@ pub struct Metrics {
     responses: Family<StatusLabels, Counter>,
     /// Bumped by every policy change a replica takes in.
     pub policy_version: Gauge,
+    pub policy_reload_failures: Counter,
     decision_seconds: Histogram,
     echoes: Family<ProxyLabels, Counter>,
     redactions: Family<ProxyLabels, Counter>,
@@ -107,6 +121,12 @@ impl Default for Metrics {
             "policy_version",
             "Policy changes taken in since start (1 = the policy loaded at start)",
             policy_version.clone(),
+        );
+        let policy_reload_failures = Counter::default();
+        registry.register(
+            "policy_reload_failures",
+            "Policy reloads that failed (the running policy stays, with the store's revocations)",
+            policy_reload_failures.clone(),
         );
         // 5 µs to 40 ms: latchkey's own time per decision, budgets included.
         let decision_seconds = Histogram::new(exponential_buckets(5e-6, 2.0, 14));
@@ -170,6 +190,7 @@ impl Default for Metrics {
             decisions,
             responses,
             policy_version,
+            policy_reload_failures,
             decision_seconds,
             echoes,
             redactions,

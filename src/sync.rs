@@ -20,12 +20,19 @@ use crate::tokens::Tokens;
 /// How often the version is compared without a notification.
 const SAFETY_NET: Duration = Duration::from_secs(5);
 
+/// Failed reloads in a row after which this replica says it is not ready: its policy
+/// is stale (revocations still apply, see [`Policy::apply_revocations`]), so the load
+/// balancer should prefer replicas that are current.
+const STALE_AFTER: u32 = 3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Compile(#[from] CompileError),
+    #[error("the policy compile stopped: {0}")]
+    Stopped(#[from] tokio::task::JoinError),
 }
 
 pub struct PolicySync {
@@ -35,8 +42,9 @@ pub struct PolicySync {
     master: Arc<MasterKey>,
     /// The store version the running snapshot was built from.
     running: AtomicI64,
-    /// One reload at a time: each sees what the previous one installed.
-    reloading: Mutex<()>,
+    /// One reload at a time: each sees what the previous one installed. Holds the
+    /// number of failed reloads in a row.
+    reloading: Mutex<u32>,
 }
 
 impl PolicySync {
@@ -53,20 +61,62 @@ impl PolicySync {
             store,
             master,
             running: AtomicI64::new(running),
-            reloading: Mutex::new(()),
+            reloading: Mutex::new(0),
         }
     }
 
     /// Builds the snapshot from the store and swaps it in, if the store has moved on.
+    /// When it cannot be built, the store's revocations (keys and admin tokens) are
+    /// applied to the running snapshot anyway, and after [`STALE_AFTER`] failures in a
+    /// row the replica turns not ready.
     pub async fn reload(&self) -> Result<(), SyncError> {
-        let _one = self.reloading.lock().await;
+        let mut failures = self.reloading.lock().await;
+        let result = self.try_reload().await;
+        match &result {
+            Ok(()) => {
+                *failures = 0;
+                self.shared.set_policy_current(true);
+            }
+            Err(e) => {
+                *failures += 1;
+                self.shared.metrics.policy_reload_failures.inc();
+                if *failures >= STALE_AFTER {
+                    self.shared.set_policy_current(false);
+                }
+                tracing::error!(error = %e, failures = *failures, ready = *failures < STALE_AFTER,
+                    "could not reload the policy; the running one stays, with the store's revocations");
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), SyncError> {
         // Read before loading: a change that lands in between is seen again next time.
         let version = self.store.version().await?;
         if version <= self.running.load(Ordering::Acquire) {
             return Ok(());
         }
-        let policy = Policy::compile(&self.store.load().await?, &self.master)?;
+        let stored = self.store.load().await?;
+        // Admin tokens need no compile: a revoked one stops here whatever follows.
         self.tokens.reload(&self.store).await?;
+        // Decrypting every secret and compiling every regex is CPU work: off the
+        // runtime's workers, which keep answering Envoy meanwhile.
+        let master = self.master.clone();
+        let (stored, compiled) = tokio::task::spawn_blocking(move || {
+            let compiled = Policy::compile(&stored, &master);
+            (stored, compiled)
+        })
+        .await?;
+        let policy = match compiled {
+            Ok(policy) => policy,
+            Err(e) => {
+                let revoked = self.shared.policy.load().apply_revocations(&stored);
+                if revoked > 0 {
+                    tracing::warn!(revoked, "keys revoked in the running policy");
+                }
+                return Err(e.into());
+            }
+        };
         self.shared.install(policy);
         self.running.store(version, Ordering::Release);
         tracing::info!(version, "policy reloaded");
@@ -87,9 +137,8 @@ impl PolicySync {
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 every.tick().await;
-                if let Err(e) = me.reload().await {
-                    tracing::error!(error = %e, "could not reload the policy; the running one stays");
-                }
+                // A failure is logged and counted by `reload`.
+                let _ = me.reload().await;
             }
         });
         if self.store.backend() == Backend::Postgres {
@@ -118,9 +167,7 @@ impl PolicySync {
             let _ = self.reload().await;
             // Ends when the connection drops: reconnect and catch up.
             while let Ok(Some(_)) = listener.try_recv().await {
-                if let Err(e) = self.reload().await {
-                    tracing::error!(error = %e, "could not reload the policy; the running one stays");
-                }
+                let _ = self.reload().await;
             }
         }
     }

@@ -311,10 +311,21 @@ impl Stack {
     /// Another `latchkey serve` sharing this stack's settings (store, master key, Redis),
     /// on the given gRPC, admin and HTTP ports; waits until it is ready.
     pub async fn spawn_replica(&self, name: &str, ports: [u16; 3]) -> Child {
+        self.spawn_replica_with(name, ports, &[]).await
+    }
+
+    /// As [`Stack::spawn_replica`], with extra environment for that replica.
+    pub async fn spawn_replica_with(
+        &self,
+        name: &str,
+        ports: [u16; 3],
+        env: &[(&str, &str)],
+    ) -> Child {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let [grpc, admin, http] = ports;
         let mut child = self
             .serve_command()
+            .envs(env.iter().copied())
             .env("LATCHKEY_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
             .env("LATCHKEY_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
             .env("LATCHKEY_HTTP_ADDR", format!("127.0.0.1:{http}"))

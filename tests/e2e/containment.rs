@@ -667,3 +667,61 @@ async fn a_run_key_expires_to_the_millisecond() {
     let (status, kind, _) = common::denial(call().await.unwrap()).await;
     assert_eq!((status, kind.as_str()), (401, "expired_key"));
 }
+
+#[tokio::test]
+async fn without_a_valid_key_no_proxy_name_can_be_probed_and_sdk_carriers_work() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&ruled(&upstream.url()), &ENV);
+    let http = client();
+    // Known and unknown proxies answer a caller without a valid key alike.
+    for key in [None, Some("lk_notAKeyAtAll0000000000")] {
+        let mut answers = Vec::new();
+        for proxy in ["vendor", "no-such-proxy"] {
+            let mut request = http.get(stack.url(&format!("/{proxy}/v1/charges")));
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(
+                response.headers().get("x-should-retry").unwrap(),
+                "false",
+                "a 401 is permanent"
+            );
+            let (status, kind, _) = common::denial(response).await;
+            answers.push((status, kind));
+        }
+        assert_eq!(answers[0], answers[1], "{key:?}");
+        assert_eq!(answers[0].0, 401);
+    }
+    let (status, kind, _) = common::denial(
+        http.get(stack.url("/no-such-proxy/v1/charges"))
+            .bearer_auth(AGENT_KEY)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, kind.as_str()), (404, "unknown_proxy"));
+    // Azure OpenAI's and Gemini's SDKs send their key in these headers.
+    for carrier in ["api-key", "x-goog-api-key"] {
+        let response = http
+            .get(stack.url("/vendor/v1/charges"))
+            .header(carrier, AGENT_KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{carrier}");
+        let seen = upstream.take().pop().unwrap();
+        assert!(seen.header(carrier).is_none(), "{carrier} forwarded");
+        assert!(!seen.dump().contains(AGENT_KEY));
+    }
+    let denied = http
+        .delete(stack.url("/vendor/v1/charges"))
+        .bearer_auth(AGENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 403);
+    assert_eq!(denied.headers().get("x-should-retry").unwrap(), "false");
+}

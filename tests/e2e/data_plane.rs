@@ -257,6 +257,7 @@ async fn each_auth_type(mode: Mode) {
     );
     let denied = http
         .get(stack.url("/made-up-proxy/x"))
+        .bearer_auth(AGENT_KEY)
         .send()
         .await
         .unwrap();

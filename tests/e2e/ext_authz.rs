@@ -57,7 +57,7 @@ async fn apply_refuses_what_ext_authz_cannot_enforce() {
             "{err}"
         );
     }
-    // Nothing was applied: the proxy does not exist.
+    // Nothing was applied: neither the key nor the proxy exists.
     let (status, kind, _) = denial(
         client()
             .get(stack.url("/api/v1/x"))
@@ -67,7 +67,7 @@ async fn apply_refuses_what_ext_authz_cannot_enforce() {
             .unwrap(),
     )
     .await;
-    assert_eq!((status, kind.as_str()), (404, "unknown_proxy"));
+    assert_eq!((status, kind.as_str()), (401, "invalid_key"));
     assert!(upstream.take().is_empty());
 }
 

@@ -317,7 +317,7 @@ async fn guarded_proxies_need_ext_proc_and_a_scrubbable_secret() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("redact"));
-    // Nothing was applied.
+    // Nothing was applied: neither the key nor the proxy exists.
     let (status, kind, _) = denial(get(&stack, "/plain/v1/me").await).await;
-    assert_eq!((status, kind.as_str()), (404, "unknown_proxy"));
+    assert_eq!((status, kind.as_str()), (401, "invalid_key"));
 }

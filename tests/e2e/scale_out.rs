@@ -122,8 +122,9 @@ fn check_on(stack: &Stack, admin_port: u16, proxy: &str, key: &str) -> serde_jso
         ],
         &[("LATCHKEY_ADMIN_ADDR", &format!("127.0.0.1:{admin_port}"))],
     );
+    // 0 allowed, 1 denied (§8); 2 would be an error.
     assert!(
-        out.status.success(),
+        matches!(out.status.code(), Some(0 | 1)),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -280,4 +281,100 @@ async fn the_rate_limit_holds_across_both_replicas_and_one_dying_changes_nothing
     for (_, s) in &statuses {
         assert!(*s == 200 || *s >= 500, "only fail-closed errors: {s}");
     }
+}
+
+/// Replica B runs with another master key: once A seals a secret, B cannot compile the
+/// store's policy. Revocations must reach B all the same, and B must say it is stale.
+#[tokio::test]
+async fn a_replica_that_cannot_compile_still_refuses_a_revoked_key_within_a_second() {
+    let upstream = Upstream::start().await;
+    let db = PgDatabase::create().await;
+    let stack = Stack::start_configured(|c| c, &[("LATCHKEY_DATABASE_URL", db.url.as_str())]).await;
+    // Keys only: nothing sealed yet, so B compiles this.
+    stack.apply(
+        "credentials:\n  - { name: agent, type: proxy, keys: [{ env: AGENT_KEY }] }\n",
+        &env(),
+    );
+    let other_master = String::from_utf8(
+        std::process::Command::new(crate::common::latchkey_bin())
+            .arg("keygen")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let [b_grpc, b_admin, b_http] = [free_port(), free_port(), free_port()];
+    let mut b = stack
+        .spawn_replica_with(
+            "latchkey-b",
+            [b_grpc, b_admin, b_http],
+            &[("LATCHKEY_MASTER_KEY", other_master.trim())],
+        )
+        .await;
+    let issued =
+        crate::common::json(&stack.cli(&["key", "issue", "--credential", "agent", "--json"], &[]));
+    let key = issued["key"].as_str().unwrap();
+    let proxy = unique("api");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    // B knows the key (the proxy does not exist yet: a valid key learns that).
+    while check_on(&stack, b_admin, &proxy, key)["decision"] != "unknown_proxy" {
+        assert!(Instant::now() < deadline, "B never took in the new key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A seals a secret under its master key: B's compiles fail from here on.
+    stack.apply(&policy(&upstream.url(), &proxy, 1000), &env());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        stack
+            .log("latchkey-b")
+            .contains("could not reload the policy")
+    );
+
+    assert!(
+        stack
+            .cli(&["key", "revoke", issued["id"].as_str().unwrap()], &[])
+            .status
+            .success()
+    );
+    let revoked_at = Instant::now();
+    loop {
+        let verdict = check_on(&stack, b_admin, &proxy, key);
+        if verdict["decision"] == "revoked_key" {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "B still says {verdict}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Stale after repeated failures: B tells the load balancer so.
+    let readyz = format!("http://127.0.0.1:{b_http}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = client().get(&readyz).send().await.unwrap();
+        if r.status() == 503 {
+            assert!(r.text().await.unwrap().contains("policy"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B stayed ready with a stale policy"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = client()
+        .get(format!("http://127.0.0.1:{b_http}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("latchkey_policy_reload_failures_total 0"),
+        "{metrics}"
+    );
+    let _ = b.kill();
+    let _ = b.wait();
 }
