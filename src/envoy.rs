@@ -19,7 +19,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value};
 use envoy_types::pb::google::rpc;
 
 use crate::denial::Denial;
-use crate::mutate::Forward;
+use crate::mutate::{CLUSTER_HEADER, Forward};
 
 /// Borrowed `(name, value)` pairs of an Envoy header map. Envoy sends `raw_value`; older
 /// versions sent `value`.
@@ -140,7 +140,8 @@ pub fn allow(
     rate: Option<(u32, u32)>,
     reads: ResponseRead,
 ) -> ProcessingResponse {
-    let mutation = HeaderMutation {
+    let body = forward.body.filter(|_| in_body_phase);
+    let mut mutation = HeaderMutation {
         set_headers: forward
             .set
             .into_iter()
@@ -148,8 +149,17 @@ pub fn allow(
             .collect(),
         remove_headers: forward.remove,
     };
+    if body.is_some() {
+        // The body changes length: Envoy refuses a mutated body that disagrees with the
+        // content-length, so the request goes on without one (chunked).
+        mutation.remove_headers.push("content-length".to_owned());
+    }
     let common = Some(CommonResponse {
         header_mutation: Some(mutation),
+        // A new body goes with the body phase only.
+        body_mutation: body.map(|body| BodyMutation {
+            mutation: Some(body_mutation::Mutation::Body(body)),
+        }),
         clear_route_cache: true,
         ..Default::default()
     });
@@ -178,6 +188,8 @@ pub enum ResponseRead {
     Status,
     /// As much of the body as Envoy buffers: where a price is read.
     BodyStart,
+    /// Every chunk as it passes, none held back: where token usage is read.
+    Stream,
     /// The whole body, held back until checked: scrubbing and redaction.
     WholeBody,
 }
@@ -196,6 +208,7 @@ fn mode(request_body: BodySendMode, reads: ResponseRead) -> ProcessingMode {
         response_body_mode: match reads {
             ResponseRead::Nothing | ResponseRead::Status => BodySendMode::None,
             ResponseRead::BodyStart => BodySendMode::BufferedPartial,
+            ResponseRead::Stream => BodySendMode::Streamed,
             ResponseRead::WholeBody => BodySendMode::Buffered,
         } as i32,
         request_trailer_mode: HeaderSendMode::Skip as i32,
@@ -229,9 +242,20 @@ fn rate_metadata((limit, remaining): (u32, u32)) -> Struct {
 
 /// Hold the headers and send the request body (buffered, up to Envoy's buffer limit):
 /// a rule that judges the body decides. Only requests that reach such a rule pay this.
-pub fn need_body(reads: ResponseRead) -> ProcessingResponse {
+/// The cluster the request would go to is set now: when the body arrives after this
+/// answer, Envoy picks the route before it applies the body phase's answer (nothing is
+/// forwarded without that answer; only the route is settled early).
+pub fn need_body(reads: ResponseRead, cluster: Option<&'static str>) -> ProcessingResponse {
+    let response = cluster.map(|cluster| CommonResponse {
+        header_mutation: Some(HeaderMutation {
+            set_headers: vec![set_header(CLUSTER_HEADER, cluster.as_bytes().to_vec())],
+            remove_headers: Vec::new(),
+        }),
+        clear_route_cache: true,
+        ..Default::default()
+    });
     ProcessingResponse {
-        response: Some(Response::RequestHeaders(HeadersResponse::default())),
+        response: Some(Response::RequestHeaders(HeadersResponse { response })),
         mode_override: Some(mode(BodySendMode::BufferedPartial, reads)),
         ..Default::default()
     }

@@ -17,6 +17,7 @@ use tonic::{Request, Status, Streaming};
 use zeroize::Zeroizing;
 
 use crate::audit::Event;
+use crate::audit::Llm;
 use crate::denial::Denial;
 use crate::envoy;
 use crate::envoy::ResponseRead;
@@ -26,6 +27,7 @@ use crate::redact::Guard;
 use crate::rules::{Body, is_json_media_type};
 use crate::spend::Settlement;
 use crate::state::{Shared, now_unix_ms};
+use crate::usage::{self, Meter};
 
 /// The most request body latchkey reads to judge it; larger bodies are refused (413).
 pub const MAX_REQUEST_BODY: usize = 1 << 20;
@@ -58,6 +60,7 @@ impl ExternalProcessor for ExtProc {
             request_id: String::new(),
             held: None,
             pending: None,
+            meter: None,
             guarded: None,
         };
         // Messages of one stream are answered in order, one at a time.
@@ -87,6 +90,8 @@ struct Exchange {
     held: Option<HeldHeaders>,
     /// A priced request's reservation, until its response is judged.
     pending: Option<Charge>,
+    /// A token-priced answer's usage, read as it passes.
+    meter: Option<Meter>,
     /// A guarded proxy's response checks, until its response has passed them.
     guarded: Option<Guarded>,
 }
@@ -107,7 +112,9 @@ impl Drop for Exchange {
             let shared = self.shared.clone();
             let request_id = std::mem::take(&mut self.request_id);
             let settlement = unpriced(&shared, &charge, "no response was read");
-            tokio::spawn(async move { settle_now(&shared, &request_id, charge, settlement).await });
+            tokio::spawn(async move {
+                settle_now(&shared, &request_id, charge, settlement, None).await
+            });
         }
     }
 }
@@ -133,17 +140,36 @@ fn unpriced(shared: &Shared, charge: &Charge, why: &str) -> Settlement {
 /// meanwhile (a message timeout while Redis is slow), the settlement is not dropped
 /// halfway, which would hold one of the key's in-flight places for good.
 async fn settle(shared: &Arc<Shared>, request_id: &str, charge: Charge, settlement: Settlement) {
+    settle_with(shared, request_id, charge, settlement, None).await;
+}
+
+/// As [`settle`], with the tokens an LLM answer reported.
+async fn settle_with(
+    shared: &Arc<Shared>,
+    request_id: &str,
+    charge: Charge,
+    settlement: Settlement,
+    llm: Option<Llm>,
+) {
     let shared = shared.clone();
     let request_id = request_id.to_owned();
     let settling =
-        tokio::spawn(async move { settle_now(&shared, &request_id, charge, settlement).await });
+        tokio::spawn(
+            async move { settle_now(&shared, &request_id, charge, settlement, llm).await },
+        );
     if let Err(e) = settling.await {
         tracing::error!(error = %e, "settling a charge failed");
     }
 }
 
 /// The settlement itself: the accounts, then the audit's record of the cost.
-async fn settle_now(shared: &Shared, request_id: &str, charge: Charge, settlement: Settlement) {
+async fn settle_now(
+    shared: &Shared,
+    request_id: &str,
+    charge: Charge,
+    settlement: Settlement,
+    llm: Option<Llm>,
+) {
     if let Settlement::Charge(actual) = settlement
         && charge.reserved > 0
         && actual > charge.reserved
@@ -154,38 +180,54 @@ async fn settle_now(shared: &Shared, request_id: &str, charge: Charge, settlemen
             .metrics
             .record_pricing_exception(&charge.proxy, "over_reservation");
     }
-    match shared
+    let micros = match shared
         .spend
         .settle(&charge.accounts, charge.reserved, settlement)
         .await
     {
-        Ok(0) => {}
-        Ok(micros) => {
-            shared
-                .audit
-                .record(Event::Charged {
-                    request_id: request_id.to_owned(),
-                    key_id: charge.key_id,
-                    micros,
-                })
-                .await;
+        Ok(micros) => micros,
+        Err(e) => {
+            tracing::error!(error = %e, key_id = %charge.key_id, "could not settle a charge");
+            return;
         }
-        Err(e) => tracing::error!(error = %e, key_id = %charge.key_id, "could not settle a charge"),
+    };
+    if let Some(llm) = &llm {
+        shared.metrics.record_llm(&charge.proxy, llm, micros);
+    }
+    if micros > 0 || llm.is_some() {
+        shared
+            .audit
+            .record(Event::Charged {
+                request_id: request_id.to_owned(),
+                key_id: charge.key_id,
+                micros,
+                llm,
+            })
+            .await;
     }
 }
 
-/// Why a response's headers show its body cannot be priced, if they do.
+/// Whether a response has a body latchkey can read as it is: not none, not compressed.
+fn unencoded_body(pairs: &[(&str, &[u8])], end_of_stream: bool) -> Result<(), &'static str> {
+    let encoding = envoy::header_value(pairs, "content-encoding").unwrap_or_default();
+    if end_of_stream {
+        Err("the response has no body")
+    } else if !encoding.is_empty() && !encoding.eq_ignore_ascii_case(b"identity") {
+        Err("the response is compressed")
+    } else {
+        Ok(())
+    }
+}
+
+/// Why a response's headers show its body cannot be priced at a JSON pointer, if they do.
 fn unreadable_body(pairs: &[(&str, &[u8])], end_of_stream: bool) -> Option<&'static str> {
     let header = |name| envoy::header_value(pairs, name).unwrap_or_default();
-    let encoding = header("content-encoding");
     let too_large = std::str::from_utf8(header("content-length"))
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
         .is_some_and(|n| n > MAX_PRICED_BODY);
-    if end_of_stream {
-        Some("the response has no body")
-    } else if !encoding.is_empty() && !encoding.eq_ignore_ascii_case(b"identity") {
-        Some("the response is compressed")
+    if let Err(why) = unencoded_body(pairs, end_of_stream) {
+        Some(why)
     } else if !is_json_media_type(header("content-type")) {
         Some("the response is not JSON (a stream?)")
     } else if too_large {
@@ -207,6 +249,7 @@ fn reads(decision: &Decision) -> ResponseRead {
         None => ResponseRead::Nothing,
         Some(CostSpec::PerRequest(_)) => ResponseRead::Status,
         Some(CostSpec::ResponseJson { .. }) => ResponseRead::BodyStart,
+        Some(CostSpec::Tokens { .. }) => ResponseRead::Stream,
     };
     if decision.guard.is_some() {
         ResponseRead::WholeBody
@@ -260,7 +303,11 @@ impl Exchange {
                     .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
                     .collect(),
             });
-            return envoy::need_body(reads(&decision));
+            let policy = self.shared.policy.load();
+            let cluster = (decision.subject.proxy.as_deref())
+                .and_then(|name| policy.proxy(name))
+                .map(|proxy| proxy.upstream.cluster);
+            return envoy::need_body(reads(&decision), cluster);
         }
         self.respond(&pairs, decision, started, false).await
     }
@@ -370,12 +417,35 @@ impl Exchange {
                     return;
                 }
             },
+            (CostSpec::Tokens { vendor, .. }, true) => {
+                let meter = unencoded_body(pairs, end_of_stream).and_then(|()| {
+                    let content_type = envoy::header_value(pairs, "content-type");
+                    Meter::for_content_type(*vendor, content_type.unwrap_or_default())
+                        .ok_or("the answer is neither JSON nor an event stream")
+                });
+                match meter {
+                    Ok(meter) => {
+                        self.meter = Some(meter);
+                        self.pending = Some(charge);
+                        return;
+                    }
+                    Err(why) => unpriced(&self.shared, &charge, why),
+                }
+            }
         };
         settle(&self.shared, &self.request_id, charge, settlement).await;
     }
 
     async fn response_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
-        self.price_by_body(chunk).await;
+        match &mut self.meter {
+            Some(meter) => {
+                meter.feed(&chunk.body);
+                if chunk.end_of_stream {
+                    self.price_by_usage().await;
+                }
+            }
+            None => self.price_by_body(chunk).await,
+        }
         let Some(guarded) = &self.guarded else {
             return envoy::pass(Response::ResponseBody(BodyResponse::default()));
         };
@@ -430,6 +500,29 @@ impl Exchange {
             }
         };
         settle(&self.shared, &self.request_id, charge, settlement).await;
+    }
+
+    /// A token-priced answer has ended: its usage, priced by the request's model.
+    async fn price_by_usage(&mut self) {
+        let (Some(charge), Some(meter)) = (self.pending.take(), self.meter.take()) else {
+            return;
+        };
+        let CostSpec::Tokens { prices, .. } = &*charge.cost else {
+            return;
+        };
+        let usage = meter.finish();
+        let entry = prices.lookup(charge.model.as_deref());
+        let settlement = match (usage, entry) {
+            (Some(usage), Some((_, price))) => Settlement::Charge(usage::price(&usage, price)),
+            (Some(_), None) => unpriced(&self.shared, &charge, "no price for the model"),
+            (None, _) => unpriced(&self.shared, &charge, "the answer did not report its usage"),
+        };
+        let llm = usage.map(|usage| Llm {
+            model: charge.model.clone(),
+            priced_as: entry.map(|(name, _)| Arc::from(name)),
+            usage,
+        });
+        settle_with(&self.shared, &self.request_id, charge, settlement, llm).await;
     }
 
     fn decide(&self, pairs: &[(&str, &[u8])], body: &Body, raw: Option<&[u8]>) -> Decision {

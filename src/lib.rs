@@ -37,6 +37,7 @@ pub mod state;
 pub mod store;
 pub mod sync;
 pub mod tokens;
+pub mod usage;
 
 /// latchkey's admin API, generated from `proto/latchkey/admin/v1/admin.proto`.
 pub mod pb {

@@ -34,6 +34,9 @@ pub struct Forward {
     /// Set, replacing any value the request had. Removals apply first.
     pub set: Vec<(Cow<'static, str>, Vec<u8>)>,
     pub remove: Vec<String>,
+    /// The request body to send instead of the agent's (token-priced streams ask for
+    /// their usage); only where the body was read.
+    pub body: Option<Vec<u8>>,
 }
 
 /// Names compared with `_` read as `-`: CGI, WSGI, Rack and PHP hand `x_http_method`
@@ -169,5 +172,9 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, req: &RequestView<'_>, now: i64
         upstream.cluster.as_bytes().to_vec(),
     ));
     remove.retain(|r| r != CLUSTER_HEADER);
-    Forward { set, remove }
+    Forward {
+        set,
+        remove,
+        body: None,
+    }
 }

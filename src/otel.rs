@@ -319,22 +319,42 @@ pub fn convert(events: &[Event]) -> (Vec<Span>, Vec<LogRecord>) {
                 request_id,
                 key_id,
                 micros,
-            } => records.push(log(
-                "latchkey.request.charged",
-                now_ns,
-                format!(
-                    "request {request_id} cost {} USD",
-                    crate::spend::to_usd(*micros)
-                ),
-                vec![
+                llm,
+            } => {
+                let mut attrs = vec![
                     attr("latchkey.request_id", text(request_id)),
                     attr("latchkey.key_id", text(key_id)),
                     attr(
                         "latchkey.cost_usd",
                         Value::DoubleValue(crate::spend::to_usd(*micros)),
                     ),
-                ],
-            )),
+                ];
+                // OpenTelemetry's GenAI semantic conventions.
+                if let Some(llm) = llm {
+                    let count = |n: u64| Value::IntValue(i64::try_from(n).unwrap_or(i64::MAX));
+                    if let Some(model) = &llm.model {
+                        attrs.push(attr("gen_ai.request.model", text(model)));
+                    }
+                    attrs.push(attr(
+                        "gen_ai.usage.input_tokens",
+                        count(llm.usage.input + llm.usage.cached_input),
+                    ));
+                    attrs.push(attr("gen_ai.usage.output_tokens", count(llm.usage.output)));
+                    attrs.push(attr(
+                        "gen_ai.usage.cache_read.input_tokens",
+                        count(llm.usage.cached_input),
+                    ));
+                }
+                records.push(log(
+                    "latchkey.request.charged",
+                    now_ns,
+                    format!(
+                        "request {request_id} cost {} USD",
+                        crate::spend::to_usd(*micros)
+                    ),
+                    attrs,
+                ))
+            }
         }
     }
     (spans, records)

@@ -17,6 +17,7 @@ use crate::route::route;
 use crate::rules::{self, Body, Facts, RuleList, Verdict};
 use crate::spend::{Account, MAX_IN_FLIGHT, Refusal, Spend};
 use crate::state::{Shared, now_unix};
+use crate::usage;
 
 /// A request as the pipeline sees it. Header names are lower-case, as Envoy sends them.
 pub struct RequestView<'a> {
@@ -81,6 +82,8 @@ pub struct Decision {
 pub struct Charge {
     pub cost: Arc<CostSpec>,
     pub proxy: Arc<str>,
+    /// The model the request asked for, on proxies priced by LLM tokens.
+    pub model: Option<Arc<str>>,
     pub key_id: Arc<str>,
     pub accounts: Vec<Account>,
     /// Reserved by step 5, in micro-dollars; settled when the response is judged.
@@ -308,6 +311,7 @@ fn run(
                 *charge = Some(Charge {
                     cost: cost.clone(),
                     proxy: proxy.name.clone(),
+                    model: None,
                     key_id: entry.id.clone(),
                     accounts,
                     reserved: 0,
@@ -358,7 +362,32 @@ fn run(
                 }
                 _ => {}
             }
-            Ok(Some(mutate::forward(proxy, &route, req, now)))
+            // A token price depends on the model the body names: read it first.
+            let asked = match (proxy.token_vendor(), req.body) {
+                (None, _) => None,
+                // Past what latchkey reads: the model stays unknown (priced by "*").
+                (Some(_), _) if matches!(body, Body::TooLarge(_)) => None,
+                (Some(_), None) => return Ok(None),
+                (Some(vendor), Some(bytes)) => Some(usage::asked(vendor, &route.path, bytes)),
+            };
+            let mut forward = mutate::forward(proxy, &route, req, now);
+            if let Some(asked) = asked {
+                if let Some(charge) = charge.as_mut() {
+                    charge.model = asked.model.map(|m| Arc::from(truncated(&m, 128)));
+                }
+                forward.body = asked.rewritten;
+            }
+            Ok(Some(forward))
         }
     }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary: a client-chosen name that
+/// goes into the audit stays bounded.
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }

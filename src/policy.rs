@@ -18,6 +18,7 @@ use crate::redact::Guard;
 use crate::rules::{Rule, RuleList};
 use crate::spend::to_micros;
 use crate::store::{StoreError, StoredPolicy};
+use crate::usage::{Price, PriceTable, Vendor};
 
 /// Envoy clusters that reach any host (see envoy/envoy.yaml): which one a request takes
 /// decides whether the upstream connection uses TLS.
@@ -102,10 +103,18 @@ impl Proxy {
     /// Whether latchkey reads this proxy's response bodies (to scrub, redact or price).
     pub fn reads_response_body(&self) -> bool {
         self.response.is_some()
-            || self
-                .cost
-                .as_deref()
-                .is_some_and(|c| matches!(c, CostSpec::ResponseJson { .. }))
+            || self.cost.as_deref().is_some_and(|c| {
+                matches!(c, CostSpec::ResponseJson { .. } | CostSpec::Tokens { .. })
+            })
+    }
+
+    /// The token pricing's vendor, on proxies priced by LLM tokens: their request bodies
+    /// are read for the model.
+    pub fn token_vendor(&self) -> Option<Vendor> {
+        match self.cost.as_deref() {
+            Some(CostSpec::Tokens { vendor, .. }) => Some(*vendor),
+            _ => None,
+        }
     }
 }
 
@@ -121,10 +130,35 @@ pub enum CostSpec {
         usd_per_unit: f64,
         max_micros: Option<u64>,
     },
+    /// LLM tokens, read from the answer (JSON or an event stream) as the vendor reports
+    /// them and priced by the request's model. The request body is read for the model.
+    Tokens {
+        vendor: Vendor,
+        prices: PriceTable,
+        max_micros: Option<u64>,
+    },
 }
 
 impl CostSpec {
     fn from_policy(cost: &Cost) -> Option<Self> {
+        if let (Some(vendor), Some(prices)) = (cost.tokens, &cost.usd_per_million) {
+            let by_model = prices
+                .iter()
+                .map(|(model, p)| {
+                    let price = Price {
+                        input: p.input,
+                        output: p.output,
+                        cached_input: p.cached_input,
+                    };
+                    (model.clone(), price)
+                })
+                .collect();
+            return Some(CostSpec::Tokens {
+                vendor,
+                prices: PriceTable { by_model },
+                max_micros: cost.max_usd_per_request.map(to_micros),
+            });
+        }
         match (&cost.response_json, cost.usd_per_unit, cost.per_request_usd) {
             (Some(pointer), Some(usd_per_unit), _) => Some(CostSpec::ResponseJson {
                 pointer: pointer.clone(),
@@ -141,14 +175,18 @@ impl CostSpec {
     pub fn reservation(&self) -> u64 {
         match self {
             CostSpec::PerRequest(micros) => *micros,
-            CostSpec::ResponseJson { max_micros, .. } => max_micros.unwrap_or(0),
+            CostSpec::ResponseJson { max_micros, .. } | CostSpec::Tokens { max_micros, .. } => {
+                max_micros.unwrap_or(0)
+            }
         }
     }
 
     /// The price of one response, in micro-dollars: `None` if the body does not say.
+    /// (Token prices come from a [`crate::usage::Meter`] instead.)
     pub fn price(&self, body: &[u8]) -> Option<u64> {
         match self {
             CostSpec::PerRequest(micros) => Some(*micros),
+            CostSpec::Tokens { .. } => None,
             CostSpec::ResponseJson {
                 pointer,
                 usd_per_unit,
@@ -522,6 +560,7 @@ impl Policy {
             let rules = RuleList::new(proxy_rules.remove(p.name.as_str()).unwrap_or_default())
                 .map_err(|e| invalid(format!("rules of proxy {:?}: {e}", p.name)))?;
             let needs_body = injection.signs_body()
+                || p.cost.as_ref().is_some_and(|c| c.tokens.is_some())
                 || rules.needs_body()
                 || bound
                     .iter()

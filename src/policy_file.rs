@@ -196,10 +196,25 @@ pub struct Cost {
     pub usd_per_unit: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_request_usd: Option<f64>,
-    /// With `response_json`: reserved before forwarding, and charged whole for a
-    /// response that cannot be priced.
+    /// With `response_json` or `tokens`: reserved before forwarding, and charged whole
+    /// for a response that cannot be priced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_usd_per_request: Option<f64>,
+    /// LLM token pricing: whose usage format the answers follow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<crate::usage::Vendor>,
+    /// With `tokens`: USD per million tokens, by the request's `model` (`"*"`: any other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_million: Option<BTreeMap<String, TokenPrice>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenPrice {
+    pub input: f64,
+    pub output: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -893,27 +908,53 @@ impl ResponseSafety {
 
 impl Cost {
     fn validate(&self) -> Result<(), String> {
-        match (&self.response_json, self.usd_per_unit, self.per_request_usd) {
-            (Some(ptr), Some(f), None) if f.is_finite() && f >= 0.0 => {
+        let amount = |f: f64| f.is_finite() && f >= 0.0;
+        if let Some(max) = self.max_usd_per_request
+            && !(max.is_finite() && max > 0.0)
+        {
+            return Err("max_usd_per_request: a positive amount".into());
+        }
+        match (
+            &self.response_json,
+            self.usd_per_unit,
+            self.per_request_usd,
+            self.tokens,
+        ) {
+            (Some(ptr), Some(f), None, None) if amount(f) => {
                 if !ptr.is_empty() && !ptr.starts_with('/') {
                     return Err(format!("response_json: {ptr:?} is not a JSON pointer"));
                 }
-                match self.max_usd_per_request {
-                    Some(max) if !(max.is_finite() && max > 0.0) => {
-                        Err("max_usd_per_request: a positive amount".into())
-                    }
-                    _ => Ok(()),
-                }
+                Ok(())
             }
-            (None, None, Some(f)) if f.is_finite() && f >= 0.0 => match self.max_usd_per_request {
-                Some(_) => Err("`max_usd_per_request` goes with `response_json`".into()),
+            (None, None, Some(f), None) if amount(f) => match self.max_usd_per_request {
+                Some(_) => Err("`max_usd_per_request` goes with `response_json` or `tokens`".into()),
                 None => Ok(()),
             },
+            (None, None, None, Some(_)) => {
+                let prices = self
+                    .usd_per_million
+                    .as_ref()
+                    .filter(|p| !p.is_empty())
+                    .ok_or("`tokens` needs `usd_per_million`: a price per model, or \"*\"")?;
+                for (model, p) in prices {
+                    if !(amount(p.input) && amount(p.output) && p.cached_input.is_none_or(amount))
+                    {
+                        return Err(format!(
+                            "usd_per_million {model:?}: prices are non-negative amounts"
+                        ));
+                    }
+                }
+                Ok(())
+            }
             _ => Err(
-                "give `response_json` with `usd_per_unit`, or `per_request_usd` (non-negative)"
+                "give `response_json` with `usd_per_unit`, `per_request_usd`, or `tokens` with `usd_per_million` (non-negative)"
                     .into(),
             ),
         }
+        .and_then(|()| match (&self.usd_per_million, self.tokens) {
+            (Some(_), None) => Err("`usd_per_million` goes with `tokens`".into()),
+            _ => Ok(()),
+        })
     }
 }
 

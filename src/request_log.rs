@@ -70,6 +70,10 @@ pub struct Entry {
     pub bytes_in: Option<u64>,
     pub bytes_out: Option<u64>,
     pub retries: Option<u32>,
+    pub model: Option<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub cached_tokens: Option<u64>,
 }
 
 /// A statement being built, with `$n` placeholders (the same in SQLite and PostgreSQL).
@@ -182,7 +186,7 @@ pub async fn list(
     let mut q = Sql::new(
         "SELECT seq, request_id, time_ms, proxy, target, credential, key_id, run_label, method,
                 path, status, upstream_status, decision, rule_id, latency_ms, cost_usd, bytes_in,
-                bytes_out, retries
+                bytes_out, retries, model, input_tokens, output_tokens, cached_tokens
          FROM requests",
     );
     push_filter(&mut q, filter);
@@ -227,6 +231,10 @@ pub async fn list(
                 bytes_in: u64_of("bytes_in")?,
                 bytes_out: u64_of("bytes_out")?,
                 retries: u64_of("retries")?.and_then(|v| u32::try_from(v).ok()),
+                model: r.try_get("model")?,
+                input_tokens: u64_of("input_tokens")?,
+                output_tokens: u64_of("output_tokens")?,
+                cached_tokens: u64_of("cached_tokens")?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()

@@ -81,6 +81,22 @@ struct PricingLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    proxy: String,
+    /// The price-table entry a call was priced by (`*` for any other model): a name
+    /// from the policy, never the model a client wrote.
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    proxy: String,
+    model: String,
+    /// `input`, `cached_input` or `output`.
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabels {
     /// `2xx` … `5xx`, or `none` when the client left before any status.
     class: &'static str,
@@ -97,6 +113,8 @@ pub struct Metrics {
     echoes: Family<ProxyLabels, Counter>,
     redactions: Family<ProxyLabels, Counter>,
     pricing: Family<PricingLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    spend_micros: Family<ModelLabels, Counter>,
     pub audit: AuditCounters,
     audit_queued: Gauge,
 }
@@ -153,6 +171,18 @@ impl Default for Metrics {
             "Priced responses that could not be priced, or cost more than was reserved",
             pricing.clone(),
         );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "llm_tokens",
+            "Tokens LLM answers reported, by proxy, priced model and kind",
+            tokens.clone(),
+        );
+        let spend_micros = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "spend_micro_usd",
+            "What priced responses were charged, in micro-dollars, by proxy and priced model",
+            spend_micros.clone(),
+        );
         let audit = AuditCounters::default();
         registry.register(
             "audit_events_written",
@@ -195,6 +225,8 @@ impl Default for Metrics {
             echoes,
             redactions,
             pricing,
+            tokens,
+            spend_micros,
             audit,
             audit_queued,
         }
@@ -254,6 +286,30 @@ impl Metrics {
                 outcome,
             })
             .inc();
+    }
+
+    /// An LLM call's tokens and what it was charged.
+    pub fn record_llm(&self, proxy: &str, llm: &crate::audit::Llm, micros: u64) {
+        let model = llm.priced_as.as_deref().unwrap_or("none").to_owned();
+        for (kind, n) in [
+            ("input", llm.usage.input),
+            ("cached_input", llm.usage.cached_input),
+            ("output", llm.usage.output),
+        ] {
+            self.tokens
+                .get_or_create(&TokenLabels {
+                    proxy: proxy.to_owned(),
+                    model: model.clone(),
+                    kind,
+                })
+                .inc_by(n);
+        }
+        self.spend_micros
+            .get_or_create(&ModelLabels {
+                proxy: proxy.to_owned(),
+                model,
+            })
+            .inc_by(micros);
     }
 
     pub fn observe_decision(&self, elapsed: std::time::Duration) {

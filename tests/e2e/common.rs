@@ -407,7 +407,8 @@ impl Stack {
                 "--concurrency",
                 "1",
                 "-l",
-                "info",
+                // `LATCHKEY_TEST_ENVOY_LOG=debug` shows what Envoy did when a test fails.
+                &std::env::var("LATCHKEY_TEST_ENVOY_LOG").unwrap_or_else(|_| "info".into()),
                 "-c",
             ])
             .arg(&path)
@@ -498,7 +499,11 @@ impl Stack {
     fn print_logs(&self) {
         for which in ["latchkey", "envoy"] {
             let log = self.log(which);
-            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            let lines = std::env::var("LATCHKEY_TEST_LOG_LINES")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(80);
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
             eprintln!("----- {which} log (last lines) -----");
             for line in tail.iter().rev() {
                 eprintln!("{line}");

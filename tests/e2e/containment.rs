@@ -725,3 +725,44 @@ async fn without_a_valid_key_no_proxy_name_can_be_probed_and_sdk_carriers_work()
     assert_eq!(denied.status(), 403);
     assert_eq!(denied.headers().get("x-should-retry").unwrap(), "false");
 }
+
+/// SDKs often write the body after the headers: the body phase's answer (route, key
+/// swap) must still decide where the request goes.
+#[tokio::test]
+async fn a_body_that_arrives_after_the_headers_is_judged_and_routed() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    let rules = r#"
+rules:
+  - { proxy: vendor, effect: allow, methods: [POST], body: [{ pointer: /amount, lt: 100 }] }
+"#;
+    let file = policy(&upstream.url()).replace("default_effect: allow", "default_effect: deny");
+    stack.apply(&format!("{file}{rules}"), &ENV);
+    for (amount, status) in [(5, "200"), (500, "403"), (7, "200")] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = format!("{{\"amount\":{amount}}}");
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", stack.envoy_port))
+            .await
+            .unwrap();
+        let head = format!(
+            "POST /vendor/v1/charges HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {AGENT_KEY}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        tcp.write_all(body.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "amount {amount}: {answer}"
+        );
+    }
+    let seen = upstream.take();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter()
+            .all(|s| s.header("authorization") == Some(&format!("Bearer {SECRET}")))
+    );
+}

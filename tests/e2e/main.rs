@@ -9,6 +9,7 @@ mod containment;
 mod data_plane;
 mod ext_authz;
 mod items;
+mod llm;
 mod oauth2;
 mod observability;
 mod response_safety;
