@@ -445,6 +445,11 @@ impl Admin for AdminService {
         if ttl == Some(0) {
             return Err(Status::invalid_argument("ttl_seconds: must be positive"));
         }
+        if ttl.is_some_and(|t| t > MAX_TTL_S) {
+            return Err(Status::invalid_argument(
+                "ttl_seconds: at most ten years (a key without --ttl does not expire)",
+            ));
+        }
         // Kept to the millisecond: the key is refused once its TTL has passed, not later.
         let expires_at_ms =
             ttl.map(|t| crate::state::now_unix_ms().saturating_add(t.saturating_mul(1000)));
@@ -736,5 +741,8 @@ fn filter(f: RequestFilter) -> Result<Filter, Status> {
 /// Unix milliseconds as the API's whole seconds, rounded up: a key shown to expire at
 /// `t` is refused from `t` on, never a second before it says.
 fn seconds_up(ms: i64) -> i64 {
-    (ms + 999).div_euclid(1000)
+    ms.saturating_add(999).div_euclid(1000)
 }
+
+/// The longest TTL a run key may be issued with.
+const MAX_TTL_S: i64 = 10 * 366 * 86_400;

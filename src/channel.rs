@@ -91,6 +91,10 @@ impl Guard {
 /// to a private directory first and moved into place whole, so two replicas starting at
 /// once end up sharing one set.
 pub fn ensure_minted(dir: &Path) -> anyhow::Result<()> {
+    if dir.exists() {
+        // Whoever could write here could plant a CA of their own.
+        check_private(dir)?;
+    }
     if is_fresh(dir) {
         return Ok(());
     }
@@ -110,8 +114,16 @@ pub fn ensure_minted(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", staging.display()))?;
     mint(&staging)?;
     if dir.exists() {
-        // An expired set: replaced whole.
-        let _ = fs::remove_dir_all(dir);
+        // An expired or partial set: only its own files go, and the directory only if
+        // nothing else is in it (a misconfigured path never loses anything else).
+        for file in FILES {
+            let _ = fs::remove_file(dir.join(file));
+        }
+        if let Err(e) = fs::remove_dir(dir) {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(e)
+                .with_context(|| format!("{} holds other files; not replacing it", dir.display()));
+        }
     }
     if fs::rename(&staging, dir).is_err() {
         // Another replica moved its set in first: use that one.
@@ -123,20 +135,53 @@ pub fn ensure_minted(dir: &Path) -> anyhow::Result<()> {
             );
         }
     }
+    check_private(dir)?;
     tracing::info!(dir = %dir.display(), "minted a local CA and certificates for the ext_proc channel");
     Ok(())
 }
 
+const FILES: [&str; 5] = [
+    CA_FILE,
+    SERVER_CERT_FILE,
+    SERVER_KEY_FILE,
+    ENVOY_CERT_FILE,
+    ENVOY_KEY_FILE,
+];
+
+/// The directory and its files are this user's own, not links, and nobody else may
+/// write them (nor read the keys).
+fn check_private(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let me = fs::metadata("/proc/self")
+        .context("finding latchkey's own user")?
+        .uid();
+    let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} must be a directory of latchkey's own user that only it can open (mode 0700)",
+            dir.display()
+        );
+    }
+    for file in FILES {
+        let path = dir.join(file);
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let private_key = file.ends_with(".key");
+        let others = if private_key { 0o077 } else { 0o022 };
+        if !meta.is_file() || meta.uid() != me || meta.mode() & others != 0 {
+            bail!(
+                "{} must be a plain file of latchkey's own user, that only it can change{}",
+                path.display(),
+                if private_key { " or read" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
+
 fn is_fresh(dir: &Path) -> bool {
-    let all_there = [
-        CA_FILE,
-        SERVER_CERT_FILE,
-        SERVER_KEY_FILE,
-        ENVOY_CERT_FILE,
-        ENVOY_KEY_FILE,
-    ]
-    .iter()
-    .all(|f| dir.join(f).is_file());
+    let all_there = FILES.iter().all(|f| dir.join(f).is_file());
     let age = fs::metadata(dir.join(CA_FILE))
         .and_then(|m| m.modified())
         .ok()
@@ -252,7 +297,19 @@ mod tests {
         // A second start keeps the set Envoy was given.
         ensure_minted(&tls).unwrap();
         assert_eq!(fs::read(tls.join(CA_FILE)).unwrap(), ca);
-        assert!(Guard::Minted(tls).server_tls().unwrap().is_some());
+        assert!(Guard::Minted(tls.clone()).server_tls().unwrap().is_some());
+        // A directory others may write is not trusted.
+        fs::set_permissions(&tls, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(ensure_minted(&tls).is_err());
+        fs::set_permissions(&tls, fs::Permissions::from_mode(0o700)).unwrap();
+        // An expired set is replaced; a directory that holds more is left alone.
+        fs::write(tls.join("notes.txt"), "mine").unwrap();
+        fs::remove_file(tls.join(CA_FILE)).unwrap();
+        assert!(ensure_minted(&tls).is_err());
+        assert!(tls.join("notes.txt").exists());
+        fs::remove_file(tls.join("notes.txt")).unwrap();
+        ensure_minted(&tls).unwrap();
+        assert_ne!(fs::read(tls.join(CA_FILE)).unwrap(), ca);
     }
 
     #[tokio::test]

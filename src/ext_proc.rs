@@ -406,8 +406,15 @@ impl Exchange {
         let Some(charge) = self.pending.take() else {
             return;
         };
-        let success = envoy::header_value(pairs, ":status").is_some_and(|s| s.starts_with(b"2"));
+        let status = envoy::header_value(pairs, ":status").unwrap_or_default();
+        let success = status.starts_with(b"2");
+        // Envoy's own 504 (its route timeout) or a 408: the vendor may have done the work
+        // all the same, so the call is paid for. Other failures cost nothing.
+        let timed_out = status == b"408"
+            || (status == b"504"
+                && envoy::header_value(pairs, "x-envoy-upstream-service-time").is_none());
         let settlement = match (&*charge.cost, success) {
+            (_, false) if timed_out => unpriced(&self.shared, &charge, "the call timed out"),
             (_, false) => Settlement::Charge(0),
             (CostSpec::PerRequest(micros), true) => Settlement::Charge(*micros),
             (CostSpec::ResponseJson { .. }, true) => match unreadable_body(pairs, end_of_stream) {

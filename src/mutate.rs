@@ -178,3 +178,24 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, req: &RequestView<'_>, now: i64
         body: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_lists_read_underscores_as_dashes() {
+        for name in [
+            "x_http_method_override",
+            "x-http-method_override",
+            "x_api_key",
+            "x_latchkey_key",
+            "x_envoy_original_path",
+            "x_forwarded_host",
+        ] {
+            assert!(stripped(name), "{name}");
+        }
+        assert!(!stripped("x_request_id"));
+        assert!(!stripped("content-type"));
+    }
+}

@@ -276,6 +276,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         master.clone(),
         version,
     ));
+    sync.report_to(health.clone());
     sync.spawn(&cfg.database_url);
     let admin_service = AdminService::new(
         shared.clone(),

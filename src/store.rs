@@ -657,7 +657,10 @@ impl Store {
         .bind(key.label)
         .bind(now_unix())
         // Seconds, rounded up, for display; the milliseconds decide.
-        .bind(key.expires_at_ms.map(|ms| (ms + 999).div_euclid(1000)))
+        .bind(
+            key.expires_at_ms
+                .map(|ms| ms.saturating_add(999).div_euclid(1000)),
+        )
         .bind(key.expires_at_ms)
         .bind(key.spend_cap_usd)
         .execute(&mut *tx)
@@ -829,7 +832,9 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
     // database rows and as key rows) at once.
     let mut rows = sqlx::query(
         "SELECT id, credential_id, key_hash, source, label, created_at,
-                COALESCE(expires_at_ms, expires_at * 1000) AS expires_at_ms,
+                COALESCE(expires_at_ms,
+                         CASE WHEN expires_at > 9000000000000 THEN 9000000000000000
+                              ELSE expires_at * 1000 END) AS expires_at_ms,
                 revoked_at, spend_cap_usd, spent_usd
          FROM proxy_keys ORDER BY created_at, id",
     )

@@ -45,6 +45,8 @@ pub struct PolicySync {
     /// One reload at a time: each sees what the previous one installed. Holds the
     /// number of failed reloads in a row.
     reloading: Mutex<u32>,
+    /// gRPC health, which Envoy checks: not serving while the policy is stale.
+    health: std::sync::OnceLock<tonic_health::server::HealthReporter>,
 }
 
 impl PolicySync {
@@ -62,6 +64,24 @@ impl PolicySync {
             master,
             running: AtomicI64::new(running),
             reloading: Mutex::new(0),
+            health: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Reports staleness on gRPC health too, so Envoy's health checks move traffic to
+    /// replicas that are current.
+    pub fn report_to(&self, health: tonic_health::server::HealthReporter) {
+        let _ = self.health.set(health);
+    }
+
+    async fn set_health(&self, current: bool) {
+        if let Some(health) = self.health.get() {
+            let status = if current {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
         }
     }
 
@@ -74,14 +94,19 @@ impl PolicySync {
         let result = self.try_reload().await;
         match &result {
             Ok(()) => {
+                if *failures >= STALE_AFTER {
+                    self.set_health(true).await;
+                    tracing::info!("policy current again; ready");
+                }
                 *failures = 0;
                 self.shared.set_policy_current(true);
             }
             Err(e) => {
                 *failures += 1;
                 self.shared.metrics.policy_reload_failures.inc();
-                if *failures >= STALE_AFTER {
+                if *failures == STALE_AFTER {
                     self.shared.set_policy_current(false);
+                    self.set_health(false).await;
                 }
                 tracing::error!(error = %e, failures = *failures, ready = *failures < STALE_AFTER,
                     "could not reload the policy; the running one stays, with the store's revocations");
@@ -97,26 +122,18 @@ impl PolicySync {
             return Ok(());
         }
         let stored = self.store.load().await?;
-        // Admin tokens need no compile: a revoked one stops here whatever follows.
+        // Revocations need no compile: they hold here whatever follows (a compile that
+        // fails, or panics).
+        let revoked = self.shared.policy.load().apply_revocations(&stored);
+        if revoked > 0 {
+            tracing::info!(revoked, "keys revoked in the running policy");
+        }
         self.tokens.reload(&self.store).await?;
         // Decrypting every secret and compiling every regex is CPU work: off the
         // runtime's workers, which keep answering Envoy meanwhile.
         let master = self.master.clone();
-        let (stored, compiled) = tokio::task::spawn_blocking(move || {
-            let compiled = Policy::compile(&stored, &master);
-            (stored, compiled)
-        })
-        .await?;
-        let policy = match compiled {
-            Ok(policy) => policy,
-            Err(e) => {
-                let revoked = self.shared.policy.load().apply_revocations(&stored);
-                if revoked > 0 {
-                    tracing::warn!(revoked, "keys revoked in the running policy");
-                }
-                return Err(e.into());
-            }
-        };
+        let policy =
+            tokio::task::spawn_blocking(move || Policy::compile(&stored, &master)).await??;
         self.shared.install(policy);
         self.running.store(version, Ordering::Release);
         tracing::info!(version, "policy reloaded");

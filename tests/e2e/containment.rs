@@ -41,6 +41,8 @@ enum Dial {
     Plain,
     /// TLS with a client certificate of its own CA.
     ForeignCertificate,
+    /// TLS without a client certificate.
+    NoCertificate,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -78,6 +80,14 @@ fn attacker_config(
     };
     let transport = match dial {
         Dial::Plain => String::new(),
+        Dial::NoCertificate => r#"transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: localhost
+          common_tls_context:
+            alpn_protocols: [h2]"#
+            .to_owned(),
         Dial::ForeignCertificate => format!(
             r#"transport_socket:
         name: envoy.transport_sockets.tls
@@ -203,7 +213,7 @@ async fn an_envoy_without_envoys_certificate_gets_no_secret_and_writes_no_audit(
     assert!(upstream.take()[0].dump().contains(SECRET));
 
     for filter in [Filter::ExtProc, Filter::ExtAuthz] {
-        for dial in [Dial::Plain, Dial::ForeignCertificate] {
+        for dial in [Dial::Plain, Dial::ForeignCertificate, Dial::NoCertificate] {
             let (seen, audited) = attack(&stack, filter, dial).await;
             assert!(!seen.contains(SECRET), "{filter:?} {dial:?}: {seen}");
             assert_eq!(audited, 0, "{filter:?} {dial:?} wrote to the audit");
@@ -622,7 +632,9 @@ rules:
             r#""&amount=999999&x=""#,
             "application/x-www-form-urlencoded",
         ),
-        (r#"{"amount":1,"amount":999999}"#, json),
+        (r#"{"amount":999999,"amount":1}"#, json),
+        (r#"{"amount":1,"Amount":999999}"#, json),
+        (r#"{"AMOUNT":999999}"#, json),
     ] {
         let (status, kind, error) = common::denial(post(body, content_type).await.unwrap()).await;
         assert_eq!(
@@ -765,4 +777,15 @@ rules:
         seen.iter()
             .all(|s| s.header("authorization") == Some(&format!("Bearer {SECRET}")))
     );
+}
+
+/// Envoy's own timeout cuts a call the vendor may still bill: it is charged.
+#[tokio::test]
+async fn a_call_cut_by_the_route_timeout_is_charged_the_reservation() {
+    let vendor = Vendor::start().await;
+    let stack = Stack::start_with(|config| config.replace("timeout: 60s", "timeout: 1s")).await;
+    stack.apply(&priced(&vendor.url(), RESERVED), &ENV);
+    let (id, key) = capped_key(&stack, "1");
+    assert_eq!(calls(&stack, &key, "/paid/v1/slow", 1).await, [504]);
+    assert!((spent(&stack, &id, 0.5).await - 0.5).abs() < 1e-9);
 }
