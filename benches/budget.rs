@@ -9,7 +9,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use latchkey::budget::{
     Budgets, Limit, LocalBudgets, Rate, RedisBudgets, SystemClock, redis_connection,
 };
-use latchkey::spend::{Account, LocalSpend, RedisSpend, Settlement, Spend};
+use latchkey::spend::{Account, Holder, LocalSpend, RedisSpend, Settlement, Spend, Unit};
 
 fn limits(tag: &str) -> Vec<Limit> {
     // Limits high enough that every iteration is admitted: the common case.
@@ -31,6 +31,9 @@ fn accounts(tag: &str) -> Vec<Account> {
         cap_micros: Some(u64::MAX / 4),
         seed_micros: 0,
         ttl_s: Some(600),
+        unit: Unit::Micros,
+        holder: Holder::Key,
+        period: None,
     }]
 }
 
@@ -71,7 +74,7 @@ fn budget(c: &mut Criterion) {
                         .unwrap()
                         .unwrap();
                     spend
-                        .settle(&accounts, 100, Settlement::Charge(100))
+                        .settle(&accounts, 100, Settlement::Charge(100), 0)
                         .await
                         .unwrap();
                 })

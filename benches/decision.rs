@@ -62,6 +62,9 @@ fn policy(rules: usize, master: &MasterKey) -> Policy {
             revoked_at: None,
             spend_cap_usd: None,
             spent_usd: 0.0,
+            cap_period: None,
+            tokens_per_minute: None,
+            tokens_per_day: None,
         }],
         proxies: vec![ProxyRow {
             name: "vendor".into(),

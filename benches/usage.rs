@@ -20,8 +20,7 @@ fn usage(c: &mut Criterion) {
     });
     group.bench_function("usage_chunk_and_finish", |b| {
         b.iter(|| {
-            let mut meter =
-                Meter::for_content_type(Vendor::OpenAi, b"text/event-stream").unwrap();
+            let mut meter = Meter::for_content_type(Vendor::OpenAi, b"text/event-stream").unwrap();
             meter.feed(black_box(LAST.as_bytes()));
             meter.finish().unwrap()
         })

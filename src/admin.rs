@@ -26,6 +26,7 @@ use crate::policy::Policy;
 use crate::policy_file::PolicyFile;
 use crate::request_log::{self, Filter};
 use crate::rules::Body;
+use crate::spend::Period;
 use crate::state::Shared;
 use crate::store::{Desired, NewKey, Store, StoreError, StoredPolicy};
 use crate::sync::PolicySync;
@@ -453,6 +454,25 @@ impl Admin for AdminService {
         // Kept to the millisecond: the key is refused once its TTL has passed, not later.
         let expires_at_ms =
             ttl.map(|t| crate::state::now_unix_ms().saturating_add(t.saturating_mul(1000)));
+        let cap_period = match req.cap_period.as_str() {
+            "" => None,
+            "day" => Some(Period::Day),
+            "week" => Some(Period::Week),
+            "month" => Some(Period::Month),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "cap_period {other:?}: day, week or month"
+                )));
+            }
+        };
+        if cap_period.is_some() && req.spend_cap_usd.is_none() {
+            return Err(Status::invalid_argument(
+                "cap_period needs a spend cap to reset",
+            ));
+        }
+        if req.tokens_per_minute == Some(0) || req.tokens_per_day == Some(0) {
+            return Err(Status::invalid_argument("a token budget is at least 1"));
+        }
         let key = crate::crypto::new_proxy_key();
         let label = (!req.label.is_empty()).then_some(req.label.as_str());
         let _one_at_a_time = self.write_lock.lock().await;
@@ -464,6 +484,9 @@ impl Admin for AdminService {
                 label,
                 expires_at_ms,
                 spend_cap_usd: req.spend_cap_usd,
+                cap_period,
+                tokens_per_minute: req.tokens_per_minute,
+                tokens_per_day: req.tokens_per_day,
             })
             .await
             .map_err(store_status)?;
@@ -511,6 +534,13 @@ impl Admin for AdminService {
                     revoked_at: k.revoked_at,
                     spend_cap_usd: k.spend_cap_usd,
                     spent_usd: k.spent_usd,
+                    cap_period: k
+                        .cap_period
+                        .map(Period::name)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    tokens_per_minute: k.tokens_per_minute,
+                    tokens_per_day: k.tokens_per_day,
                 })
             })
             .collect();

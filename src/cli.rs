@@ -223,6 +223,16 @@ enum KeyCommand {
         /// Stop the key once its requests cost this much (USD).
         #[arg(long)]
         spend_cap_usd: Option<f64>,
+        /// Reset the spend cap each UTC `day`, `week` (from Monday) or `month`; without
+        /// it, the cap holds for the key's whole life.
+        #[arg(long, value_parser = ["day", "week", "month"], requires = "spend_cap_usd")]
+        cap_period: Option<String>,
+        /// LLM tokens the key may use per minute (from the usage answers report).
+        #[arg(long)]
+        tokens_per_minute: Option<u64>,
+        /// LLM tokens the key may use per UTC day.
+        #[arg(long)]
+        tokens_per_day: Option<u64>,
         /// A label, such as the agent run's id.
         #[arg(long)]
         label: Option<String>,
@@ -740,6 +750,9 @@ async fn key(command: KeyCommand) -> anyhow::Result<()> {
             credential,
             ttl,
             spend_cap_usd,
+            cap_period,
+            tokens_per_minute,
+            tokens_per_day,
             label,
             json,
             conn,
@@ -752,6 +765,9 @@ async fn key(command: KeyCommand) -> anyhow::Result<()> {
                     ttl_seconds: ttl.map(|t| t.as_secs().max(1)),
                     spend_cap_usd,
                     label: label.unwrap_or_default(),
+                    cap_period: cap_period.unwrap_or_default(),
+                    tokens_per_minute,
+                    tokens_per_day,
                 },
             )?;
             let k = client
@@ -841,6 +857,9 @@ async fn key(command: KeyCommand) -> anyhow::Result<()> {
                             "revoked_at": k.revoked_at.map(rfc3339),
                             "spend_cap_usd": k.spend_cap_usd,
                             "spent_usd": k.spent_usd,
+                            "cap_period": (!k.cap_period.is_empty()).then_some(&k.cap_period),
+                            "tokens_per_minute": k.tokens_per_minute,
+                            "tokens_per_day": k.tokens_per_day,
                         })
                     })
                     .collect();

@@ -37,6 +37,8 @@ pub enum Denial {
     BudgetUnavailable,
     #[error("{what} is reached")]
     SpendCapExceeded { what: String, retry_after_s: u64 },
+    #[error("{what} of LLM tokens is used up; retry in {retry_after_s} s")]
+    TokensSpent { what: String, retry_after_s: u64 },
     #[error("{0} requests of this spend-capped key are already in flight; retry in 1 s")]
     TooManyInFlight(u64),
     #[error("the upstream credential of proxy {0:?} could not be obtained; retry later")]
@@ -64,7 +66,9 @@ impl Denial {
             | Denial::DefaultDenied(_)
             | Denial::BodyUnjudgeable { .. } => "rule_denied",
             Denial::BodyTooLarge(_) => "body_too_large",
-            Denial::RateLimited { .. } | Denial::TooManyInFlight(_) => "rate_limited",
+            Denial::RateLimited { .. }
+            | Denial::TooManyInFlight(_)
+            | Denial::TokensSpent { .. } => "rate_limited",
             Denial::SpendCapExceeded { .. } => "spend_cap_exceeded",
             Denial::BudgetUnavailable => "budget_unavailable",
             Denial::NeedsExtProc { .. } => "needs_ext_proc",
@@ -88,7 +92,8 @@ impl Denial {
             Denial::BodyTooLarge(_) => 413,
             Denial::RateLimited { .. }
             | Denial::TooManyInFlight(_)
-            | Denial::SpendCapExceeded { .. } => 429,
+            | Denial::SpendCapExceeded { .. }
+            | Denial::TokensSpent { .. } => 429,
             Denial::BudgetUnavailable => 503,
             Denial::NeedsExtProc { .. } => 500,
             Denial::CredentialUnavailable(_) => 503,
@@ -100,7 +105,8 @@ impl Denial {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Denial::RateLimited { retry_after_s, .. }
-            | Denial::SpendCapExceeded { retry_after_s, .. } => Some(*retry_after_s),
+            | Denial::SpendCapExceeded { retry_after_s, .. }
+            | Denial::TokensSpent { retry_after_s, .. } => Some(*retry_after_s),
             Denial::TooManyInFlight(_) => Some(1),
             Denial::CredentialUnavailable(_) => Some(5),
             _ => None,

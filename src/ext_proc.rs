@@ -180,9 +180,10 @@ async fn settle_now(
             .metrics
             .record_pricing_exception(&charge.proxy, "over_reservation");
     }
+    let tokens = llm.as_ref().map_or(0, |l| l.usage.total());
     let micros = match shared
         .spend
-        .settle(&charge.accounts, charge.reserved, settlement)
+        .settle(&charge.accounts, charge.reserved, settlement, tokens)
         .await
     {
         Ok(micros) => micros,

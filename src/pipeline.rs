@@ -11,11 +11,11 @@ use crate::keys;
 use crate::mutate::{self, Forward};
 use crate::oauth2::TokenSource;
 use crate::policy::Policy;
-use crate::policy::{CostSpec, Injection};
+use crate::policy::{CostSpec, Injection, KeyEntry};
 use crate::redact::Guard;
 use crate::route::route;
 use crate::rules::{self, Body, Facts, RuleList, Verdict};
-use crate::spend::{Account, MAX_IN_FLIGHT, Refusal, Spend};
+use crate::spend::{Account, Holder, MAX_IN_FLIGHT, Period, Refusal, Spend, Unit};
 use crate::state::{Shared, now_unix};
 use crate::usage;
 
@@ -92,8 +92,75 @@ pub struct Charge {
 
 const DAY_S: i64 = 86_400;
 
-fn seconds_to_utc_midnight(now: i64) -> u64 {
-    (DAY_S - now.rem_euclid(DAY_S)) as u64
+/// The accounts a priced request of `entry` is charged to at `now` (Unix seconds): the
+/// key's spend first (what the audit records as the key's), its credential's spend caps,
+/// and on LLM proxies the token budgets of both.
+fn accounts(policy: &Policy, entry: &KeyEntry, now: i64, llm: bool) -> Vec<Account> {
+    let of_period = |id: String, holder, period: Period, cap, unit| {
+        let (n, left) = period.at(now);
+        Account {
+            id: format!("{id}:{}:{n}", period.name()).into(),
+            cap_micros: Some(cap),
+            seed_micros: 0,
+            // Kept a little past its end; another period is another account.
+            ttl_s: Some(left + 60),
+            unit,
+            holder,
+            period: Some(period),
+        }
+    };
+    let budgets = entry.budgets.as_deref();
+    let key = format!("key:{}", entry.id);
+    let mut out = Vec::with_capacity(2);
+    match (budgets.and_then(|b| b.cap_period), entry.spend_cap_micros) {
+        (Some(period), Some(cap)) => {
+            out.push(of_period(
+                key.clone(),
+                Holder::Key,
+                period,
+                cap,
+                Unit::Micros,
+            ));
+        }
+        _ => out.push(Account {
+            id: key.as_str().into(),
+            cap_micros: entry.spend_cap_micros,
+            seed_micros: entry.spent_micros,
+            ttl_s: None,
+            unit: Unit::Micros,
+            holder: Holder::Key,
+            period: None,
+        }),
+    }
+    let caps = policy.credential_caps(entry.credential);
+    let credential = format!("credential:{}", policy.credential_name(entry.credential));
+    for &(period, cap) in &caps.spend {
+        out.push(of_period(
+            credential.clone(),
+            Holder::Credential,
+            period,
+            cap,
+            Unit::Micros,
+        ));
+    }
+    if llm {
+        let key_tokens = budgets.map(|b| b.tokens.as_slice()).unwrap_or_default();
+        for (owner, holder, list) in [
+            (&key, Holder::Key, key_tokens),
+            (&credential, Holder::Credential, caps.tokens.as_slice()),
+        ] {
+            for &(period, cap) in list {
+                out.push(of_period(
+                    format!("tokens:{owner}"),
+                    holder,
+                    period,
+                    cap,
+                    Unit::Tokens,
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// How Envoy named the request, for the audit.
@@ -169,18 +236,20 @@ pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) {
                 let denial = match refusal {
                     Refusal::TooManyInFlight => Denial::TooManyInFlight(MAX_IN_FLIGHT),
                     Refusal::CapReached(i) => {
-                        let day = charge.accounts.get(i).is_some_and(|a| a.ttl_s.is_some());
-                        Denial::SpendCapExceeded {
-                            what: if day {
-                                "the credential's daily spend cap".to_owned()
-                            } else {
-                                "this key's spend cap".to_owned()
+                        let account = &charge.accounts[i];
+                        let what = account.describe();
+                        // A key's lifetime cap never resets (a day is as good a hint as
+                        // any); a period's does when the period ends.
+                        let retry_after_s =
+                            account.period.map_or(DAY_S as u64, |p| p.at(now_unix()).1);
+                        match account.unit {
+                            Unit::Micros => Denial::SpendCapExceeded {
+                                what,
+                                retry_after_s,
                             },
-                            // A key's cap never resets; a day's does at midnight UTC.
-                            retry_after_s: if day {
-                                seconds_to_utc_midnight(now_unix())
-                            } else {
-                                DAY_S as u64
+                            Unit::Tokens => Denial::TokensSpent {
+                                what,
+                                retry_after_s,
                             },
                         }
                     }
@@ -293,21 +362,7 @@ fn run(
             subject.key_id = Some(entry.id.clone());
             subject.run_label = entry.label.clone();
             if let Some(cost) = &proxy.cost {
-                let mut accounts = vec![Account {
-                    id: format!("key:{}", entry.id).into(),
-                    cap_micros: entry.spend_cap_micros,
-                    seed_micros: entry.spent_micros,
-                    ttl_s: None,
-                }];
-                if let Some(cap) = policy.credential_spend_cap(entry.credential) {
-                    let name = policy.credential_name(entry.credential);
-                    accounts.push(Account {
-                        id: format!("credential:{name}:{}", now.div_euclid(DAY_S)).into(),
-                        cap_micros: Some(cap),
-                        seed_micros: 0,
-                        ttl_s: Some(2 * DAY_S as u64),
-                    });
-                }
+                let accounts = accounts(policy, entry, now, proxy.token_vendor().is_some());
                 *charge = Some(Charge {
                     cost: cost.clone(),
                     proxy: proxy.name.clone(),

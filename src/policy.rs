@@ -16,7 +16,7 @@ use crate::crypto::MasterKey;
 use crate::policy_file::{AuthKind, Cost, CredentialType, Effect, Limits, TargetUrl};
 use crate::redact::Guard;
 use crate::rules::{Rule, RuleList};
-use crate::spend::to_micros;
+use crate::spend::{Period, to_micros};
 use crate::store::{StoreError, StoredPolicy};
 use crate::usage::{Price, PriceTable, Vendor};
 
@@ -200,6 +200,38 @@ impl CostSpec {
     }
 }
 
+/// Spend caps (micro-dollars) and LLM token budgets, each with the period it resets in.
+#[derive(Debug, Clone, Default)]
+pub struct Caps {
+    pub spend: Vec<(Period, u64)>,
+    pub tokens: Vec<(Period, u64)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyBudgets {
+    /// The period the key's spend cap resets in; none: the key's whole life.
+    pub cap_period: Option<Period>,
+    pub tokens: Vec<(Period, u64)>,
+}
+
+impl KeyBudgets {
+    fn of(k: &crate::store::KeyRow) -> Option<Box<Self>> {
+        let tokens: Vec<(Period, u64)> = [
+            (Period::Minute, k.tokens_per_minute),
+            (Period::Day, k.tokens_per_day),
+        ]
+        .into_iter()
+        .filter_map(|(p, n)| Some((p, n?)))
+        .collect();
+        (k.cap_period.is_some() || !tokens.is_empty()).then(|| {
+            Box::new(Self {
+                cap_period: k.cap_period,
+                tokens,
+            })
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct KeyEntry {
     pub hash: [u8; 32],
@@ -211,6 +243,9 @@ pub struct KeyEntry {
     /// Set by the snapshot that revoked it, or later by [`Policy::apply_revocations`].
     pub revoked: AtomicBool,
     pub spend_cap_micros: Option<u64>,
+    /// A run key's cap period and token budgets; boxed, since most keys have none
+    /// (100,000 keys stay small).
+    pub budgets: Option<Box<KeyBudgets>>,
     /// Spent as of the snapshot: where an account not yet in memory starts.
     pub spent_micros: u64,
 }
@@ -227,7 +262,7 @@ pub struct Policy {
     /// Each proxy credential's request limits, across every proxy it uses.
     credential_limits: Vec<Box<[Limit]>>,
     /// Each proxy credential's daily spend cap, in micro-dollars.
-    credential_spend_caps: Vec<Option<u64>>,
+    credential_caps: Vec<Caps>,
     rules_by_id: HashMap<Arc<str>, Arc<Rule>>,
 }
 
@@ -350,8 +385,8 @@ impl Policy {
         &self.credential_limits[index as usize]
     }
 
-    pub fn credential_spend_cap(&self, index: u32) -> Option<u64> {
-        self.credential_spend_caps[index as usize]
+    pub fn credential_caps(&self, index: u32) -> &Caps {
+        &self.credential_caps[index as usize]
     }
 
     pub fn rule(&self, id: &str) -> Option<&Arc<Rule>> {
@@ -366,7 +401,7 @@ impl Policy {
         let mut cred_by_id: HashMap<&str, u32> = HashMap::new();
         let mut credentials = Vec::new();
         let mut credential_limits = Vec::new();
-        let mut credential_spend_caps = Vec::new();
+        let mut credential_caps = Vec::new();
         let mut injections: HashMap<&str, Arc<Injection>> = HashMap::new();
         let mut echoes: HashMap<&str, Vec<Zeroizing<Vec<u8>>>> = HashMap::new();
         // Only the credentials a proxy scrubs need their echoed forms.
@@ -382,12 +417,13 @@ impl Policy {
                     let i = credentials.len() as u32;
                     credentials.push(Arc::from(c.name.as_str()));
                     credential_limits.push(limits("credential", &c.name, c.limits.as_ref()));
-                    credential_spend_caps.push(
-                        c.limits
-                            .as_ref()
-                            .and_then(|l| l.spend_usd_per_day)
-                            .map(to_micros),
-                    );
+                    let given = c.limits.clone().unwrap_or_default();
+                    credential_caps.push(Caps {
+                        spend: (given.spend_caps().into_iter())
+                            .map(|(p, usd)| (p, to_micros(usd)))
+                            .collect(),
+                        tokens: given.token_budgets(),
+                    });
                     cred_index.insert(&c.name, i);
                     cred_by_id.insert(&c.id, i);
                 }
@@ -500,6 +536,7 @@ impl Policy {
                     expires_at_ms: k.expires_at_ms,
                     revoked: AtomicBool::new(k.revoked_at.is_some()),
                     spend_cap_micros: k.spend_cap_usd.map(to_micros),
+                    budgets: KeyBudgets::of(k),
                     spent_micros: to_micros(k.spent_usd),
                 },
             );
@@ -605,7 +642,7 @@ impl Policy {
             credentials,
             credential_rules,
             credential_limits,
-            credential_spend_caps,
+            credential_caps,
             rules_by_id,
         })
     }

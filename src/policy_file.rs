@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::spend::Period;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +187,43 @@ pub struct Limits {
     /// Proxy credentials: what all their requests may cost per UTC day (USD).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spend_usd_per_day: Option<f64>,
+    /// Proxy credentials: per UTC week, Monday to Sunday (USD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_usd_per_week: Option<f64>,
+    /// Proxy credentials: per UTC calendar month (USD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_usd_per_month: Option<f64>,
+    /// Proxy credentials: LLM tokens per minute, counted from the usage answers report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Proxy credentials: LLM tokens per UTC day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<u64>,
+}
+
+impl Limits {
+    /// The spend caps (USD) of a proxy credential, with their periods.
+    pub fn spend_caps(&self) -> Vec<(Period, f64)> {
+        [
+            (Period::Day, self.spend_usd_per_day),
+            (Period::Week, self.spend_usd_per_week),
+            (Period::Month, self.spend_usd_per_month),
+        ]
+        .into_iter()
+        .filter_map(|(p, v)| Some((p, v?)))
+        .collect()
+    }
+
+    /// The LLM token budgets of a proxy credential, with their periods.
+    pub fn token_budgets(&self) -> Vec<(Period, u64)> {
+        [
+            (Period::Minute, self.tokens_per_minute),
+            (Period::Day, self.tokens_per_day),
+        ]
+        .into_iter()
+        .filter_map(|(p, v)| Some((p, v?)))
+        .collect()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
@@ -513,10 +552,10 @@ impl PolicyFile {
             }
             if let Some(limits) = &p.limits {
                 limits.validate().map_err(|e| invalid(&item, e))?;
-                if limits.spend_usd_per_day.is_some() {
+                if !limits.spend_caps().is_empty() || !limits.token_budgets().is_empty() {
                     return Err(invalid(
                         item,
-                        "limits: spend_usd_per_day goes on proxy credentials",
+                        "limits: spend_usd_per_* and tokens_per_* go on proxy credentials",
                     ));
                 }
             }
@@ -870,11 +909,19 @@ impl Limits {
                 return Err(format!("limits: {name} must be at least 1"));
             }
         }
-        match self.spend_usd_per_day {
-            Some(usd) if !(usd.is_finite() && usd >= 0.0) => {
-                Err("limits: spend_usd_per_day must be a non-negative amount".into())
-            }
-            _ => Ok(()),
+        if self.tokens_per_minute == Some(0) || self.tokens_per_day == Some(0) {
+            return Err("limits: a token budget is at least 1".into());
+        }
+        match self
+            .spend_caps()
+            .into_iter()
+            .find(|(_, usd)| !(usd.is_finite() && *usd >= 0.0))
+        {
+            Some((period, _)) => Err(format!(
+                "limits: spend_usd_per_{} must be a non-negative amount",
+                period.name()
+            )),
+            None => Ok(()),
         }
     }
 }

@@ -34,13 +34,121 @@ pub fn to_usd(micros: u64) -> f64 {
 /// One account a request's cost is charged to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Account {
-    /// The store key: `key:<id>` or `credential:<name>:<day>`.
+    /// The store key: `key:<id>`, or with its period `key:<id>:month:<n>`,
+    /// `credential:<name>:day:<n>`, `tokens:key:<id>:minute:<n>`…
     pub id: Arc<str>,
+    /// In the account's unit.
     pub cap_micros: Option<u64>,
     /// What the durable store said was spent, for an account not yet in memory.
     pub seed_micros: u64,
-    /// How long the account lives after its last change (credential-day accounts).
+    /// How long the account lives after its last change (accounts of one period).
     pub ttl_s: Option<u64>,
+    /// Micro-dollars, or LLM tokens (counted from usage, never reserved).
+    pub unit: Unit,
+    /// Whose account it is, and the period it covers (none: a key's whole life), for
+    /// the refusal's message and its `Retry-After`.
+    pub holder: Holder,
+    pub period: Option<Period>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    Key,
+    Credential,
+}
+
+impl Account {
+    /// What a refusal by this account names, e.g. "the credential's monthly spend cap".
+    pub fn describe(&self) -> String {
+        let whose = match self.holder {
+            Holder::Key => "this key's",
+            Holder::Credential => "the credential's",
+        };
+        let per = match self.period {
+            None => "",
+            Some(Period::Minute) => " per-minute",
+            Some(Period::Day) => " daily",
+            Some(Period::Week) => " weekly",
+            Some(Period::Month) => " monthly",
+        };
+        let what = match self.unit {
+            Unit::Micros => "spend cap",
+            Unit::Tokens => "token budget",
+        };
+        format!("{whose}{per} {what}")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Micros,
+    Tokens,
+}
+
+/// A calendar period (UTC) a cap or budget resets with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Minute,
+    Day,
+    /// Monday to Sunday.
+    Week,
+    Month,
+}
+
+impl Period {
+    pub fn name(self) -> &'static str {
+        match self {
+            Period::Minute => "minute",
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+        }
+    }
+
+    /// The period that holds `now` (Unix seconds): its number, and the seconds until it
+    /// ends.
+    pub fn at(self, now: i64) -> (i64, u64) {
+        let days = now.div_euclid(86_400);
+        let (index, end) = match self {
+            Period::Minute => (now.div_euclid(60), (now.div_euclid(60) + 1) * 60),
+            Period::Day => (days, (days + 1) * 86_400),
+            // 1970-01-01 was a Thursday: day 4 of the week that began on Monday -3.
+            Period::Week => {
+                let week = (days + 3).div_euclid(7);
+                (week, (week * 7 - 3 + 7) * 86_400)
+            }
+            Period::Month => {
+                let (y, m) = year_month(days);
+                let next = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+                (y * 12 + m - 1, first_day(next.0, next.1) * 86_400)
+            }
+        };
+        (index, (end - now).max(1) as u64)
+    }
+}
+
+/// The year and month (1-12) of a day counted from 1970-01-01 (the civil calendar).
+fn year_month(days: i64) -> (i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m)
+}
+
+/// The day number of the first of month `m` of year `y`.
+fn first_day(y: i64, m: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// How a reservation ends.
@@ -110,14 +218,20 @@ impl LocalSpend {
                 ..State::default()
             });
             s.expires = a.ttl_s.map(|t| now.saturating_add(t as i64));
-            if let Some(cap) = a.cap_micros {
-                check(s, cap, estimate).map_err(|r| match r {
-                    Refusal::CapReached(_) => Refusal::CapReached(i),
-                    other => other,
-                })?;
+            match (a.cap_micros, a.unit) {
+                (Some(cap), Unit::Tokens) if s.spent >= cap => {
+                    return Err(Refusal::CapReached(i));
+                }
+                (Some(cap), Unit::Micros) => {
+                    check(s, cap, estimate).map_err(|r| match r {
+                        Refusal::CapReached(_) => Refusal::CapReached(i),
+                        other => other,
+                    })?;
+                }
+                _ => {}
             }
         }
-        for a in accounts {
+        for a in accounts.iter().filter(|a| a.unit == Unit::Micros) {
             let s = all.get_mut(&a.id).expect("inserted above");
             s.reserved += estimate;
             s.in_flight += 1;
@@ -126,12 +240,22 @@ impl LocalSpend {
     }
 
     /// Returns what was charged to the first account (the key's).
-    fn settle(&self, accounts: &[Account], reserved: u64, settlement: Settlement) -> u64 {
+    fn settle(
+        &self,
+        accounts: &[Account],
+        reserved: u64,
+        settlement: Settlement,
+        tokens: u64,
+    ) -> u64 {
         let mut guard = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         let all = &mut guard.map;
         let mut first = None;
         for a in accounts {
             let s = all.entry(a.id.clone()).or_default();
+            if a.unit == Unit::Tokens {
+                s.spent += tokens;
+                continue;
+            }
             s.reserved = s.reserved.saturating_sub(reserved);
             s.in_flight = s.in_flight.saturating_sub(1);
             let charged = match (settlement, a.cap_micros) {
@@ -171,16 +295,18 @@ fn check(s: &State, cap: u64, estimate: u64) -> Result<(), Refusal> {
 
 /// Shared through Redis. KEYS: per account its spent, reserved and in-flight counters.
 /// ARGV: estimate, max in flight, in-flight TTL, then per account cap (-1 for none),
-/// seed, ttl (0 for none).
+/// seed, ttl (0 for none), unit (0 micro-dollars, 1 tokens: only checked, not reserved).
 const RESERVE_SCRIPT: &str = r"
 local estimate = tonumber(ARGV[1])
 local max_in_flight = tonumber(ARGV[2])
 local in_flight_ttl = tonumber(ARGV[3])
 local n = #KEYS / 3
 for i = 1, n do
-  local cap = tonumber(ARGV[3 * i + 1])
-  redis.call('SET', KEYS[3 * i - 2], ARGV[3 * i + 2], 'NX')
-  if cap >= 0 then
+  local cap = tonumber(ARGV[4 * i])
+  redis.call('SET', KEYS[3 * i - 2], ARGV[4 * i + 1], 'NX')
+  if ARGV[4 * i + 3] == '1' then
+    if cap >= 0 and tonumber(redis.call('GET', KEYS[3 * i - 2])) >= cap then return i end
+  elseif cap >= 0 then
     local spent = tonumber(redis.call('GET', KEYS[3 * i - 2]))
     local reserved = tonumber(redis.call('GET', KEYS[3 * i - 1]) or '0')
     local in_flight = tonumber(redis.call('GET', KEYS[3 * i]) or '0')
@@ -193,39 +319,46 @@ for i = 1, n do
   end
 end
 for i = 1, n do
-  redis.call('INCRBY', KEYS[3 * i - 1], estimate)
-  redis.call('INCR', KEYS[3 * i])
-  local ttl = tonumber(ARGV[3 * i + 3])
+  local ttl = tonumber(ARGV[4 * i + 2])
+  if ARGV[4 * i + 3] ~= '1' then
+    redis.call('INCRBY', KEYS[3 * i - 1], estimate)
+    redis.call('INCR', KEYS[3 * i])
+    if ttl <= 0 then
+      for k = 3 * i - 1, 3 * i do redis.call('EXPIRE', KEYS[k], in_flight_ttl) end
+    end
+  end
   if ttl > 0 then
     for k = 3 * i - 2, 3 * i do redis.call('EXPIRE', KEYS[k], ttl) end
-  else
-    for k = 3 * i - 1, 3 * i do redis.call('EXPIRE', KEYS[k], in_flight_ttl) end
   end
 end
 return 0
 ";
 
-/// KEYS as for reserve; ARGV: reserved, actual, close (1 or 0), then per account cap
-/// (-1 for none). Returns what was charged to the first account.
+/// KEYS as for reserve; ARGV: reserved, actual, close (1 or 0), tokens, then per account
+/// cap (-1 for none) and unit. Returns what was charged to the first account.
 const SETTLE_SCRIPT: &str = r"
 local first = 0
 for i = 1, #KEYS / 3 do
-  local charge = tonumber(ARGV[2])
-  local cap = tonumber(ARGV[3 + i])
-  if ARGV[3] == '1' then
-    charge = 0
-    if cap >= 0 then
-      local spent = tonumber(redis.call('GET', KEYS[3 * i - 2]) or '0')
-      if cap > spent then charge = cap - spent end
+  local cap = tonumber(ARGV[3 + 2 * i])
+  if ARGV[4 + 2 * i] == '1' then
+    redis.call('INCRBY', KEYS[3 * i - 2], ARGV[4])
+  else
+    local charge = tonumber(ARGV[2])
+    if ARGV[3] == '1' then
+      charge = 0
+      if cap >= 0 then
+        local spent = tonumber(redis.call('GET', KEYS[3 * i - 2]) or '0')
+        if cap > spent then charge = cap - spent end
+      end
     end
-  end
-  redis.call('INCRBY', KEYS[3 * i - 2], charge)
-  if i == 1 then first = charge end
-  if tonumber(redis.call('DECRBY', KEYS[3 * i - 1], ARGV[1])) < 0 then
-    redis.call('SET', KEYS[3 * i - 1], 0, 'KEEPTTL')
-  end
-  if tonumber(redis.call('DECR', KEYS[3 * i])) < 0 then
-    redis.call('SET', KEYS[3 * i], 0, 'KEEPTTL')
+    redis.call('INCRBY', KEYS[3 * i - 2], charge)
+    if i == 1 then first = charge end
+    if tonumber(redis.call('DECRBY', KEYS[3 * i - 1], ARGV[1])) < 0 then
+      redis.call('SET', KEYS[3 * i - 1], 0, 'KEEPTTL')
+    end
+    if tonumber(redis.call('DECR', KEYS[3 * i])) < 0 then
+      redis.call('SET', KEYS[3 * i], 0, 'KEEPTTL')
+    end
   end
 end
 return first
@@ -269,7 +402,8 @@ impl RedisSpend {
             invocation
                 .arg(cap_arg(a))
                 .arg(a.seed_micros)
-                .arg(a.ttl_s.unwrap_or(0));
+                .arg(a.ttl_s.unwrap_or(0))
+                .arg(u8::from(a.unit == Unit::Tokens));
         }
         let mut connection = self.connection.clone();
         let code: i64 = invocation
@@ -288,6 +422,7 @@ impl RedisSpend {
         accounts: &[Account],
         reserved: u64,
         settlement: Settlement,
+        tokens: u64,
     ) -> Result<u64, BudgetError> {
         let mut invocation = self.settle.prepare_invoke();
         Self::keys(&mut invocation, accounts);
@@ -295,9 +430,11 @@ impl RedisSpend {
             Settlement::Charge(actual) => (actual, 0),
             Settlement::Close => (0, 1),
         };
-        invocation.arg(reserved).arg(actual).arg(close);
+        invocation.arg(reserved).arg(actual).arg(close).arg(tokens);
         for a in accounts {
-            invocation.arg(cap_arg(a));
+            invocation
+                .arg(cap_arg(a))
+                .arg(u8::from(a.unit == Unit::Tokens));
         }
         let mut connection = self.connection.clone();
         invocation
@@ -331,16 +468,18 @@ impl Spend {
         }
     }
 
-    /// Ends a reservation; returns what was charged to the first account (the key's).
+    /// Ends a reservation, counting `tokens` against token budgets; returns what was
+    /// charged to the first account (the key's).
     pub async fn settle(
         &self,
         accounts: &[Account],
         reserved: u64,
         settlement: Settlement,
+        tokens: u64,
     ) -> Result<u64, BudgetError> {
         match self {
-            Spend::Local(local) => Ok(local.settle(accounts, reserved, settlement)),
-            Spend::Redis(redis) => redis.settle(accounts, reserved, settlement).await,
+            Spend::Local(local) => Ok(local.settle(accounts, reserved, settlement, tokens)),
+            Spend::Redis(redis) => redis.settle(accounts, reserved, settlement, tokens).await,
         }
     }
 
@@ -363,6 +502,9 @@ mod tests {
             cap_micros: cap.map(to_micros),
             seed_micros: 0,
             ttl_s: None,
+            unit: Unit::Micros,
+            holder: Holder::Key,
+            period: None,
         }
     }
 
@@ -374,7 +516,7 @@ mod tests {
         let admitted = (0..10).filter(|_| spend.reserve(&a, price).is_ok()).count();
         assert_eq!(admitted, 3, "0.9 of 1.0 reserved");
         for _ in 0..3 {
-            spend.settle(&a, price, Settlement::Charge(price));
+            spend.settle(&a, price, Settlement::Charge(price), 0);
         }
         assert_eq!(spend.spent("key:k1"), Some(to_micros(0.9)));
         assert_eq!(spend.reserve(&a, price), Err(Refusal::CapReached(0)));
@@ -389,7 +531,7 @@ mod tests {
         assert_eq!(spend.reserve(&a, 0), Err(Refusal::TooManyInFlight));
         // Each response costs 0.3: the cap is crossed, by at most the in-flight ones.
         for _ in 0..MAX_IN_FLIGHT {
-            spend.settle(&a, 0, Settlement::Charge(to_micros(0.3)));
+            spend.settle(&a, 0, Settlement::Charge(to_micros(0.3)), 0);
         }
         assert_eq!(spend.reserve(&a, 0), Err(Refusal::CapReached(0)));
         assert!(spend.spent("key:k1").unwrap() <= to_micros(1.0) + MAX_IN_FLIGHT * to_micros(0.3));
@@ -405,10 +547,10 @@ mod tests {
         for _ in 0..100 {
             assert!(spend.reserve(&a, 0).is_ok());
         }
-        spend.settle(&a, 0, Settlement::Charge(0));
-        spend.settle(&a, 0, Settlement::Charge(250));
+        spend.settle(&a, 0, Settlement::Charge(0), 0);
+        spend.settle(&a, 0, Settlement::Charge(250), 0);
         // Closing an uncapped account charges nothing.
-        assert_eq!(spend.settle(&a, 0, Settlement::Close), 0);
+        assert_eq!(spend.settle(&a, 0, Settlement::Close, 0), 0);
         assert_eq!(spend.spent("key:k1"), Some(750));
         assert_eq!(to_micros(0.000_001), 1);
         assert_eq!(to_usd(1_500_000), 1.5);
@@ -419,11 +561,50 @@ mod tests {
         let spend = LocalSpend::default();
         let a = [account(Some(1.0))];
         spend.reserve(&a, 0).unwrap();
-        spend.settle(&a, 0, Settlement::Charge(to_micros(0.25)));
+        spend.settle(&a, 0, Settlement::Charge(to_micros(0.25)), 0);
         spend.reserve(&a, 0).unwrap();
-        assert_eq!(spend.settle(&a, 0, Settlement::Close), to_micros(0.75));
+        assert_eq!(spend.settle(&a, 0, Settlement::Close, 0), to_micros(0.75));
         assert_eq!(spend.spent("key:k1"), Some(to_micros(1.0)));
         assert_eq!(spend.reserve(&a, 0), Err(Refusal::CapReached(0)));
+    }
+
+    #[test]
+    fn token_budgets_refuse_once_spent_and_reserve_nothing() {
+        let spend = LocalSpend::default();
+        let money = account(Some(1.0));
+        let tokens = Account {
+            id: "tokens:key:k1:day:1".into(),
+            cap_micros: Some(1000),
+            unit: Unit::Tokens,
+            ..account(None)
+        };
+        let a = [money, tokens];
+        // Tokens are not known in advance: many may start while under the budget.
+        spend.reserve(&a, 1).unwrap();
+        spend.reserve(&a, 1).unwrap();
+        spend.settle(&a, 1, Settlement::Charge(1), 600);
+        spend.settle(&a, 1, Settlement::Charge(1), 600);
+        assert_eq!(spend.spent("tokens:key:k1:day:1"), Some(1200));
+        assert_eq!(spend.spent("key:k1"), Some(2));
+        assert_eq!(spend.reserve(&a, 1), Err(Refusal::CapReached(1)));
+    }
+
+    #[test]
+    fn calendar_periods_in_utc() {
+        // 2026-12-02T21:00:00Z, a Wednesday.
+        let now = 1_796_245_200;
+        assert_eq!(Period::Minute.at(now), (now / 60, 60));
+        assert_eq!(Period::Day.at(now), (now / 86_400, 3 * 3600));
+        // Next Monday 2026-12-07T00:00Z.
+        assert_eq!(Period::Week.at(now).1, 4 * 86_400 + 3 * 3600);
+        // 2027-01-01T00:00Z.
+        assert_eq!(
+            Period::Month.at(now),
+            (2026 * 12 + 11, 29 * 86_400 + 3 * 3600)
+        );
+        assert_eq!(Period::Month.at(1_796_245_200 + 30 * 86_400).0, 2027 * 12);
+        assert_eq!(year_month(0), (1970, 1));
+        assert_eq!(first_day(2000, 3), 11_017);
     }
 
     #[test]
@@ -434,10 +615,13 @@ mod tests {
             cap_micros: Some(10),
             seed_micros: 0,
             ttl_s: Some(0),
+            unit: Unit::Micros,
+            holder: Holder::Credential,
+            period: Some(Period::Day),
         };
         for n in 0..5000 {
             spend.reserve(&[day(n)], 1).unwrap();
-            spend.settle(&[day(n)], 1, Settlement::Charge(1));
+            spend.settle(&[day(n)], 1, Settlement::Charge(1), 0);
         }
         let held = spend.accounts.lock().unwrap().map.len();
         assert!(held <= 2048, "{held} accounts held");

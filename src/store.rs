@@ -15,6 +15,7 @@ use crate::policy_file::{
     AuthKind, BodyCondition, Cost, CredentialType, Effect, Limits, PolicyFile, ResponseSafety,
     SecretRef, ValueCondition,
 };
+use crate::spend::Period;
 use crate::state::now_unix;
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +155,9 @@ pub struct KeyRow {
     pub revoked_at: Option<i64>,
     pub spend_cap_usd: Option<f64>,
     pub spent_usd: f64,
+    pub cap_period: Option<Period>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
 }
 
 /// A run key to issue: its hash only, never the key.
@@ -164,6 +168,9 @@ pub struct NewKey<'a> {
     /// Unix milliseconds.
     pub expires_at_ms: Option<i64>,
     pub spend_cap_usd: Option<f64>,
+    pub cap_period: Option<Period>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -648,8 +655,9 @@ impl Store {
         let id = crypto::random_id("key");
         sqlx::query(
             "INSERT INTO proxy_keys (id, credential_id, key_hash, source, label, created_at,
-                                     expires_at, expires_at_ms, spend_cap_usd)
-             VALUES ($1, $2, $3, 'issued', $4, $5, $6, $7, $8)",
+                                     expires_at, expires_at_ms, spend_cap_usd, cap_period,
+                                     tokens_per_minute, tokens_per_day)
+             VALUES ($1, $2, $3, 'issued', $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&id)
         .bind(&credential)
@@ -663,6 +671,9 @@ impl Store {
         )
         .bind(key.expires_at_ms)
         .bind(key.spend_cap_usd)
+        .bind(key.cap_period.map(Period::name))
+        .bind(key.tokens_per_minute.map(|n| n.min(i64::MAX as u64) as i64))
+        .bind(key.tokens_per_day.map(|n| n.min(i64::MAX as u64) as i64))
         .execute(&mut *tx)
         .await?;
         self.bump_version(&mut tx).await?;
@@ -835,7 +846,8 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
                 COALESCE(expires_at_ms,
                          CASE WHEN expires_at > 9000000000000 THEN 9000000000000000
                               ELSE expires_at * 1000 END) AS expires_at_ms,
-                revoked_at, spend_cap_usd, spent_usd
+                revoked_at, spend_cap_usd, spent_usd, cap_period, tokens_per_minute,
+                tokens_per_day
          FROM proxy_keys ORDER BY created_at, id",
     )
     .fetch(&mut **tx);
@@ -851,6 +863,24 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             revoked_at: row.try_get("revoked_at")?,
             spend_cap_usd: row.try_get("spend_cap_usd")?,
             spent_usd: row.try_get("spent_usd")?,
+            cap_period: match row.try_get::<Option<String>, _>("cap_period")?.as_deref() {
+                None => None,
+                Some("day") => Some(Period::Day),
+                Some("week") => Some(Period::Week),
+                Some("month") => Some(Period::Month),
+                Some(other) => {
+                    return Err(StoreError::Corrupt {
+                        table: "proxy_keys",
+                        problem: format!("unknown cap period {other:?}"),
+                    });
+                }
+            },
+            tokens_per_minute: row
+                .try_get::<Option<i64>, _>("tokens_per_minute")?
+                .and_then(|n| u64::try_from(n).ok()),
+            tokens_per_day: row
+                .try_get::<Option<i64>, _>("tokens_per_day")?
+                .and_then(|n| u64::try_from(n).ok()),
         });
     }
     drop(rows);
@@ -1468,6 +1498,9 @@ rules:
                     hash: hash_key(b"lk_run"),
                     label: Some("run-1"),
                     expires_at_ms: Some(4_000_000_000_000),
+                    cap_period: None,
+                    tokens_per_minute: None,
+                    tokens_per_day: None,
                     spend_cap_usd: Some(2.5),
                 })
                 .await

@@ -341,3 +341,108 @@ async fn anthropic_messages_are_charged_streamed_or_not() {
         );
     }
 }
+
+/// One non-streamed chat completion through Envoy: the status and the denial type.
+async fn chat(stack: &Stack, key: &str) -> (u16, String, Option<String>) {
+    let response = common::client()
+        .post(stack.url("/openai/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(r#"{"model":"gpt-test","messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    let kind = body["error"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let message = body["error"]["message"].as_str().map(str::to_owned);
+    (status, kind, message.or(retry_after))
+}
+
+fn issue(stack: &Stack, credential: &str, flags: &[&str]) -> String {
+    let mut args = vec!["key", "issue", "--credential", credential, "--json"];
+    args.extend_from_slice(flags);
+    common::json(&stack.cli(&args, &[]))["key"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn token_budgets_and_period_caps_refuse_before_forwarding() {
+    budgets_and_caps(&[], "agent").await;
+}
+
+#[tokio::test]
+async fn token_budgets_and_period_caps_hold_in_redis_too() {
+    // Redis outlives a run: a credential of this run's own.
+    budgets_and_caps(
+        &[("LATCHKEY_REDIS_URL", "redis://127.0.0.1:6379")],
+        &common::unique("agent"),
+    )
+    .await;
+}
+
+async fn budgets_and_caps(serve_env: &[(&str, &str)], agent: &str) {
+    let vendor = Vendor::start().await;
+    let stack = Stack::start_configured(|c| c, serve_env).await;
+    let file = policy(&vendor.url)
+        .replace(
+            "  - { name: agent, type: proxy, keys: [{ env: AGENT_KEY }] }",
+            "  - { name: agent, type: proxy, keys: [{ env: AGENT_KEY }], limits: { spend_usd_per_month: 0.15 } }",
+        )
+        .replace("agent", agent);
+    stack.apply(&file, &[("AGENT_KEY", AGENT_KEY)]);
+
+    // 1,500 tokens a call: the second call starts under 2,000, the third does not.
+    let a = issue(&stack, agent, &["--tokens-per-minute", "2000"]);
+    assert_eq!(chat(&stack, &a).await.0, 200);
+    assert_eq!(chat(&stack, &a).await.0, 200);
+    let (status, kind, message) = chat(&stack, &a).await;
+    assert_eq!((status, kind.as_str()), (429, "rate_limited"));
+    assert!(message.unwrap().contains("per-minute token budget"));
+
+    // A daily cap: 0.05 reserved of 0.06 passes once; 0.024 spent + 0.05 does not.
+    let c = issue(
+        &stack,
+        agent,
+        &["--spend-cap-usd", "0.06", "--cap-period", "day"],
+    );
+    assert_eq!(chat(&stack, &c).await.0, 200);
+    let (status, kind, message) = chat(&stack, &c).await;
+    assert_eq!((status, kind.as_str()), (429, "spend_cap_exceeded"));
+    assert!(message.unwrap().contains("this key's daily spend cap"));
+
+    // A new key of the same credential (a rotation) starts with the month's spend so far:
+    // 3 × 0.024 = 0.072; two more calls fit under 0.15 with their 0.05 reservation.
+    let b = issue(&stack, agent, &[]);
+    assert_eq!(chat(&stack, &b).await.0, 200);
+    assert_eq!(chat(&stack, &b).await.0, 200);
+    let (status, kind, message) = chat(&stack, &b).await;
+    assert_eq!((status, kind.as_str()), (429, "spend_cap_exceeded"));
+    assert!(
+        message
+            .unwrap()
+            .contains("the credential's monthly spend cap")
+    );
+    assert_eq!(
+        vendor.take().len(),
+        5,
+        "refused calls never reached the vendor"
+    );
+    let keys = common::json(&stack.cli(&["key", "list", "--json"], &[]));
+    assert!(
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["cap_period"] == "day" && k["spend_cap_usd"] == 0.06),
+        "{keys}"
+    );
+}
