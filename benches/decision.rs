@@ -161,7 +161,7 @@ fn handle(policy: &Policy, wire: &[u8]) -> Vec<u8> {
     let Outcome::Forward(forward) = decision.outcome else {
         unreachable!("allowed")
     };
-    envoy::allow(forward, false, decision.rate, ResponseRead::Nothing).encode_to_vec()
+    envoy::allow(forward, false, decision.shown, ResponseRead::Nothing).encode_to_vec()
 }
 
 /// The headers of an agent's GET as Envoy passes them on.

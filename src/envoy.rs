@@ -76,7 +76,7 @@ fn set_header_text(key: &str, value: Vec<u8>) -> HeaderValueOption {
 
 /// ext_authz's yes: the same mutations as ext_proc's, and the rate-limit figures as
 /// response headers (ext_authz's metadata lands in another namespace).
-pub fn check_allow(forward: Forward, rate: Option<(u32, u32)>) -> CheckResponse {
+pub fn check_allow(forward: Forward, shown: Shown) -> CheckResponse {
     // ext_authz removes after it sets (ext_proc the other way round); a set header
     // replaces every value it had, so it need not be removed too.
     let mut remove = forward.remove;
@@ -90,17 +90,11 @@ pub fn check_allow(forward: Forward, rate: Option<(u32, u32)>) -> CheckResponse 
                 .map(|(k, v)| set_header_text(&k, v))
                 .collect(),
             headers_to_remove: remove,
-            response_headers_to_add: rate
-                .map(|(limit, remaining)| {
-                    vec![
-                        set_header_text("x-ratelimit-limit", limit.to_string().into_bytes()),
-                        set_header_text(
-                            "x-ratelimit-remaining",
-                            remaining.to_string().into_bytes(),
-                        ),
-                    ]
-                })
-                .unwrap_or_default(),
+            response_headers_to_add: shown
+                .headers()
+                .into_iter()
+                .map(|(name, value)| set_header_text(name, value.into_bytes()))
+                .collect(),
             ..Default::default()
         })),
         ..Default::default()
@@ -137,7 +131,7 @@ pub fn check_deny(denial: &Denial, request_id: &str) -> CheckResponse {
 pub fn allow(
     forward: Forward,
     in_body_phase: bool,
-    rate: Option<(u32, u32)>,
+    shown: Shown,
     reads: ResponseRead,
 ) -> ProcessingResponse {
     let body = forward.body.filter(|_| in_body_phase);
@@ -170,7 +164,7 @@ pub fn allow(
     };
     ProcessingResponse {
         response: Some(response),
-        dynamic_metadata: rate.map(rate_metadata),
+        dynamic_metadata: shown_metadata(shown),
         // The mode can change only in answer to the request headers; a request that
         // went through the body phase got its response modes then.
         mode_override: (!in_body_phase && reads != ResponseRead::Nothing)
@@ -216,17 +210,52 @@ fn mode(request_body: BodySendMode, reads: ResponseRead) -> ProcessingMode {
     }
 }
 
-/// The rate-limit figures, as dynamic metadata in the `latchkey` namespace: Envoy's
-/// route adds them to the response as `x-ratelimit-*` headers, with no extra round trip.
-fn rate_metadata((limit, remaining): (u32, u32)) -> Struct {
-    let text = |n: u32| Value {
-        kind: Some(Kind::StringValue(n.to_string())),
+/// What an allowed request's response tells the agent of its budgets.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Shown {
+    /// The tightest rate limit and what is left of it.
+    pub rate: Option<(u32, u32)>,
+    /// What the tightest spend cap leaves, this request's reservation deducted (USD).
+    pub budget_left_usd: Option<f64>,
+}
+
+impl Shown {
+    /// As response headers: `x-ratelimit-limit`, `x-ratelimit-remaining` and
+    /// `x-latchkey-budget-remaining-usd`.
+    fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some((limit, remaining)) = self.rate {
+            out.push(("x-ratelimit-limit", limit.to_string()));
+            out.push(("x-ratelimit-remaining", remaining.to_string()));
+        }
+        if let Some(usd) = self.budget_left_usd {
+            out.push(("x-latchkey-budget-remaining-usd", format!("{usd:.6}")));
+        }
+        out
+    }
+}
+
+/// The figures shown to the agent, as dynamic metadata in the `latchkey` namespace:
+/// Envoy's route adds them to the response as headers, with no extra round trip.
+fn shown_metadata(shown: Shown) -> Option<Struct> {
+    let text = |s: String| Value {
+        kind: Some(Kind::StringValue(s)),
     };
-    let fields = [
-        ("ratelimit_limit".to_owned(), text(limit)),
-        ("ratelimit_remaining".to_owned(), text(remaining)),
-    ];
-    Struct {
+    let fields: Vec<(String, Value)> = shown
+        .headers()
+        .into_iter()
+        .map(|(name, value)| {
+            let key = name
+                .trim_start_matches("x-")
+                .trim_start_matches("latchkey-")
+                .replace('-', "_");
+            (key, text(value))
+        })
+        .collect();
+    if fields.is_empty() {
+        return None;
+    }
+    Some(Struct {
         fields: [(
             "latchkey".to_owned(),
             Value {
@@ -237,7 +266,7 @@ fn rate_metadata((limit, remaining): (u32, u32)) -> Struct {
         )]
         .into_iter()
         .collect(),
-    }
+    })
 }
 
 /// Hold the headers and send the request body (buffered, up to Envoy's buffer limit):

@@ -85,7 +85,7 @@ impl Authorization for ExtAuthz {
         };
         conclude(&self.shared, &mut decision, &asked, started).await;
         Ok(Response::new(match decision.outcome {
-            Outcome::Forward(forward) => envoy::check_allow(forward, decision.rate),
+            Outcome::Forward(forward) => envoy::check_allow(forward, decision.shown),
             Outcome::Deny(denial) => envoy::check_deny(&denial, &request_id),
             Outcome::NeedBody => unreachable!("replaced above"),
         }))

@@ -584,7 +584,7 @@ impl Exchange {
                         token,
                     });
                 }
-                return envoy::allow(forward, in_body_phase, decision.rate, reads);
+                return envoy::allow(forward, in_body_phase, decision.shown, reads);
             }
             Outcome::Deny(denial) => denial,
             Outcome::NeedBody => unreachable!("replaced above"),

@@ -7,6 +7,7 @@ use std::time::Instant;
 use crate::audit::{Decided, Event};
 use crate::budget::{Admission, Budgets, Limit};
 use crate::denial::Denial;
+use crate::envoy::Shown;
 use crate::keys;
 use crate::mutate::{self, Forward};
 use crate::oauth2::TokenSource;
@@ -67,8 +68,8 @@ pub struct Decision {
     pub outcome: Outcome,
     /// The budgets an allowed request counts against (step 5).
     pub limits: Vec<Limit>,
-    /// After step 5: the tightest limit and what is left of it.
-    pub rate: Option<(u32, u32)>,
+    /// After step 5: what the response tells the agent of its budgets.
+    pub shown: Shown,
     /// What the response will cost and whom it is charged to, on priced proxies.
     pub charge: Option<Charge>,
     /// Where the credential comes from when it is fetched per request (OAuth2).
@@ -231,7 +232,10 @@ pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) {
     if let (Outcome::Forward(_), Some(charge)) = (&decision.outcome, &mut decision.charge) {
         let estimate = charge.cost.reservation();
         match spend.reserve(&charge.accounts, estimate).await {
-            Ok(Ok(())) => charge.reserved = estimate,
+            Ok(Ok(left)) => {
+                charge.reserved = estimate;
+                decision.shown.budget_left_usd = left.map(crate::spend::to_usd);
+            }
             Ok(Err(refusal)) => {
                 let denial = match refusal {
                     Refusal::TooManyInFlight => Denial::TooManyInFlight(MAX_IN_FLIGHT),
@@ -268,7 +272,9 @@ pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) {
 
 async fn admit_rate(budgets: &Budgets, decision: &mut Decision) {
     match budgets.admit(&decision.limits).await {
-        Ok(Admission::Admitted { limit, remaining }) => decision.rate = Some((limit, remaining)),
+        Ok(Admission::Admitted { limit, remaining }) => {
+            decision.shown.rate = Some((limit, remaining));
+        }
         Ok(Admission::Refused {
             limit,
             retry_after_ms,
@@ -302,7 +308,7 @@ pub fn decide_as(
         subject: Subject::default(),
         outcome: Outcome::NeedBody,
         limits: Vec::new(),
-        rate: None,
+        shown: Shown::default(),
         charge: None,
         token: None,
         guard: None,

@@ -207,7 +207,7 @@ impl Accounts {
 }
 
 impl LocalSpend {
-    fn reserve(&self, accounts: &[Account], estimate: u64) -> Result<(), Refusal> {
+    fn reserve(&self, accounts: &[Account], estimate: u64) -> Result<Option<u64>, Refusal> {
         let mut guard = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_unix();
         guard.prune(now);
@@ -231,12 +231,17 @@ impl LocalSpend {
                 _ => {}
             }
         }
+        let mut left: Option<u64> = None;
         for a in accounts.iter().filter(|a| a.unit == Unit::Micros) {
             let s = all.get_mut(&a.id).expect("inserted above");
             s.reserved += estimate;
             s.in_flight += 1;
+            if let Some(cap) = a.cap_micros {
+                let this = cap.saturating_sub(s.spent + s.reserved);
+                left = Some(left.map_or(this, |l| l.min(this)));
+            }
         }
-        Ok(())
+        Ok(left)
     }
 
     /// Returns what was charged to the first account (the key's).
@@ -296,6 +301,8 @@ fn check(s: &State, cap: u64, estimate: u64) -> Result<(), Refusal> {
 /// Shared through Redis. KEYS: per account its spent, reserved and in-flight counters.
 /// ARGV: estimate, max in flight, in-flight TTL, then per account cap (-1 for none),
 /// seed, ttl (0 for none), unit (0 micro-dollars, 1 tokens: only checked, not reserved).
+/// Returns {0, what the tightest spend cap leaves (-1: none)}, or {i, 0} when account i
+/// refuses, {-1, 0} when too many are in flight.
 const RESERVE_SCRIPT: &str = r"
 local estimate = tonumber(ARGV[1])
 local max_in_flight = tonumber(ARGV[2])
@@ -305,24 +312,31 @@ for i = 1, n do
   local cap = tonumber(ARGV[4 * i])
   redis.call('SET', KEYS[3 * i - 2], ARGV[4 * i + 1], 'NX')
   if ARGV[4 * i + 3] == '1' then
-    if cap >= 0 and tonumber(redis.call('GET', KEYS[3 * i - 2])) >= cap then return i end
+    if cap >= 0 and tonumber(redis.call('GET', KEYS[3 * i - 2])) >= cap then return {i, 0} end
   elseif cap >= 0 then
     local spent = tonumber(redis.call('GET', KEYS[3 * i - 2]))
     local reserved = tonumber(redis.call('GET', KEYS[3 * i - 1]) or '0')
     local in_flight = tonumber(redis.call('GET', KEYS[3 * i]) or '0')
     if estimate > 0 then
-      if spent + reserved + estimate > cap then return i end
+      if spent + reserved + estimate > cap then return {i, 0} end
     else
-      if spent + reserved >= cap then return i end
-      if in_flight >= max_in_flight then return -1 end
+      if spent + reserved >= cap then return {i, 0} end
+      if in_flight >= max_in_flight then return {-1, 0} end
     end
   end
 end
+local left = -1
 for i = 1, n do
   local ttl = tonumber(ARGV[4 * i + 2])
   if ARGV[4 * i + 3] ~= '1' then
-    redis.call('INCRBY', KEYS[3 * i - 1], estimate)
+    local reserved = redis.call('INCRBY', KEYS[3 * i - 1], estimate)
     redis.call('INCR', KEYS[3 * i])
+    local cap = tonumber(ARGV[4 * i])
+    if cap >= 0 then
+      local this = cap - tonumber(redis.call('GET', KEYS[3 * i - 2])) - reserved
+      if this < 0 then this = 0 end
+      if left < 0 or this < left then left = this end
+    end
     if ttl <= 0 then
       for k = 3 * i - 1, 3 * i do redis.call('EXPIRE', KEYS[k], in_flight_ttl) end
     end
@@ -331,7 +345,7 @@ for i = 1, n do
     for k = 3 * i - 2, 3 * i do redis.call('EXPIRE', KEYS[k], ttl) end
   end
 end
-return 0
+return {0, left}
 ";
 
 /// KEYS as for reserve; ARGV: reserved, actual, close (1 or 0), tokens, then per account
@@ -391,7 +405,7 @@ impl RedisSpend {
         &self,
         accounts: &[Account],
         estimate: u64,
-    ) -> Result<Result<(), Refusal>, BudgetError> {
+    ) -> Result<Result<Option<u64>, Refusal>, BudgetError> {
         let mut invocation = self.reserve.prepare_invoke();
         Self::keys(&mut invocation, accounts);
         invocation
@@ -406,12 +420,12 @@ impl RedisSpend {
                 .arg(u8::from(a.unit == Unit::Tokens));
         }
         let mut connection = self.connection.clone();
-        let code: i64 = invocation
+        let (code, left): (i64, i64) = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|e| BudgetError::new(e.to_string()))?;
         Ok(match code {
-            0 => Ok(()),
+            0 => Ok(u64::try_from(left).ok()),
             -1 => Err(Refusal::TooManyInFlight),
             i => Err(Refusal::CapReached(i as usize - 1)),
         })
@@ -456,12 +470,13 @@ pub enum Spend {
 
 impl Spend {
     /// Whether a request charged to `accounts`, costing `estimate` micro-dollars if
-    /// known up front (0 if not), may start; if so it is counted as in flight.
+    /// known up front (0 if not), may start; if so it is counted as in flight, and what
+    /// the tightest spend cap then leaves is returned.
     pub async fn reserve(
         &self,
         accounts: &[Account],
         estimate: u64,
-    ) -> Result<Result<(), Refusal>, BudgetError> {
+    ) -> Result<Result<Option<u64>, Refusal>, BudgetError> {
         match self {
             Spend::Local(local) => Ok(local.reserve(accounts, estimate)),
             Spend::Redis(redis) => redis.reserve(accounts, estimate).await,
@@ -513,6 +528,8 @@ mod tests {
         let spend = LocalSpend::default();
         let a = [account(Some(1.0))];
         let price = to_micros(0.3);
+        assert_eq!(spend.reserve(&a, price), Ok(Some(to_micros(0.7))));
+        spend.settle(&a, price, Settlement::Charge(0), 0);
         let admitted = (0..10).filter(|_| spend.reserve(&a, price).is_ok()).count();
         assert_eq!(admitted, 3, "0.9 of 1.0 reserved");
         for _ in 0..3 {

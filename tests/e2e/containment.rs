@@ -421,7 +421,20 @@ async fn priced_calls(serve_env: &[(&str, &str)]) {
 
     // Asking for gzip: the vendor is asked for identity instead and the price is read.
     let (id, key) = capped_key(&stack, "1.2");
-    assert_eq!(calls(&stack, &key, "/paid/v1/honest", 3).await, [200; 3]);
+    // The agent is told what its cap leaves, its reservation deducted: 1.20 - 0.50.
+    let first = client()
+        .get(stack.url("/paid/v1/honest"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        first.headers()["x-latchkey-budget-remaining-usd"],
+        "0.700000"
+    );
+    let _ = first.bytes().await;
+    assert!((spent(&stack, &id, 0.3).await - 0.3).abs() < 1e-9);
+    assert_eq!(calls(&stack, &key, "/paid/v1/honest", 2).await, [200; 2]);
     assert!(
         vendor
             .take()
