@@ -610,6 +610,36 @@ impl Drop for ExtraEnvoy {
     }
 }
 
+/// Metric families whose series appear only once priced LLM calls were made.
+pub const LLM_FAMILIES: [&str; 3] = [
+    "latchkey_llm_tokens",
+    "latchkey_spend_micro_usd",
+    "latchkey_pricing_exceptions",
+];
+
+/// Every `latchkey_*` family the shipped Grafana dashboard charts that starts with one
+/// of `prefixes`, checked against a `/metrics` text.
+pub fn assert_dashboard_families(metrics: &str, prefixes: &[&str]) {
+    let dashboard = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana-dashboard.json"),
+    )
+    .unwrap();
+    let names = regex::Regex::new(r"latchkey_[a-z_]+").unwrap();
+    let mut checked = 0;
+    for name in names.find_iter(&dashboard).map(|m| m.as_str()) {
+        if !prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        assert!(
+            metrics.contains(&format!("# TYPE {family} ")),
+            "the dashboard charts {name}, which /metrics does not have"
+        );
+        checked += 1;
+    }
+    assert!(checked >= prefixes.len(), "{prefixes:?}");
+}
+
 /// A client that never follows redirects and never reuses a pool across tests.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

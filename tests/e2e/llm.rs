@@ -292,6 +292,7 @@ async fn streamed_completions_are_charged_from_their_usage_up_to_the_cap() {
         "{metrics}"
     );
     assert!(!metrics.contains("sk-openai-REAL"));
+    common::assert_dashboard_families(&metrics, &common::LLM_FAMILIES[..2]);
 }
 
 #[tokio::test]
@@ -308,6 +309,7 @@ async fn answers_without_usage_and_callers_that_leave_are_charged_the_reservatio
     let out = sdk(&stack, &key, "openai-hangup").await;
     assert_eq!(out["first"], "Hel", "{out}");
     assert!((spent(&stack, &id, 0.10).await - 0.10).abs() < 1e-9);
+    common::assert_dashboard_families(&stack.metrics().await, &common::LLM_FAMILIES[2..]);
     // A JSON answer is priced from its usage.
     let out = sdk(&stack, &key, "openai-json").await;
     assert_eq!(out["usage"]["prompt_tokens"], 1000, "{out}");
