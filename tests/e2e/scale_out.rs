@@ -378,3 +378,49 @@ async fn a_replica_that_cannot_compile_still_refuses_a_revoked_key_within_a_seco
     let _ = b.kill();
     let _ = b.wait();
 }
+
+/// A spend cap is a ceiling across replicas: reservations are taken in Redis before
+/// forwarding, whichever replica decides.
+#[tokio::test]
+async fn a_spend_cap_is_a_ceiling_across_both_replicas() {
+    let upstream = Upstream::start().await;
+    let pair = pair().await;
+    let proxy = unique("paid");
+    // The upstream answers {"units": 3}: 0.30 a call, 0.30 reserved.
+    let file = policy(&upstream.url(), &proxy, 1000).replace(
+        "    limits: { requests_per_minute: 1000 }",
+        "    limits: { requests_per_minute: 1000 }\n    cost: { response_json: /units, usd_per_unit: 0.1, max_usd_per_request: 0.3 }",
+    );
+    pair.stack.apply(&file, &env());
+    let issued = crate::common::json(&pair.stack.cli(
+        &[
+            "key",
+            "issue",
+            "--credential",
+            "agent",
+            "--spend-cap-usd",
+            "1",
+            "--json",
+        ],
+        &[],
+    ));
+    let key = issued["key"].as_str().unwrap().to_owned();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..30 {
+        let request = client()
+            .get(pair.stack.url(&format!("/{proxy}/v1/x")))
+            .bearer_auth(&key)
+            .send();
+        set.spawn(async move { request.await.unwrap().status().as_u16() });
+    }
+    let mut admitted = 0;
+    while let Some(status) = set.join_next().await {
+        match status.unwrap() {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(admitted, 3, "0.90 of 1.00, never more");
+    assert_eq!(upstream.take().len(), 3);
+}
