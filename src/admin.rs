@@ -645,6 +645,18 @@ impl Admin for AdminService {
                 p50_latency_ms: b.p50_latency_ms,
                 p95_latency_ms: b.p95_latency_ms,
                 cost_usd: b.cost_usd,
+                models: (b.models.into_iter())
+                    .map(|(model, used)| {
+                        let usage = crate::pb::ModelUsage {
+                            requests: used.requests,
+                            input_tokens: used.input_tokens,
+                            cached_tokens: used.cached_tokens,
+                            output_tokens: used.output_tokens,
+                            cost_usd: used.cost_usd,
+                        };
+                        (model, usage)
+                    })
+                    .collect(),
             })
             .collect();
         Ok(Response::new(TelemetryResponse { buckets }))

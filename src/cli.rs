@@ -1050,6 +1050,15 @@ async fn telemetry(args: TelemetryArgs) -> anyhow::Result<()> {
                     "p50_latency_ms": b.p50_latency_ms,
                     "p95_latency_ms": b.p95_latency_ms,
                     "cost_usd": b.cost_usd,
+                    "models": b.models.iter().map(|(model, u)| {
+                        (model.clone(), serde_json::json!({
+                            "requests": u.requests,
+                            "input_tokens": u.input_tokens,
+                            "cached_tokens": u.cached_tokens,
+                            "output_tokens": u.output_tokens,
+                            "cost_usd": u.cost_usd,
+                        }))
+                    }).collect::<serde_json::Map<_, _>>(),
                 })
             })
             .collect();
@@ -1081,6 +1090,21 @@ async fn telemetry(args: TelemetryArgs) -> anyhow::Result<()> {
             counts(&b.decisions),
             counts(&b.status_classes),
         );
+        let mut models: Vec<_> = b.models.iter().collect();
+        models.sort_by(|a, b| a.0.cmp(b.0));
+        for (model, u) in models {
+            println!(
+                "{:<24} {:>8} {:>8} {:>8} {:>10.4}  model {model}: {} in, {} cached, {} out",
+                "",
+                u.requests,
+                "",
+                "",
+                u.cost_usd,
+                u.input_tokens,
+                u.cached_tokens,
+                u.output_tokens
+            );
+        }
     }
     Ok(())
 }

@@ -252,6 +252,18 @@ pub struct Bucket {
     pub p50_latency_ms: Option<f64>,
     pub p95_latency_ms: Option<f64>,
     pub cost_usd: f64,
+    /// LLM calls, by the model their requests named.
+    pub models: BTreeMap<String, ModelUse>,
+}
+
+/// What the LLM calls of one model used in a bucket.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelUse {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub cached_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
 }
 
 /// Buckets of `width_ms`, oldest first, over the filtered records.
@@ -260,7 +272,11 @@ pub async fn telemetry(
     filter: &Filter,
     width_ms: i64,
 ) -> Result<Vec<Bucket>, StoreError> {
-    let mut q = Sql::new("SELECT time_ms, decision, status, latency_ms, cost_usd FROM requests");
+    let mut q = Sql::new(
+        "SELECT time_ms, decision, status, latency_ms, cost_usd, model, input_tokens,
+                cached_tokens, output_tokens
+         FROM requests",
+    );
     push_filter(&mut q, filter);
     q.text.push_str(" ORDER BY time_ms");
     let rows = q.fetch_all(store).await?;
@@ -290,7 +306,21 @@ pub async fn telemetry(
         if let Some(l) = r.try_get::<Option<f64>, _>("latency_ms")? {
             latencies.push(l);
         }
-        bucket.cost_usd += r.try_get::<Option<f64>, _>("cost_usd")?.unwrap_or(0.0);
+        let cost = r.try_get::<Option<f64>, _>("cost_usd")?.unwrap_or(0.0);
+        bucket.cost_usd += cost;
+        if let Some(model) = r.try_get::<Option<String>, _>("model")? {
+            let tokens = |name: &str| -> Result<u64, sqlx::Error> {
+                Ok(r.try_get::<Option<i64>, _>(name)?
+                    .and_then(|n| u64::try_from(n).ok())
+                    .unwrap_or(0))
+            };
+            let used = bucket.models.entry(model).or_default();
+            used.requests += 1;
+            used.input_tokens += tokens("input_tokens")?;
+            used.cached_tokens += tokens("cached_tokens")?;
+            used.output_tokens += tokens("output_tokens")?;
+            used.cost_usd += cost;
+        }
     }
     Ok(buckets
         .into_values()

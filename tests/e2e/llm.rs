@@ -293,6 +293,12 @@ async fn streamed_completions_are_charged_from_their_usage_up_to_the_cap() {
     );
     assert!(!metrics.contains("sk-openai-REAL"));
     common::assert_dashboard_families(&metrics, &common::LLM_FAMILIES[..2]);
+    // Telemetry by model.
+    let telemetry = common::json(&stack.cli(&["telemetry", "--key", &id, "--json"], &[]));
+    let model = &telemetry[0]["models"]["gpt-test"];
+    assert_eq!(model["requests"], 2, "{telemetry}");
+    assert_eq!(model["output_tokens"], 1000, "{telemetry}");
+    assert!((model["cost_usd"].as_f64().unwrap() - 2.0 * OPENAI_PRICE).abs() < 1e-9);
 }
 
 #[tokio::test]
