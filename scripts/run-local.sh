@@ -42,6 +42,8 @@ curl -sf http://127.0.0.1:9901/ready > /dev/null || { tail -20 "$state/envoy.log
 cat <<MSG
 
 latchkey is up: Envoy on :10000, latchkey ext_proc :50051, admin :50052, metrics :9464.
+The ext_proc port answers only Envoy: mutual TLS with the certificates latchkey minted
+in $state/tls/ (its answers carry the real credentials).
 The agent holds only its proxy key; the demo vendor checks for its real secret:
 
   curl -s http://127.0.0.1:10000/demo/v1/hello -H "Authorization: Bearer $DEMO_AGENT_KEY"
