@@ -1,6 +1,6 @@
 //! Run keys, rate limits and spend caps through real Envoy.
 
-use crate::common::{Stack, Upstream, client, denial, json, unique};
+use crate::common::{self, Stack, Upstream, client, denial, json, unique};
 
 const AGENT_KEY: &str = "lk_budgetAgentKEY000000000001";
 
@@ -385,36 +385,6 @@ async fn burst(stack: &Stack, key: &str, n: usize) -> std::collections::BTreeMap
     counts
 }
 
-fn issue(stack: &Stack, cap: &str) -> (String, String) {
-    let k = json(&stack.cli(
-        &[
-            "key",
-            "issue",
-            "--credential",
-            "agent",
-            "--spend-cap-usd",
-            cap,
-            "--json",
-        ],
-        &[],
-    ));
-    (
-        k["id"].as_str().unwrap().to_owned(),
-        k["key"].as_str().unwrap().to_owned(),
-    )
-}
-
-async fn spent(stack: &Stack, id: &str) -> f64 {
-    let list = json(&stack.cli(&["key", "list", "--json"], &[]));
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|k| k["id"] == id)
-        .unwrap()["spent_usd"]
-        .as_f64()
-        .unwrap()
-}
-
 const REDIS: [(&str, &str); 1] = [("LATCHKEY_REDIS_URL", "redis://127.0.0.1:6379")];
 
 #[tokio::test]
@@ -434,7 +404,7 @@ async fn fixed_price_cap(serve_env: &[(&str, &str)]) {
         &priced_policy(&upstream.url(), "{ per_request_usd: 0.1 }", ""),
         &[("AGENT_KEY", AGENT_KEY)],
     );
-    let (id, key) = issue(&stack, "1");
+    let (id, key) = capped(&stack, "1");
     let counts = burst(&stack, &key, 50).await;
     assert_eq!(counts.get(&200), Some(&10), "{counts:?}");
     assert_eq!(counts.get(&429), Some(&40), "{counts:?}");
@@ -455,7 +425,7 @@ async fn fixed_price_cap(serve_env: &[(&str, &str)]) {
     // The spend is on record, off the request path.
     let mut recorded = 0.0;
     for _ in 0..50 {
-        recorded = spent(&stack, &id).await;
+        recorded = common::recorded_spend(&stack, &id);
         if (recorded - 1.0).abs() < 1e-9 {
             break;
         }
@@ -497,7 +467,7 @@ async fn response_price_cap(serve_env: &[(&str, &str)]) {
         ),
         &[("AGENT_KEY", AGENT_KEY)],
     );
-    let (id, key) = issue(&stack, "1");
+    let (id, key) = capped(&stack, "1");
     let counts = burst(&stack, &key, 50).await;
     let admitted = counts.get(&200).copied().unwrap_or(0);
     // Bound: the cap (1.00) plus MAX_IN_FLIGHT (8) responses of 0.30 in flight.
@@ -515,7 +485,7 @@ async fn response_price_cap(serve_env: &[(&str, &str)]) {
     assert_eq!((status, kind.as_str()), (429, "spend_cap_exceeded"));
     let mut recorded = 0.0;
     for _ in 0..50 {
-        recorded = spent(&stack, &id).await;
+        recorded = common::recorded_spend(&stack, &id);
         if (recorded - 0.3 * admitted as f64).abs() < 1e-6 {
             break;
         }
@@ -540,7 +510,7 @@ async fn a_credential_daily_cap_spans_its_keys() {
         ),
         &[("AGENT_KEY", AGENT_KEY)],
     );
-    let (_, key) = issue(&stack, "100");
+    let (_, key) = capped(&stack, "100");
     let http = client();
     let call = |k: &str| {
         http.get(stack.url("/paid/v1/generate"))
@@ -562,4 +532,8 @@ async fn a_credential_daily_cap_spans_its_keys() {
         body["error"]["message"].as_str().unwrap().contains("daily"),
         "{body}"
     );
+}
+
+fn capped(stack: &Stack, cap: &str) -> (String, String) {
+    common::issue_key(stack, "agent", &["--spend-cap-usd", cap])
 }

@@ -640,6 +640,43 @@ pub fn assert_dashboard_families(metrics: &str, prefixes: &[&str]) {
     assert!(checked >= prefixes.len(), "{prefixes:?}");
 }
 
+/// A key of `credential` issued through the CLI with `flags`: its id and the key.
+pub fn issue_key(stack: &Stack, credential: &str, flags: &[&str]) -> (String, String) {
+    let mut args = vec!["key", "issue", "--credential", credential, "--json"];
+    args.extend_from_slice(flags);
+    let k = json(&stack.cli(&args, &[]));
+    (
+        k["id"].as_str().unwrap().to_owned(),
+        k["key"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A key's spend as the store has it (`key list`).
+pub fn recorded_spend(stack: &Stack, id: &str) -> f64 {
+    let list = json(&stack.cli(&["key", "list", "--json"], &[]));
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id)
+        .unwrap()["spent_usd"]
+        .as_f64()
+        .unwrap()
+}
+
+/// A key's recorded spend once it has settled at `expected` (spend is written off the
+/// request path), or what it was after 3 s.
+pub async fn settled_spend(stack: &Stack, id: &str, expected: f64) -> f64 {
+    let mut spent = f64::NAN;
+    for _ in 0..60 {
+        spent = recorded_spend(stack, id);
+        if (spent - expected).abs() < 1e-9 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    spent
+}
+
 /// A client that never follows redirects and never reuses a pool across tests.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -344,47 +344,6 @@ proxies:
     )
 }
 
-/// A key of `agent` capped at `cap` USD: its id and the key.
-fn capped_key(stack: &Stack, cap: &str) -> (String, String) {
-    let k = common::json(&stack.cli(
-        &[
-            "key",
-            "issue",
-            "--credential",
-            "agent",
-            "--spend-cap-usd",
-            cap,
-            "--json",
-        ],
-        &[],
-    ));
-    (
-        k["id"].as_str().unwrap().to_owned(),
-        k["key"].as_str().unwrap().to_owned(),
-    )
-}
-
-/// The key's recorded spend, once it has settled at `expected` (or what it was after 3 s).
-async fn spent(stack: &Stack, id: &str, expected: f64) -> f64 {
-    let mut spent = f64::NAN;
-    for _ in 0..60 {
-        let list = common::json(&stack.cli(&["key", "list", "--json"], &[]));
-        spent = list
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["id"] == id)
-            .unwrap()["spent_usd"]
-            .as_f64()
-            .unwrap();
-        if (spent - expected).abs() < 1e-9 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    spent
-}
-
 /// `n` calls one after another with `accept-encoding: gzip`; their statuses.
 async fn calls(stack: &Stack, key: &str, path: &str, n: usize) -> Vec<u16> {
     let mut statuses = Vec::new();
@@ -433,7 +392,7 @@ async fn priced_calls(serve_env: &[(&str, &str)]) {
         "0.700000"
     );
     let _ = first.bytes().await;
-    assert!((spent(&stack, &id, 0.3).await - 0.3).abs() < 1e-9);
+    assert!((common::settled_spend(&stack, &id, 0.3).await - 0.3).abs() < 1e-9);
     assert_eq!(calls(&stack, &key, "/paid/v1/honest", 2).await, [200; 2]);
     assert!(
         vendor
@@ -441,7 +400,7 @@ async fn priced_calls(serve_env: &[(&str, &str)]) {
             .iter()
             .all(|(_, accept)| accept.as_deref() == Some("identity"))
     );
-    assert!((spent(&stack, &id, 0.9).await - 0.9).abs() < 1e-9);
+    assert!((common::settled_spend(&stack, &id, 0.9).await - 0.9).abs() < 1e-9);
     // 0.9 spent + 0.5 reserved would cross the 1.20 cap: refused before forwarding.
     assert_eq!(calls(&stack, &key, "/paid/v1/honest", 1).await, [429]);
     assert!(vendor.take().is_empty());
@@ -454,7 +413,10 @@ async fn priced_calls(serve_env: &[(&str, &str)]) {
             [200, 200, 429, 429],
             "{path}"
         );
-        assert!((spent(&stack, &id, 1.0).await - 1.0).abs() < 1e-9, "{path}");
+        assert!(
+            (common::settled_spend(&stack, &id, 1.0).await - 1.0).abs() < 1e-9,
+            "{path}"
+        );
         assert_eq!(vendor.take().len(), 2, "{path}");
     }
     let metrics = stack.metrics().await;
@@ -483,7 +445,7 @@ async fn a_caller_that_hangs_up_is_charged_the_reservation() {
             .await;
         assert!(gone.is_err(), "the caller hung up");
     }
-    assert!((spent(&stack, &id, 1.0).await - 1.0).abs() < 1e-9);
+    assert!((common::settled_spend(&stack, &id, 1.0).await - 1.0).abs() < 1e-9);
     assert_eq!(calls(&stack, &key, "/paid/v1/slow", 1).await, [429]);
 }
 
@@ -500,9 +462,9 @@ async fn without_a_maximum_an_unpriceable_answer_closes_the_account() {
     );
     let (id, key) = capped_key(&stack, "1");
     assert_eq!(calls(&stack, &key, "/paid/v1/ok", 1).await, [200]);
-    assert!((spent(&stack, &id, 0.3).await - 0.3).abs() < 1e-9);
+    assert!((common::settled_spend(&stack, &id, 0.3).await - 0.3).abs() < 1e-9);
     assert_eq!(calls(&stack, &key, "/paid/v1/gzip", 2).await, [200, 429]);
-    assert!((spent(&stack, &id, 1.0).await - 1.0).abs() < 1e-9);
+    assert!((common::settled_spend(&stack, &id, 1.0).await - 1.0).abs() < 1e-9);
 }
 
 #[tokio::test]
@@ -667,20 +629,8 @@ async fn a_run_key_expires_to_the_millisecond() {
     let upstream = Upstream::start().await;
     let stack = Stack::start().await;
     stack.apply(&policy(&upstream.url()), &ENV);
-    let issued = common::json(&stack.cli(
-        &[
-            "key",
-            "issue",
-            "--credential",
-            "agent",
-            "--ttl",
-            "1s",
-            "--json",
-        ],
-        &[],
-    ));
+    let (_, key) = common::issue_key(&stack, "agent", &["--ttl", "1s"]);
     let started = std::time::Instant::now();
-    let key = issued["key"].as_str().unwrap().to_owned();
     let call = || {
         client()
             .get(stack.url("/vendor/v1/balance"))
@@ -800,5 +750,10 @@ async fn a_call_cut_by_the_route_timeout_is_charged_the_reservation() {
     stack.apply(&priced(&vendor.url(), RESERVED), &ENV);
     let (id, key) = capped_key(&stack, "1");
     assert_eq!(calls(&stack, &key, "/paid/v1/slow", 1).await, [504]);
-    assert!((spent(&stack, &id, 0.5).await - 0.5).abs() < 1e-9);
+    assert!((common::settled_spend(&stack, &id, 0.5).await - 0.5).abs() < 1e-9);
+}
+
+/// A key of `agent` capped at `cap` USD: its id and the key.
+fn capped_key(stack: &Stack, cap: &str) -> (String, String) {
+    common::issue_key(stack, "agent", &["--spend-cap-usd", cap])
 }

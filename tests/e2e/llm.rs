@@ -179,45 +179,6 @@ async fn sdk(stack: &Stack, key: &str, scenario: &str) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn capped_key(stack: &Stack, cap: &str) -> (String, String) {
-    let k = common::json(&stack.cli(
-        &[
-            "key",
-            "issue",
-            "--credential",
-            "agent",
-            "--spend-cap-usd",
-            cap,
-            "--json",
-        ],
-        &[],
-    ));
-    (
-        k["id"].as_str().unwrap().to_owned(),
-        k["key"].as_str().unwrap().to_owned(),
-    )
-}
-
-async fn spent(stack: &Stack, id: &str, expected: f64) -> f64 {
-    let mut spent = f64::NAN;
-    for _ in 0..60 {
-        let keys = common::json(&stack.cli(&["key", "list", "--json"], &[]));
-        spent = keys
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|k| k["id"] == id)
-            .unwrap()["spent_usd"]
-            .as_f64()
-            .unwrap();
-        if (spent - expected).abs() < 1e-9 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    spent
-}
-
 /// 800 × $10 + 200 × $5 + 500 × $30 per million.
 const OPENAI_PRICE: f64 = 0.024;
 /// 1,000 × $3 + 500 × $15 per million.
@@ -250,10 +211,13 @@ async fn streamed_completions_are_charged_from_their_usage_up_to_the_cap() {
     let calls = vendor.take();
     assert_eq!(calls[0].2["stream_options"]["include_usage"], true);
     assert_eq!(calls[0].1, "Bearer sk-openai-REAL");
-    assert!((spent(&stack, &id, OPENAI_PRICE).await - OPENAI_PRICE).abs() < 1e-9);
+    assert!((common::settled_spend(&stack, &id, OPENAI_PRICE).await - OPENAI_PRICE).abs() < 1e-9);
 
     sdk(&stack, &key, "openai-stream").await;
-    assert!((spent(&stack, &id, 2.0 * OPENAI_PRICE).await - 2.0 * OPENAI_PRICE).abs() < 1e-9);
+    assert!(
+        (common::settled_spend(&stack, &id, 2.0 * OPENAI_PRICE).await - 2.0 * OPENAI_PRICE).abs()
+            < 1e-9
+    );
     let refused = sdk(&stack, &key, "openai-stream").await;
     assert_eq!(refused["error_status"], 429, "{refused}");
     assert_eq!(refused["error"]["type"], "spend_cap_exceeded", "{refused}");
@@ -310,16 +274,20 @@ async fn answers_without_usage_and_callers_that_leave_are_charged_the_reservatio
     // The vendor streams no usage: the reservation (0.05) is charged.
     let out = sdk(&stack, &key, "openai-no-usage").await;
     assert_eq!(out["chunks"].as_array().unwrap().len(), 3, "{out}");
-    assert!((spent(&stack, &id, 0.05).await - 0.05).abs() < 1e-9);
+    assert!((common::settled_spend(&stack, &id, 0.05).await - 0.05).abs() < 1e-9);
     // The agent hangs up after the first chunk.
     let out = sdk(&stack, &key, "openai-hangup").await;
     assert_eq!(out["first"], "Hel", "{out}");
-    assert!((spent(&stack, &id, 0.10).await - 0.10).abs() < 1e-9);
+    assert!((common::settled_spend(&stack, &id, 0.10).await - 0.10).abs() < 1e-9);
     common::assert_dashboard_families(&stack.metrics().await, &common::LLM_FAMILIES[2..]);
     // A JSON answer is priced from its usage.
     let out = sdk(&stack, &key, "openai-json").await;
     assert_eq!(out["usage"]["prompt_tokens"], 1000, "{out}");
-    assert!((spent(&stack, &id, 0.10 + OPENAI_PRICE).await - (0.10 + OPENAI_PRICE)).abs() < 1e-9);
+    assert!(
+        (common::settled_spend(&stack, &id, 0.10 + OPENAI_PRICE).await - (0.10 + OPENAI_PRICE))
+            .abs()
+            < 1e-9
+    );
 }
 
 #[tokio::test]
@@ -337,10 +305,16 @@ async fn anthropic_messages_are_charged_streamed_or_not() {
         .collect();
     assert_eq!(text, "Hello", "{streamed}");
     assert_eq!(streamed["usage"]["output_tokens"], 500);
-    assert!((spent(&stack, &id, ANTHROPIC_PRICE).await - ANTHROPIC_PRICE).abs() < 1e-9);
+    assert!(
+        (common::settled_spend(&stack, &id, ANTHROPIC_PRICE).await - ANTHROPIC_PRICE).abs() < 1e-9
+    );
     let out = sdk(&stack, &key, "anthropic-json").await;
     assert_eq!(out["content"], "Hello", "{out}");
-    assert!((spent(&stack, &id, 2.0 * ANTHROPIC_PRICE).await - 2.0 * ANTHROPIC_PRICE).abs() < 1e-9);
+    assert!(
+        (common::settled_spend(&stack, &id, 2.0 * ANTHROPIC_PRICE).await - 2.0 * ANTHROPIC_PRICE)
+            .abs()
+            < 1e-9
+    );
     // The vendor got the real key in its own header, never the proxy key.
     for (path, credential, _) in vendor.take() {
         assert_eq!(
@@ -374,15 +348,6 @@ async fn chat(stack: &Stack, key: &str) -> (u16, String, Option<String>) {
     (status, kind, message.or(retry_after))
 }
 
-fn issue(stack: &Stack, credential: &str, flags: &[&str]) -> String {
-    let mut args = vec!["key", "issue", "--credential", credential, "--json"];
-    args.extend_from_slice(flags);
-    common::json(&stack.cli(&args, &[]))["key"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
 #[tokio::test]
 async fn token_budgets_and_period_caps_refuse_before_forwarding() {
     budgets_and_caps(&[], "agent").await;
@@ -410,7 +375,7 @@ async fn budgets_and_caps(serve_env: &[(&str, &str)], agent: &str) {
     stack.apply(&file, &[("AGENT_KEY", AGENT_KEY)]);
 
     // 1,500 tokens a call: the second call starts under 2,000, the third does not.
-    let a = issue(&stack, agent, &["--tokens-per-minute", "2000"]);
+    let a = common::issue_key(&stack, agent, &["--tokens-per-minute", "2000"]).1;
     assert_eq!(chat(&stack, &a).await.0, 200);
     assert_eq!(chat(&stack, &a).await.0, 200);
     let (status, kind, message) = chat(&stack, &a).await;
@@ -418,7 +383,7 @@ async fn budgets_and_caps(serve_env: &[(&str, &str)], agent: &str) {
     assert!(message.unwrap().contains("per-minute token budget"));
 
     // A daily cap: 0.05 reserved of 0.06 passes once; 0.024 spent + 0.05 does not.
-    let c = issue(
+    let (_, c) = common::issue_key(
         &stack,
         agent,
         &["--spend-cap-usd", "0.06", "--cap-period", "day"],
@@ -430,7 +395,7 @@ async fn budgets_and_caps(serve_env: &[(&str, &str)], agent: &str) {
 
     // A new key of the same credential (a rotation) starts with the month's spend so far:
     // 3 × 0.024 = 0.072; two more calls fit under 0.15 with their 0.05 reservation.
-    let b = issue(&stack, agent, &[]);
+    let b = common::issue_key(&stack, agent, &[]).1;
     assert_eq!(chat(&stack, &b).await.0, 200);
     assert_eq!(chat(&stack, &b).await.0, 200);
     let (status, kind, message) = chat(&stack, &b).await;
@@ -453,4 +418,9 @@ async fn budgets_and_caps(serve_env: &[(&str, &str)], agent: &str) {
             .any(|k| k["cap_period"] == "day" && k["spend_cap_usd"] == 0.06),
         "{keys}"
     );
+}
+
+/// A key of `agent` capped at `cap` USD: its id and the key.
+fn capped_key(stack: &Stack, cap: &str) -> (String, String) {
+    common::issue_key(stack, "agent", &["--spend-cap-usd", cap])
 }

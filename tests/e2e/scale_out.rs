@@ -131,6 +131,28 @@ fn check_on(stack: &Stack, admin_port: u16, proxy: &str, key: &str) -> serde_jso
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Waits until the replica on `admin_port` refuses `key` as revoked; fails after a
+/// second. Returns how long it took.
+async fn revoked_within_a_second(
+    stack: &Stack,
+    admin_port: u16,
+    proxy: &str,
+    key: &str,
+) -> Duration {
+    let revoked_at = Instant::now();
+    loop {
+        let verdict = check_on(stack, admin_port, proxy, key);
+        if verdict["decision"] == "revoked_key" {
+            return revoked_at.elapsed();
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "the other replica still says {verdict}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_change_on_one_replica_is_enforced_by_the_other_within_a_second() {
     let upstream = Upstream::start().await;
@@ -157,19 +179,7 @@ async fn a_change_on_one_replica_is_enforced_by_the_other_within_a_second() {
         .stack
         .cli(&["key", "revoke", issued["id"].as_str().unwrap()], &[]);
     assert!(revoke.status.success());
-    let revoked_at = Instant::now();
-    loop {
-        let verdict = check_on(&pair.stack, pair.b_admin, &proxy, key);
-        if verdict["decision"] == "revoked_key" {
-            break;
-        }
-        assert!(
-            revoked_at.elapsed() < Duration::from_secs(1),
-            "B still says {verdict}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let took = revoked_at.elapsed();
+    let took = revoked_within_a_second(&pair.stack, pair.b_admin, &proxy, key).await;
     eprintln!("revocation reached replica B in {took:?}");
 
     // Through Envoy (either replica), the revoked key gets nowhere.
@@ -336,18 +346,7 @@ async fn a_replica_that_cannot_compile_still_refuses_a_revoked_key_within_a_seco
             .status
             .success()
     );
-    let revoked_at = Instant::now();
-    loop {
-        let verdict = check_on(&stack, b_admin, &proxy, key);
-        if verdict["decision"] == "revoked_key" {
-            break;
-        }
-        assert!(
-            revoked_at.elapsed() < Duration::from_secs(1),
-            "B still says {verdict}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    revoked_within_a_second(&stack, b_admin, &proxy, key).await;
     // Stale after repeated failures: B tells the load balancer so.
     let readyz = format!("http://127.0.0.1:{b_http}/readyz");
     let deadline = Instant::now() + Duration::from_secs(15);
