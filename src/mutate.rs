@@ -79,6 +79,14 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, req: &RequestView<'_>, now: i64
         }
     }
     let mut set: Vec<(Cow<'static, str>, Vec<u8>)> = Vec::with_capacity(4);
+    if let Some(ms) = proxy.timeout_ms {
+        // Envoy's router takes the call's timeout from this header (a client's own is
+        // stripped above, with every other x-envoy-* header).
+        set.push((
+            Cow::Borrowed("x-envoy-upstream-rq-timeout-ms"),
+            ms.to_string().into_bytes(),
+        ));
+    }
     if proxy.reads_response_body() {
         // A compressed response could not be scrubbed, redacted or priced: the upstream
         // is asked for the identity encoding, whatever the agent accepts.

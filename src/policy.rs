@@ -97,6 +97,8 @@ pub struct Proxy {
     pub cost: Option<Arc<CostSpec>>,
     /// What is scrubbed or redacted from responses, when the proxy says.
     pub response: Option<Arc<Guard>>,
+    /// How long a call may take, when the proxy says (else the Envoy route's timeout).
+    pub timeout_ms: Option<u64>,
 }
 
 impl Proxy {
@@ -618,6 +620,9 @@ impl Policy {
                     bound,
                     needs_body,
                     limits: limits("proxy", &p.name, p.limits.as_ref()),
+                    timeout_ms: (p.limits.as_ref())
+                        .and_then(|l| l.upstream_timeout_s)
+                        .map(|s| u64::from(s) * 1000),
                     cost: p
                         .cost
                         .as_ref()

@@ -199,6 +199,10 @@ pub struct Limits {
     /// Proxy credentials: LLM tokens per UTC day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_day: Option<u64>,
+    /// Proxies: how long a call may take, answer included (seconds, 1 to 3600), instead
+    /// of the Envoy route's timeout; long LLM generations need more than its 60 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_timeout_s: Option<u32>,
 }
 
 impl Limits {
@@ -552,6 +556,12 @@ impl PolicyFile {
             }
             if let Some(limits) = &p.limits {
                 limits.validate().map_err(|e| invalid(&item, e))?;
+                if limits
+                    .upstream_timeout_s
+                    .is_some_and(|t| !(1..=3600).contains(&t))
+                {
+                    return Err(invalid(item, "limits: upstream_timeout_s is 1 to 3600"));
+                }
                 if !limits.spend_caps().is_empty() || !limits.token_budgets().is_empty() {
                     return Err(invalid(
                         item,
@@ -696,7 +706,13 @@ impl CredentialSpec {
                             .into(),
                     );
                 }
-                self.limits.as_ref().map_or(Ok(()), Limits::validate)
+                match &self.limits {
+                    Some(l) if l.upstream_timeout_s.is_some() => {
+                        Err("limits: upstream_timeout_s goes on proxies".into())
+                    }
+                    Some(l) => l.validate(),
+                    None => Ok(()),
+                }
             }
             CredentialType::Target => {
                 let auth = self

@@ -757,3 +757,30 @@ async fn a_call_cut_by_the_route_timeout_is_charged_the_reservation() {
 fn capped_key(stack: &Stack, cap: &str) -> (String, String) {
     common::issue_key(stack, "agent", &["--spend-cap-usd", cap])
 }
+
+/// A proxy may give long calls (LLM generations) more time than the route's timeout;
+/// an agent cannot give itself more.
+#[tokio::test]
+async fn a_proxy_gives_long_calls_their_own_timeout_and_an_agent_cannot() {
+    let vendor = Vendor::start().await;
+    let stack = Stack::start_with(|config| config.replace("timeout: 60s", "timeout: 1s")).await;
+    let file = priced(&vendor.url(), RESERVED).replace(
+        "    cost: ",
+        "    limits: { upstream_timeout_s: 5 }\n    cost: ",
+    );
+    stack.apply(&file, &ENV);
+    assert_eq!(calls(&stack, AGENT_KEY, "/paid/v1/slow", 1).await, [200]);
+    stack.apply(&priced(&vendor.url(), RESERVED), &ENV);
+    let response = client()
+        .get(stack.url("/paid/v1/slow"))
+        .bearer_auth(AGENT_KEY)
+        .header("x-envoy-upstream-rq-timeout-ms", "5000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        504,
+        "the agent's own timeout header is stripped"
+    );
+}
