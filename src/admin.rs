@@ -23,10 +23,9 @@ use crate::pb::{
 };
 use crate::pipeline::{Caller, Outcome, RequestView, decide_as};
 use crate::policy::Policy;
-use crate::policy_file::PolicyFile;
+use crate::policy_file::{Period, PolicyFile};
 use crate::request_log::{self, Filter};
 use crate::rules::Body;
-use crate::spend::Period;
 use crate::state::Shared;
 use crate::store::{Desired, NewKey, Store, StoreError, StoredPolicy};
 use crate::sync::PolicySync;

@@ -20,6 +20,7 @@ use envoy_types::pb::google::rpc;
 
 use crate::denial::Denial;
 use crate::mutate::{CLUSTER_HEADER, Forward};
+use crate::pipeline::Shown;
 
 /// Borrowed `(name, value)` pairs of an Envoy header map. Envoy sends `raw_value`; older
 /// versions sent `value`.
@@ -207,31 +208,6 @@ fn mode(request_body: BodySendMode, reads: ResponseRead) -> ProcessingMode {
         } as i32,
         request_trailer_mode: HeaderSendMode::Skip as i32,
         response_trailer_mode: HeaderSendMode::Skip as i32,
-    }
-}
-
-/// What an allowed request's response tells the agent of its budgets.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Shown {
-    /// The tightest rate limit and what is left of it.
-    pub rate: Option<(u32, u32)>,
-    /// What the tightest spend cap leaves, this request's reservation deducted (USD).
-    pub budget_left_usd: Option<f64>,
-}
-
-impl Shown {
-    /// As response headers: `x-ratelimit-limit`, `x-ratelimit-remaining` and
-    /// `x-latchkey-budget-remaining-usd`.
-    fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if let Some((limit, remaining)) = self.rate {
-            out.push(("x-ratelimit-limit", limit.to_string()));
-            out.push(("x-ratelimit-remaining", remaining.to_string()));
-        }
-        if let Some(usd) = self.budget_left_usd {
-            out.push(("x-latchkey-budget-remaining-usd", format!("{usd:.6}")));
-        }
-        out
     }
 }
 

@@ -7,7 +7,6 @@ use std::time::Instant;
 use crate::audit::{Decided, Event};
 use crate::budget::{Admission, Budgets, Limit};
 use crate::denial::Denial;
-use crate::envoy::Shown;
 use crate::keys;
 use crate::mutate::{self, Forward};
 use crate::oauth2::TokenSource;
@@ -76,6 +75,31 @@ pub struct Decision {
     pub token: Option<Arc<TokenSource>>,
     /// What is scrubbed or redacted from the response, on proxies that say.
     pub guard: Option<Arc<Guard>>,
+}
+
+/// What an allowed request's response tells the agent of its budgets.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Shown {
+    /// The tightest rate limit and what is left of it.
+    pub rate: Option<(u32, u32)>,
+    /// What the tightest spend cap leaves, this request's reservation deducted (USD).
+    pub budget_left_usd: Option<f64>,
+}
+
+impl Shown {
+    /// As response headers: `x-ratelimit-limit`, `x-ratelimit-remaining` and
+    /// `x-latchkey-budget-remaining-usd`.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some((limit, remaining)) = self.rate {
+            out.push(("x-ratelimit-limit", limit.to_string()));
+            out.push(("x-ratelimit-remaining", remaining.to_string()));
+        }
+        if let Some(usd) = self.budget_left_usd {
+            out.push(("x-latchkey-budget-remaining-usd", format!("{usd:.6}")));
+        }
+        out
+    }
 }
 
 /// A priced request's accounts: its key's and, if capped, its credential's for the day.

@@ -15,6 +15,7 @@ use regex::{Regex, RegexSet, RegexSetBuilder};
 use crate::denial::Denial;
 use crate::policy_file::{Effect, Presence, ValueCondition, compile_regex};
 use crate::store::RuleRow;
+pub use crate::usage::is_json_media_type;
 
 /// The compiled size all path regexes of one list may reach together.
 const SET_SIZE_LIMIT: usize = 64 << 20;
@@ -342,17 +343,6 @@ impl Body {
             Err(_) => Body::Unjudgeable("the body is not JSON"),
         }
     }
-}
-
-/// `application/json` or any `…+json`, parameters aside.
-pub fn is_json_media_type(content_type: &[u8]) -> bool {
-    let media = content_type
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    media.eq_ignore_ascii_case(b"application/json")
-        || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json"))
 }
 
 const DUPLICATE: &str = "duplicate key";

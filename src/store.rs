@@ -12,10 +12,9 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{self, CryptoError, MasterKey};
 use crate::policy_file::{
-    AuthKind, BodyCondition, Cost, CredentialType, Effect, Limits, PolicyFile, ResponseSafety,
-    SecretRef, ValueCondition,
+    AuthKind, BodyCondition, Cost, CredentialType, Effect, Limits, Period, PolicyFile,
+    ResponseSafety, SecretRef, ValueCondition,
 };
-use crate::spend::Period;
 use crate::state::now_unix;
 
 #[derive(Debug, thiserror::Error)]

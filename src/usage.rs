@@ -174,7 +174,7 @@ impl Meter {
                 line: Vec::new(),
                 skipping: false,
             }
-        } else if crate::rules::is_json_media_type(content_type) {
+        } else if is_json_media_type(content_type) {
             Kind::Json {
                 body: Vec::new(),
                 overflowed: false,
@@ -240,6 +240,17 @@ impl Meter {
         }
         self.seen.usage()
     }
+}
+
+/// `application/json` or any `…+json`, parameters aside.
+pub fn is_json_media_type(content_type: &[u8]) -> bool {
+    let media = content_type
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    media.eq_ignore_ascii_case(b"application/json")
+        || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json"))
 }
 
 /// The usage one event-stream line reports, if it is a `data:` line that reports any.
