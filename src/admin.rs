@@ -453,12 +453,11 @@ impl Admin for AdminService {
         // Kept to the millisecond: the key is refused once its TTL has passed, not later.
         let expires_at_ms =
             ttl.map(|t| crate::state::now_unix_ms().saturating_add(t.saturating_mul(1000)));
-        let cap_period = match req.cap_period.as_str() {
-            "" => None,
-            "day" => Some(Period::Day),
-            "week" => Some(Period::Week),
-            "month" => Some(Period::Month),
-            other => {
+        // A cap resets each day, week or month; a minute is a token budget's period only.
+        let cap_period = match (req.cap_period.as_str(), Period::parse(&req.cap_period)) {
+            ("", _) => None,
+            (_, Some(period)) if period != Period::Minute => Some(period),
+            (other, _) => {
                 return Err(Status::invalid_argument(format!(
                     "cap_period {other:?}: day, week or month"
                 )));

@@ -16,8 +16,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Status, Streaming};
 use zeroize::Zeroizing;
 
-use crate::audit::Event;
-use crate::audit::Llm;
+use crate::audit::{Event, Llm};
 use crate::denial::Denial;
 use crate::envoy;
 use crate::envoy::ResponseRead;
@@ -135,16 +134,12 @@ fn unpriced(shared: &Shared, charge: &Charge, why: &str) -> Settlement {
     settlement
 }
 
-/// Ends a reservation on a task of its own that this request waits for: the cost is
-/// still recorded before latchkey answers Envoy, and if Envoy resets the stream
-/// meanwhile (a message timeout while Redis is slow), the settlement is not dropped
-/// halfway, which would hold one of the key's in-flight places for good.
-async fn settle(shared: &Arc<Shared>, request_id: &str, charge: Charge, settlement: Settlement) {
-    settle_with(shared, request_id, charge, settlement, None).await;
-}
-
-/// As [`settle`], with the tokens an LLM answer reported.
-async fn settle_with(
+/// Ends a reservation (with the tokens an LLM answer reported, if any) on a task of its
+/// own that this request waits for: the cost is still recorded before latchkey answers
+/// Envoy, and if Envoy resets the stream meanwhile (a message timeout while Redis is
+/// slow), the settlement is not dropped halfway, which would hold one of the key's
+/// in-flight places for good.
+async fn settle(
     shared: &Arc<Shared>,
     request_id: &str,
     charge: Charge,
@@ -263,13 +258,6 @@ struct HeldHeaders {
     headers: Vec<(String, Vec<u8>)>,
 }
 
-fn held_value<'a>(held: &'a HeldHeaders, name: &str) -> Option<&'a [u8]> {
-    held.headers
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_slice())
-}
-
 impl Exchange {
     async fn handle(&mut self, message: ProcessingRequest) -> ProcessingResponse {
         match message.request {
@@ -319,19 +307,20 @@ impl Exchange {
             // A body latchkey did not ask for: nothing to judge.
             return envoy::pass(Response::RequestBody(BodyResponse::default()));
         };
-        let (body, raw) = if !chunk.end_of_stream || chunk.body.len() > MAX_REQUEST_BODY {
-            (Body::TooLarge(MAX_REQUEST_BODY), None)
-        } else {
-            (
-                Body::parse(&chunk.body, held_value(&held, "content-type")),
-                Some(chunk.body.as_slice()),
-            )
-        };
         let pairs: Vec<(&str, &[u8])> = held
             .headers
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
+        let (body, raw) = if !chunk.end_of_stream || chunk.body.len() > MAX_REQUEST_BODY {
+            (Body::TooLarge(MAX_REQUEST_BODY), None)
+        } else {
+            let content_type = envoy::header_value(&pairs, "content-type");
+            (
+                Body::parse(&chunk.body, content_type),
+                Some(chunk.body.as_slice()),
+            )
+        };
         let decision = self.decide(&pairs, &body, raw);
         self.respond(&pairs, decision, started, true).await
     }
@@ -441,7 +430,7 @@ impl Exchange {
                 }
             }
         };
-        settle(&self.shared, &self.request_id, charge, settlement).await;
+        settle(&self.shared, &self.request_id, charge, settlement, None).await;
     }
 
     async fn response_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
@@ -507,7 +496,7 @@ impl Exchange {
                 None => unpriced(&self.shared, &charge, "the response did not say its price"),
             }
         };
-        settle(&self.shared, &self.request_id, charge, settlement).await;
+        settle(&self.shared, &self.request_id, charge, settlement, None).await;
     }
 
     /// A token-priced answer has ended: its usage, priced by the request's model.
@@ -530,7 +519,7 @@ impl Exchange {
             priced_as: entry.map(|(name, _)| Arc::from(name)),
             usage,
         });
-        settle_with(&self.shared, &self.request_id, charge, settlement, llm).await;
+        settle(&self.shared, &self.request_id, charge, settlement, llm).await;
     }
 
     fn decide(&self, pairs: &[(&str, &[u8])], body: &Body, raw: Option<&[u8]>) -> Decision {

@@ -18,7 +18,7 @@ use crate::redact::Guard;
 use crate::rules::{Rule, RuleList};
 use crate::spend::{Period, to_micros};
 use crate::store::{StoreError, StoredPolicy};
-use crate::usage::{Price, PriceTable, Vendor};
+use crate::usage::{PriceTable, Vendor};
 
 /// Envoy clusters that reach any host (see envoy/envoy.yaml): which one a request takes
 /// decides whether the upstream connection uses TLS.
@@ -144,17 +144,7 @@ pub enum CostSpec {
 impl CostSpec {
     fn from_policy(cost: &Cost) -> Option<Self> {
         if let (Some(vendor), Some(prices)) = (cost.tokens, &cost.usd_per_million) {
-            let by_model = prices
-                .iter()
-                .map(|(model, p)| {
-                    let price = Price {
-                        input: p.input,
-                        output: p.output,
-                        cached_input: p.cached_input,
-                    };
-                    (model.clone(), price)
-                })
-                .collect();
+            let by_model = prices.iter().map(|(m, p)| (m.clone(), *p)).collect();
             return Some(CostSpec::Tokens {
                 vendor,
                 prices: PriceTable { by_model },

@@ -246,16 +246,7 @@ pub struct Cost {
     pub tokens: Option<crate::usage::Vendor>,
     /// With `tokens`: USD per million tokens, by the request's `model` (`"*"`: any other).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usd_per_million: Option<BTreeMap<String, TokenPrice>>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenPrice {
-    pub input: f64,
-    pub output: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cached_input: Option<f64>,
+    pub usd_per_million: Option<BTreeMap<String, crate::usage::Price>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -1110,6 +1101,13 @@ impl Period {
             Period::Week => "week",
             Period::Month => "month",
         }
+    }
+
+    /// The period of this name (as the policy file and the store spell it).
+    pub fn parse(name: &str) -> Option<Self> {
+        [Period::Minute, Period::Day, Period::Week, Period::Month]
+            .into_iter()
+            .find(|p| p.name() == name)
     }
 
     /// The period that holds `now` (Unix seconds): its number, and the seconds until it

@@ -862,17 +862,17 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             revoked_at: row.try_get("revoked_at")?,
             spend_cap_usd: row.try_get("spend_cap_usd")?,
             spent_usd: row.try_get("spent_usd")?,
-            cap_period: match row.try_get::<Option<String>, _>("cap_period")?.as_deref() {
+            cap_period: match row.try_get::<Option<String>, _>("cap_period")? {
                 None => None,
-                Some("day") => Some(Period::Day),
-                Some("week") => Some(Period::Week),
-                Some("month") => Some(Period::Month),
-                Some(other) => {
-                    return Err(StoreError::Corrupt {
-                        table: "proxy_keys",
-                        problem: format!("unknown cap period {other:?}"),
-                    });
-                }
+                Some(name) => match Period::parse(&name) {
+                    Some(period) if period != Period::Minute => Some(period),
+                    _ => {
+                        return Err(StoreError::Corrupt {
+                            table: "proxy_keys",
+                            problem: format!("unknown cap period {name:?}"),
+                        });
+                    }
+                },
             },
             tokens_per_minute: row
                 .try_get::<Option<i64>, _>("tokens_per_minute")?

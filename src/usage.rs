@@ -32,12 +32,15 @@ impl Usage {
     }
 }
 
-/// USD per million tokens (which is micro-dollars per token).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// USD per million tokens (which is micro-dollars per token), as the policy file gives
+/// it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Price {
     pub input: f64,
     pub output: f64,
     /// Cached input; the input price where the table gives none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_input: Option<f64>,
 }
 
@@ -164,12 +167,7 @@ enum Kind {
 impl Meter {
     /// A meter for an answer of this content type, if its usage can be read at all.
     pub fn for_content_type(vendor: Vendor, content_type: &[u8]) -> Option<Self> {
-        let media = content_type
-            .split(|&b| b == b';')
-            .next()
-            .unwrap_or_default()
-            .trim_ascii();
-        let kind = if media.eq_ignore_ascii_case(b"text/event-stream") {
+        let kind = if media_type(content_type).eq_ignore_ascii_case(b"text/event-stream") {
             Kind::Events {
                 line: Vec::new(),
                 skipping: false,
@@ -244,13 +242,18 @@ impl Meter {
 
 /// `application/json` or any `…+json`, parameters aside.
 pub fn is_json_media_type(content_type: &[u8]) -> bool {
-    let media = content_type
+    let media = media_type(content_type);
+    media.eq_ignore_ascii_case(b"application/json")
+        || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json"))
+}
+
+/// A content type without its parameters (`; charset=…`).
+fn media_type(content_type: &[u8]) -> &[u8] {
+    content_type
         .split(|&b| b == b';')
         .next()
         .unwrap_or_default()
-        .trim_ascii();
-    media.eq_ignore_ascii_case(b"application/json")
-        || (media.len() > 5 && media[media.len() - 5..].eq_ignore_ascii_case(b"+json"))
+        .trim_ascii()
 }
 
 /// The usage one event-stream line reports, if it is a `data:` line that reports any.
