@@ -145,9 +145,15 @@ def realistic_policy(upstream_port):
             "    target: vendor",
             "    target_credential: vendor-cred",
             f"    proxy_credentials: [agent{p}]",
-            "    default_effect: deny",
+            # p1 and p2 stream chat completions: p1 priced by tokens, p2 not.
+            f"    default_effect: {'allow' if p in (1, 2) else 'deny'}",
             "    limits: { requests_per_minute: 1000000000, requests_per_day: 4000000000 }",
         ]
+        if p == 1:
+            lines += [
+                "    cost: { tokens: openai, max_usd_per_request: 0.01,",
+                "            usd_per_million: { '*': { input: 1, output: 2 } } }",
+            ]
     lines.append("rules:")
     for r in range(9):
         lines.append(
@@ -162,6 +168,11 @@ def realistic_policy(upstream_port):
 
 KEY = "lk_bench000key00padpadpadpad"
 PATH = "/p0/v1/items"
+# Time to first chunk: a streamed chat completion on the token-priced p1 and the
+# unpriced p2, one request at a time on a kept-alive connection each, alternating.
+STREAMS = [("priced", "/p1/v1/chat/completions", "lk_bench001key00padpadpadpad"),
+           ("unpriced", "/p2/v1/chat/completions", "lk_bench002key00padpadpadpad")]
+STREAM_CALLS = int(os.environ.get("BENCH_STREAM_CALLS", "100"))
 
 PASSTHROUGH = """
 admin:
@@ -332,6 +343,53 @@ def measure(name, listen, upstream_port, injects):
     return {"rps": rps, "p50_1": single_p50, "p50_1k": fixed[50], "p99_1k": fixed[99]}
 
 
+class Streamer:
+    """One kept-alive HTTP/1.1 connection that posts streamed chat completions and times
+    the first event of each answer, counted from the request's first byte sent."""
+
+    BODY = b'{"model":"gpt-bench","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+
+    def __init__(self, port, path, key):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request = (
+            f"POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(self.BODY)}\r\n\r\n"
+        ).encode() + self.BODY
+
+    def call(self):
+        started = time.perf_counter()
+        self.sock.sendall(self.request)
+        seen, first = b"", None
+        while b"[DONE]" not in seen or not seen.endswith(b"0\r\n\r\n"):
+            data = self.sock.recv(65536)
+            if not data:
+                sys.exit(f"the stream ended early: {seen[:300]!r}")
+            seen += data
+            if first is None and b"data: " in seen:
+                first = time.perf_counter() - started
+        if not seen.startswith(b"HTTP/1.1 200"):
+            sys.exit(f"a streamed call was not answered 200: {seen[:300]!r}")
+        return first * 1000
+
+
+def time_to_first_chunk(listen):
+    """Milliseconds to the first streamed event, per kind: median and p90."""
+    streamers = {kind: Streamer(listen, path, key) for kind, path, key in STREAMS}
+    for s in streamers.values():
+        s.call()  # warm-up
+    times = {kind: [] for kind in streamers}
+    for _ in range(STREAM_CALLS):
+        for kind, s in streamers.items():
+            times[kind].append(s.call())
+    out = {}
+    for kind, ts in times.items():
+        ts.sort()
+        out[f"ttfc_{kind}_p50"] = statistics.median(ts)
+        out[f"ttfc_{kind}_p90"] = ts[int(len(ts) * 0.9)]
+    return out
+
+
 def scale_check(procs, work):
     """Start-up and memory with 10,000 proxies and 100,000 keys."""
     state = work / "scale"
@@ -433,6 +491,11 @@ def main():
                 wait_http(f"http://127.0.0.1:{envoy_admin}/ready", f"envoy {name}")
                 time.sleep(1.2)  # first health checks
                 r = measure(name, listen, upstream_port, injects)
+                if name == "D":
+                    r.update(time_to_first_chunk(listen))
+                    print(f"round {rnd + 1} D: first streamed event after "
+                          f"{r['ttfc_priced_p50']:.2f} ms priced, {r['ttfc_unpriced_p50']:.2f} ms "
+                          f"unpriced (medians)", flush=True)
                 results[name].append(r)
                 print(f"round {rnd + 1} {name}: {r['rps']:.0f} req/s, p50 {r['p50_1']:.3f} ms "
                       f"(1 conn), p99 {r['p99_1k']:.3f} ms at 1,000 req/s", flush=True)
@@ -489,6 +552,12 @@ def write_report(med, scale, results):
         f"{per_round(results, lambda r: (r['D']['p50_1'] - r['C']['p50_1']) * 1000, '{:+.0f} µs')}; "
         f"p99 D − A {per_round(results, lambda r: r['D']['p99_1k'] - r['A']['p99_1k'], '{:+.3f} ms')} "
         f"(C − A {per_round(results, lambda r: r['C']['p99_1k'] - r['A']['p99_1k'], '{:+.3f} ms')})",
+        f"- time to the first event of a streamed chat completion through D (one at a time, "
+        f"{STREAM_CALLS} calls each, per round): token-priced proxy p50 {d['ttfc_priced_p50']:.2f} ms, "
+        f"p90 {d['ttfc_priced_p90']:.2f} ms; unpriced p50 {d['ttfc_unpriced_p50']:.2f} ms, "
+        f"p90 {d['ttfc_unpriced_p90']:.2f} ms; added by pricing "
+        f"{per_round(results, lambda r: r['D']['ttfc_priced_p50'] - r['D']['ttfc_unpriced_p50'], '{:+.2f} ms')} "
+        f"at the median, {d['ttfc_priced_p90'] - d['ttfc_unpriced_p90']:+.2f} ms at p90 (target ≤ +5 ms)",
         f"- 10,000 proxies and 100,000 keys: apply {scale['apply_s']:.1f} s, start-up to ready "
         f"{scale['startup_s']:.2f} s (target < 2 s), resident memory {scale['rss_mb']:.0f} MB (target < 64 MB)",
     ]

@@ -104,6 +104,8 @@ pub enum Event {
     /// What a priced request cost: added to its record and to its key's spend.
     Charged {
         request_id: String,
+        /// When the request was decided, Unix milliseconds.
+        started_ms: i64,
         key_id: Arc<str>,
         micros: u64,
         /// What an LLM answer reported it consumed.
@@ -118,6 +120,7 @@ pub struct Llm {
     pub model: Option<Arc<str>>,
     /// The price-table entry it was priced by (a name from the policy), if any.
     pub priced_as: Option<Arc<str>>,
+    pub vendor: crate::usage::Vendor,
     pub usage: crate::usage::Usage,
 }
 
@@ -393,6 +396,7 @@ impl Plan {
                 key_id,
                 micros,
                 llm,
+                ..
             } => {
                 *self.spend.entry(key_id.clone()).or_default() += micros;
                 if let Some(h) = held.get_mut(request_id) {
@@ -649,6 +653,7 @@ mod tests {
             assert_eq!(count(&store).await, 1, "written alone after HOLD");
             log.record(Event::Charged {
                 request_id: "slow".into(),
+                started_ms: 0,
                 key_id: "k1".into(),
                 micros: 2_500_000,
                 llm: None,
@@ -698,6 +703,7 @@ mod tests {
             .await;
             log.record(Event::Charged {
                 request_id: "r1".into(),
+                started_ms: 0,
                 key_id: "k1".into(),
                 micros: 1_000_000,
                 llm: None,

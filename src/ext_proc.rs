@@ -195,6 +195,7 @@ async fn settle_now(
             .audit
             .record(Event::Charged {
                 request_id: request_id.to_owned(),
+                started_ms: charge.decided_ms,
                 key_id: charge.key_id,
                 micros,
                 llm,
@@ -504,7 +505,7 @@ impl Exchange {
         let (Some(charge), Some(meter)) = (self.pending.take(), self.meter.take()) else {
             return;
         };
-        let CostSpec::Tokens { prices, .. } = &*charge.cost else {
+        let CostSpec::Tokens { vendor, prices, .. } = &*charge.cost else {
             return;
         };
         let usage = meter.finish();
@@ -517,6 +518,7 @@ impl Exchange {
         let llm = usage.map(|usage| Llm {
             model: charge.model.clone(),
             priced_as: entry.map(|(name, _)| Arc::from(name)),
+            vendor: *vendor,
             usage,
         });
         settle(&self.shared, &self.request_id, charge, settlement, llm).await;

@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::audit::{Completed, Decided, Event};
+use crate::audit::{Completed, Decided, Event, Llm};
 
 /// Batches waiting for the collector; beyond this they are dropped (and counted).
 const QUEUE: usize = 64;
@@ -266,8 +266,45 @@ fn log(event_name: &str, time_ns: u64, body: String, attributes: Vec<KeyValue>) 
     }
 }
 
-/// A span for each decision (its own trace: latchkey is where the agent's call begins)
-/// and a log record for each event, the decision's linked to its span.
+/// A request's trace id and its decision span's id, derived from the request id with a
+/// key this process drew: the charge, settled when the answer ends, joins the decision's
+/// trace without the ids being carried along, and an agent that picks its request id
+/// cannot pick them.
+fn trace_of(request_id: &str) -> (Vec<u8>, Vec<u8>) {
+    use hmac::{Hmac, Mac};
+    static KEY: std::sync::LazyLock<[u8; 32]> =
+        std::sync::LazyLock::new(crate::crypto::random_bytes::<32>);
+    let mut mac = <Hmac<sha2::Sha256>>::new_from_slice(&*KEY).expect("any key length");
+    mac.update(request_id.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    (digest[..16].to_vec(), digest[16..24].to_vec())
+}
+
+/// The GenAI semantic conventions' attributes of an LLM call.
+fn llm_attrs(llm: &Llm) -> Vec<KeyValue> {
+    let count = |n: u64| Value::IntValue(i64::try_from(n).unwrap_or(i64::MAX));
+    let mut attrs = vec![
+        attr("gen_ai.operation.name", text("chat")),
+        attr("gen_ai.provider.name", text(llm.vendor.name())),
+        attr(
+            "gen_ai.usage.input_tokens",
+            count(llm.usage.input + llm.usage.cached_input),
+        ),
+        attr("gen_ai.usage.output_tokens", count(llm.usage.output)),
+        attr(
+            "gen_ai.usage.cache_read.input_tokens",
+            count(llm.usage.cached_input),
+        ),
+    ];
+    if let Some(model) = &llm.model {
+        attrs.push(attr("gen_ai.request.model", text(model)));
+    }
+    attrs
+}
+
+/// A span for each decision (its own trace: latchkey is where the agent's call begins),
+/// a child span for each LLM call's usage, and a log record for each event, linked to
+/// its span.
 pub fn convert(events: &[Event]) -> (Vec<Span>, Vec<LogRecord>) {
     let mut spans = Vec::new();
     let mut records = Vec::with_capacity(events.len());
@@ -275,8 +312,7 @@ pub fn convert(events: &[Event]) -> (Vec<Span>, Vec<LogRecord>) {
     for event in events {
         match event {
             Event::Decided(d) => {
-                let trace_id = crate::crypto::random_bytes::<16>().to_vec();
-                let span_id = crate::crypto::random_bytes::<8>().to_vec();
+                let (trace_id, span_id) = trace_of(&d.request_id);
                 let end = ms_to_ns(d.time_ms);
                 let attributes = decided_attrs(d);
                 spans.push(Span {
@@ -317,10 +353,12 @@ pub fn convert(events: &[Event]) -> (Vec<Span>, Vec<LogRecord>) {
             )),
             Event::Charged {
                 request_id,
+                started_ms,
                 key_id,
                 micros,
                 llm,
             } => {
+                let (trace_id, parent) = trace_of(request_id);
                 let mut attrs = vec![
                     attr("latchkey.request_id", text(request_id)),
                     attr("latchkey.key_id", text(key_id)),
@@ -329,31 +367,37 @@ pub fn convert(events: &[Event]) -> (Vec<Span>, Vec<LogRecord>) {
                         Value::DoubleValue(crate::spend::to_usd(*micros)),
                     ),
                 ];
-                // OpenTelemetry's GenAI semantic conventions.
-                if let Some(llm) = llm {
-                    let count = |n: u64| Value::IntValue(i64::try_from(n).unwrap_or(i64::MAX));
-                    if let Some(model) = &llm.model {
-                        attrs.push(attr("gen_ai.request.model", text(model)));
-                    }
-                    attrs.push(attr(
-                        "gen_ai.usage.input_tokens",
-                        count(llm.usage.input + llm.usage.cached_input),
-                    ));
-                    attrs.push(attr("gen_ai.usage.output_tokens", count(llm.usage.output)));
-                    attrs.push(attr(
-                        "gen_ai.usage.cache_read.input_tokens",
-                        count(llm.usage.cached_input),
-                    ));
-                }
-                records.push(log(
+                let mut record = log(
                     "latchkey.request.charged",
                     now_ns,
                     format!(
                         "request {request_id} cost {} USD",
                         crate::spend::to_usd(*micros)
                     ),
-                    attrs,
-                ))
+                    Vec::new(),
+                );
+                record.trace_id = trace_id.clone();
+                record.span_id = parent.clone();
+                // The LLM call as the GenAI conventions describe one: a client span from
+                // the decision to the settled answer, inside the decision's trace.
+                if let Some(llm) = llm {
+                    attrs.extend(llm_attrs(llm));
+                    let span_id = crate::crypto::random_bytes::<8>().to_vec();
+                    spans.push(Span {
+                        trace_id,
+                        span_id: span_id.clone(),
+                        parent_span_id: parent,
+                        name: format!("chat {}", llm.model.as_deref().unwrap_or("unknown")),
+                        kind: SpanKind::Client as i32,
+                        start_time_unix_nano: ms_to_ns(*started_ms).min(now_ns),
+                        end_time_unix_nano: now_ns,
+                        attributes: attrs.clone(),
+                        ..Default::default()
+                    });
+                    record.span_id = span_id;
+                }
+                record.attributes = attrs;
+                records.push(record);
             }
         }
     }
@@ -426,5 +470,56 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "{k} in {keys:?}");
         }
+    }
+
+    /// An LLM call's usage is a client span inside its decision's trace, with the GenAI
+    /// attributes, and the charge's log record points at it.
+    #[test]
+    fn an_llm_charge_is_a_genai_span_in_the_decisions_trace() {
+        let llm = Llm {
+            model: Some("gpt-4o".into()),
+            priced_as: Some("gpt-4o".into()),
+            vendor: crate::usage::Vendor::OpenAi,
+            usage: crate::usage::Usage {
+                input: 100,
+                cached_input: 20,
+                output: 7,
+            },
+        };
+        let (spans, records) = convert(&[
+            Event::Decided(Decided {
+                request_id: "r1".into(),
+                time_ms: 1_700_000_000_000,
+                decision: "allowed",
+                ..Decided::default()
+            }),
+            Event::Charged {
+                request_id: "r1".into(),
+                started_ms: 1_700_000_000_000,
+                key_id: "k1".into(),
+                micros: 900,
+                llm: Some(llm),
+            },
+        ]);
+        let [decision, call] = &spans[..] else {
+            panic!("two spans: {spans:?}")
+        };
+        assert_eq!(call.trace_id, decision.trace_id);
+        assert_eq!(call.parent_span_id, decision.span_id);
+        assert_eq!(call.name, "chat gpt-4o");
+        assert_eq!(call.kind, SpanKind::Client as i32);
+        let int = |key: &str| {
+            call.attributes.iter().find(|a| a.key == key).and_then(|a| {
+                match a.value.as_ref()?.value.as_ref()? {
+                    Value::IntValue(n) => Some(*n),
+                    _ => None,
+                }
+            })
+        };
+        assert_eq!(int("gen_ai.usage.input_tokens"), Some(120));
+        assert_eq!(int("gen_ai.usage.output_tokens"), Some(7));
+        assert_eq!(records[1].span_id, call.span_id);
+        // Another request is another trace.
+        assert_ne!(trace_of("r2").0, decision.trace_id);
     }
 }

@@ -113,6 +113,8 @@ pub struct Charge {
     pub accounts: Vec<Account>,
     /// Reserved by step 5, in micro-dollars; settled when the response is judged.
     pub reserved: u64,
+    /// When the request was decided (Unix milliseconds): where an LLM call's span starts.
+    pub decided_ms: i64,
 }
 
 const DAY_S: i64 = 86_400;
@@ -400,6 +402,7 @@ fn run(
                     key_id: entry.id.clone(),
                     accounts,
                     reserved: 0,
+                    decided_ms: now_ms,
                 });
             }
             Some(entry.credential)

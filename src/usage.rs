@@ -18,6 +18,16 @@ pub enum Vendor {
     Anthropic,
 }
 
+impl Vendor {
+    /// The policy file's word for it, which is also OpenTelemetry's `gen_ai.provider.name`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Vendor::OpenAi => "openai",
+            Vendor::Anthropic => "anthropic",
+        }
+    }
+}
+
 /// Tokens one call consumed. `input` excludes the cached input, priced apart.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {

@@ -3,12 +3,15 @@
 //! usage in the last ones, as the real APIs do).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Response, Uri};
 
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+
 use crate::common::{self, Stack};
+use crate::otlp::{Collector, attr, text};
 
 const AGENT_KEY: &str = "lk_llmAGENTkey00000000000001";
 /// Between two streamed events.
@@ -293,17 +296,19 @@ async fn answers_without_usage_and_callers_that_leave_are_charged_the_reservatio
 #[tokio::test]
 async fn anthropic_messages_are_charged_streamed_or_not() {
     let vendor = Vendor::start().await;
-    let stack = Stack::start().await;
+    let (collector, endpoint) = Collector::start().await;
+    let stack =
+        Stack::start_configured(|c| c, &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())]).await;
     stack.apply(&policy(&vendor.url), &[("AGENT_KEY", AGENT_KEY)]);
     let (id, key) = capped_key(&stack, "1");
     let streamed = sdk(&stack, &key, "anthropic-stream").await;
-    let text: String = streamed["chunks"]
+    let said: String = streamed["chunks"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|c| c["content"].as_str())
         .collect();
-    assert_eq!(text, "Hello", "{streamed}");
+    assert_eq!(said, "Hello", "{streamed}");
     assert_eq!(streamed["usage"]["output_tokens"], 500);
     assert!(
         (common::settled_spend(&stack, &id, ANTHROPIC_PRICE).await - ANTHROPIC_PRICE).abs() < 1e-9
@@ -321,6 +326,43 @@ async fn anthropic_messages_are_charged_streamed_or_not() {
             (path.as_str(), credential.as_str()),
             ("/v1/messages", "sk-ant-REAL")
         );
+    }
+    // Each call is a GenAI client span inside its decision's trace.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let calls = loop {
+        let spans = collector.spans();
+        let calls: Vec<_> = spans
+            .iter()
+            .filter(|s| s.name == "chat claude-test")
+            .cloned()
+            .collect();
+        if calls.len() == 2 || Instant::now() > deadline {
+            break (spans, calls);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (spans, calls) = calls;
+    assert_eq!(calls.len(), 2, "{}", collector.dump());
+    for call in &calls {
+        assert_eq!(text(&call.attributes, "gen_ai.provider.name"), "anthropic");
+        assert_eq!(
+            text(&call.attributes, "gen_ai.request.model"),
+            "claude-test"
+        );
+        assert_eq!(
+            attr(&call.attributes, "gen_ai.usage.input_tokens"),
+            Some(&Value::IntValue(1_000))
+        );
+        assert_eq!(
+            attr(&call.attributes, "gen_ai.usage.output_tokens"),
+            Some(&Value::IntValue(500))
+        );
+        let decision = spans
+            .iter()
+            .find(|s| s.span_id == call.parent_span_id)
+            .expect("the decision's span");
+        assert_eq!(decision.trace_id, call.trace_id);
+        assert_eq!(text(&decision.attributes, "latchkey.decision"), "allow");
     }
 }
 

@@ -1,113 +1,15 @@
 //! OpenTelemetry export to a real OTLP/gRPC receiver (the collector's own protobuf
 //! services, served here), and secret hygiene across every output of a full scenario.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
-    LogsService, LogsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::logs::v1::{
-    ExportLogsServiceRequest, ExportLogsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
 use crate::common::{Stack, Upstream, client, denial};
+use crate::otlp::{Collector, attr, text};
 
 const AGENT_KEY: &str = "lk_otelAgentKEY0000000000000001";
 const SECRET: &str = "sk_live_OTEL_secret_value_4242";
-
-#[derive(Clone, Default)]
-struct Collector {
-    traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-    logs: Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.traces.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-#[tonic::async_trait]
-impl LogsService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportLogsServiceRequest>,
-    ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
-        self.logs.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
-    }
-}
-
-impl Collector {
-    async fn start() -> (Self, String) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let collector = Collector::default();
-        let server = tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(collector.clone()))
-            .add_service(LogsServiceServer::new(collector.clone()))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
-        tokio::spawn(server);
-        (collector, format!("http://{addr}"))
-    }
-
-    fn spans(&self) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
-        self.traces
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|r| &r.resource_spans)
-            .flat_map(|r| &r.scope_spans)
-            .flat_map(|s| s.spans.clone())
-            .collect()
-    }
-
-    fn records(&self) -> Vec<opentelemetry_proto::tonic::logs::v1::LogRecord> {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|r| &r.resource_logs)
-            .flat_map(|r| &r.scope_logs)
-            .flat_map(|s| s.log_records.clone())
-            .collect()
-    }
-
-    fn dump(&self) -> String {
-        format!(
-            "{:?}\n{:?}",
-            self.traces.lock().unwrap(),
-            self.logs.lock().unwrap()
-        )
-    }
-}
-
-fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
-    attrs
-        .iter()
-        .find(|a| a.key == key)
-        .and_then(|a| a.value.as_ref()?.value.as_ref())
-}
-
-fn text(attrs: &[KeyValue], key: &str) -> String {
-    match attr(attrs, key) {
-        Some(Value::StringValue(s)) => s.clone(),
-        other => panic!("{key}: {other:?}"),
-    }
-}
 
 fn policy(upstream: &str) -> String {
     format!(
