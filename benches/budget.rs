@@ -6,10 +6,12 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use latchkey::budget::{
+use latchkey::dataplane::budget::{
     Budgets, Limit, LocalBudgets, Rate, RedisBudgets, SystemClock, redis_connection,
 };
-use latchkey::spend::{Account, Holder, LocalSpend, RedisSpend, Settlement, Spend, Unit};
+use latchkey::dataplane::spend::{
+    Account, Holder, LocalSpend, RedisSpend, Settlement, Spend, Unit,
+};
 
 fn limits(tag: &str) -> Vec<Limit> {
     // Limits high enough that every iteration is admitted: the common case.

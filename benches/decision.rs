@@ -10,15 +10,15 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
 use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
-use latchkey::crypto::{MasterKey, hash_key};
-use latchkey::envoy::{self, ResponseRead};
-use latchkey::pipeline::{Outcome, RequestView, decide};
-use latchkey::policy::Policy;
-use latchkey::policy_file::{AuthKind, CredentialType, Effect};
-use latchkey::rules::Body;
-use latchkey::store::{
+use latchkey::base::crypto::{MasterKey, hash_key};
+use latchkey::dataplane::pipeline::{Outcome, RequestView, decide};
+use latchkey::dataplane::rules::Body;
+use latchkey::dataplane::snapshot::Policy;
+use latchkey::envoy::convert::{self, ResponseRead};
+use latchkey::policy::rows::{
     AuthSpec, CredentialRow, KeyRow, ProxyRow, RuleConditions, RuleRow, StoredPolicy, TargetRow,
 };
+use latchkey::policy::{AuthKind, CredentialType, Effect};
 use prost::Message;
 
 const KEY: &str = "lk_benchKEY0000000000000000001";
@@ -145,9 +145,9 @@ fn handle(policy: &Policy, wire: &[u8]) -> Vec<u8> {
     let Some(Phase::RequestHeaders(headers)) = message.request else {
         unreachable!("request headers")
     };
-    let pairs = envoy::header_pairs(headers.headers.as_ref());
+    let pairs = convert::header_pairs(headers.headers.as_ref());
     let text = |name| {
-        envoy::header_value(&pairs, name)
+        convert::header_value(&pairs, name)
             .and_then(|v| std::str::from_utf8(v).ok())
             .unwrap_or_default()
     };
@@ -161,7 +161,7 @@ fn handle(policy: &Policy, wire: &[u8]) -> Vec<u8> {
     let Outcome::Forward(forward) = decision.outcome else {
         unreachable!("allowed")
     };
-    envoy::allow(forward, false, decision.shown, ResponseRead::Nothing).encode_to_vec()
+    convert::allow(forward, false, decision.shown, ResponseRead::Nothing).encode_to_vec()
 }
 
 /// The headers of an agent's GET as Envoy passes them on.

@@ -75,7 +75,11 @@ fn streamed() -> Response {
         }
         Some((Ok::<_, std::io::Error>(format!("data: {event}\n\n")), i + 1))
     });
-    ([(header::CONTENT_TYPE, "text/event-stream")], Body::from_stream(events)).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/event-stream")],
+        Body::from_stream(events),
+    )
+        .into_response()
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -2,42 +2,33 @@
 //! (ext_proc); latchkey checks the agent's proxy key and the policy, and swaps the key for
 //! the real upstream credential, which the agent never sees.
 //!
-//! The request path, one module per step: [`route`] → [`keys`] → scope ([`policy`]) →
-//! [`rules`] → [`budget`] → [`mutate`] → [`audit`], tied together by [`pipeline`].
+//! One folder per layer, each importing only from the layers above it in this list
+//! (a test holds it so):
+//!
+//! - [`base`]: the clock, money, cryptography.
+//! - [`policy`]: the policy file's model and validation, and the rows it is stored as.
+//! - [`store`]: every SQL statement.
+//! - [`telemetry`]: the audit writer, OpenTelemetry export, metrics.
+//! - [`dataplane`]: the request path (its module doc lists the steps), from an in-memory
+//!   snapshot and budget counters.
+//! - [`envoy`]: ext_proc, ext_authz and the access log: Envoy's protobuf at the edge.
+//! - [`control`]: the admin API, its tokens, policy sync, health.
+//! - [`serve`]: the server, wired together.
+//! - [`cli`]: the `latchkey` command.
 #![forbid(unsafe_code)]
 
-pub mod access_log;
-pub mod admin;
-pub mod audit;
-pub mod budget;
-pub mod channel;
+pub mod base;
 pub mod cli;
-pub mod crypto;
-pub mod denial;
+pub(crate) mod control;
+pub mod dataplane;
 pub mod envoy;
-pub mod ext_authz;
-pub mod ext_proc;
-pub mod http;
-pub mod items;
-pub mod keys;
-pub mod mutate;
-pub mod oauth2;
-pub mod otel;
-pub mod pipeline;
 pub mod policy;
-pub mod policy_file;
-pub mod redact;
-pub mod request_log;
-pub mod route;
-pub mod rules;
-pub mod serve;
-pub mod sigv4;
-pub mod spend;
-pub mod state;
+pub(crate) mod serve;
 pub mod store;
-pub mod sync;
-pub mod tokens;
-pub mod usage;
+pub(crate) mod telemetry;
+
+#[cfg(test)]
+mod layers;
 
 /// latchkey's admin API, generated from `proto/latchkey/admin/v1/admin.proto`.
 pub mod pb {

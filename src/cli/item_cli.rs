@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow};
 use clap::Subcommand;
 
-use super::{AdminConn, authorized, connect, print_changes, resolve_material, status_error};
-use crate::items::Kind;
+use super::policy::print_changes;
+use super::{AdminConn, authorized, connect, resolve_material, status_error};
+use crate::control::items::Kind;
 use crate::pb::{DeleteItemRequest, GetItemRequest, ItemKind, ListItemsRequest, PutItemRequest};
-use crate::policy_file::PolicyFile;
+use crate::policy::PolicyFile;
 
 #[derive(Subcommand)]
 pub enum ItemCommand {

@@ -321,9 +321,9 @@ async fn sigterm_flushes_every_record_before_exit() {
     let store = latchkey::store::Store::open(&format!("sqlite://{}", stack.db_path().display()))
         .await
         .unwrap();
-    let records = latchkey::request_log::list(
+    let records = latchkey::store::requests::list(
         &store,
-        &latchkey::request_log::Filter::default(),
+        &latchkey::store::requests::Filter::default(),
         1000,
         None,
     )
@@ -337,13 +337,13 @@ async fn sigterm_flushes_every_record_before_exit() {
     assert!(records.iter().all(|r| r.decision == "allow"));
 }
 
-async fn all_records(stack: &Stack) -> Vec<latchkey::request_log::Entry> {
+async fn all_records(stack: &Stack) -> Vec<latchkey::store::requests::Entry> {
     let url = format!("sqlite://{}", stack.db_path().display());
     let store = latchkey::store::Store::open(&url).await.unwrap();
-    latchkey::request_log::list(
+    latchkey::store::requests::list(
         &store,
-        &latchkey::request_log::Filter::default(),
-        latchkey::request_log::MAX_LIMIT,
+        &latchkey::store::requests::Filter::default(),
+        latchkey::store::requests::MAX_LIMIT,
         None,
     )
     .await

@@ -708,7 +708,7 @@ fn every_envoy_config_validates() {
     // The configs name the ext_proc channel's certificates relative to where Envoy runs,
     // as `latchkey serve` mints them.
     let here = tempfile::tempdir().unwrap();
-    latchkey::channel::ensure_minted(&here.path().join(".latchkey/tls")).unwrap();
+    latchkey::envoy::channel::ensure_minted(&here.path().join(".latchkey/tls")).unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();

@@ -1,0 +1,347 @@
+//! `latchkey key …` and `latchkey token …`: run keys for agents, tokens for the admin API.
+
+use std::time::Duration;
+
+use clap::Subcommand;
+
+use crate::pb::{
+    CreateTokenRequest, IssueKeyRequest, ListKeysRequest, ListTokensRequest, RevokeKeyRequest,
+    RevokeTokenRequest,
+};
+
+use super::{AdminConn, authorized, connect, rfc3339, status_error};
+
+#[derive(Subcommand)]
+pub(super) enum KeyCommand {
+    /// Print a new run key of a proxy credential, once.
+    Issue {
+        #[arg(long)]
+        credential: String,
+        /// How long the key lives, e.g. `90s`, `15m`, `2h`, `7d`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Stop the key once its requests cost this much (USD).
+        #[arg(long)]
+        spend_cap_usd: Option<f64>,
+        /// Reset the spend cap each UTC `day`, `week` (from Monday) or `month`; without
+        /// it, the cap holds for the key's whole life.
+        #[arg(long, value_parser = ["day", "week", "month"], requires = "spend_cap_usd")]
+        cap_period: Option<String>,
+        /// LLM tokens the key may use per minute (from the usage answers report).
+        #[arg(long)]
+        tokens_per_minute: Option<u64>,
+        /// LLM tokens the key may use per UTC day.
+        #[arg(long)]
+        tokens_per_day: Option<u64>,
+        /// A label, such as the agent run's id.
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// List keys by id (never the keys themselves): all, or a page with --limit.
+    List {
+        #[arg(long)]
+        credential: Option<String>,
+        /// One page of at most this many keys (at most 1000).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// Start after this key id (the last of the previous page).
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Revoke a key by id; the next request with it is refused.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+}
+
+pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Issue {
+            credential,
+            ttl,
+            spend_cap_usd,
+            cap_period,
+            tokens_per_minute,
+            tokens_per_day,
+            label,
+            json,
+            conn,
+        } => {
+            let mut client = connect(&conn).await?;
+            let request = authorized(
+                &conn,
+                IssueKeyRequest {
+                    credential,
+                    ttl_seconds: ttl.map(|t| t.as_secs().max(1)),
+                    spend_cap_usd,
+                    label: label.unwrap_or_default(),
+                    cap_period: cap_period.unwrap_or_default(),
+                    tokens_per_minute,
+                    tokens_per_day,
+                },
+            )?;
+            let k = client
+                .issue_key(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                let out = serde_json::json!({
+                    "id": k.id,
+                    "key": k.key,
+                    "credential": k.credential,
+                    "expires_at": k.expires_at.map(rfc3339),
+                    "spend_cap_usd": k.spend_cap_usd,
+                    "label": (!k.label.is_empty()).then_some(&k.label),
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("{}", k.key);
+                eprintln!(
+                    "key {} for {}{}: shown once, keep it safe",
+                    k.id,
+                    k.credential,
+                    k.expires_at
+                        .map(|t| format!(", expires {}", rfc3339(t)))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        KeyCommand::List {
+            credential,
+            limit,
+            after,
+            json,
+            conn,
+        } => {
+            let mut client = connect(&conn).await?;
+            // Every page, unless one page of `limit` keys was asked for.
+            let mut keys = Vec::new();
+            let mut token = after.unwrap_or_default();
+            loop {
+                let request = authorized(
+                    &conn,
+                    ListKeysRequest {
+                        credential: credential.clone().unwrap_or_default(),
+                        page_size: limit.unwrap_or(1000),
+                        page_token: token,
+                    },
+                )?;
+                let page = client
+                    .list_keys(request)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                keys.extend(page.keys);
+                token = page.next_page_token;
+                if token.is_empty() {
+                    break;
+                }
+                if limit.is_some() {
+                    eprintln!("more: --after {token}");
+                    break;
+                }
+            }
+            let now = crate::base::clock::now_unix();
+            let status = |k: &crate::pb::KeyInfo| {
+                if k.revoked_at.is_some() {
+                    "revoked"
+                } else if k.expires_at.is_some_and(|t| t <= now) {
+                    "expired"
+                } else {
+                    "active"
+                }
+            };
+            if json {
+                let rows: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "id": k.id,
+                            "credential": k.credential,
+                            "source": k.source,
+                            "label": (!k.label.is_empty()).then_some(&k.label),
+                            "status": status(k),
+                            "created_at": rfc3339(k.created_at),
+                            "expires_at": k.expires_at.map(rfc3339),
+                            "revoked_at": k.revoked_at.map(rfc3339),
+                            "spend_cap_usd": k.spend_cap_usd,
+                            "spent_usd": k.spent_usd,
+                            "cap_period": (!k.cap_period.is_empty()).then_some(&k.cap_period),
+                            "tokens_per_minute": k.tokens_per_minute,
+                            "tokens_per_day": k.tokens_per_day,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<22} {:<20} {:<8} {:<16} {:<8} {:<21} SPENT/CAP USD",
+                    "ID", "CREDENTIAL", "SOURCE", "LABEL", "STATUS", "EXPIRES"
+                );
+                for k in &keys {
+                    println!(
+                        "{:<22} {:<20} {:<8} {:<16} {:<8} {:<21} {:.2}/{}",
+                        k.id,
+                        k.credential,
+                        k.source,
+                        if k.label.is_empty() { "-" } else { &k.label },
+                        status(k),
+                        k.expires_at.map_or("-".to_owned(), rfc3339),
+                        k.spent_usd,
+                        k.spend_cap_usd
+                            .map_or("-".to_owned(), |c| format!("{c:.2}")),
+                    );
+                }
+            }
+        }
+        KeyCommand::Revoke { id, conn } => {
+            let mut client = connect(&conn).await?;
+            let request = authorized(&conn, RevokeKeyRequest { id: id.clone() })?;
+            let r = client
+                .revoke_key(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            say_revoked("key", &id, r.already_revoked);
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn say_revoked(what: &str, id: &str, already: bool) {
+    if already {
+        println!("{what} {id} was already revoked");
+    } else {
+        println!("{what} {id} revoked");
+    }
+}
+
+#[derive(Subcommand)]
+pub(super) enum TokenCommand {
+    /// Print a new admin token once: `admin` may change policy, `viewer` may only read.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_parser = ["admin", "viewer"])]
+        role: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// List admin tokens (never the tokens themselves).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Revoke an admin token by id; it is refused from the next call on.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+}
+
+pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            name,
+            role,
+            json,
+            conn,
+        } => {
+            let mut client = connect(&conn).await?;
+            let t = client
+                .create_token(authorized(&conn, CreateTokenRequest { name, role })?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                let out = serde_json::json!({
+                    "id": t.id, "token": t.token, "name": t.name, "role": t.role,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "admin token {} ({}, {}): shown once, keep it safe",
+                    t.id, t.name, t.role
+                );
+            }
+        }
+        TokenCommand::List { json, conn } => {
+            let mut client = connect(&conn).await?;
+            let mut tokens = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let request = ListTokensRequest {
+                    page_size: 1000,
+                    page_token,
+                };
+                let page = client
+                    .list_tokens(authorized(&conn, request)?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                tokens.extend(page.tokens);
+                page_token = page.next_page_token;
+                if page_token.is_empty() {
+                    break;
+                }
+            }
+            if json {
+                let rows: Vec<_> = tokens
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "id": t.id,
+                            "name": t.name,
+                            "role": t.role,
+                            "created_at": rfc3339(t.created_at),
+                            "revoked_at": t.revoked_at.map(rfc3339),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<22} {:<24} {:<7} {:<21} REVOKED",
+                    "ID", "NAME", "ROLE", "CREATED"
+                );
+                for t in &tokens {
+                    println!(
+                        "{:<22} {:<24} {:<7} {:<21} {}",
+                        t.id,
+                        t.name,
+                        t.role,
+                        rfc3339(t.created_at),
+                        t.revoked_at.map_or("-".to_owned(), rfc3339)
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { id, conn } => {
+            let mut client = connect(&conn).await?;
+            let r = client
+                .revoke_token(authorized(&conn, RevokeTokenRequest { id: id.clone() })?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            say_revoked("admin token", &id, r.already_revoked);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! `latchkey apply`, `check` and `export`: the policy file, whole.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow};
+use clap::Args;
+
+use crate::pb::{ApplyRequest, CheckRequest, ExportRequest, Header};
+use crate::policy::PolicyFile;
+
+use super::{AdminConn, authorized, connect, resolve_material, status_error};
+
+#[derive(Args)]
+pub(super) struct ApplyArgs {
+    /// The policy file (YAML).
+    #[arg(short = 'f', long = "file")]
+    file: PathBuf,
+    /// Report what would change without changing anything.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the changes as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: AdminConn,
+}
+
+pub(super) async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let file = PolicyFile::parse(&text)?;
+    let base = args.file.parent().unwrap_or(Path::new("."));
+    let (secrets, keys) = resolve_material(&file, base)?;
+
+    let mut client = connect(&args.conn).await?;
+    let request = authorized(
+        &args.conn,
+        ApplyRequest {
+            policy_yaml: text,
+            secrets,
+            keys,
+            dry_run: args.dry_run,
+        },
+    )?;
+    let changes = client
+        .apply(request)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .changes;
+    print_changes(&changes, args.json, args.dry_run)
+}
+
+/// What a change did: a line per item, or JSON.
+pub(super) fn print_changes(
+    changes: &[crate::pb::Change],
+    json: bool,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let rows: Vec<_> = changes
+            .iter()
+            .map(|c| serde_json::json!({"kind": c.kind, "name": c.name, "action": c.action}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if changes.is_empty() {
+        println!("no changes");
+    } else {
+        for c in changes {
+            println!("{} {}: {}", c.kind, c.name, c.action);
+        }
+        let verb = if dry_run { "would change" } else { "changed" };
+        println!("{} {verb}", plural(changes.len(), "item"));
+    }
+    Ok(())
+}
+
+pub(super) fn plural(n: usize, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
+
+#[derive(Args)]
+pub(super) struct CheckArgs {
+    #[arg(long)]
+    proxy: String,
+    #[arg(long)]
+    method: String,
+    /// The upstream path with an optional query, e.g. `/v1/charges?limit=3`.
+    #[arg(long)]
+    path: String,
+    /// Judge the request as this proxy key's owner.
+    #[arg(long, conflicts_with = "credential")]
+    key: Option<String>,
+    /// Judge the request as this proxy credential.
+    #[arg(long)]
+    credential: Option<String>,
+    /// A request header, `name:value`; repeat for more.
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    headers: Vec<String>,
+    /// A file holding the request body.
+    #[arg(long)]
+    body: Option<PathBuf>,
+    /// Print the explanation as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: AdminConn,
+}
+
+pub(super) async fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| {
+            let (name, value) = h
+                .split_once(':')
+                .ok_or_else(|| anyhow!("--header {h:?}: expected NAME:VALUE"))?;
+            Ok(Header {
+                name: name.trim().to_owned(),
+                value: value.trim_start().to_owned(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let body = args
+        .body
+        .as_ref()
+        .map(|path| std::fs::read(path).with_context(|| format!("reading {}", path.display())))
+        .transpose()?;
+    let mut client = connect(&args.conn).await?;
+    let request = authorized(
+        &args.conn,
+        CheckRequest {
+            proxy: args.proxy.clone(),
+            method: args.method.clone(),
+            path: args.path.clone(),
+            key: args.key.clone().unwrap_or_default(),
+            credential: args.credential.clone().unwrap_or_default(),
+            headers,
+            body,
+        },
+    )?;
+    let r = client
+        .check(request)
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.json {
+        let rule = r.rule.as_ref().map(|rule| {
+            serde_json::json!({
+                "id": rule.id, "effect": rule.effect, "priority": rule.priority,
+                "notes": (!rule.notes.is_empty()).then_some(&rule.notes),
+            })
+        });
+        let out = serde_json::json!({
+            "allowed": r.allowed,
+            "decision": r.decision,
+            "status": (r.status != 0).then_some(r.status),
+            "message": r.message,
+            "proxy": args.proxy,
+            "credential": (!r.credential.is_empty()).then_some(&r.credential),
+            "rule": rule,
+            "default_effect": (!r.default_effect.is_empty()).then_some(&r.default_effect),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return if r.allowed {
+            Ok(())
+        } else {
+            Err(Denied.into())
+        };
+    }
+    let who = if r.credential.is_empty() {
+        "anyone (proxy rules only)".to_owned()
+    } else {
+        format!("credential {}", r.credential)
+    };
+    println!(
+        "{} {} on proxy {}, as {who}",
+        args.method, args.path, args.proxy
+    );
+    if r.allowed {
+        println!("decision: allow");
+    } else {
+        println!("decision: {} ({} {})", r.message, r.status, r.decision);
+    }
+    match &r.rule {
+        Some(rule) if rule.notes.is_empty() => {
+            println!(
+                "rule: {} ({}, priority {})",
+                rule.id, rule.effect, rule.priority
+            )
+        }
+        Some(rule) => println!(
+            "rule: {} ({}, priority {}): {}",
+            rule.id, rule.effect, rule.priority, rule.notes
+        ),
+        None if !r.default_effect.is_empty()
+            && matches!(r.decision.as_str(), "allow" | "rule_denied") =>
+        {
+            println!(
+                "rule: none matched; the proxy's default effect is {}",
+                r.default_effect
+            )
+        }
+        None => {}
+    }
+    if r.allowed {
+        Ok(())
+    } else {
+        Err(Denied.into())
+    }
+}
+
+/// `latchkey check`'s answer "denied": exit code 1, the explanation already printed
+/// (any other failure exits 2).
+#[derive(Debug, thiserror::Error)]
+#[error("the request would be denied")]
+pub struct Denied;
+
+pub(super) async fn export(output: Option<PathBuf>, conn: AdminConn) -> anyhow::Result<()> {
+    let mut client = connect(&conn).await?;
+    let yaml = client
+        .export(authorized(&conn, ExportRequest {})?)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .policy_yaml;
+    match output {
+        Some(path) => {
+            std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{yaml}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,806 @@
+//! The admin gRPC service: how policy changes reach a running latchkey. Every call needs
+//! `authorization: Bearer <admin token>`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use crate::base::crypto::MasterKey;
+use crate::control::items::{self, Edit, ItemError, Kind};
+use crate::control::sync::PolicySync;
+use crate::control::tokens::{Role, new_token, require_admin};
+use crate::dataplane::pipeline::{Caller, Outcome, RequestView, decide_as};
+use crate::dataplane::rules::Body;
+use crate::dataplane::shared::Shared;
+use crate::dataplane::snapshot::Policy;
+use crate::pb::admin_server::Admin;
+use crate::pb::{
+    ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule,
+    CreateTokenRequest, CreatedToken, DeleteItemRequest, ExportRequest, ExportResponse,
+    GetItemRequest, ImportedKeys, IssueKeyRequest, IssuedKey, Item, ItemChangeResponse, ItemKind,
+    KeyInfo, ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse,
+    ListRequestsRequest, ListRequestsResponse, ListTokensRequest, ListTokensResponse,
+    PutItemRequest, RekeyRequest, RekeyResponse, RequestFilter, RequestRecord, ResolvedSecret,
+    RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse, TelemetryBucket,
+    TelemetryRequest, TelemetryResponse, TokenInfo as PbTokenInfo,
+};
+use crate::policy::rows::{NewKey, StoredPolicy};
+use crate::policy::{Period, PolicyFile};
+use crate::store::requests::{self, Filter};
+use crate::store::{Desired, Store, StoreError};
+
+pub struct AdminService {
+    shared: Arc<Shared>,
+    store: Store,
+    master: Arc<MasterKey>,
+    sync: Arc<PolicySync>,
+    /// Policies are refused that ext_authz alone could not enforce.
+    ext_authz_only: bool,
+    /// One change at a time: each sees the state the previous one left.
+    write_lock: Mutex<()>,
+}
+
+impl AdminService {
+    /// Takes a change made to the store into this replica's snapshot; the others take
+    /// it in through their own `PolicySync`.
+    async fn reload(&self) -> Result<(), Status> {
+        self.sync.reload().await.map_err(internal)
+    }
+
+    /// One change of the policy: what is desired is built from the current state in the
+    /// write transaction, compiled and checked before commit, then put into effect.
+    async fn commit(
+        &self,
+        dry_run: bool,
+        build: impl FnOnce(&StoredPolicy) -> Result<Desired, Status>,
+    ) -> Result<Vec<Change>, Status> {
+        let _one_at_a_time = self.write_lock.lock().await;
+        let mut compiled = None;
+        let result = self
+            .store
+            .edit(&self.master, dry_run, build, |after| {
+                // Decrypting every secret and compiling every regex is blocking work:
+                // the worker thread hands its other tasks on while it runs.
+                let policy = off_runtime(|| Policy::compile(after, &self.master))
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if self.ext_authz_only
+                    && let Some(obstacle) = policy.ext_authz_obstacle()
+                {
+                    return Err(Status::invalid_argument(obstacle));
+                }
+                compiled = Some(policy);
+                Ok(())
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Invalid(_) => store_status(e),
+                other => {
+                    tracing::error!(error = %other, "apply failed");
+                    Status::internal(format!("apply failed, nothing changed: {other}"))
+                }
+            })?;
+        let (changes, version) = result?;
+        if let Some(version) = version {
+            let policy = compiled.expect("compiled before commit");
+            self.shared.install(policy);
+            self.sync.installed(version);
+            tracing::info!(changes = changes.len(), version, "policy applied");
+        }
+        Ok(changes
+            .into_iter()
+            .map(|c| Change {
+                kind: c.kind.to_owned(),
+                name: c.name,
+                action: c.action.to_owned(),
+            })
+            .collect())
+    }
+
+    async fn put_item(
+        &self,
+        request: Request<PutItemRequest>,
+        create: bool,
+    ) -> Result<Response<ItemChangeResponse>, Status> {
+        if !request.get_ref().dry_run {
+            require_admin(&request)?;
+        }
+        let req = request.into_inner();
+        let kind = item_kind(req.kind)?;
+        let (secrets, keys) = material(req.secrets, req.keys)?;
+        let changes = self
+            .commit(req.dry_run, |current| {
+                let mut file = current.to_file();
+                let edit = if create {
+                    Edit::Create(&req.spec)
+                } else {
+                    Edit::Update(&req.spec)
+                };
+                items::edit(&mut file, kind, edit).map_err(item_status)?;
+                file.validate()
+                    .map_err(|e| Status::invalid_argument(format!("nothing changed: {e}")))?;
+                items::desired(file, secrets, keys).map_err(Status::invalid_argument)
+            })
+            .await?;
+        Ok(Response::new(ItemChangeResponse { changes }))
+    }
+
+    pub fn new(
+        shared: Arc<Shared>,
+        store: Store,
+        master: Arc<MasterKey>,
+        sync: Arc<PolicySync>,
+        ext_authz_only: bool,
+    ) -> Self {
+        Self {
+            shared,
+            store,
+            master,
+            sync,
+            ext_authz_only,
+            write_lock: Mutex::new(()),
+        }
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "admin call failed");
+    Status::internal(e.to_string())
+}
+
+/// One page of `items` (sorted by `key`): those after `token`, at most `size` (0: 100, at
+/// most 1000), and the token of the next page (empty on the last).
+fn page<T>(
+    items: impl IntoIterator<Item = T>,
+    key: impl Fn(&T) -> &str,
+    size: u32,
+    token: &str,
+) -> (Vec<T>, String) {
+    let size = match size {
+        0 => 100,
+        n => n.min(1000),
+    } as usize;
+    let mut out: Vec<T> = items
+        .into_iter()
+        .filter(|i| token.is_empty() || key(i) > token)
+        .take(size + 1)
+        .collect();
+    let next = if out.len() > size {
+        out.truncate(size);
+        out.last().map(|i| key(i).to_owned()).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    (out, next)
+}
+
+fn item_kind(kind: i32) -> Result<Kind, Status> {
+    match ItemKind::try_from(kind) {
+        Ok(ItemKind::Target) => Ok(Kind::Target),
+        Ok(ItemKind::Credential) => Ok(Kind::Credential),
+        Ok(ItemKind::Proxy) => Ok(Kind::Proxy),
+        Ok(ItemKind::Rule) => Ok(Kind::Rule),
+        _ => Err(Status::invalid_argument(
+            "kind: one of target, credential, proxy, rule",
+        )),
+    }
+}
+
+fn item_status(e: ItemError) -> Status {
+    match e {
+        ItemError::NotFound { .. } => Status::not_found(e.to_string()),
+        ItemError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+        ItemError::Invalid(_) => Status::invalid_argument(format!("nothing changed: {e}")),
+    }
+}
+
+/// Secrets and imported key hashes as the client resolved them.
+type Material = (
+    HashMap<String, Zeroizing<String>>,
+    HashMap<String, Vec<[u8; 32]>>,
+);
+
+fn material(secrets: Vec<ResolvedSecret>, imported: Vec<ImportedKeys>) -> Result<Material, Status> {
+    let secrets = secrets
+        .into_iter()
+        .map(|s| (s.credential, Zeroizing::new(s.value)))
+        .collect();
+    let mut keys: HashMap<String, Vec<[u8; 32]>> = HashMap::new();
+    for imported in imported {
+        let hashes = imported
+            .sha256
+            .iter()
+            .map(|h| <[u8; 32]>::try_from(h.as_slice()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| {
+                Status::invalid_argument(format!(
+                    "keys of credential {:?}: a SHA-256 hash is 32 bytes",
+                    imported.credential
+                ))
+            })?;
+        keys.entry(imported.credential).or_default().extend(hashes);
+    }
+    Ok((secrets, keys))
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound(what) => Status::not_found(what),
+        StoreError::Conflict(what) => Status::already_exists(what),
+        StoreError::Invalid(what) => Status::invalid_argument(format!("nothing changed: {what}")),
+        other => internal(other),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn apply(
+        &self,
+        request: Request<ApplyRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        if !request.get_ref().dry_run {
+            require_admin(&request)?;
+        }
+        let req = request.into_inner();
+        let file = PolicyFile::parse(&req.policy_yaml)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (secrets, keys) = material(req.secrets, req.keys)?;
+        let desired = Desired::new(&file, secrets, keys).map_err(Status::invalid_argument)?;
+        let changes = self.commit(req.dry_run, |_| Ok(desired)).await?;
+        Ok(Response::new(ApplyResponse { changes }))
+    }
+
+    async fn create_item(
+        &self,
+        request: Request<PutItemRequest>,
+    ) -> Result<Response<ItemChangeResponse>, Status> {
+        self.put_item(request, true).await
+    }
+
+    async fn update_item(
+        &self,
+        request: Request<PutItemRequest>,
+    ) -> Result<Response<ItemChangeResponse>, Status> {
+        self.put_item(request, false).await
+    }
+
+    async fn delete_item(
+        &self,
+        request: Request<DeleteItemRequest>,
+    ) -> Result<Response<ItemChangeResponse>, Status> {
+        if !request.get_ref().dry_run {
+            require_admin(&request)?;
+        }
+        let req = request.into_inner();
+        let kind = item_kind(req.kind)?;
+        let changes = self
+            .commit(req.dry_run, |current| {
+                let mut file = current.to_file();
+                items::edit(&mut file, kind, Edit::Delete(&req.name)).map_err(item_status)?;
+                // What still refers to the item stops the delete, named.
+                file.validate()
+                    .map_err(|e| Status::failed_precondition(format!("nothing changed: {e}")))?;
+                items::desired(file, HashMap::new(), HashMap::new())
+                    .map_err(Status::invalid_argument)
+            })
+            .await?;
+        Ok(Response::new(ItemChangeResponse { changes }))
+    }
+
+    async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<Item>, Status> {
+        let req = request.into_inner();
+        let kind = item_kind(req.kind)?;
+        let stored = self.store.load().await.map_err(internal)?;
+        let (name, spec) = items::list(&stored.to_file(), kind)
+            .into_iter()
+            .find(|(name, _)| *name == req.name)
+            .ok_or_else(|| {
+                item_status(ItemError::NotFound {
+                    kind: kind.as_str(),
+                    name: req.name.clone(),
+                })
+            })?;
+        Ok(Response::new(Item {
+            kind: req.kind,
+            name,
+            spec_json: spec.to_string(),
+        }))
+    }
+
+    async fn list_items(
+        &self,
+        request: Request<ListItemsRequest>,
+    ) -> Result<Response<ListItemsResponse>, Status> {
+        let req = request.into_inner();
+        let kind = item_kind(req.kind)?;
+        let stored = self.store.load().await.map_err(internal)?;
+        let (items, next_page_token) = page(
+            items::list(&stored.to_file(), kind),
+            |(name, _)| name,
+            req.page_size,
+            &req.page_token,
+        );
+        let items = items
+            .into_iter()
+            .map(|(name, spec)| Item {
+                kind: req.kind,
+                name,
+                spec_json: spec.to_string(),
+            })
+            .collect();
+        Ok(Response::new(ListItemsResponse {
+            items,
+            next_page_token,
+        }))
+    }
+
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let req = request.into_inner();
+        let policy = self.shared.policy.load();
+        if req.method.is_empty() {
+            return Err(Status::invalid_argument("method: required"));
+        }
+        if !req.credential.is_empty() && policy.credential_index(&req.credential).is_none() {
+            return Err(Status::not_found(format!(
+                "no proxy credential named {:?}",
+                req.credential
+            )));
+        }
+        let slash = if req.path.starts_with('/') { "" } else { "/" };
+        let path = format!("/{}{slash}{}", req.proxy, req.path);
+        let mut headers: Vec<(String, Vec<u8>)> = req
+            .headers
+            .into_iter()
+            .map(|h| (h.name.to_ascii_lowercase(), h.value.into_bytes()))
+            .collect();
+        let caller = if !req.key.is_empty() {
+            headers.retain(|(n, _)| !crate::dataplane::keys::CARRIERS.contains(&n.as_str()));
+            headers.push(("x-latchkey-key".into(), req.key.into_bytes()));
+            Caller::Key
+        } else if !req.credential.is_empty() {
+            Caller::Credential(&req.credential)
+        } else {
+            Caller::Anyone
+        };
+        let pairs: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        let view = RequestView {
+            method: &req.method,
+            path: &path,
+            headers: &pairs,
+            body: Some(req.body.as_deref().unwrap_or_default()),
+        };
+        // A body to explain is JSON unless the check names another content type.
+        let content_type = pairs
+            .iter()
+            .find(|(k, _)| *k == "content-type")
+            .map_or(&b"application/json"[..], |(_, v)| *v);
+        let body = req
+            .body
+            .as_deref()
+            .map_or(Body::Empty, |b| Body::parse(b, Some(content_type)));
+        let decision = decide_as(
+            &policy,
+            &view,
+            &body,
+            caller,
+            crate::base::clock::now_unix_ms(),
+        );
+        let subject = &decision.subject;
+        let rule = subject
+            .rule_id
+            .as_deref()
+            .and_then(|id| policy.rule(id))
+            .map(|r| CheckedRule {
+                id: r.id.to_string(),
+                effect: r.effect.as_str().to_owned(),
+                priority: r.priority,
+                notes: r.notes.as_deref().unwrap_or_default().to_owned(),
+            });
+        let default_effect = subject
+            .proxy
+            .as_deref()
+            .and_then(|p| policy.proxy(p))
+            .map(|p| p.default_effect.as_str().to_owned())
+            .unwrap_or_default();
+        let (allowed, kind, status, message) = match &decision.outcome {
+            Outcome::Forward(_) => (true, "allow".to_owned(), 0, "would be forwarded".to_owned()),
+            Outcome::Deny(d) => (
+                false,
+                d.kind().to_owned(),
+                u32::from(d.http_status()),
+                d.to_string(),
+            ),
+            Outcome::NeedBody => {
+                return Err(Status::internal(
+                    "the decision asked for a body it was given",
+                ));
+            }
+        };
+        Ok(Response::new(CheckResponse {
+            allowed,
+            decision: kind,
+            status,
+            message,
+            credential: subject.credential.as_deref().unwrap_or_default().to_owned(),
+            rule,
+            default_effect,
+        }))
+    }
+
+    async fn issue_key(
+        &self,
+        request: Request<IssueKeyRequest>,
+    ) -> Result<Response<IssuedKey>, Status> {
+        require_admin(&request)?;
+        let req = request.into_inner();
+        if let Some(cap) = req.spend_cap_usd
+            && !(cap.is_finite() && cap >= 0.0)
+        {
+            return Err(Status::invalid_argument(
+                "spend_cap_usd: a non-negative amount",
+            ));
+        }
+        let ttl = req
+            .ttl_seconds
+            .map(|s| i64::try_from(s).unwrap_or(i64::MAX));
+        if ttl == Some(0) {
+            return Err(Status::invalid_argument("ttl_seconds: must be positive"));
+        }
+        if ttl.is_some_and(|t| t > MAX_TTL_S) {
+            return Err(Status::invalid_argument(
+                "ttl_seconds: at most ten years (a key without --ttl does not expire)",
+            ));
+        }
+        // Kept to the millisecond: the key is refused once its TTL has passed, not later.
+        let expires_at_ms =
+            ttl.map(|t| crate::base::clock::now_unix_ms().saturating_add(t.saturating_mul(1000)));
+        // A cap resets each day, week or month; a minute is a token budget's period only.
+        let cap_period = match (req.cap_period.as_str(), Period::parse(&req.cap_period)) {
+            ("", _) => None,
+            (_, Some(period)) if period != Period::Minute => Some(period),
+            (other, _) => {
+                return Err(Status::invalid_argument(format!(
+                    "cap_period {other:?}: day, week or month"
+                )));
+            }
+        };
+        if cap_period.is_some() && req.spend_cap_usd.is_none() {
+            return Err(Status::invalid_argument(
+                "cap_period needs a spend cap to reset",
+            ));
+        }
+        if req.tokens_per_minute == Some(0) || req.tokens_per_day == Some(0) {
+            return Err(Status::invalid_argument("a token budget is at least 1"));
+        }
+        let key = crate::base::crypto::new_proxy_key();
+        let label = (!req.label.is_empty()).then_some(req.label.as_str());
+        let _one_at_a_time = self.write_lock.lock().await;
+        let id = self
+            .store
+            .issue_key(&NewKey {
+                credential: &req.credential,
+                hash: crate::base::crypto::hash_key(key.as_bytes()),
+                label,
+                expires_at_ms,
+                spend_cap_usd: req.spend_cap_usd,
+                cap_period,
+                tokens_per_minute: req.tokens_per_minute,
+                tokens_per_day: req.tokens_per_day,
+            })
+            .await
+            .map_err(store_status)?;
+        self.reload().await?;
+        tracing::info!(key_id = %id, credential = %req.credential, "key issued");
+        Ok(Response::new(IssuedKey {
+            id,
+            key,
+            credential: req.credential,
+            expires_at: expires_at_ms.map(seconds_up),
+            spend_cap_usd: req.spend_cap_usd,
+            label: req.label,
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<ListKeysRequest>,
+    ) -> Result<Response<ListKeysResponse>, Status> {
+        let req = request.into_inner();
+        let stored = self.store.load().await.map_err(internal)?;
+        let names: HashMap<&str, &str> = stored
+            .credentials
+            .iter()
+            .map(|c| (c.id.as_str(), c.name.as_str()))
+            .collect();
+        if !req.credential.is_empty() && !names.values().any(|n| *n == req.credential) {
+            return Err(Status::not_found(format!(
+                "no proxy credential named {:?}",
+                req.credential
+            )));
+        }
+        let mut keys: Vec<_> = stored
+            .keys
+            .iter()
+            .filter_map(|k| {
+                let credential = *names.get(k.credential_id.as_str())?;
+                (req.credential.is_empty() || credential == req.credential).then(|| KeyInfo {
+                    id: k.id.clone(),
+                    credential: credential.to_owned(),
+                    source: if k.policy_sourced { "policy" } else { "issued" }.to_owned(),
+                    label: k.label.clone().unwrap_or_default(),
+                    created_at: k.created_at,
+                    expires_at: k.expires_at_ms.map(seconds_up),
+                    revoked_at: k.revoked_at,
+                    spend_cap_usd: k.spend_cap_usd,
+                    spent_usd: k.spent_usd,
+                    cap_period: k
+                        .cap_period
+                        .map(Period::name)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    tokens_per_minute: k.tokens_per_minute,
+                    tokens_per_day: k.tokens_per_day,
+                })
+            })
+            .collect();
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        let (keys, next_page_token) = page(keys, |k| &k.id, req.page_size, &req.page_token);
+        Ok(Response::new(ListKeysResponse {
+            keys,
+            next_page_token,
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        request: Request<RevokeKeyRequest>,
+    ) -> Result<Response<RevokeKeyResponse>, Status> {
+        require_admin(&request)?;
+        let id = request.into_inner().id;
+        let _one_at_a_time = self.write_lock.lock().await;
+        let already_revoked = self.store.revoke_key(&id).await.map_err(store_status)?;
+        self.reload().await?;
+        tracing::info!(key_id = %id, "key revoked");
+        Ok(Response::new(RevokeKeyResponse { already_revoked }))
+    }
+
+    async fn list_requests(
+        &self,
+        request: Request<ListRequestsRequest>,
+    ) -> Result<Response<ListRequestsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = filter(req.filter.unwrap_or_default())?;
+        let limit = match req.limit {
+            0 => 100,
+            n => n.min(requests::MAX_LIMIT),
+        };
+        let page = match req.page.as_str() {
+            "" => None,
+            token => Some(requests::Cursor::parse(token).ok_or_else(|| {
+                Status::invalid_argument("page: a next_page token from a previous answer")
+            })?),
+        };
+        let entries = requests::list(&self.store, &filter, limit, page)
+            .await
+            .map_err(internal)?;
+        let next_page = match entries.last() {
+            Some(last) if entries.len() == limit as usize => requests::Cursor::of(last).token(),
+            _ => String::new(),
+        };
+        let records = entries
+            .into_iter()
+            .map(|e| RequestRecord {
+                request_id: e.request_id,
+                time_ms: e.time_ms,
+                proxy: e.proxy.unwrap_or_default(),
+                target: e.target.unwrap_or_default(),
+                credential: e.credential.unwrap_or_default(),
+                key_id: e.key_id.unwrap_or_default(),
+                run_label: e.run_label.unwrap_or_default(),
+                method: e.method,
+                path: e.path,
+                status: e.status.map(u32::from),
+                upstream_status: e.upstream_status.map(u32::from),
+                decision: e.decision,
+                rule_id: e.rule_id.unwrap_or_default(),
+                latency_ms: e.latency_ms,
+                cost_usd: e.cost_usd,
+                bytes_in: e.bytes_in,
+                bytes_out: e.bytes_out,
+                retries: e.retries,
+                model: e.model.unwrap_or_default(),
+                input_tokens: e.input_tokens,
+                output_tokens: e.output_tokens,
+                cached_tokens: e.cached_tokens,
+            })
+            .collect();
+        Ok(Response::new(ListRequestsResponse { records, next_page }))
+    }
+
+    async fn telemetry(
+        &self,
+        request: Request<TelemetryRequest>,
+    ) -> Result<Response<TelemetryResponse>, Status> {
+        let req = request.into_inner();
+        let width_ms = match req.interval.as_str() {
+            "hour" | "" => 3_600_000,
+            "day" => 86_400_000,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "interval: \"hour\" or \"day\", not {other:?}"
+                )));
+            }
+        };
+        let filter = filter(req.filter.unwrap_or_default())?;
+        let buckets = requests::telemetry(&self.store, &filter, width_ms)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|b| TelemetryBucket {
+                start_ms: b.start_ms,
+                requests: b.requests,
+                decisions: b.decisions.into_iter().collect(),
+                status_classes: b.status_classes.into_iter().collect(),
+                p50_latency_ms: b.p50_latency_ms,
+                p95_latency_ms: b.p95_latency_ms,
+                cost_usd: b.cost_usd,
+                models: (b.models.into_iter())
+                    .map(|(model, used)| {
+                        let usage = crate::pb::ModelUsage {
+                            requests: used.requests,
+                            input_tokens: used.input_tokens,
+                            cached_tokens: used.cached_tokens,
+                            output_tokens: used.output_tokens,
+                            cost_usd: used.cost_usd,
+                        };
+                        (model, usage)
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(TelemetryResponse { buckets }))
+    }
+
+    async fn export(
+        &self,
+        _request: Request<ExportRequest>,
+    ) -> Result<Response<ExportResponse>, Status> {
+        let stored = self.store.load().await.map_err(internal)?;
+        let policy_yaml = serde_norway::to_string(&stored.to_file()).map_err(internal)?;
+        Ok(Response::new(ExportResponse { policy_yaml }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreatedToken>, Status> {
+        require_admin(&request)?;
+        let req = request.into_inner();
+        let role = Role::parse(&req.role).ok_or_else(|| {
+            Status::invalid_argument(format!("role: \"admin\" or \"viewer\", not {:?}", req.role))
+        })?;
+        if req.name.trim().is_empty() {
+            return Err(Status::invalid_argument("name: required"));
+        }
+        let token = new_token();
+        let info = self
+            .store
+            .create_admin_token(&req.name, role, &token)
+            .await
+            .map_err(store_status)?;
+        self.reload().await?;
+        tracing::info!(id = %info.id, name = %info.name, role = role.as_str(), "admin token created");
+        Ok(Response::new(CreatedToken {
+            id: info.id,
+            token,
+            name: info.name,
+            role: role.as_str().to_owned(),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        require_admin(&request)?;
+        let req = request.into_inner();
+        let mut tokens: Vec<PbTokenInfo> = self
+            .store
+            .list_admin_tokens()
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .map(|t| PbTokenInfo {
+                id: t.id,
+                name: t.name,
+                role: t.role.as_str().to_owned(),
+                created_at: t.created_at,
+                revoked_at: t.revoked_at,
+            })
+            .collect();
+        tokens.sort_by(|a, b| a.id.cmp(&b.id));
+        let (tokens, next_page_token) = page(tokens, |t| &t.id, req.page_size, &req.page_token);
+        Ok(Response::new(ListTokensResponse {
+            tokens,
+            next_page_token,
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        require_admin(&request)?;
+        let id = request.into_inner().id;
+        let already_revoked = self
+            .store
+            .revoke_admin_token(&id)
+            .await
+            .map_err(store_status)?;
+        self.reload().await?;
+        tracing::info!(id = %id, "admin token revoked");
+        Ok(Response::new(RevokeTokenResponse { already_revoked }))
+    }
+
+    async fn rekey(
+        &self,
+        request: Request<RekeyRequest>,
+    ) -> Result<Response<RekeyResponse>, Status> {
+        require_admin(&request)?;
+        let _one_at_a_time = self.write_lock.lock().await;
+        let resealed = self.store.rekey(&self.master).await.map_err(store_status)?;
+        self.reload().await?;
+        tracing::info!(
+            resealed,
+            master_key_id = self.master.id(),
+            "secrets re-sealed"
+        );
+        Ok(Response::new(RekeyResponse {
+            resealed: u32::try_from(resealed).unwrap_or(u32::MAX),
+            master_key_id: self.master.id().to_owned(),
+        }))
+    }
+}
+
+fn filter(f: RequestFilter) -> Result<Filter, Status> {
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    Ok(Filter {
+        status: some(f.status)
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(Status::invalid_argument)?,
+        proxy: some(f.proxy),
+        credential: some(f.credential),
+        key_id: some(f.key_id),
+        label: some(f.label),
+        decision: some(f.decision),
+        since_ms: f.since_ms,
+        until_ms: f.until_ms,
+    })
+}
+
+/// Unix milliseconds as the API's whole seconds, rounded up: a key shown to expire at
+/// `t` is refused from `t` on, never a second before it says.
+fn seconds_up(ms: i64) -> i64 {
+    ms.saturating_add(999).div_euclid(1000)
+}
+
+/// The longest TTL a run key may be issued with.
+const MAX_TTL_S: i64 = 10 * 366 * 86_400;
+
+/// Runs blocking work on this worker thread, moving its other tasks to other workers
+/// first where the runtime has them.
+fn off_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::current().runtime_flavor() {
+        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}

@@ -1,0 +1,191 @@
+//! Keeps this replica's policy snapshot (and admin tokens) current with the store: a change made through
+//! any replica's admin API (apply, key issue, key revoke) is taken in here too. On
+//! PostgreSQL the change is pushed (LISTEN/NOTIFY) and lands within milliseconds; the
+//! store's policy version is also compared on a timer, as a safety net for a missed
+//! notification and for a listener that had to reconnect.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio::sync::Mutex;
+
+use crate::base::crypto::MasterKey;
+use crate::control::tokens::Tokens;
+use crate::dataplane::shared::Shared;
+use crate::dataplane::snapshot::{CompileError, Policy};
+use crate::store::{Backend, Store, StoreError};
+
+/// How often the version is compared without a notification.
+const SAFETY_NET: Duration = Duration::from_secs(5);
+
+/// Failed reloads in a row after which this replica says it is not ready: its policy
+/// is stale (revocations still apply, see [`Policy::apply_revocations`]), so the load
+/// balancer should prefer replicas that are current.
+const STALE_AFTER: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error("the policy compile stopped: {0}")]
+    Stopped(#[from] tokio::task::JoinError),
+}
+
+pub struct PolicySync {
+    shared: Arc<Shared>,
+    tokens: Tokens,
+    store: Store,
+    master: Arc<MasterKey>,
+    /// The store version the running snapshot was built from.
+    running: AtomicI64,
+    /// One reload at a time: each sees what the previous one installed. Holds the
+    /// number of failed reloads in a row.
+    reloading: Mutex<u32>,
+    /// gRPC health, which Envoy checks: not serving while the policy is stale.
+    health: std::sync::OnceLock<tonic_health::server::HealthReporter>,
+}
+
+impl PolicySync {
+    pub fn new(
+        shared: Arc<Shared>,
+        tokens: Tokens,
+        store: Store,
+        master: Arc<MasterKey>,
+        running: i64,
+    ) -> Self {
+        Self {
+            shared,
+            tokens,
+            store,
+            master,
+            running: AtomicI64::new(running),
+            reloading: Mutex::new(0),
+            health: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Reports staleness on gRPC health too, so Envoy's health checks move traffic to
+    /// replicas that are current.
+    pub fn report_to(&self, health: tonic_health::server::HealthReporter) {
+        let _ = self.health.set(health);
+    }
+
+    async fn set_health(&self, current: bool) {
+        if let Some(health) = self.health.get() {
+            let status = if current {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
+        }
+    }
+
+    /// Builds the snapshot from the store and swaps it in, if the store has moved on.
+    /// When it cannot be built, the store's revocations (keys and admin tokens) are
+    /// applied to the running snapshot anyway, and after [`STALE_AFTER`] failures in a
+    /// row the replica turns not ready.
+    pub async fn reload(&self) -> Result<(), SyncError> {
+        let mut failures = self.reloading.lock().await;
+        let result = self.try_reload().await;
+        match &result {
+            Ok(()) => {
+                if *failures >= STALE_AFTER {
+                    self.set_health(true).await;
+                    tracing::info!("policy current again; ready");
+                }
+                *failures = 0;
+                self.shared.set_policy_current(true);
+            }
+            Err(e) => {
+                *failures += 1;
+                self.shared.metrics.policy_reload_failures.inc();
+                if *failures == STALE_AFTER {
+                    self.shared.set_policy_current(false);
+                    self.set_health(false).await;
+                }
+                tracing::error!(error = %e, failures = *failures, ready = *failures < STALE_AFTER,
+                    "could not reload the policy; the running one stays, with the store's revocations");
+            }
+        }
+        result
+    }
+
+    async fn try_reload(&self) -> Result<(), SyncError> {
+        // Read before loading: a change that lands in between is seen again next time.
+        let version = self.store.version().await?;
+        if version <= self.running.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let stored = self.store.load().await?;
+        // Revocations need no compile: they hold here whatever follows (a compile that
+        // fails, or panics).
+        let revoked = self.shared.policy.load().apply_revocations(&stored);
+        if revoked > 0 {
+            tracing::info!(revoked, "keys revoked in the running policy");
+        }
+        self.tokens.reload(&self.store).await?;
+        // Decrypting every secret and compiling every regex is CPU work: off the
+        // runtime's workers, which keep answering Envoy meanwhile.
+        let master = self.master.clone();
+        let policy =
+            tokio::task::spawn_blocking(move || Policy::compile(&stored, &master)).await??;
+        self.shared.install(policy);
+        self.running.store(version, Ordering::Release);
+        tracing::info!(version, "policy reloaded");
+        Ok(())
+    }
+
+    /// The snapshot of version `version` was installed by the caller (an apply that
+    /// compiled it already).
+    pub fn installed(&self, version: i64) {
+        self.running.fetch_max(version, Ordering::AcqRel);
+    }
+
+    /// Runs until the process ends.
+    pub fn spawn(self: &Arc<Self>, database_url: &str) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SAFETY_NET);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                // A failure is logged and counted by `reload`.
+                let _ = me.reload().await;
+            }
+        });
+        if self.store.backend() == Backend::Postgres {
+            let me = self.clone();
+            let url = database_url.to_owned();
+            tokio::spawn(async move { me.listen(&url).await });
+        }
+    }
+
+    async fn listen(&self, url: &str) {
+        loop {
+            let mut listener = match PgListener::connect(url).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for policy changes; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen("latchkey_policy").await {
+                tracing::warn!(error = %e, "cannot listen for policy changes; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            // Whatever changed while not listening.
+            let _ = self.reload().await;
+            // Ends when the connection drops: reconnect and catch up.
+            while let Ok(Some(_)) = listener.try_recv().await {
+                let _ = self.reload().await;
+            }
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! Step 6, budgets: request rate limits per proxy and per proxy credential.
+//!
+//! The algorithm is GCRA (the generic cell rate algorithm): a limit of `L` requests per
+//! period `P` admits one request every `T = P / L`, with a burst of up to `L` at once. Its
+//! state is one timestamp per limit (the theoretical arrival time), so it needs no window
+//! boundaries and has none of a fixed window's edge burst: at most `L` requests pass in
+//! any instant, and at most `L + t / T` in any span `t`.
+//!
+//! Two stores behind one type: per replica in memory (moka, bounded), or shared in Redis
+//! (one Lua script checks and updates every limit of a request atomically, on Redis's
+//! clock).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Milliseconds since the Unix epoch; a trait so tests move time by hand.
+pub trait Clock: Send + Sync + 'static {
+    fn now_ms(&self) -> u64;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        crate::base::clock::now_unix_ms().max(0) as u64
+    }
+}
+
+/// `limit` requests per `period_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub limit: u32,
+    pub period_ms: u64,
+}
+
+impl Rate {
+    pub fn per_minute(limit: u32) -> Self {
+        Self {
+            limit,
+            period_ms: 60_000,
+        }
+    }
+
+    pub fn per_day(limit: u32) -> Self {
+        Self {
+            limit,
+            period_ms: 86_400_000,
+        }
+    }
+
+    fn period_us(&self) -> u64 {
+        self.period_ms * 1000
+    }
+
+    /// The spacing between requests at the sustained rate, in µs (at least 1): fine
+    /// enough for a million requests a second per limit.
+    fn interval_us(&self) -> u64 {
+        (self.period_us() / u64::from(self.limit.max(1))).max(1)
+    }
+}
+
+/// One limit a request counts against, with its store key.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    pub key: Arc<str>,
+    pub rate: Rate,
+}
+
+/// What a request's limits allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Admitted. The tightest limit and what is left of it, for the rate-limit headers.
+    Admitted { limit: u32, remaining: u32 },
+    /// Refused; a request would be admitted after this many ms.
+    Refused { limit: u32, retry_after_ms: u64 },
+}
+
+/// GCRA for one limit, in µs: the new arrival time and what remains, or how long to
+/// wait.
+pub fn gcra(tat: Option<u64>, now: u64, rate: Rate) -> Result<(u64, u32), u64> {
+    let (interval, period) = (rate.interval_us(), rate.period_us());
+    let next = tat.unwrap_or(now).max(now) + interval;
+    if next - now > period {
+        return Err(next - period - now);
+    }
+    let remaining = (period - (next - now)) / interval;
+    Ok((next, remaining.min(u64::from(u32::MAX)) as u32))
+}
+
+/// Checks every limit and, only if all admit, counts the request against each. Times
+/// in µs.
+fn admit_all(limits: &[Limit], now: u64, tats: &mut [&mut Option<u64>]) -> Admission {
+    let mut refused: Option<(u32, u64)> = None;
+    let mut next = Vec::with_capacity(limits.len());
+    let mut tightest = (u32::MAX, u32::MAX);
+    for (limit, tat) in limits.iter().zip(tats.iter()) {
+        match gcra(**tat, now, limit.rate) {
+            Ok((t, remaining)) => {
+                next.push(t);
+                if remaining < tightest.1 {
+                    tightest = (limit.rate.limit, remaining);
+                }
+            }
+            Err(wait) => {
+                if refused.is_none_or(|(_, w)| wait > w) {
+                    refused = Some((limit.rate.limit, wait));
+                }
+            }
+        }
+    }
+    if let Some((limit, wait_us)) = refused {
+        return Admission::Refused {
+            limit,
+            retry_after_ms: wait_us.div_ceil(1000),
+        };
+    }
+    for (tat, t) in tats.iter_mut().zip(next) {
+        **tat = Some(t);
+    }
+    Admission::Admitted {
+        limit: tightest.0,
+        remaining: tightest.1,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the shared budget store is unreachable: {0}")]
+pub struct BudgetError(String);
+
+impl BudgetError {
+    pub fn new(problem: String) -> Self {
+        Self(problem)
+    }
+}
+
+/// One lazily connected, self-reconnecting Redis connection for every budget: latchkey
+/// starts while Redis is down, refuses limited requests until it is up, and recovers.
+pub fn redis_connection(url: &str) -> Result<redis::aio::ConnectionManager, BudgetError> {
+    let client = redis::Client::open(url).map_err(|e| BudgetError(e.to_string()))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(Some(Duration::from_millis(500)))
+        .set_number_of_retries(1);
+    redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+        .map_err(|e| BudgetError(e.to_string()))
+}
+
+/// Per replica, in memory. Bounded: idle limits are dropped after their period (a
+/// dropped limit has nothing left to remember: a fresh one is just as full).
+pub struct LocalBudgets {
+    tats: moka::sync::Cache<Arc<str>, Arc<Mutex<Option<u64>>>>,
+    clock: Arc<dyn Clock>,
+}
+
+const LOCAL_CAPACITY: u64 = 1_000_000;
+
+impl LocalBudgets {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            tats: moka::sync::Cache::builder()
+                .max_capacity(LOCAL_CAPACITY)
+                .time_to_idle(Duration::from_secs(86_400 + 60))
+                .build(),
+            clock,
+        }
+    }
+
+    pub fn admit(&self, limits: &[Limit]) -> Admission {
+        // Entries are locked in key order, so two requests never wait on each other in
+        // a cycle.
+        let mut order: Vec<usize> = (0..limits.len()).collect();
+        order.sort_by(|&a, &b| limits[a].key.cmp(&limits[b].key));
+        let cells: Vec<_> = order
+            .iter()
+            .map(|&i| {
+                self.tats
+                    .get_with_by_ref(&limits[i].key, || Arc::new(Mutex::new(None)))
+            })
+            .collect();
+        // A poisoned cell still holds a valid timestamp.
+        let mut guards: Vec<_> = cells
+            .iter()
+            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect();
+        let ordered: Vec<Limit> = order.iter().map(|&i| limits[i].clone()).collect();
+        let mut tats: Vec<&mut Option<u64>> = guards.iter_mut().map(|g| &mut **g).collect();
+        admit_all(&ordered, self.clock.now_ms() * 1000, &mut tats)
+    }
+}
+
+/// Shared by every replica through Redis.
+pub struct RedisBudgets {
+    connection: redis::aio::ConnectionManager,
+    script: redis::Script,
+}
+
+/// Checks all of a request's limits and updates them only if all admit, on Redis's
+/// clock so replicas with skewed clocks agree. KEYS: the limits; ARGV: interval and
+/// period (µs) of each. Returns {1, limit index, remaining} or {0, limit index, wait µs}.
+/// Times are µs since the epoch, exact in a Lua double, written as integers.
+const GCRA_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local next = {}
+local tight, tight_left = 1, -1
+local worst, worst_wait = 0, -1
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local period = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i])) or now
+  if tat < now then tat = now end
+  local n = tat + interval
+  if n - now > period then
+    local wait = n - period - now
+    if wait > worst_wait then worst, worst_wait = i, wait end
+  else
+    next[i] = n
+    local left = math.floor((period - (n - now)) / interval)
+    if tight_left < 0 or left < tight_left then tight, tight_left = i, left end
+  end
+end
+if worst_wait >= 0 then return {0, worst - 1, worst_wait} end
+for i = 1, #KEYS do
+  local ttl_ms = math.ceil(tonumber(ARGV[2 * i]) / 1000)
+  redis.call('SET', KEYS[i], string.format('%.0f', next[i]), 'PX', ttl_ms)
+end
+return {1, tight - 1, tight_left}
+";
+
+impl RedisBudgets {
+    pub fn new(connection: redis::aio::ConnectionManager) -> Self {
+        Self {
+            connection,
+            script: redis::Script::new(GCRA_SCRIPT),
+        }
+    }
+
+    pub async fn admit(&self, limits: &[Limit]) -> Result<Admission, BudgetError> {
+        let mut invocation = self.script.prepare_invoke();
+        for limit in limits {
+            invocation
+                .key(format!("latchkey:rate:{}", limit.key))
+                .arg(limit.rate.interval_us())
+                .arg(limit.rate.period_us());
+        }
+        let mut connection = self.connection.clone();
+        let (admitted, index, value): (i64, usize, u64) = invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| BudgetError(e.to_string()))?;
+        let limit = limits.get(index).map_or(0, |l| l.rate.limit);
+        Ok(if admitted == 1 {
+            Admission::Admitted {
+                limit,
+                remaining: value.min(u64::from(u32::MAX)) as u32,
+            }
+        } else {
+            Admission::Refused {
+                limit,
+                retry_after_ms: value.div_ceil(1000),
+            }
+        })
+    }
+}
+
+pub enum Budgets {
+    Local(LocalBudgets),
+    Redis(RedisBudgets),
+}
+
+impl Budgets {
+    pub async fn admit(&self, limits: &[Limit]) -> Result<Admission, BudgetError> {
+        match self {
+            Budgets::Local(local) => Ok(local.admit(limits)),
+            Budgets::Redis(redis) => redis.admit(limits).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    struct FakeClock(AtomicU64);
+
+    impl Clock for FakeClock {
+        fn now_ms(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    impl FakeClock {
+        fn advance(&self, ms: u64) {
+            self.0.fetch_add(ms, Ordering::SeqCst);
+        }
+    }
+
+    fn setup() -> (Arc<FakeClock>, LocalBudgets) {
+        let clock = Arc::new(FakeClock(AtomicU64::new(1_700_000_000_000)));
+        (clock.clone(), LocalBudgets::new(clock))
+    }
+
+    fn limit(key: &str, rate: Rate) -> Limit {
+        Limit {
+            key: key.into(),
+            rate,
+        }
+    }
+
+    #[test]
+    fn a_full_burst_then_the_sustained_rate() {
+        let (clock, budgets) = setup();
+        let l = [limit("p", Rate::per_minute(60))];
+        for expected_left in (0..60).rev() {
+            assert_eq!(
+                budgets.admit(&l),
+                Admission::Admitted {
+                    limit: 60,
+                    remaining: expected_left
+                }
+            );
+        }
+        assert_eq!(
+            budgets.admit(&l),
+            Admission::Refused {
+                limit: 60,
+                retry_after_ms: 1000
+            }
+        );
+        clock.advance(999);
+        assert!(matches!(
+            budgets.admit(&l),
+            Admission::Refused {
+                retry_after_ms: 1,
+                ..
+            }
+        ));
+        clock.advance(1);
+        assert!(matches!(
+            budgets.admit(&l),
+            Admission::Admitted { remaining: 0, .. }
+        ));
+    }
+
+    #[test]
+    fn no_double_burst_across_a_window_edge() {
+        let (clock, budgets) = setup();
+        let l = [limit("p", Rate::per_minute(100))];
+        // Spend the whole minute's worth at its very end…
+        clock.advance(59_900);
+        let first = (0..300)
+            .filter(|_| matches!(budgets.admit(&l), Admission::Admitted { .. }))
+            .count();
+        assert_eq!(first, 100);
+        // …and just after the edge a fixed window would admit another 100; GCRA does not.
+        clock.advance(200);
+        let second = (0..300)
+            .filter(|_| matches!(budgets.admit(&l), Admission::Admitted { .. }))
+            .count();
+        assert_eq!(second, 0);
+        // Over any span t at most L + t/T: a full minute later, the bucket is full again.
+        clock.advance(60_000);
+        let third = (0..300)
+            .filter(|_| matches!(budgets.admit(&l), Admission::Admitted { .. }))
+            .count();
+        assert_eq!(third, 100);
+    }
+
+    #[test]
+    fn every_limit_must_admit_and_a_refusal_counts_nowhere() {
+        let (clock, budgets) = setup();
+        let minute = limit("c:m", Rate::per_minute(5));
+        let day = limit("c:d", Rate::per_day(7));
+        for _ in 0..5 {
+            assert!(matches!(
+                budgets.admit(&[minute.clone(), day.clone()]),
+                Admission::Admitted { .. }
+            ));
+        }
+        // The minute limit refuses; the day limit must not have been charged for it.
+        assert!(matches!(
+            budgets.admit(&[minute.clone(), day.clone()]),
+            Admission::Refused { limit: 5, .. }
+        ));
+        clock.advance(60_000);
+        for _ in 0..2 {
+            assert!(matches!(
+                budgets.admit(&[minute.clone(), day.clone()]),
+                Admission::Admitted { .. }
+            ));
+        }
+        match budgets.admit(&[minute.clone(), day.clone()]) {
+            Admission::Refused {
+                limit,
+                retry_after_ms,
+            } => {
+                assert_eq!(limit, 7);
+                // Eight requests are due 8·T after the start; one day of them may be early.
+                let interval_us: u64 = 86_400_000_000 / 7;
+                let wait_us = 8 * interval_us - 86_400_000_000 - 60_000_000;
+                assert_eq!(retry_after_ms, wait_us.div_ceil(1000));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The tightest limit is the one reported on admission.
+        let (_, fresh) = setup();
+        assert_eq!(
+            fresh.admit(&[
+                limit("a", Rate::per_minute(100)),
+                limit("b", Rate::per_minute(3))
+            ]),
+            Admission::Admitted {
+                limit: 3,
+                remaining: 2
+            }
+        );
+    }
+
+    #[test]
+    fn gcra_maths() {
+        // In µs: 2 per minute is one every 30 s.
+        let rate = Rate::per_minute(2);
+        let s = 1_000_000;
+        assert_eq!(gcra(None, 0, rate), Ok((30 * s, 1)));
+        assert_eq!(gcra(Some(30 * s), 0, rate), Ok((60 * s, 0)));
+        assert_eq!(gcra(Some(60 * s), 0, rate), Err(30 * s));
+        assert_eq!(gcra(Some(60 * s), 30 * s, rate), Ok((90 * s, 0)));
+        // An old arrival time does not bank credit beyond the burst.
+        assert_eq!(gcra(Some(5), 1000 * s, rate), Ok((1030 * s, 1)));
+    }
+
+    /// Limits above 1,000 a second hold as configured, not at the clock's resolution.
+    #[test]
+    fn high_limits_are_not_capped_by_the_clock() {
+        let (clock, budgets) = setup();
+        let l = [limit("big", Rate::per_minute(120_000))];
+        let burst = (0..130_000)
+            .take_while(|_| matches!(budgets.admit(&l), Admission::Admitted { .. }))
+            .count();
+        assert_eq!(burst, 120_000);
+        // Then the sustained 2,000 a second: 20 in 10 ms.
+        clock.advance(10);
+        let sustained = (0..100)
+            .take_while(|_| matches!(budgets.admit(&l), Admission::Admitted { .. }))
+            .count();
+        assert_eq!(sustained, 20);
+    }
+}

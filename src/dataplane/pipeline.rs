@@ -1,0 +1,524 @@
+//! The request path's steps, tied together: [`decide`] runs steps 1 to 5 (pure: a
+//! snapshot and a request in, a decision out), [`conclude`] steps 6 to 8. The steps are
+//! listed in the module doc of `dataplane`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::base::clock::now_unix;
+use crate::dataplane::budget::{Admission, Budgets, Limit};
+use crate::dataplane::credentials::oauth2::TokenSource;
+use crate::dataplane::denial::Denial;
+use crate::dataplane::keys;
+use crate::dataplane::mutate::{self, Forward};
+use crate::dataplane::redact::Guard;
+use crate::dataplane::route::route;
+use crate::dataplane::rules::{self, Body, Facts, RuleList, Verdict};
+use crate::dataplane::shared::Shared;
+use crate::dataplane::snapshot::Policy;
+use crate::dataplane::snapshot::{CostSpec, Injection, KeyEntry};
+use crate::dataplane::spend::{Account, Holder, MAX_IN_FLIGHT, Refusal, Spend, Unit};
+use crate::dataplane::usage;
+use crate::policy::Period;
+use crate::telemetry::audit::{Decided, Event};
+
+/// A request as the pipeline sees it. Header names are lower-case, as Envoy sends them.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    /// The full `:path`: `/<proxy>/<upstream path>[?query]`.
+    pub path: &'a str,
+    pub headers: &'a [(&'a str, &'a [u8])],
+    /// The request body as received, when it has been (empty for a request without one).
+    pub body: Option<&'a [u8]>,
+}
+
+/// Who the request is judged as.
+#[derive(Debug, Clone, Copy)]
+pub enum Caller<'a> {
+    /// Whoever the presented proxy key belongs to: every real request.
+    Key,
+    /// A named proxy credential, for `latchkey check` without a key.
+    Credential(&'a str),
+    /// Nobody in particular: only the proxy's own rules and default apply.
+    Anyone,
+}
+
+/// Who asked and what decided: filled in as far as the pipeline got, for the audit.
+#[derive(Debug, Default, Clone)]
+pub struct Subject {
+    pub proxy: Option<Arc<str>>,
+    pub target: Option<Arc<str>>,
+    /// The upstream path the rules judged, without the query.
+    pub path: Option<String>,
+    pub credential: Option<Arc<str>>,
+    pub key_id: Option<Arc<str>>,
+    pub run_label: Option<Arc<str>>,
+    pub rule_id: Option<Arc<str>>,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Forward(Forward),
+    Deny(Denial),
+    /// A rule that judges the body was reached: ask Envoy for the body, then decide.
+    NeedBody,
+}
+
+#[derive(Debug)]
+pub struct Decision {
+    pub subject: Subject,
+    pub outcome: Outcome,
+    /// The budgets an allowed request counts against (step 6).
+    pub limits: Vec<Limit>,
+    /// After step 6: what the response tells the agent of its budgets.
+    pub shown: Shown,
+    /// What the response will cost and whom it is charged to, on priced proxies.
+    pub charge: Option<Charge>,
+    /// Where the credential comes from when it is fetched per request (OAuth2).
+    pub token: Option<Arc<TokenSource>>,
+    /// What is scrubbed or redacted from the response, on proxies that say.
+    pub guard: Option<Arc<Guard>>,
+}
+
+impl Decision {
+    /// The decision's name in the audit and the metrics: `allow` or the denial's kind;
+    /// none while the body is still awaited.
+    pub fn kind(&self) -> Option<&'static str> {
+        match &self.outcome {
+            Outcome::Forward(_) => Some("allow"),
+            Outcome::Deny(denial) => Some(denial.kind()),
+            Outcome::NeedBody => None,
+        }
+    }
+}
+
+/// What an allowed request's response tells the agent of its budgets.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Shown {
+    /// The tightest rate limit and what is left of it.
+    pub rate: Option<(u32, u32)>,
+    /// What the tightest spend cap leaves, this request's reservation deducted (USD).
+    pub budget_left_usd: Option<f64>,
+}
+
+impl Shown {
+    /// As response headers: `x-ratelimit-limit`, `x-ratelimit-remaining` and
+    /// `x-latchkey-budget-remaining-usd`.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some((limit, remaining)) = self.rate {
+            out.push(("x-ratelimit-limit", limit.to_string()));
+            out.push(("x-ratelimit-remaining", remaining.to_string()));
+        }
+        if let Some(usd) = self.budget_left_usd {
+            out.push(("x-latchkey-budget-remaining-usd", format!("{usd:.6}")));
+        }
+        out
+    }
+}
+
+/// A priced request's accounts: its key's and, if capped, its credential's for the day.
+#[derive(Debug, Clone)]
+pub struct Charge {
+    pub cost: Arc<CostSpec>,
+    pub proxy: Arc<str>,
+    /// The model the request asked for, on proxies priced by LLM tokens.
+    pub model: Option<Arc<str>>,
+    pub key_id: Arc<str>,
+    pub accounts: Vec<Account>,
+    /// Reserved by step 6, in micro-dollars; settled when the response is judged.
+    pub reserved: u64,
+    /// When the request was decided (Unix milliseconds): where an LLM call's span starts.
+    pub decided_ms: i64,
+}
+
+const DAY_S: i64 = 86_400;
+
+/// The accounts a priced request of `entry` is charged to at `now` (Unix seconds): the
+/// key's spend first (what the audit records as the key's), its credential's spend caps,
+/// and on LLM proxies the token budgets of both.
+fn accounts(policy: &Policy, entry: &KeyEntry, now: i64, llm: bool) -> Vec<Account> {
+    let of_period = |id: String, holder, period: Period, cap, unit| {
+        let (n, left) = period.at(now);
+        Account {
+            id: format!("{id}:{}:{n}", period.name()).into(),
+            cap_micros: Some(cap),
+            seed_micros: 0,
+            // Kept a little past its end; another period is another account.
+            ttl_s: Some(left + 60),
+            unit,
+            holder,
+            period: Some(period),
+        }
+    };
+    let budgets = entry.budgets.as_deref();
+    let key = format!("key:{}", entry.id);
+    let mut out = Vec::with_capacity(2);
+    match (budgets.and_then(|b| b.cap_period), entry.spend_cap_micros) {
+        (Some(period), Some(cap)) => {
+            out.push(of_period(
+                key.clone(),
+                Holder::Key,
+                period,
+                cap,
+                Unit::Micros,
+            ));
+        }
+        _ => out.push(Account {
+            id: key.as_str().into(),
+            cap_micros: entry.spend_cap_micros,
+            seed_micros: entry.spent_micros,
+            ttl_s: None,
+            unit: Unit::Micros,
+            holder: Holder::Key,
+            period: None,
+        }),
+    }
+    let caps = policy.credential_caps(entry.credential);
+    let credential = format!("credential:{}", policy.credential_name(entry.credential));
+    for &(period, cap) in &caps.spend {
+        out.push(of_period(
+            credential.clone(),
+            Holder::Credential,
+            period,
+            cap,
+            Unit::Micros,
+        ));
+    }
+    if llm {
+        let key_tokens = budgets.map(|b| b.tokens.as_slice()).unwrap_or_default();
+        for (owner, holder, list) in [
+            (&key, Holder::Key, key_tokens),
+            (&credential, Holder::Credential, caps.tokens.as_slice()),
+        ] {
+            for &(period, cap) in list {
+                out.push(of_period(
+                    format!("tokens:{owner}"),
+                    holder,
+                    period,
+                    cap,
+                    Unit::Tokens,
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// How Envoy named the request, for the audit.
+pub struct Asked<'a> {
+    pub request_id: &'a str,
+    pub method: &'a str,
+    /// The full `:path` as the agent sent it.
+    pub path: &'a str,
+}
+
+/// Steps 6 to 8 for a request whose rules have decided, whichever Envoy API asked:
+/// budgets, then metrics and the audit record.
+pub async fn conclude(
+    shared: &Shared,
+    decision: &mut Decision,
+    asked: &Asked<'_>,
+    started: Instant,
+) {
+    admit(&shared.budgets, &shared.spend, decision).await;
+    inject_token(decision).await;
+    if let Some(kind) = decision.kind() {
+        let proxy = decision.subject.proxy.as_deref().unwrap_or_default();
+        shared.metrics.record(proxy, kind);
+    }
+    shared.metrics.observe_decision(started.elapsed());
+    if let Outcome::Deny(denial) = &decision.outcome {
+        tracing::info!(
+            request_id = asked.request_id,
+            proxy = decision.subject.proxy.as_deref(),
+            credential = decision.subject.credential.as_deref(),
+            decision = denial.kind(),
+            "request denied"
+        );
+    }
+    shared
+        .audit
+        .record(Event::Decided(decided(asked, decision, started.elapsed())))
+        .await;
+}
+
+/// The decision half of the request's audit record.
+fn decided(asked: &Asked<'_>, decision: &Decision, elapsed: Duration) -> Decided {
+    let subject = &decision.subject;
+    let (status, kind) = match &decision.outcome {
+        Outcome::Deny(denial) => (Some(denial.http_status()), denial.kind()),
+        _ => (None, "allow"),
+    };
+    // Unrouted requests: what the client sent, query cut off, length bounded.
+    let path = subject.path.clone().unwrap_or_else(|| {
+        let raw = asked.path.split('?').next().unwrap_or_default();
+        raw.chars().take(512).collect()
+    });
+    Decided {
+        request_id: asked.request_id.to_owned(),
+        time_ms: crate::base::clock::now_unix_ms(),
+        elapsed_us: u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX),
+        proxy: subject.proxy.clone(),
+        target: subject.target.clone(),
+        credential: subject.credential.clone(),
+        key_id: subject.key_id.clone(),
+        run_label: subject.run_label.clone(),
+        method: asked.method.chars().take(32).collect(),
+        path,
+        status,
+        decision: kind,
+        rule_id: subject.rule_id.clone(),
+    }
+}
+
+/// Step 7, fetched credentials: the token goes in last, once the request is admitted.
+async fn inject_token(decision: &mut Decision) {
+    let (Outcome::Forward(forward), Some(source)) = (&mut decision.outcome, &decision.token) else {
+        return;
+    };
+    match source.header().await {
+        Ok(value) => forward
+            .set
+            .push((std::borrow::Cow::Borrowed("authorization"), value.to_vec())),
+        Err(e) => {
+            let proxy = decision.subject.proxy.clone().unwrap_or_default();
+            tracing::warn!(proxy = %proxy, error = %e, "no upstream token; refusing the request");
+            decision.outcome = Outcome::Deny(Denial::CredentialUnavailable(proxy));
+        }
+    }
+}
+
+/// Step 6, budgets: counts an allowed request against its limits, or refuses it. Apart
+/// from the rest because a shared store answers asynchronously.
+pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) {
+    if !matches!(decision.outcome, Outcome::Forward(_)) {
+        return;
+    }
+    if !decision.limits.is_empty() {
+        admit_rate(budgets, decision).await;
+    }
+    if let (Outcome::Forward(_), Some(charge)) = (&decision.outcome, &mut decision.charge) {
+        let estimate = charge.cost.reservation();
+        match spend.reserve(&charge.accounts, estimate).await {
+            Ok(Ok(left)) => {
+                charge.reserved = estimate;
+                decision.shown.budget_left_usd = left.map(crate::base::money::to_usd);
+            }
+            Ok(Err(refusal)) => {
+                let denial = match refusal {
+                    Refusal::TooManyInFlight => Denial::TooManyInFlight(MAX_IN_FLIGHT),
+                    Refusal::CapReached(i) => {
+                        let account = &charge.accounts[i];
+                        let what = account.describe();
+                        // A key's lifetime cap never resets (a day is as good a hint as
+                        // any); a period's does when the period ends.
+                        let retry_after_s =
+                            account.period.map_or(DAY_S as u64, |p| p.at(now_unix()).1);
+                        match account.unit {
+                            Unit::Micros => Denial::SpendCapExceeded {
+                                what,
+                                retry_after_s,
+                            },
+                            Unit::Tokens => Denial::TokensSpent {
+                                what,
+                                retry_after_s,
+                            },
+                        }
+                    }
+                };
+                decision.charge = None;
+                decision.outcome = Outcome::Deny(denial);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing a priced request");
+                decision.charge = None;
+                decision.outcome = Outcome::Deny(Denial::BudgetUnavailable);
+            }
+        }
+    }
+}
+
+async fn admit_rate(budgets: &Budgets, decision: &mut Decision) {
+    match budgets.admit(&decision.limits).await {
+        Ok(Admission::Admitted { limit, remaining }) => {
+            decision.shown.rate = Some((limit, remaining));
+        }
+        Ok(Admission::Refused {
+            limit,
+            retry_after_ms,
+        }) => {
+            decision.outcome = Outcome::Deny(Denial::RateLimited {
+                limit,
+                retry_after_s: retry_after_ms.div_ceil(1000).max(1),
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "refusing a limited request");
+            decision.outcome = Outcome::Deny(Denial::BudgetUnavailable);
+        }
+    }
+}
+
+/// Steps 1 to 5 at `now_ms`, Unix milliseconds.
+pub fn decide(policy: &Policy, req: &RequestView<'_>, body: &Body, now_ms: i64) -> Decision {
+    decide_as(policy, req, body, Caller::Key, now_ms)
+}
+
+pub fn decide_as(
+    policy: &Policy,
+    req: &RequestView<'_>,
+    body: &Body,
+    caller: Caller<'_>,
+    now_ms: i64,
+) -> Decision {
+    // Filled in as the steps go; the outcome is set once they have run.
+    let mut decision = Decision {
+        subject: Subject::default(),
+        outcome: Outcome::NeedBody,
+        limits: Vec::new(),
+        shown: Shown::default(),
+        charge: None,
+        token: None,
+        guard: None,
+    };
+    decision.outcome = match run(policy, req, body, caller, now_ms, &mut decision) {
+        Ok(Some(forward)) => Outcome::Forward(forward),
+        Ok(None) => Outcome::NeedBody,
+        Err(denial) => {
+            decision.subject.rule_id = denial.rule_id().map(Arc::from);
+            Outcome::Deny(denial)
+        }
+    };
+    decision
+}
+
+/// `Ok(None)`: the body is needed to decide.
+fn run(
+    policy: &Policy,
+    req: &RequestView<'_>,
+    body: &Body,
+    caller: Caller<'_>,
+    now_ms: i64,
+    decision: &mut Decision,
+) -> Result<Option<Forward>, Denial> {
+    let now = now_ms.div_euclid(1000);
+    let Decision {
+        subject,
+        limits,
+        charge,
+        token,
+        guard,
+        ..
+    } = decision;
+    let route = route(req.path)?;
+    let proxy = policy.proxy(&route.proxy);
+    if let Some(proxy) = proxy {
+        subject.proxy = Some(proxy.name.clone());
+        subject.target = Some(proxy.target.clone());
+    }
+    subject.path = Some(route.path.to_string());
+    // The key is checked before the proxy is said to be unknown: a caller without a
+    // valid key cannot tell which proxies exist.
+    let entry = match caller {
+        Caller::Key => {
+            let key = keys::presented(req.headers)?;
+            Some(keys::authenticate(policy, &key, now_ms)?)
+        }
+        _ => None,
+    };
+    let proxy =
+        proxy.ok_or_else(|| Denial::UnknownProxy(route.proxy.chars().take(128).collect()))?;
+    guard.clone_from(&proxy.response);
+
+    let no_rules = RuleList::default();
+    let credential = match (caller, entry) {
+        (Caller::Key, Some(entry)) => {
+            subject.key_id = Some(entry.id.clone());
+            subject.run_label = entry.label.clone();
+            if let Some(cost) = &proxy.cost {
+                let accounts = accounts(policy, entry, now, proxy.token_vendor().is_some());
+                *charge = Some(Charge {
+                    cost: cost.clone(),
+                    proxy: proxy.name.clone(),
+                    model: None,
+                    key_id: entry.id.clone(),
+                    accounts,
+                    reserved: 0,
+                    decided_ms: now_ms,
+                });
+            }
+            Some(entry.credential)
+        }
+        (Caller::Credential(name), _) => Some(
+            policy
+                .credential_index(name)
+                .ok_or(Denial::InvalidKey("unknown credential"))?,
+        ),
+        (Caller::Key | Caller::Anyone, _) => None,
+    };
+    let credential_rules = match credential {
+        Some(index) => {
+            subject.credential = Some(policy.credential_name(index).clone());
+            if !proxy.bound.contains(&index) {
+                return Err(Denial::NotBound(proxy.name.clone()));
+            }
+            limits.extend_from_slice(policy.credential_limits(index));
+            policy.credential_rules(index)
+        }
+        None => &no_rules,
+    };
+    limits.extend_from_slice(&proxy.limits);
+
+    let facts = Facts::new(req.method, &route.path, req.headers, route.query, body);
+    match rules::evaluate(
+        [credential_rules, &proxy.rules],
+        proxy.default_effect,
+        &proxy.name,
+        &facts,
+    )? {
+        Verdict::NeedBody => Ok(None),
+        Verdict::Allow(rule) => {
+            subject.rule_id = rule.map(|r| r.id.clone());
+            match &*proxy.injection {
+                Injection::OAuth2(source) => *token = Some(source.clone()),
+                // A signature over the payload waits for the payload.
+                injection if injection.signs_body() => {
+                    if let Body::TooLarge(limit) = body {
+                        return Err(Denial::BodyTooLarge(*limit));
+                    }
+                    if req.body.is_none() {
+                        return Ok(None);
+                    }
+                }
+                _ => {}
+            }
+            // A token price depends on the model the body names: read it first.
+            let asked = match (proxy.token_vendor(), req.body) {
+                (None, _) => None,
+                // Past what latchkey reads: the model stays unknown (priced by "*").
+                (Some(_), _) if matches!(body, Body::TooLarge(_)) => None,
+                (Some(_), None) => return Ok(None),
+                (Some(vendor), Some(bytes)) => Some(usage::asked(vendor, &route.path, bytes)),
+            };
+            let mut forward = mutate::forward(proxy, &route, req, now);
+            if let Some(asked) = asked {
+                if let Some(charge) = charge.as_mut() {
+                    charge.model = asked.model.map(|m| Arc::from(truncated(&m, 128)));
+                }
+                forward.body = asked.rewritten;
+            }
+            Ok(Some(forward))
+        }
+    }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary: a client-chosen name that
+/// goes into the audit stays bounded.
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

@@ -1,0 +1,56 @@
+//! What every part of a running `serve` shares: the live policy snapshot, the budget
+//! counters, the audit and the metrics.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::dataplane::budget::Budgets;
+use crate::dataplane::snapshot::Policy;
+use crate::dataplane::spend::Spend;
+use crate::telemetry::audit::AuditLog;
+use crate::telemetry::metrics::Metrics;
+
+pub struct Shared {
+    pub policy: ArcSwap<Policy>,
+    pub budgets: Budgets,
+    pub spend: Spend,
+    pub audit: AuditLog,
+    pub metrics: Metrics,
+    /// False while the running policy is known to be behind the store's.
+    policy_current: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(
+        policy: Policy,
+        budgets: Budgets,
+        spend: Spend,
+        audit: AuditLog,
+        metrics: Metrics,
+    ) -> Self {
+        metrics.policy_version.set(1);
+        Self {
+            policy: ArcSwap::from_pointee(policy),
+            budgets,
+            spend,
+            audit,
+            metrics,
+            policy_current: AtomicBool::new(true),
+        }
+    }
+
+    pub fn set_policy_current(&self, current: bool) {
+        self.policy_current.store(current, Ordering::Release);
+    }
+
+    pub fn policy_is_current(&self) -> bool {
+        self.policy_current.load(Ordering::Acquire)
+    }
+
+    /// Puts a new policy into effect for the next request.
+    pub fn install(&self, policy: Policy) {
+        self.policy.store(std::sync::Arc::new(policy));
+        self.metrics.policy_version.inc();
+    }
+}

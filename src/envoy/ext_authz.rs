@@ -1,0 +1,124 @@
+//! Envoy's ext_authz (`envoy.service.auth.v3.Authorization/Check`): one call per request,
+//! headers only, for setups that prefer it to ext_proc. The same pipeline decides; a
+//! proxy that needs more than headers (rules on the body, a cost read from responses)
+//! is refused here rather than half-enforced.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorization;
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
+use tonic::{Request, Response, Status};
+
+use crate::base::clock::now_unix_ms;
+use crate::dataplane::denial::Denial;
+use crate::dataplane::pipeline::{Asked, Outcome, RequestView, conclude, decide};
+use crate::dataplane::rules::Body;
+use crate::dataplane::shared::Shared;
+use crate::envoy::convert;
+
+pub struct ExtAuthz {
+    shared: Arc<Shared>,
+}
+
+impl ExtAuthz {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthz {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let started = Instant::now();
+        let check = request.into_inner();
+        let http = check
+            .attributes
+            .as_ref()
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref())
+            .ok_or_else(|| Status::invalid_argument("no HTTP request in the check"))?;
+        // `header_map` (encode_raw_headers) keeps repeated headers apart; else the map.
+        let pairs: Vec<(&str, &[u8])> = match &http.header_map {
+            Some(map) => convert::header_pairs(Some(map)),
+            None => http
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_bytes()))
+                .collect(),
+        };
+        // `http.id` is Envoy's stream id; the access log joins on x-request-id.
+        let request_id = convert::request_id(&pairs);
+        let no_body = has_no_body(&pairs, &http.protocol);
+        let view = RequestView {
+            method: &http.method,
+            path: &http.path,
+            headers: &pairs,
+            body: no_body.then_some(&[][..]),
+        };
+        let body = if no_body {
+            Body::Empty
+        } else {
+            // Not sent to ext_authz: a rule (or signature) that would read it cannot.
+            Body::Unread
+        };
+        let mut decision = decide(&self.shared.policy.load(), &view, &body, now_unix_ms());
+        let needs = match (&decision.outcome, &decision.charge, &decision.guard) {
+            (Outcome::NeedBody, _, _) => Some("its rules or its signature read the request body"),
+            (Outcome::Forward(_), Some(_), _) => Some("its cost is read from responses"),
+            (Outcome::Forward(_), _, Some(_)) => Some("its responses are scrubbed or redacted"),
+            _ => None,
+        };
+        if let Some(why) = needs {
+            decision.charge = None;
+            decision.outcome = Outcome::Deny(Denial::NeedsExtProc {
+                proxy: decision.subject.proxy.clone().unwrap_or_default(),
+                why,
+            });
+        }
+        let asked = Asked {
+            request_id: &request_id,
+            method: &http.method,
+            path: &http.path,
+        };
+        conclude(&self.shared, &mut decision, &asked, started).await;
+        Ok(Response::new(match decision.outcome {
+            Outcome::Forward(forward) => convert::check_allow(forward, decision.shown),
+            Outcome::Deny(denial) => convert::check_deny(&denial, &request_id),
+            Outcome::NeedBody => unreachable!("replaced above"),
+        }))
+    }
+}
+
+/// Whether the request certainly has no body. ext_authz does not say; HTTP/1.1 does:
+/// without `content-length` or `transfer-encoding` there is none. HTTP/2 may end the
+/// stream without either, so only an explicit zero length counts there.
+fn has_no_body(pairs: &[(&str, &[u8])], protocol: &str) -> bool {
+    let length = convert::header_value(pairs, "content-length");
+    if length.is_some_and(|v| v.trim_ascii() == b"0") {
+        return true;
+    }
+    protocol.starts_with("HTTP/1")
+        && length.is_none()
+        && convert::header_value(pairs, "transfer-encoding").is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_no_body;
+
+    #[test]
+    fn a_body_is_assumed_unless_the_request_rules_it_out() {
+        assert!(has_no_body(&[], "HTTP/1.1"));
+        assert!(has_no_body(&[("content-length", b"0")], "HTTP/2"));
+        assert!(!has_no_body(&[], "HTTP/2"));
+        assert!(!has_no_body(&[("content-length", b"12")], "HTTP/1.1"));
+        assert!(!has_no_body(
+            &[("transfer-encoding", b"chunked")],
+            "HTTP/1.1"
+        ));
+    }
+}

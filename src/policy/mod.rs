@@ -1,0 +1,13 @@
+//! Policy as data: the policy file's model and its validation, and the rows it is stored
+//! as. Nothing here does I/O beyond reading a secret reference's file or variable.
+
+pub mod file;
+pub mod period;
+pub mod rows;
+pub(crate) mod secrets;
+pub mod target;
+pub(crate) mod validate;
+
+pub use file::*;
+pub use period::Period;
+pub use target::TargetUrl;

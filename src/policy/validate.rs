@@ -1,0 +1,716 @@
+//! Validation of a policy file: everything `apply` and `check` refuse before anything
+//! is applied, each error naming the item at fault.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::policy::TargetUrl;
+use crate::policy::file::*;
+
+impl PolicyFile {
+    /// Parses and validates a policy file; the error names the line or the item at fault.
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        let file: PolicyFile = if text.trim().is_empty() {
+            PolicyFile::default()
+        } else {
+            serde_norway::from_str(text).map_err(|e| PolicyError::Syntax(e.to_string()))?
+        };
+        file.validate()?;
+        Ok(file)
+    }
+
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let mut targets = HashSet::new();
+        for t in &self.targets {
+            let item = format!("target {:?}", t.name);
+            if !valid_name(&t.name) {
+                return Err(invalid(item, "name must be 1-128 of [A-Za-z0-9._-]"));
+            }
+            if !targets.insert(t.name.as_str()) {
+                return Err(invalid(item, "defined twice"));
+            }
+            TargetUrl::parse(&t.url).map_err(|p| invalid(&item, format!("url: {p}")))?;
+        }
+
+        let mut credentials = HashMap::new();
+        for c in &self.credentials {
+            let item = format!("credential {:?}", c.name);
+            if !valid_name(&c.name) {
+                return Err(invalid(item, "name must be 1-128 of [A-Za-z0-9._-]"));
+            }
+            if credentials.insert(c.name.as_str(), c.kind).is_some() {
+                return Err(invalid(item, "defined twice"));
+            }
+            c.validate().map_err(|p| invalid(item, p))?;
+        }
+
+        let mut proxies = HashSet::new();
+        for p in &self.proxies {
+            let item = format!("proxy {:?}", p.name);
+            if !valid_name(&p.name) {
+                return Err(invalid(item, "name must be 1-128 of [A-Za-z0-9._-]"));
+            }
+            if !proxies.insert(p.name.as_str()) {
+                return Err(invalid(item, "defined twice"));
+            }
+            if !targets.contains(p.target.as_str()) {
+                return Err(invalid(
+                    item,
+                    format!("target {:?} is not defined", p.target),
+                ));
+            }
+            match credentials.get(p.target_credential.as_str()) {
+                Some(CredentialType::Target) => {}
+                Some(CredentialType::Proxy) => {
+                    return Err(invalid(
+                        item,
+                        format!(
+                            "target_credential {:?} is a proxy credential, not a target one",
+                            p.target_credential
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(invalid(
+                        item,
+                        format!("target_credential {:?} is not defined", p.target_credential),
+                    ));
+                }
+            }
+            let mut bound = HashSet::new();
+            for name in &p.proxy_credentials {
+                match credentials.get(name.as_str()) {
+                    Some(CredentialType::Proxy) => {}
+                    Some(CredentialType::Target) => {
+                        return Err(invalid(
+                            item,
+                            format!("proxy_credentials: {name:?} is a target credential"),
+                        ));
+                    }
+                    None => {
+                        return Err(invalid(
+                            item,
+                            format!("proxy_credentials: {name:?} is not defined"),
+                        ));
+                    }
+                }
+                if !bound.insert(name) {
+                    return Err(invalid(item, format!("proxy_credentials: {name:?} twice")));
+                }
+            }
+            if let Some(cost) = &p.cost {
+                cost.validate()
+                    .map_err(|e| invalid(&item, format!("cost: {e}")))?;
+            }
+            if let Some(response) = &p.response {
+                response
+                    .validate()
+                    .map_err(|e| invalid(&item, format!("response: {e}")))?;
+            }
+            if let Some(limits) = &p.limits {
+                limits.validate().map_err(|e| invalid(&item, e))?;
+                if limits
+                    .upstream_timeout_s
+                    .is_some_and(|t| !(1..=3600).contains(&t))
+                {
+                    return Err(invalid(item, "limits: upstream_timeout_s is 1 to 3600"));
+                }
+                if !limits.spend_caps().is_empty() || !limits.token_budgets().is_empty() {
+                    return Err(invalid(
+                        item,
+                        "limits: spend_usd_per_* and tokens_per_* go on proxy credentials",
+                    ));
+                }
+            }
+        }
+
+        let mut rule_ids = HashSet::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let item = format!("rules[{i}]");
+            let id = r.id();
+            if !rule_ids.insert(id.clone()) {
+                return Err(invalid(item, format!("rule id {id:?} used twice")));
+            }
+            match (&r.credential, &r.proxy) {
+                (Some(c), None) => match credentials.get(c.as_str()) {
+                    Some(CredentialType::Proxy) => {}
+                    Some(CredentialType::Target) => {
+                        return Err(invalid(
+                            item,
+                            format!(
+                                "credential {c:?} is a target credential; rules attach to proxy credentials"
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(invalid(item, format!("credential {c:?} is not defined")));
+                    }
+                },
+                (None, Some(p)) => {
+                    if !proxies.contains(p.as_str()) {
+                        return Err(invalid(item, format!("proxy {p:?} is not defined")));
+                    }
+                }
+                _ => {
+                    return Err(invalid(
+                        item,
+                        "a rule names exactly one of `credential` or `proxy`",
+                    ));
+                }
+            }
+            for m in r.methods.iter().flatten() {
+                if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return Err(invalid(
+                        item,
+                        format!("methods: {m:?} is not an HTTP method"),
+                    ));
+                }
+            }
+            if let Some(path) = &r.path {
+                compile_regex(path).map_err(|e| invalid(&item, format!("path: {e}")))?;
+            }
+            for (name, condition) in &r.headers {
+                if name.is_empty()
+                    || !name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(invalid(
+                        item,
+                        format!("headers: {name:?} is not a header name"),
+                    ));
+                }
+                condition
+                    .validate()
+                    .map_err(|e| invalid(&item, format!("headers: {name}: {e}")))?;
+            }
+            for (name, condition) in &r.query {
+                condition
+                    .validate()
+                    .map_err(|e| invalid(&item, format!("query: {name}: {e}")))?;
+            }
+            for (i, condition) in r.body.iter().enumerate() {
+                condition
+                    .validate()
+                    .map_err(|e| invalid(&item, format!("body[{i}]: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every secret reference in the file, by credential name: what a client resolves.
+    /// The secrets the client must resolve: every target credential's but the sealed.
+    /// Target credentials whose secret the client resolves (not `sealed: true`).
+    pub fn target_secrets(&self) -> impl Iterator<Item = &CredentialSpec> {
+        self.credentials
+            .iter()
+            .filter(|c| c.secret.as_ref().is_some_and(|s| !s.is_sealed()))
+    }
+
+    /// Every imported proxy key reference, by credential name.
+    pub fn imported_keys(&self) -> impl Iterator<Item = (&str, &[SecretRef])> {
+        self.credentials
+            .iter()
+            .filter_map(|c| Some((c.name.as_str(), c.keys.as_deref()?)))
+            .filter(|(_, keys)| !keys.iter().any(SecretRef::is_sealed))
+    }
+}
+
+impl CredentialSpec {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let present = |set: bool, field: &str, needed: bool| match (set, needed) {
+            (true, false) => Err(format!("`{field}` does not apply here")),
+            (false, true) => Err(format!("`{field}` is required")),
+            _ => Ok(()),
+        };
+        match self.kind {
+            CredentialType::Proxy => {
+                for (set, field) in [
+                    (self.auth.is_some(), "auth"),
+                    (self.secret.is_some(), "secret"),
+                    (self.header.is_some(), "header"),
+                    (self.prefix.is_some(), "prefix"),
+                    (self.username.is_some(), "username"),
+                    (self.param.is_some(), "param"),
+                    (self.token_url.is_some(), "token_url"),
+                    (self.client_id.is_some(), "client_id"),
+                    (self.scopes.is_some(), "scopes"),
+                    (self.client_auth.is_some(), "client_auth"),
+                    (self.token_params.is_some(), "token_params"),
+                    (self.access_key_id.is_some(), "access_key_id"),
+                    (self.region.is_some(), "region"),
+                    (self.service.is_some(), "service"),
+                    (self.session_token.is_some(), "session_token"),
+                    (self.unsigned_payload.is_some(), "unsigned_payload"),
+                ] {
+                    present(
+                        set,
+                        &format!("{field}` (proxy credentials take only `keys"),
+                        false,
+                    )?;
+                }
+                for k in self.keys.iter().flatten() {
+                    k.validate().map_err(|e| format!("keys: {e}"))?;
+                }
+                let keys = self.keys.as_deref().unwrap_or_default();
+                if keys.iter().any(SecretRef::is_sealed) && keys.len() != 1 {
+                    return Err(
+                        "keys: `[{ sealed: true }]` keeps the imported keys latchkey holds; it stands alone"
+                            .into(),
+                    );
+                }
+                match &self.limits {
+                    Some(l) if l.upstream_timeout_s.is_some() => {
+                        Err("limits: upstream_timeout_s goes on proxies".into())
+                    }
+                    Some(l) => l.validate(),
+                    None => Ok(()),
+                }
+            }
+            CredentialType::Target => {
+                let auth = self
+                    .auth
+                    .ok_or("`auth` is required for a target credential")?;
+                present(self.keys.is_some(), "keys", false)?;
+                self.secret
+                    .as_ref()
+                    .ok_or("`secret` is required")?
+                    .validate()
+                    .map_err(|e| format!("secret: {e}"))?;
+                let is = |k: AuthKind| auth == k;
+                present(self.header.is_some(), "header", is(AuthKind::Header))?;
+                present(
+                    self.prefix.is_some() && !is(AuthKind::Header),
+                    "prefix",
+                    false,
+                )?;
+                present(self.username.is_some(), "username", is(AuthKind::Basic))?;
+                present(self.param.is_some(), "param", is(AuthKind::Query))?;
+                let oauth = is(AuthKind::Oauth2ClientCredentials);
+                present(self.token_url.is_some(), "token_url", oauth)?;
+                present(self.client_id.is_some(), "client_id", oauth)?;
+                present(self.scopes.is_some() && !oauth, "scopes", false)?;
+                present(self.client_auth.is_some() && !oauth, "client_auth", false)?;
+                present(self.token_params.is_some() && !oauth, "token_params", false)?;
+                let aws = is(AuthKind::AwsSigv4);
+                present(self.access_key_id.is_some(), "access_key_id", aws)?;
+                present(self.region.is_some(), "region", aws)?;
+                present(self.service.is_some(), "service", aws)?;
+                present(self.session_token.is_some() && !aws, "session_token", false)?;
+                present(
+                    self.unsigned_payload.is_some() && !aws,
+                    "unsigned_payload",
+                    false,
+                )?;
+                self.validate_aws()?;
+                if let Some(url) = &self.token_url
+                    && !(url.starts_with("https://") || url.starts_with("http://"))
+                {
+                    return Err(format!("token_url: {url:?} is not an http(s) URL"));
+                }
+                for (k, _) in self.token_params.iter().flatten() {
+                    if matches!(
+                        k.as_str(),
+                        "grant_type" | "scope" | "client_id" | "client_secret"
+                    ) {
+                        return Err(format!(
+                            "token_params: {k:?} is set by latchkey, not by the policy"
+                        ));
+                    }
+                }
+                if let Some(h) = &self.header
+                    && (h.is_empty()
+                        || h.starts_with(':')
+                        || !h
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+                {
+                    return Err(format!("header: {h:?} is not a valid header name"));
+                }
+                if let Some(p) = &self.param
+                    && p.is_empty()
+                {
+                    return Err("param: must not be empty".into());
+                }
+                if let Some(u) = &self.username
+                    && u.contains(':')
+                {
+                    return Err("username: must not contain ':'".into());
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl CredentialSpec {
+    pub(crate) fn validate_aws(&self) -> Result<(), String> {
+        let word = |field: &str, value: &Option<String>, extra: &[u8]| match value {
+            Some(v)
+                if v.is_empty()
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b)) =>
+            {
+                Err(format!("{field}: {v:?} is not a valid AWS {field}"))
+            }
+            _ => Ok(()),
+        };
+        word("access_key_id", &self.access_key_id, b"")?;
+        word("region", &self.region, b"-")?;
+        word("service", &self.service, b"-")?;
+        if let Some(token) = &self.session_token {
+            token
+                .validate()
+                .map_err(|e| format!("session_token: {e}"))?;
+            let secret_sealed = self.secret.as_ref().is_some_and(SecretRef::is_sealed);
+            if token.is_sealed() != secret_sealed {
+                return Err(
+                    "session_token: `sealed: true` keeps the secret and the token latchkey holds, so give both sealed or neither"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The secret material the server seals for a target credential, resolved by the
+    /// client: the secret, then for AWS temporary credentials a line break and the
+    /// session token (neither can hold a line break).
+    pub fn resolve_secret(&self, base: &std::path::Path) -> Result<String, String> {
+        let secret = self
+            .secret
+            .as_ref()
+            .ok_or("no secret")?
+            .resolve(base)
+            .map_err(|e| format!("secret: {e}"))?;
+        if self.auth != Some(AuthKind::AwsSigv4) {
+            return Ok(secret);
+        }
+        let token = match &self.session_token {
+            Some(token) => Some(
+                token
+                    .resolve(base)
+                    .map_err(|e| format!("session_token: {e}"))?,
+            ),
+            None => None,
+        };
+        crate::policy::secrets::check_aws_secrets(&secret, token.as_deref())?;
+        Ok(match token {
+            Some(token) => format!("{secret}\n{token}"),
+            None => secret,
+        })
+    }
+
+    /// The references stored for a secret and its session token: where each came from,
+    /// and if either is held sealed, both (the two travel and are kept as one).
+    pub fn stored_references(&self) -> (Option<SecretRef>, Option<SecretRef>) {
+        let secret = self.secret.as_ref().map(SecretRef::stored_form);
+        let token = self.session_token.as_ref().map(SecretRef::stored_form);
+        let sealed = secret.iter().chain(&token).any(SecretRef::is_sealed);
+        if sealed && token.is_some() {
+            (Some(SecretRef::sealed()), Some(SecretRef::sealed()))
+        } else {
+            (secret, token)
+        }
+    }
+}
+
+impl Limits {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("requests_per_minute", self.requests_per_minute),
+            ("requests_per_day", self.requests_per_day),
+        ] {
+            if value == Some(0) {
+                return Err(format!("limits: {name} must be at least 1"));
+            }
+        }
+        if self.tokens_per_minute == Some(0) || self.tokens_per_day == Some(0) {
+            return Err("limits: a token budget is at least 1".into());
+        }
+        match self
+            .spend_caps()
+            .into_iter()
+            .find(|(_, usd)| !(usd.is_finite() && *usd >= 0.0))
+        {
+            Some((period, _)) => Err(format!(
+                "limits: spend_usd_per_{} must be a non-negative amount",
+                period.name()
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The most fields one proxy redacts: each is looked for in every response.
+const MAX_REDACTED_FIELDS: usize = 64;
+
+impl ResponseSafety {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if !self.scrub_credential && self.redact.is_empty() {
+            return Err("set `scrub_credential: true` or list fields to `redact`".into());
+        }
+        if self.redact.len() > MAX_REDACTED_FIELDS {
+            return Err(format!(
+                "redact: at most {MAX_REDACTED_FIELDS} fields, not {}",
+                self.redact.len()
+            ));
+        }
+        let mut seen = HashSet::new();
+        for field in &self.redact {
+            if field.is_empty() || field == "/" {
+                return Err("redact: an empty field name or pointer redacts nothing".into());
+            }
+            if !seen.insert(field) {
+                return Err(format!("redact: {field:?} twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Cost {
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let amount = |f: f64| f.is_finite() && f >= 0.0;
+        if let Some(max) = self.max_usd_per_request
+            && !(max.is_finite() && max > 0.0)
+        {
+            return Err("max_usd_per_request: a positive amount".into());
+        }
+        match (
+            &self.response_json,
+            self.usd_per_unit,
+            self.per_request_usd,
+            self.tokens,
+        ) {
+            (Some(ptr), Some(f), None, None) if amount(f) => {
+                if !ptr.is_empty() && !ptr.starts_with('/') {
+                    return Err(format!("response_json: {ptr:?} is not a JSON pointer"));
+                }
+                Ok(())
+            }
+            (None, None, Some(f), None) if amount(f) => match self.max_usd_per_request {
+                Some(_) => Err("`max_usd_per_request` goes with `response_json` or `tokens`".into()),
+                None => Ok(()),
+            },
+            (None, None, None, Some(_)) => {
+                let prices = self
+                    .usd_per_million
+                    .as_ref()
+                    .filter(|p| !p.is_empty())
+                    .ok_or("`tokens` needs `usd_per_million`: a price per model, or \"*\"")?;
+                for (model, p) in prices {
+                    if !(amount(p.input) && amount(p.output) && p.cached_input.is_none_or(amount))
+                    {
+                        return Err(format!(
+                            "usd_per_million {model:?}: prices are non-negative amounts"
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            _ => Err(
+                "give `response_json` with `usd_per_unit`, `per_request_usd`, or `tokens` with `usd_per_million` (non-negative)"
+                    .into(),
+            ),
+        }
+        .and_then(|()| match (&self.usd_per_million, self.tokens) {
+            (Some(_), None) => Err("`usd_per_million` goes with `tokens`".into()),
+            _ => Ok(()),
+        })
+    }
+}
+
+impl RuleSpec {
+    /// The rule's id: given, or derived from its content so it is stable across applies.
+    pub fn id(&self) -> String {
+        if let Some(id) = &self.id {
+            return id.clone();
+        }
+        let canonical = serde_json::to_vec(self).expect("a rule serializes");
+        format!(
+            "rule_{}",
+            &crate::base::crypto::hex(&crate::base::crypto::hash_key(&canonical))[..12]
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+targets:
+  - name: stripe
+    url: https://api.stripe.com
+credentials:
+  - name: stripe-production
+    type: target
+    auth: bearer
+    secret: { env: STRIPE_SECRET }
+  - name: agent-billing
+    type: proxy
+    keys:
+      - { env: AGENT_BILLING_KEY }
+proxies:
+  - name: stripe-billing
+    target: stripe
+    target_credential: stripe-production
+    proxy_credentials: [agent-billing]
+    default_effect: deny
+    limits: { requests_per_minute: 100, requests_per_day: 1000 }
+    cost: { response_json: "/amount", usd_per_unit: 0.01 }
+rules:
+  - credential: agent-billing
+    effect: allow
+    methods: [GET, POST]
+    path: "^/v1/(charges|refunds)"
+    priority: 10
+    notes: "Billing agent: charges and refunds only"
+"#;
+
+    fn err(text: &str) -> String {
+        PolicyFile::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_design_example_parses() {
+        let f = PolicyFile::parse(EXAMPLE).unwrap();
+        assert_eq!(f.proxies[0].default_effect, Effect::Deny);
+        assert_eq!(f.rules[0].priority, 10);
+        assert_eq!(f.rules[0].id(), f.rules[0].clone().id());
+        assert!(f.rules[0].id().starts_with("rule_"));
+    }
+
+    #[test]
+    fn unknown_fields_name_the_line() {
+        let e = err(&EXAMPLE.replace("    priority: 10", "    priority: 10\n    prio: 3"));
+        assert!(
+            e.contains("unknown field `prio`") && e.contains("line"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_the_item() {
+        let e = err(&EXAMPLE.replace("(charges|refunds)", "(charges"));
+        assert!(e.contains("rules[0]") && e.contains("invalid regex"), "{e}");
+        let e = err(&EXAMPLE.replace("target: stripe\n", "target: strype\n"));
+        assert!(
+            e.contains("proxy \"stripe-billing\"") && e.contains("\"strype\""),
+            "{e}"
+        );
+        let e = err(&EXAMPLE.replace("[agent-billing]", "[agent-x]"));
+        assert!(e.contains("\"agent-x\" is not defined"), "{e}");
+        let e = err(&EXAMPLE.replace("- credential: agent-billing", "- credential: nobody"));
+        assert!(e.contains("rules[0]") && e.contains("\"nobody\""), "{e}");
+        let e = err(&EXAMPLE.replace("https://api.stripe.com", "ftp://x"));
+        assert!(e.contains("target \"stripe\"") && e.contains("url"), "{e}");
+        let e = err(&EXAMPLE.replace("auth: bearer", "auth: header"));
+        assert!(e.contains("`header` is required"), "{e}");
+        let e = err(&EXAMPLE.replace("{ env: STRIPE_SECRET }", "{ env: A, value: b }"));
+        assert!(e.contains("exactly one"), "{e}");
+        let e = err(&EXAMPLE.replace("name: stripe-billing", "name: a/b"));
+        assert!(e.contains("name must be"), "{e}");
+    }
+
+    #[test]
+    fn conditions_parse_and_bad_ones_are_named() {
+        let with = |conditions: &str| {
+            EXAMPLE.replace(
+                "    priority: 10\n",
+                &format!("    priority: 10\n{conditions}"),
+            )
+        };
+        let f = PolicyFile::parse(&with(
+            "    headers:\n      X-Env: \"^staging$\"\n      x-trace: { presence: must_not_exist }\n    query:\n      limit: { regex: \"^[0-9]+$\" }\n    body:\n      - { pointer: /amount, lte: 5000 }\n      - { pointer: /currency, regex: \"^usd$\" }\n",
+        ))
+        .unwrap();
+        let r = &f.rules[0];
+        assert_eq!(r.headers["X-Env"].regex(), Some("^staging$"));
+        assert_eq!(
+            r.headers["x-trace"].presence(),
+            Some(Presence::MustNotExist)
+        );
+        assert_eq!(r.body[0].lte, Some(5000.0));
+        assert_ne!(r.id(), PolicyFile::parse(EXAMPLE).unwrap().rules[0].id());
+
+        for (conditions, expected) in [
+            (
+                "    body:\n      - { pointer: /amount, between: 3 }\n",
+                "unknown field `between`",
+            ),
+            (
+                "    body:\n      - { pointer: amount, lt: 3 }\n",
+                "body[0]: pointer",
+            ),
+            (
+                "    body:\n      - { pointer: /a }\n",
+                "body[0]: give at least one",
+            ),
+            (
+                "    body:\n      - { pointer: /a, lt: 1, regex: x }\n",
+                "not both",
+            ),
+            (
+                "    body:\n      - { pointer: /a, regex: \"(\" }\n",
+                "body[0]: invalid regex",
+            ),
+            ("    headers:\n      \"bad name\": x\n", "not a header name"),
+            ("    headers:\n      x-a: { presence: sometimes }\n", "x-a"),
+            (
+                "    query:\n      q: { regex: a, presence: must_not_exist }\n",
+                "query: q",
+            ),
+            ("    query:\n      q: {}\n", "query: q: give"),
+        ] {
+            let e = err(&with(conditions));
+            assert!(
+                e.contains(expected) || e.contains("line"),
+                "{conditions}: {e}"
+            );
+            if !expected.contains("unknown") && !expected.starts_with('x') {
+                assert!(
+                    e.contains(expected) && e.contains("rules[0]"),
+                    "{conditions}: {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn huge_regexes_are_refused() {
+        let e = err(&EXAMPLE.replace("^/v1/(charges|refunds)", "(?:[a-z]{500}){500}"));
+        assert!(e.contains("rules[0]") && e.contains("regex"), "{e}");
+    }
+
+    #[test]
+    fn target_urls() {
+        let u = TargetUrl::parse("https://API.example.com/base/").unwrap();
+        assert_eq!(
+            u,
+            TargetUrl {
+                tls: true,
+                authority: "api.example.com".into(),
+                base_path: "/base".into()
+            }
+        );
+        let u = TargetUrl::parse("http://127.0.0.1:8080").unwrap();
+        assert_eq!(
+            (u.tls, u.authority.as_str(), u.base_path.as_str()),
+            (false, "127.0.0.1:8080", "")
+        );
+        for bad in [
+            "api.example.com",
+            "https://",
+            "https://a b",
+            "https://h:0",
+            "https://h:99999",
+            "https://h/a/../b",
+            "https://h/a?x=1",
+            "https://user@h",
+        ] {
+            assert!(TargetUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

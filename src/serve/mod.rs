@@ -1,0 +1,441 @@
+//! `latchkey serve`: the ext_proc server, the admin server and the HTTP endpoints, wired
+//! to one policy snapshot, with a clean shutdown on SIGTERM or Ctrl-C.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, bail};
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use futures_util::future::Either;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use zeroize::Zeroizing;
+
+use crate::access_log_pb::access_log_service_server::AccessLogServiceServer;
+use crate::base::clock::now_unix_ms;
+use crate::base::crypto::MasterKey;
+use crate::control::admin::AdminService;
+use crate::control::health::{HttpState, router};
+use crate::control::sync::PolicySync;
+use crate::control::tokens::{AdminAuth, Tokens};
+use crate::dataplane::budget::{
+    Budgets, LocalBudgets, RedisBudgets, SystemClock, redis_connection,
+};
+use crate::dataplane::shared::Shared;
+use crate::dataplane::snapshot::Policy;
+use crate::dataplane::spend::{LocalSpend, RedisSpend, Spend};
+use crate::envoy::access_log::AccessLog;
+use crate::envoy::channel::{Guard, bind_unix};
+use crate::envoy::ext_authz::ExtAuthz;
+use crate::envoy::ext_proc::ExtProc;
+use crate::pb::admin_server::AdminServer;
+use crate::store::Store;
+use crate::telemetry::audit::AuditLog;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::otel::{Otlp, OtlpConfig};
+
+pub struct ServeConfig {
+    pub database_url: String,
+    pub master_key: Option<Zeroizing<String>>,
+    pub master_key_file: Option<PathBuf>,
+    pub previous_master_keys: Option<Zeroizing<String>>,
+    pub grpc_addr: GrpcAddr,
+    /// Who may use the data-plane port when it is TCP (a Unix socket's permissions
+    /// guard it otherwise).
+    pub grpc_guard: Guard,
+    pub admin_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub admin_token: Option<Zeroizing<String>>,
+    pub redis_url: Option<String>,
+    /// Request-log records older than this many days are deleted; 0 keeps them all.
+    pub audit_retention_days: u32,
+    pub mode: Mode,
+    pub admin_tls: Option<AdminTls>,
+}
+
+/// TLS on the admin listener (PEM files); with a client CA, callers must also present a
+/// certificate it signed (mTLS) besides their bearer token.
+pub struct AdminTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+impl AdminTls {
+    fn server_config(&self) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path)
+                .with_context(|| format!("reading the admin TLS {what} {}", path.display()))
+        };
+        let identity = tonic::transport::Identity::from_pem(
+            read(&self.cert, "certificate")?,
+            read(&self.key, "key")?,
+        );
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &self.client_ca {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(
+                ca,
+                "client CA",
+            )?));
+        }
+        Ok(config)
+    }
+}
+
+/// Which Envoy filter the deployment puts in front of latchkey. Both APIs are always
+/// served; `ExtAuthz` also refuses policies that ext_authz alone cannot enforce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    #[value(name = "ext_proc", alias = "ext-proc")]
+    ExtProc,
+    #[value(name = "ext_authz", alias = "ext-authz")]
+    ExtAuthz,
+}
+
+/// The master key, and the previous ones it replaced (`LATCHKEY_MASTER_KEY_PREVIOUS`:
+/// comma-separated), which only open what they sealed until `latchkey rekey`.
+pub fn load_master_keys(
+    key: Option<&str>,
+    file: Option<&std::path::Path>,
+    previous: Option<&str>,
+) -> anyhow::Result<MasterKey> {
+    let previous = previous
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(|k| MasterKey::parse(k).context("LATCHKEY_MASTER_KEY_PREVIOUS"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(load_master_key(key, file)?.with_previous(previous))
+}
+
+fn load_master_key(key: Option<&str>, file: Option<&std::path::Path>) -> anyhow::Result<MasterKey> {
+    let text = match (key, file) {
+        (Some(_), Some(_)) => {
+            bail!("set LATCHKEY_MASTER_KEY or LATCHKEY_MASTER_KEY_FILE, not both")
+        }
+        (Some(k), None) => Zeroizing::new(k.to_owned()),
+        (None, Some(path)) => Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading master key file {}", path.display()))?,
+        ),
+        (None, None) => bail!(
+            "no master key: set LATCHKEY_MASTER_KEY or LATCHKEY_MASTER_KEY_FILE (make one with `latchkey keygen`)"
+        ),
+    };
+    Ok(MasterKey::parse(&text)?)
+}
+
+/// Where Envoy reaches latchkey: a TCP address, or `unix:/path` for a Unix domain socket
+/// when Envoy runs beside latchkey (one kernel hop less per message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for GrpcAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some("") => {
+                Err("unix: needs a socket path, e.g. unix:/run/latchkey/ext_proc.sock".into())
+            }
+            Some(path) => Ok(GrpcAddr::Unix(PathBuf::from(path))),
+            None => s
+                .parse()
+                .map(GrpcAddr::Tcp)
+                .map_err(|e| format!("{s:?}: {e} (host:port, or unix:/path)")),
+        }
+    }
+}
+
+impl std::fmt::Display for GrpcAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GrpcAddr::Tcp(addr) => addr.fmt(f),
+            GrpcAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    let master = Arc::new(load_master_keys(
+        cfg.master_key.as_deref().map(String::as_str),
+        cfg.master_key_file.as_deref(),
+        cfg.previous_master_keys.as_deref().map(String::as_str),
+    )?);
+    let store = Store::open(&cfg.database_url)
+        .await
+        .with_context(|| format!("opening the store {}", cfg.database_url))?;
+    let version = store.version().await?;
+    let policy = Policy::compile(&store.load().await?, &master).context("loading the policy")?;
+    if cfg.mode == Mode::ExtAuthz
+        && let Some(obstacle) = policy.ext_authz_obstacle()
+    {
+        bail!("the stored policy cannot run in ext_authz mode: {obstacle}");
+    }
+    let (budgets, spend) = match &cfg.redis_url {
+        Some(url) => {
+            let connection =
+                redis_connection(url).with_context(|| format!("budget store {url}"))?;
+            (
+                Budgets::Redis(RedisBudgets::new(connection.clone())),
+                Spend::Redis(RedisSpend::new(connection)),
+            )
+        }
+        None => (
+            Budgets::Local(LocalBudgets::new(Arc::new(SystemClock))),
+            Spend::Local(LocalSpend::default()),
+        ),
+    };
+    let metrics = Metrics::default();
+    let otlp = OtlpConfig::from_env(|k| std::env::var(k).ok())
+        .map(|config| {
+            tracing::info!(traces = ?config.traces, logs = ?config.logs, "exporting to OTLP");
+            Otlp::start(config, metrics.audit.otlp_dropped.clone())
+        })
+        .transpose()?;
+    let (audit, audit_writer) = AuditLog::start(store.clone(), metrics.audit.clone(), otlp);
+    let shared = Arc::new(Shared::new(policy, budgets, spend, audit.clone(), metrics));
+    let retention = (cfg.audit_retention_days > 0)
+        .then(|| tokio::spawn(prune_forever(store.clone(), cfg.audit_retention_days)));
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let grpc = match &cfg.grpc_addr {
+        GrpcAddr::Tcp(addr) => Either::Left(bind(*addr, "ext_proc").await?),
+        GrpcAddr::Unix(path) => Either::Right(bind_unix(path)?),
+    };
+    let grpc_tls = match (&cfg.grpc_addr, &cfg.grpc_guard) {
+        (GrpcAddr::Unix(_), _) => None,
+        (GrpcAddr::Tcp(_), Guard::Insecure) => {
+            tracing::warn!(
+                "the ext_proc port is plain TCP (LATCHKEY_GRPC_INSECURE): any process that \
+                 reaches it can obtain upstream credentials"
+            );
+            None
+        }
+        (GrpcAddr::Tcp(_), guard) => guard.server_tls().context("ext_proc mutual TLS")?,
+    };
+    let admin = bind(cfg.admin_addr, "admin").await?;
+    let http = bind(cfg.http_addr, "health and metrics").await?;
+    let (stop, stop_rx) = watch::channel(false);
+
+    // gRPC health (grpc.health.v1) on both gRPC ports: Envoy health-checks its latchkey
+    // endpoints with it, and Kubernetes can probe it.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let mut ext_proc = Server::builder();
+    if let Some(tls) = grpc_tls {
+        ext_proc = ext_proc.tls_config(tls).context("ext_proc mutual TLS")?;
+    }
+    let ext_proc = ext_proc
+        .add_service(health_service.clone())
+        .add_service(ExternalProcessorServer::new(ExtProc::new(shared.clone())))
+        .add_service(AuthorizationServer::new(ExtAuthz::new(shared.clone())))
+        .add_service(AccessLogServiceServer::new(AccessLog::new(
+            shared.clone(),
+            stop_rx.clone(),
+        )));
+    let ext_proc: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match grpc {
+            Either::Left(tcp) => Box::pin(ext_proc.serve_with_incoming_shutdown(
+                TcpIncoming::from(tcp).with_nodelay(Some(true)),
+                stopped(stop_rx.clone()),
+            )),
+            Either::Right(unix) => Box::pin(ext_proc.serve_with_incoming_shutdown(
+                UnixListenerStream::new(unix),
+                stopped(stop_rx.clone()),
+            )),
+        };
+    let tokens = Tokens::default();
+    tokens
+        .reload(&store)
+        .await
+        .context("loading admin tokens")?;
+    let sync = Arc::new(PolicySync::new(
+        shared.clone(),
+        tokens.clone(),
+        store.clone(),
+        master.clone(),
+        version,
+    ));
+    sync.report_to(health.clone());
+    sync.spawn(&cfg.database_url);
+    let admin_service = AdminService::new(
+        shared.clone(),
+        store.clone(),
+        master,
+        sync,
+        cfg.mode == Mode::ExtAuthz,
+    );
+    let admin_auth = AdminAuth::new(cfg.admin_token.as_deref().map(String::as_str), tokens);
+    if cfg.admin_token.is_none() {
+        tracing::warn!(
+            "LATCHKEY_ADMIN_TOKEN is not set: only tokens created earlier open the admin API"
+        );
+    }
+    // gRPC reflection on the admin port: `grpcurl` lists and calls the admin API.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+    let mut admin_builder = Server::builder();
+    if let Some(tls) = &cfg.admin_tls {
+        admin_builder = admin_builder
+            .tls_config(tls.server_config()?)
+            .context("admin TLS")?;
+    }
+    let admin_server = admin_builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            // Large policies (10,000s of proxies and keys) arrive in one Apply.
+            tonic::service::interceptor::InterceptedService::new(
+                AdminServer::new(admin_service)
+                    .max_decoding_message_size(MAX_ADMIN_MESSAGE)
+                    .max_encoding_message_size(MAX_ADMIN_MESSAGE),
+                admin_auth,
+            ),
+        )
+        .serve_with_incoming_shutdown(TcpIncoming::from(admin), stopped(stop_rx.clone()));
+    let http_server = axum::serve(
+        http,
+        router(HttpState {
+            shared: shared.clone(),
+            ready: ready.clone(),
+            store: store.clone(),
+        }),
+    )
+    .with_graceful_shutdown(stopped(stop_rx));
+
+    let servers = tokio::spawn(async move {
+        let (a, b, c) = tokio::join!(ext_proc, admin_server, http_server);
+        a.context("ext_proc server")?;
+        b.context("admin server")?;
+        c.context("http server")?;
+        anyhow::Ok(())
+    });
+    ready.store(true, Ordering::Release);
+    tracing::info!(
+        grpc = %cfg.grpc_addr,
+        admin = %cfg.admin_addr,
+        http = %cfg.http_addr,
+        "latchkey serving"
+    );
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    // Say so first, so Envoy's health checks move new requests to other replicas while
+    // this one still answers; then stop taking streams.
+    ready.store(false, Ordering::Release);
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    tokio::time::sleep(DRAIN_NOTICE).await;
+    let _ = stop.send(true);
+    // Open streams get a moment to finish; Envoy keeps its connections open otherwise.
+    let served = match tokio::time::timeout(SHUTDOWN_GRACE, servers).await {
+        Ok(joined) => joined.context("server task")?,
+        Err(_) => {
+            tracing::warn!("streams still open after {SHUTDOWN_GRACE:?}; closing them");
+            Ok(())
+        }
+    };
+    if let Some(task) = retention {
+        task.abort();
+    }
+    audit_writer.finish().await;
+    tracing::info!("audit flushed");
+    served
+}
+
+/// Between saying "not serving" and closing: a bit more than Envoy's health-check
+/// interval (1 s in the shipped configs).
+const DRAIN_NOTICE: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// The largest admin request or answer (an Apply or an Export of a big policy).
+pub const MAX_ADMIN_MESSAGE: usize = 64 << 20;
+
+/// How long shutdown waits for open streams before it flushes the audit and exits.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Deletes request-log records past retention, at start and then hourly.
+async fn prune_forever(store: Store, days: u32) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        every.tick().await;
+        let cutoff = now_unix_ms() - i64::from(days) * 86_400_000;
+        match crate::store::requests::prune(&store, cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, days, "request log pruned"),
+            Err(e) => tracing::error!(error = %e, "could not prune the request log"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_addresses_are_tcp_or_a_unix_socket() {
+        assert_eq!(
+            "127.0.0.1:50051".parse::<GrpcAddr>().unwrap(),
+            GrpcAddr::Tcp("127.0.0.1:50051".parse().unwrap())
+        );
+        let unix = "unix:/run/latchkey/ext_proc.sock"
+            .parse::<GrpcAddr>()
+            .unwrap();
+        assert_eq!(unix, GrpcAddr::Unix("/run/latchkey/ext_proc.sock".into()));
+        assert_eq!(unix.to_string(), "unix:/run/latchkey/ext_proc.sock");
+        assert!(
+            "unix:"
+                .parse::<GrpcAddr>()
+                .unwrap_err()
+                .contains("socket path")
+        );
+        assert!(
+            "localhost"
+                .parse::<GrpcAddr>()
+                .unwrap_err()
+                .contains("unix:/path")
+        );
+    }
+}

@@ -1,0 +1,463 @@
+//! Reading the request log: filtered listings (`latchkey requests`), aggregates per hour
+//! or day (`latchkey telemetry`) and retention. Writing is the audit writer's job (`telemetry::audit`, `store::audit`).
+
+use std::collections::BTreeMap;
+
+use sqlx::Row;
+
+use crate::store::{Store, StoreError};
+
+/// Rows per page at most.
+pub const MAX_LIMIT: u32 = 10_000;
+
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    pub proxy: Option<String>,
+    pub credential: Option<String>,
+    pub key_id: Option<String>,
+    pub label: Option<String>,
+    pub status: Option<StatusFilter>,
+    pub decision: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+}
+
+/// `429` or a class such as `4xx`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    Exact(u16),
+    Class(u16),
+}
+
+impl std::str::FromStr for StatusFilter {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("status {s:?}: a code such as 429 or a class such as 4xx");
+        let lower = s.to_ascii_lowercase();
+        if let Some(class) = lower.strip_suffix("xx") {
+            return match class.parse::<u16>() {
+                Ok(c @ 1..=5) if class.len() == 1 => Ok(StatusFilter::Class(c)),
+                _ => Err(bad()),
+            };
+        }
+        match s.parse::<u16>() {
+            Ok(code @ 100..=599) => Ok(StatusFilter::Exact(code)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// One request as the log holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub seq: i64,
+    pub request_id: String,
+    pub time_ms: i64,
+    pub proxy: Option<String>,
+    pub target: Option<String>,
+    pub credential: Option<String>,
+    pub key_id: Option<String>,
+    pub run_label: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub status: Option<u16>,
+    pub upstream_status: Option<u16>,
+    pub decision: String,
+    pub rule_id: Option<String>,
+    pub latency_ms: Option<f64>,
+    pub cost_usd: Option<f64>,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+    pub retries: Option<u32>,
+    pub model: Option<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub cached_tokens: Option<u64>,
+}
+
+/// A statement being built, with `$n` placeholders (the same in SQLite and PostgreSQL).
+struct Sql {
+    text: String,
+    args: Vec<Arg>,
+}
+
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+impl Sql {
+    fn new(text: &str) -> Self {
+        Self {
+            text: text.to_owned(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Appends `text` followed by a placeholder for `arg`.
+    fn push(&mut self, text: &str, arg: Arg) -> &mut Self {
+        self.args.push(arg);
+        self.text.push_str(text);
+        self.text.push_str(&format!("${}", self.args.len()));
+        self
+    }
+
+    async fn fetch_all(&self, store: &Store) -> Result<Vec<sqlx::any::AnyRow>, StoreError> {
+        let mut query = sqlx::query(&self.text);
+        for arg in &self.args {
+            query = match arg {
+                Arg::Text(s) => query.bind(s.as_str()),
+                Arg::Int(i) => query.bind(*i),
+            };
+        }
+        Ok(query.fetch_all(store.pool()).await?)
+    }
+}
+
+fn push_filter(q: &mut Sql, f: &Filter) {
+    q.text.push_str(" WHERE 1 = 1");
+    let text = [
+        ("proxy", &f.proxy),
+        ("credential", &f.credential),
+        ("key_id", &f.key_id),
+        ("run_label", &f.label),
+        ("decision", &f.decision),
+    ];
+    for (column, value) in text {
+        if let Some(v) = value {
+            q.push(&format!(" AND {column} = "), Arg::Text(v.clone()));
+        }
+    }
+    match f.status {
+        Some(StatusFilter::Exact(code)) => {
+            q.push(" AND status = ", Arg::Int(i64::from(code)));
+        }
+        Some(StatusFilter::Class(c)) => {
+            q.push(" AND status >= ", Arg::Int(i64::from(c) * 100));
+            q.push(" AND status < ", Arg::Int(i64::from(c + 1) * 100));
+        }
+        None => {}
+    }
+    if let Some(t) = f.since_ms {
+        q.push(" AND time_ms >= ", Arg::Int(t));
+    }
+    if let Some(t) = f.until_ms {
+        q.push(" AND time_ms < ", Arg::Int(t));
+    }
+}
+
+/// Where a page ended: records are ordered by decision time, then by row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub time_ms: i64,
+    pub seq: i64,
+}
+
+impl Cursor {
+    pub fn of(entry: &Entry) -> Self {
+        Self {
+            time_ms: entry.time_ms,
+            seq: entry.seq,
+        }
+    }
+
+    /// As `time_ms.seq`, the page token of the admin API.
+    pub fn token(&self) -> String {
+        format!("{}.{}", self.time_ms, self.seq)
+    }
+
+    pub fn parse(token: &str) -> Option<Self> {
+        let (t, s) = token.split_once('.')?;
+        Some(Self {
+            time_ms: t.parse().ok()?,
+            seq: s.parse().ok()?,
+        })
+    }
+}
+
+/// Newest first (by decision time); `before` is where a previous page ended.
+pub async fn list(
+    store: &Store,
+    filter: &Filter,
+    limit: u32,
+    before: Option<Cursor>,
+) -> Result<Vec<Entry>, StoreError> {
+    let mut q = Sql::new(
+        "SELECT seq, request_id, time_ms, proxy, target, credential, key_id, run_label, method,
+                path, status, upstream_status, decision, rule_id, latency_ms, cost_usd, bytes_in,
+                bytes_out, retries, model, input_tokens, output_tokens, cached_tokens
+         FROM requests",
+    );
+    push_filter(&mut q, filter);
+    if let Some(c) = before {
+        q.push(" AND (time_ms < ", Arg::Int(c.time_ms));
+        q.push(" OR (time_ms = ", Arg::Int(c.time_ms));
+        q.push(" AND seq < ", Arg::Int(c.seq));
+        q.text.push_str("))");
+    }
+    q.push(
+        " ORDER BY time_ms DESC, seq DESC LIMIT ",
+        Arg::Int(i64::from(limit.clamp(1, MAX_LIMIT))),
+    );
+    let rows = q.fetch_all(store).await?;
+    rows.iter()
+        .map(|r| {
+            let u16_of = |name: &str| -> Result<Option<u16>, sqlx::Error> {
+                Ok(r.try_get::<Option<i64>, _>(name)?
+                    .and_then(|v| u16::try_from(v).ok()))
+            };
+            let u64_of = |name: &str| -> Result<Option<u64>, sqlx::Error> {
+                Ok(r.try_get::<Option<i64>, _>(name)?
+                    .and_then(|v| u64::try_from(v).ok()))
+            };
+            Ok(Entry {
+                seq: r.try_get("seq")?,
+                request_id: r.try_get("request_id")?,
+                time_ms: r.try_get("time_ms")?,
+                proxy: r.try_get("proxy")?,
+                target: r.try_get("target")?,
+                credential: r.try_get("credential")?,
+                key_id: r.try_get("key_id")?,
+                run_label: r.try_get("run_label")?,
+                method: r.try_get("method")?,
+                path: r.try_get("path")?,
+                status: u16_of("status")?,
+                upstream_status: u16_of("upstream_status")?,
+                decision: r.try_get("decision")?,
+                rule_id: r.try_get("rule_id")?,
+                latency_ms: r.try_get("latency_ms")?,
+                cost_usd: r.try_get("cost_usd")?,
+                bytes_in: u64_of("bytes_in")?,
+                bytes_out: u64_of("bytes_out")?,
+                retries: u64_of("retries")?.and_then(|v| u32::try_from(v).ok()),
+                model: r.try_get("model")?,
+                input_tokens: u64_of("input_tokens")?,
+                output_tokens: u64_of("output_tokens")?,
+                cached_tokens: u64_of("cached_tokens")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(StoreError::from)
+}
+
+/// Aggregates over one hour or one day.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Bucket {
+    pub start_ms: i64,
+    pub requests: u64,
+    pub decisions: BTreeMap<String, u64>,
+    /// `2xx`, `4xx`, …; `none` while a request has no status yet.
+    pub status_classes: BTreeMap<String, u64>,
+    pub p50_latency_ms: Option<f64>,
+    pub p95_latency_ms: Option<f64>,
+    pub cost_usd: f64,
+    /// LLM calls, by the model their requests named.
+    pub models: BTreeMap<String, ModelUse>,
+}
+
+/// What the LLM calls of one model used in a bucket.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelUse {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub cached_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+}
+
+/// Buckets of `width_ms`, oldest first, over the filtered records.
+pub async fn telemetry(
+    store: &Store,
+    filter: &Filter,
+    width_ms: i64,
+) -> Result<Vec<Bucket>, StoreError> {
+    let mut q = Sql::new(
+        "SELECT time_ms, decision, status, latency_ms, cost_usd, model, input_tokens,
+                cached_tokens, output_tokens
+         FROM requests",
+    );
+    push_filter(&mut q, filter);
+    q.text.push_str(" ORDER BY time_ms");
+    let rows = q.fetch_all(store).await?;
+    let mut buckets: BTreeMap<i64, (Bucket, Vec<f64>)> = BTreeMap::new();
+    for r in &rows {
+        let time_ms: i64 = r.try_get("time_ms")?;
+        let start = time_ms.div_euclid(width_ms) * width_ms;
+        let (bucket, latencies) = buckets.entry(start).or_insert_with(|| {
+            (
+                Bucket {
+                    start_ms: start,
+                    ..Bucket::default()
+                },
+                Vec::new(),
+            )
+        });
+        bucket.requests += 1;
+        *bucket
+            .decisions
+            .entry(r.try_get::<String, _>("decision")?)
+            .or_default() += 1;
+        let class = match r.try_get::<Option<i64>, _>("status")? {
+            Some(s) => format!("{}xx", s / 100),
+            None => "none".to_owned(),
+        };
+        *bucket.status_classes.entry(class).or_default() += 1;
+        if let Some(l) = r.try_get::<Option<f64>, _>("latency_ms")? {
+            latencies.push(l);
+        }
+        let cost = r.try_get::<Option<f64>, _>("cost_usd")?.unwrap_or(0.0);
+        bucket.cost_usd += cost;
+        if let Some(model) = r.try_get::<Option<String>, _>("model")? {
+            let tokens = |name: &str| -> Result<u64, sqlx::Error> {
+                Ok(r.try_get::<Option<i64>, _>(name)?
+                    .and_then(|n| u64::try_from(n).ok())
+                    .unwrap_or(0))
+            };
+            let used = bucket.models.entry(model).or_default();
+            used.requests += 1;
+            used.input_tokens += tokens("input_tokens")?;
+            used.cached_tokens += tokens("cached_tokens")?;
+            used.output_tokens += tokens("output_tokens")?;
+            used.cost_usd += cost;
+        }
+    }
+    Ok(buckets
+        .into_values()
+        .map(|(mut bucket, mut latencies)| {
+            latencies.sort_by(f64::total_cmp);
+            bucket.p50_latency_ms = percentile(&latencies, 50);
+            bucket.p95_latency_ms = percentile(&latencies, 95);
+            bucket
+        })
+        .collect())
+}
+
+/// Nearest rank: the smallest value with at least `p`% of the values at or below it.
+fn percentile(sorted: &[f64], p: usize) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    Some(sorted[rank - 1])
+}
+
+/// Deletes records older than `cutoff_ms`, in slices so writers are never held up for
+/// long. Returns how many went.
+pub async fn prune(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
+    let mut total = 0;
+    loop {
+        let done = sqlx::query(
+            "DELETE FROM requests WHERE seq IN
+               (SELECT seq FROM requests WHERE time_ms < $1 LIMIT 5000)",
+        )
+        .bind(cutoff_ms)
+        .execute(store.pool())
+        .await?;
+        total += done.rows_affected();
+        if done.rows_affected() < 5000 {
+            return Ok(total);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::audit::{AuditCounters, AuditLog, Completed, Decided, Event};
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50), Some(50.0));
+        assert_eq!(percentile(&v, 95), Some(95.0));
+        assert_eq!(percentile(&[7.0], 95), Some(7.0));
+        assert_eq!(percentile(&[], 50), None);
+    }
+
+    #[test]
+    fn status_filters() {
+        assert_eq!("429".parse(), Ok(StatusFilter::Exact(429)));
+        assert_eq!("4xx".parse(), Ok(StatusFilter::Class(4)));
+        assert_eq!("5XX".parse(), Ok(StatusFilter::Class(5)));
+        for bad in ["42", "9xx", "xx", "40x", "abc", "600"] {
+            assert!(bad.parse::<StatusFilter>().is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn filters_pages_buckets_and_retention() {
+        for (_label, _scratch, store) in crate::store::testing::stores().await {
+            filters_on(store).await;
+        }
+    }
+
+    async fn filters_on(store: Store) {
+        let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
+        let hour = 3_600_000;
+        let base = 1_700_000_000_000 / hour * hour;
+        for i in 0..10i64 {
+            let denied = i % 3 == 0;
+            log.record(Event::Decided(Decided {
+                request_id: format!("r{i}"),
+                time_ms: base + (i / 5) * hour + i,
+                proxy: Some(if i % 2 == 0 { "a" } else { "b" }.into()),
+                method: "GET".into(),
+                path: "/x".into(),
+                status: denied.then_some(403),
+                decision: if denied { "rule_denied" } else { "allow" },
+                ..Decided::default()
+            }))
+            .await;
+            if !denied {
+                log.record(Event::Completed(Completed {
+                    request_id: format!("r{i}"),
+                    status: Some(200),
+                    upstream_status: Some(200),
+                    latency_ms: Some(i as f64),
+                    ..Completed::default()
+                }))
+                .await;
+            }
+        }
+        writer.finish().await;
+
+        let all = list(&store, &Filter::default(), 100, None).await.unwrap();
+        assert_eq!(all.len(), 10);
+        assert_eq!(all[0].request_id, "r9", "newest first");
+        let page = list(&store, &Filter::default(), 4, Some(Cursor::of(&all[3])))
+            .await
+            .unwrap();
+        assert_eq!(page[0].request_id, "r5");
+        let proxy_a = Filter {
+            proxy: Some("a".into()),
+            status: Some(StatusFilter::Class(4)),
+            ..Filter::default()
+        };
+        let ids: Vec<String> = list(&store, &proxy_a, 100, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.request_id)
+            .collect();
+        assert_eq!(ids, ["r6", "r0"]);
+
+        let buckets = telemetry(&store, &Filter::default(), hour).await.unwrap();
+        assert_eq!(buckets.len(), 2);
+        assert_eq!(buckets[0].start_ms, base);
+        assert_eq!(buckets[0].requests, 5);
+        assert_eq!(buckets[0].decisions["rule_denied"], 2); // r0, r3
+        assert_eq!(buckets[0].status_classes["2xx"], 3);
+        assert_eq!(buckets[0].p50_latency_ms, Some(2.0)); // of 1, 2, 4
+        assert_eq!(buckets[0].p95_latency_ms, Some(4.0));
+
+        assert_eq!(prune(&store, base + hour).await.unwrap(), 5);
+        assert_eq!(
+            list(&store, &Filter::default(), 100, None)
+                .await
+                .unwrap()
+                .len(),
+            5
+        );
+    }
+}

@@ -1,0 +1,525 @@
+//! OpenTelemetry over OTLP/gRPC: a span per decided request and each audit event as a log
+//! record, built from the audit writer's batches — never on the request path. On when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
+//! `…_LOGS_ENDPOINT`) is set; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+//! `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_TIMEOUT` are honoured.
+//!
+//! Telemetry is allowed to be lossy where the audit is not: if the collector is slow or
+//! gone, batches past a small queue are dropped and counted; the SQL audit is unaffected.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::common::v1::{
+    AnyValue, InstrumentationScope, KeyValue, any_value::Value,
+};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span::SpanKind};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::telemetry::audit::{Completed, Decided, Event, Llm};
+
+/// Batches waiting for the collector; beyond this they are dropped (and counted).
+const QUEUE: usize = 64;
+
+/// Where and how to export, from the standard OTel environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OtlpConfig {
+    pub traces: Option<String>,
+    pub logs: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub resource: Vec<(String, String)>,
+}
+
+impl OtlpConfig {
+    /// `None` when no endpoint is set: OTLP export is off.
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let base = var("OTEL_EXPORTER_OTLP_ENDPOINT");
+        let traces = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| base.clone());
+        let logs = var("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT").or_else(|| base.clone());
+        if traces.is_none() && logs.is_none() {
+            return None;
+        }
+        let pairs = |text: Option<String>| -> Vec<(String, String)> {
+            text.unwrap_or_default()
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| {
+                    let v = percent_encoding::percent_decode_str(v.trim()).decode_utf8_lossy();
+                    (k.trim().to_owned(), v.into_owned())
+                })
+                .collect()
+        };
+        let mut resource = pairs(var("OTEL_RESOURCE_ATTRIBUTES"));
+        let service = var("OTEL_SERVICE_NAME").unwrap_or_else(|| "latchkey".to_owned());
+        resource.retain(|(k, _)| k != "service.name");
+        resource.insert(0, ("service.name".to_owned(), service));
+        let timeout = var("OTEL_EXPORTER_OTLP_TIMEOUT")
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .map_or(Duration::from_secs(10), Duration::from_millis);
+        Some(Self {
+            traces,
+            logs,
+            headers: pairs(var("OTEL_EXPORTER_OTLP_HEADERS")),
+            timeout,
+            resource,
+        })
+    }
+}
+
+/// The exporter: a queue in front of one task that sends each batch to the collector.
+pub struct Otlp {
+    tx: mpsc::Sender<Vec<Event>>,
+    dropped: Counter,
+    task: JoinHandle<()>,
+}
+
+impl Otlp {
+    pub fn start(config: OtlpConfig, dropped: Counter) -> anyhow::Result<Self> {
+        let channel = |endpoint: &Option<String>| -> anyhow::Result<Option<Channel>> {
+            endpoint
+                .as_deref()
+                .map(|e| {
+                    Ok(Endpoint::from_shared(e.to_owned())
+                        .with_context(|| format!("OTLP endpoint {e:?}"))?
+                        .timeout(config.timeout)
+                        .connect_lazy())
+                })
+                .transpose()
+        };
+        let mut traces = channel(&config.traces)?.map(TraceServiceClient::new);
+        let mut logs = channel(&config.logs)?.map(LogsServiceClient::new);
+        let mut metadata = MetadataMap::new();
+        for (k, v) in &config.headers {
+            let key = MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                .with_context(|| format!("OTEL_EXPORTER_OTLP_HEADERS: bad name {k:?}"))?;
+            let value = MetadataValue::try_from(v.as_str())
+                .with_context(|| format!("OTEL_EXPORTER_OTLP_HEADERS: bad value for {k:?}"))?;
+            metadata.insert(key, value);
+        }
+        let resource = Resource {
+            attributes: config
+                .resource
+                .iter()
+                .map(|(k, v)| attr(k, text(v)))
+                .collect(),
+            ..Default::default()
+        };
+        let (tx, mut rx) = mpsc::channel::<Vec<Event>>(QUEUE);
+        let task = tokio::spawn(async move {
+            while let Some(events) = rx.recv().await {
+                let (spans, records) = convert(&events);
+                if let Some(client) = traces.as_mut().filter(|_| !spans.is_empty()) {
+                    let mut request = tonic::Request::new(ExportTraceServiceRequest {
+                        resource_spans: vec![ResourceSpans {
+                            resource: Some(resource.clone()),
+                            scope_spans: vec![ScopeSpans {
+                                scope: Some(scope()),
+                                spans,
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }],
+                    });
+                    *request.metadata_mut() = metadata.clone();
+                    if let Err(e) = client.export(request).await {
+                        tracing::warn!(error = %e.message(), "OTLP span export failed");
+                    }
+                }
+                if let Some(client) = logs.as_mut().filter(|_| !records.is_empty()) {
+                    let mut request = tonic::Request::new(ExportLogsServiceRequest {
+                        resource_logs: vec![ResourceLogs {
+                            resource: Some(resource.clone()),
+                            scope_logs: vec![ScopeLogs {
+                                scope: Some(scope()),
+                                log_records: records,
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }],
+                    });
+                    *request.metadata_mut() = metadata.clone();
+                    if let Err(e) = client.export(request).await {
+                        tracing::warn!(error = %e.message(), "OTLP log export failed");
+                    }
+                }
+            }
+        });
+        Ok(Self { tx, dropped, task })
+    }
+
+    /// Hands a written batch over; never waits.
+    pub fn offer(&self, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        if self.tx.try_send(events.to_vec()).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    /// Sends what is queued, then stops.
+    pub async fn finish(self) {
+        drop(self.tx);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "the OTLP exporter failed");
+        }
+    }
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "latchkey".to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..Default::default()
+    }
+}
+
+fn text(s: &str) -> Value {
+    Value::StringValue(s.to_owned())
+}
+
+fn attr(key: &str, value: Value) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    }
+}
+
+fn ms_to_ns(ms: i64) -> u64 {
+    u64::try_from(ms).unwrap_or(0).saturating_mul(1_000_000)
+}
+
+fn decided_attrs(d: &Decided) -> Vec<KeyValue> {
+    let mut attrs = vec![
+        attr("latchkey.request_id", text(&d.request_id)),
+        attr("latchkey.decision", text(d.decision)),
+        attr("http.request.method", text(&d.method)),
+        attr("url.path", text(&d.path)),
+    ];
+    let optional = [
+        ("latchkey.proxy", &d.proxy),
+        ("latchkey.target", &d.target),
+        ("latchkey.credential", &d.credential),
+        ("latchkey.key_id", &d.key_id),
+        ("latchkey.run_label", &d.run_label),
+        ("latchkey.rule_id", &d.rule_id),
+    ];
+    attrs.extend(
+        optional
+            .into_iter()
+            .filter_map(|(k, v)| v.as_deref().map(|v| attr(k, text(v)))),
+    );
+    if let Some(status) = d.status {
+        attrs.push(attr(
+            "http.response.status_code",
+            Value::IntValue(i64::from(status)),
+        ));
+    }
+    attrs
+}
+
+fn completed_attrs(c: &Completed) -> Vec<KeyValue> {
+    let mut attrs = vec![attr("latchkey.request_id", text(&c.request_id))];
+    let numbers = [
+        ("http.response.status_code", c.status.map(i64::from)),
+        ("latchkey.upstream_status", c.upstream_status.map(i64::from)),
+        ("latchkey.bytes_in", i64::try_from(c.bytes_in).ok()),
+        ("latchkey.bytes_out", i64::try_from(c.bytes_out).ok()),
+        ("latchkey.retries", Some(i64::from(c.retries))),
+    ];
+    attrs.extend(
+        numbers
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| attr(k, Value::IntValue(v)))),
+    );
+    if let Some(ms) = c.latency_ms {
+        attrs.push(attr("latchkey.latency_ms", Value::DoubleValue(ms)));
+    }
+    attrs
+}
+
+fn log(event_name: &str, time_ns: u64, body: String, attributes: Vec<KeyValue>) -> LogRecord {
+    LogRecord {
+        time_unix_nano: time_ns,
+        observed_time_unix_nano: time_ns,
+        severity_number: SeverityNumber::Info as i32,
+        severity_text: "INFO".to_owned(),
+        event_name: event_name.to_owned(),
+        body: Some(AnyValue {
+            value: Some(Value::StringValue(body)),
+        }),
+        attributes,
+        ..Default::default()
+    }
+}
+
+/// A request's trace id and its decision span's id, derived from the request id with a
+/// key this process drew: the charge, settled when the answer ends, joins the decision's
+/// trace without the ids being carried along, and an agent that picks its request id
+/// cannot pick them.
+fn trace_of(request_id: &str) -> (Vec<u8>, Vec<u8>) {
+    use hmac::{Hmac, Mac};
+    static KEY: std::sync::LazyLock<[u8; 32]> =
+        std::sync::LazyLock::new(crate::base::crypto::random_bytes::<32>);
+    let mut mac = <Hmac<sha2::Sha256>>::new_from_slice(&*KEY).expect("any key length");
+    mac.update(request_id.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    (digest[..16].to_vec(), digest[16..24].to_vec())
+}
+
+/// The GenAI semantic conventions' attributes of an LLM call.
+fn llm_attrs(llm: &Llm) -> Vec<KeyValue> {
+    let count = |n: u64| Value::IntValue(i64::try_from(n).unwrap_or(i64::MAX));
+    let mut attrs = vec![
+        attr("gen_ai.operation.name", text("chat")),
+        attr("gen_ai.provider.name", text(llm.vendor.name())),
+        attr(
+            "gen_ai.usage.input_tokens",
+            count(llm.usage.input + llm.usage.cached_input),
+        ),
+        attr("gen_ai.usage.output_tokens", count(llm.usage.output)),
+        attr(
+            "gen_ai.usage.cache_read.input_tokens",
+            count(llm.usage.cached_input),
+        ),
+    ];
+    if let Some(model) = &llm.model {
+        attrs.push(attr("gen_ai.request.model", text(model)));
+    }
+    attrs
+}
+
+/// A span for each decision (its own trace: latchkey is where the agent's call begins),
+/// a child span for each LLM call's usage, and a log record for each event, linked to
+/// its span.
+pub fn convert(events: &[Event]) -> (Vec<Span>, Vec<LogRecord>) {
+    let mut spans = Vec::new();
+    let mut records = Vec::with_capacity(events.len());
+    let now_ns = ms_to_ns(crate::base::clock::now_unix_ms());
+    for event in events {
+        match event {
+            Event::Decided(d) => {
+                let (trace_id, span_id) = trace_of(&d.request_id);
+                let end = ms_to_ns(d.time_ms);
+                let attributes = decided_attrs(d);
+                spans.push(Span {
+                    trace_id: trace_id.clone(),
+                    span_id: span_id.clone(),
+                    name: format!("latchkey {}", d.decision),
+                    kind: SpanKind::Server as i32,
+                    start_time_unix_nano: end.saturating_sub(u64::from(d.elapsed_us) * 1_000),
+                    end_time_unix_nano: end,
+                    attributes: attributes.clone(),
+                    ..Default::default()
+                });
+                let mut record = log(
+                    "latchkey.request.decided",
+                    end,
+                    format!(
+                        "{} {} {} -> {}",
+                        d.proxy.as_deref().unwrap_or("-"),
+                        d.method,
+                        d.path,
+                        d.decision
+                    ),
+                    attributes,
+                );
+                record.trace_id = trace_id;
+                record.span_id = span_id;
+                records.push(record);
+            }
+            Event::Completed(c) => records.push(log(
+                "latchkey.request.completed",
+                now_ns,
+                format!(
+                    "request {} completed with {}",
+                    c.request_id,
+                    c.status.map_or("no status".to_owned(), |s| s.to_string())
+                ),
+                completed_attrs(c),
+            )),
+            Event::Charged {
+                request_id,
+                started_ms,
+                key_id,
+                micros,
+                llm,
+            } => {
+                let (trace_id, parent) = trace_of(request_id);
+                let mut attrs = vec![
+                    attr("latchkey.request_id", text(request_id)),
+                    attr("latchkey.key_id", text(key_id)),
+                    attr(
+                        "latchkey.cost_usd",
+                        Value::DoubleValue(crate::base::money::to_usd(*micros)),
+                    ),
+                ];
+                let mut record = log(
+                    "latchkey.request.charged",
+                    now_ns,
+                    format!(
+                        "request {request_id} cost {} USD",
+                        crate::base::money::to_usd(*micros)
+                    ),
+                    Vec::new(),
+                );
+                record.trace_id = trace_id.clone();
+                record.span_id = parent.clone();
+                // The LLM call as the GenAI conventions describe one: a client span from
+                // the decision to the settled answer, inside the decision's trace.
+                if let Some(llm) = llm {
+                    attrs.extend(llm_attrs(llm));
+                    let span_id = crate::base::crypto::random_bytes::<8>().to_vec();
+                    spans.push(Span {
+                        trace_id,
+                        span_id: span_id.clone(),
+                        parent_span_id: parent,
+                        name: format!("chat {}", llm.model.as_deref().unwrap_or("unknown")),
+                        kind: SpanKind::Client as i32,
+                        start_time_unix_nano: ms_to_ns(*started_ms).min(now_ns),
+                        end_time_unix_nano: now_ns,
+                        attributes: attrs.clone(),
+                        ..Default::default()
+                    });
+                    record.span_id = span_id;
+                }
+                record.attributes = attrs;
+                records.push(record);
+            }
+        }
+    }
+    (spans, records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn configured_from_the_standard_variables() {
+        assert_eq!(OtlpConfig::from_env(env(&[])), None);
+        let c = OtlpConfig::from_env(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://logs:4317"),
+            ("OTEL_SERVICE_NAME", "gateway"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=prod,team=a%20b",
+            ),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=t1"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+        ]))
+        .unwrap();
+        assert_eq!(c.traces.as_deref(), Some("http://collector:4317"));
+        assert_eq!(c.logs.as_deref(), Some("http://logs:4317"));
+        assert_eq!(c.resource[0], ("service.name".into(), "gateway".into()));
+        assert!(c.resource.contains(&("team".into(), "a b".into())));
+        assert_eq!(c.headers, vec![("x-tenant".into(), "t1".into())]);
+        assert_eq!(c.timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn a_decision_is_a_span_and_a_linked_log_record() {
+        let (spans, records) = convert(&[Event::Decided(Decided {
+            request_id: "r1".into(),
+            time_ms: 1_700_000_000_000,
+            elapsed_us: 250,
+            proxy: Some("stripe".into()),
+            method: "GET".into(),
+            path: "/v1/x".into(),
+            status: Some(403),
+            decision: "rule_denied",
+            rule_id: Some("no-refunds".into()),
+            ..Decided::default()
+        })]);
+        assert_eq!(spans.len(), 1);
+        assert_eq!(
+            spans[0].end_time_unix_nano - spans[0].start_time_unix_nano,
+            250_000
+        );
+        assert_eq!(records[0].span_id, spans[0].span_id);
+        assert_eq!(records[0].event_name, "latchkey.request.decided");
+        let keys: Vec<&str> = spans[0].attributes.iter().map(|a| a.key.as_str()).collect();
+        for k in [
+            "latchkey.proxy",
+            "latchkey.decision",
+            "latchkey.rule_id",
+            "http.response.status_code",
+        ] {
+            assert!(keys.contains(&k), "{k} in {keys:?}");
+        }
+    }
+
+    /// An LLM call's usage is a client span inside its decision's trace, with the GenAI
+    /// attributes, and the charge's log record points at it.
+    #[test]
+    fn an_llm_charge_is_a_genai_span_in_the_decisions_trace() {
+        let llm = Llm {
+            model: Some("gpt-4o".into()),
+            priced_as: Some("gpt-4o".into()),
+            vendor: crate::policy::Vendor::OpenAi,
+            usage: crate::base::money::Usage {
+                input: 100,
+                cached_input: 20,
+                output: 7,
+            },
+        };
+        let (spans, records) = convert(&[
+            Event::Decided(Decided {
+                request_id: "r1".into(),
+                time_ms: 1_700_000_000_000,
+                decision: "allowed",
+                ..Decided::default()
+            }),
+            Event::Charged {
+                request_id: "r1".into(),
+                started_ms: 1_700_000_000_000,
+                key_id: "k1".into(),
+                micros: 900,
+                llm: Some(llm),
+            },
+        ]);
+        let [decision, call] = &spans[..] else {
+            panic!("two spans: {spans:?}")
+        };
+        assert_eq!(call.trace_id, decision.trace_id);
+        assert_eq!(call.parent_span_id, decision.span_id);
+        assert_eq!(call.name, "chat gpt-4o");
+        assert_eq!(call.kind, SpanKind::Client as i32);
+        let int = |key: &str| {
+            call.attributes.iter().find(|a| a.key == key).and_then(|a| {
+                match a.value.as_ref()?.value.as_ref()? {
+                    Value::IntValue(n) => Some(*n),
+                    _ => None,
+                }
+            })
+        };
+        assert_eq!(int("gen_ai.usage.input_tokens"), Some(120));
+        assert_eq!(int("gen_ai.usage.output_tokens"), Some(7));
+        assert_eq!(records[1].span_id, call.span_id);
+        // Another request is another trace.
+        assert_ne!(trace_of("r2").0, decision.trace_id);
+    }
+}
