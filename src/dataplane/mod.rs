@@ -38,6 +38,7 @@ pub(crate) mod keys;
 pub(crate) mod mutate;
 pub mod pipeline;
 pub(crate) mod redact;
+pub mod request;
 pub(crate) mod route;
 pub mod rules;
 pub(crate) mod shared;

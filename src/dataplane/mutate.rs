@@ -8,7 +8,7 @@ use percent_encoding::percent_decode_str;
 
 use crate::dataplane::credentials::sigv4;
 use crate::dataplane::keys::CARRIERS;
-use crate::dataplane::pipeline::RequestView;
+use crate::dataplane::request::RequestView;
 use crate::dataplane::route::Route;
 use crate::dataplane::snapshot::{Injection, Proxy};
 

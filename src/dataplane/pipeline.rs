@@ -12,6 +12,7 @@ use crate::dataplane::denial::Denial;
 use crate::dataplane::keys;
 use crate::dataplane::mutate::{self, Forward};
 use crate::dataplane::redact::Guard;
+pub use crate::dataplane::request::RequestView;
 use crate::dataplane::route::route;
 use crate::dataplane::rules::{self, Body, Facts, RuleList, Verdict};
 use crate::dataplane::shared::Shared;
@@ -21,16 +22,6 @@ use crate::dataplane::spend::{Account, Holder, MAX_IN_FLIGHT, Refusal, Spend, Un
 use crate::dataplane::usage;
 use crate::policy::Period;
 use crate::telemetry::audit::{Decided, Event};
-
-/// A request as the pipeline sees it. Header names are lower-case, as Envoy sends them.
-pub struct RequestView<'a> {
-    pub method: &'a str,
-    /// The full `:path`: `/<proxy>/<upstream path>[?query]`.
-    pub path: &'a str,
-    pub headers: &'a [(&'a str, &'a [u8])],
-    /// The request body as received, when it has been (empty for a request without one).
-    pub body: Option<&'a [u8]>,
-}
 
 /// Who the request is judged as.
 #[derive(Debug, Clone, Copy)]

@@ -16,9 +16,9 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
-pub use crate::store::audit::{Completed, Decided, Llm};
 use crate::store::audit::{Cost, Row, Spent};
 use crate::store::{Store, StoreError};
+pub use crate::telemetry::events::{Completed, Decided, Event, Llm};
 use crate::telemetry::otel::Otlp;
 
 /// Events waiting for the writer; beyond this a request waits for room.
@@ -33,21 +33,6 @@ const LINGER: Duration = Duration::from_millis(50);
 /// written it) keeps being retried.
 const ORPHAN_TTL: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone)]
-pub enum Event {
-    Decided(Decided),
-    Completed(Completed),
-    /// What a priced request cost: added to its record and to its key's spend.
-    Charged {
-        request_id: String,
-        /// When the request was decided, Unix milliseconds.
-        started_ms: i64,
-        key_id: Arc<str>,
-        micros: u64,
-        /// What an LLM answer reported it consumed.
-        llm: Option<Llm>,
-    },
-}
 
 /// The audit's counters, registered with the metrics.
 #[derive(Clone, Default)]

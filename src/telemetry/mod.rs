@@ -3,5 +3,6 @@
 //! events, and the Prometheus metrics.
 
 pub mod audit;
+pub mod events;
 pub mod metrics;
 pub mod otel;

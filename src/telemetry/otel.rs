@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::telemetry::audit::{Completed, Decided, Event, Llm};
+use crate::telemetry::events::{Completed, Decided, Event, Llm};
 
 /// Batches waiting for the collector; beyond this they are dropped (and counted).
 const QUEUE: usize = 64;
