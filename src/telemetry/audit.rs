@@ -33,7 +33,6 @@ const LINGER: Duration = Duration::from_millis(50);
 /// written it) keeps being retried.
 const ORPHAN_TTL: Duration = Duration::from_secs(30);
 
-
 /// The audit's counters, registered with the metrics.
 #[derive(Clone, Default)]
 pub struct AuditCounters {
