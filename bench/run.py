@@ -422,8 +422,26 @@ def scale_check(procs, work):
     wait_http(f"http://127.0.0.1:{http}/readyz", "latchkey")
     startup_s = time.time() - started
     rss_kb = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{serve.pid}/status").read_text()).group(1))
+    issue_s, revoke_s = key_changes(admin)
     procs.stop(serve)
-    return {"apply_s": apply_s, "startup_s": startup_s, "rss_mb": rss_kb / 1024}
+    return {"apply_s": apply_s, "startup_s": startup_s, "rss_mb": rss_kb / 1024,
+            "issue_s": issue_s, "revoke_s": revoke_s}
+
+
+def key_changes(admin, times=5):
+    """Median seconds of `latchkey key issue` and `key revoke` (the command's wall time:
+    the store's write and the serving snapshot taking it in)."""
+    conn = ["--admin-addr", f"127.0.0.1:{admin}", "--admin-token", ADMIN_TOKEN]
+    issued, revoked = [], []
+    for i in range(times):
+        started = time.time()
+        out = json.loads(run([LATCHKEY, "key", "issue", "--credential", f"agent{i}",
+                              "--json", *conn]))
+        issued.append(time.time() - started)
+        started = time.time()
+        run([LATCHKEY, "key", "revoke", out["id"], *conn])
+        revoked.append(time.time() - started)
+    return statistics.median(issued), statistics.median(revoked)
 
 
 def main():
@@ -559,7 +577,9 @@ def write_report(med, scale, results):
         f"{per_round(results, lambda r: r['D']['ttfc_priced_p50'] - r['D']['ttfc_unpriced_p50'], '{:+.2f} ms')} "
         f"at the median, {d['ttfc_priced_p90'] - d['ttfc_unpriced_p90']:+.2f} ms at p90 (target ≤ +5 ms)",
         f"- 10,000 proxies and 100,000 keys: apply {scale['apply_s']:.1f} s, start-up to ready "
-        f"{scale['startup_s']:.2f} s (target < 2 s), resident memory {scale['rss_mb']:.0f} MB (target < 64 MB)",
+        f"{scale['startup_s']:.2f} s (target < 2 s), resident memory {scale['rss_mb']:.0f} MB (target < 64 MB); "
+        f"`key issue` {scale['issue_s'] * 1000:.0f} ms and `key revoke` {scale['revoke_s'] * 1000:.0f} ms "
+        f"(medians of 5, the command's wall time: written and in effect on this replica)",
     ]
     text = "\n".join([
         "# Benchmarks",

@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 use crate::base::crypto::MasterKey;
 use crate::control::tokens::Tokens;
 use crate::dataplane::shared::Shared;
-use crate::dataplane::snapshot::{CompileError, Policy};
+use crate::dataplane::snapshot::CompileError;
 use crate::store::{Backend, Store, StoreError};
 
 /// How often the version is compared without a notification.
@@ -130,10 +130,12 @@ impl PolicySync {
         }
         self.tokens.reload(&self.store).await?;
         // Decrypting every secret and compiling every regex is CPU work: off the
-        // runtime's workers, which keep answering Envoy meanwhile.
+        // runtime's workers, which keep answering Envoy meanwhile. A change of keys alone
+        // (a run key issued or revoked) reuses the running snapshot's compiled part.
         let master = self.master.clone();
+        let running = self.shared.policy.load_full();
         let policy =
-            tokio::task::spawn_blocking(move || Policy::compile(&stored, &master)).await??;
+            tokio::task::spawn_blocking(move || running.recompile(&stored, &master)).await??;
         self.shared.install(policy);
         self.running.store(version, Ordering::Release);
         tracing::info!(version, "policy reloaded");

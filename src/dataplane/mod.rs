@@ -32,6 +32,7 @@
 //! Every refusal is a [`denial::Denial`], mapped to a status and a body once.
 
 pub mod budget;
+mod compile;
 pub(crate) mod credentials;
 pub mod denial;
 pub(crate) mod keys;

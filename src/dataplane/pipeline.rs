@@ -513,3 +513,111 @@ fn truncated(s: &str, max: usize) -> &str {
     }
     &s[..end]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::crypto::MasterKey;
+    use crate::store::memory;
+
+    const KEY: &str = "lk_agentKEY0000000000000001";
+    const POLICY: &str = r#"
+targets:
+  - { name: vendor, url: "https://api.vendor.example/base" }
+credentials:
+  - { name: vendor-key, type: target, auth: bearer, secret: { value: sk_vendor_1234 } }
+  - { name: agent, type: proxy, keys: [{ value: lk_agentKEY0000000000000001 }] }
+  - { name: other, type: proxy, keys: [{ value: lk_otherKEY0000000000000001 }] }
+proxies:
+  - { name: api, target: vendor, target_credential: vendor-key, proxy_credentials: [agent], default_effect: deny }
+rules:
+  - { proxy: api, id: reads, effect: allow, methods: [GET], path: "^/v1/" }
+  - proxy: api
+    id: small-charges
+    effect: allow
+    methods: [POST]
+    path: "^/v1/charges$"
+    body: [{ pointer: /amount, lte: 100 }]
+"#;
+
+    fn policy() -> Policy {
+        let master = MasterKey::parse(&MasterKey::generate()).unwrap();
+        Policy::compile(&memory::stored(POLICY, &master).unwrap(), &master).unwrap()
+    }
+
+    fn ask(policy: &Policy, method: &str, path: &str, key: &str, body: &Body) -> Decision {
+        let bearer = format!("Bearer {key}");
+        let headers = [("authorization", bearer.as_bytes())];
+        let req = RequestView {
+            method,
+            path,
+            headers: &headers,
+            body: None,
+        };
+        decide(policy, &req, body, 1_700_000_000_000)
+    }
+
+    #[test]
+    fn an_allowed_request_swaps_the_key_and_names_its_rule() {
+        let decision = ask(&policy(), "GET", "/api/v1/things", KEY, &Body::Unread);
+        assert_eq!(decision.kind(), Some("allow"));
+        assert_eq!(decision.subject.rule_id.as_deref(), Some("reads"));
+        assert_eq!(decision.subject.credential.as_deref(), Some("agent"));
+        let Outcome::Forward(forward) = &decision.outcome else {
+            panic!("{decision:?}")
+        };
+        let set: Vec<(&str, &[u8])> = forward
+            .set
+            .iter()
+            .map(|(k, v)| (k.as_ref(), v.as_slice()))
+            .collect();
+        assert!(set.contains(&("authorization", b"Bearer sk_vendor_1234".as_slice())));
+        assert!(
+            set.contains(&(":path", b"/base/v1/things".as_slice())),
+            "{set:?}"
+        );
+    }
+
+    #[test]
+    fn each_refusal_says_why() {
+        let policy = policy();
+        for (method, path, key, kind) in [
+            ("GET", "/api/v1/things", "", "missing_key"),
+            (
+                "GET",
+                "/api/v1/things",
+                "lk_wrongKEY0000000000000001",
+                "invalid_key",
+            ),
+            ("GET", "/nope/v1/things", KEY, "unknown_proxy"),
+            (
+                "GET",
+                "/api/v1/things",
+                "lk_otherKEY0000000000000001",
+                "not_bound",
+            ),
+            ("DELETE", "/api/v1/things", KEY, "rule_denied"),
+            ("GET", "/api/v1/%2e%2e/admin", KEY, "invalid_request"),
+            // Dot segments resolve before the rules: `/admin` is no read under `/v1/`.
+            ("GET", "/api/v1/../admin", KEY, "rule_denied"),
+            ("GET", "/api/v1;x/things", KEY, "invalid_request"),
+        ] {
+            let decision = ask(&policy, method, path, key, &Body::Unread);
+            assert_eq!(decision.kind(), Some(kind), "{method} {path}: {decision:?}");
+        }
+    }
+
+    /// A rule on the body asks for it, then judges it.
+    #[test]
+    fn a_body_rule_waits_for_the_body() {
+        let policy = policy();
+        let asked = ask(&policy, "POST", "/api/v1/charges", KEY, &Body::Unread);
+        assert!(matches!(asked.outcome, Outcome::NeedBody));
+        assert_eq!(asked.kind(), None);
+        let small = Body::Json(serde_json::json!({ "amount": 50 }));
+        let large = Body::Json(serde_json::json!({ "amount": 5000 }));
+        let check = |body| ask(&policy, "POST", "/api/v1/charges", KEY, body).kind();
+        assert_eq!(check(&small), Some("allow"));
+        assert_eq!(check(&large), Some("rule_denied"));
+    }
+}

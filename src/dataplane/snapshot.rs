@@ -6,21 +6,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use zeroize::Zeroizing;
 
-use crate::base::crypto::MasterKey;
 use crate::base::money::to_micros;
-use crate::dataplane::budget::{Limit, Rate};
+use crate::dataplane::budget::Limit;
 use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::usage::PriceTable;
 use crate::policy::Period;
 use crate::policy::Vendor;
 use crate::policy::rows::{SecretError, StoredPolicy};
-use crate::policy::{AuthKind, Cost, CredentialType, Effect, Limits, TargetUrl};
+use crate::policy::{Cost, Effect};
 
 /// Envoy clusters that reach any host (see envoy/envoy.yaml): which one a request takes
 /// decides whether the upstream connection uses TLS.
@@ -36,7 +32,7 @@ pub enum CompileError {
 }
 
 /// Secret bytes that never print.
-pub struct Secret(Zeroizing<Vec<u8>>);
+pub struct Secret(pub(super) Zeroizing<Vec<u8>>);
 
 impl Secret {
     pub fn expose(&self) -> &[u8] {
@@ -144,7 +140,7 @@ pub enum CostSpec {
 }
 
 impl CostSpec {
-    fn from_policy(cost: &Cost) -> Option<Self> {
+    pub(super) fn from_policy(cost: &Cost) -> Option<Self> {
         if let (Some(vendor), Some(prices)) = (cost.tokens, &cost.usd_per_million) {
             let by_model = prices.iter().map(|(m, p)| (m.clone(), *p)).collect();
             return Some(CostSpec::Tokens {
@@ -209,7 +205,7 @@ pub struct KeyBudgets {
 }
 
 impl KeyBudgets {
-    fn of(k: &crate::policy::rows::KeyRow) -> Option<Box<Self>> {
+    pub(super) fn of(k: &crate::policy::rows::KeyRow) -> Option<Box<Self>> {
         let tokens: Vec<(Period, u64)> = [
             (Period::Minute, k.tokens_per_minute),
             (Period::Day, k.tokens_per_day),
@@ -246,73 +242,41 @@ pub struct KeyEntry {
 
 #[derive(Debug, Default)]
 pub struct Policy {
-    proxies: HashMap<Box<str>, Proxy>,
+    /// Everything but the keys: recompiled only when targets, credentials, proxies or
+    /// rules change, shared by the snapshots of key changes.
+    pub(super) compiled: Arc<Compiled>,
     /// Keyed by the first 16 bytes of the key's SHA-256; the full hash is compared in
     /// constant time after the lookup.
-    keys: HashMap<u128, KeyEntry>,
-    credentials: Vec<Arc<str>>,
+    pub(super) keys: Arc<HashMap<u128, KeyEntry>>,
+}
+
+/// The compiled policy without its keys.
+#[derive(Debug, Default)]
+pub(super) struct Compiled {
+    pub(super) proxies: HashMap<Box<str>, Proxy>,
+    pub(super) credentials: Vec<Arc<str>>,
+    /// Each proxy credential's index by its store id, for the key table.
+    pub(super) credential_ids: HashMap<Box<str>, u32>,
     /// Each proxy credential's own rules, by credential index.
-    credential_rules: Vec<RuleList>,
+    pub(super) credential_rules: Vec<RuleList>,
     /// Each proxy credential's request limits, across every proxy it uses.
-    credential_limits: Vec<Box<[Limit]>>,
-    /// Each proxy credential's daily spend cap, in micro-dollars.
-    credential_caps: Vec<Caps>,
-    rules_by_id: HashMap<Arc<str>, Arc<Rule>>,
-}
-
-/// Characters left as they are in a query parameter.
-const QUERY_SAFE: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'~');
-
-/// A target secret in every form it travels upstream, so an echo of any is caught: as
-/// given, and as the injection carries it (Basic's base64 pair, a query's encoding, an
-/// AWS secret and session token).
-fn echoed_forms(kind: AuthKind, secret: &str, injection: &Injection) -> Vec<Zeroizing<Vec<u8>>> {
-    let bytes = |s: &[u8]| Zeroizing::new(s.to_vec());
-    match (kind, injection) {
-        (_, Injection::SigV4(signer)) => signer.secrets().map(bytes).collect(),
-        (AuthKind::Basic, Injection::Header { value, .. }) => {
-            let pair = value.expose().strip_prefix(b"Basic ").unwrap_or_default();
-            vec![bytes(secret.as_bytes()), bytes(pair)]
-        }
-        (_, Injection::Query { value, .. }) => {
-            vec![bytes(secret.as_bytes()), bytes(value.expose())]
-        }
-        _ => vec![bytes(secret.as_bytes())],
-    }
-}
-
-/// The budget limits a `limits:` block sets, with their store keys.
-fn limits(owner: &str, name: &str, limits: Option<&Limits>) -> Box<[Limit]> {
-    let Some(limits) = limits else {
-        return Box::default();
-    };
-    [
-        ("minute", limits.requests_per_minute.map(Rate::per_minute)),
-        ("day", limits.requests_per_day.map(Rate::per_day)),
-    ]
-    .into_iter()
-    .filter_map(|(period, rate)| {
-        Some(Limit {
-            key: Arc::from(format!("{owner}:{name}:{period}")),
-            rate: rate?,
-        })
-    })
-    .collect()
+    pub(super) credential_limits: Vec<Box<[Limit]>>,
+    /// Each proxy credential's spend caps and token budgets.
+    pub(super) credential_caps: Vec<Caps>,
+    pub(super) rules_by_id: HashMap<Arc<str>, Arc<Rule>>,
+    /// A digest of the rows it was compiled from: equal, and only keys changed.
+    pub(super) source: [u8; 32],
 }
 
 impl Policy {
     pub fn proxy(&self, name: &str) -> Option<&Proxy> {
-        self.proxies.get(name)
+        self.compiled.proxies.get(name)
     }
 
     /// Why this policy cannot be enforced by ext_authz alone, if it cannot: the first
     /// proxy that needs a body or a response phase, named.
     pub fn ext_authz_obstacle(&self) -> Option<String> {
-        let mut names: Vec<&Proxy> = self.proxies.values().collect();
+        let mut names: Vec<&Proxy> = self.compiled.proxies.values().collect();
         names.sort_by(|a, b| a.name.cmp(&b.name));
         names.into_iter().find_map(|p| {
             let why = if p.injection.signs_body() {
@@ -361,287 +325,31 @@ impl Policy {
     }
 
     pub fn credential_name(&self, index: u32) -> &Arc<str> {
-        &self.credentials[index as usize]
+        &self.compiled.credentials[index as usize]
     }
 
     pub fn credential_index(&self, name: &str) -> Option<u32> {
-        self.credentials
+        self.compiled
+            .credentials
             .iter()
             .position(|c| c.as_ref() == name)
             .map(|i| i as u32)
     }
 
     pub fn credential_rules(&self, index: u32) -> &RuleList {
-        &self.credential_rules[index as usize]
+        &self.compiled.credential_rules[index as usize]
     }
 
     pub fn credential_limits(&self, index: u32) -> &[Limit] {
-        &self.credential_limits[index as usize]
+        &self.compiled.credential_limits[index as usize]
     }
 
     pub fn credential_caps(&self, index: u32) -> &Caps {
-        &self.credential_caps[index as usize]
+        &self.compiled.credential_caps[index as usize]
     }
 
     pub fn rule(&self, id: &str) -> Option<&Arc<Rule>> {
-        self.rules_by_id.get(id)
-    }
-
-    /// Builds the snapshot, decrypting every target secret: a wrong master key fails here,
-    /// at start-up or at apply, never on a request.
-    pub fn compile(stored: &StoredPolicy, master: &MasterKey) -> Result<Self, CompileError> {
-        let invalid = |s: String| CompileError::Invalid(s);
-        let mut cred_index: HashMap<&str, u32> = HashMap::new();
-        let mut cred_by_id: HashMap<&str, u32> = HashMap::new();
-        let mut credentials = Vec::new();
-        let mut credential_limits = Vec::new();
-        let mut credential_caps = Vec::new();
-        let mut injections: HashMap<&str, Arc<Injection>> = HashMap::new();
-        let mut echoes: HashMap<&str, Vec<Zeroizing<Vec<u8>>>> = HashMap::new();
-        // Only the credentials a proxy scrubs need their echoed forms.
-        let scrubbed: HashSet<&str> = stored
-            .proxies
-            .iter()
-            .filter(|p| p.response.as_ref().is_some_and(|r| r.scrub_credential))
-            .map(|p| p.target_credential.as_str())
-            .collect();
-        for c in &stored.credentials {
-            match c.kind {
-                CredentialType::Proxy => {
-                    let i = credentials.len() as u32;
-                    credentials.push(Arc::from(c.name.as_str()));
-                    credential_limits.push(limits("credential", &c.name, c.limits.as_ref()));
-                    let given = c.limits.clone().unwrap_or_default();
-                    credential_caps.push(Caps {
-                        spend: (given.spend_caps().into_iter())
-                            .map(|(p, usd)| (p, to_micros(usd)))
-                            .collect(),
-                        tokens: given.token_budgets(),
-                    });
-                    cred_index.insert(&c.name, i);
-                    cred_by_id.insert(&c.id, i);
-                }
-                CredentialType::Target => {
-                    let (Some(auth), Some(plain)) = (&c.auth, c.open_secret(master)?) else {
-                        return Err(invalid(format!(
-                            "credential {:?} has no auth or secret",
-                            c.name
-                        )));
-                    };
-                    let secret = std::str::from_utf8(&plain).map_err(|_| {
-                        invalid(format!("credential {:?}: secret is not UTF-8", c.name))
-                    })?;
-                    let header = |name: &str, value: String| Injection::Header {
-                        name: name.to_ascii_lowercase(),
-                        value: Secret(Zeroizing::new(value.into_bytes())),
-                    };
-                    let injection = match auth.kind {
-                        AuthKind::Bearer => header("authorization", format!("Bearer {secret}")),
-                        AuthKind::Header => header(
-                            auth.header.as_deref().unwrap_or_default(),
-                            format!("{}{secret}", auth.prefix.as_deref().unwrap_or_default()),
-                        ),
-                        AuthKind::Basic => {
-                            let user = auth.username.as_deref().unwrap_or_default();
-                            let pair = Zeroizing::new(format!("{user}:{secret}"));
-                            header("authorization", format!("Basic {}", BASE64.encode(&*pair)))
-                        }
-                        AuthKind::Query => Injection::Query {
-                            param: utf8_percent_encode(
-                                auth.param.as_deref().unwrap_or_default(),
-                                QUERY_SAFE,
-                            )
-                            .to_string(),
-                            value: Secret(Zeroizing::new(
-                                utf8_percent_encode(secret, QUERY_SAFE)
-                                    .to_string()
-                                    .into_bytes(),
-                            )),
-                        },
-                        AuthKind::Oauth2ClientCredentials => {
-                            Injection::OAuth2(crate::dataplane::credentials::oauth2::source(
-                                &c.id,
-                                crate::dataplane::credentials::oauth2::TokenConfig {
-                                    token_url: auth.token_url.clone().unwrap_or_default(),
-                                    client_id: auth.client_id.clone().unwrap_or_default(),
-                                    scopes: auth.scopes.clone().unwrap_or_default(),
-                                    client_auth: auth.client_auth.unwrap_or_default(),
-                                    params: auth.token_params.clone().unwrap_or_default(),
-                                },
-                                secret,
-                            ))
-                        }
-                        AuthKind::AwsSigv4 => {
-                            let (secret, token) = match secret.split_once('\n') {
-                                Some((s, t)) => (s, Some(t)),
-                                None => (secret, None),
-                            };
-                            crate::policy::secrets::check_aws_secrets(secret, token)
-                                .map_err(|e| invalid(format!("credential {:?}: {e}", c.name)))?;
-                            Injection::SigV4(crate::dataplane::credentials::sigv4::Signer::new(
-                                auth.access_key_id.as_deref().unwrap_or_default(),
-                                secret,
-                                token,
-                                auth.region.as_deref().unwrap_or_default(),
-                                auth.service.as_deref().unwrap_or_default(),
-                                auth.unsigned_payload.unwrap_or(false),
-                            ))
-                        }
-                    };
-                    if let Injection::Header { value, .. } = &injection
-                        && value
-                            .expose()
-                            .iter()
-                            .any(|&b| b == b'\r' || b == b'\n' || b == 0)
-                    {
-                        return Err(invalid(format!(
-                            "credential {:?}: secret holds a line break or NUL",
-                            c.name
-                        )));
-                    }
-                    if scrubbed.contains(c.name.as_str()) {
-                        echoes.insert(&c.name, echoed_forms(auth.kind, secret, &injection));
-                    }
-                    injections.insert(&c.name, Arc::new(injection));
-                }
-            }
-        }
-
-        // Sized once: growing a table of 100,000s of keys leaves its smaller copies behind as
-        // freed but resident memory.
-        let mut keys = HashMap::with_capacity(stored.keys.len());
-        for k in &stored.keys {
-            let Some(&credential) = cred_by_id.get(k.credential_id.as_str()) else {
-                continue;
-            };
-            let hash: [u8; 32] = k
-                .hash
-                .as_slice()
-                .try_into()
-                .map_err(|_| invalid(format!("key {} has a malformed hash", k.id)))?;
-            let prefix = u128::from_be_bytes(hash[..16].try_into().expect("16 bytes"));
-            keys.insert(
-                prefix,
-                KeyEntry {
-                    hash,
-                    id: Arc::from(k.id.as_str()),
-                    credential,
-                    label: k.label.as_deref().map(Arc::from),
-                    expires_at_ms: k.expires_at_ms,
-                    revoked: AtomicBool::new(k.revoked_at.is_some()),
-                    spend_cap_micros: k.spend_cap_usd.map(to_micros),
-                    budgets: KeyBudgets::of(k),
-                    spent_micros: to_micros(k.spent_usd),
-                },
-            );
-        }
-
-        let mut credential_rules: HashMap<&str, Vec<Arc<Rule>>> = HashMap::new();
-        let mut proxy_rules: HashMap<&str, Vec<Arc<Rule>>> = HashMap::new();
-        let mut rules_by_id = HashMap::new();
-        for r in &stored.rules {
-            let rule =
-                Arc::new(Rule::compile(r).map_err(|e| invalid(format!("rule {}: {e}", r.id)))?);
-            rules_by_id.insert(rule.id.clone(), rule.clone());
-            let owner = match (&r.credential, &r.proxy) {
-                (Some(c), _) => credential_rules.entry(c).or_default(),
-                (None, Some(p)) => proxy_rules.entry(p).or_default(),
-                (None, None) => return Err(invalid(format!("rule {} has no owner", r.id))),
-            };
-            owner.push(rule);
-        }
-        let credential_rules = credentials
-            .iter()
-            .map(|name: &Arc<str>| {
-                RuleList::new(credential_rules.remove(name.as_ref()).unwrap_or_default())
-                    .map_err(|e| invalid(format!("rules of credential {name:?}: {e}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-
-        let targets: HashMap<&str, &str> = stored
-            .targets
-            .iter()
-            .map(|t| (t.name.as_str(), t.url.as_str()))
-            .collect();
-        let mut proxies = HashMap::with_capacity(stored.proxies.len());
-        for p in &stored.proxies {
-            let url = targets
-                .get(p.target.as_str())
-                .ok_or_else(|| invalid(format!("proxy {:?}: no target {:?}", p.name, p.target)))?;
-            let url = TargetUrl::parse(url).map_err(invalid)?;
-            let injection = injections
-                .get(p.target_credential.as_str())
-                .cloned()
-                .ok_or_else(|| {
-                    invalid(format!(
-                        "proxy {:?}: no target credential {:?}",
-                        p.name, p.target_credential
-                    ))
-                })?;
-            let mut bound = HashSet::new();
-            for c in &p.proxy_credentials {
-                let Some(&index) = cred_index.get(c.as_str()) else {
-                    return Err(invalid(format!(
-                        "proxy {:?}: no proxy credential {c:?}",
-                        p.name
-                    )));
-                };
-                bound.insert(index);
-            }
-            let rules = RuleList::new(proxy_rules.remove(p.name.as_str()).unwrap_or_default())
-                .map_err(|e| invalid(format!("rules of proxy {:?}: {e}", p.name)))?;
-            let needs_body = injection.signs_body()
-                || p.cost.as_ref().is_some_and(|c| c.tokens.is_some())
-                || rules.needs_body()
-                || bound
-                    .iter()
-                    .any(|&c| credential_rules[c as usize].needs_body());
-            proxies.insert(
-                Box::from(p.name.as_str()),
-                Proxy {
-                    name: Arc::from(p.name.as_str()),
-                    target: Arc::from(p.target.as_str()),
-                    upstream: Upstream {
-                        cluster: if url.tls { CLUSTER_TLS } else { CLUSTER_PLAIN },
-                        authority: url.authority,
-                        base_path: url.base_path,
-                    },
-                    injection,
-                    default_effect: p.default_effect,
-                    rules,
-                    bound,
-                    needs_body,
-                    limits: limits("proxy", &p.name, p.limits.as_ref()),
-                    timeout_ms: (p.limits.as_ref())
-                        .and_then(|l| l.upstream_timeout_s)
-                        .map(|s| u64::from(s) * 1000),
-                    cost: p
-                        .cost
-                        .as_ref()
-                        .and_then(CostSpec::from_policy)
-                        .map(Arc::new),
-                    response: p
-                        .response
-                        .as_ref()
-                        .map(|spec| {
-                            let forms = echoes.get(p.target_credential.as_str()).cloned();
-                            Guard::new(spec, forms.unwrap_or_default())
-                                .map(Arc::new)
-                                .map_err(|e| invalid(format!("proxy {:?}: response: {e}", p.name)))
-                        })
-                        .transpose()?,
-                },
-            );
-        }
-        Ok(Self {
-            proxies,
-            keys,
-            credentials,
-            credential_rules,
-            credential_limits,
-            credential_caps,
-            rules_by_id,
-        })
+        self.compiled.rules_by_id.get(id)
     }
 }
 

@@ -6,6 +6,7 @@
 pub(crate) mod audit;
 mod desired;
 mod keys;
+pub mod memory;
 mod policy;
 pub mod requests;
 #[cfg(test)]
