@@ -30,7 +30,7 @@ use crate::pb::{
 use crate::policy::rows::{NewKey, StoredPolicy};
 use crate::policy::{Period, PolicyFile};
 use crate::store::requests::{self, Filter};
-use crate::store::{Desired, Store, StoreError};
+use crate::store::{AlreadyRevoked, Desired, Store, StoreError};
 
 pub struct AdminService {
     shared: Arc<Shared>,
@@ -483,7 +483,7 @@ impl Admin for AdminService {
         let key = crate::base::crypto::new_proxy_key();
         let label = (!req.label.is_empty()).then_some(req.label.as_str());
         let _one_at_a_time = self.write_lock.lock().await;
-        let id = self
+        let (row, version) = self
             .store
             .issue_key(&NewKey {
                 credential: &req.credential,
@@ -497,7 +497,13 @@ impl Admin for AdminService {
             })
             .await
             .map_err(store_status)?;
-        self.reload().await?;
+        // In effect here before the agent is handed the key; other replicas read it from
+        // the store when told.
+        self.sync
+            .keys_changed(version, |running| running.with_issued(&row))
+            .await
+            .map_err(internal)?;
+        let id = row.id;
         tracing::info!(key_id = %id, credential = %req.credential, "key issued");
         Ok(Response::new(IssuedKey {
             id,
@@ -566,8 +572,24 @@ impl Admin for AdminService {
         require_admin(&request)?;
         let id = request.into_inner().id;
         let _one_at_a_time = self.write_lock.lock().await;
-        let already_revoked = self.store.revoke_key(&id).await.map_err(store_status)?;
-        self.reload().await?;
+        let revoked = self.store.revoke_key(&id).await.map_err(store_status)?;
+        let already_revoked = match revoked {
+            Ok(version) => {
+                self.sync
+                    .keys_changed(version, |running| {
+                        running.revoke(&id);
+                        Some(Ok(running.clone()))
+                    })
+                    .await
+                    .map_err(internal)?;
+                false
+            }
+            // Revoked before: the running snapshot holds it so (or reloads see to it).
+            Err(AlreadyRevoked) => {
+                self.reload().await?;
+                true
+            }
+        };
         tracing::info!(key_id = %id, "key revoked");
         Ok(Response::new(RevokeKeyResponse { already_revoked }))
     }

@@ -14,7 +14,7 @@ use tokio::sync::Mutex;
 use crate::base::crypto::MasterKey;
 use crate::control::tokens::Tokens;
 use crate::dataplane::shared::Shared;
-use crate::dataplane::snapshot::CompileError;
+use crate::dataplane::snapshot::{CompileError, Policy};
 use crate::store::{Backend, Store, StoreError};
 
 /// How often the version is compared without a notification.
@@ -140,6 +140,29 @@ impl PolicySync {
         self.running.store(version, Ordering::Release);
         tracing::info!(version, "policy reloaded");
         Ok(())
+    }
+
+    /// A change of keys made here, which made store version `version`, put into effect
+    /// without reading the store back: `change` makes the next snapshot from the running
+    /// one, when that is the version just before (nothing else changed in between) and
+    /// `change` can; otherwise the store is read as for any change.
+    pub async fn keys_changed(
+        &self,
+        version: i64,
+        change: impl FnOnce(&Policy) -> Option<Result<Policy, CompileError>>,
+    ) -> Result<(), SyncError> {
+        {
+            let _one_at_a_time = self.reloading.lock().await;
+            let running = self.shared.policy.load_full();
+            if self.running.load(Ordering::Acquire) == version - 1
+                && let Some(next) = change(&running)
+            {
+                self.shared.install(next?);
+                self.running.store(version, Ordering::Release);
+                return Ok(());
+            }
+        }
+        self.reload().await
     }
 
     /// The snapshot of version `version` was installed by the caller (an apply that

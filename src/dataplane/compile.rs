@@ -22,7 +22,7 @@ use crate::dataplane::snapshot::{
     CLUSTER_PLAIN, CLUSTER_TLS, Caps, CompileError, Compiled, CostSpec, Injection, KeyBudgets,
     KeyEntry, Policy, Proxy, Secret, Upstream,
 };
-use crate::policy::rows::{AuthSpec, CredentialRow, ProxyRow, StoredPolicy};
+use crate::policy::rows::{AuthSpec, CredentialRow, KeyRow, ProxyRow, StoredPolicy};
 use crate::policy::{AuthKind, CredentialType, Limits, TargetUrl};
 
 impl Policy {
@@ -34,6 +34,7 @@ impl Policy {
         Ok(Policy {
             compiled: Arc::new(compiled),
             keys: Arc::new(keys),
+            issued: Arc::default(),
         })
     }
 
@@ -50,7 +51,34 @@ impl Policy {
         Ok(Policy {
             compiled: self.compiled.clone(),
             keys: Arc::new(key_table(stored, &self.compiled.credential_ids)?),
+            issued: Arc::default(),
         })
+    }
+
+    /// This snapshot with one more key, issued here: the key table is not rebuilt. `None`
+    /// when the key's credential is not in this snapshot, or enough keys were issued
+    /// since the table was built that a rebuild is due.
+    pub fn with_issued(&self, row: &KeyRow) -> Option<Result<Self, CompileError>> {
+        let &credential = self
+            .compiled
+            .credential_ids
+            .get(row.credential_id.as_str())?;
+        if self.issued.len() >= MAX_ISSUED {
+            return None;
+        }
+        let mut issued: HashMap<u128, KeyEntry> = self
+            .issued
+            .iter()
+            .map(|(prefix, k)| (*prefix, k.copy()))
+            .collect();
+        Some(entry(row, credential).map(|(prefix, key)| {
+            issued.insert(prefix, key);
+            Policy {
+                compiled: self.compiled.clone(),
+                keys: self.keys.clone(),
+                issued: Arc::new(issued),
+            }
+        }))
     }
 
     /// Whether this snapshot shares its compiled rules and secrets with `other`.
@@ -58,6 +86,10 @@ impl Policy {
         Arc::ptr_eq(&self.compiled, &other.compiled)
     }
 }
+
+/// Keys issued on a replica before its key table is rebuilt from the store: each issue
+/// copies the ones before it.
+const MAX_ISSUED: usize = 256;
 
 fn invalid(s: String) -> CompileError {
     CompileError::Invalid(s)
@@ -256,28 +288,32 @@ fn key_table(
         let Some(&credential) = credential_ids.get(k.credential_id.as_str()) else {
             continue;
         };
-        let hash: [u8; 32] = k
-            .hash
-            .as_slice()
-            .try_into()
-            .map_err(|_| invalid(format!("key {} has a malformed hash", k.id)))?;
-        let prefix = u128::from_be_bytes(hash[..16].try_into().expect("16 bytes"));
-        keys.insert(
-            prefix,
-            KeyEntry {
-                hash,
-                id: Arc::from(k.id.as_str()),
-                credential,
-                label: k.label.as_deref().map(Arc::from),
-                expires_at_ms: k.expires_at_ms,
-                revoked: AtomicBool::new(k.revoked_at.is_some()),
-                spend_cap_micros: k.spend_cap_usd.map(to_micros),
-                budgets: KeyBudgets::of(k),
-                spent_micros: to_micros(k.spent_usd),
-            },
-        );
+        let (prefix, key) = entry(k, credential)?;
+        keys.insert(prefix, key);
     }
     Ok(keys)
+}
+
+/// One key as the table holds it, under the first 16 bytes of its hash.
+fn entry(k: &KeyRow, credential: u32) -> Result<(u128, KeyEntry), CompileError> {
+    let hash: [u8; 32] = k
+        .hash
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid(format!("key {} has a malformed hash", k.id)))?;
+    let prefix = u128::from_be_bytes(hash[..16].try_into().expect("16 bytes"));
+    let key = KeyEntry {
+        hash,
+        id: Arc::from(k.id.as_str()),
+        credential,
+        label: k.label.as_deref().map(Arc::from),
+        expires_at_ms: k.expires_at_ms,
+        revoked: AtomicBool::new(k.revoked_at.is_some()),
+        spend_cap_micros: k.spend_cap_usd.map(to_micros),
+        budgets: KeyBudgets::of(k),
+        spent_micros: to_micros(k.spent_usd),
+    };
+    Ok((prefix, key))
 }
 
 /// Each rule compiled once: the credentials' rule lists (by credential index), the
@@ -439,7 +475,6 @@ fn limits(owner: &str, name: &str, limits: Option<&Limits>) -> Box<[Limit]> {
 mod tests {
     use super::*;
     use crate::base::crypto::hash_key;
-    use crate::policy::rows::KeyRow;
     use crate::store::memory;
 
     const POLICY: &str = r#"
@@ -489,6 +524,28 @@ rules:
                 .unwrap()
                 .revoked
                 .load(std::sync::atomic::Ordering::Relaxed)
+        );
+
+        // Issued here: in effect at once, the key table itself untouched; revoked in
+        // place.
+        let second = hash_key(b"lk_runKEY000000000000000002");
+        let mut row = run_key(&stored, "lk_runKEY000000000000000002");
+        row.id = "key_run2".into();
+        let here = revoked.with_issued(&row).unwrap().unwrap();
+        assert!(Arc::ptr_eq(&here.keys, &revoked.keys) && here.shares_compiled(&first));
+        assert!(here.key(&second).is_some() && revoked.key(&second).is_none());
+        assert!(here.revoke("key_run2"));
+        assert!(
+            here.key(&second)
+                .unwrap()
+                .revoked
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
+        assert!(!here.revoke("key_nope"));
+        row.credential_id = "cred_gone".into();
+        assert!(
+            here.with_issued(&row).is_none(),
+            "an unknown credential reloads"
         );
 
         stored.rules[0].path = Some("^/v2/".into());

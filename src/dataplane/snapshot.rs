@@ -240,7 +240,24 @@ pub struct KeyEntry {
     pub spent_micros: u64,
 }
 
-#[derive(Debug, Default)]
+impl KeyEntry {
+    /// A copy, revoked if this one is by now.
+    pub(super) fn copy(&self) -> Self {
+        Self {
+            hash: self.hash,
+            id: self.id.clone(),
+            credential: self.credential,
+            label: self.label.clone(),
+            expires_at_ms: self.expires_at_ms,
+            revoked: AtomicBool::new(self.revoked.load(Ordering::Relaxed)),
+            spend_cap_micros: self.spend_cap_micros,
+            budgets: self.budgets.clone(),
+            spent_micros: self.spent_micros,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
 pub struct Policy {
     /// Everything but the keys: recompiled only when targets, credentials, proxies or
     /// rules change, shared by the snapshots of key changes.
@@ -248,6 +265,9 @@ pub struct Policy {
     /// Keyed by the first 16 bytes of the key's SHA-256; the full hash is compared in
     /// constant time after the lookup.
     pub(super) keys: Arc<HashMap<u128, KeyEntry>>,
+    /// Keys issued on this replica since the key table was built, put into effect
+    /// without reading the store back; folded into the table by the next load.
+    pub(super) issued: Arc<HashMap<u128, KeyEntry>>,
 }
 
 /// The compiled policy without its keys.
@@ -307,8 +327,7 @@ impl Policy {
             .iter()
             .map(|k| (k.hash.as_slice(), k.revoked_at.is_some()))
             .collect();
-        self.keys
-            .values()
+        self.all_keys()
             .filter(|entry| {
                 live.get(entry.hash.as_slice())
                     .is_none_or(|&revoked| revoked)
@@ -321,7 +340,22 @@ impl Policy {
         let prefix = u128::from_be_bytes(hash[..16].try_into().expect("16 bytes"));
         self.keys
             .get(&prefix)
+            .or_else(|| self.issued.get(&prefix))
             .filter(|k| crate::base::crypto::ct_eq(&k.hash, hash))
+    }
+
+    /// Every key, the table's and those issued here since.
+    fn all_keys(&self) -> impl Iterator<Item = &KeyEntry> {
+        self.keys.values().chain(self.issued.values())
+    }
+
+    /// Revokes the key `id` in this snapshot (and every snapshot sharing its key table):
+    /// whether it was there.
+    pub fn revoke(&self, id: &str) -> bool {
+        self.all_keys()
+            .find(|k| &*k.id == id)
+            .inspect(|k| k.revoked.store(true, Ordering::Relaxed))
+            .is_some()
     }
 
     pub fn credential_name(&self, index: u32) -> &Arc<str> {

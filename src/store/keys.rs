@@ -8,7 +8,8 @@ use crate::store::{Store, StoreError};
 
 impl Store {
     /// Stores a new run key of a proxy credential; returns its id.
-    pub async fn issue_key(&self, key: &NewKey<'_>) -> Result<String, StoreError> {
+    /// Returns the key's row as stored and the policy version the issue made.
+    pub async fn issue_key(&self, key: &NewKey<'_>) -> Result<(KeyRow, i64), StoreError> {
         let mut tx = self.begin_write().await?;
         let credential: Option<String> =
             sqlx::query_scalar("SELECT id FROM credentials WHERE name = $1 AND kind = 'proxy'")
@@ -19,6 +20,7 @@ impl Store {
             StoreError::NotFound(format!("no proxy credential named {:?}", key.credential))
         })?;
         let id = crypto::random_id("key");
+        let created_at = now_unix();
         sqlx::query(
             "INSERT INTO proxy_keys (id, credential_id, key_hash, source, label, created_at,
                                      expires_at, expires_at_ms, spend_cap_usd, cap_period,
@@ -29,7 +31,7 @@ impl Store {
         .bind(&credential)
         .bind(key.hash.as_slice())
         .bind(key.label)
-        .bind(now_unix())
+        .bind(created_at)
         // Seconds, rounded up, for display; the milliseconds decide.
         .bind(
             key.expires_at_ms
@@ -42,13 +44,30 @@ impl Store {
         .bind(key.tokens_per_day.map(|n| n.min(i64::MAX as u64) as i64))
         .execute(&mut *tx)
         .await?;
-        self.bump_version(&mut tx).await?;
+        let version = self.bump_version(&mut tx).await?;
         tx.commit().await?;
-        Ok(id)
+        let row = KeyRow {
+            id,
+            credential_id: credential,
+            hash: key.hash.to_vec(),
+            policy_sourced: false,
+            label: key.label.map(str::to_owned),
+            created_at,
+            expires_at_ms: key.expires_at_ms,
+            revoked_at: None,
+            spend_cap_usd: key.spend_cap_usd,
+            spent_usd: 0.0,
+            cap_period: key.cap_period,
+            tokens_per_minute: key.tokens_per_minute,
+            tokens_per_day: key.tokens_per_day,
+        };
+        Ok((row, version))
     }
 
     /// Marks a key revoked; `Ok(true)` if it already was.
-    pub async fn revoke_key(&self, id: &str) -> Result<bool, StoreError> {
+    /// Whether the key was revoked already; if not, the policy version its revocation
+    /// made.
+    pub async fn revoke_key(&self, id: &str) -> Result<Result<i64, AlreadyRevoked>, StoreError> {
         let mut tx = self.begin_write().await?;
         let done = sqlx::query(
             "UPDATE proxy_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
@@ -58,9 +77,9 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() == 1 {
-            self.bump_version(&mut tx).await?;
+            let version = self.bump_version(&mut tx).await?;
             tx.commit().await?;
-            return Ok(false);
+            return Ok(Ok(version));
         }
         let exists: Option<String> = sqlx::query_scalar("SELECT id FROM proxy_keys WHERE id = $1")
             .bind(id)
@@ -68,7 +87,11 @@ impl Store {
             .await?;
         tx.rollback().await?;
         exists
-            .map(|_| true)
+            .map(|_| Err(AlreadyRevoked))
             .ok_or_else(|| StoreError::NotFound(format!("no key with id {id:?}")))
     }
 }
+
+/// A revocation of a key that was revoked before: nothing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlreadyRevoked;

@@ -6,6 +6,7 @@
 pub(crate) mod audit;
 mod desired;
 mod keys;
+pub use keys::AlreadyRevoked;
 pub mod memory;
 mod policy;
 pub mod requests;

@@ -745,7 +745,7 @@ rules:
             );
             assert_eq!(version, Some(2));
 
-            let id = store
+            let (issued, issue_version) = store
                 .issue_key(&NewKey {
                     credential: "agent",
                     hash: hash_key(b"lk_run"),
@@ -758,8 +758,14 @@ rules:
                 })
                 .await
                 .unwrap();
-            assert!(!store.revoke_key(&id).await.unwrap(), "{label}");
-            assert!(store.revoke_key(&id).await.unwrap(), "{label}: already");
+            let id = issued.id.clone();
+            assert_eq!(issue_version, 3, "{label}");
+            assert_eq!(store.revoke_key(&id).await.unwrap(), Ok(4), "{label}");
+            assert_eq!(
+                store.revoke_key(&id).await.unwrap(),
+                Err(crate::store::AlreadyRevoked),
+                "{label}: already"
+            );
             assert!(matches!(
                 store.revoke_key("key_nope").await,
                 Err(StoreError::NotFound(_))
@@ -774,6 +780,18 @@ rules:
                 .unwrap();
             assert_eq!(&**cred.open_secret(&master).unwrap().unwrap(), b"sk_2");
             let run = stored.keys.iter().find(|k| k.id == id).unwrap();
+            // What the issue returned is the row as stored.
+            assert_eq!(
+                format!(
+                    "{:?}",
+                    KeyRow {
+                        revoked_at: None,
+                        ..run.clone()
+                    }
+                ),
+                format!("{issued:?}"),
+                "{label}"
+            );
             assert!(run.revoked_at.is_some() && run.label.as_deref() == Some("run-1"));
             assert_eq!(run.spend_cap_usd, Some(2.5));
             // An inline secret is sealed like the others; its reference keeps no copy.
