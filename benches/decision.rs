@@ -10,87 +10,37 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
 use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
-use latchkey::base::crypto::{MasterKey, hash_key};
+use latchkey::base::crypto::MasterKey;
 use latchkey::dataplane::pipeline::{Outcome, RequestView, decide};
 use latchkey::dataplane::rules::Body;
 use latchkey::dataplane::snapshot::Policy;
 use latchkey::envoy::convert::{self, ResponseRead};
-use latchkey::policy::rows::{
-    AuthSpec, CredentialRow, KeyRow, ProxyRow, RuleConditions, RuleRow, StoredPolicy, TargetRow,
-};
-use latchkey::policy::{AuthKind, CredentialType, Effect};
+use latchkey::store::memory;
 use prost::Message;
 
 const KEY: &str = "lk_benchKEY0000000000000000001";
 
+/// A proxy with `rules` allow rules, built from its policy file as `apply` stores it.
 fn policy(rules: usize, master: &MasterKey) -> Policy {
-    let stored = StoredPolicy {
-        targets: vec![TargetRow {
-            name: "vendor".into(),
-            url: "https://api.vendor.example/base".into(),
-        }],
-        credentials: vec![
-            CredentialRow {
-                id: "cred_t".into(),
-                name: "vendor-cred".into(),
-                kind: CredentialType::Target,
-                auth: Some(AuthSpec::of(AuthKind::Bearer)),
-                secret_ref: None,
-                sealed: Some(master.seal("cred_t", b"sk_live_benchmark_secret")),
-                master_key_id: Some(master.id().into()),
-                limits: None,
-            },
-            CredentialRow {
-                id: "cred_a".into(),
-                name: "agent".into(),
-                kind: CredentialType::Proxy,
-                auth: None,
-                secret_ref: None,
-                sealed: None,
-                master_key_id: None,
-                limits: None,
-            },
-        ],
-        keys: vec![KeyRow {
-            id: "key_1".into(),
-            credential_id: "cred_a".into(),
-            hash: hash_key(KEY.as_bytes()).to_vec(),
-            policy_sourced: true,
-            label: None,
-            created_at: 0,
-            expires_at_ms: None,
-            revoked_at: None,
-            spend_cap_usd: None,
-            spent_usd: 0.0,
-            cap_period: None,
-            tokens_per_minute: None,
-            tokens_per_day: None,
-        }],
-        proxies: vec![ProxyRow {
-            name: "vendor".into(),
-            target: "vendor".into(),
-            target_credential: "vendor-cred".into(),
-            proxy_credentials: vec!["agent".into()],
-            default_effect: Effect::Deny,
-            limits: None,
-            cost: None,
-            response: None,
-        }],
-        rules: (0..rules)
-            .map(|i| RuleRow {
-                id: format!("rule_{i}"),
-                credential: None,
-                proxy: Some("vendor".into()),
-                effect: Effect::Allow,
-                methods: vec!["GET".into(), "POST".into()],
-                path: Some(format!("^/v1/resource_{i}(/|$)")),
-                conditions: RuleConditions::default(),
-                priority: i as i64,
-                notes: None,
-                position: i as i64,
-            })
-            .collect(),
-    };
+    let mut yaml = format!(
+        r#"
+targets:
+  - {{ name: vendor, url: "https://api.vendor.example/base" }}
+credentials:
+  - {{ name: vendor-cred, type: target, auth: bearer, secret: {{ value: sk_live_benchmark_secret }} }}
+  - {{ name: agent, type: proxy, keys: [{{ value: {KEY} }}] }}
+proxies:
+  - {{ name: vendor, target: vendor, target_credential: vendor-cred, proxy_credentials: [agent], default_effect: deny }}
+rules:
+"#
+    );
+    for i in 0..rules {
+        yaml.push_str(&format!(
+            "  - {{ proxy: vendor, id: rule_{i}, effect: allow, methods: [GET, POST], \
+             path: \"^/v1/resource_{i}(/|$)\", priority: {i} }}\n"
+        ));
+    }
+    let stored = memory::stored(&yaml, master).expect("the benchmark policy");
     Policy::compile(&stored, master).expect("the benchmark policy compiles")
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgListener;
 use tokio::sync::Mutex;
+use tokio::task::JoinSet;
 
 use crate::base::crypto::MasterKey;
 use crate::control::tokens::Tokens;
@@ -171,10 +172,11 @@ impl PolicySync {
         self.running.fetch_max(version, Ordering::AcqRel);
     }
 
-    /// Runs until the process ends.
-    pub fn spawn(self: &Arc<Self>, database_url: &str) {
+    /// Keeps the snapshot current, in tasks of `tasks` (the server stops them at
+    /// shutdown).
+    pub fn spawn(self: &Arc<Self>, database_url: &str, tasks: &mut JoinSet<()>) {
         let me = self.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let mut every = tokio::time::interval(SAFETY_NET);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -186,7 +188,7 @@ impl PolicySync {
         if self.store.backend() == Backend::Postgres {
             let me = self.clone();
             let url = database_url.to_owned();
-            tokio::spawn(async move { me.listen(&url).await });
+            tasks.spawn(async move { me.listen(&url).await });
         }
     }
 

@@ -216,8 +216,11 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .transpose()?;
     let (audit, audit_writer) = AuditLog::start(store.clone(), metrics.audit.clone(), otlp);
     let shared = Arc::new(Shared::new(policy, budgets, spend, audit.clone(), metrics));
-    let retention = (cfg.audit_retention_days > 0)
-        .then(|| tokio::spawn(prune_forever(store.clone(), cfg.audit_retention_days)));
+    // Every background task, owned here and stopped at shutdown.
+    let mut background = tokio::task::JoinSet::new();
+    if cfg.audit_retention_days > 0 {
+        background.spawn(prune_forever(store.clone(), cfg.audit_retention_days));
+    }
     let ready = Arc::new(AtomicBool::new(false));
 
     let grpc = match &cfg.grpc_addr {
@@ -281,7 +284,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         version,
     ));
     sync.report_to(health.clone());
-    sync.spawn(&cfg.database_url);
+    sync.spawn(&cfg.database_url, &mut background);
     let admin_service = AdminService::new(
         shared.clone(),
         store.clone(),
@@ -363,9 +366,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             Ok(())
         }
     };
-    if let Some(task) = retention {
-        task.abort();
-    }
+    background.shutdown().await;
     audit_writer.finish().await;
     tracing::info!("audit flushed");
     served
