@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, Response, Uri};
 
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
+use crate::common::otlp::{Collector, attr, text};
 use crate::common::{self, Stack};
-use crate::otlp::{Collector, attr, text};
 
 const AGENT_KEY: &str = "lk_llmAGENTkey00000000000001";
 /// Between two streamed events.

@@ -12,7 +12,6 @@ mod items;
 mod llm;
 mod oauth2;
 mod observability;
-mod otlp;
 mod response_safety;
 mod rules;
 mod scale_out;

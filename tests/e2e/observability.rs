@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
+use crate::common::otlp::{Collector, attr, text};
 use crate::common::{Stack, Upstream, client, denial};
-use crate::otlp::{Collector, attr, text};
 
 const AGENT_KEY: &str = "lk_otelAgentKEY0000000000000001";
 const SECRET: &str = "sk_live_OTEL_secret_value_4242";
