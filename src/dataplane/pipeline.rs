@@ -129,10 +129,10 @@ const DAY_S: i64 = 86_400;
 /// key's spend first (what the audit records as the key's), its credential's spend caps,
 /// and on LLM proxies the token budgets of both.
 fn accounts(policy: &Policy, entry: &KeyEntry, now: i64, llm: bool) -> Vec<Account> {
-    let of_period = |id: String, holder, period: Period, cap, unit| {
-        let (n, left) = period.at(now);
+    let of_period = |owner: String, holder, period: Period, cap, unit| {
+        let (id, left) = Account::period_id(&owner, period, now);
         Account {
-            id: format!("{id}:{}:{n}", period.name()).into(),
+            id,
             cap_micros: Some(cap),
             seed_micros: 0,
             // Kept a little past its end; another period is another account.

@@ -44,6 +44,15 @@ pub struct Account {
     pub period: Option<Period>,
 }
 
+impl Account {
+    /// The id of `owner`'s account (`key:<id>`, `credential:<name>`, `tokens:key:<id>`…)
+    /// for the `period` that holds `now`, and the seconds until that period ends.
+    pub fn period_id(owner: &str, period: Period, now: i64) -> (Arc<str>, u64) {
+        let (n, left) = period.at(now);
+        (format!("{owner}:{}:{n}", period.name()).into(), left)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Holder {
     Key,
@@ -134,6 +143,19 @@ impl Accounts {
 }
 
 impl LocalSpend {
+    /// Starts an account of the current period at what the audit says it spent before
+    /// this process started: a restart must not hand a day's, week's or month's cap back.
+    /// An account already in memory is left as it is.
+    pub fn seed(&self, id: Arc<str>, spent: u64, ttl_s: u64) {
+        let mut guard = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        let expires = now_unix().saturating_add(i64::try_from(ttl_s).unwrap_or(i64::MAX));
+        guard.map.entry(id).or_insert(State {
+            spent,
+            expires: Some(expires),
+            ..State::default()
+        });
+    }
+
     fn reserve(&self, accounts: &[Account], estimate: u64) -> Result<Option<u64>, Refusal> {
         let mut guard = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_unix();

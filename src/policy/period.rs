@@ -28,6 +28,20 @@ impl Period {
             .find(|p| p.name() == name)
     }
 
+    /// When the period that holds `now` began (Unix seconds).
+    pub fn start(self, now: i64) -> i64 {
+        let days = now.div_euclid(86_400);
+        match self {
+            Period::Minute => now.div_euclid(60) * 60,
+            Period::Day => days * 86_400,
+            Period::Week => ((days + 3).div_euclid(7) * 7 - 3) * 86_400,
+            Period::Month => {
+                let (y, m) = year_month(days);
+                first_day(y, m) * 86_400
+            }
+        }
+    }
+
     /// The period that holds `now` (Unix seconds): its number, and the seconds until it
     /// ends.
     pub fn at(self, now: i64) -> (i64, u64) {

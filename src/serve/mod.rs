@@ -1,6 +1,7 @@
 //! `latchkey serve`: the ext_proc server, the admin server and the HTTP endpoints, wired
 //! to one policy snapshot, with a clean shutdown on SIGTERM or Ctrl-C.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,13 +32,14 @@ use crate::dataplane::budget::{
 };
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::Policy;
-use crate::dataplane::spend::{LocalSpend, RedisSpend, Spend};
+use crate::dataplane::spend::{Account, LocalSpend, RedisSpend, Spend};
 use crate::envoy::access_log::AccessLog;
 use crate::envoy::channel::{Guard, bind_unix};
 use crate::envoy::ext_authz::ExtAuthz;
 use crate::envoy::ext_proc::ExtProc;
 use crate::pb::admin_server::AdminServer;
-use crate::store::Store;
+use crate::policy::Period;
+use crate::store::{Store, StoreError, requests};
 use crate::telemetry::audit::AuditLog;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::otel::{Otlp, OtlpConfig};
@@ -207,6 +209,11 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             Spend::Local(LocalSpend::default()),
         ),
     };
+    if let Spend::Local(local) = &spend {
+        seed_periods(&store, local, crate::base::clock::now_unix())
+            .await
+            .context("reading the current periods' spend from the audit")?;
+    }
     let metrics = Metrics::default();
     let otlp = OtlpConfig::from_env(|k| std::env::var(k).ok())
         .map(|config| {
@@ -382,6 +389,36 @@ pub const MAX_ADMIN_MESSAGE: usize = 64 << 20;
 /// How long shutdown waits for open streams before it flushes the audit and exits.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Without Redis, spend and tokens are counted in memory: the current periods' accounts
+/// start from what the audit recorded since each began, so a restart hands back no
+/// day's, week's or month's cap (nor a minute's or day's token budget).
+async fn seed_periods(store: &Store, spend: &LocalSpend, now: i64) -> Result<(), StoreError> {
+    for period in [Period::Minute, Period::Day, Period::Week, Period::Month] {
+        let mut by_credential: HashMap<String, (u64, u64)> = HashMap::new();
+        let mut owners = Vec::new();
+        for s in requests::spent_since(store, period.start(now).saturating_mul(1000)).await? {
+            let sum = by_credential.entry(s.credential.clone()).or_default();
+            sum.0 += s.micros;
+            sum.1 += s.tokens;
+            owners.push((format!("key:{}", s.key_id), s.micros, s.tokens));
+        }
+        owners.extend(
+            by_credential
+                .into_iter()
+                .map(|(name, (micros, tokens))| (format!("credential:{name}"), micros, tokens)),
+        );
+        for (owner, micros, tokens) in owners {
+            for (owner, spent) in [(owner.clone(), micros), (format!("tokens:{owner}"), tokens)] {
+                if spent > 0 {
+                    let (id, left) = Account::period_id(&owner, period, now);
+                    spend.seed(id, spent, left + 60);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Deletes request-log records past retention, at start and then hourly.
 async fn prune_forever(store: Store, days: u32) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
@@ -414,6 +451,111 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::money::Usage;
+    use crate::dataplane::spend::{Holder, Refusal, Unit};
+    use crate::policy::Vendor;
+    use crate::store::testing;
+    use crate::telemetry::audit::{AuditCounters, Decided, Event, Llm};
+
+    /// A restart without Redis starts this period's accounts where the audit left them;
+    /// last period's spend is not counted.
+    #[tokio::test]
+    async fn a_restart_keeps_the_current_periods_spend() {
+        for (label, _scratch, store) in testing::stores().await {
+            let now = crate::base::clock::now_unix();
+            let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
+            for (id, time_ms, micros) in [
+                ("today", now * 1000 - 1, 2_000_000),
+                ("yesterday", (Period::Day.start(now) - 10) * 1000, 9_000_000),
+            ] {
+                log.record(Event::Decided(Decided {
+                    request_id: id.into(),
+                    time_ms,
+                    key_id: Some("k1".into()),
+                    credential: Some("agent".into()),
+                    decision: "allow",
+                    ..Decided::default()
+                }))
+                .await;
+                log.record(Event::Charged {
+                    request_id: id.into(),
+                    started_ms: time_ms,
+                    key_id: "k1".into(),
+                    micros,
+                    llm: Some(Llm {
+                        model: None,
+                        priced_as: None,
+                        vendor: Vendor::OpenAi,
+                        usage: Usage {
+                            input: 700,
+                            cached_input: 0,
+                            output: 300,
+                        },
+                    }),
+                })
+                .await;
+            }
+            writer.finish().await;
+
+            let spend = Spend::Local(LocalSpend::default());
+            let Spend::Local(local) = &spend else {
+                unreachable!()
+            };
+            seed_periods(&store, local, now).await.unwrap();
+            let account = |owner: &str, period, cap, unit, holder| {
+                let (id, left) = Account::period_id(owner, period, now);
+                Account {
+                    id,
+                    cap_micros: Some(cap),
+                    seed_micros: 0,
+                    ttl_s: Some(left + 60),
+                    unit,
+                    holder,
+                    period: Some(period),
+                }
+            };
+            // $2 spent today of a $2.50 daily cap: a $1 reservation does not fit.
+            let key_day = account("key:k1", Period::Day, 2_500_000, Unit::Micros, Holder::Key);
+            assert_eq!(
+                spend.reserve(&[key_day], 1_000_000).await.unwrap(),
+                Err(Refusal::CapReached(0)),
+                "{label}"
+            );
+            // The credential's month holds both days: $11 of $12, and $1.50 does not fit.
+            let month = account(
+                "credential:agent",
+                Period::Month,
+                12_000_000,
+                Unit::Micros,
+                Holder::Credential,
+            );
+            let refused = spend.reserve(&[month], 1_500_000).await.unwrap().is_err();
+            // On the first day of a month, yesterday was last month's.
+            let both_days = Period::Month.start(now) <= Period::Day.start(now) - 10;
+            assert_eq!(refused, both_days, "{label}");
+            // A token budget refuses once spent: 1,000 tokens today (yesterday's 1,000
+            // not counted) spend a 1,000-token day, not a 1,500-token one.
+            let tokens =
+                |cap| account("tokens:key:k1", Period::Day, cap, Unit::Tokens, Holder::Key);
+            assert!(
+                spend.reserve(&[tokens(1_000)], 0).await.unwrap().is_err(),
+                "{label}"
+            );
+            let spend_left = Spend::Local(LocalSpend::default());
+            let Spend::Local(fresh) = &spend_left else {
+                unreachable!()
+            };
+            seed_periods(&store, fresh, now).await.unwrap();
+            assert!(
+                spend_left
+                    .reserve(&[tokens(1_500)], 0)
+                    .await
+                    .unwrap()
+                    .is_ok(),
+                "{label}"
+            );
+        }
+    }
 
     #[test]
     fn grpc_addresses_are_tcp_or_a_unix_socket() {

@@ -361,6 +361,40 @@ pub async fn prune(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
     }
 }
 
+/// What one key spent since a moment: micro-dollars and LLM tokens, with its credential.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpentSince {
+    pub key_id: String,
+    pub credential: String,
+    pub micros: u64,
+    pub tokens: u64,
+}
+
+/// Each key's recorded spend since `since_ms` (Unix milliseconds), from the audit.
+pub async fn spent_since(store: &Store, since_ms: i64) -> Result<Vec<SpentSince>, StoreError> {
+    let rows: Vec<(String, String, f64, i64)> = sqlx::query_as(
+        "SELECT key_id, credential,
+                CAST(SUM(COALESCE(cost_usd, 0)) AS DOUBLE PRECISION),
+                CAST(SUM(COALESCE(input_tokens, 0) + COALESCE(output_tokens, 0)
+                         + COALESCE(cached_tokens, 0)) AS BIGINT)
+         FROM requests
+         WHERE time_ms >= $1 AND key_id IS NOT NULL AND credential IS NOT NULL
+         GROUP BY key_id, credential",
+    )
+    .bind(since_ms)
+    .fetch_all(store.pool())
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(key_id, credential, usd, tokens)| SpentSince {
+            key_id,
+            credential,
+            micros: crate::base::money::to_micros(usd),
+            tokens: u64::try_from(tokens).unwrap_or(0),
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
