@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Phase;
 use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
 use latchkey::base::crypto::MasterKey;
-use latchkey::dataplane::pipeline::{Outcome, RequestView, decide};
+use latchkey::dataplane::pipeline::{Judgement, Outcome, RequestView, decide};
 use latchkey::dataplane::rules::Body;
 use latchkey::dataplane::snapshot::Policy;
 use latchkey::envoy::convert::{self, ResponseRead};
@@ -59,7 +59,10 @@ fn decision(c: &mut Criterion) {
             body: Some(&[]),
         };
         let d = decide(&policy, &view, &Body::Empty, 0);
-        assert!(matches!(d.outcome, Outcome::Forward(_)), "{d:?}");
+        assert!(
+            matches!(&d, Judgement::Decided(d) if matches!(d.outcome, Outcome::Forward(_))),
+            "{d:?}"
+        );
         group.bench_with_input(BenchmarkId::from_parameter(rules), &view, |b, view| {
             b.iter(|| decide(black_box(&policy), black_box(view), &Body::Empty, 0))
         });
@@ -107,7 +110,9 @@ fn handle(policy: &Policy, wire: &[u8]) -> Vec<u8> {
         headers: &pairs,
         body: Some(&[]),
     };
-    let decision = decide(policy, &view, &Body::Empty, 0);
+    let Judgement::Decided(decision) = decide(policy, &view, &Body::Empty, 0) else {
+        unreachable!("decided on the headers")
+    };
     let Outcome::Forward(forward) = decision.outcome else {
         unreachable!("allowed")
     };

@@ -12,7 +12,7 @@ use crate::base::crypto::MasterKey;
 use crate::control::items::{self, Edit, ItemError, Kind};
 use crate::control::sync::PolicySync;
 use crate::control::tokens::{Role, new_token, require_admin};
-use crate::dataplane::pipeline::{Caller, Outcome, RequestView, decide_as};
+use crate::dataplane::pipeline::{Caller, Judgement, Outcome, RequestView, decide_as};
 use crate::dataplane::rules::Body;
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::Policy;
@@ -386,13 +386,20 @@ impl Admin for AdminService {
             .body
             .as_deref()
             .map_or(Body::Empty, |b| Body::parse(b, Some(content_type)));
-        let decision = decide_as(
+        let decision = match decide_as(
             &policy,
             &view,
             &body,
             caller,
             crate::base::clock::now_unix_ms(),
-        );
+        ) {
+            Judgement::Decided(decision) => decision,
+            Judgement::NeedBody(_) => {
+                return Err(Status::internal(
+                    "the decision asked for a body it was given",
+                ));
+            }
+        };
         let subject = &decision.subject;
         let rule = subject
             .rule_id
@@ -418,11 +425,6 @@ impl Admin for AdminService {
                 u32::from(d.http_status()),
                 d.to_string(),
             ),
-            Outcome::NeedBody => {
-                return Err(Status::internal(
-                    "the decision asked for a body it was given",
-                ));
-            }
         };
         Ok(Response::new(CheckResponse {
             allowed,

@@ -51,8 +51,39 @@ pub struct Subject {
 pub enum Outcome {
     Forward(Forward),
     Deny(Denial),
-    /// A rule that judges the body was reached: ask Envoy for the body, then decide.
-    NeedBody,
+}
+
+/// What steps 1 to 5 come to: a decision, or that the body must be read first.
+#[derive(Debug)]
+pub enum Judgement {
+    Decided(Decision),
+    /// A rule (or a signature) that reads the body was reached: ask Envoy for the body,
+    /// then decide again. What was found so far says how the response will be read.
+    NeedBody(Found),
+}
+
+/// What the steps found about a request, before its outcome.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub subject: Subject,
+    pub limits: Vec<Limit>,
+    pub charge: Option<Charge>,
+    pub token: Option<Arc<TokenSource>>,
+    pub guard: Option<Arc<Guard>>,
+}
+
+impl Found {
+    pub fn decided(self, outcome: Outcome) -> Decision {
+        Decision {
+            subject: self.subject,
+            outcome,
+            limits: self.limits,
+            shown: Shown::default(),
+            charge: self.charge,
+            token: self.token,
+            guard: self.guard,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -72,13 +103,11 @@ pub struct Decision {
 }
 
 impl Decision {
-    /// The decision's name in the audit and the metrics: `allow` or the denial's kind;
-    /// none while the body is still awaited.
-    pub fn kind(&self) -> Option<&'static str> {
+    /// The decision's name in the audit and the metrics: `allow` or the denial's kind.
+    pub fn kind(&self) -> &'static str {
         match &self.outcome {
-            Outcome::Forward(_) => Some("allow"),
-            Outcome::Deny(denial) => Some(denial.kind()),
-            Outcome::NeedBody => None,
+            Outcome::Forward(_) => "allow",
+            Outcome::Deny(denial) => denial.kind(),
         }
     }
 }
@@ -214,10 +243,8 @@ pub async fn conclude(
 ) {
     admit(&shared.budgets, &shared.spend, decision).await;
     inject_token(decision).await;
-    if let Some(kind) = decision.kind() {
-        let proxy = decision.subject.proxy.as_deref().unwrap_or_default();
-        shared.metrics.record(proxy, kind);
-    }
+    let proxy = decision.subject.proxy.as_deref().unwrap_or_default();
+    shared.metrics.record(proxy, decision.kind());
     shared.metrics.observe_decision(started.elapsed());
     if let Outcome::Deny(denial) = &decision.outcome {
         tracing::info!(
@@ -237,10 +264,11 @@ pub async fn conclude(
 /// The decision half of the request's audit record.
 fn decided(asked: &Asked<'_>, decision: &Decision, elapsed: Duration) -> Decided {
     let subject = &decision.subject;
-    let (status, kind) = match &decision.outcome {
-        Outcome::Deny(denial) => (Some(denial.http_status()), denial.kind()),
-        _ => (None, "allow"),
+    let status = match &decision.outcome {
+        Outcome::Deny(denial) => Some(denial.http_status()),
+        Outcome::Forward(_) => None,
     };
+    let kind = decision.kind();
     // Unrouted requests: what the client sent, query cut off, length bounded.
     let path = subject.path.clone().unwrap_or_else(|| {
         let raw = asked.path.split('?').next().unwrap_or_default();
@@ -352,7 +380,7 @@ async fn admit_rate(budgets: &Budgets, decision: &mut Decision) {
 }
 
 /// Steps 1 to 5 at `now_ms`, Unix milliseconds.
-pub fn decide(policy: &Policy, req: &RequestView<'_>, body: &Body, now_ms: i64) -> Decision {
+pub fn decide(policy: &Policy, req: &RequestView<'_>, body: &Body, now_ms: i64) -> Judgement {
     decide_as(policy, req, body, Caller::Key, now_ms)
 }
 
@@ -362,26 +390,18 @@ pub fn decide_as(
     body: &Body,
     caller: Caller<'_>,
     now_ms: i64,
-) -> Decision {
-    // Filled in as the steps go; the outcome is set once they have run.
-    let mut decision = Decision {
-        subject: Subject::default(),
-        outcome: Outcome::NeedBody,
-        limits: Vec::new(),
-        shown: Shown::default(),
-        charge: None,
-        token: None,
-        guard: None,
-    };
-    decision.outcome = match run(policy, req, body, caller, now_ms, &mut decision) {
+) -> Judgement {
+    // Filled in as the steps go, for the audit whatever the outcome.
+    let mut found = Found::default();
+    let outcome = match run(policy, req, body, caller, now_ms, &mut found) {
         Ok(Some(forward)) => Outcome::Forward(forward),
-        Ok(None) => Outcome::NeedBody,
+        Ok(None) => return Judgement::NeedBody(found),
         Err(denial) => {
-            decision.subject.rule_id = denial.rule_id().map(Arc::from);
+            found.subject.rule_id = denial.rule_id().map(Arc::from);
             Outcome::Deny(denial)
         }
     };
-    decision
+    Judgement::Decided(found.decided(outcome))
 }
 
 /// `Ok(None)`: the body is needed to decide.
@@ -391,17 +411,16 @@ fn run(
     body: &Body,
     caller: Caller<'_>,
     now_ms: i64,
-    decision: &mut Decision,
+    found: &mut Found,
 ) -> Result<Option<Forward>, Denial> {
     let now = now_ms.div_euclid(1000);
-    let Decision {
+    let Found {
         subject,
         limits,
         charge,
         token,
         guard,
-        ..
-    } = decision;
+    } = found;
     let route = route(req.path)?;
     let proxy = policy.proxy(&route.proxy);
     if let Some(proxy) = proxy {
@@ -545,7 +564,7 @@ rules:
         Policy::compile(&memory::stored(POLICY, &master).unwrap(), &master).unwrap()
     }
 
-    fn ask(policy: &Policy, method: &str, path: &str, key: &str, body: &Body) -> Decision {
+    fn ask(policy: &Policy, method: &str, path: &str, key: &str, body: &Body) -> Judgement {
         let bearer = format!("Bearer {key}");
         let headers = [("authorization", bearer.as_bytes())];
         let req = RequestView {
@@ -559,8 +578,12 @@ rules:
 
     #[test]
     fn an_allowed_request_swaps_the_key_and_names_its_rule() {
-        let decision = ask(&policy(), "GET", "/api/v1/things", KEY, &Body::Unread);
-        assert_eq!(decision.kind(), Some("allow"));
+        let Judgement::Decided(decision) =
+            ask(&policy(), "GET", "/api/v1/things", KEY, &Body::Unread)
+        else {
+            panic!("decided on the headers")
+        };
+        assert_eq!(decision.kind(), "allow");
         assert_eq!(decision.subject.rule_id.as_deref(), Some("reads"));
         assert_eq!(decision.subject.credential.as_deref(), Some("agent"));
         let Outcome::Forward(forward) = &decision.outcome else {
@@ -602,8 +625,11 @@ rules:
             ("GET", "/api/v1/../admin", KEY, "rule_denied"),
             ("GET", "/api/v1;x/things", KEY, "invalid_request"),
         ] {
-            let decision = ask(&policy, method, path, key, &Body::Unread);
-            assert_eq!(decision.kind(), Some(kind), "{method} {path}: {decision:?}");
+            let Judgement::Decided(decision) = ask(&policy, method, path, key, &Body::Unread)
+            else {
+                panic!("{method} {path}: decided on the headers")
+            };
+            assert_eq!(decision.kind(), kind, "{method} {path}: {decision:?}");
         }
     }
 
@@ -612,12 +638,17 @@ rules:
     fn a_body_rule_waits_for_the_body() {
         let policy = policy();
         let asked = ask(&policy, "POST", "/api/v1/charges", KEY, &Body::Unread);
-        assert!(matches!(asked.outcome, Outcome::NeedBody));
-        assert_eq!(asked.kind(), None);
+        let Judgement::NeedBody(found) = asked else {
+            panic!("{asked:?}")
+        };
+        assert_eq!(found.subject.proxy.as_deref(), Some("api"));
         let small = Body::Json(serde_json::json!({ "amount": 50 }));
         let large = Body::Json(serde_json::json!({ "amount": 5000 }));
-        let check = |body| ask(&policy, "POST", "/api/v1/charges", KEY, body).kind();
-        assert_eq!(check(&small), Some("allow"));
-        assert_eq!(check(&large), Some("rule_denied"));
+        let check = |body| match ask(&policy, "POST", "/api/v1/charges", KEY, body) {
+            Judgement::Decided(decision) => decision.kind(),
+            Judgement::NeedBody(_) => panic!("the body was given"),
+        };
+        assert_eq!(check(&small), "allow");
+        assert_eq!(check(&large), "rule_denied");
     }
 }

@@ -12,7 +12,9 @@ use tonic::{Request, Response, Status};
 
 use crate::base::clock::now_unix_ms;
 use crate::dataplane::denial::Denial;
-use crate::dataplane::pipeline::{Asked, Outcome, RequestView, conclude, decide};
+use crate::dataplane::pipeline::{
+    Asked, Judgement, Outcome, RequestView, Subject, conclude, decide,
+};
 use crate::dataplane::rules::Body;
 use crate::dataplane::shared::Shared;
 use crate::envoy::convert;
@@ -65,20 +67,35 @@ impl Authorization for ExtAuthz {
             // Not sent to ext_authz: a rule (or signature) that would read it cannot.
             Body::Unread
         };
-        let mut decision = decide(&self.shared.policy.load(), &view, &body, now_unix_ms());
-        let needs = match (&decision.outcome, &decision.charge, &decision.guard) {
-            (Outcome::NeedBody, _, _) => Some("its rules or its signature read the request body"),
-            (Outcome::Forward(_), Some(_), _) => Some("its cost is read from responses"),
-            (Outcome::Forward(_), _, Some(_)) => Some("its responses are scrubbed or redacted"),
-            _ => None,
-        };
-        if let Some(why) = needs {
-            decision.charge = None;
-            decision.outcome = Outcome::Deny(Denial::NeedsExtProc {
-                proxy: decision.subject.proxy.clone().unwrap_or_default(),
+        // What only ext_proc can enforce is refused, never half-judged.
+        let needs_ext_proc = |subject: &Subject, why| {
+            Outcome::Deny(Denial::NeedsExtProc {
+                proxy: subject.proxy.clone().unwrap_or_default(),
                 why,
-            });
-        }
+            })
+        };
+        let mut decision = match decide(&self.shared.policy.load(), &view, &body, now_unix_ms()) {
+            Judgement::NeedBody(mut found) => {
+                found.charge = None;
+                let why = "its rules or its signature read the request body";
+                let outcome = needs_ext_proc(&found.subject, why);
+                found.decided(outcome)
+            }
+            Judgement::Decided(mut decision) => {
+                let why = match (&decision.outcome, &decision.charge, &decision.guard) {
+                    (Outcome::Forward(_), Some(_), _) => Some("its cost is read from responses"),
+                    (Outcome::Forward(_), _, Some(_)) => {
+                        Some("its responses are scrubbed or redacted")
+                    }
+                    _ => None,
+                };
+                if let Some(why) = why {
+                    decision.charge = None;
+                    decision.outcome = needs_ext_proc(&decision.subject, why);
+                }
+                decision
+            }
+        };
         let asked = Asked {
             request_id: &request_id,
             method: &http.method,
@@ -88,7 +105,6 @@ impl Authorization for ExtAuthz {
         Ok(Response::new(match decision.outcome {
             Outcome::Forward(forward) => convert::check_allow(forward, decision.shown),
             Outcome::Deny(denial) => convert::check_deny(&denial, &request_id),
-            Outcome::NeedBody => unreachable!("replaced above"),
         }))
     }
 }

@@ -19,7 +19,9 @@ use zeroize::Zeroizing;
 use crate::base::clock::now_unix_ms;
 use crate::base::money;
 use crate::dataplane::denial::Denial;
-use crate::dataplane::pipeline::{Asked, Charge, Decision, Outcome, RequestView, conclude, decide};
+use crate::dataplane::pipeline::{
+    Asked, Charge, Decision, Judgement, Outcome, RequestView, conclude, decide,
+};
 use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Body, is_json_media_type};
 use crate::dataplane::shared::Shared;
@@ -243,14 +245,14 @@ fn text<'a>(pairs: &[(&str, &'a [u8])], name: &str) -> &'a str {
 }
 
 /// How much of the response this request's price and guard need to see.
-fn reads(decision: &Decision) -> ResponseRead {
-    let priced = match decision.charge.as_ref().map(|c| &*c.cost) {
+fn reads(charge: Option<&Charge>, guarded: bool) -> ResponseRead {
+    let priced = match charge.map(|c| &*c.cost) {
         None => ResponseRead::Nothing,
         Some(CostSpec::PerRequest(_)) => ResponseRead::Status,
         Some(CostSpec::ResponseJson { .. }) => ResponseRead::BodyStart,
         Some(CostSpec::Tokens { .. }) => ResponseRead::Stream,
     };
-    if decision.guard.is_some() {
+    if guarded {
         ResponseRead::WholeBody
     } else {
         priced
@@ -287,21 +289,23 @@ impl Exchange {
         } else {
             (Body::Unread, None)
         };
-        let decision = self.decide(&pairs, &body, raw);
-        if let Outcome::NeedBody = decision.outcome {
-            self.held = Some(HeldHeaders {
-                headers: pairs
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
-                    .collect(),
-            });
-            let policy = self.shared.policy.load();
-            let cluster = (decision.subject.proxy.as_deref())
-                .and_then(|name| policy.proxy(name))
-                .map(|proxy| proxy.upstream.cluster);
-            return convert::need_body(reads(&decision), cluster);
-        }
-        self.respond(&pairs, decision, started, false).await
+        let found = match self.decide(&pairs, &body, raw) {
+            Judgement::Decided(decision) => {
+                return self.respond(&pairs, decision, started, false).await;
+            }
+            Judgement::NeedBody(found) => found,
+        };
+        self.held = Some(HeldHeaders {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+                .collect(),
+        });
+        let policy = self.shared.policy.load();
+        let cluster = (found.subject.proxy.as_deref())
+            .and_then(|name| policy.proxy(name))
+            .map(|proxy| proxy.upstream.cluster);
+        convert::need_body(reads(found.charge.as_ref(), found.guard.is_some()), cluster)
     }
 
     async fn request_body(&mut self, chunk: &HttpBody) -> ProcessingResponse {
@@ -324,7 +328,13 @@ impl Exchange {
                 Some(chunk.body.as_slice()),
             )
         };
-        let decision = self.decide(&pairs, &body, raw);
+        let decision = match self.decide(&pairs, &body, raw) {
+            Judgement::Decided(decision) => decision,
+            // Asked for only with the body unread; here it has been read.
+            Judgement::NeedBody(found) => {
+                found.decided(Outcome::Deny(Denial::BodyTooLarge(MAX_REQUEST_BODY)))
+            }
+        };
         self.respond(&pairs, decision, started, true).await
     }
 
@@ -526,7 +536,7 @@ impl Exchange {
         settle(&self.shared, &self.request_id, charge, settlement, llm).await;
     }
 
-    fn decide(&self, pairs: &[(&str, &[u8])], body: &Body, raw: Option<&[u8]>) -> Decision {
+    fn decide(&self, pairs: &[(&str, &[u8])], body: &Body, raw: Option<&[u8]>) -> Judgement {
         let view = RequestView {
             method: text(pairs, ":method"),
             path: text(pairs, ":path"),
@@ -544,10 +554,6 @@ impl Exchange {
         started: Instant,
         in_body_phase: bool,
     ) -> ProcessingResponse {
-        if let Outcome::NeedBody = decision.outcome {
-            // Only with the body unread; here it has been read.
-            decision.outcome = Outcome::Deny(Denial::BodyTooLarge(MAX_REQUEST_BODY));
-        }
         let asked = Asked {
             request_id: &self.request_id,
             method: text(pairs, ":method"),
@@ -555,7 +561,7 @@ impl Exchange {
         };
         conclude(&self.shared, &mut decision, &asked, started).await;
         let request_id = self.request_id.as_str();
-        let reads = reads(&decision);
+        let reads = reads(decision.charge.as_ref(), decision.guard.is_some());
         let denial = match decision.outcome {
             Outcome::Forward(forward) => {
                 self.pending = decision.charge;
@@ -580,7 +586,6 @@ impl Exchange {
                 return convert::allow(forward, in_body_phase, decision.shown, reads);
             }
             Outcome::Deny(denial) => denial,
-            Outcome::NeedBody => unreachable!("replaced above"),
         };
         convert::deny(&denial, request_id)
     }

@@ -497,11 +497,12 @@ mod tests {
             }
             writer.finish().await;
 
-            let spend = Spend::Local(LocalSpend::default());
-            let Spend::Local(local) = &spend else {
-                unreachable!()
+            let seeded = || async {
+                let local = LocalSpend::default();
+                seed_periods(&store, &local, now).await.unwrap();
+                Spend::Local(local)
             };
-            seed_periods(&store, local, now).await.unwrap();
+            let spend = seeded().await;
             let account = |owner: &str, period, cap, unit, holder| {
                 let (id, left) = Account::period_id(owner, period, now);
                 Account {
@@ -541,13 +542,9 @@ mod tests {
                 spend.reserve(&[tokens(1_000)], 0).await.unwrap().is_err(),
                 "{label}"
             );
-            let spend_left = Spend::Local(LocalSpend::default());
-            let Spend::Local(fresh) = &spend_left else {
-                unreachable!()
-            };
-            seed_periods(&store, fresh, now).await.unwrap();
             assert!(
-                spend_left
+                seeded()
+                    .await
                     .reserve(&[tokens(1_500)], 0)
                     .await
                     .unwrap()
