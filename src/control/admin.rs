@@ -421,7 +421,7 @@ impl Admin for AdminService {
             Outcome::Forward(_) => (true, "allow".to_owned(), 0, "would be forwarded".to_owned()),
             Outcome::Deny(d) => (
                 false,
-                d.kind().to_owned(),
+                d.kind().to_string(),
                 u32::from(d.http_status()),
                 d.to_string(),
             ),

@@ -51,29 +51,79 @@ pub enum Denial {
     ResponseUnreadable(&'static str),
 }
 
-impl Denial {
-    /// The `type` of the JSON error body and the `x-latchkey-decision` header.
-    pub fn kind(&self) -> &'static str {
+/// What a request came to, by name: the audit's `decision`, the metrics' label, the
+/// `x-latchkey-decision` header and a denial's JSON `type`. A closed list (contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Allow,
+    InvalidRequest,
+    UnknownProxy,
+    MissingKey,
+    InvalidKey,
+    ExpiredKey,
+    RevokedKey,
+    NotBound,
+    RuleDenied,
+    BodyTooLarge,
+    RateLimited,
+    SpendCapExceeded,
+    BudgetUnavailable,
+    NeedsExtProc,
+    CredentialUnavailable,
+    ResponseUnreadable,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
         match self {
-            Denial::InvalidRequest(_) => "invalid_request",
-            Denial::UnknownProxy(_) => "unknown_proxy",
-            Denial::MissingKey => "missing_key",
-            Denial::InvalidKey(_) => "invalid_key",
-            Denial::ExpiredKey => "expired_key",
-            Denial::RevokedKey => "revoked_key",
-            Denial::NotBound(_) => "not_bound",
+            Kind::Allow => "allow",
+            Kind::InvalidRequest => "invalid_request",
+            Kind::UnknownProxy => "unknown_proxy",
+            Kind::MissingKey => "missing_key",
+            Kind::InvalidKey => "invalid_key",
+            Kind::ExpiredKey => "expired_key",
+            Kind::RevokedKey => "revoked_key",
+            Kind::NotBound => "not_bound",
+            Kind::RuleDenied => "rule_denied",
+            Kind::BodyTooLarge => "body_too_large",
+            Kind::RateLimited => "rate_limited",
+            Kind::SpendCapExceeded => "spend_cap_exceeded",
+            Kind::BudgetUnavailable => "budget_unavailable",
+            Kind::NeedsExtProc => "needs_ext_proc",
+            Kind::CredentialUnavailable => "credential_unavailable",
+            Kind::ResponseUnreadable => "response_unreadable",
+        }
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Denial {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Denial::InvalidRequest(_) => Kind::InvalidRequest,
+            Denial::UnknownProxy(_) => Kind::UnknownProxy,
+            Denial::MissingKey => Kind::MissingKey,
+            Denial::InvalidKey(_) => Kind::InvalidKey,
+            Denial::ExpiredKey => Kind::ExpiredKey,
+            Denial::RevokedKey => Kind::RevokedKey,
+            Denial::NotBound(_) => Kind::NotBound,
             Denial::RuleDenied { .. }
             | Denial::DefaultDenied(_)
-            | Denial::BodyUnjudgeable { .. } => "rule_denied",
-            Denial::BodyTooLarge(_) => "body_too_large",
+            | Denial::BodyUnjudgeable { .. } => Kind::RuleDenied,
+            Denial::BodyTooLarge(_) => Kind::BodyTooLarge,
             Denial::RateLimited { .. }
             | Denial::TooManyInFlight(_)
-            | Denial::TokensSpent { .. } => "rate_limited",
-            Denial::SpendCapExceeded { .. } => "spend_cap_exceeded",
-            Denial::BudgetUnavailable => "budget_unavailable",
-            Denial::NeedsExtProc { .. } => "needs_ext_proc",
-            Denial::CredentialUnavailable(_) => "credential_unavailable",
-            Denial::ResponseUnreadable(_) => "response_unreadable",
+            | Denial::TokensSpent { .. } => Kind::RateLimited,
+            Denial::SpendCapExceeded { .. } => Kind::SpendCapExceeded,
+            Denial::BudgetUnavailable => Kind::BudgetUnavailable,
+            Denial::NeedsExtProc { .. } => Kind::NeedsExtProc,
+            Denial::CredentialUnavailable(_) => Kind::CredentialUnavailable,
+            Denial::ResponseUnreadable(_) => Kind::ResponseUnreadable,
         }
     }
 
@@ -131,7 +181,7 @@ impl Denial {
     /// `{"error":{"type","message","request_id"}}`, the body every denial carries.
     pub fn body(&self, request_id: &str) -> Vec<u8> {
         let mut error = serde_json::json!({
-            "type": self.kind(),
+            "type": self.kind().as_str(),
             "message": self.to_string(),
             "request_id": request_id,
         });

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::base::clock::now_unix;
 use crate::dataplane::budget::{Admission, Budgets, Limit};
 use crate::dataplane::credentials::oauth2::TokenSource;
-use crate::dataplane::denial::Denial;
+use crate::dataplane::denial::{Denial, Kind};
 use crate::dataplane::keys;
 use crate::dataplane::mutate::{self, Forward};
 use crate::dataplane::redact::Guard;
@@ -104,9 +104,9 @@ pub struct Decision {
 
 impl Decision {
     /// The decision's name in the audit and the metrics: `allow` or the denial's kind.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> Kind {
         match &self.outcome {
-            Outcome::Forward(_) => "allow",
+            Outcome::Forward(_) => Kind::Allow,
             Outcome::Deny(denial) => denial.kind(),
         }
     }
@@ -244,14 +244,14 @@ pub async fn conclude(
     admit(&shared.budgets, &shared.spend, decision).await;
     inject_token(decision).await;
     let proxy = decision.subject.proxy.as_deref().unwrap_or_default();
-    shared.metrics.record(proxy, decision.kind());
+    shared.metrics.record(proxy, decision.kind().as_str());
     shared.metrics.observe_decision(started.elapsed());
     if let Outcome::Deny(denial) = &decision.outcome {
         tracing::info!(
             request_id = asked.request_id,
             proxy = decision.subject.proxy.as_deref(),
             credential = decision.subject.credential.as_deref(),
-            decision = denial.kind(),
+            decision = denial.kind().as_str(),
             "request denied"
         );
     }
@@ -268,7 +268,7 @@ fn decided(asked: &Asked<'_>, decision: &Decision, elapsed: Duration) -> Decided
         Outcome::Deny(denial) => Some(denial.http_status()),
         Outcome::Forward(_) => None,
     };
-    let kind = decision.kind();
+    let kind = decision.kind().as_str();
     // Unrouted requests: what the client sent, query cut off, length bounded.
     let path = subject.path.clone().unwrap_or_else(|| {
         let raw = asked.path.split('?').next().unwrap_or_default();
@@ -583,7 +583,7 @@ rules:
         else {
             panic!("decided on the headers")
         };
-        assert_eq!(decision.kind(), "allow");
+        assert_eq!(decision.kind(), Kind::Allow);
         assert_eq!(decision.subject.rule_id.as_deref(), Some("reads"));
         assert_eq!(decision.subject.credential.as_deref(), Some("agent"));
         let Outcome::Forward(forward) = &decision.outcome else {
@@ -629,7 +629,11 @@ rules:
             else {
                 panic!("{method} {path}: decided on the headers")
             };
-            assert_eq!(decision.kind(), kind, "{method} {path}: {decision:?}");
+            assert_eq!(
+                decision.kind().as_str(),
+                kind,
+                "{method} {path}: {decision:?}"
+            );
         }
     }
 
@@ -645,7 +649,7 @@ rules:
         let small = Body::Json(serde_json::json!({ "amount": 50 }));
         let large = Body::Json(serde_json::json!({ "amount": 5000 }));
         let check = |body| match ask(&policy, "POST", "/api/v1/charges", KEY, body) {
-            Judgement::Decided(decision) => decision.kind(),
+            Judgement::Decided(decision) => decision.kind().as_str(),
             Judgement::NeedBody(_) => panic!("the body was given"),
         };
         assert_eq!(check(&small), "allow");

@@ -595,7 +595,7 @@ mod tests {
             Ok(Verdict::NeedBody) => "need-body".into(),
             Err(Denial::RuleDenied { id, .. }) => format!("deny:{id}"),
             Err(Denial::DefaultDenied(_)) => "deny:default".into(),
-            Err(other) => other.kind().into(),
+            Err(other) => other.kind().as_str().into(),
         }
     }
 

@@ -99,6 +99,46 @@ pub struct Proxy {
     pub timeout_ms: Option<u64>,
 }
 
+/// What only ext_proc can enforce, the one list: `apply` checks a policy against it in
+/// ext_authz mode, and a request that reaches ext_authz anyway is refused with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtProcOnly {
+    SignsBody,
+    ReadsBody,
+    PricedFromResponse,
+    GuardsResponse,
+}
+
+impl ExtProcOnly {
+    pub fn why(self) -> &'static str {
+        match self {
+            ExtProcOnly::SignsBody => {
+                "an AWS signature over the request body (or set `unsigned_payload: true`)"
+            }
+            ExtProcOnly::ReadsBody => "rules that read the request body",
+            ExtProcOnly::PricedFromResponse => "a cost read from responses",
+            ExtProcOnly::GuardsResponse => "responses scrubbed or redacted",
+        }
+    }
+}
+
+impl Proxy {
+    /// The first thing this proxy does that ext_authz cannot, if any.
+    pub fn ext_proc_only(&self) -> Option<ExtProcOnly> {
+        if self.injection.signs_body() {
+            Some(ExtProcOnly::SignsBody)
+        } else if self.needs_body {
+            Some(ExtProcOnly::ReadsBody)
+        } else if self.cost.is_some() {
+            Some(ExtProcOnly::PricedFromResponse)
+        } else if self.response.is_some() {
+            Some(ExtProcOnly::GuardsResponse)
+        } else {
+            None
+        }
+    }
+}
+
 impl Proxy {
     /// Whether latchkey reads this proxy's response bodies (to scrub, redact or price).
     pub fn reads_response_body(&self) -> bool {
@@ -299,20 +339,10 @@ impl Policy {
         let mut names: Vec<&Proxy> = self.compiled.proxies.values().collect();
         names.sort_by(|a, b| a.name.cmp(&b.name));
         names.into_iter().find_map(|p| {
-            let why = if p.injection.signs_body() {
-                "an AWS signature over the request body (or set `unsigned_payload: true`)"
-            } else if p.needs_body {
-                "rules that read the request body"
-            } else if p.cost.is_some() {
-                "a cost read from responses"
-            } else if p.response.is_some() {
-                "responses scrubbed or redacted"
-            } else {
-                return None;
-            };
             Some(format!(
-                "proxy {:?} has {why}, which needs Envoy's ext_proc; this latchkey runs with LATCHKEY_MODE=ext_authz",
-                p.name
+                "proxy {:?} has {}, which needs Envoy's ext_proc; this latchkey runs with LATCHKEY_MODE=ext_authz",
+                p.name,
+                p.ext_proc_only()?.why()
             ))
         })
     }

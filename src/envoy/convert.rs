@@ -292,7 +292,7 @@ pub fn deny(denial: &Denial, request_id: &str) -> ProcessingResponse {
 fn denial_headers(denial: &Denial) -> Vec<(&'static str, String)> {
     [
         Some(("content-type", "application/json".to_owned())),
-        Some(("x-latchkey-decision", denial.kind().to_owned())),
+        Some(("x-latchkey-decision", denial.kind().to_string())),
         denial.retry_after().map(|s| ("retry-after", s.to_string())),
         match denial {
             Denial::RateLimited { limit, .. } => Some(("x-ratelimit-limit", limit.to_string())),

@@ -17,6 +17,7 @@ use crate::dataplane::pipeline::{
 };
 use crate::dataplane::rules::Body;
 use crate::dataplane::shared::Shared;
+use crate::dataplane::snapshot::ExtProcOnly;
 use crate::envoy::convert;
 
 pub struct ExtAuthz {
@@ -68,34 +69,42 @@ impl Authorization for ExtAuthz {
             Body::Unread
         };
         // What only ext_proc can enforce is refused, never half-judged.
-        let needs_ext_proc = |subject: &Subject, why| {
+        let needs_ext_proc = |subject: &Subject, need: ExtProcOnly| {
             Outcome::Deny(Denial::NeedsExtProc {
                 proxy: subject.proxy.clone().unwrap_or_default(),
-                why,
+                why: need.why(),
             })
         };
-        let mut decision = match decide(&self.shared.policy.load(), &view, &body, now_unix_ms()) {
+        let policy = self.shared.policy.load();
+        let judgement = decide(&policy, &view, &body, now_unix_ms());
+        let mut decision = match judgement {
             Judgement::NeedBody(mut found) => {
                 found.charge = None;
-                let why = "its rules or its signature read the request body";
-                let outcome = needs_ext_proc(&found.subject, why);
+                let signs = (found.subject.proxy.as_deref())
+                    .and_then(|name| policy.proxy(name))
+                    .is_some_and(|p| p.injection.signs_body());
+                let need = if signs {
+                    ExtProcOnly::SignsBody
+                } else {
+                    ExtProcOnly::ReadsBody
+                };
+                let outcome = needs_ext_proc(&found.subject, need);
                 found.decided(outcome)
             }
             Judgement::Decided(mut decision) => {
-                let why = match (&decision.outcome, &decision.charge, &decision.guard) {
-                    (Outcome::Forward(_), Some(_), _) => Some("its cost is read from responses"),
-                    (Outcome::Forward(_), _, Some(_)) => {
-                        Some("its responses are scrubbed or redacted")
-                    }
+                let need = match (&decision.outcome, &decision.charge, &decision.guard) {
+                    (Outcome::Forward(_), Some(_), _) => Some(ExtProcOnly::PricedFromResponse),
+                    (Outcome::Forward(_), _, Some(_)) => Some(ExtProcOnly::GuardsResponse),
                     _ => None,
                 };
-                if let Some(why) = why {
+                if let Some(need) = need {
                     decision.charge = None;
-                    decision.outcome = needs_ext_proc(&decision.subject, why);
+                    decision.outcome = needs_ext_proc(&decision.subject, need);
                 }
                 decision
             }
         };
+        drop(policy);
         let asked = Asked {
             request_id: &request_id,
             method: &http.method,
