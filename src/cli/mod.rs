@@ -98,9 +98,12 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// The store: `sqlite://PATH` for one replica, `postgres://…` for many. Its value is
+    /// never printed by `--help` (it may hold a password).
     #[arg(
         long,
         env = "LATCHKEY_DATABASE_URL",
+        hide_env_values = true,
         default_value = "sqlite://latchkey.db"
     )]
     database_url: String,
@@ -108,6 +111,10 @@ struct ServeArgs {
     /// never from a flag, so it stays out of process listings).
     #[arg(long, env = "LATCHKEY_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
+    /// File holding the bootstrap admin token (a mounted Secret); the token itself is read
+    /// from LATCHKEY_ADMIN_TOKEN only, never from a flag.
+    #[arg(long, env = "LATCHKEY_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// `host:port`, or `unix:/path` for a Unix domain socket beside Envoy.
     #[arg(long, env = "LATCHKEY_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     grpc_addr: serve::GrpcAddr,
@@ -115,8 +122,9 @@ struct ServeArgs {
     admin_addr: SocketAddr,
     #[arg(long, env = "LATCHKEY_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     http_addr: SocketAddr,
-    /// Share rate limits between replicas in this Redis; per replica when unset.
-    #[arg(long, env = "LATCHKEY_REDIS_URL")]
+    /// Share rate limits between replicas in this Redis; per replica when unset. Its
+    /// value is never printed by `--help` (it may hold a password).
+    #[arg(long, env = "LATCHKEY_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// Delete request-log records older than this many days (checked hourly); 0 keeps
     /// them all.
@@ -172,8 +180,12 @@ struct AdminConn {
     /// `host:port`, or `https://host:port` for an admin API behind TLS.
     #[arg(long, env = "LATCHKEY_ADMIN_ADDR", default_value = "127.0.0.1:50052")]
     admin_addr: String,
+    /// The admin API token. Its value is never printed by `--help`.
     #[arg(long, env = "LATCHKEY_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// A file holding the admin API token (a mounted Secret), when no token is given.
+    #[arg(long, env = "LATCHKEY_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
     /// The CA that signed the admin API's certificate (PEM): implies TLS.
     #[arg(long, env = "LATCHKEY_ADMIN_CA")]
     admin_ca: Option<PathBuf>,
@@ -216,9 +228,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 admin_addr: args.admin_addr,
                 http_addr: args.http_addr,
-                admin_token: std::env::var("LATCHKEY_ADMIN_TOKEN")
-                    .ok()
-                    .map(Zeroizing::new),
+                admin_token: match (
+                    std::env::var("LATCHKEY_ADMIN_TOKEN")
+                        .ok()
+                        .filter(|t| !t.is_empty()),
+                    &args.admin_token_file,
+                ) {
+                    (Some(token), _) => Some(Zeroizing::new(token)),
+                    (None, Some(file)) => Some(read_token(file)?),
+                    (None, None) => None,
+                },
                 redis_url: args.redis_url,
                 audit_retention_days: args.audit_retention_days,
                 mode: args.mode,
@@ -302,14 +321,21 @@ async fn connect(conn: &AdminConn) -> anyhow::Result<AdminClient<Channel>> {
 }
 
 fn authorized<T>(conn: &AdminConn, message: T) -> anyhow::Result<tonic::Request<T>> {
-    let token = conn
-        .admin_token
-        .as_deref()
-        .ok_or_else(|| anyhow!("no admin token: set LATCHKEY_ADMIN_TOKEN or --admin-token"))?;
+    // An empty variable is no token: the file, if any, gives it.
+    let given = conn.admin_token.as_ref().filter(|t| !t.is_empty());
+    let token = match (given, &conn.admin_token_file) {
+        (Some(token), _) => Zeroizing::new(token.clone()),
+        (None, Some(file)) => read_token(file)?,
+        (None, None) => {
+            return Err(anyhow!(
+                "no admin token: set LATCHKEY_ADMIN_TOKEN (or LATCHKEY_ADMIN_TOKEN_FILE), or pass --admin-token"
+            ));
+        }
+    };
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
         "authorization",
-        format!("Bearer {token}")
+        format!("Bearer {}", token.as_str())
             .parse()
             .context("the admin token holds characters a header cannot carry")?,
     );
@@ -364,4 +390,18 @@ pub(crate) fn resolve_material(
 fn rfc3339(unix: i64) -> String {
     let t = std::time::UNIX_EPOCH + Duration::from_secs(unix.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A token from a file, as a mounted Secret holds it: surrounding whitespace (the
+/// trailing newline most tools write) is not part of it.
+fn read_token(file: &Path) -> anyhow::Result<Zeroizing<String>> {
+    let text = Zeroizing::new(
+        std::fs::read_to_string(file)
+            .with_context(|| format!("reading the admin token from {}", file.display()))?,
+    );
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(anyhow!("{} holds no admin token", file.display()));
+    }
+    Ok(Zeroizing::new(token.to_owned()))
 }

@@ -563,3 +563,30 @@ async fn the_admin_api_over_tls_and_mutual_tls() {
         assert!(!refused.status.success());
     }
 }
+
+/// The admin token from a mounted file (a Kubernetes Secret), for the server and the
+/// CLI alike; the token the environment no longer gives is not accepted.
+#[tokio::test]
+async fn the_admin_token_can_come_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "file-token-0123456789abcdef\n").unwrap();
+    let file = file.to_str().unwrap();
+    let env = [
+        ("LATCHKEY_ADMIN_TOKEN", ""),
+        ("LATCHKEY_ADMIN_TOKEN_FILE", file),
+    ];
+    let stack = Stack::start_configured(|c| c, &env).await;
+    let out = stack.cli(&["export"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = stack.cli(&["export"], &[]);
+    assert!(
+        !refused.status.success(),
+        "the old token is not the server's"
+    );
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown or revoked admin token"));
+}

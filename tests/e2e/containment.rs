@@ -784,3 +784,23 @@ async fn a_proxy_gives_long_calls_their_own_timeout_and_an_agent_cannot() {
         "the agent's own timeout header is stripped"
     );
 }
+
+/// `--help` shows where settings come from, never a password in them: the store's and
+/// Redis's URLs as the environment gives them are not printed.
+#[test]
+fn help_never_prints_a_password_from_the_environment() {
+    let out = std::process::Command::new(crate::common::latchkey_bin())
+        .args(["serve", "--help"])
+        .env(
+            "LATCHKEY_DATABASE_URL",
+            "postgres://latchkey:db-pw-4242@db/latchkey",
+        )
+        .env("LATCHKEY_REDIS_URL", "redis://:redis-pw-4242@cache:6379")
+        .env("LATCHKEY_ADMIN_TOKEN", "admin-token-4242-secret")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("LATCHKEY_DATABASE_URL"), "{help}");
+    assert!(!help.contains("4242"), "{help}");
+}
