@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use futures_util::TryStreamExt;
 use sqlx::Row;
 
 use crate::store::{Store, StoreError};
@@ -103,7 +104,7 @@ impl Sql {
         self
     }
 
-    async fn fetch_all(&self, store: &Store) -> Result<Vec<sqlx::any::AnyRow>, StoreError> {
+    fn query(&self) -> sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments<'_>> {
         let mut query = sqlx::query(&self.text);
         for arg in &self.args {
             query = match arg {
@@ -111,7 +112,19 @@ impl Sql {
                 Arg::Int(i) => query.bind(*i),
             };
         }
-        Ok(query.fetch_all(store.pool()).await?)
+        query
+    }
+
+    async fn fetch_all(&self, store: &Store) -> Result<Vec<sqlx::any::AnyRow>, StoreError> {
+        Ok(self.query().fetch_all(store.pool()).await?)
+    }
+
+    /// The rows one at a time, as the database sends them.
+    fn stream<'a>(
+        &'a self,
+        store: &'a Store,
+    ) -> impl futures_util::Stream<Item = Result<sqlx::any::AnyRow, sqlx::Error>> + 'a {
+        self.query().fetch(store.pool())
     }
 }
 
@@ -266,80 +279,126 @@ pub struct ModelUse {
     pub cost_usd: f64,
 }
 
-/// Buckets of `width_ms`, oldest first, over the filtered records.
+/// Buckets of `width_ms`, oldest first, over the filtered records. Summed by the
+/// database, a query per aspect; latency percentiles from the latencies streamed in
+/// order, so a window of millions of records is answered in bounded memory.
 pub async fn telemetry(
     store: &Store,
     filter: &Filter,
     width_ms: i64,
 ) -> Result<Vec<Bucket>, StoreError> {
-    let mut q = Sql::new(
-        "SELECT time_ms, decision, status, latency_ms, cost_usd, model, input_tokens,
-                cached_tokens, output_tokens
-         FROM requests",
+    // Our own number, never the caller's text: written into the statement.
+    let width = width_ms.max(1);
+    let slot = format!("(time_ms / {width})");
+    let mut buckets: BTreeMap<i64, (Bucket, u64)> = BTreeMap::new();
+    let q = grouped(
+        filter,
+        &format!(
+            "{slot}, COUNT(*), COUNT(latency_ms), \
+             CAST(SUM(COALESCE(cost_usd, 0)) AS DOUBLE PRECISION)"
+        ),
+        "",
+        "1",
     );
-    push_filter(&mut q, filter);
-    q.text.push_str(" ORDER BY time_ms");
-    let rows = q.fetch_all(store).await?;
-    let mut buckets: BTreeMap<i64, (Bucket, Vec<f64>)> = BTreeMap::new();
-    for r in &rows {
-        let time_ms: i64 = r.try_get("time_ms")?;
-        let start = time_ms.div_euclid(width_ms) * width_ms;
-        let (bucket, latencies) = buckets.entry(start).or_insert_with(|| {
-            (
-                Bucket {
-                    start_ms: start,
-                    ..Bucket::default()
-                },
-                Vec::new(),
-            )
-        });
-        bucket.requests += 1;
-        *bucket
-            .decisions
-            .entry(r.try_get::<String, _>("decision")?)
-            .or_default() += 1;
-        let class = match r.try_get::<Option<i64>, _>("status")? {
-            Some(s) => format!("{}xx", s / 100),
-            None => "none".to_owned(),
+    for r in q.fetch_all(store).await? {
+        let slot: i64 = r.try_get(0)?;
+        let bucket = Bucket {
+            start_ms: slot * width,
+            requests: count(r.try_get(1)?),
+            cost_usd: r.try_get(3)?,
+            ..Bucket::default()
         };
-        *bucket.status_classes.entry(class).or_default() += 1;
-        if let Some(l) = r.try_get::<Option<f64>, _>("latency_ms")? {
-            latencies.push(l);
-        }
-        let cost = r.try_get::<Option<f64>, _>("cost_usd")?.unwrap_or(0.0);
-        bucket.cost_usd += cost;
-        if let Some(model) = r.try_get::<Option<String>, _>("model")? {
-            let tokens = |name: &str| -> Result<u64, sqlx::Error> {
-                Ok(r.try_get::<Option<i64>, _>(name)?
-                    .and_then(|n| u64::try_from(n).ok())
-                    .unwrap_or(0))
-            };
-            let used = bucket.models.entry(model).or_default();
-            used.requests += 1;
-            used.input_tokens += tokens("input_tokens")?;
-            used.cached_tokens += tokens("cached_tokens")?;
-            used.output_tokens += tokens("output_tokens")?;
-            used.cost_usd += cost;
+        buckets.insert(slot, (bucket, count(r.try_get(2)?)));
+    }
+    let q = grouped(filter, &format!("{slot}, decision, COUNT(*)"), "", "1, 2");
+    for r in q.fetch_all(store).await? {
+        if let Some((bucket, _)) = buckets.get_mut(&r.try_get::<i64, _>(0)?) {
+            bucket.decisions.insert(r.try_get(1)?, count(r.try_get(2)?));
         }
     }
-    Ok(buckets
-        .into_values()
-        .map(|(mut bucket, mut latencies)| {
-            latencies.sort_by(f64::total_cmp);
-            bucket.p50_latency_ms = percentile(&latencies, 50);
-            bucket.p95_latency_ms = percentile(&latencies, 95);
-            bucket
-        })
-        .collect())
+    let class = "CAST(CASE WHEN status IS NULL THEN -1 ELSE status / 100 END AS BIGINT)";
+    let q = grouped(filter, &format!("{slot}, {class}, COUNT(*)"), "", "1, 2");
+    for r in q.fetch_all(store).await? {
+        if let Some((bucket, _)) = buckets.get_mut(&r.try_get::<i64, _>(0)?) {
+            let class = match r.try_get::<i64, _>(1)? {
+                -1 => "none".to_owned(),
+                c => format!("{c}xx"),
+            };
+            bucket.status_classes.insert(class, count(r.try_get(2)?));
+        }
+    }
+    let sum = |column: &str| format!("CAST(SUM(COALESCE({column}, 0)) AS BIGINT)");
+    let q = grouped(
+        filter,
+        &format!(
+            "{slot}, model, COUNT(*), {}, {}, {}, \
+             CAST(SUM(COALESCE(cost_usd, 0)) AS DOUBLE PRECISION)",
+            sum("input_tokens"),
+            sum("cached_tokens"),
+            sum("output_tokens")
+        ),
+        " AND model IS NOT NULL",
+        "1, 2",
+    );
+    for r in q.fetch_all(store).await? {
+        if let Some((bucket, _)) = buckets.get_mut(&r.try_get::<i64, _>(0)?) {
+            bucket.models.insert(
+                r.try_get(1)?,
+                ModelUse {
+                    requests: count(r.try_get(2)?),
+                    input_tokens: count(r.try_get(3)?),
+                    cached_tokens: count(r.try_get(4)?),
+                    output_tokens: count(r.try_get(5)?),
+                    cost_usd: r.try_get(6)?,
+                },
+            );
+        }
+    }
+    // Nearest rank within each bucket, the latencies arriving sorted: one pass, nothing
+    // kept but the position.
+    let mut q = Sql::new(&format!("SELECT {slot}, latency_ms FROM requests"));
+    push_filter(&mut q, filter);
+    q.text.push_str(" AND latency_ms IS NOT NULL ORDER BY 1, 2");
+    let mut rows = q.stream(store);
+    let (mut current, mut seen) = (None, 0u64);
+    while let Some(r) = rows.try_next().await? {
+        let slot: i64 = r.try_get(0)?;
+        if current != Some(slot) {
+            (current, seen) = (Some(slot), 0);
+        }
+        seen += 1;
+        let Some((bucket, latencies)) = buckets.get_mut(&slot) else {
+            continue;
+        };
+        let latency: f64 = r.try_get(1)?;
+        if seen == rank(50, *latencies) {
+            bucket.p50_latency_ms = Some(latency);
+        }
+        if seen == rank(95, *latencies) {
+            bucket.p95_latency_ms = Some(latency);
+        }
+    }
+    Ok(buckets.into_values().map(|(bucket, _)| bucket).collect())
 }
 
-/// Nearest rank: the smallest value with at least `p`% of the values at or below it.
-fn percentile(sorted: &[f64], p: usize) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let rank = (p * sorted.len()).div_ceil(100).max(1);
-    Some(sorted[rank - 1])
+/// `SELECT columns FROM requests WHERE <filter><and> GROUP BY group`.
+fn grouped(filter: &Filter, columns: &str, and: &str, group: &str) -> Sql {
+    let mut q = Sql::new(&format!("SELECT {columns} FROM requests"));
+    push_filter(&mut q, filter);
+    q.text.push_str(and);
+    q.text.push_str(&format!(" GROUP BY {group}"));
+    q
+}
+
+/// A count from the database, never negative.
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+/// Nearest rank (1-based) of the `p`th percentile among `n` values: the smallest with at
+/// least `p`% of the values at or below it.
+fn rank(p: u64, n: u64) -> u64 {
+    (p * n).div_ceil(100).max(1)
 }
 
 /// Deletes records older than `cutoff_ms`, in slices so writers are never held up for
@@ -402,11 +461,10 @@ mod tests {
 
     #[test]
     fn percentiles_by_nearest_rank() {
-        let v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50), Some(50.0));
-        assert_eq!(percentile(&v, 95), Some(95.0));
-        assert_eq!(percentile(&[7.0], 95), Some(7.0));
-        assert_eq!(percentile(&[], 50), None);
+        assert_eq!(rank(50, 100), 50);
+        assert_eq!(rank(95, 100), 95);
+        assert_eq!(rank(95, 1), 1);
+        assert_eq!(rank(50, 3), 2);
     }
 
     #[test]
