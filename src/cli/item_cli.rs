@@ -35,11 +35,11 @@ pub enum ItemCommand {
         #[command(flatten)]
         conn: AdminConn,
     },
-    /// List them by name, a page at a time.
+    /// List them by name: all, or one page with --limit.
     List {
-        /// At most this many.
-        #[arg(long, default_value_t = 100)]
-        limit: u32,
+        /// One page of at most this many (the next page's `--after` is printed to stderr).
+        #[arg(long)]
+        limit: Option<u32>,
         /// Start after this name (the last of the previous page).
         #[arg(long)]
         after: Option<String>,
@@ -151,18 +151,27 @@ pub async fn run(kind: Kind, command: ItemCommand) -> anyhow::Result<()> {
             conn,
         } => {
             let mut client = connect(&conn).await?;
-            let request = ListItemsRequest {
-                kind: pb_kind(kind) as i32,
-                page_size: limit,
-                page_token: after.unwrap_or_default(),
+            let mut items = Vec::new();
+            let mut token = after.unwrap_or_default();
+            // Without --limit, every page (of the server's largest size) in turn.
+            let more = loop {
+                let request = ListItemsRequest {
+                    kind: pb_kind(kind) as i32,
+                    page_size: limit.unwrap_or(1000),
+                    page_token: token,
+                };
+                let page = client
+                    .list_items(authorized(&conn, request)?)
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                items.extend(page.items);
+                token = page.next_page_token;
+                if token.is_empty() || limit.is_some() {
+                    break token;
+                }
             };
-            let page = client
-                .list_items(authorized(&conn, request)?)
-                .await
-                .map_err(status_error)?
-                .into_inner();
-            let specs = page
-                .items
+            let specs = items
                 .iter()
                 .map(|i| Ok((i.name.as_str(), serde_json::from_str(&i.spec_json)?)))
                 .collect::<anyhow::Result<Vec<(&str, serde_json::Value)>>>()?;
@@ -172,8 +181,8 @@ pub async fn run(kind: Kind, command: ItemCommand) -> anyhow::Result<()> {
             } else {
                 print_table(kind, &specs);
             }
-            if !page.next_page_token.is_empty() {
-                eprintln!("more: --after {}", page.next_page_token);
+            if !more.is_empty() {
+                eprintln!("more: --after {more}");
             }
             Ok(())
         }

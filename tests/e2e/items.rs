@@ -315,3 +315,25 @@ async fn item_rpcs_check_tokens_and_name_what_is_wrong() {
     assert_eq!(page.items.len(), 2);
     assert!(page.items.iter().all(|i| !i.spec_json.contains(SECRET_A)));
 }
+
+/// Without `--limit`, every page: more than the server's largest page comes back whole;
+/// with it, one page and where the next begins.
+#[tokio::test]
+async fn list_without_a_limit_returns_every_page() {
+    let stack = Stack::start().await;
+    let mut policy = String::from("targets:\n");
+    for i in 0..1050 {
+        policy.push_str(&format!(
+            "  - {{ name: t{i:04}, url: \"https://t{i}.example\" }}\n"
+        ));
+    }
+    stack.apply(&policy, &[]);
+    let all = json(&stack.cli(&["target", "list", "--json"], &[]));
+    assert_eq!(all.as_array().unwrap().len(), 1050);
+    let page = stack.cli(&["target", "list", "--limit", "100"], &[]);
+    assert!(
+        String::from_utf8_lossy(&page.stderr).contains("more: --after t0099"),
+        "{}",
+        String::from_utf8_lossy(&page.stderr)
+    );
+}
