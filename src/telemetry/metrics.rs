@@ -84,6 +84,15 @@ impl Default for Metrics {
             "Finished requests by the status class the agent got, from Envoy's access log",
             responses.clone(),
         );
+        // Which build answers: `latchkey_build_info{version="…"} 1`.
+        registry.register(
+            "build",
+            "The latchkey build serving",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version",
+                env!("CARGO_PKG_VERSION"),
+            )]),
+        );
         let policy_version = Gauge::default();
         registry.register(
             "policy_version",

@@ -178,3 +178,27 @@ async fn spans_and_audit_logs_reach_an_otlp_collector_and_no_secret_goes_anywher
         }
     }
 }
+
+/// Logs as one JSON object per line when asked (for log collectors), and the build in
+/// the metrics.
+#[tokio::test]
+async fn json_logs_and_the_build_in_the_metrics() {
+    let stack = Stack::start_configured(|c| c, &[("LATCHKEY_LOG_FORMAT", "json")]).await;
+    let metrics = stack.metrics().await;
+    let build = format!(
+        "latchkey_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(metrics.contains(&build), "{metrics}");
+    let log = std::fs::read_to_string(stack.db_path().with_file_name("latchkey.log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["level"] == "INFO" && l["fields"]["message"] == "latchkey serving"),
+        "{log}"
+    );
+}
