@@ -2,11 +2,15 @@
 //! record, built from the audit writer's batches — never on the request path. On when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
 //! `…_LOGS_ENDPOINT`) is set; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
-//! `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_TIMEOUT` are honoured.
+//! `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_TIMEOUT` are honoured. An
+//! `https://` endpoint is reached over TLS, trusting the system's roots and
+//! `OTEL_EXPORTER_OTLP_CERTIFICATE`, with `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`/`_KEY`
+//! for a collector that asks for a client certificate.
 //!
 //! Telemetry is allowed to be lossy where the audit is not: if the collector is slow or
 //! gone, batches past a small queue are dropped and counted; the SQL audit is unaffected.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,7 +28,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::telemetry::events::{Completed, Decided, Event, Llm};
 
@@ -39,6 +43,11 @@ pub struct OtlpConfig {
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
     pub resource: Vec<(String, String)>,
+    /// For `https://` endpoints: a CA to trust besides the system's
+    /// (`OTEL_EXPORTER_OTLP_CERTIFICATE`), and a client certificate and key for a
+    /// collector that asks for one (`OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`/`_KEY`).
+    pub ca: Option<PathBuf>,
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 impl OtlpConfig {
@@ -74,7 +83,30 @@ impl OtlpConfig {
             headers: pairs(var("OTEL_EXPORTER_OTLP_HEADERS")),
             timeout,
             resource,
+            ca: var("OTEL_EXPORTER_OTLP_CERTIFICATE").map(PathBuf::from),
+            client: var("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")
+                .zip(var("OTEL_EXPORTER_OTLP_CLIENT_KEY"))
+                .map(|(cert, key)| (PathBuf::from(cert), PathBuf::from(key))),
         })
+    }
+
+    /// TLS for `https://` collectors: the system's roots, the configured CA, and the
+    /// client certificate if one is set.
+    fn tls(&self) -> anyhow::Result<ClientTlsConfig> {
+        let read = |path: &PathBuf, what: &str| {
+            std::fs::read(path).with_context(|| format!("{what} {}", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new().with_native_roots();
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca, "OTLP CA certificate")?));
+        }
+        if let Some((cert, key)) = &self.client {
+            tls = tls.identity(Identity::from_pem(
+                read(cert, "OTLP client certificate")?,
+                read(key, "OTLP client key")?,
+            ));
+        }
+        Ok(tls)
     }
 }
 
@@ -87,14 +119,20 @@ pub struct Otlp {
 
 impl Otlp {
     pub fn start(config: OtlpConfig, dropped: Counter) -> anyhow::Result<Self> {
+        let tls = config.tls()?;
         let channel = |endpoint: &Option<String>| -> anyhow::Result<Option<Channel>> {
             endpoint
                 .as_deref()
                 .map(|e| {
-                    Ok(Endpoint::from_shared(e.to_owned())
+                    let mut endpoint = Endpoint::from_shared(e.to_owned())
                         .with_context(|| format!("OTLP endpoint {e:?}"))?
-                        .timeout(config.timeout)
-                        .connect_lazy())
+                        .timeout(config.timeout);
+                    if e.starts_with("https://") {
+                        endpoint = endpoint
+                            .tls_config(tls.clone())
+                            .with_context(|| format!("OTLP endpoint {e:?}: TLS"))?;
+                    }
+                    Ok(endpoint.connect_lazy())
                 })
                 .transpose()
         };

@@ -202,3 +202,38 @@ async fn json_logs_and_the_build_in_the_metrics() {
         "{log}"
     );
 }
+
+/// An `https://` collector: trusted through `OTEL_EXPORTER_OTLP_CERTIFICATE` (the system's
+/// roots otherwise), and spans arrive over TLS.
+#[tokio::test]
+async fn spans_reach_a_collector_over_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    crate::common::make_certificates(certs.path());
+    let (collector, endpoint) = Collector::start_tls(certs.path()).await;
+    let ca = certs.path().join("ca.pem");
+    let stack = Stack::start_configured(
+        |c| c,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.to_str().unwrap()),
+        ],
+    )
+    .await;
+    // A decision of any kind is a span: here a request without a key.
+    let denied = client()
+        .get(stack.url("/api/v1/things"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while collector.spans().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spans = collector.spans();
+    assert_eq!(spans.len(), 1, "{}", collector.dump());
+    assert_eq!(
+        text(&spans[0].attributes, "latchkey.decision"),
+        "missing_key"
+    );
+}

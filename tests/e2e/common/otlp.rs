@@ -58,6 +58,26 @@ impl Collector {
         (collector, format!("http://{addr}"))
     }
 
+    /// The same over TLS, with the certificate and key (PEM) in `dir`: `server.pem` and
+    /// `server.key`, for `localhost`.
+    pub async fn start_tls(dir: &std::path::Path) -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let identity = tonic::transport::Identity::from_pem(
+            std::fs::read(dir.join("server.pem")).unwrap(),
+            std::fs::read(dir.join("server.key")).unwrap(),
+        );
+        let collector = Collector::default();
+        let server = tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .unwrap()
+            .add_service(TraceServiceServer::new(collector.clone()))
+            .add_service(LogsServiceServer::new(collector.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        (collector, format!("https://localhost:{port}"))
+    }
+
     pub fn spans(&self) -> Vec<opentelemetry_proto::tonic::trace::v1::Span> {
         self.traces
             .lock()
