@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
-use zeroize::Zeroizing;
 
 use crate::base::crypto::MasterKey;
-use crate::control::items::{self, Edit, ItemError, Kind};
+use crate::control::items::{self, Edit, ItemError};
 use crate::control::sync::PolicySync;
 use crate::control::tokens::{Role, new_token, require_admin};
 use crate::dataplane::pipeline::{Caller, Judgement, Outcome, RequestView, decide_as};
@@ -20,17 +19,21 @@ use crate::pb::admin_server::Admin;
 use crate::pb::{
     ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule,
     CreateTokenRequest, CreatedToken, DeleteItemRequest, ExportRequest, ExportResponse,
-    GetItemRequest, ImportedKeys, IssueKeyRequest, IssuedKey, Item, ItemChangeResponse, ItemKind,
-    KeyInfo, ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse,
-    ListRequestsRequest, ListRequestsResponse, ListTokensRequest, ListTokensResponse,
-    PutItemRequest, RekeyRequest, RekeyResponse, RequestFilter, RequestRecord, ResolvedSecret,
-    RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse, TelemetryBucket,
-    TelemetryRequest, TelemetryResponse, TokenInfo as PbTokenInfo,
+    GetItemRequest, IssueKeyRequest, IssuedKey, Item, ItemChangeResponse, KeyInfo,
+    ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse, ListRequestsRequest,
+    ListRequestsResponse, ListTokensRequest, ListTokensResponse, PutItemRequest, RekeyRequest,
+    RekeyResponse, RequestRecord, RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest,
+    RevokeTokenResponse, TelemetryBucket, TelemetryRequest, TelemetryResponse,
+    TokenInfo as PbTokenInfo,
 };
 use crate::policy::rows::{NewKey, StoredPolicy};
 use crate::policy::{Period, PolicyFile};
-use crate::store::requests::{self, Filter};
+use crate::store::requests::{self};
 use crate::store::{AlreadyRevoked, Desired, Store, StoreError};
+
+mod wire;
+
+use wire::*;
 
 pub struct AdminService {
     shared: Arc<Shared>,
@@ -142,95 +145,6 @@ impl AdminService {
             ext_authz_only,
             write_lock: Mutex::new(()),
         }
-    }
-}
-
-fn internal(e: impl std::fmt::Display) -> Status {
-    tracing::error!(error = %e, "admin call failed");
-    Status::internal(e.to_string())
-}
-
-/// One page of `items` (sorted by `key`): those after `token`, at most `size` (0: 100, at
-/// most 1000), and the token of the next page (empty on the last).
-fn page<T>(
-    items: impl IntoIterator<Item = T>,
-    key: impl Fn(&T) -> &str,
-    size: u32,
-    token: &str,
-) -> (Vec<T>, String) {
-    let size = match size {
-        0 => 100,
-        n => n.min(1000),
-    } as usize;
-    let mut out: Vec<T> = items
-        .into_iter()
-        .filter(|i| token.is_empty() || key(i) > token)
-        .take(size + 1)
-        .collect();
-    let next = if out.len() > size {
-        out.truncate(size);
-        out.last().map(|i| key(i).to_owned()).unwrap_or_default()
-    } else {
-        String::new()
-    };
-    (out, next)
-}
-
-fn item_kind(kind: i32) -> Result<Kind, Status> {
-    match ItemKind::try_from(kind) {
-        Ok(ItemKind::Target) => Ok(Kind::Target),
-        Ok(ItemKind::Credential) => Ok(Kind::Credential),
-        Ok(ItemKind::Proxy) => Ok(Kind::Proxy),
-        Ok(ItemKind::Rule) => Ok(Kind::Rule),
-        _ => Err(Status::invalid_argument(
-            "kind: one of target, credential, proxy, rule",
-        )),
-    }
-}
-
-fn item_status(e: ItemError) -> Status {
-    match e {
-        ItemError::NotFound { .. } => Status::not_found(e.to_string()),
-        ItemError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-        ItemError::Invalid(_) => Status::invalid_argument(format!("nothing changed: {e}")),
-    }
-}
-
-/// Secrets and imported key hashes as the client resolved them.
-type Material = (
-    HashMap<String, Zeroizing<String>>,
-    HashMap<String, Vec<[u8; 32]>>,
-);
-
-fn material(secrets: Vec<ResolvedSecret>, imported: Vec<ImportedKeys>) -> Result<Material, Status> {
-    let secrets = secrets
-        .into_iter()
-        .map(|s| (s.credential, Zeroizing::new(s.value)))
-        .collect();
-    let mut keys: HashMap<String, Vec<[u8; 32]>> = HashMap::new();
-    for imported in imported {
-        let hashes = imported
-            .sha256
-            .iter()
-            .map(|h| <[u8; 32]>::try_from(h.as_slice()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| {
-                Status::invalid_argument(format!(
-                    "keys of credential {:?}: a SHA-256 hash is 32 bytes",
-                    imported.credential
-                ))
-            })?;
-        keys.entry(imported.credential).or_default().extend(hashes);
-    }
-    Ok((secrets, keys))
-}
-
-fn store_status(e: StoreError) -> Status {
-    match e {
-        StoreError::NotFound(what) => Status::not_found(what),
-        StoreError::Conflict(what) => Status::already_exists(what),
-        StoreError::Invalid(what) => Status::invalid_argument(format!("nothing changed: {what}")),
-        other => internal(other),
     }
 }
 
@@ -791,40 +705,5 @@ impl Admin for AdminService {
             resealed: u32::try_from(resealed).unwrap_or(u32::MAX),
             master_key_id: self.master.id().to_owned(),
         }))
-    }
-}
-
-fn filter(f: RequestFilter) -> Result<Filter, Status> {
-    let some = |s: String| (!s.is_empty()).then_some(s);
-    Ok(Filter {
-        status: some(f.status)
-            .map(|s| s.parse())
-            .transpose()
-            .map_err(Status::invalid_argument)?,
-        proxy: some(f.proxy),
-        credential: some(f.credential),
-        key_id: some(f.key_id),
-        label: some(f.label),
-        decision: some(f.decision),
-        since_ms: f.since_ms,
-        until_ms: f.until_ms,
-    })
-}
-
-/// Unix milliseconds as the API's whole seconds, rounded up: a key shown to expire at
-/// `t` is refused from `t` on, never a second before it says.
-fn seconds_up(ms: i64) -> i64 {
-    ms.saturating_add(999).div_euclid(1000)
-}
-
-/// The longest TTL a run key may be issued with.
-const MAX_TTL_S: i64 = 10 * 366 * 86_400;
-
-/// Runs blocking work on this worker thread, moving its other tasks to other workers
-/// first where the runtime has them.
-fn off_runtime<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::current().runtime_flavor() {
-        tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(work),
-        _ => work(),
     }
 }
