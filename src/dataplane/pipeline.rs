@@ -18,7 +18,7 @@ use crate::dataplane::rules::{self, Body, Facts, RuleList, Verdict};
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::Policy;
 use crate::dataplane::snapshot::{CostSpec, Injection, KeyEntry};
-use crate::dataplane::spend::{Account, Holder, MAX_IN_FLIGHT, Refusal, Spend, Unit};
+use crate::dataplane::spend::{self, Account, Holder, MAX_IN_FLIGHT, Refusal, Spend, Unit};
 use crate::dataplane::usage;
 use crate::policy::Period;
 use crate::telemetry::audit::{Decided, Event};
@@ -172,7 +172,7 @@ fn accounts(policy: &Policy, entry: &KeyEntry, now: i64, llm: bool) -> Vec<Accou
         }
     };
     let budgets = entry.budgets.as_deref();
-    let key = format!("key:{}", entry.id);
+    let key = spend::key_owner(&entry.id);
     let mut out = Vec::with_capacity(2);
     match (budgets.and_then(|b| b.cap_period), entry.spend_cap_micros) {
         (Some(period), Some(cap)) => {
@@ -195,7 +195,7 @@ fn accounts(policy: &Policy, entry: &KeyEntry, now: i64, llm: bool) -> Vec<Accou
         }),
     }
     let caps = policy.credential_caps(entry.credential);
-    let credential = format!("credential:{}", policy.credential_name(entry.credential));
+    let credential = spend::credential_owner(policy.credential_name(entry.credential));
     for &(period, cap) in &caps.spend {
         out.push(of_period(
             credential.clone(),
@@ -213,7 +213,7 @@ fn accounts(policy: &Policy, entry: &KeyEntry, now: i64, llm: bool) -> Vec<Accou
         ] {
             for &(period, cap) in list {
                 out.push(of_period(
-                    format!("tokens:{owner}"),
+                    spend::tokens_owner(owner),
                     holder,
                     period,
                     cap,

@@ -44,6 +44,20 @@ pub struct Account {
     pub period: Option<Period>,
 }
 
+/// Whose accounts they are, as their ids begin: a key's, a proxy credential's, and the
+/// LLM tokens of either (`tokens:key:<id>`). Start-up seeding names them the same way.
+pub fn key_owner(id: &str) -> String {
+    format!("key:{id}")
+}
+
+pub fn credential_owner(name: &str) -> String {
+    format!("credential:{name}")
+}
+
+pub fn tokens_owner(owner: &str) -> String {
+    format!("tokens:{owner}")
+}
+
 impl Account {
     /// The id of `owner`'s account (`key:<id>`, `credential:<name>`, `tokens:key:<id>`…)
     /// for the `period` that holds `now`, and the seconds until that period ends.

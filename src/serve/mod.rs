@@ -32,7 +32,7 @@ use crate::dataplane::budget::{
 };
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::Policy;
-use crate::dataplane::spend::{Account, LocalSpend, RedisSpend, Spend};
+use crate::dataplane::spend::{self, Account, LocalSpend, RedisSpend, Spend};
 use crate::envoy::access_log::AccessLog;
 use crate::envoy::channel::{Guard, bind_unix};
 use crate::envoy::ext_authz::ExtAuthz;
@@ -400,15 +400,18 @@ async fn seed_periods(store: &Store, spend: &LocalSpend, now: i64) -> Result<(),
             let sum = by_credential.entry(s.credential.clone()).or_default();
             sum.0 += s.micros;
             sum.1 += s.tokens;
-            owners.push((format!("key:{}", s.key_id), s.micros, s.tokens));
+            owners.push((spend::key_owner(&s.key_id), s.micros, s.tokens));
         }
         owners.extend(
             by_credential
                 .into_iter()
-                .map(|(name, (micros, tokens))| (format!("credential:{name}"), micros, tokens)),
+                .map(|(name, (micros, tokens))| (spend::credential_owner(&name), micros, tokens)),
         );
         for (owner, micros, tokens) in owners {
-            for (owner, spent) in [(owner.clone(), micros), (format!("tokens:{owner}"), tokens)] {
+            for (owner, spent) in [
+                (owner.clone(), micros),
+                (spend::tokens_owner(&owner), tokens),
+            ] {
                 if spent > 0 {
                     let (id, left) = Account::period_id(&owner, period, now);
                     spend.seed(id, spent, left + 60);
