@@ -80,11 +80,6 @@ impl Policy {
             }
         }))
     }
-
-    /// Whether this snapshot shares its compiled rules and secrets with `other`.
-    pub fn shares_compiled(&self, other: &Policy) -> bool {
-        Arc::ptr_eq(&self.compiled, &other.compiled)
-    }
 }
 
 /// Keys issued on a replica before its key table is rebuilt from the store: each issue
@@ -475,19 +470,7 @@ fn limits(owner: &str, name: &str, limits: Option<&Limits>) -> Box<[Limit]> {
 mod tests {
     use super::*;
     use crate::base::crypto::hash_key;
-    use crate::store::memory;
-
-    const POLICY: &str = r#"
-targets:
-  - { name: vendor, url: "https://api.vendor.example" }
-credentials:
-  - { name: vendor-key, type: target, auth: bearer, secret: { value: sk_vendor_1234 } }
-  - { name: agent, type: proxy, keys: [{ value: lk_agentKEY0000000000000001 }] }
-proxies:
-  - { name: api, target: vendor, target_credential: vendor-key, proxy_credentials: [agent], default_effect: deny }
-rules:
-  - { proxy: api, id: reads, effect: allow, methods: [GET], path: "^/v1/" }
-"#;
+    use crate::store::{memory, testing};
 
     fn run_key(stored: &StoredPolicy, key: &str) -> KeyRow {
         KeyRow {
@@ -503,7 +486,7 @@ rules:
     #[test]
     fn a_change_of_keys_alone_reuses_the_compiled_part() {
         let master = MasterKey::parse(&MasterKey::generate()).unwrap();
-        let mut stored = memory::stored(POLICY, &master).unwrap();
+        let mut stored = memory::stored(testing::POLICY, &master).unwrap();
         let first = Policy::compile(&stored, &master).unwrap();
         let run = hash_key(b"lk_runKEY000000000000000001");
         assert!(first.key(&run).is_none());
@@ -512,12 +495,12 @@ rules:
             .keys
             .push(run_key(&stored, "lk_runKEY000000000000000001"));
         let issued = first.recompile(&stored, &master).unwrap();
-        assert!(issued.shares_compiled(&first));
+        assert!(Arc::ptr_eq(&issued.compiled, &first.compiled));
         assert_eq!(issued.key(&run).unwrap().label.as_deref(), Some("run"));
 
         stored.keys.last_mut().unwrap().revoked_at = Some(1);
         let revoked = issued.recompile(&stored, &master).unwrap();
-        assert!(revoked.shares_compiled(&first));
+        assert!(Arc::ptr_eq(&revoked.compiled, &first.compiled));
         assert!(
             revoked
                 .key(&run)
@@ -532,7 +515,9 @@ rules:
         let mut row = run_key(&stored, "lk_runKEY000000000000000002");
         row.id = "key_run2".into();
         let here = revoked.with_issued(&row).unwrap().unwrap();
-        assert!(Arc::ptr_eq(&here.keys, &revoked.keys) && here.shares_compiled(&first));
+        assert!(
+            Arc::ptr_eq(&here.keys, &revoked.keys) && Arc::ptr_eq(&here.compiled, &first.compiled)
+        );
         assert!(here.key(&second).is_some() && revoked.key(&second).is_none());
         assert!(here.revoke("key_run2"));
         assert!(
@@ -550,7 +535,7 @@ rules:
 
         stored.rules[0].path = Some("^/v2/".into());
         let changed = revoked.recompile(&stored, &master).unwrap();
-        assert!(!changed.shares_compiled(&first));
+        assert!(!Arc::ptr_eq(&changed.compiled, &first.compiled));
         assert_eq!(
             changed.rule("reads").unwrap().path.as_deref(),
             Some("^/v2/")

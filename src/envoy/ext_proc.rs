@@ -606,21 +606,9 @@ mod tests {
     use crate::dataplane::budget::{Budgets, LocalBudgets, SystemClock};
     use crate::dataplane::snapshot::Policy;
     use crate::dataplane::spend::{LocalSpend, Spend};
-    use crate::store::{Store, memory};
+    use crate::store::{Store, memory, testing};
     use crate::telemetry::audit::AuditLog;
     use crate::telemetry::metrics::Metrics;
-
-    const POLICY: &str = r#"
-targets:
-  - { name: vendor, url: "https://api.vendor.example" }
-credentials:
-  - { name: vendor-key, type: target, auth: bearer, secret: { value: sk_vendor_1234 } }
-  - { name: agent, type: proxy, keys: [{ value: lk_agentKEY0000000000000001 }] }
-proxies:
-  - { name: api, target: vendor, target_credential: vendor-key, proxy_credentials: [agent], default_effect: deny }
-rules:
-  - { proxy: api, id: reads, effect: allow, methods: [GET], path: "^/v1/" }
-"#;
 
     fn headers(pairs: &[(&str, &str)]) -> ProcessingRequest {
         ProcessingRequest {
@@ -668,7 +656,8 @@ rules:
         .await
         .unwrap();
         let master = MasterKey::parse(&MasterKey::generate()).unwrap();
-        let policy = Policy::compile(&memory::stored(POLICY, &master).unwrap(), &master).unwrap();
+        let policy =
+            Policy::compile(&memory::stored(testing::POLICY, &master).unwrap(), &master).unwrap();
         let metrics = Metrics::default();
         let (audit, writer) = AuditLog::start(store.clone(), metrics.audit.clone(), None);
         let shared = Arc::new(Shared::new(

@@ -79,3 +79,18 @@ pub async fn stores() -> Vec<(&'static str, Scratch, Store)> {
     ));
     out
 }
+
+/// A small policy for unit tests: one proxy `api` with a bearer secret, the key
+/// `lk_agentKEY0000000000000001` of credential `agent`, and one rule allowing reads
+/// under `/v1/`.
+pub const POLICY: &str = r#"
+targets:
+  - { name: vendor, url: "https://api.vendor.example" }
+credentials:
+  - { name: vendor-key, type: target, auth: bearer, secret: { value: sk_vendor_1234 } }
+  - { name: agent, type: proxy, keys: [{ value: lk_agentKEY0000000000000001 }] }
+proxies:
+  - { name: api, target: vendor, target_credential: vendor-key, proxy_credentials: [agent], default_effect: deny }
+rules:
+  - { proxy: api, id: reads, effect: allow, methods: [GET], path: "^/v1/" }
+"#;
