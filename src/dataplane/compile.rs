@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 use crate::base::crypto::MasterKey;
 use crate::base::money::to_micros;
 use crate::dataplane::budget::{Limit, Rate};
-use crate::dataplane::credentials::{oauth2, sigv4};
+use crate::dataplane::credentials::{ServerSecrets, oauth2, sigv4};
 use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::snapshot::{
@@ -28,8 +28,12 @@ use crate::policy::{AuthKind, CredentialType, Limits, TargetUrl};
 impl Policy {
     /// Builds the snapshot, decrypting every target secret: a wrong master key fails here,
     /// at start-up or at apply, never on a request.
-    pub fn compile(stored: &StoredPolicy, master: &MasterKey) -> Result<Self, CompileError> {
-        let compiled = Compiled::compile(stored, master)?;
+    pub fn compile(
+        stored: &StoredPolicy,
+        master: &MasterKey,
+        server: &ServerSecrets,
+    ) -> Result<Self, CompileError> {
+        let compiled = Compiled::compile(stored, master, server)?;
         let keys = key_table(stored, &compiled.credential_ids)?;
         Ok(Policy {
             compiled: Arc::new(compiled),
@@ -44,9 +48,12 @@ impl Policy {
         &self,
         stored: &StoredPolicy,
         master: &MasterKey,
+        server: &ServerSecrets,
     ) -> Result<Self, CompileError> {
-        if source_digest(stored) != self.compiled.source {
-            return Self::compile(stored, master);
+        if source_digest(stored) != self.compiled.source
+            || server.generation != self.compiled.server_generation
+        {
+            return Self::compile(stored, master, server);
         }
         Ok(Policy {
             compiled: self.compiled.clone(),
@@ -102,8 +109,12 @@ fn source_digest(stored: &StoredPolicy) -> [u8; 32] {
 }
 
 impl Compiled {
-    fn compile(stored: &StoredPolicy, master: &MasterKey) -> Result<Self, CompileError> {
-        let credentials = Credentials::compile(stored, master)?;
+    fn compile(
+        stored: &StoredPolicy,
+        master: &MasterKey,
+        server: &ServerSecrets,
+    ) -> Result<Self, CompileError> {
+        let credentials = Credentials::compile(stored, master, server)?;
         let (credential_rules, mut proxy_rules, rules_by_id) = rules(stored, &credentials.names)?;
         let targets: HashMap<&str, &str> = stored
             .targets
@@ -130,6 +141,8 @@ impl Compiled {
             credential_caps: credentials.caps,
             rules_by_id,
             source: source_digest(stored),
+            server_generation: server.generation,
+            unavailable: credentials.unavailable,
         })
     }
 }
@@ -144,10 +157,16 @@ struct Credentials<'a> {
     injections: HashMap<&'a str, Arc<Injection>>,
     /// The forms of each secret a proxy scrubs from responses.
     echoes: HashMap<&'a str, Vec<Zeroizing<Vec<u8>>>>,
+    /// Server-read secrets that could not be read, by credential.
+    unavailable: Vec<(Arc<str>, String)>,
 }
 
 impl<'a> Credentials<'a> {
-    fn compile(stored: &'a StoredPolicy, master: &MasterKey) -> Result<Self, CompileError> {
+    fn compile(
+        stored: &'a StoredPolicy,
+        master: &MasterKey,
+        server: &ServerSecrets,
+    ) -> Result<Self, CompileError> {
         let mut out = Credentials {
             names: Vec::new(),
             limits: Vec::new(),
@@ -156,6 +175,7 @@ impl<'a> Credentials<'a> {
             by_id: HashMap::new(),
             injections: HashMap::new(),
             echoes: HashMap::new(),
+            unavailable: Vec::new(),
         };
         // Only the credentials a proxy scrubs need their echoed forms.
         let scrubbed: HashSet<&str> = stored
@@ -182,7 +202,17 @@ impl<'a> Credentials<'a> {
                     out.by_id.insert(&c.id, i);
                 }
                 CredentialType::Target => {
-                    let (Some(auth), Some(plain)) = (&c.auth, c.open_secret(master)?) else {
+                    let plain = match server_read(c, server) {
+                        Some(Ok(value)) => Some(Zeroizing::new(value.as_bytes().to_vec())),
+                        Some(Err(why)) => {
+                            out.unavailable.push((Arc::from(c.name.as_str()), why));
+                            out.injections
+                                .insert(&c.name, Arc::new(Injection::Unavailable));
+                            continue;
+                        }
+                        None => c.open_secret(master)?,
+                    };
+                    let (Some(auth), Some(plain)) = (&c.auth, plain) else {
                         return Err(invalid(format!(
                             "credential {:?} has no auth or secret",
                             c.name
@@ -202,6 +232,20 @@ impl<'a> Credentials<'a> {
         }
         Ok(out)
     }
+}
+
+/// A target credential's secret as the server read it, when the server reads it: the
+/// value, or why there is none.
+fn server_read<'s>(
+    c: &CredentialRow,
+    server: &'s ServerSecrets,
+) -> Option<Result<&'s str, String>> {
+    let source = c.secret_ref.as_ref()?.server_source()?;
+    Some(match server.values.get(&source) {
+        Some(Ok(value)) => Ok(value.as_str()),
+        Some(Err(why)) => Err(format!("{source}: {why}")),
+        None => Err(format!("{source}: not read yet")),
+    })
 }
 
 /// How a target credential's secret reaches the upstream.
@@ -487,19 +531,23 @@ mod tests {
     fn a_change_of_keys_alone_reuses_the_compiled_part() {
         let master = MasterKey::parse(&MasterKey::generate()).unwrap();
         let mut stored = memory::stored(testing::POLICY, &master).unwrap();
-        let first = Policy::compile(&stored, &master).unwrap();
+        let first = Policy::compile(&stored, &master, &Default::default()).unwrap();
         let run = hash_key(b"lk_runKEY000000000000000001");
         assert!(first.key(&run).is_none());
 
         stored
             .keys
             .push(run_key(&stored, "lk_runKEY000000000000000001"));
-        let issued = first.recompile(&stored, &master).unwrap();
+        let issued = first
+            .recompile(&stored, &master, &Default::default())
+            .unwrap();
         assert!(Arc::ptr_eq(&issued.compiled, &first.compiled));
         assert_eq!(issued.key(&run).unwrap().label.as_deref(), Some("run"));
 
         stored.keys.last_mut().unwrap().revoked_at = Some(1);
-        let revoked = issued.recompile(&stored, &master).unwrap();
+        let revoked = issued
+            .recompile(&stored, &master, &Default::default())
+            .unwrap();
         assert!(Arc::ptr_eq(&revoked.compiled, &first.compiled));
         assert!(
             revoked
@@ -534,7 +582,9 @@ mod tests {
         );
 
         stored.rules[0].path = Some("^/v2/".into());
-        let changed = revoked.recompile(&stored, &master).unwrap();
+        let changed = revoked
+            .recompile(&stored, &master, &Default::default())
+            .unwrap();
         assert!(!Arc::ptr_eq(&changed.compiled, &first.compiled));
         assert_eq!(
             changed.rule("reads").unwrap().path.as_deref(),

@@ -169,6 +169,13 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, req: &RequestView<'_>, now: i64
             path.push('=');
             path.push_str(std::str::from_utf8(value.expose()).expect("percent-encoded is ASCII"));
         }
+        // Refused before it is forwarded (`pipeline`); were it not, no credential goes.
+        Injection::Unavailable => {
+            if let Some(q) = route.query {
+                path.push('?');
+                path.push_str(q);
+            }
+        }
     }
     set.push((Cow::Borrowed(":path"), path.into_bytes()));
     set.push((

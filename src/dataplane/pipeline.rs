@@ -492,6 +492,9 @@ fn run(
             subject.rule_id = rule.map(|r| r.id.clone());
             match &*proxy.injection {
                 Injection::OAuth2(source) => *token = Some(source.clone()),
+                Injection::Unavailable => {
+                    return Err(Denial::CredentialUnavailable(proxy.name.clone()));
+                }
                 // A signature over the payload waits for the payload.
                 injection if injection.signs_body() => {
                     if let Body::TooLarge(limit) = body {
@@ -561,7 +564,12 @@ rules:
 
     fn policy() -> Policy {
         let master = MasterKey::parse(&MasterKey::generate()).unwrap();
-        Policy::compile(&memory::stored(POLICY, &master).unwrap(), &master).unwrap()
+        Policy::compile(
+            &memory::stored(POLICY, &master).unwrap(),
+            &master,
+            &Default::default(),
+        )
+        .unwrap()
     }
 
     fn ask(policy: &Policy, method: &str, path: &str, key: &str, body: &Body) -> Judgement {

@@ -57,6 +57,9 @@ pub enum Injection {
     OAuth2(Arc<crate::dataplane::credentials::oauth2::TokenSource>),
     /// An AWS Signature Version 4 over the request as it goes upstream.
     SigV4(crate::dataplane::credentials::sigv4::Signer),
+    /// A secret the server reads itself could not be read: requests are refused (503
+    /// `credential_unavailable`) until it can.
+    Unavailable,
 }
 
 impl Injection {
@@ -326,11 +329,20 @@ pub(super) struct Compiled {
     pub(super) rules_by_id: HashMap<Arc<str>, Arc<Rule>>,
     /// A digest of the rows it was compiled from: equal, and only keys changed.
     pub(super) source: [u8; 32],
+    /// The generation of the server-read secrets it was compiled with.
+    pub(super) server_generation: u64,
+    /// Target credentials whose server-read secret could not be read, and why.
+    pub(super) unavailable: Vec<(Arc<str>, String)>,
 }
 
 impl Policy {
     pub fn proxy(&self, name: &str) -> Option<&Proxy> {
         self.compiled.proxies.get(name)
+    }
+
+    /// Target credentials whose secret the server reads and could not, with why.
+    pub fn unavailable(&self) -> &[(Arc<str>, String)] {
+        &self.compiled.unavailable
     }
 
     /// Why this policy cannot be enforced by ext_authz alone, if it cannot: the first

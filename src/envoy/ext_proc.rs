@@ -656,8 +656,12 @@ mod tests {
         .await
         .unwrap();
         let master = MasterKey::parse(&MasterKey::generate()).unwrap();
-        let policy =
-            Policy::compile(&memory::stored(testing::POLICY, &master).unwrap(), &master).unwrap();
+        let policy = Policy::compile(
+            &memory::stored(testing::POLICY, &master).unwrap(),
+            &master,
+            &Default::default(),
+        )
+        .unwrap();
         let metrics = Metrics::default();
         let (audit, writer) = AuditLog::start(store.clone(), metrics.audit.clone(), None);
         let shared = Arc::new(Shared::new(

@@ -111,8 +111,11 @@ pub struct CredentialSpec {
     pub limits: Option<Limits>,
 }
 
-/// Where secret material comes from: exactly one of the four. `sealed: true` keeps what
-/// latchkey already holds (what `export` writes for a secret that was given inline).
+/// Where secret material comes from: exactly one of the six. `env`, `file` and `value` are
+/// read by the client that applies the file, and sealed in the store; `sealed: true` keeps
+/// what latchkey already holds (what `export` writes for a secret that was given inline).
+/// `mounted` and `aws_secrets_manager` are read by `latchkey serve` itself, and kept
+/// current: the plaintext never crosses the admin API nor sits in the store.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretRef {
@@ -124,6 +127,28 @@ pub struct SecretRef {
     pub value: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sealed: Option<bool>,
+    /// An absolute path on the server, e.g. a Kubernetes Secret volume's file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounted: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aws_secrets_manager: Option<AwsSecretRef>,
+}
+
+/// A secret in AWS Secrets Manager, fetched by the server at start and every `refresh`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSecretRef {
+    /// The secret's name or ARN.
+    pub id: String,
+    /// The secret's region; default: the server's `AWS_REGION`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// For a secret stored as a JSON object: the member holding the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// How often the server fetches it again, e.g. `5m` (the default); at least `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]

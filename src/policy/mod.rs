@@ -10,4 +10,5 @@ pub(crate) mod validate;
 
 pub use file::*;
 pub use period::Period;
+pub use secrets::ServerSource;
 pub use target::TargetUrl;

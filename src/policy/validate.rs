@@ -3,8 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::policy::TargetUrl;
 use crate::policy::file::*;
+use crate::policy::{ServerSource, TargetUrl};
 
 impl PolicyFile {
     /// Parses and validates a policy file; the error names the line or the item at fault.
@@ -197,13 +197,22 @@ impl PolicyFile {
         Ok(())
     }
 
-    /// Every secret reference in the file, by credential name: what a client resolves.
-    /// The secrets the client must resolve: every target credential's but the sealed.
-    /// Target credentials whose secret the client resolves (not `sealed: true`).
+    /// Target credentials whose secret the client resolves: neither `sealed: true` nor
+    /// read by the server.
     pub fn target_secrets(&self) -> impl Iterator<Item = &CredentialSpec> {
+        self.credentials.iter().filter(|c| {
+            c.secret
+                .as_ref()
+                .is_some_and(|s| !s.is_sealed() && s.server_source().is_none())
+        })
+    }
+
+    /// The secrets the server reads itself, for it to read before it takes the file.
+    pub fn server_sources(&self) -> Vec<ServerSource> {
         self.credentials
             .iter()
-            .filter(|c| c.secret.as_ref().is_some_and(|s| !s.is_sealed()))
+            .filter_map(|c| c.secret.as_ref()?.server_source())
+            .collect()
     }
 
     /// Every imported proxy key reference, by credential name.
@@ -250,6 +259,12 @@ impl CredentialSpec {
                 }
                 for k in self.keys.iter().flatten() {
                     k.validate().map_err(|e| format!("keys: {e}"))?;
+                    if k.server_source().is_some() {
+                        return Err(
+                            "keys: a proxy key is given by `env`, `file` or `value` (the server keeps only its hash)"
+                                .into(),
+                        );
+                    }
                 }
                 let keys = self.keys.as_deref().unwrap_or_default();
                 if keys.iter().any(SecretRef::is_sealed) && keys.len() != 1 {
@@ -362,6 +377,14 @@ impl CredentialSpec {
             token
                 .validate()
                 .map_err(|e| format!("session_token: {e}"))?;
+            let server_read =
+                |s: &Option<SecretRef>| s.as_ref().is_some_and(|s| s.server_source().is_some());
+            if server_read(&self.session_token) || server_read(&self.secret) {
+                return Err(
+                    "session_token: temporary AWS credentials are given by the client (`env`, `file` or `value`); a secret the server reads is a long-lived access key"
+                        .into(),
+                );
+            }
             let secret_sealed = self.secret.as_ref().is_some_and(SecretRef::is_sealed);
             if token.is_sealed() != secret_sealed {
                 return Err(
@@ -612,6 +635,43 @@ rules:
         assert!(e.contains("exactly one"), "{e}");
         let e = err(&EXAMPLE.replace("name: stripe-billing", "name: a/b"));
         assert!(e.contains("name must be"), "{e}");
+    }
+
+    #[test]
+    fn secrets_the_server_reads_are_named_and_checked() {
+        let with = |secret: &str| EXAMPLE.replace("{ env: STRIPE_SECRET }", secret);
+        let f = PolicyFile::parse(&with("{ mounted: /var/run/secrets/stripe/key }")).unwrap();
+        assert_eq!(
+            f.server_sources(),
+            [ServerSource::Mounted("/var/run/secrets/stripe/key".into())]
+        );
+        assert_eq!(f.target_secrets().count(), 0, "the client resolves none");
+        let f = PolicyFile::parse(&with(
+            "{ aws_secrets_manager: { id: prod/stripe, field: key, refresh: 30s } }",
+        ))
+        .unwrap();
+        assert!(matches!(&f.server_sources()[..], [ServerSource::Aws(a)] if a.id == "prod/stripe"));
+        for (secret, why) in [
+            ("{ mounted: stripe/key }", "absolute path"),
+            ("{ mounted: /a, env: B }", "exactly one"),
+            ("{ aws_secrets_manager: { id: \"\" } }", "name or ARN"),
+            (
+                "{ aws_secrets_manager: { id: a, refresh: 10ms } }",
+                "under 1s",
+            ),
+            (
+                "{ aws_secrets_manager: { id: a, region: \"us east\" } }",
+                "not an AWS region",
+            ),
+        ] {
+            let e = err(&with(secret));
+            assert!(e.contains(why), "{secret}: {e}");
+        }
+        let e = err(&EXAMPLE.replace(
+            "{ env: AGENT_BILLING_KEY }",
+            "{ mounted: /var/run/secrets/agent }",
+        ));
+        assert!(e.contains("a proxy key is given by"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::base::clock::now_unix_ms;
 use crate::base::crypto::MasterKey;
 use crate::control::admin::AdminService;
 use crate::control::health::{HttpState, router};
+use crate::control::secrets::SecretWatch;
 use crate::control::sync::PolicySync;
 use crate::control::tokens::{AdminAuth, Tokens};
 use crate::dataplane::budget::{
@@ -189,7 +190,15 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the store {}", cfg.database_url))?;
     let version = store.version().await?;
-    let policy = Policy::compile(&store.load().await?, &master).context("loading the policy")?;
+    let metrics = Metrics::default();
+    // Secrets the policy has the server read (mounted files, AWS) are read before the
+    // first compile; one that cannot be read refuses its requests, logged.
+    let secrets = Arc::new(SecretWatch::new(metrics.secret_read_failures.clone()));
+    let stored = store.load().await?;
+    secrets.ensure(&stored).await;
+    let policy =
+        Policy::compile(&stored, &master, &secrets.current()).context("loading the policy")?;
+    drop(stored);
     if cfg.mode == Mode::ExtAuthz
         && let Some(obstacle) = policy.ext_authz_obstacle()
     {
@@ -214,7 +223,6 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             .await
             .context("reading the current periods' spend from the audit")?;
     }
-    let metrics = Metrics::default();
     let otlp = OtlpConfig::from_env(|k| std::env::var(k).ok())
         .map(|config| {
             tracing::info!(traces = ?config.traces, logs = ?config.logs, "exporting to OTLP");
@@ -288,6 +296,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         tokens.clone(),
         store.clone(),
         master.clone(),
+        secrets,
         version,
     ));
     sync.report_to(health.clone());

@@ -31,8 +31,12 @@ pub struct DesiredCredential {
 }
 
 impl DesiredCredential {
+    /// `sealed: true`: the secret latchkey holds is kept (a secret the server reads is
+    /// neither given nor kept).
     pub(super) fn keeps_secret(&self) -> bool {
-        self.kind == CredentialType::Target && self.secret.is_none()
+        self.kind == CredentialType::Target
+            && self.secret.is_none()
+            && !(self.secret_ref.as_ref()).is_some_and(|s| s.server_source().is_some())
     }
 }
 
@@ -45,9 +49,12 @@ impl Desired {
     ) -> Result<Self, String> {
         let mut credentials = Vec::new();
         for c in &file.credentials {
-            let sealed = c.secret.as_ref().is_some_and(SecretRef::is_sealed);
+            let held_or_read = c
+                .secret
+                .as_ref()
+                .is_some_and(|s| s.is_sealed() || s.server_source().is_some());
             let secret = match c.kind {
-                CredentialType::Target if sealed => None,
+                CredentialType::Target if held_or_read => None,
                 CredentialType::Target => Some(secrets.remove(&c.name).ok_or_else(|| {
                     format!("credential {:?}: its secret was not provided", c.name)
                 })?),

@@ -59,6 +59,8 @@ pub struct Metrics {
     /// Bumped by every policy change a replica takes in.
     pub policy_version: Gauge,
     pub policy_reload_failures: Counter,
+    /// Reads of a secret the server reads itself (mounted, AWS) that failed.
+    pub secret_read_failures: Counter,
     decision_seconds: Histogram,
     echoes: Family<ProxyLabels, Counter>,
     redactions: Family<ProxyLabels, Counter>,
@@ -104,6 +106,12 @@ impl Default for Metrics {
             "policy_reload_failures",
             "Policy reloads that failed (the running policy stays, with the store's revocations)",
             policy_reload_failures.clone(),
+        );
+        let secret_read_failures = Counter::default();
+        registry.register(
+            "secret_read_failures",
+            "Reads of a mounted or AWS secret that failed (a secret read before keeps its last value)",
+            secret_read_failures.clone(),
         );
         // 5 µs to 40 ms: latchkey's own time per decision, budgets included.
         let decision_seconds = Histogram::new(exponential_buckets(5e-6, 2.0, 14));
@@ -180,6 +188,7 @@ impl Default for Metrics {
             responses,
             policy_version,
             policy_reload_failures,
+            secret_read_failures,
             decision_seconds,
             echoes,
             redactions,

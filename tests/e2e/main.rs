@@ -15,4 +15,5 @@ mod observability;
 mod response_safety;
 mod rules;
 mod scale_out;
+mod server_secrets;
 mod sigv4;

@@ -137,7 +137,7 @@ async fn sqlite_and_postgres_store_the_same_policy_the_same_way() {
             "{label}: {refs:?}"
         );
         // Compiles on both: every column decodes to what the compiler expects.
-        crate::dataplane::snapshot::Policy::compile(&stored, &master).unwrap();
+        crate::dataplane::snapshot::Policy::compile(&stored, &master, &Default::default()).unwrap();
         let mut summary: Vec<String> = stored
             .rules
             .iter()
