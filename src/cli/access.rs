@@ -9,12 +9,14 @@ use crate::pb::{
     RevokeTokenRequest,
 };
 
+use super::output::Output;
 use super::{AdminConn, authorized, connect, rfc3339, status_error};
 
 #[derive(Subcommand)]
 pub(super) enum KeyCommand {
     /// Print a new run key of a proxy credential, once.
     Issue {
+        /// The proxy credential the key belongs to (its rules and limits apply).
         #[arg(long)]
         credential: String,
         /// How long the key lives, e.g. `90s`, `15m`, `2h`, `7d`.
@@ -36,13 +38,14 @@ pub(super) enum KeyCommand {
         /// A label, such as the agent run's id.
         #[arg(long)]
         label: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
     /// List keys by id (never the keys themselves): all, or a page with --limit.
     List {
+        /// Only this proxy credential's keys.
         #[arg(long)]
         credential: Option<String>,
         /// One page of at most this many keys (at most 1000).
@@ -51,14 +54,17 @@ pub(super) enum KeyCommand {
         /// Start after this key id (the last of the previous page).
         #[arg(long)]
         after: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
     /// Revoke a key by id; the next request with it is refused.
     Revoke {
+        /// The key's id (`key_…`), as `key list` shows it.
         id: String,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
@@ -74,7 +80,7 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
             tokens_per_minute,
             tokens_per_day,
             label,
-            json,
+            out,
             conn,
         } => {
             let mut client = connect(&conn).await?;
@@ -95,8 +101,8 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json {
-                let out = serde_json::json!({
+            if !out.table() {
+                let doc = serde_json::json!({
                     "id": k.id,
                     "key": k.key,
                     "credential": k.credential,
@@ -104,7 +110,7 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
                     "spend_cap_usd": k.spend_cap_usd,
                     "label": (!k.label.is_empty()).then_some(&k.label),
                 });
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                out.print(&doc)?;
             } else {
                 println!("{}", k.key);
                 eprintln!(
@@ -121,7 +127,7 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
             credential,
             limit,
             after,
-            json,
+            out,
             conn,
         } => {
             let mut client = connect(&conn).await?;
@@ -162,7 +168,7 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
                     "active"
                 }
             };
-            if json {
+            if !out.table() {
                 let rows: Vec<_> = keys
                     .iter()
                     .map(|k| {
@@ -183,7 +189,7 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out.print(&rows)?;
             } else {
                 println!(
                     "{:<22} {:<20} {:<8} {:<16} {:<8} {:<21} SPENT/CAP USD",
@@ -205,7 +211,7 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        KeyCommand::Revoke { id, conn } => {
+        KeyCommand::Revoke { id, out, conn } => {
             let mut client = connect(&conn).await?;
             let request = authorized(&conn, RevokeKeyRequest { id: id.clone() })?;
             let r = client
@@ -213,43 +219,51 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            say_revoked("key", &id, r.already_revoked);
+            say_revoked("key", &id, r.already_revoked, out)?;
         }
     }
     Ok(())
 }
 
-pub(super) fn say_revoked(what: &str, id: &str, already: bool) {
-    if already {
-        println!("{what} {id} was already revoked");
-    } else {
-        println!("{what} {id} revoked");
+pub(super) fn say_revoked(what: &str, id: &str, already: bool, out: Output) -> anyhow::Result<()> {
+    match (out.table(), already) {
+        (true, true) => println!("{what} {id} was already revoked"),
+        (true, false) => println!("{what} {id} revoked"),
+        (false, _) => out.print(&serde_json::json!({
+            "id": id, "revoked": true, "already_revoked": already,
+        }))?,
     }
+    Ok(())
 }
 
 #[derive(Subcommand)]
 pub(super) enum TokenCommand {
     /// Print a new admin token once: `admin` may change policy, `viewer` may only read.
     Create {
+        /// A name for people, e.g. who or what holds the token.
         #[arg(long)]
         name: String,
+        /// `admin` may change policy and keys; `viewer` may only read.
         #[arg(long, value_parser = ["admin", "viewer"])]
         role: String,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
     /// List admin tokens (never the tokens themselves).
     List {
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
     /// Revoke an admin token by id; it is refused from the next call on.
     Revoke {
+        /// The token's id, as `token list` shows it.
         id: String,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
@@ -260,7 +274,7 @@ pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::Create {
             name,
             role,
-            json,
+            out,
             conn,
         } => {
             let mut client = connect(&conn).await?;
@@ -269,11 +283,11 @@ pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if json {
-                let out = serde_json::json!({
+            if !out.table() {
+                let doc = serde_json::json!({
                     "id": t.id, "token": t.token, "name": t.name, "role": t.role,
                 });
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                out.print(&doc)?;
             } else {
                 println!("{}", t.token);
                 eprintln!(
@@ -282,7 +296,7 @@ pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        TokenCommand::List { json, conn } => {
+        TokenCommand::List { out, conn } => {
             let mut client = connect(&conn).await?;
             let mut tokens = Vec::new();
             let mut page_token = String::new();
@@ -302,7 +316,7 @@ pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {
                     break;
                 }
             }
-            if json {
+            if !out.table() {
                 let rows: Vec<_> = tokens
                     .iter()
                     .map(|t| {
@@ -315,7 +329,7 @@ pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out.print(&rows)?;
             } else {
                 println!(
                     "{:<22} {:<24} {:<7} {:<21} REVOKED",
@@ -333,14 +347,14 @@ pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        TokenCommand::Revoke { id, conn } => {
+        TokenCommand::Revoke { id, out, conn } => {
             let mut client = connect(&conn).await?;
             let r = client
                 .revoke_token(authorized(&conn, RevokeTokenRequest { id: id.clone() })?)
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            say_revoked("admin token", &id, r.already_revoked);
+            say_revoked("admin token", &id, r.already_revoked, out)?;
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow};
 use clap::Subcommand;
 
+use super::output::{Format, Output, render};
 use super::policy::print_changes;
 use super::{AdminConn, authorized, connect, resolve_material, status_error};
 use crate::control::items::Kind;
@@ -17,21 +18,23 @@ use crate::policy::PolicyFile;
 pub enum ItemCommand {
     /// Create one from its policy-file form (YAML or JSON) in a file, or `-` for stdin.
     Create {
+        /// The item's policy-file form (YAML or JSON); `-` for standard input.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
         /// Check and report, change nothing.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
-    /// Print one in its policy-file form (YAML; JSON with --json). Never a secret.
+    /// Print one in its policy-file form (YAML; JSON with -o json). Never a secret.
     Get {
+        /// Its name (a rule: its id).
         name: String,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
@@ -43,30 +46,34 @@ pub enum ItemCommand {
         /// Start after this name (the last of the previous page).
         #[arg(long)]
         after: Option<String>,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
     /// Replace one (named by the `name`, or a rule's `id`, in the file) with its new form.
     /// A target credential given `secret: { sealed: true }` keeps the secret it has.
     Update {
+        /// The item's policy-file form (YAML or JSON); `-` for standard input.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Check and report, change nothing.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
     /// Delete one; refused, naming them, while other items refer to it.
     Delete {
+        /// Its name (a rule: its id).
         name: String,
+        /// Check and report, change nothing.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: Output,
         #[command(flatten)]
         conn: AdminConn,
     },
@@ -96,19 +103,19 @@ pub async fn run(kind: Kind, command: ItemCommand) -> anyhow::Result<()> {
         ItemCommand::Create {
             file,
             dry_run,
-            json,
+            out,
             conn,
-        } => put(kind, &file, dry_run, json, conn, true).await,
+        } => put(kind, &file, dry_run, out, conn, true).await,
         ItemCommand::Update {
             file,
             dry_run,
-            json,
+            out,
             conn,
-        } => put(kind, &file, dry_run, json, conn, false).await,
+        } => put(kind, &file, dry_run, out, conn, false).await,
         ItemCommand::Delete {
             name,
             dry_run,
-            json,
+            out,
             conn,
         } => {
             let mut client = connect(&conn).await?;
@@ -123,9 +130,9 @@ pub async fn run(kind: Kind, command: ItemCommand) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner()
                 .changes;
-            print_changes(&changes, json, dry_run)
+            print_changes(&changes, out, dry_run)
         }
-        ItemCommand::Get { name, json, conn } => {
+        ItemCommand::Get { name, out, conn } => {
             let mut client = connect(&conn).await?;
             let request = GetItemRequest {
                 kind: pb_kind(kind) as i32,
@@ -137,17 +144,17 @@ pub async fn run(kind: Kind, command: ItemCommand) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             let spec: serde_json::Value = serde_json::from_str(&item.spec_json)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&spec)?);
-            } else {
-                print!("{}", serde_norway::to_string(&spec)?);
+            // Its table is its policy-file form.
+            match out.format() {
+                Format::Table => print!("{}", render(Format::Yaml, &spec)?),
+                _ => out.print(&spec)?,
             }
             Ok(())
         }
         ItemCommand::List {
             limit,
             after,
-            json,
+            out,
             conn,
         } => {
             let mut client = connect(&conn).await?;
@@ -175,9 +182,9 @@ pub async fn run(kind: Kind, command: ItemCommand) -> anyhow::Result<()> {
                 .iter()
                 .map(|i| Ok((i.name.as_str(), serde_json::from_str(&i.spec_json)?)))
                 .collect::<anyhow::Result<Vec<(&str, serde_json::Value)>>>()?;
-            if json {
+            if !out.table() {
                 let all: Vec<_> = specs.into_iter().map(|(_, s)| s).collect();
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                out.print(&all)?;
             } else {
                 print_table(kind, &specs);
             }
@@ -229,7 +236,7 @@ async fn put(
     kind: Kind,
     file: &Path,
     dry_run: bool,
-    json: bool,
+    out: Output,
     conn: AdminConn,
     create: bool,
 ) -> anyhow::Result<()> {
@@ -271,5 +278,5 @@ async fn put(
     .map_err(status_error)?
     .into_inner()
     .changes;
-    print_changes(&changes, json, dry_run)
+    print_changes(&changes, out, dry_run)
 }

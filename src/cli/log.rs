@@ -6,6 +6,7 @@ use clap::Args;
 
 use crate::pb::{ListRequestsRequest, RequestFilter, TelemetryRequest};
 
+use super::output::Output;
 use super::{AdminConn, authorized, connect, status_error};
 
 /// A point in time: RFC 3339 (`2026-11-25T09:00:00Z`) or an age (`90m`, `2h`, `7d` ago).
@@ -28,8 +29,10 @@ pub(super) fn millis_since_epoch(t: std::time::SystemTime) -> i64 {
 
 #[derive(Args)]
 pub(super) struct LogFilter {
+    /// Only this proxy's requests.
     #[arg(long)]
     proxy: Option<String>,
+    /// Only this proxy credential's requests.
     #[arg(long)]
     credential: Option<String>,
     /// A key id, as `key list` shows it.
@@ -74,8 +77,8 @@ pub(super) struct RequestsArgs {
     /// At most this many records.
     #[arg(long, default_value_t = 100)]
     limit: u32,
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: Output,
     #[command(flatten)]
     conn: AdminConn,
 }
@@ -88,12 +91,13 @@ pub(super) enum Interval {
 
 #[derive(Args)]
 pub(super) struct TelemetryArgs {
+    /// One bucket per hour (the last day, by default) or per day (the last 30 days).
     #[arg(long, value_enum, default_value = "hour")]
     interval: Interval,
     #[command(flatten)]
     filter: LogFilter,
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: Output,
     #[command(flatten)]
     conn: AdminConn,
 }
@@ -134,7 +138,7 @@ pub(super) async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
         }
         page = response.next_page;
     }
-    if args.json {
+    if !args.out.table() {
         let rows: Vec<_> = records
             .iter()
             .map(|r| {
@@ -164,7 +168,7 @@ pub(super) async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        args.out.print(&rows)?;
         return Ok(());
     }
     let dash = |s: &str| {
@@ -229,7 +233,7 @@ pub(super) async fn telemetry(args: TelemetryArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner()
         .buckets;
-    if args.json {
+    if !args.out.table() {
         let rows: Vec<_> = buckets
             .iter()
             .map(|b| {
@@ -253,7 +257,7 @@ pub(super) async fn telemetry(args: TelemetryArgs) -> anyhow::Result<()> {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        args.out.print(&rows)?;
         return Ok(());
     }
     let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));

@@ -10,15 +10,18 @@ use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
 mod access;
+mod doctor;
 mod item_cli;
 mod log;
+mod output;
 mod policy;
 
 use access::{KeyCommand, TokenCommand, key, token};
 use item_cli::ItemCommand;
 use log::{RequestsArgs, TelemetryArgs, requests, telemetry};
+use output::{Format, Output};
 pub use policy::Denied;
-use policy::{ApplyArgs, CheckArgs, apply, check, export};
+use policy::{ApplyArgs, CheckArgs, ExportTo, apply, check, export};
 
 use crate::base::crypto::{self, MasterKey};
 use crate::control::items::Kind;
@@ -50,9 +53,14 @@ enum Command {
     },
     /// Print the live policy as a policy file (secrets by reference, never in clear).
     Export {
-        /// Write it to this file instead of standard output.
-        #[arg(short = 'o', long = "output")]
-        output: Option<PathBuf>,
+        /// `yaml` (the default) or `json` to standard output, or a file to write (JSON
+        /// for a `.json` name, else YAML).
+        #[arg(short = 'o', long = "output", value_name = "FORMAT|FILE",
+              value_parser = policy::export_to, default_value = "yaml")]
+        output: ExportTo,
+        /// The same as `-o json`.
+        #[arg(long, conflicts_with = "output")]
+        json: bool,
         #[command(flatten)]
         conn: AdminConn,
     },
@@ -70,10 +78,25 @@ enum Command {
     /// LATCHKEY_MASTER_KEY_PREVIOUS).
     Rekey {
         #[command(flatten)]
+        out: Output,
+        #[command(flatten)]
         conn: AdminConn,
     },
+    /// Check the setup: the admin API and this token, versions, what the server
+    /// reaches, and (with --envoy) a request through Envoy. Exit 1 if a check fails.
+    Doctor(doctor::DoctorArgs),
+    /// Print shell completions: `latchkey completions bash > /etc/bash_completion.d/latchkey`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `latchkey man | man -l -`.
+    Man,
     /// Print a new master key.
-    Keygen,
+    Keygen {
+        #[command(flatten)]
+        out: Output,
+    },
     /// Targets, one at a time (the policy file's `targets:` items).
     Target {
         #[command(subcommand)]
@@ -118,8 +141,10 @@ struct ServeArgs {
     /// `host:port`, or `unix:/path` for a Unix domain socket beside Envoy.
     #[arg(long, env = "LATCHKEY_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     grpc_addr: serve::GrpcAddr,
+    /// The admin gRPC API's `host:port` (the CLI's and grpcurl's).
     #[arg(long, env = "LATCHKEY_ADMIN_ADDR", default_value = "127.0.0.1:50052")]
     admin_addr: SocketAddr,
+    /// `/healthz`, `/readyz` and `/metrics`: `host:port`.
     #[arg(long, env = "LATCHKEY_HTTP_ADDR", default_value = "127.0.0.1:9464")]
     http_addr: SocketAddr,
     /// Share rate limits between replicas in this Redis; per replica when unset. Its
@@ -196,6 +221,7 @@ struct AdminConn {
         requires = "admin_client_key"
     )]
     admin_client_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
     #[arg(
         long,
         env = "LATCHKEY_ADMIN_CLIENT_KEY",
@@ -255,20 +281,32 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply(args) => apply(args).await,
         Command::Check(args) => check(args).await,
         Command::Key { command } => key(command).await,
-        Command::Export { output, conn } => export(output, conn).await,
+        Command::Export { output, json, conn } => {
+            let to = if json {
+                ExportTo::Stdout(Format::Json)
+            } else {
+                output
+            };
+            export(to, conn).await
+        }
         Command::Token { command } => token(command).await,
-        Command::Rekey { conn } => {
+        Command::Rekey { out, conn } => {
             let mut client = connect(&conn).await?;
             let r = client
                 .rekey(authorized(&conn, crate::pb::RekeyRequest {})?)
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            println!(
-                "{} secret(s) re-sealed; every secret is sealed under master key {}",
-                r.resealed, r.master_key_id
-            );
-            Ok(())
+            if out.table() {
+                println!(
+                    "{} secret(s) re-sealed; every secret is sealed under master key {}",
+                    r.resealed, r.master_key_id
+                );
+                return Ok(());
+            }
+            out.print(&serde_json::json!({
+                "resealed": r.resealed, "master_key_id": r.master_key_id,
+            }))
         }
         Command::Requests(args) => requests(args).await,
         Command::Telemetry(args) => telemetry(args).await,
@@ -276,9 +314,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Credential { command } => item_cli::run(Kind::Credential, command).await,
         Command::Proxy { command } => item_cli::run(Kind::Proxy, command).await,
         Command::Rule { command } => item_cli::run(Kind::Rule, command).await,
-        Command::Keygen => {
-            println!("{}", MasterKey::generate());
+        Command::Doctor(args) => doctor::doctor(args).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "latchkey", &mut std::io::stdout());
             Ok(())
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::Keygen { out } => {
+            let key = MasterKey::generate();
+            if out.table() {
+                println!("{key}");
+                return Ok(());
+            }
+            out.print(&serde_json::json!({ "master_key": key.to_string() }))
         }
     }
 }
@@ -404,4 +457,31 @@ fn read_token(file: &Path) -> anyhow::Result<Zeroizing<String>> {
         return Err(anyhow!("{} holds no admin token", file.display()));
     }
     Ok(Zeroizing::new(token.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_command_flag_and_argument_says_what_it_is() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if !matches!(id, "help" | "version") && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "latchkey", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 }

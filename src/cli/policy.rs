@@ -3,11 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, anyhow};
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use crate::pb::{ApplyRequest, CheckRequest, ExportRequest, Header};
 use crate::policy::PolicyFile;
 
+use super::output::{Format, Output, render};
 use super::{AdminConn, authorized, connect, resolve_material, status_error};
 
 #[derive(Args)]
@@ -18,9 +19,8 @@ pub(super) struct ApplyArgs {
     /// Report what would change without changing anything.
     #[arg(long)]
     dry_run: bool,
-    /// Print the changes as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: Output,
     #[command(flatten)]
     conn: AdminConn,
 }
@@ -48,21 +48,21 @@ pub(super) async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner()
         .changes;
-    print_changes(&changes, args.json, args.dry_run)
+    print_changes(&changes, args.out, args.dry_run)
 }
 
 /// What a change did: a line per item, or JSON.
 pub(super) fn print_changes(
     changes: &[crate::pb::Change],
-    json: bool,
+    out: Output,
     dry_run: bool,
 ) -> anyhow::Result<()> {
-    if json {
+    if !out.table() {
         let rows: Vec<_> = changes
             .iter()
             .map(|c| serde_json::json!({"kind": c.kind, "name": c.name, "action": c.action}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        out.print(&rows)?;
     } else if changes.is_empty() {
         println!("no changes");
     } else {
@@ -85,8 +85,10 @@ pub(super) fn plural(n: usize, word: &str) -> String {
 
 #[derive(Args)]
 pub(super) struct CheckArgs {
+    /// The proxy the request would go to (the first path segment agents use).
     #[arg(long)]
     proxy: String,
+    /// The HTTP method, e.g. `POST`.
     #[arg(long)]
     method: String,
     /// The upstream path with an optional query, e.g. `/v1/charges?limit=3`.
@@ -104,9 +106,8 @@ pub(super) struct CheckArgs {
     /// A file holding the request body.
     #[arg(long)]
     body: Option<PathBuf>,
-    /// Print the explanation as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: Output,
     #[command(flatten)]
     conn: AdminConn,
 }
@@ -148,14 +149,14 @@ pub(super) async fn check(args: CheckArgs) -> anyhow::Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
-    if args.json {
+    if !args.out.table() {
         let rule = r.rule.as_ref().map(|rule| {
             serde_json::json!({
                 "id": rule.id, "effect": rule.effect, "priority": rule.priority,
                 "notes": (!rule.notes.is_empty()).then_some(&rule.notes),
             })
         });
-        let out = serde_json::json!({
+        let doc = serde_json::json!({
             "allowed": r.allowed,
             "decision": r.decision,
             "status": (r.status != 0).then_some(r.status),
@@ -165,7 +166,7 @@ pub(super) async fn check(args: CheckArgs) -> anyhow::Result<()> {
             "rule": rule,
             "default_effect": (!r.default_effect.is_empty()).then_some(&r.default_effect),
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        args.out.print(&doc)?;
         return if r.allowed {
             Ok(())
         } else {
@@ -214,13 +215,29 @@ pub(super) async fn check(args: CheckArgs) -> anyhow::Result<()> {
     }
 }
 
-/// `latchkey check`'s answer "denied": exit code 1, the explanation already printed
-/// (any other failure exits 2).
+/// An answer of "no", already printed: exit code 1 (`check`: the request would be
+/// denied; `doctor`: a check failed). Any other failure exits 2.
 #[derive(Debug, thiserror::Error)]
 #[error("the request would be denied")]
 pub struct Denied;
 
-pub(super) async fn export(output: Option<PathBuf>, conn: AdminConn) -> anyhow::Result<()> {
+/// Where `export` writes: `-o yaml|json` to standard output (`table` is YAML: a policy
+/// file is its own table), or `-o FILE` (JSON for a `.json` name, else YAML).
+#[derive(Debug, Clone)]
+pub(super) enum ExportTo {
+    Stdout(Format),
+    File(PathBuf),
+}
+
+pub(super) fn export_to(value: &str) -> Result<ExportTo, String> {
+    Ok(match Format::from_str(value, true) {
+        Ok(format) => ExportTo::Stdout(format),
+        Err(_) if value.is_empty() => return Err("a format or a file name".into()),
+        Err(_) => ExportTo::File(PathBuf::from(value)),
+    })
+}
+
+pub(super) async fn export(to: ExportTo, conn: AdminConn) -> anyhow::Result<()> {
     let mut client = connect(&conn).await?;
     let yaml = client
         .export(authorized(&conn, ExportRequest {})?)
@@ -228,11 +245,21 @@ pub(super) async fn export(output: Option<PathBuf>, conn: AdminConn) -> anyhow::
         .map_err(status_error)?
         .into_inner()
         .policy_yaml;
-    match output {
-        Some(path) => {
-            std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?
+    let as_json = || -> anyhow::Result<String> {
+        let doc: serde_json::Value = serde_norway::from_str(&yaml)?;
+        render(Format::Json, &doc)
+    };
+    match to {
+        ExportTo::Stdout(Format::Json) => print!("{}", as_json()?),
+        ExportTo::Stdout(_) => print!("{yaml}"),
+        ExportTo::File(path) => {
+            let text = if path.extension().is_some_and(|e| e == "json") {
+                as_json()?
+            } else {
+                yaml
+            };
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?
         }
-        None => print!("{yaml}"),
     }
     Ok(())
 }

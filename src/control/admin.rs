@@ -18,19 +18,20 @@ use crate::dataplane::snapshot::Policy;
 use crate::pb::admin_server::Admin;
 use crate::pb::{
     ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule,
-    CreateTokenRequest, CreatedToken, DeleteItemRequest, ExportRequest, ExportResponse,
-    GetItemRequest, IssueKeyRequest, IssuedKey, Item, ItemChangeResponse, KeyInfo,
-    ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse, ListRequestsRequest,
-    ListRequestsResponse, ListTokensRequest, ListTokensResponse, PutItemRequest, RekeyRequest,
-    RekeyResponse, RequestRecord, RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest,
-    RevokeTokenResponse, TelemetryBucket, TelemetryRequest, TelemetryResponse,
-    TokenInfo as PbTokenInfo,
+    CreateTokenRequest, CreatedToken, DeleteItemRequest, DiagnoseRequest, DiagnoseResponse,
+    ExportRequest, ExportResponse, GetItemRequest, IssueKeyRequest, IssuedKey, Item,
+    ItemChangeResponse, KeyInfo, ListItemsRequest, ListItemsResponse, ListKeysRequest,
+    ListKeysResponse, ListRequestsRequest, ListRequestsResponse, ListTokensRequest,
+    ListTokensResponse, PutItemRequest, RekeyRequest, RekeyResponse, RequestRecord,
+    RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse, TelemetryBucket,
+    TelemetryRequest, TelemetryResponse, TokenInfo as PbTokenInfo,
 };
 use crate::policy::rows::{NewKey, StoredPolicy};
 use crate::policy::{Period, PolicyFile, ServerSource};
 use crate::store::requests::{self};
 use crate::store::{AlreadyRevoked, Desired, Store, StoreError};
 
+mod diagnose;
 mod wire;
 
 use wire::*;
@@ -42,6 +43,8 @@ pub struct AdminService {
     sync: Arc<PolicySync>,
     /// Policies are refused that ext_authz alone could not enforce.
     ext_authz_only: bool,
+    /// Where OTLP goes, for `Diagnose`.
+    otlp_endpoints: Vec<String>,
     /// One change at a time: each sees the state the previous one left.
     write_lock: Mutex<()>,
 }
@@ -148,6 +151,7 @@ impl AdminService {
         master: Arc<MasterKey>,
         sync: Arc<PolicySync>,
         ext_authz_only: bool,
+        otlp_endpoints: Vec<String>,
     ) -> Self {
         Self {
             shared,
@@ -155,6 +159,7 @@ impl AdminService {
             master,
             sync,
             ext_authz_only,
+            otlp_endpoints,
             write_lock: Mutex::new(()),
         }
     }
@@ -700,6 +705,17 @@ impl Admin for AdminService {
         self.reload().await?;
         tracing::info!(id = %id, "admin token revoked");
         Ok(Response::new(RevokeTokenResponse { already_revoked }))
+    }
+
+    async fn diagnose(
+        &self,
+        request: Request<DiagnoseRequest>,
+    ) -> Result<Response<DiagnoseResponse>, Status> {
+        let role = request
+            .extensions()
+            .get::<Role>()
+            .map_or("unknown", |r| r.as_str());
+        Ok(Response::new(self.diagnosis(role).await))
     }
 
     async fn rekey(

@@ -269,6 +269,23 @@ pub enum Budgets {
 }
 
 impl Budgets {
+    /// Whether the shared counters answer (`None`: counted in this process).
+    pub async fn ping(&self) -> Option<Result<(), String>> {
+        let Budgets::Redis(redis) = self else {
+            return None;
+        };
+        let mut connection = redis.connection.clone();
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut connection);
+        Some(
+            match tokio::time::timeout(std::time::Duration::from_secs(2), ping).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer within 2 s".into()),
+            },
+        )
+    }
+
     pub async fn admit(&self, limits: &[Limit]) -> Result<Admission, BudgetError> {
         match self {
             Budgets::Local(local) => Ok(local.admit(limits)),

@@ -223,7 +223,15 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             .await
             .context("reading the current periods' spend from the audit")?;
     }
-    let otlp = OtlpConfig::from_env(|k| std::env::var(k).ok())
+    let otlp_config = OtlpConfig::from_env(|k| std::env::var(k).ok());
+    let otlp_endpoints: Vec<String> = otlp_config
+        .iter()
+        .flat_map(|c| c.traces.iter().chain(&c.logs))
+        .cloned()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let otlp = otlp_config
         .map(|config| {
             tracing::info!(traces = ?config.traces, logs = ?config.logs, "exporting to OTLP");
             Otlp::start(config, metrics.audit.otlp_dropped.clone())
@@ -307,6 +315,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         master,
         sync,
         cfg.mode == Mode::ExtAuthz,
+        otlp_endpoints,
     );
     let admin_auth = AdminAuth::new(cfg.admin_token.as_deref().map(String::as_str), tokens);
     if cfg.admin_token.is_none() {

@@ -36,7 +36,7 @@ impl DesiredCredential {
     pub(super) fn keeps_secret(&self) -> bool {
         self.kind == CredentialType::Target
             && self.secret.is_none()
-            && !(self.secret_ref.as_ref()).is_some_and(|s| s.server_source().is_some())
+            && (self.secret_ref.as_ref()).is_none_or(|s| s.server_source().is_none())
     }
 }
 

@@ -4,6 +4,7 @@
 mod admin;
 mod audit;
 mod budgets;
+mod cli;
 mod common;
 mod containment;
 mod data_plane;
