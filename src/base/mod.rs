@@ -1,6 +1,8 @@
-//! The bottom layer: the clock, money and cryptography every other layer uses. Imports
+//! The bottom layer: the clock, money, cryptography and trace context every other layer
+//! uses. Imports
 //! nothing of latchkey's.
 
 pub mod clock;
 pub mod crypto;
 pub mod money;
+pub mod trace;

@@ -102,7 +102,7 @@ impl AdminService {
         let (changes, version) = result?;
         if let Some(version) = version {
             let policy = compiled.expect("compiled before commit");
-            self.shared.install(policy);
+            self.shared.install(policy, version);
             self.sync.installed(version);
             tracing::info!(changes = changes.len(), version, "policy applied");
         }

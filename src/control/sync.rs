@@ -154,7 +154,7 @@ impl PolicySync {
         let policy =
             tokio::task::spawn_blocking(move || running.recompile(&stored, &master, &server))
                 .await??;
-        self.shared.install(policy);
+        self.shared.install(policy, version);
         self.running.fetch_max(version, Ordering::AcqRel);
         tracing::info!(version, "policy reloaded");
         Ok(())
@@ -175,7 +175,7 @@ impl PolicySync {
             if self.running.load(Ordering::Acquire) == version - 1
                 && let Some(next) = change(&running)
             {
-                self.shared.install(next?);
+                self.shared.install(next?, version);
                 self.running.store(version, Ordering::Release);
                 return Ok(());
             }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::base::clock::now_unix;
+use crate::base::trace::TraceParent;
 use crate::dataplane::budget::{Admission, Budgets, Limit};
 use crate::dataplane::credentials::oauth2::TokenSource;
 use crate::dataplane::denial::{Denial, Kind};
@@ -150,6 +151,8 @@ pub struct Charge {
     pub reserved: u64,
     /// When the request was decided (Unix milliseconds): where an LLM call's span starts.
     pub decided_ms: i64,
+    /// The agent's trace, which the LLM call's span joins.
+    pub trace: Option<TraceParent>,
 }
 
 const DAY_S: i64 = 86_400;
@@ -231,6 +234,8 @@ pub struct Asked<'a> {
     pub method: &'a str,
     /// The full `:path` as the agent sent it.
     pub path: &'a str,
+    /// The agent's `traceparent`, if it sent a valid one.
+    pub trace: Option<TraceParent>,
 }
 
 /// Steps 6 to 8 for a request whose rules have decided, whichever Envoy API asked:
@@ -243,6 +248,9 @@ pub async fn conclude(
 ) {
     admit(&shared.budgets, &shared.spend, decision).await;
     inject_token(decision).await;
+    if let Some(charge) = decision.charge.as_mut() {
+        charge.trace = asked.trace;
+    }
     let proxy = decision.subject.proxy.as_deref().unwrap_or_default();
     shared.metrics.record(proxy, decision.kind().as_str());
     shared.metrics.observe_decision(started.elapsed());
@@ -288,6 +296,7 @@ fn decided(asked: &Asked<'_>, decision: &Decision, elapsed: Duration) -> Decided
         status,
         decision: kind,
         rule_id: subject.rule_id.clone(),
+        trace: asked.trace,
     }
 }
 
@@ -456,6 +465,8 @@ fn run(
                     accounts,
                     reserved: 0,
                     decided_ms: now_ms,
+                    // Set with the rest of what was asked (`conclude`).
+                    trace: None,
                 });
             }
             Some(entry.credential)

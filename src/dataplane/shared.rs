@@ -29,7 +29,7 @@ impl Shared {
         audit: AuditLog,
         metrics: Metrics,
     ) -> Self {
-        metrics.policy_version.set(1);
+        // The version it runs is set by whoever loaded it (`installed`).
         Self {
             policy: ArcSwap::from_pointee(policy),
             budgets,
@@ -49,8 +49,14 @@ impl Shared {
     }
 
     /// Puts a new policy into effect for the next request.
-    pub fn install(&self, policy: Policy) {
+    pub fn install(&self, policy: Policy, version: i64) {
         self.policy.store(std::sync::Arc::new(policy));
-        self.metrics.policy_version.inc();
+        self.installed(version);
+    }
+
+    /// The store's policy version the running snapshot was built from, as a gauge: a
+    /// replica behind the others shows a lower value.
+    pub fn installed(&self, version: i64) {
+        self.metrics.policy_version.set(version);
     }
 }

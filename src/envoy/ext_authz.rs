@@ -11,6 +11,7 @@ use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
 
 use crate::base::clock::now_unix_ms;
+use crate::base::trace::TraceParent;
 use crate::dataplane::denial::Denial;
 use crate::dataplane::pipeline::{
     Asked, Judgement, Outcome, RequestView, Subject, conclude, decide,
@@ -109,6 +110,7 @@ impl Authorization for ExtAuthz {
             request_id: &request_id,
             method: &http.method,
             path: &http.path,
+            trace: (http.headers.get("traceparent")).and_then(|v| TraceParent::parse(v.as_bytes())),
         };
         conclude(&self.shared, &mut decision, &asked, started).await;
         Ok(Response::new(match decision.outcome {

@@ -18,6 +18,7 @@ use zeroize::Zeroizing;
 
 use crate::base::clock::now_unix_ms;
 use crate::base::money;
+use crate::base::trace::TraceParent;
 use crate::dataplane::denial::Denial;
 use crate::dataplane::pipeline::{
     Asked, Charge, Decision, Judgement, Outcome, RequestView, conclude, decide,
@@ -203,6 +204,7 @@ async fn settle_now(
                 key_id: charge.key_id,
                 micros,
                 llm,
+                trace: charge.trace,
             })
             .await;
     }
@@ -558,6 +560,7 @@ impl Exchange {
             request_id: &self.request_id,
             method: text(pairs, ":method"),
             path: text(pairs, ":path"),
+            trace: convert::header_value(pairs, "traceparent").and_then(TraceParent::parse),
         };
         conclude(&self.shared, &mut decision, &asked, started).await;
         let request_id = self.request_id.as_str();

@@ -239,6 +239,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .transpose()?;
     let (audit, audit_writer) = AuditLog::start(store.clone(), metrics.audit.clone(), otlp);
     let shared = Arc::new(Shared::new(policy, budgets, spend, audit.clone(), metrics));
+    shared.installed(version);
     // Every background task, owned here and stopped at shutdown.
     let mut background = tokio::task::JoinSet::new();
     if cfg.audit_retention_days > 0 {
@@ -513,6 +514,7 @@ mod tests {
                             output: 300,
                         },
                     }),
+                    trace: None,
                 })
                 .await;
             }

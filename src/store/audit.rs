@@ -8,6 +8,7 @@ use std::sync::Arc;
 use sqlx::{Any, Transaction};
 
 use crate::base::money::{Usage, to_usd};
+use crate::base::trace::TraceParent;
 use crate::policy::Vendor;
 use crate::store::{Backend, Store, StoreError};
 
@@ -29,6 +30,8 @@ pub struct Decided {
     pub status: Option<u16>,
     pub decision: &'static str,
     pub rule_id: Option<Arc<str>>,
+    /// The agent's trace, which the decision's span joins (telemetry only, not stored).
+    pub trace: Option<TraceParent>,
 }
 
 /// The completion half, from Envoy's access log.

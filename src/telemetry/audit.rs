@@ -400,6 +400,7 @@ mod tests {
                 key_id: "k1".into(),
                 micros: 2_500_000,
                 llm: None,
+                trace: None,
             })
             .await;
             log.record(Event::Completed(Completed {
@@ -450,6 +451,7 @@ mod tests {
                 key_id: "k1".into(),
                 micros: 1_000_000,
                 llm: None,
+                trace: None,
             })
             .await;
             writer.finish().await;

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use crate::base::trace::TraceParent;
+
 pub use crate::store::audit::{Completed, Decided, Llm};
 
 #[derive(Debug, Clone)]
@@ -18,5 +20,7 @@ pub enum Event {
         micros: u64,
         /// What an LLM answer reported it consumed.
         llm: Option<Llm>,
+        /// The agent's trace, which the call's span joins.
+        trace: Option<TraceParent>,
     },
 }

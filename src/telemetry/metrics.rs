@@ -56,7 +56,7 @@ pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
     responses: Family<StatusLabels, Counter>,
-    /// Bumped by every policy change a replica takes in.
+    /// The store's policy version the running snapshot was built from.
     pub policy_version: Gauge,
     pub policy_reload_failures: Counter,
     /// Reads of a secret the server reads itself (mounted, AWS) that failed.
@@ -98,7 +98,7 @@ impl Default for Metrics {
         let policy_version = Gauge::default();
         registry.register(
             "policy_version",
-            "Policy changes taken in since start (1 = the policy loaded at start)",
+            "The store's policy version this replica runs (every apply, key issue and revoke moves it)",
             policy_version.clone(),
         );
         let policy_reload_failures = Counter::default();

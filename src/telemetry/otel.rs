@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::base::trace::TraceParent;
 use crate::telemetry::events::{Completed, Decided, Event, Llm};
 
 /// Batches waiting for the collector; beyond this they are dropped (and counted).
@@ -304,18 +305,24 @@ fn log(event_name: &str, time_ns: u64, body: String, attributes: Vec<KeyValue>) 
     }
 }
 
-/// A request's trace id and its decision span's id, derived from the request id with a
-/// key this process drew: the charge, settled when the answer ends, joins the decision's
-/// trace without the ids being carried along, and an agent that picks its request id
-/// cannot pick them.
-fn trace_of(request_id: &str) -> (Vec<u8>, Vec<u8>) {
+/// A request's trace id, its decision span's id and that span's parent. The span id is
+/// derived from the request id with a key this process drew, so the charge, settled when
+/// the answer ends, finds its parent without ids carried along, and an agent that picks
+/// its request id cannot pick it. The trace is the agent's when it sent a `traceparent`
+/// (its spans and latchkey's then form one trace, under the agent's span), otherwise one
+/// derived like the span id.
+fn trace_of(request_id: &str, agent: Option<TraceParent>) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
     use hmac::{Hmac, Mac};
     static KEY: std::sync::LazyLock<[u8; 32]> =
         std::sync::LazyLock::new(crate::base::crypto::random_bytes::<32>);
     let mut mac = <Hmac<sha2::Sha256>>::new_from_slice(&*KEY).expect("any key length");
     mac.update(request_id.as_bytes());
     let digest = mac.finalize().into_bytes();
-    (digest[..16].to_vec(), digest[16..24].to_vec())
+    let span = digest[16..24].to_vec();
+    match agent {
+        Some(agent) => (agent.trace_id.to_vec(), span, agent.span_id.to_vec()),
+        None => (digest[..16].to_vec(), span, Vec::new()),
+    }
 }
 
 /// The GenAI semantic conventions' attributes of an LLM call.
@@ -350,12 +357,13 @@ pub fn convert(events: &[Event]) -> (Vec<Span>, Vec<LogRecord>) {
     for event in events {
         match event {
             Event::Decided(d) => {
-                let (trace_id, span_id) = trace_of(&d.request_id);
+                let (trace_id, span_id, parent_span_id) = trace_of(&d.request_id, d.trace);
                 let end = ms_to_ns(d.time_ms);
                 let attributes = decided_attrs(d);
                 spans.push(Span {
                     trace_id: trace_id.clone(),
                     span_id: span_id.clone(),
+                    parent_span_id,
                     name: format!("latchkey {}", d.decision),
                     kind: SpanKind::Server as i32,
                     start_time_unix_nano: end.saturating_sub(u64::from(d.elapsed_us) * 1_000),
@@ -395,8 +403,9 @@ pub fn convert(events: &[Event]) -> (Vec<Span>, Vec<LogRecord>) {
                 key_id,
                 micros,
                 llm,
+                trace,
             } => {
-                let (trace_id, parent) = trace_of(request_id);
+                let (trace_id, parent, _) = trace_of(request_id, *trace);
                 let mut attrs = vec![
                     attr("latchkey.request_id", text(request_id)),
                     attr("latchkey.key_id", text(key_id)),
@@ -536,7 +545,8 @@ mod tests {
                 started_ms: 1_700_000_000_000,
                 key_id: "k1".into(),
                 micros: 900,
-                llm: Some(llm),
+                llm: Some(llm.clone()),
+                trace: None,
             },
         ]);
         let [decision, call] = &spans[..] else {
@@ -558,6 +568,31 @@ mod tests {
         assert_eq!(int("gen_ai.usage.output_tokens"), Some(7));
         assert_eq!(records[1].span_id, call.span_id);
         // Another request is another trace.
-        assert_ne!(trace_of("r2").0, decision.trace_id);
+        assert_ne!(trace_of("r2", None).0, decision.trace_id);
+        assert!(decision.parent_span_id.is_empty(), "a root span");
+
+        // With the agent's traceparent, both spans join the agent's trace, under its span.
+        let agent = TraceParent::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let (spans, _) = convert(&[
+            Event::Decided(Decided {
+                request_id: "r3".into(),
+                decision: "allowed",
+                trace: agent,
+                ..Decided::default()
+            }),
+            Event::Charged {
+                request_id: "r3".into(),
+                started_ms: 1_700_000_000_000,
+                key_id: "k1".into(),
+                micros: 900,
+                llm: Some(llm),
+                trace: agent,
+            },
+        ]);
+        let agent = agent.unwrap();
+        assert_eq!(spans[0].trace_id, agent.trace_id);
+        assert_eq!(spans[0].parent_span_id, agent.span_id);
+        assert_eq!(spans[1].trace_id, agent.trace_id);
+        assert_eq!(spans[1].parent_span_id, spans[0].span_id);
     }
 }

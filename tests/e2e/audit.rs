@@ -225,9 +225,20 @@ async fn every_request_is_recorded_allowed_or_denied_and_completed_by_envoy() {
     );
     assert!(metrics.contains(r#"latchkey_responses_total{class="4xx"} 3"#));
     assert!(metrics.contains(r#"latchkey_responses_total{class="5xx"} 1"#));
+    // The gauge is the store's version this replica runs, as `doctor` reads it.
+    let doctor = stack.cli(&["doctor", "-o", "json"], &[]);
+    let checks: Vec<serde_json::Value> = serde_json::from_slice(&doctor.stdout).unwrap();
+    let policy = checks.iter().find(|c| c["name"] == "policy").unwrap();
+    let version = policy["detail"]
+        .as_str()
+        .unwrap()
+        .rsplit(' ')
+        .next()
+        .unwrap();
+    assert!(version.parse::<i64>().unwrap() > 0, "{policy}");
     assert!(
-        metrics.contains("latchkey_policy_version 2"),
-        "start + one apply"
+        metrics.contains(&format!("latchkey_policy_version {version}\n")),
+        "{version}: {metrics}"
     );
     // The shipped dashboard charts only metrics that exist.
     let dashboard = std::fs::read_to_string(

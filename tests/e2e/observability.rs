@@ -57,9 +57,12 @@ async fn spans_and_audit_logs_reach_an_otlp_collector_and_no_secret_goes_anywher
         .unwrap();
     assert_eq!(ok.status(), 200);
     let ok_body = ok.text().await.unwrap();
+    // The agent's own trace: latchkey's span joins it, under the agent's span.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let (_, _, denied_body) = denial(
         http.post(stack.url("/api/v1/things"))
             .bearer_auth(AGENT_KEY)
+            .header("traceparent", traceparent)
             .send()
             .await
             .unwrap(),
@@ -114,6 +117,14 @@ async fn spans_and_audit_logs_reach_an_otlp_collector_and_no_secret_goes_anywher
         attr(&denied.attributes, "http.response.status_code"),
         Some(&Value::IntValue(403))
     );
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(hex(&denied.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(hex(&denied.parent_span_id), "00f067aa0ba902b7");
+    assert!(
+        allowed.parent_span_id.is_empty(),
+        "no traceparent: a trace of its own"
+    );
+    assert_ne!(allowed.trace_id, denied.trace_id);
     let service = collector.traces.lock().unwrap()[0].resource_spans[0]
         .resource
         .clone()
