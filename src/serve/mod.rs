@@ -43,7 +43,7 @@ use crate::policy::Period;
 use crate::store::{Store, StoreError, requests};
 use crate::telemetry::audit::AuditLog;
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::otel::{Otlp, OtlpConfig};
+use crate::telemetry::otlp::{Otlp, OtlpConfig};
 
 pub struct ServeConfig {
     pub database_url: String,
@@ -223,14 +223,8 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             .await
             .context("reading the current periods' spend from the audit")?;
     }
-    let otlp_config = OtlpConfig::from_env(|k| std::env::var(k).ok());
-    let otlp_endpoints: Vec<String> = otlp_config
-        .iter()
-        .flat_map(|c| c.traces.iter().chain(&c.logs))
-        .cloned()
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
+    let otlp_config = OtlpConfig::from_env(|k| std::env::var(k).ok())?;
+    let otlp_endpoints = otlp_config.iter().flat_map(OtlpConfig::endpoints).collect();
     let otlp = otlp_config
         .map(|config| {
             tracing::info!(traces = ?config.traces, logs = ?config.logs, "exporting to OTLP");

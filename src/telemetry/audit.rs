@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use crate::store::audit::{Cost, Row, Spent};
 use crate::store::{Store, StoreError};
 pub use crate::telemetry::events::{Completed, Decided, Event, Llm};
-use crate::telemetry::otel::Otlp;
+use crate::telemetry::otlp::Otlp;
 
 /// Events waiting for the writer; beyond this a request waits for room.
 pub const QUEUE_CAPACITY: usize = 16_384;

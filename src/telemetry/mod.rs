@@ -6,3 +6,4 @@ pub mod audit;
 pub mod events;
 pub mod metrics;
 pub mod otel;
+pub mod otlp;

@@ -1,223 +1,18 @@
-//! OpenTelemetry over OTLP/gRPC: a span per decided request and each audit event as a log
-//! record, built from the audit writer's batches — never on the request path. On when
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
-//! `…_LOGS_ENDPOINT`) is set; `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
-//! `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_EXPORTER_OTLP_TIMEOUT` are honoured. An
-//! `https://` endpoint is reached over TLS, trusting the system's roots and
-//! `OTEL_EXPORTER_OTLP_CERTIFICATE`, with `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`/`_KEY`
-//! for a collector that asks for a client certificate.
-//!
-//! Telemetry is allowed to be lossy where the audit is not: if the collector is slow or
-//! gone, batches past a small queue are dropped and counted; the SQL audit is unaffected.
+//! OpenTelemetry's shape of latchkey's events: a span per decided request (and per LLM
+//! call, as the GenAI conventions describe one), and each audit event as a log record
+//! linked to its span. Built from the audit writer's batches, never on the request path;
+//! `otlp` sends them.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
-use anyhow::Context;
-use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
-use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{
     AnyValue, InstrumentationScope, KeyValue, any_value::Value,
 };
-use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs, SeverityNumber};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span::SpanKind};
-use prometheus_client::metrics::counter::Counter;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, SeverityNumber};
+use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
 
 use crate::base::trace::TraceParent;
 use crate::telemetry::events::{Completed, Decided, Event, Llm};
 
-/// Batches waiting for the collector; beyond this they are dropped (and counted).
-const QUEUE: usize = 64;
-
-/// Where and how to export, from the standard OTel environment.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OtlpConfig {
-    pub traces: Option<String>,
-    pub logs: Option<String>,
-    pub headers: Vec<(String, String)>,
-    pub timeout: Duration,
-    pub resource: Vec<(String, String)>,
-    /// For `https://` endpoints: a CA to trust besides the system's
-    /// (`OTEL_EXPORTER_OTLP_CERTIFICATE`), and a client certificate and key for a
-    /// collector that asks for one (`OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE`/`_KEY`).
-    pub ca: Option<PathBuf>,
-    pub client: Option<(PathBuf, PathBuf)>,
-}
-
-impl OtlpConfig {
-    /// `None` when no endpoint is set: OTLP export is off.
-    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Option<Self> {
-        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let base = var("OTEL_EXPORTER_OTLP_ENDPOINT");
-        let traces = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| base.clone());
-        let logs = var("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT").or_else(|| base.clone());
-        if traces.is_none() && logs.is_none() {
-            return None;
-        }
-        let pairs = |text: Option<String>| -> Vec<(String, String)> {
-            text.unwrap_or_default()
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| {
-                    let v = percent_encoding::percent_decode_str(v.trim()).decode_utf8_lossy();
-                    (k.trim().to_owned(), v.into_owned())
-                })
-                .collect()
-        };
-        let mut resource = pairs(var("OTEL_RESOURCE_ATTRIBUTES"));
-        let service = var("OTEL_SERVICE_NAME").unwrap_or_else(|| "latchkey".to_owned());
-        resource.retain(|(k, _)| k != "service.name");
-        resource.insert(0, ("service.name".to_owned(), service));
-        let timeout = var("OTEL_EXPORTER_OTLP_TIMEOUT")
-            .and_then(|ms| ms.parse::<u64>().ok())
-            .map_or(Duration::from_secs(10), Duration::from_millis);
-        Some(Self {
-            traces,
-            logs,
-            headers: pairs(var("OTEL_EXPORTER_OTLP_HEADERS")),
-            timeout,
-            resource,
-            ca: var("OTEL_EXPORTER_OTLP_CERTIFICATE").map(PathBuf::from),
-            client: var("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE")
-                .zip(var("OTEL_EXPORTER_OTLP_CLIENT_KEY"))
-                .map(|(cert, key)| (PathBuf::from(cert), PathBuf::from(key))),
-        })
-    }
-
-    /// TLS for `https://` collectors: the system's roots, the configured CA, and the
-    /// client certificate if one is set.
-    fn tls(&self) -> anyhow::Result<ClientTlsConfig> {
-        let read = |path: &PathBuf, what: &str| {
-            std::fs::read(path).with_context(|| format!("{what} {}", path.display()))
-        };
-        let mut tls = ClientTlsConfig::new().with_native_roots();
-        if let Some(ca) = &self.ca {
-            tls = tls.ca_certificate(Certificate::from_pem(read(ca, "OTLP CA certificate")?));
-        }
-        if let Some((cert, key)) = &self.client {
-            tls = tls.identity(Identity::from_pem(
-                read(cert, "OTLP client certificate")?,
-                read(key, "OTLP client key")?,
-            ));
-        }
-        Ok(tls)
-    }
-}
-
-/// The exporter: a queue in front of one task that sends each batch to the collector.
-pub struct Otlp {
-    tx: mpsc::Sender<Vec<Event>>,
-    dropped: Counter,
-    task: JoinHandle<()>,
-}
-
-impl Otlp {
-    pub fn start(config: OtlpConfig, dropped: Counter) -> anyhow::Result<Self> {
-        let tls = config.tls()?;
-        let channel = |endpoint: &Option<String>| -> anyhow::Result<Option<Channel>> {
-            endpoint
-                .as_deref()
-                .map(|e| {
-                    let mut endpoint = Endpoint::from_shared(e.to_owned())
-                        .with_context(|| format!("OTLP endpoint {e:?}"))?
-                        .timeout(config.timeout);
-                    if e.starts_with("https://") {
-                        endpoint = endpoint
-                            .tls_config(tls.clone())
-                            .with_context(|| format!("OTLP endpoint {e:?}: TLS"))?;
-                    }
-                    Ok(endpoint.connect_lazy())
-                })
-                .transpose()
-        };
-        let mut traces = channel(&config.traces)?.map(TraceServiceClient::new);
-        let mut logs = channel(&config.logs)?.map(LogsServiceClient::new);
-        let mut metadata = MetadataMap::new();
-        for (k, v) in &config.headers {
-            let key = MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                .with_context(|| format!("OTEL_EXPORTER_OTLP_HEADERS: bad name {k:?}"))?;
-            let value = MetadataValue::try_from(v.as_str())
-                .with_context(|| format!("OTEL_EXPORTER_OTLP_HEADERS: bad value for {k:?}"))?;
-            metadata.insert(key, value);
-        }
-        let resource = Resource {
-            attributes: config
-                .resource
-                .iter()
-                .map(|(k, v)| attr(k, text(v)))
-                .collect(),
-            ..Default::default()
-        };
-        let (tx, mut rx) = mpsc::channel::<Vec<Event>>(QUEUE);
-        let task = tokio::spawn(async move {
-            while let Some(events) = rx.recv().await {
-                let (spans, records) = convert(&events);
-                if let Some(client) = traces.as_mut().filter(|_| !spans.is_empty()) {
-                    let mut request = tonic::Request::new(ExportTraceServiceRequest {
-                        resource_spans: vec![ResourceSpans {
-                            resource: Some(resource.clone()),
-                            scope_spans: vec![ScopeSpans {
-                                scope: Some(scope()),
-                                spans,
-                                ..Default::default()
-                            }],
-                            ..Default::default()
-                        }],
-                    });
-                    *request.metadata_mut() = metadata.clone();
-                    if let Err(e) = client.export(request).await {
-                        tracing::warn!(error = %e.message(), "OTLP span export failed");
-                    }
-                }
-                if let Some(client) = logs.as_mut().filter(|_| !records.is_empty()) {
-                    let mut request = tonic::Request::new(ExportLogsServiceRequest {
-                        resource_logs: vec![ResourceLogs {
-                            resource: Some(resource.clone()),
-                            scope_logs: vec![ScopeLogs {
-                                scope: Some(scope()),
-                                log_records: records,
-                                ..Default::default()
-                            }],
-                            ..Default::default()
-                        }],
-                    });
-                    *request.metadata_mut() = metadata.clone();
-                    if let Err(e) = client.export(request).await {
-                        tracing::warn!(error = %e.message(), "OTLP log export failed");
-                    }
-                }
-            }
-        });
-        Ok(Self { tx, dropped, task })
-    }
-
-    /// Hands a written batch over; never waits.
-    pub fn offer(&self, events: &[Event]) {
-        if events.is_empty() {
-            return;
-        }
-        if self.tx.try_send(events.to_vec()).is_err() {
-            self.dropped.inc();
-        }
-    }
-
-    /// Sends what is queued, then stops.
-    pub async fn finish(self) {
-        drop(self.tx);
-        if let Err(e) = self.task.await {
-            tracing::error!(error = %e, "the OTLP exporter failed");
-        }
-    }
-}
-
-fn scope() -> InstrumentationScope {
+pub(super) fn scope() -> InstrumentationScope {
     InstrumentationScope {
         name: "latchkey".to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -225,11 +20,11 @@ fn scope() -> InstrumentationScope {
     }
 }
 
-fn text(s: &str) -> Value {
+pub(super) fn text(s: &str) -> Value {
     Value::StringValue(s.to_owned())
 }
 
-fn attr(key: &str, value: Value) -> KeyValue {
+pub(super) fn attr(key: &str, value: Value) -> KeyValue {
     KeyValue {
         key: key.to_owned(),
         value: Some(AnyValue { value: Some(value) }),
@@ -454,38 +249,6 @@ pub fn convert(events: &[Event]) -> (Vec<Span>, Vec<LogRecord>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        move |k| map.get(k).cloned()
-    }
-
-    #[test]
-    fn configured_from_the_standard_variables() {
-        assert_eq!(OtlpConfig::from_env(env(&[])), None);
-        let c = OtlpConfig::from_env(env(&[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
-            ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://logs:4317"),
-            ("OTEL_SERVICE_NAME", "gateway"),
-            (
-                "OTEL_RESOURCE_ATTRIBUTES",
-                "deployment.environment=prod,team=a%20b",
-            ),
-            ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=t1"),
-            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
-        ]))
-        .unwrap();
-        assert_eq!(c.traces.as_deref(), Some("http://collector:4317"));
-        assert_eq!(c.logs.as_deref(), Some("http://logs:4317"));
-        assert_eq!(c.resource[0], ("service.name".into(), "gateway".into()));
-        assert!(c.resource.contains(&("team".into(), "a b".into())));
-        assert_eq!(c.headers, vec![("x-tenant".into(), "t1".into())]);
-        assert_eq!(c.timeout, Duration::from_millis(2500));
-    }
 
     #[test]
     fn a_decision_is_a_span_and_a_linked_log_record() {

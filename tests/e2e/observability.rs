@@ -248,3 +248,43 @@ async fn spans_reach_a_collector_over_tls() {
         "missing_key"
     );
 }
+
+#[tokio::test]
+async fn spans_and_logs_reach_a_collector_over_otlp_http() {
+    let (collector, endpoint) = Collector::start_http().await;
+    let upstream = Upstream::start().await;
+    let stack = Stack::start_configured(
+        |c| c,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=team-a"),
+        ],
+    )
+    .await;
+    let env = [("SECRET", SECRET), ("AGENT_KEY", AGENT_KEY)];
+    stack.apply(&policy(&upstream.url()), &env);
+    let ok = client()
+        .get(stack.url("/api/v1/things"))
+        .bearer_auth(AGENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (collector.spans().is_empty() || collector.records().is_empty())
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spans = collector.spans();
+    assert_eq!(spans.len(), 1, "{}", collector.dump());
+    assert_eq!(text(&spans[0].attributes, "latchkey.decision"), "allow");
+    let posts = collector.posts.lock().unwrap().clone();
+    for path in ["/v1/traces", "/v1/logs"] {
+        assert!(
+            posts.contains(&(path.to_owned(), Some("team-a".to_owned()))),
+            "{posts:?}"
+        );
+    }
+}

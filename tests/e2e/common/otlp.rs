@@ -1,5 +1,5 @@
-//! A real OTLP/gRPC receiver (the collector's own protobuf services, served here) that
-//! keeps what it is sent, and readers of span and log attributes.
+//! A real OTLP receiver, over gRPC (the collector's own protobuf services, served here)
+//! or HTTP/protobuf, that keeps what it is sent; and readers of span and log attributes.
 
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +21,8 @@ use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value::Value};
 pub struct Collector {
     pub traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
     pub logs: Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
+    /// Over HTTP: each request's path and `x-tenant` header.
+    pub posts: Arc<Mutex<Vec<(String, Option<String>)>>>,
 }
 
 #[tonic::async_trait]
@@ -55,6 +57,57 @@ impl Collector {
             .add_service(LogsServiceServer::new(collector.clone()))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         tokio::spawn(server);
+        (collector, format!("http://{addr}"))
+    }
+
+    /// OTLP/HTTP with protobuf bodies: `POST /v1/traces` and `/v1/logs`. Returns the base
+    /// endpoint.
+    pub async fn start_http() -> (Self, String) {
+        use axum::body::Bytes;
+        use axum::extract::State;
+        use axum::http::{HeaderMap, StatusCode, Uri};
+        use prost::Message;
+
+        async fn receive(
+            State(collector): State<Collector>,
+            uri: Uri,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> StatusCode {
+            if headers.get("content-type").map(|v| v.as_bytes()) != Some(b"application/x-protobuf")
+            {
+                return StatusCode::UNSUPPORTED_MEDIA_TYPE;
+            }
+            let tenant = headers
+                .get("x-tenant")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            collector
+                .posts
+                .lock()
+                .unwrap()
+                .push((uri.path().to_owned(), tenant));
+            match uri.path() {
+                "/v1/traces" => match ExportTraceServiceRequest::decode(body) {
+                    Ok(m) => collector.traces.lock().unwrap().push(m),
+                    Err(_) => return StatusCode::BAD_REQUEST,
+                },
+                "/v1/logs" => match ExportLogsServiceRequest::decode(body) {
+                    Ok(m) => collector.logs.lock().unwrap().push(m),
+                    Err(_) => return StatusCode::BAD_REQUEST,
+                },
+                _ => return StatusCode::NOT_FOUND,
+            }
+            StatusCode::OK
+        }
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let collector = Collector::default();
+        let app = axum::Router::new()
+            .fallback(axum::routing::post(receive))
+            .with_state(collector.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
         (collector, format!("http://{addr}"))
     }
 
