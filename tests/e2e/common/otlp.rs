@@ -22,8 +22,11 @@ pub struct Collector {
     pub traces: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
     pub logs: Arc<Mutex<Vec<ExportLogsServiceRequest>>>,
     /// Over HTTP: each request's path and `x-tenant` header.
-    pub posts: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    pub posts: Arc<Mutex<Vec<Post>>>,
 }
+
+/// An OTLP/HTTP request's path and `x-tenant` header.
+pub type Post = (String, Option<String>);
 
 #[tonic::async_trait]
 impl TraceService for Collector {
