@@ -16,5 +16,6 @@ mod observability;
 mod response_safety;
 mod rules;
 mod scale_out;
+mod sdks;
 mod server_secrets;
 mod sigv4;
