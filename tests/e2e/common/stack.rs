@@ -104,6 +104,11 @@ impl Stack {
         stack
     }
 
+    /// The running `latchkey serve`'s process id.
+    pub fn latchkey_pid(&self) -> u32 {
+        self.latchkey.as_ref().expect("latchkey runs").id()
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("latchkey.db")
     }
