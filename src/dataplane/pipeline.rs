@@ -246,13 +246,16 @@ pub async fn conclude(
     asked: &Asked<'_>,
     started: Instant,
 ) {
-    admit(&shared.budgets, &shared.spend, decision).await;
+    let near_cap = admit(&shared.budgets, &shared.spend, decision).await;
     inject_token(decision).await;
     if let Some(charge) = decision.charge.as_mut() {
         charge.trace = asked.trace;
     }
     let proxy = decision.subject.proxy.as_deref().unwrap_or_default();
     shared.metrics.record(proxy, decision.kind().as_str());
+    if near_cap {
+        shared.metrics.record_near_cap(proxy);
+    }
     shared.metrics.observe_decision(started.elapsed());
     if let Outcome::Deny(denial) = &decision.outcome {
         tracing::info!(
@@ -318,10 +321,11 @@ async fn inject_token(decision: &mut Decision) {
 }
 
 /// Step 6, budgets: counts an allowed request against its limits, or refuses it. Apart
-/// from the rest because a shared store answers asynchronously.
-pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) {
+/// from the rest because a shared store answers asynchronously. Returns whether the
+/// request left a spend account 80 % or more used.
+pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) -> bool {
     if !matches!(decision.outcome, Outcome::Forward(_)) {
-        return;
+        return false;
     }
     if !decision.limits.is_empty() {
         admit_rate(budgets, decision).await;
@@ -329,9 +333,10 @@ pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) {
     if let (Outcome::Forward(_), Some(charge)) = (&decision.outcome, &mut decision.charge) {
         let estimate = charge.cost.reservation();
         match spend.reserve(&charge.accounts, estimate).await {
-            Ok(Ok(left)) => {
+            Ok(Ok(headroom)) => {
                 charge.reserved = estimate;
-                decision.shown.budget_left_usd = left.map(crate::base::money::to_usd);
+                decision.shown.budget_left_usd = headroom.left.map(crate::base::money::to_usd);
+                return headroom.near_cap;
             }
             Ok(Err(refusal)) => {
                 let denial = match refusal {
@@ -365,6 +370,7 @@ pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) {
             }
         }
     }
+    false
 }
 
 async fn admit_rate(budgets: &Budgets, decision: &mut Decision) {

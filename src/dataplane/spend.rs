@@ -24,6 +24,24 @@ pub use crate::policy::Period;
 /// the response: the overshoot bound.
 pub const MAX_IN_FLIGHT: u64 = 8;
 
+/// What the spend caps leave once a reservation is admitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Headroom {
+    /// What the tightest dollar cap leaves, in micro-dollars; `None`: no cap.
+    pub left: Option<u64>,
+    /// Whether an account is now 80 % or more spent and reserved: worth telling a person.
+    pub near_cap: bool,
+}
+
+impl Headroom {
+    /// Takes in an account of `cap` with `used` spent and reserved.
+    fn take(&mut self, cap: u64, used: u64) {
+        let this = cap.saturating_sub(used);
+        self.left = Some(self.left.map_or(this, |l| l.min(this)));
+        self.near_cap |= u128::from(used) * 5 >= u128::from(cap) * 4;
+    }
+}
+
 /// One account a request's cost is charged to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Account {
@@ -170,7 +188,7 @@ impl LocalSpend {
         });
     }
 
-    fn reserve(&self, accounts: &[Account], estimate: u64) -> Result<Option<u64>, Refusal> {
+    fn reserve(&self, accounts: &[Account], estimate: u64) -> Result<Headroom, Refusal> {
         let mut guard = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         let now = now_unix();
         guard.prune(now);
@@ -194,17 +212,16 @@ impl LocalSpend {
                 _ => {}
             }
         }
-        let mut left: Option<u64> = None;
+        let mut headroom = Headroom::default();
         for a in accounts.iter().filter(|a| a.unit == Unit::Micros) {
             let s = all.get_mut(&a.id).expect("inserted above");
             s.reserved += estimate;
             s.in_flight += 1;
             if let Some(cap) = a.cap_micros {
-                let this = cap.saturating_sub(s.spent + s.reserved);
-                left = Some(left.map_or(this, |l| l.min(this)));
+                headroom.take(cap, s.spent + s.reserved);
             }
         }
-        Ok(left)
+        Ok(headroom)
     }
 
     /// Returns what was charged to the first account (the key's).
@@ -264,8 +281,9 @@ fn check(s: &State, cap: u64, estimate: u64) -> Result<(), Refusal> {
 /// Shared through Redis. KEYS: per account its spent, reserved and in-flight counters.
 /// ARGV: estimate, max in flight, in-flight TTL, then per account cap (-1 for none),
 /// seed, ttl (0 for none), unit (0 micro-dollars, 1 tokens: only checked, not reserved).
-/// Returns {0, what the tightest spend cap leaves (-1: none)}, or {i, 0} when account i
-/// refuses, {-1, 0} when too many are in flight.
+/// Returns {0, what the tightest spend cap leaves (-1: none), 1 if an account is past
+/// 80 % of its cap}, or {i, 0, 0} when account i refuses, {-1, 0, 0} when too many are in
+/// flight.
 const RESERVE_SCRIPT: &str = r"
 local estimate = tonumber(ARGV[1])
 local max_in_flight = tonumber(ARGV[2])
@@ -275,20 +293,21 @@ for i = 1, n do
   local cap = tonumber(ARGV[4 * i])
   redis.call('SET', KEYS[3 * i - 2], ARGV[4 * i + 1], 'NX')
   if ARGV[4 * i + 3] == '1' then
-    if cap >= 0 and tonumber(redis.call('GET', KEYS[3 * i - 2])) >= cap then return {i, 0} end
+    if cap >= 0 and tonumber(redis.call('GET', KEYS[3 * i - 2])) >= cap then return {i, 0, 0} end
   elseif cap >= 0 then
     local spent = tonumber(redis.call('GET', KEYS[3 * i - 2]))
     local reserved = tonumber(redis.call('GET', KEYS[3 * i - 1]) or '0')
     local in_flight = tonumber(redis.call('GET', KEYS[3 * i]) or '0')
     if estimate > 0 then
-      if spent + reserved + estimate > cap then return {i, 0} end
+      if spent + reserved + estimate > cap then return {i, 0, 0} end
     else
-      if spent + reserved >= cap then return {i, 0} end
-      if in_flight >= max_in_flight then return {-1, 0} end
+      if spent + reserved >= cap then return {i, 0, 0} end
+      if in_flight >= max_in_flight then return {-1, 0, 0} end
     end
   end
 end
 local left = -1
+local near = 0
 for i = 1, n do
   local ttl = tonumber(ARGV[4 * i + 2])
   if ARGV[4 * i + 3] ~= '1' then
@@ -296,9 +315,11 @@ for i = 1, n do
     redis.call('INCR', KEYS[3 * i])
     local cap = tonumber(ARGV[4 * i])
     if cap >= 0 then
-      local this = cap - tonumber(redis.call('GET', KEYS[3 * i - 2])) - reserved
+      local used = tonumber(redis.call('GET', KEYS[3 * i - 2])) + reserved
+      local this = cap - used
       if this < 0 then this = 0 end
       if left < 0 or this < left then left = this end
+      if used * 5 >= cap * 4 then near = 1 end
     end
     if ttl <= 0 then
       for k = 3 * i - 1, 3 * i do redis.call('EXPIRE', KEYS[k], in_flight_ttl) end
@@ -308,7 +329,7 @@ for i = 1, n do
     for k = 3 * i - 2, 3 * i do redis.call('EXPIRE', KEYS[k], ttl) end
   end
 end
-return {0, left}
+return {0, left, near}
 ";
 
 /// KEYS as for reserve; ARGV: reserved, actual, close (1 or 0), tokens, then per account
@@ -368,7 +389,7 @@ impl RedisSpend {
         &self,
         accounts: &[Account],
         estimate: u64,
-    ) -> Result<Result<Option<u64>, Refusal>, BudgetError> {
+    ) -> Result<Result<Headroom, Refusal>, BudgetError> {
         let mut invocation = self.reserve.prepare_invoke();
         Self::keys(&mut invocation, accounts);
         invocation
@@ -383,12 +404,15 @@ impl RedisSpend {
                 .arg(u8::from(a.unit == Unit::Tokens));
         }
         let mut connection = self.connection.clone();
-        let (code, left): (i64, i64) = invocation
+        let (code, left, near): (i64, i64, i64) = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(|e| BudgetError::new(e.to_string()))?;
         Ok(match code {
-            0 => Ok(u64::try_from(left).ok()),
+            0 => Ok(Headroom {
+                left: u64::try_from(left).ok(),
+                near_cap: near == 1,
+            }),
             -1 => Err(Refusal::TooManyInFlight),
             i => Err(Refusal::CapReached(i as usize - 1)),
         })
@@ -439,7 +463,7 @@ impl Spend {
         &self,
         accounts: &[Account],
         estimate: u64,
-    ) -> Result<Result<Option<u64>, Refusal>, BudgetError> {
+    ) -> Result<Result<Headroom, Refusal>, BudgetError> {
         match self {
             Spend::Local(local) => Ok(local.reserve(accounts, estimate)),
             Spend::Redis(redis) => redis.reserve(accounts, estimate).await,
@@ -492,8 +516,16 @@ mod tests {
         let spend = LocalSpend::default();
         let a = [account(Some(1.0))];
         let price = to_micros(0.3);
-        assert_eq!(spend.reserve(&a, price), Ok(Some(to_micros(0.7))));
-        spend.settle(&a, price, Settlement::Charge(0), 0);
+        let headroom = spend.reserve(&a, price).unwrap();
+        assert_eq!(headroom.left, Some(to_micros(0.7)));
+        assert!(!headroom.near_cap, "0.3 of 1.0");
+        let headroom = spend.reserve(&a, price).unwrap();
+        assert!(!headroom.near_cap, "0.6 of 1.0");
+        let headroom = spend.reserve(&a, price).unwrap();
+        assert!(headroom.near_cap, "0.9 of 1.0");
+        for _ in 0..3 {
+            spend.settle(&a, price, Settlement::Charge(0), 0);
+        }
         let admitted = (0..10).filter(|_| spend.reserve(&a, price).is_ok()).count();
         assert_eq!(admitted, 3, "0.9 of 1.0 reserved");
         for _ in 0..3 {

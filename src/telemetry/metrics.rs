@@ -65,6 +65,7 @@ pub struct Metrics {
     echoes: Family<ProxyLabels, Counter>,
     redactions: Family<ProxyLabels, Counter>,
     pricing: Family<PricingLabels, Counter>,
+    near_cap: Family<ProxyLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     spend_micros: Family<ModelLabels, Counter>,
     pub audit: AuditCounters,
@@ -132,6 +133,12 @@ impl Default for Metrics {
             "JSON response fields redacted",
             redactions.clone(),
         );
+        let near_cap = Family::<ProxyLabels, Counter>::default();
+        registry.register(
+            "spend_near_cap",
+            "Requests admitted that left a spend cap 80 % or more used (spent and reserved)",
+            near_cap.clone(),
+        );
         let pricing = Family::<PricingLabels, Counter>::default();
         registry.register(
             "pricing_exceptions",
@@ -193,6 +200,7 @@ impl Default for Metrics {
             echoes,
             redactions,
             pricing,
+            near_cap,
             tokens,
             spend_micros,
             audit,
@@ -236,6 +244,15 @@ impl Metrics {
                 .get_or_create(&labels)
                 .inc_by(redacted as u64);
         }
+    }
+
+    /// An admitted request that left a spend cap 80 % or more used.
+    pub fn record_near_cap(&self, proxy: &str) {
+        self.near_cap
+            .get_or_create(&ProxyLabels {
+                proxy: proxy.to_owned(),
+            })
+            .inc();
     }
 
     /// A priced response that was not charged as priced (see [`PricingLabels`]).

@@ -431,6 +431,12 @@ async fn budgets_and_caps(serve_env: &[(&str, &str)], agent: &str) {
         &["--spend-cap-usd", "0.06", "--cap-period", "day"],
     );
     assert_eq!(chat(&stack, &c).await.0, 200);
+    // 0.05 of 0.06 reserved: past 80 %, which the alerts watch. Nothing before was.
+    let metrics = stack.metrics().await;
+    assert!(
+        metrics.contains(r#"latchkey_spend_near_cap_total{proxy="openai"} 1"#),
+        "{metrics}"
+    );
     let (status, kind, message) = chat(&stack, &c).await;
     assert_eq!((status, kind.as_str()), (429, "spend_cap_exceeded"));
     assert!(message.unwrap().contains("this key's daily spend cap"));
