@@ -25,10 +25,12 @@ $(BOTOCORE): $(ENVOY)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check botocore==1.44.8
 	touch $@
 
-# The agent in the LLM end-to-end tests: the official openai and anthropic SDKs.
-LLM_SDKS := $(VENV)/.llm-sdks-3.57.0-2.16.0
-$(LLM_SDKS): $(ENVOY)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai==3.57.0 anthropic==2.16.0
+# The agents in the end-to-end tests: the official openai (also Azure OpenAI's client),
+# anthropic, google-genai (Gemini) and boto3 SDKs.
+LLM_SDKS := $(VENV)/.sdks-openai-3.57.0-anthropic-2.16.0-genai-3.6.1-boto3-1.44.8
+$(LLM_SDKS): $(BOTOCORE)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check openai==3.57.0 anthropic==2.16.0 \
+	  google-genai==3.6.1 boto3==1.44.8
 	touch $@
 
 # moto's server: a local AWS Secrets Manager, for the secrets latchkey serve reads itself.
@@ -65,6 +67,7 @@ lint:
 test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) $(MOTO) lint k8s-validate
 	cargo test --locked --benches
 	cargo test --locked --lib --bins --tests
+	$(MAKE) image-test
 
 # Criterion micro-benchmarks (a decision at 10, 100, 1,000 rules; the budget step), then
 # load runs through the real Envoy, interleaved A-E, written to docs/benchmarks.md.
@@ -93,7 +96,8 @@ $(OHA):
 # root's but the working directory, hence a tar (ADD keeps the owners a tar records).
 # Built reproducibly (file and image times from the last commit): the same binary gives
 # the same image, and an image the tag no longer names is removed unless something else
-# still uses it. IMAGE_SOURCE=<repository URL> adds the org.opencontainers.image.source label.
+# still uses it. IMAGE_SOURCE=<repository URL> adds an org.opencontainers.image.source
+# label.
 VERSION      := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n 1)
 IMAGE        := latchkey:$(VERSION)
 IMAGE_DIR    := target/image

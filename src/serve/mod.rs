@@ -360,6 +360,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         c.context("http server")?;
         anyhow::Ok(())
     });
+    let stop_signal = shutdown_signal();
     ready.store(true, Ordering::Release);
     tracing::info!(
         grpc = %cfg.grpc_addr,
@@ -368,7 +369,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         "latchkey serving"
     );
 
-    shutdown_signal().await;
+    stop_signal.await;
     tracing::info!("shutting down");
     // Say so first, so Envoy's health checks move new requests to other replicas while
     // this one still answers; then stop taking streams.
@@ -449,19 +450,19 @@ async fn prune_forever(store: Store, days: u32) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+/// SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled: a SIGTERM that comes right after the replica says it is ready
+/// still shuts it down cleanly.
+fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = interrupt.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 #[cfg(test)]
