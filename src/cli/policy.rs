@@ -165,6 +165,7 @@ pub(super) async fn check(args: CheckArgs) -> anyhow::Result<()> {
             "credential": (!r.credential.is_empty()).then_some(&r.credential),
             "rule": rule,
             "default_effect": (!r.default_effect.is_empty()).then_some(&r.default_effect),
+            "guards": r.guards,
         });
         args.out.print(&doc)?;
         return if r.allowed {
@@ -207,6 +208,9 @@ pub(super) async fn check(args: CheckArgs) -> anyhow::Result<()> {
             )
         }
         None => {}
+    }
+    for guard in &r.guards {
+        println!("guard: {guard}");
     }
     if r.allowed {
         Ok(())

@@ -344,12 +344,11 @@ impl Admin for AdminService {
                 priority: r.priority,
                 notes: r.notes.as_deref().unwrap_or_default().to_owned(),
             });
-        let default_effect = subject
-            .proxy
-            .as_deref()
-            .and_then(|p| policy.proxy(p))
+        let proxy = subject.proxy.as_deref().and_then(|p| policy.proxy(p));
+        let default_effect = proxy
             .map(|p| p.default_effect.as_str().to_owned())
             .unwrap_or_default();
+        let guards = proxy.map_or_else(Vec::new, |p| p.guards.explain(&req.method));
         let (allowed, kind, status, message) = match &decision.outcome {
             Outcome::Forward(_) => (true, "allow".to_owned(), 0, "would be forwarded".to_owned()),
             Outcome::Deny(d) => (
@@ -367,6 +366,7 @@ impl Admin for AdminService {
             credential: subject.credential.as_deref().unwrap_or_default().to_owned(),
             rule,
             default_effect,
+            guards,
         }))
     }
 

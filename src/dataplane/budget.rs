@@ -13,6 +13,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The Redis key of a request the duplicate guard remembers.
+fn seen_key(fingerprint: &[u8; 32]) -> String {
+    std::iter::once("lk:seen:".to_owned())
+        .chain(fingerprint.iter().map(|b| format!("{b:02x}")))
+        .collect()
+}
+
 /// Milliseconds since the Unix epoch; a trait so tests move time by hand.
 pub trait Clock: Send + Sync + 'static {
     fn now_ms(&self) -> u64;
@@ -149,6 +156,8 @@ pub fn redis_connection(url: &str) -> Result<redis::aio::ConnectionManager, Budg
 /// dropped limit has nothing left to remember: a fresh one is just as full).
 pub struct LocalBudgets {
     tats: moka::sync::Cache<Arc<str>, Arc<Mutex<Option<u64>>>>,
+    /// Guarded requests seen, by fingerprint: until when a repeat is refused (ms).
+    seen: moka::sync::Cache<[u8; 32], u64>,
     clock: Arc<dyn Clock>,
 }
 
@@ -161,8 +170,27 @@ impl LocalBudgets {
                 .max_capacity(LOCAL_CAPACITY)
                 .time_to_idle(Duration::from_secs(86_400 + 60))
                 .build(),
+            // The longest duplicate window is a day.
+            seen: moka::sync::Cache::builder()
+                .max_capacity(LOCAL_CAPACITY)
+                .time_to_live(Duration::from_secs(86_400 + 60))
+                .build(),
             clock,
         }
+    }
+
+    /// Whether a request of this fingerprint is new (then remembered for `window_ms`),
+    /// rather than a repeat within the window. One at a time per fingerprint.
+    fn first_seen(&self, fingerprint: [u8; 32], window_ms: u64) -> bool {
+        let now = self.clock.now_ms();
+        let result = self
+            .seen
+            .entry(fingerprint)
+            .and_compute_with(|seen| match seen {
+                Some(until) if *until.value() > now => moka::ops::compute::Op::Nop,
+                _ => moka::ops::compute::Op::Put(now + window_ms),
+            });
+        !matches!(result, moka::ops::compute::CompResult::Unchanged(_))
     }
 
     pub fn admit(&self, limits: &[Limit]) -> Admission {
@@ -269,6 +297,49 @@ pub enum Budgets {
 }
 
 impl Budgets {
+    /// Forgets a request the duplicate guard remembered (it was not forwarded after all).
+    /// Best effort: at worst a repeat within the window is refused.
+    pub async fn forget(&self, fingerprint: [u8; 32]) {
+        match self {
+            Budgets::Local(local) => local.seen.invalidate(&fingerprint),
+            Budgets::Redis(redis) => {
+                let mut connection = redis.connection.clone();
+                let forgotten: Result<i64, _> = redis::cmd("DEL")
+                    .arg(seen_key(&fingerprint))
+                    .query_async(&mut connection)
+                    .await;
+                if let Err(e) = forgotten {
+                    tracing::warn!(error = %e, "could not forget a refused guarded request");
+                }
+            }
+        }
+    }
+
+    /// The duplicate guard: whether a request of this fingerprint is new (and is then
+    /// remembered for `window_ms`, on every replica when counters are shared).
+    pub async fn first_seen(
+        &self,
+        fingerprint: [u8; 32],
+        window_ms: u64,
+    ) -> Result<bool, BudgetError> {
+        match self {
+            Budgets::Local(local) => Ok(local.first_seen(fingerprint, window_ms)),
+            Budgets::Redis(redis) => {
+                let mut connection = redis.connection.clone();
+                let set: Option<String> = redis::cmd("SET")
+                    .arg(seen_key(&fingerprint))
+                    .arg(1)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(window_ms)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|e| BudgetError::new(e.to_string()))?;
+                Ok(set.is_some())
+            }
+        }
+    }
+
     /// Whether the shared counters answer (`None`: counted in this process).
     pub async fn ping(&self) -> Option<Result<(), String>> {
         let Budgets::Redis(redis) = self else {

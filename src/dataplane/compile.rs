@@ -20,7 +20,7 @@ use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::snapshot::{
     CLUSTER_PLAIN, CLUSTER_TLS, Caps, CompileError, Compiled, CostSpec, Injection, KeyBudgets,
-    KeyEntry, Policy, Proxy, Secret, Upstream,
+    KeyEntry, Policy, Proxy, RunawayGuards, Secret, Upstream,
 };
 use crate::policy::rows::{AuthSpec, CredentialRow, KeyRow, ProxyRow, StoredPolicy};
 use crate::policy::{AuthKind, CredentialType, Limits, TargetUrl};
@@ -424,7 +424,15 @@ fn proxy(
         };
         bound.insert(index);
     }
+    let guards = RunawayGuards {
+        duplicate_window_ms: (p.guards.as_ref())
+            .and_then(|g| g.duplicate_window().ok().flatten())
+            .map(|w| w.as_millis() as u64),
+        idempotency_key: p.guards.as_ref().is_some_and(|g| g.idempotency_key),
+    };
     let needs_body = injection.signs_body()
+        || guards.duplicate_window_ms.is_some()
+        || guards.idempotency_key
         || p.cost.as_ref().is_some_and(|c| c.tokens.is_some())
         || rules.needs_body()
         || bound
@@ -448,6 +456,7 @@ fn proxy(
         timeout_ms: (p.limits.as_ref())
             .and_then(|l| l.upstream_timeout_s)
             .map(|s| u64::from(s) * 1000),
+        guards,
         cost: p
             .cost
             .as_ref()

@@ -49,6 +49,10 @@ pub enum Denial {
     NeedsExtProc { proxy: Arc<str>, why: &'static str },
     #[error("the upstream's response could not be checked before it reached you ({0})")]
     ResponseUnreadable(&'static str),
+    #[error(
+        "the same request was sent {window_s} s ago or less; send it with a new Idempotency-Key if it is meant to happen again"
+    )]
+    DuplicateRequest { window_s: u64 },
 }
 
 /// What a request came to, by name: the audit's `decision`, the metrics' label, the
@@ -71,6 +75,7 @@ pub enum Kind {
     NeedsExtProc,
     CredentialUnavailable,
     ResponseUnreadable,
+    DuplicateRequest,
 }
 
 impl Kind {
@@ -92,6 +97,7 @@ impl Kind {
             Kind::NeedsExtProc => "needs_ext_proc",
             Kind::CredentialUnavailable => "credential_unavailable",
             Kind::ResponseUnreadable => "response_unreadable",
+            Kind::DuplicateRequest => "duplicate_request",
         }
     }
 }
@@ -124,6 +130,7 @@ impl Denial {
             Denial::NeedsExtProc { .. } => Kind::NeedsExtProc,
             Denial::CredentialUnavailable(_) => Kind::CredentialUnavailable,
             Denial::ResponseUnreadable(_) => Kind::ResponseUnreadable,
+            Denial::DuplicateRequest { .. } => Kind::DuplicateRequest,
         }
     }
 
@@ -148,6 +155,7 @@ impl Denial {
             Denial::NeedsExtProc { .. } => 500,
             Denial::CredentialUnavailable(_) => 503,
             Denial::ResponseUnreadable(_) => 502,
+            Denial::DuplicateRequest { .. } => 409,
         }
     }
 
@@ -167,7 +175,11 @@ impl Denial {
     /// spend cap stand in the way): such denials tell SDKs not to retry
     /// (`x-should-retry: false`), so a looping agent stops sooner.
     pub fn permanent(&self) -> bool {
-        matches!(self.http_status(), 401 | 403) || matches!(self, Denial::SpendCapExceeded { .. })
+        matches!(self.http_status(), 401 | 403)
+            || matches!(
+                self,
+                Denial::SpendCapExceeded { .. } | Denial::DuplicateRequest { .. }
+            )
     }
 
     /// The rule that decided, if one did.

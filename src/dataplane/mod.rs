@@ -17,9 +17,11 @@
 //! 5. **mutate** ([`mutate`]): what the upstream receives: every carrier of the proxy key
 //!    removed, the real credential set (a header, a query parameter or a SigV4
 //!    signature, [`credentials`]), and on token-priced proxies the model read and the
-//!    usage asked for ([`usage`]).
-//! 6. **budgets** ([`budget`], [`spend`]): rate limits, token budgets and the spend
-//!    reservation; a refusal answers 429 with `Retry-After`.
+//!    usage asked for ([`usage`]); on a guarded proxy, a POST or PATCH fingerprinted and
+//!    given an `Idempotency-Key` where it has none ([`guards`]).
+//! 6. **budgets** ([`budget`], [`spend`]): first the duplicate guard (a repeat within the
+//!    window: 409), then rate limits, token budgets and the spend reservation; a refusal
+//!    answers 429 with `Retry-After`.
 //! 7. **fetched credentials** ([`credentials::oauth2`]): an OAuth2 token goes in last,
 //!    once the request is admitted.
 //! 8. **record**: the decision into the metrics and the audit (`telemetry`).
@@ -35,6 +37,7 @@ pub mod budget;
 mod compile;
 pub(crate) mod credentials;
 pub mod denial;
+pub(crate) mod guards;
 pub(crate) mod keys;
 pub(crate) mod mutate;
 pub mod pipeline;

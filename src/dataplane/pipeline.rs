@@ -10,6 +10,7 @@ use crate::base::trace::TraceParent;
 use crate::dataplane::budget::{Admission, Budgets, Limit};
 use crate::dataplane::credentials::oauth2::TokenSource;
 use crate::dataplane::denial::{Denial, Kind};
+use crate::dataplane::guards::{self, Duplicate};
 use crate::dataplane::keys;
 use crate::dataplane::mutate::{self, Forward};
 use crate::dataplane::redact::Guard;
@@ -71,6 +72,7 @@ pub struct Found {
     pub charge: Option<Charge>,
     pub token: Option<Arc<TokenSource>>,
     pub guard: Option<Arc<Guard>>,
+    pub duplicate: Option<Duplicate>,
 }
 
 impl Found {
@@ -83,6 +85,7 @@ impl Found {
             charge: self.charge,
             token: self.token,
             guard: self.guard,
+            duplicate: self.duplicate,
         }
     }
 }
@@ -101,6 +104,8 @@ pub struct Decision {
     pub token: Option<Arc<TokenSource>>,
     /// What is scrubbed or redacted from the response, on proxies that say.
     pub guard: Option<Arc<Guard>>,
+    /// On a proxy with a duplicate window: the request, as the guard knows it (step 6).
+    pub duplicate: Option<Duplicate>,
 }
 
 impl Decision {
@@ -327,6 +332,38 @@ pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) ->
     if !matches!(decision.outcome, Outcome::Forward(_)) {
         return false;
     }
+    // A repeat is refused before it counts against any budget.
+    if let Some(duplicate) = decision.duplicate {
+        match budgets
+            .first_seen(duplicate.fingerprint, duplicate.window_ms)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                decision.charge = None;
+                decision.outcome = Outcome::Deny(Denial::DuplicateRequest {
+                    window_s: duplicate.window_ms / 1000,
+                });
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing a guarded request");
+                decision.charge = None;
+                decision.outcome = Outcome::Deny(Denial::BudgetUnavailable);
+                return false;
+            }
+        }
+    }
+    let near_cap = admit_budgets(budgets, spend, decision).await;
+    if let (Some(duplicate), Outcome::Deny(_)) = (decision.duplicate, &decision.outcome) {
+        // Refused by a budget, so never forwarded: sending it again is no repeat.
+        budgets.forget(duplicate.fingerprint).await;
+    }
+    near_cap
+}
+
+/// Rate limits, then the spend reservation; whether an account is now 80 % used.
+async fn admit_budgets(budgets: &Budgets, spend: &Spend, decision: &mut Decision) -> bool {
     if !decision.limits.is_empty() {
         admit_rate(budgets, decision).await;
     }
@@ -435,6 +472,7 @@ fn run(
         charge,
         token,
         guard,
+        duplicate,
     } = found;
     let route = route(req.path)?;
     let proxy = policy.proxy(&route.proxy);
@@ -523,6 +561,30 @@ fn run(
                 }
                 _ => {}
             }
+            // Runaway guards know a POST or PATCH by its body: read it first.
+            let fingerprint = if proxy.guards.cover(req.method) {
+                if let Body::TooLarge(limit) = body {
+                    return Err(Denial::BodyTooLarge(*limit));
+                }
+                let Some(bytes) = req.body else {
+                    return Ok(None);
+                };
+                let caller = subject.key_id.as_deref().or(subject.credential.as_deref());
+                let print = guards::fingerprint(
+                    &proxy.name,
+                    caller.unwrap_or_default(),
+                    req,
+                    &route,
+                    bytes,
+                );
+                *duplicate = (proxy.guards.duplicate_window_ms).map(|window_ms| Duplicate {
+                    fingerprint: print,
+                    window_ms,
+                });
+                Some(print)
+            } else {
+                None
+            };
             // A token price depends on the model the body names: read it first.
             let asked = match (proxy.token_vendor(), req.body) {
                 (None, _) => None,
@@ -532,6 +594,15 @@ fn run(
                 (Some(vendor), Some(bytes)) => Some(usage::asked(vendor, &route.path, bytes)),
             };
             let mut forward = mutate::forward(proxy, &route, req, now);
+            if let Some(print) = fingerprint
+                && proxy.guards.idempotency_key
+                && !guards::has_idempotency_key(req)
+            {
+                forward.set.push((
+                    std::borrow::Cow::Borrowed("idempotency-key"),
+                    guards::idempotency_key(&print),
+                ));
+            }
             if let Some(asked) = asked {
                 if let Some(charge) = charge.as_mut() {
                     charge.model = asked.model.map(|m| Arc::from(truncated(&m, 128)));

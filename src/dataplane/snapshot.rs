@@ -100,6 +100,46 @@ pub struct Proxy {
     pub response: Option<Arc<Guard>>,
     /// How long a call may take, when the proxy says (else the Envoy route's timeout).
     pub timeout_ms: Option<u64>,
+    /// Runaway guards on POST and PATCH, when the proxy says.
+    pub guards: RunawayGuards,
+}
+
+/// A proxy's runaway guards on its non-idempotent requests (POST, PATCH).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunawayGuards {
+    /// A repeat within this many milliseconds is refused (`duplicate_request`).
+    pub duplicate_window_ms: Option<u64>,
+    /// An `Idempotency-Key` derived from the request is added where none was sent.
+    pub idempotency_key: bool,
+}
+
+impl RunawayGuards {
+    /// What the guards do to a request of `method`, in words (for `latchkey check`).
+    pub fn explain(&self, method: &str) -> Vec<String> {
+        if !self.cover(method) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        if let Some(ms) = self.duplicate_window_ms {
+            out.push(format!(
+                "a repeat of this request (same key, path, body and Idempotency-Key) within {} s is refused: 409 duplicate_request",
+                ms / 1000
+            ));
+        }
+        if self.idempotency_key {
+            out.push(
+                "without an Idempotency-Key, it gets one derived from the request, for the vendor to deduplicate"
+                    .to_owned(),
+            );
+        }
+        out
+    }
+
+    /// Whether a request of `method` is guarded: it is then judged with its body.
+    pub fn cover(&self, method: &str) -> bool {
+        (self.duplicate_window_ms.is_some() || self.idempotency_key)
+            && (method.eq_ignore_ascii_case("POST") || method.eq_ignore_ascii_case("PATCH"))
+    }
 }
 
 /// What only ext_proc can enforce, the one list: `apply` checks a policy against it in
@@ -118,7 +158,7 @@ impl ExtProcOnly {
             ExtProcOnly::SignsBody => {
                 "an AWS signature over the request body (or set `unsigned_payload: true`)"
             }
-            ExtProcOnly::ReadsBody => "rules that read the request body",
+            ExtProcOnly::ReadsBody => "rules or runaway guards that read the request body",
             ExtProcOnly::PricedFromResponse => "a cost read from responses",
             ExtProcOnly::GuardsResponse => "responses scrubbed or redacted",
         }

@@ -186,6 +186,24 @@ pub struct ProxySpec {
     /// it stream their responses through latchkey.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response: Option<ResponseSafety>,
+    /// Runaway guards: what stops a looping agent before it costs anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guards: Option<Guards>,
+}
+
+/// A proxy's runaway guards.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guards {
+    /// Refuse (409 `duplicate_request`) a POST or PATCH that repeats one of the same key,
+    /// path, body and `Idempotency-Key` within this window, e.g. `60s` (1s to 24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_window: Option<String>,
+    /// Give a POST or PATCH that carries no `Idempotency-Key` one derived from the request
+    /// (same key, path and body: same value), so a vendor that honours it, such as
+    /// Stripe, deduplicates too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idempotency_key: bool,
 }
 
 /// Response safety of a proxy.

@@ -8,8 +8,8 @@ use zeroize::Zeroizing;
 
 use crate::base::crypto::{CryptoError, MasterKey};
 use crate::policy::file::{
-    AuthKind, BodyCondition, Cost, CredentialType, Effect, Limits, PolicyFile, ResponseSafety,
-    SecretRef, ValueCondition,
+    AuthKind, BodyCondition, Cost, CredentialType, Effect, Guards, Limits, PolicyFile,
+    ResponseSafety, SecretRef, ValueCondition,
 };
 use crate::policy::period::Period;
 
@@ -160,6 +160,7 @@ pub struct ProxyRow {
     pub limits: Option<Limits>,
     pub cost: Option<Cost>,
     pub response: Option<ResponseSafety>,
+    pub guards: Option<Guards>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -272,6 +273,7 @@ impl StoredPolicy {
                     limits: p.limits.clone(),
                     cost: p.cost.clone(),
                     response: p.response.clone(),
+                    guards: p.guards.clone(),
                 })
                 .collect(),
             rules: rules

@@ -106,6 +106,11 @@ impl PolicyFile {
                     .validate()
                     .map_err(|e| invalid(&item, format!("response: {e}")))?;
             }
+            if let Some(guards) = &p.guards {
+                guards
+                    .duplicate_window()
+                    .map_err(|e| invalid(&item, format!("guards: {e}")))?;
+            }
             if let Some(limits) = &p.limits {
                 limits.validate().map_err(|e| invalid(&item, e))?;
                 if limits
@@ -462,6 +467,23 @@ impl Limits {
             )),
             None => Ok(()),
         }
+    }
+}
+
+impl Guards {
+    /// The duplicate window, if one is set: 1 s to 24 h.
+    pub fn duplicate_window(&self) -> Result<Option<std::time::Duration>, String> {
+        let Some(text) = &self.duplicate_window else {
+            return Ok(None);
+        };
+        let window = humantime::parse_duration(text)
+            .map_err(|e| format!("duplicate_window: {text:?}: {e}"))?;
+        if !(1..=86_400).contains(&window.as_secs()) || window.subsec_nanos() != 0 {
+            return Err(format!(
+                "duplicate_window: {text:?} is not whole seconds from 1s to 24h"
+            ));
+        }
+        Ok(Some(window))
     }
 }
 

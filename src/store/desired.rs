@@ -135,6 +135,7 @@ impl Desired {
                         limits: p.limits.clone(),
                         cost: p.cost.clone(),
                         response: p.response.clone(),
+                        guards: p.guards.clone(),
                     }
                 })
                 .collect(),

@@ -230,7 +230,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
     }
     drop(rows);
     let mut rows = sqlx::query(
-        "SELECT name, target, target_credential, default_effect, limits, cost, response
+        "SELECT name, target, target_credential, default_effect, limits, cost, response, guards
          FROM proxies ORDER BY name",
     )
     .fetch(&mut **tx);
@@ -245,6 +245,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             limits: from_json("proxies", row.try_get("limits")?)?,
             cost: from_json("proxies", row.try_get("cost")?)?,
             response: from_json("proxies", row.try_get("response")?)?,
+            guards: from_json("proxies", row.try_get("guards")?)?,
         });
     }
     drop(rows);
@@ -539,12 +540,13 @@ async fn write_diff(
     {
         sqlx::query(
             "INSERT INTO proxies (name, target, target_credential, default_effect, limits, cost,
-               response)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+               response, guards)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (name) DO UPDATE SET target = excluded.target,
                target_credential = excluded.target_credential,
                default_effect = excluded.default_effect,
-               limits = excluded.limits, cost = excluded.cost, response = excluded.response",
+               limits = excluded.limits, cost = excluded.cost, response = excluded.response,
+               guards = excluded.guards",
         )
         .bind(&p.name)
         .bind(&p.target)
@@ -553,6 +555,7 @@ async fn write_diff(
         .bind(to_json(&p.limits))
         .bind(to_json(&p.cost))
         .bind(to_json(&p.response))
+        .bind(to_json(&p.guards))
         .execute(&mut **tx)
         .await?;
         sqlx::query("DELETE FROM proxy_bindings WHERE proxy = $1")

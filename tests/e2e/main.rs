@@ -9,6 +9,7 @@ mod common;
 mod containment;
 mod data_plane;
 mod ext_authz;
+mod guards;
 mod items;
 mod llm;
 mod oauth2;

@@ -238,6 +238,34 @@ async fn the_rate_limit_holds_across_both_replicas_and_one_dying_changes_nothing
     }
     upstream.take();
 
+    // The duplicate guard holds across replicas too: identical POSTs, spread over A and
+    // B, reach the vendor once.
+    let proxy = unique("guarded");
+    let guarded = policy(&upstream.url(), &proxy, 1000).replace(
+        "    default_effect: allow\n",
+        "    default_effect: allow\n    guards: { duplicate_window: 60s }\n",
+    );
+    pair.stack.apply(&guarded, &env());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let url = pair.stack.url(&format!("/{proxy}/v1/charges"));
+    let mut forwarded = 0;
+    for _ in 0..6 {
+        let status = (http.post(&url).bearer_auth(AGENT_KEY))
+            .body(format!("charge for {proxy}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        match status {
+            200 => forwarded += 1,
+            409 => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(forwarded, 1, "one of six identical POSTs");
+    assert_eq!(upstream.take().len(), 1);
+
     // Load on a fresh proxy, and B killed in the middle of it.
     let proxy = unique("busy");
     pair.stack
