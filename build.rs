@@ -7,6 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // SAFETY: build scripts are single-threaded; the variable is read by prost-build below.
     unsafe { std::env::set_var("PROTOC", protoc) };
     println!("cargo:rerun-if-changed=proto");
+    // `sqlx::migrate!` embeds the migrations: a new one must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
     // The descriptor set feeds gRPC reflection, so `grpcurl` needs no .proto file.
     let descriptors =
         std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("latchkey_admin_descriptor.bin");

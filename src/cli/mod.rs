@@ -10,6 +10,7 @@ use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
 mod access;
+mod approvals;
 mod doctor;
 mod item_cli;
 mod log;
@@ -81,6 +82,11 @@ enum Command {
         out: Output,
         #[command(flatten)]
         conn: AdminConn,
+    },
+    /// Requests held by `approve` rules: list them, approve or deny one.
+    Approvals {
+        #[command(subcommand)]
+        command: approvals::ApprovalCommand,
     },
     /// Check the setup: the admin API and this token, versions, what the server
     /// reaches, and (with --envoy) a request through Envoy. Exit 1 if a check fails.
@@ -315,6 +321,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proxy { command } => item_cli::run(Kind::Proxy, command).await,
         Command::Rule { command } => item_cli::run(Kind::Rule, command).await,
         Command::Doctor(args) => doctor::doctor(args).await,
+        Command::Approvals { command } => approvals::approvals(command).await,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "latchkey", &mut std::io::stdout());

@@ -10,24 +10,26 @@ use tonic::{Request, Response, Status};
 use crate::base::crypto::MasterKey;
 use crate::control::items::{self, Edit, ItemError};
 use crate::control::sync::PolicySync;
-use crate::control::tokens::{Role, new_token, require_admin};
+use crate::control::tokens::{Role, TokenName, new_token, require_admin};
 use crate::dataplane::pipeline::{Caller, Judgement, Outcome, RequestView, decide_as};
 use crate::dataplane::rules::Body;
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::Policy;
 use crate::pb::admin_server::Admin;
 use crate::pb::{
-    ApplyRequest, ApplyResponse, Change, CheckRequest, CheckResponse, CheckedRule,
-    CreateTokenRequest, CreatedToken, DeleteItemRequest, DiagnoseRequest, DiagnoseResponse,
-    ExportRequest, ExportResponse, GetItemRequest, IssueKeyRequest, IssuedKey, Item,
-    ItemChangeResponse, KeyInfo, ListItemsRequest, ListItemsResponse, ListKeysRequest,
-    ListKeysResponse, ListRequestsRequest, ListRequestsResponse, ListTokensRequest,
-    ListTokensResponse, PutItemRequest, RekeyRequest, RekeyResponse, RequestRecord,
-    RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse, TelemetryBucket,
-    TelemetryRequest, TelemetryResponse, TokenInfo as PbTokenInfo,
+    ApplyRequest, ApplyResponse, ApprovalInfo, Change, CheckRequest, CheckResponse, CheckedRule,
+    CreateTokenRequest, CreatedToken, DecideApprovalRequest, DeleteItemRequest, DiagnoseRequest,
+    DiagnoseResponse, ExportRequest, ExportResponse, GetItemRequest, IssueKeyRequest, IssuedKey,
+    Item, ItemChangeResponse, KeyInfo, ListApprovalsRequest, ListApprovalsResponse,
+    ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse, ListRequestsRequest,
+    ListRequestsResponse, ListTokensRequest, ListTokensResponse, PutItemRequest, RekeyRequest,
+    RekeyResponse, RequestRecord, RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest,
+    RevokeTokenResponse, TelemetryBucket, TelemetryRequest, TelemetryResponse,
+    TokenInfo as PbTokenInfo,
 };
 use crate::policy::rows::{NewKey, StoredPolicy};
 use crate::policy::{Period, PolicyFile, ServerSource};
+use crate::store::approvals::DecideError;
 use crate::store::requests::{self};
 use crate::store::{AlreadyRevoked, Desired, Store, StoreError};
 
@@ -716,6 +718,46 @@ impl Admin for AdminService {
             .get::<Role>()
             .map_or("unknown", |r| r.as_str());
         Ok(Response::new(self.diagnosis(role).await))
+    }
+
+    async fn list_approvals(
+        &self,
+        request: Request<ListApprovalsRequest>,
+    ) -> Result<Response<ListApprovalsResponse>, Status> {
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => 1000,
+            n => n.min(1000),
+        };
+        let rows = self
+            .store
+            .list_approvals(req.all, crate::base::clock::now_unix_ms(), i64::from(limit))
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(ListApprovalsResponse {
+            approvals: rows.into_iter().map(approval_info).collect(),
+        }))
+    }
+
+    async fn decide_approval(
+        &self,
+        request: Request<DecideApprovalRequest>,
+    ) -> Result<Response<ApprovalInfo>, Status> {
+        require_admin(&request)?;
+        let by =
+            (request.extensions().get::<TokenName>()).map_or("unknown".to_owned(), |c| c.0.clone());
+        let req = request.into_inner();
+        let row = self
+            .store
+            .decide_approval(&req.id, req.approve, &by, crate::base::clock::now_unix_ms())
+            .await
+            .map_err(|e| match e {
+                DecideError::NotPending(_) => Status::failed_precondition(e.to_string()),
+                DecideError::Store(e) => store_status(e),
+            })?;
+        tracing::info!(approval = %row.id, status = %row.status, by = %by, proxy = %row.proxy,
+            method = %row.method, path = %row.path, "approval decided");
+        Ok(Response::new(approval_info(row)))
     }
 
     async fn rekey(

@@ -16,8 +16,15 @@ use crate::store::{Store, StoreError};
 /// Live tokens by hash, swapped whole when they change.
 #[derive(Clone, Default)]
 pub struct Tokens {
-    live: Arc<ArcSwap<HashMap<[u8; 32], Role>>>,
+    live: Arc<ArcSwap<HashMap<[u8; 32], Holder>>>,
 }
+
+/// A live token's role and name.
+type Holder = (Role, String);
+
+/// Who called, as recorded beside the role: the admin token's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenName(pub String);
 
 impl Tokens {
     pub async fn reload(&self, store: &Store) -> Result<(), StoreError> {
@@ -30,11 +37,11 @@ impl Tokens {
         Ok(())
     }
 
-    fn role_of(&self, hash: &[u8; 32]) -> Option<Role> {
+    fn role_of(&self, hash: &[u8; 32]) -> Option<(Role, String)> {
         // The map finds a candidate; the constant-time compare decides.
         let live = self.live.load();
-        let (stored, role) = live.get_key_value(hash)?;
-        crypto::ct_eq(stored, hash).then_some(*role)
+        let (stored, who) = live.get_key_value(hash)?;
+        crypto::ct_eq(stored, hash).then(|| who.clone())
     }
 }
 
@@ -77,12 +84,16 @@ impl tonic::service::Interceptor for AdminAuth {
                 Status::unauthenticated("missing `authorization: Bearer <admin token>`")
             })?;
         let hash = crypto::hash_key(presented.trim().as_bytes());
-        let role = match &self.bootstrap {
-            Some(bootstrap) if crypto::ct_eq(bootstrap, &hash) => Some(Role::Admin),
+        let who = match &self.bootstrap {
+            Some(bootstrap) if crypto::ct_eq(bootstrap, &hash) => {
+                Some((Role::Admin, "LATCHKEY_ADMIN_TOKEN".to_owned()))
+            }
             _ => self.tokens.role_of(&hash),
         };
-        let role = role.ok_or_else(|| Status::unauthenticated("unknown or revoked admin token"))?;
+        let (role, name) =
+            who.ok_or_else(|| Status::unauthenticated("unknown or revoked admin token"))?;
         request.extensions_mut().insert(role);
+        request.extensions_mut().insert(TokenName(name));
         Ok(request)
     }
 }

@@ -53,6 +53,12 @@ pub enum Denial {
         "the same request was sent {window_s} s ago or less; send it with a new Idempotency-Key if it is meant to happen again"
     )]
     DuplicateRequest { window_s: u64 },
+    #[error(
+        "rule {rule} holds this request for a person: approval {id} (`latchkey approvals approve {id}`); send the same request again once it is approved"
+    )]
+    ApprovalRequired { id: Arc<str>, rule: Arc<str> },
+    #[error("{0} of this caller's requests already wait for approval; retry in 60 s")]
+    ApprovalsBacklogged(u32),
 }
 
 /// What a request came to, by name: the audit's `decision`, the metrics' label, the
@@ -76,6 +82,7 @@ pub enum Kind {
     CredentialUnavailable,
     ResponseUnreadable,
     DuplicateRequest,
+    ApprovalRequired,
 }
 
 impl Kind {
@@ -98,6 +105,7 @@ impl Kind {
             Kind::CredentialUnavailable => "credential_unavailable",
             Kind::ResponseUnreadable => "response_unreadable",
             Kind::DuplicateRequest => "duplicate_request",
+            Kind::ApprovalRequired => "approval_required",
         }
     }
 }
@@ -131,6 +139,8 @@ impl Denial {
             Denial::CredentialUnavailable(_) => Kind::CredentialUnavailable,
             Denial::ResponseUnreadable(_) => Kind::ResponseUnreadable,
             Denial::DuplicateRequest { .. } => Kind::DuplicateRequest,
+            Denial::ApprovalRequired { .. } => Kind::ApprovalRequired,
+            Denial::ApprovalsBacklogged(_) => Kind::RateLimited,
         }
     }
 
@@ -156,6 +166,8 @@ impl Denial {
             Denial::CredentialUnavailable(_) => 503,
             Denial::ResponseUnreadable(_) => 502,
             Denial::DuplicateRequest { .. } => 409,
+            Denial::ApprovalRequired { .. } => 403,
+            Denial::ApprovalsBacklogged(_) => 429,
         }
     }
 
@@ -167,6 +179,9 @@ impl Denial {
             | Denial::TokensSpent { retry_after_s, .. } => Some(*retry_after_s),
             Denial::TooManyInFlight(_) => Some(1),
             Denial::CredentialUnavailable(_) => Some(5),
+            // A person decides in minutes, not milliseconds.
+            Denial::ApprovalRequired { .. } => Some(30),
+            Denial::ApprovalsBacklogged(_) => Some(60),
             _ => None,
         }
     }
@@ -185,7 +200,9 @@ impl Denial {
     /// The rule that decided, if one did.
     pub fn rule_id(&self) -> Option<&str> {
         match self {
-            Denial::RuleDenied { id, .. } | Denial::BodyUnjudgeable { id, .. } => Some(id),
+            Denial::RuleDenied { id, .. }
+            | Denial::BodyUnjudgeable { id, .. }
+            | Denial::ApprovalRequired { rule: id, .. } => Some(id),
             _ => None,
         }
     }
@@ -199,6 +216,9 @@ impl Denial {
         });
         if let Some(id) = self.rule_id() {
             error["rule_id"] = id.into();
+        }
+        if let Denial::ApprovalRequired { id, .. } = self {
+            error["approval_id"] = id.as_ref().into();
         }
         serde_json::to_vec(&serde_json::json!({ "error": error })).expect("JSON serializes")
     }

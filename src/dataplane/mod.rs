@@ -19,7 +19,9 @@
 //!    signature, [`credentials`]), and on token-priced proxies the model read and the
 //!    usage asked for ([`usage`]); on a guarded proxy, a POST or PATCH fingerprinted and
 //!    given an `Idempotency-Key` where it has none ([`guards`]).
-//! 6. **budgets** ([`budget`], [`spend`]): first the duplicate guard (a repeat within the
+//! 6. **approval** ([`approval`]): a request an `approve` rule holds goes only once a
+//!    person approved exactly it; else 403 `approval_required` with the approval's id.
+//!    **budgets** ([`budget`], [`spend`]): first the duplicate guard (a repeat within the
 //!    window: 409), then rate limits, token budgets and the spend reservation; a refusal
 //!    answers 429 with `Retry-After`.
 //! 7. **fetched credentials** ([`credentials::oauth2`]): an OAuth2 token goes in last,
@@ -33,6 +35,7 @@
 //!
 //! Every refusal is a [`denial::Denial`], mapped to a status and a body once.
 
+pub mod approval;
 pub mod budget;
 mod compile;
 pub(crate) mod credentials;

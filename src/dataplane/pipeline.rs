@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::base::clock::now_unix;
 use crate::base::trace::TraceParent;
+use crate::dataplane::approval::{self, Answer, Ask};
 use crate::dataplane::budget::{Admission, Budgets, Limit};
 use crate::dataplane::credentials::oauth2::TokenSource;
 use crate::dataplane::denial::{Denial, Kind};
@@ -73,6 +74,7 @@ pub struct Found {
     pub token: Option<Arc<TokenSource>>,
     pub guard: Option<Arc<Guard>>,
     pub duplicate: Option<Duplicate>,
+    pub approval: Option<Ask>,
 }
 
 impl Found {
@@ -86,6 +88,7 @@ impl Found {
             token: self.token,
             guard: self.guard,
             duplicate: self.duplicate,
+            approval: self.approval,
         }
     }
 }
@@ -106,6 +109,8 @@ pub struct Decision {
     pub guard: Option<Arc<Guard>>,
     /// On a proxy with a duplicate window: the request, as the guard knows it (step 6).
     pub duplicate: Option<Duplicate>,
+    /// A request an `approve` rule holds: what the desk is asked (step 6).
+    pub approval: Option<Ask>,
 }
 
 impl Decision {
@@ -251,6 +256,7 @@ pub async fn conclude(
     asked: &Asked<'_>,
     started: Instant,
 ) {
+    approve(shared, decision).await;
     let near_cap = admit(&shared.budgets, &shared.spend, decision).await;
     inject_token(decision).await;
     if let Some(charge) = decision.charge.as_mut() {
@@ -323,6 +329,36 @@ async fn inject_token(decision: &mut Decision) {
             decision.outcome = Outcome::Deny(Denial::CredentialUnavailable(proxy));
         }
     }
+}
+
+/// Step 6, approval: a held request goes only once approved, else it is refused with the
+/// approval's id.
+async fn approve(shared: &Shared, decision: &mut Decision) {
+    let (Outcome::Forward(_), Some(ask)) = (&decision.outcome, &decision.approval) else {
+        return;
+    };
+    let answer = match &shared.desk {
+        Some(desk) => desk.ask(ask, crate::base::clock::now_unix_ms()).await,
+        None => Err("this replica has no approval desk".to_owned()),
+    };
+    let denial = match answer {
+        Ok(Answer::Approved) => return,
+        Ok(Answer::Pending(id)) => Denial::ApprovalRequired {
+            id: Arc::from(id),
+            rule: ask.rule_id.clone(),
+        },
+        Ok(Answer::Denied(id)) => Denial::RuleDenied {
+            id: ask.rule_id.clone(),
+            notes: Some(Arc::from(format!("a person denied approval {id}"))),
+        },
+        Ok(Answer::Backlogged(n)) => Denial::ApprovalsBacklogged(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "refusing a request held for approval");
+            Denial::BudgetUnavailable
+        }
+    };
+    decision.charge = None;
+    decision.outcome = Outcome::Deny(denial);
 }
 
 /// Step 6, budgets: counts an allowed request against its limits, or refuses it. Apart
@@ -473,6 +509,7 @@ fn run(
         token,
         guard,
         duplicate,
+        approval,
     } = found;
     let route = route(req.path)?;
     let proxy = policy.proxy(&route.proxy);
@@ -543,7 +580,12 @@ fn run(
         &facts,
     )? {
         Verdict::NeedBody => Ok(None),
-        Verdict::Allow(rule) => {
+        verdict @ (Verdict::Allow(_) | Verdict::Approve(_)) => {
+            let (rule, held) = match verdict {
+                Verdict::Approve(rule) => (Some(rule.clone()), Some(rule)),
+                Verdict::Allow(rule) => (rule, None),
+                Verdict::NeedBody => unreachable!("matched above"),
+            };
             subject.rule_id = rule.map(|r| r.id.clone());
             match &*proxy.injection {
                 Injection::OAuth2(source) => *token = Some(source.clone()),
@@ -561,8 +603,9 @@ fn run(
                 }
                 _ => {}
             }
-            // Runaway guards know a POST or PATCH by its body: read it first.
-            let fingerprint = if proxy.guards.cover(req.method) {
+            // Runaway guards know a POST or PATCH by its body, an approval any request:
+            // read it first.
+            let fingerprint = if proxy.guards.cover(req.method) || held.is_some() {
                 if let Body::TooLarge(limit) = body {
                     return Err(Denial::BodyTooLarge(*limit));
                 }
@@ -577,9 +620,27 @@ fn run(
                     &route,
                     bytes,
                 );
-                *duplicate = (proxy.guards.duplicate_window_ms).map(|window_ms| Duplicate {
+                if proxy.guards.cover(req.method) {
+                    *duplicate = (proxy.guards.duplicate_window_ms).map(|window_ms| Duplicate {
+                        fingerprint: print,
+                        window_ms,
+                    });
+                }
+                *approval = held.map(|rule| Ask {
                     fingerprint: print,
-                    window_ms,
+                    proxy: proxy.name.clone(),
+                    credential: subject.credential.clone(),
+                    key_id: subject.key_id.clone(),
+                    run_label: subject.run_label.clone(),
+                    rule_id: rule.id.clone(),
+                    method: truncated(req.method, 32).to_owned(),
+                    path: truncated(&route.path, 512).to_owned(),
+                    body_summary: approval::summary(
+                        bytes,
+                        (req.headers.iter())
+                            .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+                            .map(|(_, v)| *v),
+                    ),
                 });
                 Some(print)
             } else {

@@ -291,7 +291,9 @@ impl Rule {
         }
         match (incomparable, self.effect) {
             (None, _) => Ok(Match::Yes),
-            (Some(why), Effect::Deny) => Err(Denial::BodyUnjudgeable {
+            // Neither refusing nor holding for a person may be dodged by a body it cannot
+            // judge.
+            (Some(why), Effect::Deny | Effect::Approve) => Err(Denial::BodyUnjudgeable {
                 id: self.id.clone(),
                 why,
             }),
@@ -509,6 +511,8 @@ impl RuleList {
 pub enum Verdict {
     /// Allowed by this rule, or by the default when `None`.
     Allow(Option<Arc<Rule>>),
+    /// Held for a person by this rule: allowed once approved.
+    Approve(Arc<Rule>),
     /// A rule that judges the body was reached before the body was read.
     NeedBody,
 }
@@ -543,6 +547,9 @@ pub fn evaluate(
             Match::Yes if rule.effect == Effect::Allow => {
                 return Ok(Verdict::Allow(Some(rule.clone())));
             }
+            Match::Yes if rule.effect == Effect::Approve => {
+                return Ok(Verdict::Approve(rule.clone()));
+            }
             Match::Yes => {
                 return Err(Denial::RuleDenied {
                     id: rule.id.clone(),
@@ -553,7 +560,8 @@ pub fn evaluate(
     }
     match default {
         Effect::Allow => Ok(Verdict::Allow(None)),
-        Effect::Deny => Err(Denial::DefaultDenied(proxy.clone())),
+        // Refused by validation; were it not, nothing is allowed without a rule.
+        Effect::Deny | Effect::Approve => Err(Denial::DefaultDenied(proxy.clone())),
     }
 }
 

@@ -19,6 +19,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// False while the running policy is known to be behind the store's.
     policy_current: AtomicBool,
+    /// Where requests held by `approve` rules go; without one they are refused.
+    pub desk: Option<std::sync::Arc<dyn crate::dataplane::approval::Desk>>,
 }
 
 impl Shared {
@@ -37,7 +39,14 @@ impl Shared {
             audit,
             metrics,
             policy_current: AtomicBool::new(true),
+            desk: None,
         }
+    }
+
+    /// With a desk for requests that `approve` rules hold.
+    pub fn with_desk(mut self, desk: std::sync::Arc<dyn crate::dataplane::approval::Desk>) -> Self {
+        self.desk = Some(desk);
+        self
     }
 
     pub fn set_policy_current(&self, current: bool) {

@@ -157,6 +157,9 @@ pub enum Effect {
     Allow,
     #[default]
     Deny,
+    /// Rules only: hold the request for a person (`latchkey approvals`); an approved
+    /// request passes once.
+    Approve,
 }
 
 impl Effect {
@@ -164,6 +167,7 @@ impl Effect {
         match self {
             Effect::Allow => "allow",
             Effect::Deny => "deny",
+            Effect::Approve => "approve",
         }
     }
 }
@@ -376,7 +380,7 @@ impl ValueCondition {
 }
 
 /// A condition on the JSON request body at `pointer`; every operator given must hold.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BodyCondition {
     pub pointer: String,

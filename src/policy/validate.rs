@@ -52,6 +52,12 @@ impl PolicyFile {
             if !proxies.insert(p.name.as_str()) {
                 return Err(invalid(item, "defined twice"));
             }
+            if p.default_effect == Effect::Approve {
+                return Err(invalid(
+                    item,
+                    "default_effect is allow or deny; `approve` goes on a rule",
+                ));
+            }
             if !targets.contains(p.target.as_str()) {
                 return Err(invalid(
                     item,

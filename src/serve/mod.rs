@@ -232,7 +232,9 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         })
         .transpose()?;
     let (audit, audit_writer) = AuditLog::start(store.clone(), metrics.audit.clone(), otlp);
-    let shared = Arc::new(Shared::new(policy, budgets, spend, audit.clone(), metrics));
+    let desk = Arc::new(crate::control::approvals::StoreDesk::new(store.clone()));
+    let shared =
+        Arc::new(Shared::new(policy, budgets, spend, audit.clone(), metrics).with_desk(desk));
     shared.installed(version);
     // Every background task, owned here and stopped at shutdown.
     let mut background = tokio::task::JoinSet::new();

@@ -110,6 +110,7 @@ fn parse_effect(table: &'static str, s: &str) -> Result<Effect, StoreError> {
     match s {
         "allow" => Ok(Effect::Allow),
         "deny" => Ok(Effect::Deny),
+        "approve" => Ok(Effect::Approve),
         other => Err(StoreError::Corrupt {
             table,
             problem: format!("effect {other:?}"),

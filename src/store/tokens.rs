@@ -129,13 +129,15 @@ impl Store {
         }
     }
 
-    pub async fn admin_token_hashes(&self) -> Result<Vec<([u8; 32], Role)>, StoreError> {
-        let rows: Vec<(Vec<u8>, String)> =
-            sqlx::query_as("SELECT token_hash, role FROM admin_tokens WHERE revoked_at IS NULL")
-                .fetch_all(self.pool())
-                .await?;
+    /// Each live token's hash, role and name.
+    pub async fn admin_token_hashes(&self) -> Result<Vec<([u8; 32], (Role, String))>, StoreError> {
+        let rows: Vec<(Vec<u8>, String, String)> = sqlx::query_as(
+            "SELECT token_hash, role, name FROM admin_tokens WHERE revoked_at IS NULL",
+        )
+        .fetch_all(self.pool())
+        .await?;
         rows.into_iter()
-            .map(|(hash, role)| {
+            .map(|(hash, role, name)| {
                 let corrupt = |problem: String| StoreError::Corrupt {
                     table: "admin_tokens",
                     problem,
@@ -143,7 +145,10 @@ impl Store {
                 Ok((
                     hash.try_into()
                         .map_err(|_| corrupt("a token hash is not 32 bytes".into()))?,
-                    Role::parse(&role).ok_or_else(|| corrupt(format!("role {role:?}")))?,
+                    (
+                        Role::parse(&role).ok_or_else(|| corrupt(format!("role {role:?}")))?,
+                        name,
+                    ),
                 ))
             })
             .collect()

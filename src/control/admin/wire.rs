@@ -137,3 +137,22 @@ pub(super) fn off_runtime<T>(work: impl FnOnce() -> T) -> T {
         _ => work(),
     }
 }
+
+/// A held request as the admin API shows it.
+pub(super) fn approval_info(r: crate::store::approvals::ApprovalRow) -> crate::pb::ApprovalInfo {
+    crate::pb::ApprovalInfo {
+        id: r.id,
+        proxy: r.proxy,
+        credential: r.credential.unwrap_or_default(),
+        key_id: r.key_id.unwrap_or_default(),
+        run_label: r.run_label.unwrap_or_default(),
+        rule_id: r.rule_id,
+        method: r.method,
+        path: r.path,
+        body_summary: r.body_summary,
+        status: r.status,
+        created_at_ms: r.created_ms,
+        expires_at_ms: r.expires_ms,
+        decided_by: r.decided_by.unwrap_or_default(),
+    }
+}

@@ -31,6 +31,7 @@ fn decide(lists: [&RuleList; 2], default: Effect, facts: &Facts<'_>) -> String {
     match evaluate(lists, default, &Arc::from("p"), facts) {
         Ok(Verdict::Allow(Some(rule))) => format!("allow:{}", rule.id),
         Ok(Verdict::Allow(None)) => "allow:default".into(),
+        Ok(Verdict::Approve(rule)) => format!("approve:{}", rule.id),
         Ok(Verdict::NeedBody) => "need-body".into(),
         Err(Denial::RuleDenied { id, .. }) => format!("deny:{id}"),
         Err(Denial::DefaultDenied(_)) => "deny:default".into(),
@@ -361,4 +362,44 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn an_approve_rule_holds_and_cannot_be_dodged_by_an_unjudgeable_body() {
+    let mut approve = row("refunds", Effect::Approve, 10, 0);
+    approve.path = Some("^/v1/refunds".into());
+    approve.conditions.body = vec![BodyCondition {
+        pointer: "/amount".into(),
+        gte: Some(1000.0),
+        ..BodyCondition::default()
+    }];
+    let proxy = list(&[approve]);
+    let empty = RuleList::default();
+    let at = |body: &Body| {
+        decide(
+            [&empty, &proxy],
+            Effect::Allow,
+            &facts("POST", "/v1/refunds", body),
+        )
+    };
+    assert_eq!(
+        at(&Body::parse(
+            br#"{"amount": 5000}"#,
+            Some(b"application/json")
+        )),
+        "approve:refunds"
+    );
+    assert_eq!(
+        at(&Body::parse(br#"{"amount": 5}"#, Some(b"application/json"))),
+        "allow:default"
+    );
+    // A string where a number is expected: refused, as a deny rule would be.
+    assert_eq!(
+        at(&Body::parse(
+            br#"{"amount": "5000"}"#,
+            Some(b"application/json")
+        )),
+        "rule_denied"
+    );
+    assert_eq!(at(&Body::Unread), "need-body");
 }
