@@ -20,7 +20,7 @@ use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::snapshot::{
     CLUSTER_PLAIN, CLUSTER_TLS, Caps, CompileError, Compiled, CostSpec, Injection, KeyBudgets,
-    KeyEntry, Policy, Proxy, RunawayGuards, Secret, Upstream,
+    KeyEntry, Policy, Proxy, RetryHeaders, RunawayGuards, Secret, Upstream,
 };
 use crate::policy::rows::{AuthSpec, CredentialRow, KeyRow, ProxyRow, StoredPolicy};
 use crate::policy::{AuthKind, CredentialType, Limits, TargetUrl};
@@ -429,6 +429,9 @@ fn proxy(
             .and_then(|g| g.duplicate_window().ok().flatten())
             .map(|w| w.as_millis() as u64),
         idempotency_key: p.guards.as_ref().is_some_and(|g| g.idempotency_key),
+        retries: (p.guards.as_ref())
+            .and_then(|g| g.retries.as_ref())
+            .map(RetryHeaders::new),
     };
     let needs_body = injection.signs_body()
         || guards.duplicate_window_ms.is_some()

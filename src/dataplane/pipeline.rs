@@ -20,7 +20,7 @@ use crate::dataplane::route::route;
 use crate::dataplane::rules::{self, Body, Facts, RuleList, Verdict};
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::Policy;
-use crate::dataplane::snapshot::{CostSpec, Injection, KeyEntry};
+use crate::dataplane::snapshot::{CostSpec, Injection, KeyEntry, RetryHeaders};
 use crate::dataplane::spend::{self, Account, Holder, MAX_IN_FLIGHT, Refusal, Spend, Unit};
 use crate::dataplane::usage;
 use crate::policy::Period;
@@ -655,14 +655,32 @@ fn run(
                 (Some(vendor), Some(bytes)) => Some(usage::asked(vendor, &route.path, bytes)),
             };
             let mut forward = mutate::forward(proxy, &route, req, now);
+            let mut keyed = guards::has_idempotency_key(req);
             if let Some(print) = fingerprint
                 && proxy.guards.idempotency_key
-                && !guards::has_idempotency_key(req)
+                && !keyed
             {
                 forward.set.push((
                     std::borrow::Cow::Borrowed("idempotency-key"),
                     guards::idempotency_key(&print),
                 ));
+                keyed = true;
+            }
+            // Retried only when sending it twice is safe (a client's own x-envoy-* headers
+            // were stripped: the agent cannot ask for retries).
+            if let Some(retries) = &proxy.guards.retries
+                && RetryHeaders::safe(req.method, keyed)
+            {
+                let set = [
+                    ("x-envoy-max-retries", &retries.max),
+                    ("x-envoy-retry-on", &retries.on),
+                    ("x-envoy-retriable-status-codes", &retries.statuses),
+                ];
+                for (name, value) in set.into_iter().filter(|(_, v)| !v.is_empty()) {
+                    forward
+                        .set
+                        .push((std::borrow::Cow::Borrowed(name), value.as_bytes().to_vec()));
+                }
             }
             if let Some(asked) = asked {
                 if let Some(charge) = charge.as_mut() {

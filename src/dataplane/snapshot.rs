@@ -105,12 +105,51 @@ pub struct Proxy {
 }
 
 /// A proxy's runaway guards on its non-idempotent requests (POST, PATCH).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunawayGuards {
     /// A repeat within this many milliseconds is refused (`duplicate_request`).
     pub duplicate_window_ms: Option<u64>,
     /// An `Idempotency-Key` derived from the request is added where none was sent.
     pub idempotency_key: bool,
+    /// Envoy's retry headers for requests safe to repeat, when the proxy asks.
+    pub retries: Option<RetryHeaders>,
+}
+
+/// What asks Envoy's router to retry one request: `x-envoy-max-retries`,
+/// `x-envoy-retry-on` and `x-envoy-retriable-status-codes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryHeaders {
+    pub max: String,
+    pub on: String,
+    pub statuses: String,
+}
+
+impl RetryHeaders {
+    pub fn new(r: &crate::policy::Retries) -> Self {
+        let mut on = Vec::new();
+        if r.connection_failures {
+            on.push("connect-failure,reset");
+        }
+        if !r.statuses.is_empty() {
+            on.push("retriable-status-codes");
+        }
+        Self {
+            max: r.max.to_string(),
+            on: on.join(","),
+            statuses: (r.statuses.iter().map(u16::to_string))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+
+    /// Whether a request may be sent twice: an idempotent method, or a key that lets the
+    /// vendor deduplicate.
+    pub fn safe(method: &str, idempotency_key: bool) -> bool {
+        idempotency_key
+            || ["GET", "HEAD", "OPTIONS", "PUT", "DELETE"]
+                .iter()
+                .any(|m| method.eq_ignore_ascii_case(m))
+    }
 }
 
 impl RunawayGuards {

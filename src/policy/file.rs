@@ -208,6 +208,35 @@ pub struct Guards {
     /// Stripe, deduplicates too.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub idempotency_key: bool,
+    /// Envoy retries failed calls that are safe to repeat: idempotent methods, and
+    /// requests with an `Idempotency-Key` (the agent's or the derived one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+}
+
+/// Upstream retries, by Envoy's router, with exponential backoff (0.1 s doubling, capped
+/// at 2 s) and a vendor's `Retry-After` honoured on 429 (capped at 10 s).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retries {
+    /// Attempts after the first: 1 to 5.
+    pub max: u32,
+    /// Upstream statuses retried: any of 429, 502, 503, 504 (default: 502, 503, 504).
+    #[serde(default = "Retries::default_statuses")]
+    pub statuses: Vec<u16>,
+    /// Retry when the connection fails or is reset (default: yes).
+    #[serde(default = "Retries::yes")]
+    pub connection_failures: bool,
+}
+
+impl Retries {
+    fn default_statuses() -> Vec<u16> {
+        vec![502, 503, 504]
+    }
+
+    fn yes() -> bool {
+        true
+    }
 }
 
 /// Response safety of a proxy.

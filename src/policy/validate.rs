@@ -116,6 +116,24 @@ impl PolicyFile {
                 guards
                     .duplicate_window()
                     .map_err(|e| invalid(&item, format!("guards: {e}")))?;
+                if let Some(r) = &guards.retries {
+                    if !(1..=5).contains(&r.max) {
+                        return Err(invalid(item, "guards: retries: max is 1 to 5"));
+                    }
+                    if let Some(s) = r
+                        .statuses
+                        .iter()
+                        .find(|s| ![429, 502, 503, 504].contains(*s))
+                    {
+                        return Err(invalid(
+                            item,
+                            format!("guards: retries: status {s} is not one of 429, 502, 503, 504"),
+                        ));
+                    }
+                    if r.statuses.is_empty() && !r.connection_failures {
+                        return Err(invalid(item, "guards: retries: retry on what?"));
+                    }
+                }
             }
             if let Some(limits) = &p.limits {
                 limits.validate().map_err(|e| invalid(&item, e))?;
@@ -700,6 +718,36 @@ rules:
             "{ mounted: /var/run/secrets/agent }",
         ));
         assert!(e.contains("a proxy key is given by"), "{e}");
+    }
+
+    #[test]
+    fn guards_are_checked() {
+        let with = |guards: &str| {
+            EXAMPLE.replace(
+                "    target_credential: stripe-production\n",
+                &format!("    target_credential: stripe-production\n    guards: {guards}\n"),
+            )
+        };
+        PolicyFile::parse(&with(
+            "{ duplicate_window: 60s, idempotency_key: true, retries: { max: 2, statuses: [429, 503] } }",
+        ))
+        .unwrap();
+        for (guards, why) in [
+            ("{ duplicate_window: 0s }", "from 1s to 24h"),
+            ("{ duplicate_window: 25h }", "from 1s to 24h"),
+            ("{ duplicate_window: 1500ms }", "whole seconds"),
+            ("{ retries: { max: 9 } }", "max is 1 to 5"),
+            ("{ retries: { max: 1, statuses: [500] } }", "not one of"),
+            (
+                "{ retries: { max: 1, statuses: [], connection_failures: false } }",
+                "retry on what",
+            ),
+        ] {
+            let e = err(&with(guards));
+            assert!(e.contains(why), "{guards}: {e}");
+        }
+        let e = err(&EXAMPLE.replace("    default_effect: deny", "    default_effect: approve"));
+        assert!(e.contains("`approve` goes on a rule"), "{e}");
     }
 
     #[test]

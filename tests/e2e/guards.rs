@@ -147,3 +147,112 @@ async fn a_loop_of_identical_posts_reaches_the_vendor_once() {
         "{explained}"
     );
 }
+
+/// A vendor that fails each path's first two calls with 503, then answers 200; it
+/// counts the calls per path.
+async fn flaky() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+) {
+    use axum::http::{StatusCode, Uri};
+    let calls: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>> =
+        Default::default();
+    let seen = calls.clone();
+    let app = axum::Router::new().fallback(move |uri: Uri| {
+        let seen = seen.clone();
+        async move {
+            let mut calls = seen.lock().unwrap();
+            let n = calls.entry(uri.path().to_owned()).or_default();
+            *n += 1;
+            if *n <= 2 {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, calls)
+}
+
+#[tokio::test]
+async fn failures_are_retried_only_where_a_repeat_is_safe() {
+    let (url, calls) = flaky().await;
+    let stack = Stack::start().await;
+    let file = policy(&url).replace(
+        "guards: { duplicate_window: 60s, idempotency_key: true }",
+        "guards: { retries: { max: 2 } }",
+    );
+    stack.apply(&file, &[]);
+    let call = |method: reqwest::Method, path: &str, key: Option<&str>| {
+        let mut request = client()
+            .request(method, stack.url(path))
+            .bearer_auth(AGENT_KEY);
+        if let Some(k) = key {
+            request = request.header("idempotency-key", k);
+        }
+        request.send()
+    };
+    // A read: two 503s retried, the third call answers.
+    assert_eq!(
+        call(reqwest::Method::GET, "/stripe/v1/a", None)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // A POST without a key is not safe to repeat: the agent gets the 503.
+    assert_eq!(
+        call(reqwest::Method::POST, "/stripe/v1/b", None)
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    // With a key the vendor deduplicates on, it is.
+    assert_eq!(
+        call(reqwest::Method::POST, "/stripe/v1/c", Some("k-1"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        (calls["/v1/a"], calls["/v1/b"], calls["/v1/c"]),
+        (3, 1, 3),
+        "{calls:?}"
+    );
+
+    // Each call is one audit record that counts its retries.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let log = crate::common::json(&stack.cli(&["requests", "-o", "json"], &[]));
+        let retries: Vec<(String, u64)> = (log.as_array().unwrap().iter())
+            .filter(|r| r["retries"].is_u64())
+            .map(|r| {
+                (
+                    r["path"].as_str().unwrap().to_owned(),
+                    r["retries"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        if retries.len() == 3 {
+            let mut retries = retries;
+            retries.sort();
+            assert_eq!(
+                retries,
+                [
+                    ("/v1/a".into(), 2),
+                    ("/v1/b".into(), 0),
+                    ("/v1/c".into(), 2)
+                ]
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
