@@ -68,7 +68,11 @@ impl AdminService {
         reads: &[ServerSource],
         build: impl FnOnce(&StoredPolicy) -> Result<Desired, Status>,
     ) -> Result<Vec<Change>, Status> {
-        let unreadable = self.sync.secrets().read(reads).await;
+        // A dry run reads them to report, without the server keeping them in view.
+        let unreadable = match dry_run {
+            true => self.sync.secrets().probe(reads).await,
+            false => self.sync.secrets().read(reads).await,
+        };
         if !unreadable.is_empty() {
             return Err(Status::invalid_argument(format!(
                 "nothing changed: the server cannot read {}",
@@ -123,13 +127,16 @@ impl AdminService {
         request: Request<PutItemRequest>,
         create: bool,
     ) -> Result<Response<ItemChangeResponse>, Status> {
-        if !request.get_ref().dry_run {
+        let reads =
+            items::server_sources(item_kind(request.get_ref().kind)?, &request.get_ref().spec);
+        // Having the server read a file or an AWS secret is an admin's to ask, even in
+        // a dry run.
+        if !request.get_ref().dry_run || !reads.is_empty() {
             require_admin(&request)?;
         }
         let req = request.into_inner();
         let kind = item_kind(req.kind)?;
         let (secrets, keys) = material(req.secrets, req.keys)?;
-        let reads = items::server_sources(kind, &req.spec);
         let changes = self
             .commit(req.dry_run, &reads, |current| {
                 let mut file = current.to_file();
@@ -173,12 +180,18 @@ impl Admin for AdminService {
         &self,
         request: Request<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
-        if !request.get_ref().dry_run {
+        let dry_run = request.get_ref().dry_run;
+        if !dry_run {
+            require_admin(&request)?;
+        }
+        let file = PolicyFile::parse(&request.get_ref().policy_yaml)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Having the server read a file or an AWS secret is an admin's to ask, even in a
+        // dry run.
+        if dry_run && !file.server_sources().is_empty() {
             require_admin(&request)?;
         }
         let req = request.into_inner();
-        let file = PolicyFile::parse(&req.policy_yaml)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let (secrets, keys) = material(req.secrets, req.keys)?;
         let desired = Desired::new(&file, secrets, keys).map_err(Status::invalid_argument)?;
         let changes = self

@@ -10,6 +10,7 @@
 mod aws;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,14 @@ pub const POLL: Duration = Duration::from_millis(250);
 /// A secret larger than this is not one (a misnamed path, a whole bundle).
 const MAX_SECRET_BYTES: u64 = 64 * 1024;
 
+/// Where mounted secrets may be read from unless `LATCHKEY_SECRET_DIRS` says: Kubernetes'
+/// and Docker's secret mounts, and latchkey's own folder.
+pub const DEFAULT_MOUNTS: &str = "/var/run/secrets:/run/secrets:/etc/latchkey/secrets";
+
 pub struct SecretWatch {
     entries: Mutex<HashMap<ServerSource, Entry>>,
+    /// The folders mounted secrets may be read from (canonical); nothing else is read.
+    mounts: Vec<PathBuf>,
     current: ArcSwap<ServerSecrets>,
     aws: aws::Client,
     /// `latchkey_secret_read_failures`.
@@ -45,9 +52,27 @@ struct Entry {
 
 impl SecretWatch {
     /// AWS credentials, region and endpoint come from the server's environment, as AWS's
-    /// own tools take them.
-    pub fn new(failures: Counter) -> Self {
+    /// own tools take them; the folders mounted secrets may come from, from
+    /// `LATCHKEY_SECRET_DIRS` (colon-separated; default [`DEFAULT_MOUNTS`]).
+    pub fn from_env(failures: Counter) -> Self {
+        let dirs = std::env::var("LATCHKEY_SECRET_DIRS")
+            .ok()
+            .filter(|d| !d.trim().is_empty())
+            .unwrap_or_else(|| DEFAULT_MOUNTS.to_owned());
+        let mounts = dirs
+            .split(':')
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .collect();
+        Self::new(failures, mounts)
+    }
+
+    pub fn new(failures: Counter, mounts: Vec<PathBuf>) -> Self {
         Self {
+            mounts: mounts
+                .into_iter()
+                .filter_map(|d| std::fs::canonicalize(d).ok())
+                .collect(),
             entries: Mutex::default(),
             current: ArcSwap::default(),
             aws: aws::Client::from_env(),
@@ -72,6 +97,17 @@ impl SecretWatch {
             .filter_map(|(source, value)| Some(format!("{source}: {}", value.as_ref().err()?)))
             .collect();
         self.merge(read);
+        failed
+    }
+
+    /// Reads `sources` now without keeping them: a dry run's check.
+    pub async fn probe(&self, sources: &[ServerSource]) -> Vec<String> {
+        let mut failed = Vec::new();
+        for source in sources {
+            if let Err(why) = self.fetch(source).await {
+                failed.push(format!("{source}: {why}"));
+            }
+        }
         failed
     }
 
@@ -111,7 +147,7 @@ impl SecretWatch {
 
     async fn fetch(&self, source: &ServerSource) -> Result<Zeroizing<String>, String> {
         let text = match source {
-            ServerSource::Mounted(path) => read_file(path).await,
+            ServerSource::Mounted(path) => read_file(path, &self.mounts).await,
             ServerSource::Aws(secret) => self.aws.get_secret(secret).await,
         }?;
         checked(text)
@@ -203,17 +239,41 @@ fn refresh_every(source: &ServerSource) -> Duration {
 }
 
 /// A mounted file's text. Following the path each time is what sees a swapped symlink.
-async fn read_file(path: &str) -> Result<Zeroizing<String>, String> {
-    let file = tokio::fs::File::open(path)
+/// Only a regular file inside one of `mounts` (symlinks resolved) is read, and at most
+/// [`MAX_SECRET_BYTES`] of it: a policy cannot have the server read its master key, a
+/// device or a pipe.
+async fn read_file(path: &str, mounts: &[PathBuf]) -> Result<Zeroizing<String>, String> {
+    use tokio::io::AsyncReadExt;
+    let real = tokio::fs::canonicalize(path)
         .await
         .map_err(|e| e.to_string())?;
-    let len = file.metadata().await.map_err(|e| e.to_string())?.len();
-    if len > MAX_SECRET_BYTES {
-        return Err(format!(
-            "{len} bytes; a secret is at most {MAX_SECRET_BYTES}"
-        ));
+    if !mounts.iter().any(|m| real.starts_with(m)) {
+        return Err(
+            "not in a folder the server reads secrets from (LATCHKEY_SECRET_DIRS)".to_owned(),
+        );
     }
-    let bytes = Zeroizing::new(tokio::fs::read(path).await.map_err(|e| e.to_string())?);
+    let master = std::env::var_os("LATCHKEY_MASTER_KEY_FILE").map(PathBuf::from);
+    if master.and_then(|m| std::fs::canonicalize(m).ok()).as_ref() == Some(&real) {
+        return Err("the master key is not a credential's secret".to_owned());
+    }
+    if !tokio::fs::metadata(&real)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_file()
+    {
+        return Err("not a regular file".to_owned());
+    }
+    let file = tokio::fs::File::open(&real)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut bytes = Zeroizing::new(Vec::new());
+    file.take(MAX_SECRET_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_SECRET_BYTES {
+        return Err(format!("a secret is at most {MAX_SECRET_BYTES} bytes"));
+    }
     match std::str::from_utf8(&bytes) {
         Ok(text) => Ok(Zeroizing::new(text.to_owned())),
         Err(_) => Err("not UTF-8 text".into()),
@@ -237,8 +297,8 @@ fn checked(text: Zeroizing<String>) -> Result<Zeroizing<String>, String> {
 mod tests {
     use super::*;
 
-    fn watch() -> SecretWatch {
-        SecretWatch::new(Counter::default())
+    fn watch_in(dir: &std::path::Path) -> SecretWatch {
+        SecretWatch::new(Counter::default(), vec![dir.to_owned()])
     }
 
     fn value(watch: &SecretWatch, source: &ServerSource) -> Result<String, String> {
@@ -259,7 +319,7 @@ mod tests {
         std::os::unix::fs::symlink("v1", at("..data")).unwrap();
         std::os::unix::fs::symlink("..data/key", at("key")).unwrap();
         let source = ServerSource::Mounted(at("key").to_str().unwrap().to_owned());
-        let watch = watch();
+        let watch = watch_in(dir.path());
 
         assert!(watch.read(std::slice::from_ref(&source)).await.is_empty());
         assert_eq!(value(&watch, &source).unwrap(), "sk_one");
@@ -288,7 +348,7 @@ mod tests {
             ("two-lines", Some("sk_a\nsk_b\n")),
             ("nul", Some("sk_a\0")),
         ];
-        let watch = watch();
+        let watch = watch_in(dir.path());
         for (name, text) in cases {
             let path = dir.path().join(name);
             if let Some(text) = text {
@@ -298,6 +358,26 @@ mod tests {
             let failed = watch.read(std::slice::from_ref(&source)).await;
             assert_eq!(failed.len(), 1, "{name}");
             assert!(value(&watch, &source).is_err(), "{name}");
+        }
+        // Outside the mounts (the master key, /etc, a device), or not a regular file.
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        for (path, why) in [
+            ("/etc/hostname", "LATCHKEY_SECRET_DIRS"),
+            ("/dev/zero", "LATCHKEY_SECRET_DIRS"),
+            (fifo.to_str().unwrap(), "not a regular file"),
+        ] {
+            let failed = watch.read(&[ServerSource::Mounted(path.to_owned())]).await;
+            assert!(
+                failed.len() == 1 && failed[0].contains(why),
+                "{path}: {failed:?}"
+            );
         }
         let big = dir.path().join("big");
         std::fs::write(&big, "x".repeat(MAX_SECRET_BYTES as usize + 1)).unwrap();

@@ -193,7 +193,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     // Secrets the policy has the server read (mounted files, AWS) are read before the
     // first compile; one that cannot be read refuses its requests, logged.
-    let secrets = Arc::new(SecretWatch::new(metrics.secret_read_failures.clone()));
+    let secrets = Arc::new(SecretWatch::from_env(metrics.secret_read_failures.clone()));
     let stored = store.load().await?;
     secrets.ensure(&stored).await;
     let policy =

@@ -120,8 +120,10 @@ fn assert_nowhere_but_upstream(stack: &Stack, secret: &str) {
 #[tokio::test]
 async fn a_rotated_mounted_secret_reaches_the_upstream_without_an_apply() {
     let upstream = Upstream::start().await;
-    let stack = Stack::start().await;
-    let mount = stack.dir.path().join("stripe");
+    let mounts = tempfile::tempdir().unwrap();
+    let dirs = mounts.path().to_str().unwrap().to_owned();
+    let stack = Stack::start_configured(|c| c, &[("LATCHKEY_SECRET_DIRS", &dirs)]).await;
+    let mount = mounts.path().join("stripe");
     std::fs::create_dir(&mount).unwrap();
     let mut volume = SecretVolume::new(&mount, "sk_mounted_one");
     let secret = format!("{{ mounted: {} }}", volume.path());
@@ -160,16 +162,39 @@ async fn a_rotated_mounted_secret_reaches_the_upstream_without_an_apply() {
     assert!(err.contains("the server cannot read mounted file"), "{err}");
     until_upstream_sees(&stack, &upstream, "Bearer sk_mounted_two").await;
 
-    // A relative path, or a proxy key the server would read, is refused by validation.
+    // A relative path is refused by validation; a file outside LATCHKEY_SECRET_DIRS (the
+    // database, the master key…) is never read, even by a dry run.
     let out = stack.try_apply(&policy(&upstream.url(), "{ mounted: key }"), &[]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("absolute path"));
+    let db = format!("{{ mounted: {} }}", stack.db_path().display());
+    let out = stack.try_apply(&policy(&upstream.url(), &db), &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("LATCHKEY_SECRET_DIRS"));
+    // A viewer cannot have the server read anything, not even in a dry run.
+    let viewer = crate::common::json(&stack.cli(
+        &[
+            "token", "create", "--name", "viewer", "--role", "viewer", "-o", "json",
+        ],
+        &[],
+    ));
+    let path = stack.dir.path().join("dry.yaml");
+    std::fs::write(&path, policy(&upstream.url(), &secret)).unwrap();
+    let out = stack.cli(
+        &["apply", "--dry-run", "-f", path.to_str().unwrap()],
+        &[("LATCHKEY_ADMIN_TOKEN", viewer["token"].as_str().unwrap())],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("viewer"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_mounted_secret_missing_at_start_refuses_until_it_appears() {
     let upstream = Upstream::start().await;
-    let mut stack = Stack::start().await;
-    let path = stack.dir.path().join("vendor-key");
+    let mounts = tempfile::tempdir().unwrap();
+    let dirs = mounts.path().to_str().unwrap().to_owned();
+    let mut stack = Stack::start_configured(|c| c, &[("LATCHKEY_SECRET_DIRS", &dirs)]).await;
+    let path = mounts.path().join("vendor-key");
     std::fs::write(&path, "sk_first\n").unwrap();
     let secret = format!("{{ mounted: {} }}", path.display());
     stack.apply(&policy(&upstream.url(), &secret), &[]);
