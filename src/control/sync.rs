@@ -207,10 +207,13 @@ impl PolicySync {
         tasks.spawn(async move {
             let mut every = tokio::time::interval(secrets::POLL);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Until a rebuild succeeds, the change is still to be taken in.
+            let mut behind = false;
             loop {
                 every.tick().await;
-                if me.secrets.refresh().await {
-                    let _ = me.reload_with(true).await;
+                behind |= me.secrets.refresh().await;
+                if behind {
+                    behind = me.reload_with(true).await.is_err();
                 }
             }
         });

@@ -59,8 +59,18 @@ pub fn summary(body: &[u8], content_type: Option<&[u8]>) -> String {
     fields.sort();
     fields.dedup();
     fields.truncate(32);
+    // The agent chose these names: nothing that could steer a terminal or pass for text
+    // of latchkey's.
     for f in &mut fields {
-        *f = f.chars().take(64).collect();
+        *f = (f.chars().take(64))
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
     }
     match fields.is_empty() {
         true => format!("{} bytes", body.len()),

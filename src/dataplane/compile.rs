@@ -431,7 +431,7 @@ fn proxy(
         idempotency_key: p.guards.as_ref().is_some_and(|g| g.idempotency_key),
         retries: (p.guards.as_ref())
             .and_then(|g| g.retries.as_ref())
-            .map(RetryHeaders::new),
+            .map(|r| RetryHeaders::new(r, p.cost.is_some())),
     };
     let needs_body = injection.signs_body()
         || guards.duplicate_window_ms.is_some()

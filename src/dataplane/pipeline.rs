@@ -167,6 +167,10 @@ pub struct Charge {
 
 const DAY_S: i64 = 86_400;
 
+/// The slot a derived `Idempotency-Key` stays the same in, on proxies without a duplicate
+/// window.
+const DEFAULT_KEY_WINDOW_MS: u64 = 3_600_000;
+
 /// The accounts a priced request of `entry` is charged to at `now` (Unix seconds): the
 /// key's spend first (what the audit records as the key's), its credential's spend caps,
 /// and on LLM proxies the token budgets of both.
@@ -256,8 +260,9 @@ pub async fn conclude(
     asked: &Asked<'_>,
     started: Instant,
 ) {
-    approve(shared, decision).await;
+    // Budgets first: a looping agent is rate-limited before it reaches the desk.
     let near_cap = admit(&shared.budgets, &shared.spend, decision).await;
+    approve(shared, decision).await;
     inject_token(decision).await;
     if let Some(charge) = decision.charge.as_mut() {
         charge.trace = asked.trace;
@@ -331,8 +336,9 @@ async fn inject_token(decision: &mut Decision) {
     }
 }
 
-/// Step 6, approval: a held request goes only once approved, else it is refused with the
-/// approval's id.
+/// Step 6, approval, once budgets admitted the request: a held request goes only once
+/// approved, else it is refused with the approval's id, and what the budgets reserved for
+/// it is handed back.
 async fn approve(shared: &Shared, decision: &mut Decision) {
     let (Outcome::Forward(_), Some(ask)) = (&decision.outcome, &decision.approval) else {
         return;
@@ -357,7 +363,22 @@ async fn approve(shared: &Shared, decision: &mut Decision) {
             Denial::BudgetUnavailable
         }
     };
-    decision.charge = None;
+    if let Some(charge) = decision.charge.take()
+        && charge.reserved > 0
+        && let Err(e) = (shared.spend)
+            .settle(
+                &charge.accounts,
+                charge.reserved,
+                spend::Settlement::Charge(0),
+                0,
+            )
+            .await
+    {
+        tracing::warn!(error = %e, "could not release a held request's reservation");
+    }
+    if let Some(duplicate) = decision.duplicate {
+        shared.budgets.forget(duplicate.fingerprint).await;
+    }
     decision.outcome = Outcome::Deny(denial);
 }
 
@@ -613,13 +634,8 @@ fn run(
                     return Ok(None);
                 };
                 let caller = subject.key_id.as_deref().or(subject.credential.as_deref());
-                let print = guards::fingerprint(
-                    &proxy.name,
-                    caller.unwrap_or_default(),
-                    req,
-                    &route,
-                    bytes,
-                );
+                let caller = caller.unwrap_or_default();
+                let print = guards::fingerprint(&proxy.name, caller, req, &route, bytes, false);
                 if proxy.guards.cover(req.method) {
                     *duplicate = (proxy.guards.duplicate_window_ms).map(|window_ms| Duplicate {
                         fingerprint: print,
@@ -627,7 +643,7 @@ fn run(
                     });
                 }
                 *approval = held.map(|rule| Ask {
-                    fingerprint: print,
+                    fingerprint: guards::fingerprint(&proxy.name, caller, req, &route, bytes, true),
                     proxy: proxy.name.clone(),
                     credential: subject.credential.clone(),
                     key_id: subject.key_id.clone(),
@@ -662,14 +678,22 @@ fn run(
             {
                 forward.set.push((
                     std::borrow::Cow::Borrowed("idempotency-key"),
-                    guards::idempotency_key(&print),
+                    guards::idempotency_key(
+                        &print,
+                        now_ms,
+                        proxy
+                            .guards
+                            .duplicate_window_ms
+                            .unwrap_or(DEFAULT_KEY_WINDOW_MS),
+                    ),
                 ));
                 keyed = true;
             }
-            // Retried only when sending it twice is safe (a client's own x-envoy-* headers
-            // were stripped: the agent cannot ask for retries).
+            // Retried only when sending it twice is safe: an idempotent method, or a key the
+            // vendor is said to honour (`idempotency_key: true`). A client's own x-envoy-*
+            // headers were stripped: the agent cannot ask for retries.
             if let Some(retries) = &proxy.guards.retries
-                && RetryHeaders::safe(req.method, keyed)
+                && RetryHeaders::safe(req.method, keyed && proxy.guards.idempotency_key)
             {
                 let set = [
                     ("x-envoy-max-retries", &retries.max),

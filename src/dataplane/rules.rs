@@ -487,7 +487,10 @@ impl RuleList {
     }
 
     pub fn needs_body(&self) -> bool {
-        self.rules.iter().any(|r| r.needs_body())
+        // A held request is known by its body (`approval`).
+        self.rules
+            .iter()
+            .any(|r| r.needs_body() || r.effect == Effect::Approve)
     }
 
     pub fn rules(&self) -> &[Arc<Rule>] {

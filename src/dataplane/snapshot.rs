@@ -125,7 +125,17 @@ pub struct RetryHeaders {
 }
 
 impl RetryHeaders {
-    pub fn new(r: &crate::policy::Retries) -> Self {
+    /// `priced`: on a proxy with a cost, only a connection that never opened is retried:
+    /// after a reset or a 5xx the vendor may have done (and billed) the work, and only one
+    /// answer would be priced.
+    pub fn new(r: &crate::policy::Retries, priced: bool) -> Self {
+        if priced {
+            return Self {
+                max: r.max.to_string(),
+                on: "connect-failure".to_owned(),
+                statuses: String::new(),
+            };
+        }
         let mut on = Vec::new();
         if r.connection_failures {
             on.push("connect-failure,reset");

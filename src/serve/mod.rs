@@ -227,7 +227,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let otlp_endpoints = otlp_config.iter().flat_map(OtlpConfig::endpoints).collect();
     let otlp = otlp_config
         .map(|config| {
-            tracing::info!(traces = ?config.traces, logs = ?config.logs, "exporting to OTLP");
+            tracing::info!(endpoints = ?config.shown(), "exporting to OTLP");
             Otlp::start(config, metrics.audit.otlp_dropped.clone())
         })
         .transpose()?;

@@ -99,29 +99,46 @@ impl Store {
     /// The held request's state: approved (and now used, exactly once whichever replica
     /// asks), pending under an id (recorded now if it was not), or backlogged.
     pub async fn hold(&self, ask: &NewApproval<'_>, now_ms: i64) -> Result<Held, StoreError> {
-        let mut tx = self.begin_write().await?;
-        let found: Option<(String, String)> = sqlx::query_as(
-            "SELECT id, status FROM approvals
+        const LATEST: &str = "SELECT id, status FROM approvals
              WHERE fingerprint = $1 AND status IN ('pending', 'approved', 'denied')
                AND expires_ms > $2
-             ORDER BY created_ms DESC LIMIT 1",
-        )
-        .bind(ask.fingerprint)
-        .bind(now_ms)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let held = match found {
-            Some((id, status)) if status == "approved" => {
-                sqlx::query(
+             ORDER BY created_ms DESC LIMIT 1";
+        // Asked again while it waits, or after a denial: answered without the write lock
+        // (a looping agent must not stall policy edits).
+        let seen: Option<(String, String)> = sqlx::query_as(LATEST)
+            .bind(ask.fingerprint)
+            .bind(now_ms)
+            .fetch_optional(self.pool())
+            .await?;
+        match seen {
+            Some((id, status)) if status == "pending" => return Ok(Held::Pending(id)),
+            Some((id, status)) if status == "denied" => return Ok(Held::Denied(id)),
+            Some((id, _)) => {
+                // Used once: of two identical requests, one changes the row.
+                let used = sqlx::query(
                     "UPDATE approvals SET status = 'used', used_ms = $2
                      WHERE id = $1 AND status = 'approved'",
                 )
                 .bind(&id)
                 .bind(now_ms)
-                .execute(&mut *tx)
-                .await?;
-                Held::Approved
+                .execute(self.pool())
+                .await?
+                .rows_affected();
+                if used == 1 {
+                    return Ok(Held::Approved);
+                }
             }
+            None => {}
+        }
+        let mut tx = self.begin_write().await?;
+        let found: Option<(String, String)> = sqlx::query_as(LATEST)
+            .bind(ask.fingerprint)
+            .bind(now_ms)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let held = match found {
+            // Decided or asked by another replica meanwhile: as it stands now (an approval
+            // is used only by the update above).
             Some((id, status)) if status == "denied" => Held::Denied(id),
             Some((id, _)) => Held::Pending(id),
             None => {

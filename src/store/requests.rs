@@ -404,6 +404,11 @@ fn rank(p: u64, n: u64) -> u64 {
 /// Deletes records older than `cutoff_ms`, in slices so writers are never held up for
 /// long. Returns how many went.
 pub async fn prune(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
+    // Approvals are kept as long as the requests they held.
+    sqlx::query("DELETE FROM approvals WHERE expires_ms < $1")
+        .bind(cutoff_ms)
+        .execute(store.pool())
+        .await?;
     let mut total = 0;
     loop {
         let done = sqlx::query(

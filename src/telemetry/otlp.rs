@@ -128,6 +128,21 @@ impl OtlpConfig {
         }))
     }
 
+    /// The endpoints as they may be shown: without a user or password in them.
+    pub fn shown(&self) -> Vec<String> {
+        self.endpoints()
+            .into_iter()
+            .map(|e| match reqwest::Url::parse(&e) {
+                Ok(mut url) => {
+                    let _ = url.set_username("");
+                    let _ = url.set_password(None);
+                    url.to_string()
+                }
+                Err(_) => "(not a URL)".to_owned(),
+            })
+            .collect()
+    }
+
     /// The endpoints, each once, for `doctor`.
     pub fn endpoints(&self) -> Vec<String> {
         let mut all: Vec<String> = (self.traces.iter().chain(&self.logs))

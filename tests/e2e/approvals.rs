@@ -98,6 +98,22 @@ async fn an_approved_request_passes_exactly_once() {
     let other_id = other["error"]["approval_id"].as_str().unwrap().to_owned();
     assert_ne!(other_id, id);
 
+    // The approved body on another account is not what the person approved.
+    let swapped = client()
+        .post(stack.url("/stripe/v1/refunds"))
+        .bearer_auth(AGENT_KEY)
+        .header("stripe-account", "acct_someone_else")
+        .json(&serde_json::json!({ "amount": 5000, "charge": "ch_secret_123" }))
+        .send()
+        .await
+        .unwrap();
+    let (status, swapped) = {
+        let (status, _, body) = denial(swapped).await;
+        (status, body)
+    };
+    assert_eq!(status, 403);
+    assert_ne!(swapped["error"]["approval_id"], id.as_str());
+
     // The approved one passes, once, with the real credential.
     assert_eq!(refund(&stack, 5000).await.0, 200);
     let seen = upstream.take();
@@ -132,14 +148,14 @@ async fn an_approved_request_passes_exactly_once() {
             .iter()
             .map(|a| a["status"].as_str().unwrap().to_owned())
             .collect();
-    assert_eq!(statuses, ["pending", "denied", "used"]);
+    assert_eq!(statuses, ["pending", "pending", "denied", "used"]);
     // Audited like any refusal (the writer batches: give it a moment).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let args = ["requests", "--decision", "approval_required", "-o", "json"];
         let held = json(&stack.cli(&args, &[])).as_array().unwrap().len();
-        if held == 4 || std::time::Instant::now() > deadline {
-            assert_eq!(held, 4);
+        if held == 5 || std::time::Instant::now() > deadline {
+            assert_eq!(held, 5);
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -211,20 +211,31 @@ async fn failures_are_retried_only_where_a_repeat_is_safe() {
             .status(),
         503
     );
-    // With a key the vendor deduplicates on, it is.
-    assert_eq!(
-        call(reqwest::Method::POST, "/stripe/v1/c", Some("k-1"))
-            .await
-            .unwrap()
-            .status(),
-        200
+    // An agent's own Idempotency-Key is not trusted unless the policy says the vendor
+    // honours keys: still one call.
+    let status = call(reqwest::Method::POST, "/stripe/v1/c", Some("k-1"))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 503);
+    // It does (`idempotency_key: true`): a POST, keyed by latchkey, is retried.
+    stack.apply(
+        &file.replace("{ retries:", "{ idempotency_key: true, retries:"),
+        &[],
     );
+    let status = call(reqwest::Method::POST, "/stripe/v1/d", None)
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
     let calls = calls.lock().unwrap().clone();
-    assert_eq!(
-        (calls["/v1/a"], calls["/v1/b"], calls["/v1/c"]),
-        (3, 1, 3),
-        "{calls:?}"
-    );
+    let counts = [
+        calls["/v1/a"],
+        calls["/v1/b"],
+        calls["/v1/c"],
+        calls["/v1/d"],
+    ];
+    assert_eq!(counts, [3, 1, 1, 3], "{calls:?}");
 
     // Each call is one audit record that counts its retries.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -239,7 +250,7 @@ async fn failures_are_retried_only_where_a_repeat_is_safe() {
                 )
             })
             .collect();
-        if retries.len() == 3 {
+        if retries.len() == 4 {
             let mut retries = retries;
             retries.sort();
             assert_eq!(
@@ -247,7 +258,8 @@ async fn failures_are_retried_only_where_a_repeat_is_safe() {
                 [
                     ("/v1/a".into(), 2),
                     ("/v1/b".into(), 0),
-                    ("/v1/c".into(), 2)
+                    ("/v1/c".into(), 0),
+                    ("/v1/d".into(), 2)
                 ]
             );
             break;

@@ -95,7 +95,7 @@ impl Client {
             &Request {
                 method: "POST",
                 authority: &authority,
-                path: "/",
+                path: url.path(),
                 body: Some(&body),
                 headers: &headers,
             },
