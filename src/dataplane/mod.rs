@@ -35,6 +35,7 @@
 //!
 //! Every refusal is a [`denial::Denial`], mapped to a status and a body once.
 
+pub(crate) mod admission;
 pub mod approval;
 pub mod budget;
 mod compile;

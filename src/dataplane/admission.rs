@@ -1,0 +1,166 @@
+//! Step 6, admission: a request the rules allowed is counted against its budgets (the
+//! duplicate guard first, then rate limits, token budgets and the spend reservation),
+//! then, if an `approve` rule holds it, put to the approval desk. Apart from the steps
+//! before it because the shared stores answer asynchronously.
+
+use std::sync::Arc;
+
+use crate::base::clock::now_unix;
+use crate::dataplane::approval::Answer;
+use crate::dataplane::budget::{Admission, Budgets};
+use crate::dataplane::denial::Denial;
+use crate::dataplane::pipeline::{DAY_S, Decision, Outcome};
+use crate::dataplane::shared::Shared;
+use crate::dataplane::spend::{self, MAX_IN_FLIGHT, Refusal, Spend, Unit};
+
+/// Step 6, approval, once budgets admitted the request: a held request goes only once
+/// approved, else it is refused with the approval's id, and what the budgets reserved for
+/// it is handed back.
+pub(super) async fn approve(shared: &Shared, decision: &mut Decision) {
+    let (Outcome::Forward(_), Some(ask)) = (&decision.outcome, &decision.approval) else {
+        return;
+    };
+    let answer = match &shared.desk {
+        Some(desk) => desk.ask(ask, crate::base::clock::now_unix_ms()).await,
+        None => Err("this replica has no approval desk".to_owned()),
+    };
+    let denial = match answer {
+        Ok(Answer::Approved) => return,
+        Ok(Answer::Pending(id)) => Denial::ApprovalRequired {
+            id: Arc::from(id),
+            rule: ask.rule_id.clone(),
+        },
+        Ok(Answer::Denied(id)) => Denial::RuleDenied {
+            id: ask.rule_id.clone(),
+            notes: Some(Arc::from(format!("a person denied approval {id}"))),
+        },
+        Ok(Answer::Backlogged(n)) => Denial::ApprovalsBacklogged(n),
+        Err(e) => {
+            tracing::warn!(error = %e, "refusing a request held for approval");
+            Denial::BudgetUnavailable
+        }
+    };
+    if let Some(charge) = decision.charge.take()
+        && charge.reserved > 0
+        && let Err(e) = (shared.spend)
+            .settle(
+                &charge.accounts,
+                charge.reserved,
+                spend::Settlement::Charge(0),
+                0,
+            )
+            .await
+    {
+        tracing::warn!(error = %e, "could not release a held request's reservation");
+    }
+    if let Some(duplicate) = decision.duplicate {
+        shared.budgets.forget(duplicate.fingerprint).await;
+    }
+    decision.outcome = Outcome::Deny(denial);
+}
+
+/// Step 6, budgets: counts an allowed request against its limits, or refuses it. Apart
+/// from the rest because a shared store answers asynchronously. Returns whether the
+/// request left a spend account 80 % or more used.
+pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) -> bool {
+    if !matches!(decision.outcome, Outcome::Forward(_)) {
+        return false;
+    }
+    // A repeat is refused before it counts against any budget.
+    if let Some(duplicate) = decision.duplicate {
+        match budgets
+            .first_seen(duplicate.fingerprint, duplicate.window_ms)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                decision.charge = None;
+                decision.outcome = Outcome::Deny(Denial::DuplicateRequest {
+                    window_s: duplicate.window_ms / 1000,
+                });
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing a guarded request");
+                decision.charge = None;
+                decision.outcome = Outcome::Deny(Denial::BudgetUnavailable);
+                return false;
+            }
+        }
+    }
+    let near_cap = admit_budgets(budgets, spend, decision).await;
+    if let (Some(duplicate), Outcome::Deny(_)) = (decision.duplicate, &decision.outcome) {
+        // Refused by a budget, so never forwarded: sending it again is no repeat.
+        budgets.forget(duplicate.fingerprint).await;
+    }
+    near_cap
+}
+
+/// Rate limits, then the spend reservation; whether an account is now 80 % used.
+async fn admit_budgets(budgets: &Budgets, spend: &Spend, decision: &mut Decision) -> bool {
+    if !decision.limits.is_empty() {
+        admit_rate(budgets, decision).await;
+    }
+    if let (Outcome::Forward(_), Some(charge)) = (&decision.outcome, &mut decision.charge) {
+        let estimate = charge.cost.reservation();
+        match spend.reserve(&charge.accounts, estimate).await {
+            Ok(Ok(headroom)) => {
+                charge.reserved = estimate;
+                decision.shown.budget_left_usd = headroom.left.map(crate::base::money::to_usd);
+                return headroom.near_cap;
+            }
+            Ok(Err(refusal)) => {
+                let denial = match refusal {
+                    Refusal::TooManyInFlight => Denial::TooManyInFlight(MAX_IN_FLIGHT),
+                    Refusal::CapReached(i) => {
+                        let account = &charge.accounts[i];
+                        let what = account.describe();
+                        // A key's lifetime cap never resets (a day is as good a hint as
+                        // any); a period's does when the period ends.
+                        let retry_after_s =
+                            account.period.map_or(DAY_S as u64, |p| p.at(now_unix()).1);
+                        match account.unit {
+                            Unit::Micros => Denial::SpendCapExceeded {
+                                what,
+                                retry_after_s,
+                            },
+                            Unit::Tokens => Denial::TokensSpent {
+                                what,
+                                retry_after_s,
+                            },
+                        }
+                    }
+                };
+                decision.charge = None;
+                decision.outcome = Outcome::Deny(denial);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refusing a priced request");
+                decision.charge = None;
+                decision.outcome = Outcome::Deny(Denial::BudgetUnavailable);
+            }
+        }
+    }
+    false
+}
+
+async fn admit_rate(budgets: &Budgets, decision: &mut Decision) {
+    match budgets.admit(&decision.limits).await {
+        Ok(Admission::Admitted { limit, remaining }) => {
+            decision.shown.rate = Some((limit, remaining));
+        }
+        Ok(Admission::Refused {
+            limit,
+            retry_after_ms,
+        }) => {
+            decision.outcome = Outcome::Deny(Denial::RateLimited {
+                limit,
+                retry_after_s: retry_after_ms.div_ceil(1000).max(1),
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "refusing a limited request");
+            decision.outcome = Outcome::Deny(Denial::BudgetUnavailable);
+        }
+    }
+}
