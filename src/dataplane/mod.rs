@@ -2,7 +2,8 @@
 //! snapshot and the budget counters only (never the database, never protobuf: `envoy`
 //! converts at the edge).
 //!
-//! The request path, in the order the code runs it ([`pipeline`] ties the steps together):
+//! The request path, in the order the code runs it ([`pipeline`] runs steps 1 to 5,
+//! [`admission`] 6 to 8):
 //!
 //! 1. **route** ([`route`]): the first path segment names the proxy; the rest, normalised
 //!    and with hostile encodings refused, is the upstream path.
@@ -35,7 +36,7 @@
 //!
 //! Every refusal is a [`denial::Denial`], mapped to a status and a body once.
 
-pub(crate) mod admission;
+pub mod admission;
 pub mod approval;
 pub mod budget;
 mod compile;

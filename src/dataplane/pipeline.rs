@@ -3,10 +3,8 @@
 //! listed in the module doc of `dataplane`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use crate::base::trace::TraceParent;
-use crate::dataplane::admission;
 use crate::dataplane::approval::{self, Ask};
 use crate::dataplane::budget::Limit;
 use crate::dataplane::credentials::oauth2::TokenSource;
@@ -18,13 +16,11 @@ use crate::dataplane::redact::Guard;
 pub use crate::dataplane::request::RequestView;
 use crate::dataplane::route::route;
 use crate::dataplane::rules::{self, Body, Facts, RuleList, Verdict};
-use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::Policy;
 use crate::dataplane::snapshot::{CostSpec, Injection, KeyEntry, RetryHeaders};
 use crate::dataplane::spend::{self, Account, Holder, Unit};
 use crate::dataplane::usage;
 use crate::policy::Period;
-use crate::telemetry::audit::{Decided, Event};
 
 /// Who the request is judged as.
 #[derive(Debug, Clone, Copy)]
@@ -240,100 +236,6 @@ fn accounts(policy: &Policy, entry: &KeyEntry, now: i64, llm: bool) -> Vec<Accou
         }
     }
     out
-}
-
-/// How Envoy named the request, for the audit.
-pub struct Asked<'a> {
-    pub request_id: &'a str,
-    pub method: &'a str,
-    /// The full `:path` as the agent sent it.
-    pub path: &'a str,
-    /// The agent's `traceparent`, if it sent a valid one.
-    pub trace: Option<TraceParent>,
-}
-
-/// Steps 6 to 8 for a request whose rules have decided, whichever Envoy API asked:
-/// budgets, then metrics and the audit record.
-pub async fn conclude(
-    shared: &Shared,
-    decision: &mut Decision,
-    asked: &Asked<'_>,
-    started: Instant,
-) {
-    // Budgets first: a looping agent is rate-limited before it reaches the desk.
-    let near_cap = admission::admit(&shared.budgets, &shared.spend, decision).await;
-    admission::approve(shared, decision).await;
-    inject_token(decision).await;
-    if let Some(charge) = decision.charge.as_mut() {
-        charge.trace = asked.trace;
-    }
-    let proxy = decision.subject.proxy.as_deref().unwrap_or_default();
-    shared.metrics.record(proxy, decision.kind().as_str());
-    if near_cap {
-        shared.metrics.record_near_cap(proxy);
-    }
-    shared.metrics.observe_decision(started.elapsed());
-    if let Outcome::Deny(denial) = &decision.outcome {
-        tracing::info!(
-            request_id = asked.request_id,
-            proxy = decision.subject.proxy.as_deref(),
-            credential = decision.subject.credential.as_deref(),
-            decision = denial.kind().as_str(),
-            "request denied"
-        );
-    }
-    shared
-        .audit
-        .record(Event::Decided(decided(asked, decision, started.elapsed())))
-        .await;
-}
-
-/// The decision half of the request's audit record.
-fn decided(asked: &Asked<'_>, decision: &Decision, elapsed: Duration) -> Decided {
-    let subject = &decision.subject;
-    let status = match &decision.outcome {
-        Outcome::Deny(denial) => Some(denial.http_status()),
-        Outcome::Forward(_) => None,
-    };
-    let kind = decision.kind().as_str();
-    // Unrouted requests: what the client sent, query cut off, length bounded.
-    let path = subject.path.clone().unwrap_or_else(|| {
-        let raw = asked.path.split('?').next().unwrap_or_default();
-        raw.chars().take(512).collect()
-    });
-    Decided {
-        request_id: asked.request_id.to_owned(),
-        time_ms: crate::base::clock::now_unix_ms(),
-        elapsed_us: u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX),
-        proxy: subject.proxy.clone(),
-        target: subject.target.clone(),
-        credential: subject.credential.clone(),
-        key_id: subject.key_id.clone(),
-        run_label: subject.run_label.clone(),
-        method: asked.method.chars().take(32).collect(),
-        path,
-        status,
-        decision: kind,
-        rule_id: subject.rule_id.clone(),
-        trace: asked.trace,
-    }
-}
-
-/// Step 7, fetched credentials: the token goes in last, once the request is admitted.
-async fn inject_token(decision: &mut Decision) {
-    let (Outcome::Forward(forward), Some(source)) = (&mut decision.outcome, &decision.token) else {
-        return;
-    };
-    match source.header().await {
-        Ok(value) => forward
-            .set
-            .push((std::borrow::Cow::Borrowed("authorization"), value.to_vec())),
-        Err(e) => {
-            let proxy = decision.subject.proxy.clone().unwrap_or_default();
-            tracing::warn!(proxy = %proxy, error = %e, "no upstream token; refusing the request");
-            decision.outcome = Outcome::Deny(Denial::CredentialUnavailable(proxy));
-        }
-    }
 }
 
 /// Steps 1 to 5 at `now_ms`, Unix milliseconds.

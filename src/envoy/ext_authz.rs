@@ -12,10 +12,9 @@ use tonic::{Request, Response, Status};
 
 use crate::base::clock::now_unix_ms;
 use crate::base::trace::TraceParent;
+use crate::dataplane::admission::{Asked, conclude};
 use crate::dataplane::denial::Denial;
-use crate::dataplane::pipeline::{
-    Asked, Judgement, Outcome, RequestView, Subject, conclude, decide,
-};
+use crate::dataplane::pipeline::{Judgement, Outcome, RequestView, Subject, decide};
 use crate::dataplane::rules::Body;
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::ExtProcOnly;

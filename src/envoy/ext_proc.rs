@@ -19,10 +19,9 @@ use zeroize::Zeroizing;
 use crate::base::clock::now_unix_ms;
 use crate::base::money;
 use crate::base::trace::TraceParent;
+use crate::dataplane::admission::{Asked, conclude};
 use crate::dataplane::denial::Denial;
-use crate::dataplane::pipeline::{
-    Asked, Charge, Decision, Judgement, Outcome, RequestView, conclude, decide,
-};
+use crate::dataplane::pipeline::{Charge, Decision, Judgement, Outcome, RequestView, decide};
 use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Body, is_json_media_type};
 use crate::dataplane::shared::Shared;

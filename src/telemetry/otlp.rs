@@ -216,6 +216,50 @@ enum Sink<C> {
     },
 }
 
+/// A collector's gRPC service for one signal.
+trait Export<M> {
+    async fn export_one(&mut self, request: tonic::Request<M>) -> Result<(), tonic::Status>;
+}
+
+impl Export<ExportTraceServiceRequest> for TraceServiceClient<Channel> {
+    async fn export_one(
+        &mut self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<(), tonic::Status> {
+        self.export(request).await.map(drop)
+    }
+}
+
+impl Export<ExportLogsServiceRequest> for LogsServiceClient<Channel> {
+    async fn export_one(
+        &mut self,
+        request: tonic::Request<ExportLogsServiceRequest>,
+    ) -> Result<(), tonic::Status> {
+        self.export(request).await.map(drop)
+    }
+}
+
+impl<C> Sink<C> {
+    /// Sends one batch of a signal, by gRPC (with the configured headers as metadata) or
+    /// by HTTP.
+    async fn send<M: Message>(&mut self, message: M, metadata: &MetadataMap) -> Result<(), String>
+    where
+        C: Export<M>,
+    {
+        match self {
+            Sink::Grpc(client) => {
+                let mut request = tonic::Request::new(message);
+                *request.metadata_mut() = metadata.clone();
+                client
+                    .export_one(request)
+                    .await
+                    .map_err(|e| e.message().to_owned())
+            }
+            Sink::Http { client, url } => post(client, url, &message).await,
+        }
+    }
+}
+
 /// Sends one protobuf message by HTTP (`application/x-protobuf`, OTLP/HTTP).
 async fn post(client: &reqwest::Client, url: &str, message: &impl Message) -> Result<(), String> {
     let response = client
@@ -306,18 +350,7 @@ impl Otlp {
                             ..Default::default()
                         }],
                     };
-                    let sent = match sink {
-                        Sink::Grpc(client) => {
-                            let mut request = tonic::Request::new(message);
-                            *request.metadata_mut() = metadata.clone();
-                            client
-                                .export(request)
-                                .await
-                                .map(drop)
-                                .map_err(|e| e.message().to_owned())
-                        }
-                        Sink::Http { client, url } => post(client, url, &message).await,
-                    };
+                    let sent = sink.send(message, &metadata).await;
                     if let Err(e) = sent {
                         tracing::warn!(error = %e, "OTLP span export failed");
                     }
@@ -334,18 +367,7 @@ impl Otlp {
                             ..Default::default()
                         }],
                     };
-                    let sent = match sink {
-                        Sink::Grpc(client) => {
-                            let mut request = tonic::Request::new(message);
-                            *request.metadata_mut() = metadata.clone();
-                            client
-                                .export(request)
-                                .await
-                                .map(drop)
-                                .map_err(|e| e.message().to_owned())
-                        }
-                        Sink::Http { client, url } => post(client, url, &message).await,
-                    };
+                    let sent = sink.send(message, &metadata).await;
                     if let Err(e) = sent {
                         tracing::warn!(error = %e, "OTLP log export failed");
                     }
