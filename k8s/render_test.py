@@ -154,6 +154,14 @@ def exported_metrics(root):
     audit_fields = re.search(r"pub struct AuditCounters\s*\{(.*?)\}", audit, re.S)
     audit_types = dict(re.findall(r"pub (\w+)\s*:\s*(\w+)", audit_fields.group(1))) \
         if audit_fields else {}
+    # The alerts' counters, a struct of metrics.rs: a field is a Counter or a Family.
+    alert_fields = re.search(r"pub struct AlertCounters\s*\{(.*?)\n\}", text, re.S)
+    alert_types = {}
+    for field, ty in re.findall(r"pub (\w+)\s*:\s*(Family<[^>]*>|\w+)\s*,", alert_fields.group(1)
+                                if alert_fields else ""):
+        family = re.fullmatch(r"Family<\s*(\w+)\s*,\s*(\w+)\s*>", ty.strip())
+        alert_types[field] = (family.group(2), structs.get(family.group(1))) if family \
+            else (ty.strip(), set())
     lets = {}
     for var, expr in re.findall(r"let (\w+)\s*=\s*([^;]+);", text):
         family = re.match(r"Family::<\s*(\w+)\s*,\s*(\w+)\s*>", expr)
@@ -184,10 +192,13 @@ def exported_metrics(root):
         kind, labels = None, None
         var = re.fullmatch(r"(\w+)\.clone\(\)", value)
         field = re.fullmatch(r"audit\.(\w+)\.clone\(\)", value)
+        alert = re.fullmatch(r"alerts\.(\w+)\.clone\(\)", value)
         if var and var.group(1) in lets:
             kind, labels = lets[var.group(1)]
         elif field and field.group(1) in audit_types:
             kind, labels = audit_types[field.group(1)], set()
+        elif alert and alert.group(1) in alert_types:
+            kind, labels = alert_types[alert.group(1)]
         elif "Info::new" in value:
             kind, labels = "Info", set(re.findall(r'\(\s*"(\w+)"\s*,', value))
         if kind is None or labels is None:

@@ -5,8 +5,8 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use crate::pb::{
-    CreateTokenRequest, IssueKeyRequest, ListKeysRequest, ListTokensRequest, RevokeKeyRequest,
-    RevokeTokenRequest,
+    CreateTokenRequest, IssueKeyRequest, ListKeysRequest, ListTokensRequest, ReleaseKeyRequest,
+    RevokeKeyRequest, RevokeTokenRequest,
 };
 
 use super::output::Output;
@@ -62,6 +62,15 @@ pub(super) enum KeyCommand {
     /// Revoke a key by id; the next request with it is refused.
     Revoke {
         /// The key's id (`key_…`), as `key list` shows it.
+        id: String,
+        #[command(flatten)]
+        out: Output,
+        #[command(flatten)]
+        conn: AdminConn,
+    },
+    /// Let a key an anomaly alert quarantined through again, on every replica.
+    Release {
+        /// The key's id (`key_…`), as the alert and `key list` show it.
         id: String,
         #[command(flatten)]
         out: Output,
@@ -164,6 +173,8 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
                     "revoked"
                 } else if k.expires_at.is_some_and(|t| t <= now) {
                     "expired"
+                } else if k.quarantined_at_ms.is_some() {
+                    "quarantined"
                 } else {
                     "active"
                 }
@@ -181,6 +192,7 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
                             "created_at": rfc3339(k.created_at),
                             "expires_at": k.expires_at.map(rfc3339),
                             "revoked_at": k.revoked_at.map(rfc3339),
+                            "quarantined_at": k.quarantined_at_ms.map(|ms| rfc3339(ms / 1000)),
                             "spend_cap_usd": k.spend_cap_usd,
                             "spent_usd": k.spent_usd,
                             "cap_period": (!k.cap_period.is_empty()).then_some(&k.cap_period),
@@ -220,6 +232,22 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             say_revoked("key", &id, r.already_revoked, out)?;
+        }
+        KeyCommand::Release { id, out, conn } => {
+            let mut client = connect(&conn).await?;
+            let request = authorized(&conn, ReleaseKeyRequest { id: id.clone() })?;
+            let r = client
+                .release_key(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match (out.table(), r.not_quarantined) {
+                (true, true) => println!("key {id} was not quarantined"),
+                (true, false) => println!("key {id} released"),
+                (false, _) => out.print(&serde_json::json!({
+                    "id": id, "released": !r.not_quarantined,
+                }))?,
+            }
         }
     }
     Ok(())

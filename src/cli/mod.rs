@@ -10,6 +10,7 @@ use tonic::transport::{Channel, Endpoint};
 use zeroize::Zeroizing;
 
 mod access;
+mod alerts;
 mod approvals;
 mod doctor;
 mod item_cli;
@@ -83,6 +84,9 @@ enum Command {
         #[command(flatten)]
         conn: AdminConn,
     },
+    /// Anomaly alerts that fired (newest first), or with --dead-letters the webhook posts
+    /// that failed every attempt.
+    Alerts(alerts::AlertsArgs),
     /// Requests held by `approve` rules: list them, approve or deny one.
     Approvals {
         #[command(subcommand)]
@@ -321,6 +325,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Proxy { command } => item_cli::run(Kind::Proxy, command).await,
         Command::Rule { command } => item_cli::run(Kind::Rule, command).await,
         Command::Doctor(args) => doctor::doctor(args).await,
+        Command::Alerts(args) => alerts::alerts(args).await,
         Command::Approvals { command } => approvals::approvals(command).await,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

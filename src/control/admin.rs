@@ -20,12 +20,12 @@ use crate::pb::{
     ApplyRequest, ApplyResponse, ApprovalInfo, Change, CheckRequest, CheckResponse, CheckedRule,
     CreateTokenRequest, CreatedToken, DecideApprovalRequest, DeleteItemRequest, DiagnoseRequest,
     DiagnoseResponse, ExportRequest, ExportResponse, GetItemRequest, IssueKeyRequest, IssuedKey,
-    Item, ItemChangeResponse, KeyInfo, ListApprovalsRequest, ListApprovalsResponse,
-    ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse, ListRequestsRequest,
-    ListRequestsResponse, ListTokensRequest, ListTokensResponse, PutItemRequest, RekeyRequest,
-    RekeyResponse, RequestRecord, RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest,
-    RevokeTokenResponse, TelemetryBucket, TelemetryRequest, TelemetryResponse,
-    TokenInfo as PbTokenInfo,
+    Item, ItemChangeResponse, KeyInfo, ListAlertsRequest, ListAlertsResponse, ListApprovalsRequest,
+    ListApprovalsResponse, ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse,
+    ListRequestsRequest, ListRequestsResponse, ListTokensRequest, ListTokensResponse,
+    PutItemRequest, RekeyRequest, RekeyResponse, ReleaseKeyRequest, ReleaseKeyResponse,
+    RequestRecord, RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse,
+    TelemetryBucket, TelemetryRequest, TelemetryResponse, TokenInfo as PbTokenInfo,
 };
 use crate::policy::rows::{NewKey, StoredPolicy};
 use crate::policy::{Period, PolicyFile, ServerSource};
@@ -33,6 +33,7 @@ use crate::store::approvals::DecideError;
 use crate::store::requests::{self};
 use crate::store::{AlreadyRevoked, Desired, Store, StoreError};
 
+mod alerts;
 mod diagnose;
 mod wire;
 
@@ -504,6 +505,7 @@ impl Admin for AdminService {
                         .to_owned(),
                     tokens_per_minute: k.tokens_per_minute,
                     tokens_per_day: k.tokens_per_day,
+                    quarantined_at_ms: k.quarantined_at,
                 })
             })
             .collect();
@@ -771,6 +773,24 @@ impl Admin for AdminService {
         tracing::info!(approval = %row.id, status = %row.status, by = %by, proxy = %row.proxy,
             method = %row.method, path = %row.path, "approval decided");
         Ok(Response::new(approval_info(row)))
+    }
+
+    async fn list_alerts(
+        &self,
+        request: Request<ListAlertsRequest>,
+    ) -> Result<Response<ListAlertsResponse>, Status> {
+        Ok(Response::new(self.alerts(request.into_inner()).await?))
+    }
+
+    async fn release_key(
+        &self,
+        request: Request<ReleaseKeyRequest>,
+    ) -> Result<Response<ReleaseKeyResponse>, Status> {
+        require_admin(&request)?;
+        let released = self.release(&request.into_inner().id).await?;
+        Ok(Response::new(ReleaseKeyResponse {
+            not_quarantined: !released,
+        }))
     }
 
     async fn rekey(

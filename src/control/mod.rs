@@ -3,6 +3,7 @@
 //! server reads itself, and the health and metrics endpoints.
 
 pub mod admin;
+pub mod alerts;
 pub mod approvals;
 pub mod health;
 pub mod items;

@@ -36,7 +36,7 @@ pub async fn conclude(
     started: Instant,
 ) {
     // Budgets first: a looping agent is rate-limited before it reaches the desk.
-    let near_cap = admit(&shared.budgets, &shared.spend, decision).await;
+    let near_cap = admit(&shared.budgets, &shared.spend, decision, asked.request_id).await;
     approve(shared, decision).await;
     inject_token(decision).await;
     if let Some(charge) = decision.charge.as_mut() {
@@ -59,12 +59,17 @@ pub async fn conclude(
     }
     shared
         .audit
-        .record(Event::Decided(decided(asked, decision, started.elapsed())))
+        .record(Event::Decided(decided(
+            asked,
+            decision,
+            started.elapsed(),
+            near_cap,
+        )))
         .await;
 }
 
 /// The decision half of the request's audit record.
-fn decided(asked: &Asked<'_>, decision: &Decision, elapsed: Duration) -> Decided {
+fn decided(asked: &Asked<'_>, decision: &Decision, elapsed: Duration, near_cap: bool) -> Decided {
     let subject = &decision.subject;
     let status = match &decision.outcome {
         Outcome::Deny(denial) => Some(denial.http_status()),
@@ -91,6 +96,7 @@ fn decided(asked: &Asked<'_>, decision: &Decision, elapsed: Duration) -> Decided
         decision: kind,
         rule_id: subject.rule_id.clone(),
         trace: asked.trace,
+        near_cap,
     }
 }
 
@@ -160,7 +166,12 @@ async fn approve(shared: &Shared, decision: &mut Decision) {
 /// Step 6, budgets: counts an allowed request against its limits, or refuses it. Apart
 /// from the rest because a shared store answers asynchronously. Returns whether the
 /// request left a spend account 80 % or more used.
-pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) -> bool {
+async fn admit(
+    budgets: &Budgets,
+    spend: &Spend,
+    decision: &mut Decision,
+    request_id: &str,
+) -> bool {
     if !matches!(decision.outcome, Outcome::Forward(_)) {
         return false;
     }
@@ -186,7 +197,7 @@ pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) ->
             }
         }
     }
-    let near_cap = admit_budgets(budgets, spend, decision).await;
+    let near_cap = admit_budgets(budgets, spend, decision, request_id).await;
     if let (Some(duplicate), Outcome::Deny(_)) = (decision.duplicate, &decision.outcome) {
         // Refused by a budget, so never forwarded: sending it again is no repeat.
         budgets.forget(duplicate.fingerprint).await;
@@ -195,9 +206,14 @@ pub async fn admit(budgets: &Budgets, spend: &Spend, decision: &mut Decision) ->
 }
 
 /// Rate limits, then the spend reservation; whether an account is now 80 % used.
-async fn admit_budgets(budgets: &Budgets, spend: &Spend, decision: &mut Decision) -> bool {
+async fn admit_budgets(
+    budgets: &Budgets,
+    spend: &Spend,
+    decision: &mut Decision,
+    request_id: &str,
+) -> bool {
     if !decision.limits.is_empty() {
-        admit_rate(budgets, decision).await;
+        admit_rate(budgets, decision, request_id).await;
     }
     if let (Outcome::Forward(_), Some(charge)) = (&decision.outcome, &mut decision.charge) {
         let estimate = charge.cost.reservation();
@@ -242,8 +258,12 @@ async fn admit_budgets(budgets: &Budgets, spend: &Spend, decision: &mut Decision
     false
 }
 
-async fn admit_rate(budgets: &Budgets, decision: &mut Decision) {
-    match budgets.admit(&decision.limits).await {
+async fn admit_rate(budgets: &Budgets, decision: &mut Decision, request_id: &str) {
+    // Asked to retry (the retry headers are what asks Envoy), its retries count too.
+    let retriable = matches!(&decision.outcome, Outcome::Forward(f)
+        if f.set.iter().any(|(name, _)| name == "x-envoy-max-retries"));
+    let retriable = retriable.then_some(request_id);
+    match budgets.admit_retriable(&decision.limits, retriable).await {
         Ok(Admission::Admitted { limit, remaining }) => {
             decision.shown.rate = Some((limit, remaining));
         }

@@ -21,6 +21,8 @@ pub struct Ask {
     pub method: String,
     pub path: String,
     pub body_summary: String,
+    /// Where the proxy posts requests for approval.
+    pub webhooks: Arc<[crate::policy::Webhook]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

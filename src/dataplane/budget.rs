@@ -158,8 +158,14 @@ pub struct LocalBudgets {
     tats: moka::sync::Cache<Arc<str>, Arc<Mutex<Option<u64>>>>,
     /// Guarded requests seen, by fingerprint: until when a repeat is refused (ms).
     seen: moka::sync::Cache<[u8; 32], u64>,
+    /// Requests Envoy may retry, by request id: the limits their retries count against.
+    retriable: moka::sync::Cache<Box<str>, Arc<[Limit]>>,
     clock: Arc<dyn Clock>,
 }
+
+/// How long a retriable request's limits are kept for its completion: longer than any
+/// call with its retries takes.
+const RETRIABLE_TTL: Duration = Duration::from_secs(600);
 
 const LOCAL_CAPACITY: u64 = 1_000_000;
 
@@ -175,7 +181,25 @@ impl LocalBudgets {
                 .max_capacity(LOCAL_CAPACITY)
                 .time_to_live(Duration::from_secs(86_400 + 60))
                 .build(),
+            retriable: moka::sync::Cache::builder()
+                .max_capacity(LOCAL_CAPACITY)
+                .time_to_live(RETRIABLE_TTL)
+                .build(),
             clock,
+        }
+    }
+
+    /// Counts `attempts` more requests against each limit, admitted or not: the retries
+    /// Envoy made happened. A limit in debt refuses until it is paid off.
+    fn charge(&self, limits: &[Limit], attempts: u32) {
+        let now = self.clock.now_ms() * 1000;
+        for limit in limits {
+            let cell = self
+                .tats
+                .get_with_by_ref(&limit.key, || Arc::new(Mutex::new(None)));
+            let mut tat = cell.lock().unwrap_or_else(|p| p.into_inner());
+            let from = tat.unwrap_or(now).max(now);
+            *tat = Some(from + u64::from(attempts) * limit.rate.interval_us());
         }
     }
 
@@ -220,19 +244,23 @@ impl LocalBudgets {
 pub struct RedisBudgets {
     connection: redis::aio::ConnectionManager,
     script: redis::Script,
+    charge: redis::Script,
 }
 
 /// Checks all of a request's limits and updates them only if all admit, on Redis's
-/// clock so replicas with skewed clocks agree. KEYS: the limits; ARGV: interval and
-/// period (µs) of each. Returns {1, limit index, remaining} or {0, limit index, wait µs}.
+/// clock so replicas with skewed clocks agree. KEYS: the limits, then optionally where
+/// to remember them for the request's retries (for 2 minutes: twice the shipped route
+/// timeout, retries included); ARGV: interval and period (µs) of each.
+/// Returns {1, limit index, remaining} or {0, limit index, wait µs}.
 /// Times are µs since the epoch, exact in a Lua double, written as integers.
 const GCRA_SCRIPT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local limits = #ARGV / 2
 local next = {}
 local tight, tight_left = 1, -1
 local worst, worst_wait = 0, -1
-for i = 1, #KEYS do
+for i = 1, limits do
   local interval = tonumber(ARGV[2 * i - 1])
   local period = tonumber(ARGV[2 * i])
   local tat = tonumber(redis.call('GET', KEYS[i])) or now
@@ -248,28 +276,69 @@ for i = 1, #KEYS do
   end
 end
 if worst_wait >= 0 then return {0, worst - 1, worst_wait} end
-for i = 1, #KEYS do
+local remembered = {}
+for i = 1, limits do
   local ttl_ms = math.ceil(tonumber(ARGV[2 * i]) / 1000)
   redis.call('SET', KEYS[i], string.format('%.0f', next[i]), 'PX', ttl_ms)
+  remembered[#remembered + 1] = ARGV[2 * i - 1] .. ' ' .. KEYS[i]
+end
+if #KEYS > limits then
+  redis.call('SET', KEYS[limits + 1], table.concat(remembered, '\n'), 'PX', 120000)
 end
 return {1, tight - 1, tight_left}
 ";
+
+/// Counts a request's retries against the limits its admission remembered, admitted or
+/// not (a limit in debt refuses until it is paid off), and forgets them. KEYS: where
+/// they were remembered; ARGV: the retries. Returns how many limits were charged.
+const CHARGE_SCRIPT: &str = r"
+local remembered = redis.call('GET', KEYS[1])
+if not remembered then return 0 end
+redis.call('DEL', KEYS[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local attempts = tonumber(ARGV[1])
+local n = 0
+for interval, key in string.gmatch(remembered, '(%d+) ([^\n]+)') do
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  tat = tat + attempts * tonumber(interval)
+  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1)
+  n = n + 1
+end
+return n
+";
+
+/// The Redis key remembering a retriable request's limits.
+fn retriable_key(request_id: &str) -> String {
+    format!("latchkey:retriable:{request_id}")
+}
 
 impl RedisBudgets {
     pub fn new(connection: redis::aio::ConnectionManager) -> Self {
         Self {
             connection,
             script: redis::Script::new(GCRA_SCRIPT),
+            charge: redis::Script::new(CHARGE_SCRIPT),
         }
     }
 
-    pub async fn admit(&self, limits: &[Limit]) -> Result<Admission, BudgetError> {
+    /// With `retriable`, the limits are remembered under that request id in the same
+    /// call, for [`Budgets::charge_retries`].
+    pub async fn admit(
+        &self,
+        limits: &[Limit],
+        retriable: Option<&str>,
+    ) -> Result<Admission, BudgetError> {
         let mut invocation = self.script.prepare_invoke();
         for limit in limits {
             invocation
                 .key(format!("latchkey:rate:{}", limit.key))
                 .arg(limit.rate.interval_us())
                 .arg(limit.rate.period_us());
+        }
+        if let Some(id) = retriable {
+            invocation.key(retriable_key(id));
         }
         let mut connection = self.connection.clone();
         let (admitted, index, value): (i64, usize, u64) = invocation
@@ -358,9 +427,55 @@ impl Budgets {
     }
 
     pub async fn admit(&self, limits: &[Limit]) -> Result<Admission, BudgetError> {
+        self.admit_retriable(limits, None).await
+    }
+
+    /// Admits a request, and with `retriable` (its id: Envoy may retry it) remembers its
+    /// limits so its retries count against them too ([`Budgets::charge_retries`]). No
+    /// round trip more than [`Budgets::admit`].
+    pub async fn admit_retriable(
+        &self,
+        limits: &[Limit],
+        retriable: Option<&str>,
+    ) -> Result<Admission, BudgetError> {
         match self {
-            Budgets::Local(local) => Ok(local.admit(limits)),
-            Budgets::Redis(redis) => redis.admit(limits).await,
+            Budgets::Local(local) => {
+                let admission = local.admit(limits);
+                if let (Some(id), Admission::Admitted { .. }) = (retriable, admission) {
+                    local.retriable.insert(id.into(), limits.into());
+                }
+                Ok(admission)
+            }
+            Budgets::Redis(redis) => redis.admit(limits, retriable).await,
+        }
+    }
+
+    /// A finished request was retried `retries` times by Envoy: the retries count against
+    /// the limits its admission remembered (none if it was not retriable). Off the
+    /// request path, from the access log.
+    pub async fn charge_retries(&self, request_id: &str, retries: u32) {
+        match self {
+            Budgets::Local(local) => {
+                if let Some(limits) = local.retriable.remove(request_id)
+                    && retries > 0
+                {
+                    local.charge(&limits, retries);
+                }
+            }
+            Budgets::Redis(redis) if retries > 0 => {
+                let mut connection = redis.connection.clone();
+                let charged: Result<i64, _> = redis
+                    .charge
+                    .key(retriable_key(request_id))
+                    .arg(retries)
+                    .invoke_async(&mut connection)
+                    .await;
+                if let Err(e) = charged {
+                    tracing::warn!(error = %e, request_id, "could not count a request's retries");
+                }
+            }
+            // Forgotten when its key expires: no round trip for requests never retried.
+            Budgets::Redis(_) => {}
         }
     }
 }

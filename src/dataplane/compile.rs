@@ -19,8 +19,8 @@ use crate::dataplane::credentials::{ServerSecrets, oauth2, sigv4};
 use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::snapshot::{
-    CLUSTER_PLAIN, CLUSTER_TLS, Caps, CompileError, Compiled, CostSpec, Injection, KeyBudgets,
-    KeyEntry, Policy, Proxy, RetryHeaders, RunawayGuards, Secret, Upstream,
+    AlertRule, CLUSTER_PLAIN, CLUSTER_TLS, Caps, CompileError, Compiled, CostSpec, Injection,
+    KeyBudgets, KeyEntry, Policy, Proxy, RetryHeaders, RunawayGuards, Secret, Upstream,
 };
 use crate::policy::rows::{AuthSpec, CredentialRow, KeyRow, ProxyRow, StoredPolicy};
 use crate::policy::{AuthKind, CredentialType, Limits, TargetUrl};
@@ -348,6 +348,7 @@ fn entry(k: &KeyRow, credential: u32) -> Result<(u128, KeyEntry), CompileError> 
         label: k.label.as_deref().map(Arc::from),
         expires_at_ms: k.expires_at_ms,
         revoked: AtomicBool::new(k.revoked_at.is_some()),
+        quarantined: AtomicBool::new(k.quarantined_at.is_some()),
         spend_cap_micros: k.spend_cap_usd.map(to_micros),
         budgets: KeyBudgets::of(k),
         spent_micros: to_micros(k.spent_usd),
@@ -432,6 +433,23 @@ fn proxy(
         retries: (p.guards.as_ref())
             .and_then(|g| g.retries.as_ref())
             .map(|r| RetryHeaders::new(r, p.cost.is_some())),
+        alerts: (p.guards.as_ref())
+            .and_then(|g| g.alerts.as_ref())
+            .map(|a| {
+                let spans = a
+                    .spans()
+                    .map_err(|e| invalid(format!("proxy {:?}: {e}", p.name)))?;
+                Ok::<_, CompileError>(Arc::new(AlertRule {
+                    spec: a.clone(),
+                    window_ms: spans.window_ms,
+                    baseline_ms: spans.baseline_ms,
+                }))
+            })
+            .transpose()?,
+        webhooks: (p.guards.as_ref())
+            .map(|g| g.webhooks.as_slice())
+            .unwrap_or_default()
+            .into(),
     };
     let needs_body = injection.signs_body()
         || guards.duplicate_window_ms.is_some()

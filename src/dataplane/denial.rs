@@ -18,6 +18,10 @@ pub enum Denial {
     ExpiredKey,
     #[error("the proxy key has been revoked")]
     RevokedKey,
+    #[error(
+        "this key is quarantined: an anomaly alert stopped it until a person releases it (`latchkey key release {0}`)"
+    )]
+    Quarantined(Arc<str>),
     #[error("this key's credential may not use proxy {0:?}")]
     NotBound(Arc<str>),
     #[error("denied by rule {id}{}", notes.as_deref().map(|n| format!(": {n}")).unwrap_or_default())]
@@ -72,6 +76,7 @@ pub enum Kind {
     InvalidKey,
     ExpiredKey,
     RevokedKey,
+    Quarantined,
     NotBound,
     RuleDenied,
     BodyTooLarge,
@@ -95,6 +100,7 @@ impl Kind {
             Kind::InvalidKey => "invalid_key",
             Kind::ExpiredKey => "expired_key",
             Kind::RevokedKey => "revoked_key",
+            Kind::Quarantined => "quarantined",
             Kind::NotBound => "not_bound",
             Kind::RuleDenied => "rule_denied",
             Kind::BodyTooLarge => "body_too_large",
@@ -125,6 +131,7 @@ impl Denial {
             Denial::InvalidKey(_) => Kind::InvalidKey,
             Denial::ExpiredKey => Kind::ExpiredKey,
             Denial::RevokedKey => Kind::RevokedKey,
+            Denial::Quarantined(_) => Kind::Quarantined,
             Denial::NotBound(_) => Kind::NotBound,
             Denial::RuleDenied { .. }
             | Denial::DefaultDenied(_)
@@ -153,6 +160,7 @@ impl Denial {
             | Denial::ExpiredKey
             | Denial::RevokedKey => 401,
             Denial::NotBound(_)
+            | Denial::Quarantined(_)
             | Denial::RuleDenied { .. }
             | Denial::DefaultDenied(_)
             | Denial::BodyUnjudgeable { .. } => 403,

@@ -110,6 +110,9 @@ pub fn authenticate<'p>(
     if entry.expires_at_ms.is_some_and(|t| t <= now_ms) {
         return Err(Denial::ExpiredKey);
     }
+    if entry.quarantined.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Denial::Quarantined(entry.id.clone()));
+    }
     Ok(entry)
 }
 

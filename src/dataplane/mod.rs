@@ -8,7 +8,7 @@
 //! 1. **route** ([`route`]): the first path segment names the proxy; the rest, normalised
 //!    and with hostile encodings refused, is the upstream path.
 //! 2. **authenticate** ([`keys`]): the proxy key from whichever header carries it, looked
-//!    up by hash in the snapshot, expiry checked. Before the proxy is said to be unknown,
+//!    up by hash in the snapshot, expiry and quarantine checked. Before the proxy is said to be unknown,
 //!    so a caller without a key cannot list proxies.
 //! 3. **scope** ([`pipeline`], from the [`snapshot`]): the proxy exists and the key's
 //!    credential is bound to it; the limits of both are gathered, and on a priced proxy
@@ -24,7 +24,8 @@
 //!    person approved exactly it; else 403 `approval_required` with the approval's id.
 //!    **budgets** ([`budget`], [`spend`]): first the duplicate guard (a repeat within the
 //!    window: 409), then rate limits, token budgets and the spend reservation; a refusal
-//!    answers 429 with `Retry-After`.
+//!    answers 429 with `Retry-After`. A request Envoy may retry leaves its limits behind
+//!    for its retries, which `envoy::access_log` charges when it learns of them.
 //! 7. **fetched credentials** ([`credentials::oauth2`]): an OAuth2 token goes in last,
 //!    once the request is admitted.
 //! 8. **record**: the decision into the metrics and the audit (`telemetry`).
@@ -33,6 +34,9 @@
 //! echoes of the credential and redacts fields; a priced answer is metered as it streams
 //! ([`usage`]) and settled when it ends ([`spend`]): its price, or the reservation when
 //! its usage cannot be read.
+//!
+//! Off the path, `control::alerts` weighs what the audit stored against each key's and
+//! proxy's baseline, and quarantines a key through the snapshot (step 2).
 //!
 //! Every refusal is a [`denial::Denial`], mapped to a status and a body once.
 

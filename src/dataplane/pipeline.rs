@@ -407,6 +407,7 @@ fn run(
                             .find(|(n, _)| n.eq_ignore_ascii_case("content-type"))
                             .map(|(_, v)| *v),
                     ),
+                    webhooks: proxy.guards.webhooks.clone(),
                 });
                 Some(print)
             } else {

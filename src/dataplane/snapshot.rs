@@ -16,7 +16,7 @@ use crate::dataplane::usage::PriceTable;
 use crate::policy::Period;
 use crate::policy::Vendor;
 use crate::policy::rows::{SecretError, StoredPolicy};
-use crate::policy::{Cost, Effect};
+use crate::policy::{Alerts, Cost, Effect, Webhook};
 
 /// Envoy clusters that reach any host (see envoy/envoy.yaml): which one a request takes
 /// decides whether the upstream connection uses TLS.
@@ -104,8 +104,8 @@ pub struct Proxy {
     pub guards: RunawayGuards,
 }
 
-/// A proxy's runaway guards on its non-idempotent requests (POST, PATCH).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// A proxy's runaway guards on its non-idempotent requests (POST, PATCH), and its alerts.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunawayGuards {
     /// A repeat within this many milliseconds is refused (`duplicate_request`).
     pub duplicate_window_ms: Option<u64>,
@@ -113,6 +113,62 @@ pub struct RunawayGuards {
     pub idempotency_key: bool,
     /// Envoy's retry headers for requests safe to repeat, when the proxy asks.
     pub retries: Option<RetryHeaders>,
+    /// Anomaly alerts: read off the request path, by the control plane.
+    pub alerts: Option<Arc<AlertRule>>,
+    /// Where alerts and requests for approval are posted.
+    pub webhooks: Arc<[Webhook]>,
+}
+
+impl AlertRule {
+    /// What is watched and what happens, in words.
+    fn explain(&self, hooks: bool) -> String {
+        let spec = &self.spec;
+        let mut watched = Vec::new();
+        for (name, surge) in [("requests", &spec.requests), ("denials", &spec.denials)] {
+            if let Some(s) = surge {
+                watched.push(format!(
+                    "{name} over {}× baseline (at least {})",
+                    s.factor, s.min
+                ));
+            }
+        }
+        if let Some(e) = &spec.errors {
+            watched.push(format!(
+                "{:.0} % vendor errors (of at least {})",
+                e.share * 100.0,
+                e.min
+            ));
+        }
+        if spec.spend_near_cap {
+            watched.push("a spend cap 80 % used".to_owned());
+        }
+        if spec.new_paths {
+            watched.push("new paths".to_owned());
+        }
+        format!(
+            "anomaly alerts over {} s windows: {}{}{}",
+            self.window_ms / 1000,
+            watched.join(", "),
+            if spec.quarantine {
+                "; the key is quarantined (403 quarantined) when requests, denials or errors fire"
+            } else {
+                ""
+            },
+            if hooks {
+                "; posted to the proxy's webhooks"
+            } else {
+                ""
+            },
+        )
+    }
+}
+
+/// A proxy's anomaly alerts, their spans read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRule {
+    pub spec: Alerts,
+    pub window_ms: u64,
+    pub baseline_ms: u64,
 }
 
 /// What asks Envoy's router to retry one request: `x-envoy-max-retries`,
@@ -165,10 +221,13 @@ impl RetryHeaders {
 impl RunawayGuards {
     /// What the guards do to a request of `method`, in words (for `latchkey check`).
     pub fn explain(&self, method: &str) -> Vec<String> {
-        if !self.cover(method) {
-            return Vec::new();
-        }
         let mut out = Vec::new();
+        if let Some(alerts) = &self.alerts {
+            out.push(alerts.explain(!self.webhooks.is_empty()));
+        }
+        if !self.cover(method) {
+            return out;
+        }
         if let Some(ms) = self.duplicate_window_ms {
             out.push(format!(
                 "a repeat of this request (same key, path, body and Idempotency-Key) within {} s is refused: 409 duplicate_request",
@@ -364,6 +423,9 @@ pub struct KeyEntry {
     pub expires_at_ms: Option<i64>,
     /// Set by the snapshot that revoked it, or later by [`Policy::apply_revocations`].
     pub revoked: AtomicBool,
+    /// Set while an alert's quarantine holds the key: by the snapshot, or at once on the
+    /// replica whose alert set it.
+    pub quarantined: AtomicBool,
     pub spend_cap_micros: Option<u64>,
     /// A run key's cap period and token budgets; boxed, since most keys have none
     /// (100,000 keys stay small).
@@ -382,6 +444,7 @@ impl KeyEntry {
             label: self.label.clone(),
             expires_at_ms: self.expires_at_ms,
             revoked: AtomicBool::new(self.revoked.load(Ordering::Relaxed)),
+            quarantined: AtomicBool::new(self.quarantined.load(Ordering::Relaxed)),
             spend_cap_micros: self.spend_cap_micros,
             budgets: self.budgets.clone(),
             spent_micros: self.spent_micros,
@@ -425,6 +488,14 @@ pub(super) struct Compiled {
 }
 
 impl Policy {
+    /// Whether any proxy has anomaly alerts.
+    pub fn has_alerts(&self) -> bool {
+        self.compiled
+            .proxies
+            .values()
+            .any(|p| p.guards.alerts.is_some())
+    }
+
     pub fn proxy(&self, name: &str) -> Option<&Proxy> {
         self.compiled.proxies.get(name)
     }
@@ -486,6 +557,15 @@ impl Policy {
         self.all_keys()
             .find(|k| &*k.id == id)
             .inspect(|k| k.revoked.store(true, Ordering::Relaxed))
+            .is_some()
+    }
+
+    /// Quarantines a key, or releases it, in this snapshot (and those sharing its key
+    /// table) at once; the store's row is what later snapshots are built from.
+    pub fn set_quarantined(&self, id: &str, quarantined: bool) -> bool {
+        self.all_keys()
+            .find(|k| &*k.id == id)
+            .inspect(|k| k.quarantined.store(quarantined, Ordering::Relaxed))
             .is_some()
     }
 

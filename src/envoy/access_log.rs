@@ -47,6 +47,11 @@ impl AccessLogService for AccessLog {
             for entry in &logs.log_entry {
                 if let Some(completed) = completion(entry) {
                     self.shared.metrics.record_response(completed.status);
+                    // Envoy's retries count against the caller's rate budget: a
+                    // retried call cannot amplify its load.
+                    (self.shared.budgets)
+                        .charge_retries(&completed.request_id, completed.retries)
+                        .await;
                     // Waits when the audit queue is full: Envoy buffers meanwhile.
                     self.shared.audit.record(Event::Completed(completed)).await;
                 }

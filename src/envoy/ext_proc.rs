@@ -665,7 +665,11 @@ mod tests {
         )
         .unwrap();
         let metrics = Metrics::default();
-        let (audit, writer) = AuditLog::start(store.clone(), metrics.audit.clone(), None);
+        let (audit, writer) = AuditLog::start(
+            store.clone(),
+            metrics.audit.clone(),
+            crate::telemetry::audit::Outlets::default(),
+        );
         let shared = Arc::new(Shared::new(
             policy,
             Budgets::Local(LocalBudgets::new(Arc::new(SystemClock))),

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::Period;
+use crate::policy::alerts::{Alerts, Webhook};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -196,7 +197,7 @@ pub struct ProxySpec {
 }
 
 /// A proxy's runaway guards.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Guards {
     /// Refuse (409 `duplicate_request`) a POST or PATCH that repeats one of the same key,
@@ -212,6 +213,12 @@ pub struct Guards {
     /// requests with an `Idempotency-Key` (the agent's or the derived one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<Retries>,
+    /// Anomaly alerts, and quarantine of the key that sets them off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alerts: Option<Alerts>,
+    /// Where this proxy's alerts and requests for approval are posted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<Webhook>,
 }
 
 /// Upstream retries, by Envoy's router, with exponential backoff (0.1 s doubling, capped

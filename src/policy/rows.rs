@@ -129,6 +129,8 @@ pub struct KeyRow {
     /// Unix milliseconds.
     pub expires_at_ms: Option<i64>,
     pub revoked_at: Option<i64>,
+    /// Unix milliseconds; refused (`quarantined`) until released.
+    pub quarantined_at: Option<i64>,
     pub spend_cap_usd: Option<f64>,
     pub spent_usd: f64,
     pub cap_period: Option<Period>,

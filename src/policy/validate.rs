@@ -134,6 +134,15 @@ impl PolicyFile {
                         return Err(invalid(item, "guards: retries: retry on what?"));
                     }
                 }
+                if let Some(alerts) = &guards.alerts {
+                    alerts
+                        .spans()
+                        .map_err(|e| invalid(&item, format!("guards: alerts: {e}")))?;
+                }
+                for hook in &guards.webhooks {
+                    hook.validate()
+                        .map_err(|e| invalid(&item, format!("guards: webhooks: {e}")))?;
+                }
             }
             if let Some(limits) = &p.limits {
                 limits.validate().map_err(|e| invalid(&item, e))?;

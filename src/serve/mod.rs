@@ -24,6 +24,9 @@ use crate::access_log_pb::access_log_service_server::AccessLogServiceServer;
 use crate::base::clock::now_unix_ms;
 use crate::base::crypto::MasterKey;
 use crate::control::admin::AdminService;
+use crate::control::alerts::Alerting;
+use crate::control::alerts::webhook::Poster;
+use crate::control::approvals::StoreDesk;
 use crate::control::health::{HttpState, router};
 use crate::control::secrets::SecretWatch;
 use crate::control::sync::PolicySync;
@@ -41,9 +44,10 @@ use crate::envoy::ext_proc::ExtProc;
 use crate::pb::admin_server::AdminServer;
 use crate::policy::Period;
 use crate::store::{Store, StoreError, requests};
-use crate::telemetry::audit::AuditLog;
+use crate::telemetry::audit::{AuditLog, Outlets};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::otlp::{Otlp, OtlpConfig};
+use crate::telemetry::tap::Tap;
 
 pub struct ServeConfig {
     pub database_url: String,
@@ -231,8 +235,15 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             Otlp::start(config, metrics.audit.otlp_dropped.clone())
         })
         .transpose()?;
-    let (audit, audit_writer) = AuditLog::start(store.clone(), metrics.audit.clone(), otlp);
-    let desk = Arc::new(crate::control::approvals::StoreDesk::new(store.clone()));
+    // The anomaly alerts read what the audit writer stored.
+    let (tap, observed) = Tap::new(metrics.alerts.dropped.clone());
+    let poster = Poster::new(store.clone(), metrics.alerts.dead_letters.clone());
+    let outlets = Outlets {
+        otlp,
+        tap: Some(tap.clone()),
+    };
+    let (audit, audit_writer) = AuditLog::start(store.clone(), metrics.audit.clone(), outlets);
+    let desk = Arc::new(StoreDesk::new(store.clone(), poster.clone()));
     let shared =
         Arc::new(Shared::new(policy, budgets, spend, audit.clone(), metrics).with_desk(desk));
     shared.installed(version);
@@ -306,6 +317,8 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     ));
     sync.report_to(health.clone());
     sync.spawn(&cfg.database_url, &mut background);
+    Alerting::new(shared.clone(), store.clone(), sync.clone(), tap, poster)
+        .spawn(observed, &mut background);
     let admin_service = AdminService::new(
         shared.clone(),
         store.clone(),
@@ -482,7 +495,11 @@ mod tests {
     async fn a_restart_keeps_the_current_periods_spend() {
         for (label, _scratch, store) in testing::stores().await {
             let now = crate::base::clock::now_unix();
-            let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
+            let (log, writer) = AuditLog::start(
+                store.clone(),
+                AuditCounters::default(),
+                crate::telemetry::audit::Outlets::default(),
+            );
             for (id, time_ms, micros) in [
                 ("today", now * 1000 - 1, 2_000_000),
                 ("yesterday", (Period::Day.start(now) - 10) * 1000, 9_000_000),

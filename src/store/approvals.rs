@@ -44,6 +44,8 @@ pub struct NewApproval<'a> {
 pub enum Held {
     /// It was approved, and is now used.
     Approved,
+    /// Recorded now, under this id.
+    Created(String),
     Pending(String),
     /// A person denied it, under this id: the same request stays refused until it expires.
     Denied(String),
@@ -175,7 +177,7 @@ impl Store {
                 .bind(now_ms + APPROVAL_TTL_MS)
                 .execute(&mut *tx)
                 .await?;
-                Held::Pending(id)
+                Held::Created(id)
             }
         };
         tx.commit().await?;

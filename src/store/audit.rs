@@ -32,6 +32,9 @@ pub struct Decided {
     pub rule_id: Option<Arc<str>>,
     /// The agent's trace, which the decision's span joins (telemetry only, not stored).
     pub trace: Option<TraceParent>,
+    /// The caller's spend passed 80 % of a cap with this request (for the anomaly
+    /// alerts; not stored).
+    pub near_cap: bool,
 }
 
 /// The completion half, from Envoy's access log.

@@ -55,6 +55,7 @@ impl Store {
             created_at,
             expires_at_ms: key.expires_at_ms,
             revoked_at: None,
+            quarantined_at: None,
             spend_cap_usd: key.spend_cap_usd,
             spent_usd: 0.0,
             cap_period: key.cap_period,
@@ -81,15 +82,24 @@ impl Store {
             tx.commit().await?;
             return Ok(Ok(version));
         }
-        let exists: Option<String> = sqlx::query_scalar("SELECT id FROM proxy_keys WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        tx.rollback().await?;
-        exists
-            .map(|_| Err(AlreadyRevoked))
-            .ok_or_else(|| StoreError::NotFound(format!("no key with id {id:?}")))
+        unchanged_key(tx, id).await.map(|()| Err(AlreadyRevoked))
     }
+}
+
+/// A change of one key that changed nothing: rolled back, and an error if there is no
+/// such key.
+pub(crate) async fn unchanged_key(
+    mut tx: sqlx::Transaction<'_, sqlx::Any>,
+    id: &str,
+) -> Result<(), StoreError> {
+    let exists: Option<String> = sqlx::query_scalar("SELECT id FROM proxy_keys WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    tx.rollback().await?;
+    exists
+        .map(|_| ())
+        .ok_or_else(|| StoreError::NotFound(format!("no key with id {id:?}")))
 }
 
 /// A revocation of a key that was revoked before: nothing changed.

@@ -39,6 +39,7 @@ pub fn stored(yaml: &str, master: &MasterKey) -> Result<StoredPolicy, String> {
             created_at: 0,
             expires_at_ms: None,
             revoked_at: None,
+            quarantined_at: None,
             spend_cap_usd: None,
             spent_usd: 0.0,
             cap_period: None,

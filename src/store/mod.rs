@@ -3,6 +3,7 @@
 //! admin tokens ([`tokens`]). The request path never reads it: it works from the snapshot
 //! compiled from [`Store::load`], and the audit writes off the path.
 
+pub(crate) mod alerts;
 pub(crate) mod approvals;
 pub(crate) mod audit;
 mod desired;

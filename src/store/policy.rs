@@ -182,8 +182,8 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
                 COALESCE(expires_at_ms,
                          CASE WHEN expires_at > 9000000000000 THEN 9000000000000000
                               ELSE expires_at * 1000 END) AS expires_at_ms,
-                revoked_at, spend_cap_usd, spent_usd, cap_period, tokens_per_minute,
-                tokens_per_day
+                revoked_at, quarantined_at, spend_cap_usd, spent_usd, cap_period,
+                tokens_per_minute, tokens_per_day
          FROM proxy_keys ORDER BY created_at, id",
     )
     .fetch(&mut **tx);
@@ -197,6 +197,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             created_at: row.try_get("created_at")?,
             expires_at_ms: row.try_get("expires_at_ms")?,
             revoked_at: row.try_get("revoked_at")?,
+            quarantined_at: row.try_get("quarantined_at")?,
             spend_cap_usd: row.try_get("spend_cap_usd")?,
             spent_usd: row.try_get("spent_usd")?,
             cap_period: match row.try_get::<Option<String>, _>("cap_period")? {

@@ -409,6 +409,13 @@ pub async fn prune(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
         .bind(cutoff_ms)
         .execute(store.pool())
         .await?;
+    // Alerts and undelivered webhook posts too.
+    for table in ["alerts", "webhook_dead_letters"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE time_ms < $1"))
+            .bind(cutoff_ms)
+            .execute(store.pool())
+            .await?;
+    }
     let mut total = 0;
     loop {
         let done = sqlx::query(
@@ -490,7 +497,11 @@ mod tests {
     }
 
     async fn filters_on(store: Store) {
-        let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
+        let (log, writer) = AuditLog::start(
+            store.clone(),
+            AuditCounters::default(),
+            crate::telemetry::audit::Outlets::default(),
+        );
         let hour = 3_600_000;
         let base = 1_700_000_000_000 / hour * hour;
         for i in 0..10i64 {

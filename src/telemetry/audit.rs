@@ -20,6 +20,7 @@ use crate::store::audit::{Cost, Row, Spent};
 use crate::store::{Store, StoreError};
 pub use crate::telemetry::events::{Completed, Decided, Event, Llm};
 use crate::telemetry::otlp::Otlp;
+use crate::telemetry::tap::Tap;
 
 /// Events waiting for the writer; beyond this a request waits for room.
 pub const QUEUE_CAPACITY: usize = 16_384;
@@ -44,6 +45,14 @@ pub struct AuditCounters {
     pub otlp_dropped: Counter,
 }
 
+/// Who reads what the writer stored, besides the store.
+#[derive(Default)]
+pub struct Outlets {
+    pub otlp: Option<Otlp>,
+    /// The anomaly alerts.
+    pub tap: Option<Tap>,
+}
+
 /// The sending side, shared by everything that records.
 #[derive(Clone)]
 pub struct AuditLog {
@@ -59,15 +68,15 @@ pub struct AuditWriter {
 }
 
 impl AuditLog {
-    /// The writer also hands each written batch to the OTLP exporter, if there is one.
-    pub fn start(store: Store, counters: AuditCounters, otlp: Option<Otlp>) -> (Self, AuditWriter) {
-        Self::with_capacity(store, counters, otlp, QUEUE_CAPACITY)
+    /// The writer also hands each written batch to the outlets there are.
+    pub fn start(store: Store, counters: AuditCounters, outlets: Outlets) -> (Self, AuditWriter) {
+        Self::with_capacity(store, counters, outlets, QUEUE_CAPACITY)
     }
 
     pub fn with_capacity(
         store: Store,
         counters: AuditCounters,
-        otlp: Option<Otlp>,
+        outlets: Outlets,
         capacity: usize,
     ) -> (Self, AuditWriter) {
         let (tx, rx) = mpsc::channel(capacity);
@@ -75,8 +84,8 @@ impl AuditLog {
         let task = tokio::spawn({
             let (stop, counters) = (stop.clone(), counters.clone());
             async move {
-                write_loop(store, rx, stop, counters, otlp.as_ref()).await;
-                if let Some(otlp) = otlp {
+                write_loop(store, rx, stop, counters, &outlets).await;
+                if let Some(otlp) = outlets.otlp {
                     otlp.finish().await;
                 }
             }
@@ -152,7 +161,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Event>,
     stop: Arc<Notify>,
     counters: AuditCounters,
-    otlp: Option<&Otlp>,
+    outlets: &Outlets,
 ) {
     let mut batch: Vec<Event> = Vec::with_capacity(BATCH);
     let mut held: HashMap<String, Held> = HashMap::new();
@@ -237,8 +246,11 @@ async fn write_loop(
         };
         orphans = unmatched;
         counters.written.inc_by(batch.len() as u64);
-        if let Some(otlp) = otlp {
+        if let Some(otlp) = &outlets.otlp {
             otlp.offer(&batch);
+        }
+        if let Some(tap) = &outlets.tap {
+            tap.offer(&batch, &plan.rows);
         }
         batch.clear();
     }
@@ -360,7 +372,8 @@ mod tests {
     }
 
     async fn completion_and_replay(store: Store) {
-        let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
+        let (log, writer) =
+            AuditLog::start(store.clone(), AuditCounters::default(), Outlets::default());
         for event in [
             decided("r1"),
             Event::Completed(Completed {
@@ -390,7 +403,8 @@ mod tests {
     #[tokio::test]
     async fn a_late_cost_and_completion_find_their_written_record() {
         for (_label, _scratch, store) in testing::stores().await {
-            let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
+            let (log, writer) =
+                AuditLog::start(store.clone(), AuditCounters::default(), Outlets::default());
             log.record(decided_by("slow", "k1")).await;
             tokio::time::sleep(HOLD + Duration::from_millis(400)).await;
             assert_eq!(count(&store).await, 1, "written alone after HOLD");
@@ -437,7 +451,8 @@ mod tests {
     #[tokio::test]
     async fn a_cost_after_its_completion_in_one_batch_is_kept() {
         for (_label, _scratch, store) in testing::stores().await {
-            let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
+            let (log, writer) =
+                AuditLog::start(store.clone(), AuditCounters::default(), Outlets::default());
             log.record(decided_by("r1", "k1")).await;
             log.record(Event::Completed(Completed {
                 request_id: "r1".into(),
@@ -469,7 +484,8 @@ mod tests {
     #[tokio::test]
     async fn a_batch_of_several_statements_lands_whole() {
         for (_label, _scratch, store) in testing::stores().await {
-            let (log, writer) = AuditLog::start(store.clone(), AuditCounters::default(), None);
+            let (log, writer) =
+                AuditLog::start(store.clone(), AuditCounters::default(), Outlets::default());
             let n = ROWS_PER_INSERT * 2 + 7;
             for i in 0..n {
                 let mut event = decided(&format!("r{i}"));
@@ -510,7 +526,8 @@ mod tests {
 
     async fn slow_store(store: Store) {
         let counters = AuditCounters::default();
-        let (log, writer) = AuditLog::with_capacity(store.clone(), counters.clone(), None, 4);
+        let (log, writer) =
+            AuditLog::with_capacity(store.clone(), counters.clone(), Outlets::default(), 4);
         // Hold the write lock from another connection.
         let mut blocker = store.pool().acquire().await.unwrap();
         let lock: &[&str] = match store.backend() {
@@ -556,7 +573,7 @@ mod tests {
     async fn after_finish_an_event_is_counted_as_dropped() {
         let (_label, _scratch, store) = testing::stores().await.remove(0);
         let counters = AuditCounters::default();
-        let (log, writer) = AuditLog::start(store.clone(), counters.clone(), None);
+        let (log, writer) = AuditLog::start(store.clone(), counters.clone(), Outlets::default());
         log.record(decided("before")).await;
         writer.finish().await;
         log.record(decided("after")).await;

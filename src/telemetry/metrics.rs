@@ -52,6 +52,25 @@ struct StatusLabels {
     class: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlertLabels {
+    pub proxy: String,
+    /// `requests`, `denials`, `errors`, `spend_near_cap` or `new_path`.
+    pub kind: &'static str,
+}
+
+/// The anomaly alerts' counters.
+#[derive(Clone, Default)]
+pub struct AlertCounters {
+    pub fired: Family<AlertLabels, Counter>,
+    /// Keys an alert quarantined.
+    pub quarantined: Counter,
+    /// Batches of observations the alerts had no room for.
+    pub dropped: Counter,
+    /// Webhook posts that failed every attempt.
+    pub dead_letters: Counter,
+}
+
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
@@ -70,6 +89,7 @@ pub struct Metrics {
     spend_micros: Family<ModelLabels, Counter>,
     pub audit: AuditCounters,
     audit_queued: Gauge,
+    pub alerts: AlertCounters,
 }
 
 impl Default for Metrics {
@@ -189,6 +209,27 @@ impl Default for Metrics {
             "Audit events waiting to be written",
             audit_queued.clone(),
         );
+        let alerts = AlertCounters::default();
+        registry.register(
+            "alerts",
+            "Anomaly alerts fired, by proxy and kind",
+            alerts.fired.clone(),
+        );
+        registry.register(
+            "keys_quarantined",
+            "Keys quarantined by an anomaly alert",
+            alerts.quarantined.clone(),
+        );
+        registry.register(
+            "alert_batches_dropped",
+            "Batches of requests the anomaly alerts had no room for (not judged)",
+            alerts.dropped.clone(),
+        );
+        registry.register(
+            "webhook_dead_letters",
+            "Webhook posts that failed every attempt and went to the dead-letter log",
+            alerts.dead_letters.clone(),
+        );
         Self {
             registry,
             decisions,
@@ -205,6 +246,7 @@ impl Default for Metrics {
             spend_micros,
             audit,
             audit_queued,
+            alerts,
         }
     }
 }

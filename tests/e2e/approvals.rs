@@ -5,7 +5,7 @@ use crate::common::{Stack, Upstream, client, denial, json};
 
 const AGENT_KEY: &str = "lk_approvalAgentKEY00000001";
 
-fn policy(upstream: &str) -> String {
+fn policy(upstream: &str, hook: &str) -> String {
     format!(
         r#"
 targets:
@@ -14,7 +14,12 @@ credentials:
   - {{ name: stripe-key, type: target, auth: bearer, secret: {{ value: sk_approved }} }}
   - {{ name: agent, type: proxy, keys: [{{ value: {AGENT_KEY} }}] }}
 proxies:
-  - {{ name: stripe, target: stripe, target_credential: stripe-key, proxy_credentials: [agent], default_effect: allow }}
+  - name: stripe
+    target: stripe
+    target_credential: stripe-key
+    proxy_credentials: [agent]
+    default_effect: allow
+    guards: {{ webhooks: [{{ url: "{hook}/approvals/T0/SECRET", format: json }}] }}
 rules:
   - {{ id: refunds-need-a-person, proxy: stripe, effect: approve, methods: [POST], path: "^/v1/refunds" }}
 "#
@@ -41,8 +46,9 @@ async fn refund(stack: &Stack, amount: u32) -> (u16, serde_json::Value) {
 #[tokio::test]
 async fn an_approved_request_passes_exactly_once() {
     let upstream = Upstream::start().await;
+    let hook = Upstream::start().await;
     let stack = Stack::start().await;
-    stack.apply(&policy(&upstream.url()), &[]);
+    stack.apply(&policy(&upstream.url(), &hook.url()), &[]);
 
     // Held: 403 approval_required with the approval's id; asking again is the same one.
     let (status, held) = refund(&stack, 5000).await;
@@ -56,6 +62,24 @@ async fn an_approved_request_passes_exactly_once() {
         id.as_str()
     );
     assert!(upstream.take().is_empty(), "nothing reached the vendor");
+
+    // The proxy's webhook hears of it once, with what an approver sees and no body value.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while hook.count() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let posted = hook.take();
+    assert_eq!(posted.len(), 1, "one post per approval asked");
+    assert_eq!(posted[0].uri, "/approvals/T0/SECRET");
+    let event: serde_json::Value = serde_json::from_slice(&posted[0].body).unwrap();
+    assert_eq!(event["type"], "latchkey.approval");
+    assert_eq!(event["approval"]["id"], id.as_str());
+    assert_eq!(event["approval"]["path"], "/v1/refunds");
+    assert_eq!(event["approval"]["method"], "POST");
+    assert!(
+        !posted[0].dump().contains("ch_secret_123") && !posted[0].dump().contains("sk_approved")
+    );
 
     // What a person sees: method, path, key and the body's fields, never their values.
     let listed = json(&stack.cli(&["approvals", "list", "-o", "json"], &[]));

@@ -268,3 +268,61 @@ async fn failures_are_retried_only_where_a_repeat_is_safe() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Retries are requests too: each counts against the caller's rate budget, in this
+/// process and in Redis, so a retried call cannot amplify load.
+#[tokio::test]
+async fn retries_count_against_the_rate_budget() {
+    for redis in [false, true] {
+        let (url, calls) = flaky().await;
+        let env: &[(&str, &str)] = if redis {
+            &[("LATCHKEY_REDIS_URL", "redis://127.0.0.1:6379")]
+        } else {
+            &[]
+        };
+        let stack = Stack::start_configured(|c| c, env).await;
+        let proxy = crate::common::unique("retried");
+        let file = policy(&url)
+            .replace(
+                "guards: { duplicate_window: 60s, idempotency_key: true }",
+                "guards: { retries: { max: 2 } }\n    limits: { requests_per_minute: 6 }",
+            )
+            .replace("  - name: stripe\n", &format!("  - name: {proxy}\n"));
+        stack.apply(&file, &[]);
+        let get = |path: String| {
+            let url = stack.url(&format!("/{proxy}{path}"));
+            async move {
+                client()
+                    .get(url)
+                    .bearer_auth(AGENT_KEY)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        };
+        // Two calls, each answered on its third attempt: 2 × 3 of the 6 a minute.
+        assert_eq!(get("/v1/one".into()).await, 200, "redis: {redis}");
+        assert_eq!(get("/v1/two".into()).await, 200, "redis: {redis}");
+        assert_eq!(calls.lock().unwrap().values().sum::<u32>(), 6);
+        // Once the access log tells latchkey of the retries, the budget is spent.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut n = 0;
+        loop {
+            n += 1;
+            let status = get(format!("/v1/later-{n}")).await;
+            if status == 429 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis: {redis}: still {status} after {n} more calls"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        // Without retries counted, four more calls would have passed; at most one did
+        // (its retries were not reported yet when the next came).
+        assert!(n <= 2, "redis: {redis}: {n} calls until refused");
+    }
+}

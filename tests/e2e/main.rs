@@ -2,6 +2,7 @@
 //! in-test upstream records what the vendor would see. One binary, one shared harness.
 
 mod admin;
+mod alerts;
 mod approvals;
 mod audit;
 mod budgets;

@@ -9,11 +9,11 @@ use crate::common::{PgDatabase, Stack, Upstream, client, free_port, unique};
 const AGENT_KEY: &str = "lk_scaleAgentKEY000000000001";
 const SECRET: &str = "sk_scale_secret_value_999";
 
-struct Pair {
-    stack: Stack,
+pub(crate) struct Pair {
+    pub stack: Stack,
     b: Child,
-    b_admin: u16,
-    b_http: u16,
+    pub b_admin: u16,
+    pub b_http: u16,
     _db: PgDatabase,
 }
 
@@ -26,7 +26,7 @@ impl Drop for Pair {
 
 /// Replica A is the stack's own; B gets its own ports, and Envoy's latchkey cluster
 /// gets B as a second endpoint.
-async fn pair() -> Pair {
+pub(crate) async fn pair() -> Pair {
     let db = PgDatabase::create().await;
     let b_ports = [free_port(), free_port(), free_port()];
     let b_grpc = b_ports[0];

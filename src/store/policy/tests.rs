@@ -91,7 +91,27 @@ async fn sqlite_and_postgres_store_the_same_policy_the_same_way() {
             .unwrap();
         let id = issued.id.clone();
         assert_eq!(issue_version, 3, "{label}");
-        assert_eq!(store.revoke_key(&id).await.unwrap(), Ok(4), "{label}");
+        // An alert quarantines the key once; a release lets it through again.
+        use crate::store::alerts::{Released, sample};
+        let alert = sample(Some(&id), true);
+        assert_eq!(
+            store.record_alert(&alert).await.unwrap(),
+            Some(4),
+            "{label}"
+        );
+        let again = sample(Some(&id), true);
+        assert_eq!(store.record_alert(&again).await.unwrap(), None, "{label}");
+        let quarantined =
+            |s: &StoredPolicy| s.keys.iter().find(|k| k.id == id).unwrap().quarantined_at;
+        assert_eq!(quarantined(&store.load().await.unwrap()), Some(1_000));
+        assert_eq!(store.release_key(&id).await.unwrap(), Released::Now(5));
+        assert_eq!(
+            store.release_key(&id).await.unwrap(),
+            Released::NotQuarantined
+        );
+        assert!(store.release_key("key_nope").await.is_err());
+        assert_eq!(quarantined(&store.load().await.unwrap()), None);
+        assert_eq!(store.revoke_key(&id).await.unwrap(), Ok(6), "{label}");
         assert_eq!(
             store.revoke_key(&id).await.unwrap(),
             Err(crate::store::AlreadyRevoked),
@@ -101,7 +121,11 @@ async fn sqlite_and_postgres_store_the_same_policy_the_same_way() {
             store.revoke_key("key_nope").await,
             Err(StoreError::NotFound(_))
         ));
-        assert_eq!(store.version().await.unwrap(), 4, "{label}: issue + revoke");
+        assert_eq!(
+            store.version().await.unwrap(),
+            6,
+            "{label}: issue, quarantine, release, revoke"
+        );
 
         let stored = store.load().await.unwrap();
         let cred = stored
@@ -117,6 +141,7 @@ async fn sqlite_and_postgres_store_the_same_policy_the_same_way() {
                 "{:?}",
                 KeyRow {
                     revoked_at: None,
+                    quarantined_at: None,
                     ..run.clone()
                 }
             ),

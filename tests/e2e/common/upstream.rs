@@ -91,6 +91,11 @@ impl Upstream {
         Self { addr, seen }
     }
 
+    /// Requests recorded and not yet taken.
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
     pub fn take(&self) -> Vec<Seen> {
         std::mem::take(&mut *self.seen.lock().unwrap())
     }
