@@ -326,3 +326,180 @@ async fn retries_count_against_the_rate_budget() {
         assert!(n <= 2, "redis: {redis}: {n} calls until refused");
     }
 }
+
+/// A Redis of the test's own, so what reaches it is this test's alone.
+struct PrivateRedis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl PrivateRedis {
+    fn start() -> Self {
+        let port = crate::common::free_port();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (the Makefile installs it)");
+        let redis = Self { child, port };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !redis.cli(&["PING"]).contains("PONG") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        redis
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The commands clients send while `during` runs, by name, from `MONITOR` (whose
+    /// lines name a script's own calls `lua`: those are not round trips).
+    async fn round_trips(&self, during: impl std::future::Future<Output = ()>) -> Vec<String> {
+        use std::io::BufRead;
+        let mut monitor = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "MONITOR"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("redis-cli");
+        let stdout = monitor.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let next = || rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+        assert_eq!(next(), "OK");
+        during.await;
+        // A marker: everything before it has been seen.
+        self.cli(&["ECHO", "latchkey-test-done"]);
+        let mut out = Vec::new();
+        loop {
+            let line = next();
+            if line.contains("latchkey-test-done") {
+                break;
+            }
+            if line.contains("[0 lua]") {
+                continue;
+            }
+            if let Some(name) = line.split('"').nth(1) {
+                out.push(name.to_ascii_uppercase());
+            }
+        }
+        let _ = monitor.kill();
+        let _ = monitor.wait();
+        out
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the guards cost where they are not used: a request on a proxy without guards
+/// makes exactly the one budget call it made before them (the rate limit's script), and
+/// a guarded POST one more (the duplicate guard's `SET NX`); alerts and the retries'
+/// bookkeeping add none.
+#[tokio::test]
+async fn guards_add_no_round_trip_where_they_are_not_used() {
+    let redis = PrivateRedis::start();
+    let upstream = Upstream::start().await;
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let stack = Stack::start_configured(|c| c, &[("LATCHKEY_REDIS_URL", url.as_str())]).await;
+    let plain = policy(&upstream.url())
+        .replace(
+            "    guards: { duplicate_window: 60s, idempotency_key: true }\n",
+            "    limits: { requests_per_minute: 1000 }\n",
+        )
+        .replace("  - name: stripe\n", "  - name: plain\n");
+    let guarded = policy(&upstream.url())
+        .replace(
+            "guards: { duplicate_window: 60s, idempotency_key: true }",
+            "limits: { requests_per_minute: 1000 }\n    guards:\n      duplicate_window: 60s\n      \
+             retries: { max: 2 }\n      alerts: { requests: { factor: 5, min: 500 } }",
+        )
+        .replace("  - name: stripe\n", "  - name: guarded\n");
+    // One file, two proxies: the second file's proxy appended to the first's list.
+    let proxies = guarded.split("proxies:\n").nth(1).unwrap();
+    stack.apply(&format!("{plain}{proxies}"), &[]);
+    let send = |method: reqwest::Method, path: String, body: String| {
+        let request = client()
+            .request(method, stack.url(&path))
+            .bearer_auth(AGENT_KEY)
+            .body(body);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    // The first call loads the budget script into Redis: not counted.
+    assert_eq!(
+        send(reqwest::Method::GET, "/plain/v1/warm".into(), String::new()).await,
+        200
+    );
+
+    let plain_calls = redis
+        .round_trips(async {
+            for i in 0..20 {
+                for method in [reqwest::Method::GET, reqwest::Method::POST] {
+                    let status = send(method, format!("/plain/v1/items/{i}"), format!("n={i}"));
+                    assert_eq!(status.await, 200);
+                }
+            }
+        })
+        .await;
+    assert_eq!(
+        plain_calls,
+        vec!["EVALSHA".to_owned(); 40],
+        "one budget call per request"
+    );
+
+    let guarded_calls = redis
+        .round_trips(async {
+            for i in 0..20 {
+                let status = send(
+                    reqwest::Method::POST,
+                    "/guarded/v1/charges".into(),
+                    format!("amount={i}"),
+                );
+                assert_eq!(status.await, 200, "guarded POST {i}");
+                let status = send(
+                    reqwest::Method::GET,
+                    format!("/guarded/v1/charges/{i}"),
+                    String::new(),
+                );
+                assert_eq!(status.await, 200, "guarded GET {i}");
+            }
+        })
+        .await;
+    let count = |name: &str| guarded_calls.iter().filter(|c| *c == name).count();
+    // A POST: the duplicate guard's SET NX, then the budget script; a GET (retriable)
+    // only the budget script, which remembers its limits for its retries itself.
+    assert_eq!(
+        (count("SET"), count("EVALSHA")),
+        (20, 40),
+        "{guarded_calls:?}"
+    );
+    assert_eq!(guarded_calls.len(), 60, "{guarded_calls:?}");
+}

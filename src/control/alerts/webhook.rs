@@ -67,7 +67,7 @@ impl Poster {
         let _slot = self.slots.acquire().await;
         let body = match hook.format {
             WebhookFormat::Json => post.json.clone(),
-            WebhookFormat::Slack => serde_json::json!({ "text": post.text }),
+            WebhookFormat::Slack => serde_json::json!({ "text": slack_escaped(&post.text) }),
         };
         let mut error = String::new();
         for attempt in 0..=BACKOFF.len() {
@@ -100,6 +100,14 @@ impl Poster {
     }
 }
 
+/// Slack reads `<…>` as links and mentions (`<!channel>` pings everyone) and `&` as an
+/// entity: text an agent chose (a path, a label) is shown, never obeyed.
+fn slack_escaped(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 /// What went wrong, without the URL.
 fn describe(e: reqwest::Error) -> String {
     if e.is_timeout() {
@@ -108,5 +116,18 @@ fn describe(e: reqwest::Error) -> String {
         "could not connect".to_owned()
     } else {
         e.without_url().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slack_text_cannot_mention_or_link() {
+        assert_eq!(
+            slack_escaped("first request to /<!channel>/a&b <https://x|y>"),
+            "first request to /&lt;!channel&gt;/a&amp;b &lt;https://x|y&gt;"
+        );
     }
 }
