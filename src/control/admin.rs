@@ -53,6 +53,16 @@ pub struct AdminService {
 }
 
 impl AdminService {
+    /// The live policy as a file, for this caller: a viewer sees webhook URLs by scheme
+    /// and host only (a hook's path is its token), an admin whole.
+    async fn readable<T>(&self, request: &Request<T>) -> Result<PolicyFile, Status> {
+        let mut file = self.store.load().await.map_err(internal)?.to_file();
+        if require_admin(request).is_err() {
+            file.hide_webhook_paths();
+        }
+        Ok(file)
+    }
+
     /// Takes a change made to the store into this replica's snapshot; the others take
     /// it in through their own `PolicySync`.
     async fn reload(&self) -> Result<(), Status> {
@@ -239,10 +249,10 @@ impl Admin for AdminService {
     }
 
     async fn get_item(&self, request: Request<GetItemRequest>) -> Result<Response<Item>, Status> {
+        let file = self.readable(&request).await?;
         let req = request.into_inner();
         let kind = item_kind(req.kind)?;
-        let stored = self.store.load().await.map_err(internal)?;
-        let (name, spec) = items::list(&stored.to_file(), kind)
+        let (name, spec) = items::list(&file, kind)
             .into_iter()
             .find(|(name, _)| *name == req.name)
             .ok_or_else(|| {
@@ -262,11 +272,11 @@ impl Admin for AdminService {
         &self,
         request: Request<ListItemsRequest>,
     ) -> Result<Response<ListItemsResponse>, Status> {
+        let file = self.readable(&request).await?;
         let req = request.into_inner();
         let kind = item_kind(req.kind)?;
-        let stored = self.store.load().await.map_err(internal)?;
         let (items, next_page_token) = page(
-            items::list(&stored.to_file(), kind),
+            items::list(&file, kind),
             |(name, _)| name,
             req.page_size,
             &req.page_token,
@@ -645,10 +655,10 @@ impl Admin for AdminService {
 
     async fn export(
         &self,
-        _request: Request<ExportRequest>,
+        request: Request<ExportRequest>,
     ) -> Result<Response<ExportResponse>, Status> {
-        let stored = self.store.load().await.map_err(internal)?;
-        let policy_yaml = serde_norway::to_string(&stored.to_file()).map_err(internal)?;
+        let file = self.readable(&request).await?;
+        let policy_yaml = serde_norway::to_string(&file).map_err(internal)?;
         Ok(Response::new(ExportResponse { policy_yaml }))
     }
 

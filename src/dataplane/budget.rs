@@ -158,10 +158,14 @@ pub struct LocalBudgets {
     tats: moka::sync::Cache<Arc<str>, Arc<Mutex<Option<u64>>>>,
     /// Guarded requests seen, by fingerprint: until when a repeat is refused (ms).
     seen: moka::sync::Cache<[u8; 32], u64>,
-    /// Requests Envoy may retry, by request id: the limits their retries count against.
-    retriable: moka::sync::Cache<Box<str>, Arc<[Limit]>>,
+    /// Requests Envoy may retry, by request id: the limits their retries count against,
+    /// one entry per admission (a client may send its own id more than once).
+    retriable: moka::sync::Cache<String, Remembered>,
     clock: Arc<dyn Clock>,
 }
+
+/// The limits of each admission under one request id, oldest first.
+type Remembered = Arc<Mutex<Vec<Arc<[Limit]>>>>;
 
 /// How long a retriable request's limits are kept for its completion: longer than any
 /// call with its retries takes.
@@ -283,18 +287,20 @@ for i = 1, limits do
   remembered[#remembered + 1] = ARGV[2 * i - 1] .. ' ' .. KEYS[i]
 end
 if #KEYS > limits then
-  redis.call('SET', KEYS[limits + 1], table.concat(remembered, '\n'), 'PX', 120000)
+  redis.call('RPUSH', KEYS[limits + 1], table.concat(remembered, '\n'))
+  redis.call('PEXPIRE', KEYS[limits + 1], 120000)
 end
 return {1, tight - 1, tight_left}
 ";
 
 /// Counts a request's retries against the limits its admission remembered, admitted or
-/// not (a limit in debt refuses until it is paid off), and forgets them. KEYS: where
-/// they were remembered; ARGV: the retries. Returns how many limits were charged.
+/// not (a limit in debt refuses until it is paid off), and forgets them. Remembered in a
+/// list, one entry per admission: requests that share an id (a client may choose its
+/// own) each have theirs charged once. KEYS: where they were remembered; ARGV: the
+/// retries. Returns how many limits were charged.
 const CHARGE_SCRIPT: &str = r"
-local remembered = redis.call('GET', KEYS[1])
+local remembered = redis.call('LPOP', KEYS[1])
 if not remembered then return 0 end
-redis.call('DEL', KEYS[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local attempts = tonumber(ARGV[1])
@@ -430,6 +436,11 @@ impl Budgets {
         self.admit_retriable(limits, None).await
     }
 
+    /// Counted in this process (no shared store).
+    pub fn is_local(&self) -> bool {
+        matches!(self, Budgets::Local(_))
+    }
+
     /// Admits a request, and with `retriable` (its id: Envoy may retry it) remembers its
     /// limits so its retries count against them too ([`Budgets::charge_retries`]). No
     /// round trip more than [`Budgets::admit`].
@@ -442,7 +453,9 @@ impl Budgets {
             Budgets::Local(local) => {
                 let admission = local.admit(limits);
                 if let (Some(id), Admission::Admitted { .. }) = (retriable, admission) {
-                    local.retriable.insert(id.into(), limits.into());
+                    let entries = local.retriable.get_with_by_ref(id, Default::default);
+                    let mut entries = entries.lock().unwrap_or_else(|p| p.into_inner());
+                    entries.push(limits.into());
                 }
                 Ok(admission)
             }
@@ -456,9 +469,18 @@ impl Budgets {
     pub async fn charge_retries(&self, request_id: &str, retries: u32) {
         match self {
             Budgets::Local(local) => {
-                if let Some(limits) = local.retriable.remove(request_id)
-                    && retries > 0
-                {
+                let Some(entries) = local.retriable.get(request_id) else {
+                    return;
+                };
+                let limits = {
+                    let mut entries = entries.lock().unwrap_or_else(|p| p.into_inner());
+                    let first = (!entries.is_empty()).then(|| entries.remove(0));
+                    if entries.is_empty() {
+                        local.retriable.invalidate(request_id);
+                    }
+                    first
+                };
+                if let (Some(limits), true) = (limits, retries > 0) {
                     local.charge(&limits, retries);
                 }
             }

@@ -64,8 +64,10 @@ impl Shared {
     }
 
     /// The store's policy version the running snapshot was built from, as a gauge: a
-    /// replica behind the others shows a lower value.
+    /// replica behind the others shows a lower value. And whether the anomaly alerts
+    /// are to be told of requests, from the first one the snapshot decides.
     pub fn installed(&self, version: i64) {
         self.metrics.policy_version.set(version);
+        self.audit.tap_wanted(self.policy.load().has_alerts());
     }
 }

@@ -521,19 +521,29 @@ impl Policy {
 
     /// Revokes, in this running snapshot, every key the store revokes or no longer
     /// has: a replica that cannot compile the store's policy (a master key it lacks, a
-    /// bug) still stops revoked keys, which must never wait for a full compile.
+    /// bug) still stops revoked and quarantined keys, which must never wait for a full
+    /// compile.
     /// Returns how many keys it revoked.
     pub fn apply_revocations(&self, stored: &StoredPolicy) -> usize {
-        let live: HashMap<&[u8], bool> = stored
+        let live: HashMap<&[u8], (bool, bool)> = stored
             .keys
             .iter()
-            .map(|k| (k.hash.as_slice(), k.revoked_at.is_some()))
+            .map(|k| {
+                let stopped = (k.revoked_at.is_some(), k.quarantined_at.is_some());
+                (k.hash.as_slice(), stopped)
+            })
             .collect();
         self.all_keys()
             .filter(|entry| {
-                live.get(entry.hash.as_slice())
-                    .is_none_or(|&revoked| revoked)
-                    && !entry.revoked.swap(true, Ordering::Relaxed)
+                let (revoked, quarantined) = live
+                    .get(entry.hash.as_slice())
+                    .copied()
+                    .unwrap_or((true, false));
+                // Quarantines too, never a release: that waits for a compile.
+                if quarantined {
+                    entry.quarantined.store(true, Ordering::Relaxed);
+                }
+                revoked && !entry.revoked.swap(true, Ordering::Relaxed)
             })
             .count()
     }

@@ -48,10 +48,15 @@ impl AccessLogService for AccessLog {
                 if let Some(completed) = completion(entry) {
                     self.shared.metrics.record_response(completed.status);
                     // Envoy's retries count against the caller's rate budget: a
-                    // retried call cannot amplify its load.
-                    (self.shared.budgets)
-                        .charge_retries(&completed.request_id, completed.retries)
-                        .await;
+                    // retried call cannot amplify its load. Apart, so a slow budget
+                    // store never holds the log stream up.
+                    if completed.retries > 0 || self.shared.budgets.is_local() {
+                        let (shared, id) = (self.shared.clone(), completed.request_id.clone());
+                        let retries = completed.retries;
+                        tokio::spawn(async move {
+                            shared.budgets.charge_retries(&id, retries).await;
+                        });
+                    }
                     // Waits when the audit queue is full: Envoy buffers meanwhile.
                     self.shared.audit.record(Event::Completed(completed)).await;
                 }

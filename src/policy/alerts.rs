@@ -88,7 +88,7 @@ fn span(field: &str, text: Option<&str>, default: u64, range: (u64, u64)) -> Res
         return Ok(default);
     };
     let d = humantime::parse_duration(text).map_err(|e| format!("{field}: {text:?}: {e}"))?;
-    let ms = d.as_millis() as u64;
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     if ms < range.0 || ms > range.1 || d.subsec_nanos() != 0 {
         return Err(format!(
             "{field}: {text:?} is not whole seconds from {} to {}",
@@ -159,9 +159,10 @@ impl Alerts {
 
 impl Webhook {
     pub fn validate(&self) -> Result<(), String> {
+        // Errors name the hook by scheme and host only.
         let url = reqwest::Url::parse(&self.url).map_err(|e| format!("url: {e}"))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(format!("url: {:?} is not http(s)://host/…", self.url));
+            return Err(format!("url: {} is not http(s)://host/…", self.shown()));
         }
         if !url.username().is_empty() || url.password().is_some() {
             return Err("url: no user or password in it; put a token in the path".to_owned());
@@ -180,6 +181,18 @@ impl Webhook {
                 u.port().map(|p| format!(":{p}")).unwrap_or_default()
             ),
             Err(_) => "(not a URL)".to_owned(),
+        }
+    }
+}
+
+impl crate::policy::PolicyFile {
+    /// Webhook URLs as scheme and host only, for readers who may not post to them
+    /// (a Slack-style hook's path is its token).
+    pub fn hide_webhook_paths(&mut self) {
+        for p in &mut self.proxies {
+            for hook in p.guards.iter_mut().flat_map(|g| g.webhooks.iter_mut()) {
+                hook.url = hook.shown();
+            }
         }
     }
 }

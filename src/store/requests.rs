@@ -409,13 +409,19 @@ pub async fn prune(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
         .bind(cutoff_ms)
         .execute(store.pool())
         .await?;
-    // Alerts and undelivered webhook posts too.
-    for table in ["alerts", "webhook_dead_letters"] {
-        sqlx::query(&format!("DELETE FROM {table} WHERE time_ms < $1"))
-            .bind(cutoff_ms)
-            .execute(store.pool())
-            .await?;
-    }
+    // Alerts and undelivered webhook posts too, but the alert a key is still
+    // quarantined by: it says why.
+    sqlx::query(
+        "DELETE FROM alerts WHERE time_ms < $1 AND id NOT IN
+           (SELECT quarantine_alert FROM proxy_keys WHERE quarantine_alert IS NOT NULL)",
+    )
+    .bind(cutoff_ms)
+    .execute(store.pool())
+    .await?;
+    sqlx::query("DELETE FROM webhook_dead_letters WHERE time_ms < $1")
+        .bind(cutoff_ms)
+        .execute(store.pool())
+        .await?;
     let mut total = 0;
     loop {
         let done = sqlx::query(

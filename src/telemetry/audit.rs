@@ -58,6 +58,8 @@ pub struct Outlets {
 pub struct AuditLog {
     tx: mpsc::Sender<Event>,
     counters: AuditCounters,
+    /// The anomaly alerts' tap, told whether anything is watched.
+    tap: Option<Tap>,
 }
 
 /// The writer task; [`AuditWriter::finish`] drains the queue and returns when every
@@ -80,6 +82,7 @@ impl AuditLog {
         capacity: usize,
     ) -> (Self, AuditWriter) {
         let (tx, rx) = mpsc::channel(capacity);
+        let tap = outlets.tap.clone();
         let stop = Arc::new(Notify::new());
         let task = tokio::spawn({
             let (stop, counters) = (stop.clone(), counters.clone());
@@ -90,7 +93,7 @@ impl AuditLog {
                 }
             }
         });
-        (Self { tx, counters }, AuditWriter { stop, task })
+        (Self { tx, counters, tap }, AuditWriter { stop, task })
     }
 
     /// Queues an event; waits only while the queue is full.
@@ -115,6 +118,13 @@ impl AuditLog {
             Event::Charged { request_id, .. } => request_id,
         };
         tracing::error!(request_id, "audit event dropped: the writer has stopped");
+    }
+
+    /// Whether the written events are to be handed to the anomaly alerts.
+    pub fn tap_wanted(&self, wanted: bool) {
+        if let Some(tap) = &self.tap {
+            tap.want(wanted);
+        }
     }
 
     /// Events queued and not yet written.
@@ -250,7 +260,7 @@ async fn write_loop(
             otlp.offer(&batch);
         }
         if let Some(tap) = &outlets.tap {
-            tap.offer(&batch, &plan.rows);
+            tap.offer(&batch);
         }
         batch.clear();
     }

@@ -7,13 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 
-use crate::store::audit::Row;
 use crate::telemetry::events::Event;
 
-/// One request as the alerts see it: its decision, or the vendor's answer to it.
+/// One request as the alerts see it: its decision, or, whenever it comes, the vendor's
+/// answer to it (joined by the alerts, which saw the decision).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Observed {
     Decided {
+        request_id: String,
         time_ms: i64,
         proxy: Arc<str>,
         key_id: Option<Arc<str>>,
@@ -25,16 +26,14 @@ pub enum Observed {
         near_cap: bool,
     },
     Answered {
-        time_ms: i64,
-        proxy: Arc<str>,
-        key_id: Option<Arc<str>>,
+        request_id: String,
         upstream_status: u16,
     },
 }
 
 /// Batches waiting for the alerts; beyond, a batch is dropped (and counted): alerts are
-/// advice, and must never hold the audit up.
-const CAPACITY: usize = 256;
+/// advice, and must never hold the audit up. At most 64 × 1,024 requests wait.
+const CAPACITY: usize = 64;
 
 /// The writer's side.
 #[derive(Clone)]
@@ -60,32 +59,31 @@ impl Tap {
         self.wanted.store(wanted, Ordering::Relaxed);
     }
 
-    /// The decisions of a written batch, and the answers of the rows it completed.
-    pub(crate) fn offer(&self, batch: &[Event], rows: &[Row]) {
+    /// The decisions and answers of a written batch.
+    pub(crate) fn offer(&self, batch: &[Event]) {
         if !self.wanted.load(Ordering::Relaxed) {
             return;
         }
-        let decided = batch.iter().filter_map(|e| match e {
-            Event::Decided(d) => Some(Observed::Decided {
-                time_ms: d.time_ms,
-                proxy: d.proxy.clone()?,
-                key_id: d.key_id.clone(),
-                run_label: d.run_label.clone(),
-                decision: d.decision,
-                path: d.path.split('?').next().unwrap_or_default().to_owned(),
-                near_cap: d.near_cap,
-            }),
-            _ => None,
-        });
-        let answered = rows.iter().filter_map(|r| {
-            Some(Observed::Answered {
-                time_ms: r.decided.time_ms,
-                proxy: r.decided.proxy.clone()?,
-                key_id: r.decided.key_id.clone(),
-                upstream_status: r.completed.as_ref()?.upstream_status?,
+        let observed: Vec<Observed> = batch
+            .iter()
+            .filter_map(|e| match e {
+                Event::Decided(d) => Some(Observed::Decided {
+                    request_id: d.request_id.clone(),
+                    time_ms: d.time_ms,
+                    proxy: d.proxy.clone()?,
+                    key_id: d.key_id.clone(),
+                    run_label: d.run_label.clone(),
+                    decision: d.decision,
+                    path: d.path.split('?').next().unwrap_or_default().to_owned(),
+                    near_cap: d.near_cap,
+                }),
+                Event::Completed(c) => Some(Observed::Answered {
+                    request_id: c.request_id.clone(),
+                    upstream_status: c.upstream_status?,
+                }),
+                Event::Charged { .. } => None,
             })
-        });
-        let observed: Vec<Observed> = decided.chain(answered).collect();
+            .collect();
         if !observed.is_empty() && self.tx.try_send(observed).is_err() {
             self.dropped.inc();
         }

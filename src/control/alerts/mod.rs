@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use crate::base::clock::now_unix_ms;
 use crate::control::sync::PolicySync;
 use crate::dataplane::shared::Shared;
+use crate::dataplane::snapshot::AlertRule;
 use crate::store::Store;
 use crate::store::alerts::AlertRow;
 use crate::telemetry::metrics::AlertLabels;
@@ -30,18 +31,54 @@ use webhook::{Post, Poster};
 
 /// Subjects watched at most; past it, new keys are not (their proxy still is).
 const MAX_WATCHES: usize = 200_000;
+/// Forwarded requests waiting for their answer at most, and for how long.
+const MAX_AWAITED: usize = 200_000;
+const AWAIT_MS: i64 = 600_000;
+/// Alerts waiting to be raised; past it, one is dropped (and logged).
+const RAISE_QUEUE: usize = 1024;
+
+/// What a key is answerable for. Its denials: its rules, scope and repeats — not the
+/// limits, caps and outages it shares with other keys, which another agent could spend
+/// to get it quarantined. Its errors: the vendor's 4xx but 401, 407 and 429 (what was
+/// asked was wrong), not 5xx or an account's quota (the vendor's state).
+const KEY_DENIALS: [&str; 6] = [
+    "rule_denied",
+    "not_bound",
+    "duplicate_request",
+    "approval_required",
+    "body_too_large",
+    "invalid_request",
+];
+
+fn key_error(status: u16) -> bool {
+    (400..500).contains(&status) && ![401, 407, 429].contains(&status)
+}
 
 type Subject = (Arc<str>, Option<Arc<str>>);
 
+/// The watching side: baselines, fed by the audit writer's batches.
 pub struct Alerting {
     shared: Arc<Shared>,
-    store: Store,
-    sync: Arc<PolicySync>,
     tap: Tap,
-    poster: Poster,
     watches: HashMap<Subject, Watch>,
     /// Run labels of the keys watched, for the alert's record.
     labels: HashMap<Arc<str>, Arc<str>>,
+    /// Forwarded requests by id: whose answer the vendor's status will be.
+    awaited: HashMap<String, (Subject, i64)>,
+    raise: mpsc::Sender<Raised>,
+    /// Until spawned: the raising side, and what it takes its alerts from.
+    raiser: Option<(Raiser, mpsc::Receiver<Raised>)>,
+}
+
+/// The raising side: stores, quarantines and posts, one alert at a time, apart from
+/// the watching so a slow store never stalls it.
+struct Raiser {
+    shared: Arc<Shared>,
+    store: Store,
+    sync: Arc<PolicySync>,
+    poster: Poster,
+    /// Quarantines the store has not taken yet: kept in force here and retried.
+    pending: Vec<AlertRow>,
 }
 
 /// One departure, of whom.
@@ -61,26 +98,37 @@ impl Alerting {
         tap: Tap,
         poster: Poster,
     ) -> Self {
-        Self {
-            shared,
+        let (raise, raised) = mpsc::channel(RAISE_QUEUE);
+        let raiser = Raiser {
+            shared: shared.clone(),
             store,
             sync,
-            tap,
             poster,
+            pending: Vec::new(),
+        };
+        Self {
+            shared,
+            tap,
             watches: HashMap::new(),
             labels: HashMap::new(),
+            awaited: HashMap::new(),
+            raise,
+            raiser: Some((raiser, raised)),
         }
     }
 
     /// Watches until the audit writer stops handing batches on.
     pub fn spawn(mut self, mut rx: mpsc::Receiver<Vec<Observed>>, tasks: &mut JoinSet<()>) {
+        if let Some((raiser, raised)) = self.raiser.take() {
+            tasks.spawn(raiser.run(raised));
+        }
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             let mut ticks = 0u64;
             loop {
                 tokio::select! {
                     batch = rx.recv() => match batch {
-                        Some(batch) => self.take(batch).await,
+                        Some(batch) => self.take(batch),
                         None => return,
                     },
                     _ = tick.tick() => {
@@ -92,8 +140,9 @@ impl Alerting {
         });
     }
 
-    /// Tells the writer whether anything is watched; now and then, forgets subjects
-    /// idle for longer than their baseline remembers.
+    /// Now and then, forgets subjects idle for longer than their baseline remembers, and
+    /// answers that never came. (Each snapshot installed tells the tap whether anything
+    /// is watched; this is only a safety net.)
     fn tick(&mut self, sweep: bool) {
         let wanted = self.shared.policy.load().has_alerts();
         self.tap.want(wanted);
@@ -107,15 +156,18 @@ impl Alerting {
                 .filter_map(|(_, k)| k.as_ref())
                 .collect();
             self.labels.retain(|key, _| live.contains(key));
+            self.awaited
+                .retain(|_, (_, since)| wanted && now - *since < AWAIT_MS);
         }
     }
 
-    async fn take(&mut self, batch: Vec<Observed>) {
+    fn take(&mut self, batch: Vec<Observed>) {
         let policy = self.shared.policy.load_full();
-        let mut raised = Vec::new();
-        for observed in batch {
-            let (proxy, key_id, time_ms, seen) = match &observed {
+        for observed in &batch {
+            // Whose it is, and what it says of the key and of the proxy.
+            let (subject, time_ms, of_key, of_proxy) = match observed {
                 Observed::Decided {
+                    request_id,
                     time_ms,
                     proxy,
                     key_id,
@@ -131,79 +183,162 @@ impl Alerting {
                     if *decision == "quarantined" {
                         continue;
                     }
-                    let seen = Seen {
+                    let allowed = *decision == "allow";
+                    let subject = (proxy.clone(), key_id.clone());
+                    if allowed && self.awaited.len() < MAX_AWAITED {
+                        (self.awaited).insert(request_id.clone(), (subject.clone(), *time_ms));
+                    }
+                    let of_key = Seen {
                         request: true,
-                        denied: *decision != "allow",
-                        answered: None,
+                        denied: KEY_DENIALS.contains(decision),
                         near_cap: *near_cap,
-                        path: Some(path.as_str()),
-                    };
-                    (proxy, key_id, *time_ms, seen)
-                }
-                Observed::Answered {
-                    time_ms,
-                    proxy,
-                    key_id,
-                    upstream_status,
-                } => {
-                    let seen = Seen {
-                        answered: Some(*upstream_status),
                         ..Seen::default()
                     };
-                    (proxy, key_id, *time_ms, seen)
+                    // Paths are learned from forwarded requests only: a caller without
+                    // a key cannot fill the proxy's memory of them.
+                    let of_proxy = Seen {
+                        request: true,
+                        denied: !allowed,
+                        path: allowed.then_some(path.as_str()),
+                        ..Seen::default()
+                    };
+                    (subject, *time_ms, of_key, of_proxy)
+                }
+                Observed::Answered {
+                    request_id,
+                    upstream_status,
+                } => {
+                    let Some((subject, _)) = self.awaited.remove(request_id) else {
+                        continue;
+                    };
+                    let of_key = Seen {
+                        answered: Some(key_error(*upstream_status)),
+                        ..Seen::default()
+                    };
+                    let of_proxy = Seen {
+                        answered: Some(*upstream_status >= 400),
+                        ..Seen::default()
+                    };
+                    (subject, now_unix_ms(), of_key, of_proxy)
                 }
             };
-            let Some(rule) = policy.proxy(proxy).and_then(|p| p.guards.alerts.clone()) else {
+            let (proxy, key_id) = subject;
+            let Some(rule) = policy.proxy(&proxy).and_then(|p| p.guards.alerts.clone()) else {
                 continue;
             };
-            let subjects = [
-                key_id
-                    .clone()
-                    .map(|k| (Some(k), Seen { path: None, ..seen })),
-                Some((
-                    None,
-                    Seen {
-                        near_cap: false,
-                        ..seen
-                    },
-                )),
-            ];
+            let subjects = [key_id.map(|k| (Some(k), of_key)), Some((None, of_proxy))];
             for (key, seen) in subjects.into_iter().flatten() {
-                let subject = (proxy.clone(), key.clone());
-                if !self.watches.contains_key(&subject) && self.watches.len() >= MAX_WATCHES {
-                    continue;
-                }
-                let watch = self
-                    .watches
-                    .entry(subject)
-                    .or_insert_with(|| Watch::new(rule.clone(), time_ms));
-                if !Arc::ptr_eq(&watch.rule, &rule) {
-                    // The policy changed: same alerts, same baseline; else learn anew.
-                    if watch.rule == rule {
-                        watch.rule = rule.clone();
-                    } else {
-                        *watch = Watch::new(rule.clone(), time_ms);
-                    }
-                }
-                for fired in watch.observe(seen, time_ms) {
-                    raised.push(Raised {
-                        proxy: proxy.clone(),
-                        run_label: key.as_ref().and_then(|k| self.labels.get(k).cloned()),
-                        key_id: key.clone(),
-                        fired,
-                        time_ms,
-                    });
-                }
+                self.observe(&proxy, key, seen, &rule, time_ms);
             }
-        }
-        for r in raised {
-            self.raise(r).await;
         }
     }
 
-    /// Stores the alert (quarantining the key with it, if asked), puts a quarantine into
-    /// effect here at once, and posts the alert to the proxy's webhooks in the background.
-    async fn raise(&self, r: Raised) {
+    fn observe(
+        &mut self,
+        proxy: &Arc<str>,
+        key: Option<Arc<str>>,
+        seen: Seen<'_>,
+        rule: &Arc<AlertRule>,
+        time_ms: i64,
+    ) {
+        let subject = (proxy.clone(), key.clone());
+        if key.is_some()
+            && !self.watches.contains_key(&subject)
+            && self.watches.len() >= MAX_WATCHES
+        {
+            return;
+        }
+        let watch = self
+            .watches
+            .entry(subject)
+            .or_insert_with(|| Watch::new(rule.clone(), time_ms));
+        if !Arc::ptr_eq(&watch.rule, rule) {
+            // The policy changed: same alerts, same baseline; else learn anew.
+            if watch.rule == *rule {
+                watch.rule = rule.clone();
+            } else {
+                *watch = Watch::new(rule.clone(), time_ms);
+            }
+        }
+        for fired in watch.observe(seen, time_ms) {
+            let raised = Raised {
+                proxy: proxy.clone(),
+                run_label: key.as_ref().and_then(|k| self.labels.get(k).cloned()),
+                key_id: key.clone(),
+                fired,
+                time_ms,
+            };
+            if let Err(e) = self.raise.try_send(raised) {
+                let dropped = match e {
+                    mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => r,
+                };
+                tracing::error!(proxy = %dropped.proxy, kind = dropped.fired.kind.as_str(),
+                    "too many alerts at once: one was dropped");
+            }
+        }
+    }
+}
+
+impl Raiser {
+    async fn run(mut self, mut raised: mpsc::Receiver<Raised>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                r = raised.recv() => match r {
+                    Some(r) => self.raise(r).await,
+                    None => return,
+                },
+                _ = tick.tick(), if !self.pending.is_empty() => self.retry().await,
+            }
+        }
+    }
+
+    /// Quarantines the store did not take: in force here again (a reload rebuilt the
+    /// key table from the store, without them), and asked of the store again.
+    async fn retry(&mut self) {
+        let policy = self.shared.policy.load_full();
+        for row in std::mem::take(&mut self.pending) {
+            let key = row.key_id.as_deref().unwrap_or_default();
+            policy.set_quarantined(key, true);
+            self.quarantine(row).await;
+        }
+    }
+
+    /// Stores the alert and, with it, the key's quarantine; puts the quarantine into
+    /// effect here at once. A store that fails keeps it pending: in force here, retried.
+    async fn quarantine(&mut self, row: AlertRow) {
+        let key = row.key_id.clone().unwrap_or_default();
+        match self.store.record_alert(&row).await {
+            Ok(Some(version)) => {
+                self.shared.metrics.alerts.quarantined.inc();
+                let installed = self
+                    .sync
+                    .keys_changed(version, |running| {
+                        running.set_quarantined(&key, true);
+                        Some(Ok(running.clone()))
+                    })
+                    .await;
+                if let Err(e) = installed {
+                    // Stored: every reload has it. Meanwhile, in force on what runs.
+                    self.shared.policy.load().set_quarantined(&key, true);
+                    tracing::error!(error = %e, key_id = %key, "quarantine stored; this replica's reload failed");
+                }
+            }
+            // Quarantined already (another replica's alert): nothing changed.
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, alert = %row.id, "could not store an alert; retrying");
+                if row.quarantined {
+                    self.shared.policy.load().set_quarantined(&key, true);
+                    self.pending.push(row);
+                }
+            }
+        }
+    }
+
+    /// Records, counts and logs the alert, quarantines the key if the proxy asks, and
+    /// posts the alert to the proxy's webhooks in the background.
+    async fn raise(&mut self, r: Raised) {
         let policy = self.shared.policy.load_full();
         let Some(proxy) = policy.proxy(&r.proxy) else {
             return;
@@ -227,8 +362,7 @@ impl Alerting {
             quarantined: quarantine,
             delivery: if hooks.is_empty() { "none" } else { "pending" }.to_owned(),
         };
-        let metrics = &self.shared.metrics;
-        (metrics.alerts.fired)
+        (self.shared.metrics.alerts.fired)
             .get_or_create(&AlertLabels {
                 proxy: row.proxy.clone(),
                 kind: r.fired.kind.as_str(),
@@ -236,29 +370,10 @@ impl Alerting {
             .inc();
         tracing::warn!(alert = %row.id, proxy = %row.proxy, key_id = row.key_id.as_deref(),
             kind = %row.kind, quarantine, "{}", row.message);
-        match self.store.record_alert(&row).await {
-            Ok(Some(version)) => {
-                let key = row.key_id.as_deref().unwrap_or_default();
-                metrics.alerts.quarantined.inc();
-                let installed = self
-                    .sync
-                    .keys_changed(version, |running| {
-                        running.set_quarantined(key, true);
-                        Some(Ok(running.clone()))
-                    })
-                    .await;
-                if let Err(e) = installed {
-                    tracing::error!(error = %e, key_id = key, "quarantine stored, not yet in effect here");
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(error = %e, alert = %row.id, "could not store an alert");
-                if quarantine && let Some(key) = &row.key_id {
-                    // Fail closed on this replica at least, until the store answers.
-                    policy.set_quarantined(key, true);
-                }
-            }
+        if quarantine {
+            self.quarantine(row.clone()).await;
+        } else if let Err(e) = self.store.record_alert(&row).await {
+            tracing::error!(error = %e, alert = %row.id, "could not store an alert");
         }
         if hooks.is_empty() {
             return;

@@ -86,8 +86,9 @@ pub struct Watch {
 pub struct Seen<'a> {
     pub request: bool,
     pub denied: bool,
-    /// The vendor's status, when this is its answer.
-    pub answered: Option<u16>,
+    /// The vendor answered: whether the answer counts as an error (which of its statuses
+    /// do is the caller's to say: a key's own or the whole proxy's).
+    pub answered: Option<bool>,
     pub near_cap: bool,
     /// The path, for the proxy's watch when it alerts on new paths.
     pub path: Option<&'a str>,
@@ -181,9 +182,9 @@ impl Watch {
         if seen.denied {
             self.current.denials += 1.0;
         }
-        if let Some(status) = seen.answered {
+        if let Some(error) = seen.answered {
             self.current.answers += 1.0;
-            if status >= 400 {
+            if error {
                 self.current.errors += 1.0;
             }
         }
@@ -260,8 +261,11 @@ impl Watch {
             let shape = shape(path);
             let learning = now_ms - self.first_ms < self.rule.baseline_ms as i64;
             if !self.paths.contains(&shape) && self.paths.len() < MAX_PATHS {
-                self.paths.insert(shape.clone());
-                if !learning {
+                if learning {
+                    self.paths.insert(shape);
+                } else if self.may_fire(Kind::NewPath, now_ms) {
+                    // One a window: another new shape meanwhile is not learned, so it
+                    // is told in a later window.
                     out.push(Fired {
                         kind: Kind::NewPath,
                         observed: 1.0,
@@ -269,6 +273,7 @@ impl Watch {
                         threshold: 1.0,
                         message: format!("first request to {shape}"),
                     });
+                    self.paths.insert(shape);
                 }
             }
         }
@@ -367,17 +372,17 @@ mod tests {
         let kinds = |f: Vec<Fired>| f.into_iter().map(|f| f.kind).collect::<Vec<_>>();
         assert!((0..4).all(|i| w.observe(denied, i).is_empty()));
         assert_eq!(kinds(w.observe(denied, 5)), [Kind::Denials]);
-        let answer = |s| Seen {
-            answered: Some(s),
+        let answer = |error| Seen {
+            answered: Some(error),
             ..Seen::default()
         };
-        assert!(w.observe(answer(200), 6).is_empty());
-        assert!(w.observe(answer(500), 7).is_empty());
+        assert!(w.observe(answer(false), 6).is_empty());
+        assert!(w.observe(answer(true), 7).is_empty());
         assert!(
-            w.observe(answer(429), 8).is_empty(),
+            w.observe(answer(true), 8).is_empty(),
             "3 answers: under the floor"
         );
-        assert_eq!(kinds(w.observe(answer(503), 9)), [Kind::Errors]);
+        assert_eq!(kinds(w.observe(answer(true), 9)), [Kind::Errors]);
         let near = Seen {
             near_cap: true,
             ..Seen::default()
@@ -395,6 +400,9 @@ mod tests {
         );
         assert_eq!(kinds(w.observe(at("/v1/refunds"), 25_001)), [Kind::NewPath]);
         assert!(w.observe(at("/v1/refunds"), 25_002).is_empty());
+        // Another new shape within the window waits for the next one.
+        assert!(w.observe(at("/v1/payouts"), 25_003).is_empty());
+        assert_eq!(kinds(w.observe(at("/v1/payouts"), 35_001)), [Kind::NewPath]);
     }
 
     #[test]
@@ -433,7 +441,7 @@ mod tests {
         #[test]
         fn any_traffic_is_judged_calmly(
             events in proptest::collection::vec(
-                (0i64..400_000, proptest::bool::ANY, proptest::option::of(100u16..600), ".{0,80}"),
+                (0i64..400_000, proptest::bool::ANY, proptest::option::of(proptest::bool::ANY), ".{0,80}"),
                 1..300,
             )
         ) {
@@ -450,9 +458,7 @@ mod tests {
                 let seen = Seen { request: true, denied, answered, near_cap: denied, path: Some(&path) };
                 for fired in w.observe(seen, t) {
                     proptest::prop_assert!(fired.observed.is_finite() && fired.threshold.is_finite());
-                    if fired.kind != Kind::NewPath
-                        && let Some(before) = last.insert(fired.kind, t)
-                    {
+                    if let Some(before) = last.insert(fired.kind, t) {
                         proptest::prop_assert!(t - before >= 10_000, "{:?} twice", fired.kind);
                     }
                 }

@@ -12,7 +12,7 @@ use crate::policy::{Webhook, WebhookFormat};
 use crate::store::Store;
 use crate::store::alerts::DeadLetter;
 
-/// Attempts per post, and the wait before each retry.
+/// The wait before each retry: 4 attempts of at most 5 s each, 25 s in all at worst.
 const BACKOFF: [Duration; 3] = [
     Duration::from_millis(250),
     Duration::from_secs(1),
@@ -23,6 +23,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 const IN_FLIGHT: usize = 32;
 
 /// An event to post: its id, the JSON form and the one line a chat shows.
+#[derive(Clone)]
 pub struct Post {
     pub event_id: String,
     pub json: serde_json::Value,
@@ -54,17 +55,22 @@ impl Poster {
         }
     }
 
-    /// Posts to every hook; true when each took it (answered 2xx).
+    /// Posts to every hook at once (a dead one delays no other); true when each took it
+    /// (answered 2xx).
     pub async fn post(&self, hooks: &[Webhook], post: &Post) -> bool {
-        let mut all = true;
+        let mut posts = tokio::task::JoinSet::new();
         for hook in hooks {
-            all &= self.post_one(hook, post).await;
+            let (me, hook, post) = (self.clone(), hook.clone(), post.clone());
+            posts.spawn(async move { me.post_one(&hook, &post).await });
+        }
+        let mut all = true;
+        while let Some(delivered) = posts.join_next().await {
+            all &= delivered.unwrap_or(false);
         }
         all
     }
 
     async fn post_one(&self, hook: &Webhook, post: &Post) -> bool {
-        let _slot = self.slots.acquire().await;
         let body = match hook.format {
             WebhookFormat::Json => post.json.clone(),
             WebhookFormat::Slack => serde_json::json!({ "text": slack_escaped(&post.text) }),
@@ -74,7 +80,11 @@ impl Poster {
             if attempt > 0 {
                 tokio::time::sleep(BACKOFF[attempt - 1]).await;
             }
-            match self.client.post(&hook.url).json(&body).send().await {
+            // A slot per attempt, not across the waits: a dead hook holds none.
+            let slot = self.slots.acquire().await;
+            let sent = self.client.post(&hook.url).json(&body).send().await;
+            drop(slot);
+            match sent {
                 Ok(answer) if answer.status().is_success() => return true,
                 Ok(answer) => error = format!("answered {}", answer.status().as_u16()),
                 // The error names the URL, whose path may be the hook's secret.
