@@ -335,6 +335,24 @@ async fn a_shared_limit_spent_by_one_key_quarantines_only_that_key() {
     };
     assert_eq!(of(&flooder_id), ["requests"], "{alerts}");
     assert!(of(&starved_id).is_empty(), "{alerts}");
+    // `check` says what watches the key.
+    let args = [
+        "check",
+        "--proxy",
+        "watched",
+        "--method",
+        "GET",
+        "--path",
+        "/v1/items",
+    ];
+    let explained = stack.cli(&[&args[..], &["--key", &starved]].concat(), &[]);
+    let explained = String::from_utf8_lossy(&explained.stdout);
+    assert!(
+        explained
+            .contains("anomaly alerts over 60 s windows: requests over 5× baseline (at least 10)")
+            && explained.contains("the key is quarantined (403 quarantined)"),
+        "{explained}"
+    );
     // A viewer reads the policy with webhook URLs by scheme and host only.
     let viewer = json(&stack.cli(
         &[

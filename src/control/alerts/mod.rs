@@ -26,7 +26,7 @@ use crate::store::Store;
 use crate::store::alerts::AlertRow;
 use crate::telemetry::metrics::AlertLabels;
 use crate::telemetry::tap::{Observed, Tap};
-use watch::{Fired, Seen, Watch};
+use watch::{Fired, MAX_KEY_PATHS, MAX_PATHS, Seen, Watch};
 use webhook::{Post, Poster};
 
 /// Subjects watched at most; past it, new keys are not (their proxy still is).
@@ -188,18 +188,20 @@ impl Alerting {
                     if allowed && self.awaited.len() < MAX_AWAITED {
                         (self.awaited).insert(request_id.clone(), (subject.clone(), *time_ms));
                     }
+                    // Paths are learned from forwarded requests only: a caller without
+                    // a key cannot fill the proxy's memory of them.
+                    let path = allowed.then_some(path.as_str());
                     let of_key = Seen {
                         request: true,
                         denied: KEY_DENIALS.contains(decision),
                         near_cap: *near_cap,
+                        path,
                         ..Seen::default()
                     };
-                    // Paths are learned from forwarded requests only: a caller without
-                    // a key cannot fill the proxy's memory of them.
                     let of_proxy = Seen {
                         request: true,
                         denied: !allowed,
-                        path: allowed.then_some(path.as_str()),
+                        path,
                         ..Seen::default()
                     };
                     (subject, *time_ms, of_key, of_proxy)
@@ -248,16 +250,21 @@ impl Alerting {
         {
             return;
         }
+        let max_paths = if key.is_some() {
+            MAX_KEY_PATHS
+        } else {
+            MAX_PATHS
+        };
         let watch = self
             .watches
             .entry(subject)
-            .or_insert_with(|| Watch::new(rule.clone(), time_ms));
+            .or_insert_with(|| Watch::new(rule.clone(), time_ms, max_paths));
         if !Arc::ptr_eq(&watch.rule, rule) {
             // The policy changed: same alerts, same baseline; else learn anew.
             if watch.rule == *rule {
                 watch.rule = rule.clone();
             } else {
-                *watch = Watch::new(rule.clone(), time_ms);
+                *watch = Watch::new(rule.clone(), time_ms, max_paths);
             }
         }
         for fired in watch.observe(seen, time_ms) {

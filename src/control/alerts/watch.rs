@@ -63,8 +63,10 @@ struct Counts {
     errors: f64,
 }
 
-/// The most path shapes a proxy remembers; past it, new ones are not alerted on.
+/// The most path shapes a proxy remembers, and a key; past it, new ones are not
+/// alerted on.
 pub const MAX_PATHS: usize = 1024;
+pub const MAX_KEY_PATHS: usize = 64;
 
 pub struct Watch {
     pub rule: Arc<AlertRule>,
@@ -77,8 +79,9 @@ pub struct Watch {
     pub last_ms: i64,
     /// When each kind last fired: one alert per kind per window (spend: per baseline).
     fired_ms: [Option<i64>; Kind::ALL],
-    /// Path shapes seen (the proxy's own watch only).
+    /// Path shapes seen, at most `max_paths`.
     paths: HashSet<String>,
+    max_paths: usize,
 }
 
 /// What one request told.
@@ -90,12 +93,13 @@ pub struct Seen<'a> {
     /// do is the caller's to say: a key's own or the whole proxy's).
     pub answered: Option<bool>,
     pub near_cap: bool,
-    /// The path, for the proxy's watch when it alerts on new paths.
+    /// The path of a forwarded request, when the proxy alerts on new paths.
     pub path: Option<&'a str>,
 }
 
 impl Watch {
-    pub fn new(rule: Arc<AlertRule>, now_ms: i64) -> Self {
+    /// `max_paths`: [`MAX_PATHS`] for a proxy, [`MAX_KEY_PATHS`] for a key.
+    pub fn new(rule: Arc<AlertRule>, now_ms: i64, max_paths: usize) -> Self {
         Self {
             rule,
             start_ms: now_ms,
@@ -106,6 +110,7 @@ impl Watch {
             last_ms: now_ms,
             fired_ms: [None; Kind::ALL],
             paths: HashSet::new(),
+            max_paths,
         }
     }
 
@@ -260,7 +265,7 @@ impl Watch {
         if let (true, Some(path)) = (spec.new_paths, seen.path) {
             let shape = shape(path);
             let learning = now_ms - self.first_ms < self.rule.baseline_ms as i64;
-            if !self.paths.contains(&shape) && self.paths.len() < MAX_PATHS {
+            if !self.paths.contains(&shape) && self.paths.len() < self.max_paths {
                 if learning {
                     self.paths.insert(shape);
                 } else if self.may_fire(Kind::NewPath, now_ms) {
@@ -324,7 +329,7 @@ mod tests {
 
     #[test]
     fn a_new_key_fires_at_the_floor_once_per_window() {
-        let mut w = Watch::new(rule("requests: { factor: 5, min: 30 }"), 0);
+        let mut w = Watch::new(rule("requests: { factor: 5, min: 30 }"), 0, MAX_PATHS);
         let fired: Vec<_> = (0..100)
             .flat_map(|i| w.observe(request(), i * 10))
             .collect();
@@ -338,7 +343,11 @@ mod tests {
 
     #[test]
     fn a_steady_key_is_quiet_and_five_times_its_baseline_fires() {
-        let mut w = Watch::new(rule("requests: { factor: 5, min: 30 }\nbaseline: 10m"), 0);
+        let mut w = Watch::new(
+            rule("requests: { factor: 5, min: 30 }\nbaseline: 10m"),
+            0,
+            MAX_PATHS,
+        );
         // 20 a minute for an hour: the baseline learns 20.
         let mut t = 0;
         for _ in 0..60 {
@@ -363,7 +372,7 @@ mod tests {
     fn denials_errors_spend_and_new_paths() {
         let yaml = "denials: { factor: 3, min: 5 }\nerrors: { share: 0.5, min: 4 }\n\
                     spend_near_cap: true\nnew_paths: true\nwindow: 10s\nbaseline: 20s";
-        let mut w = Watch::new(rule(yaml), 0);
+        let mut w = Watch::new(rule(yaml), 0, MAX_PATHS);
         let denied = Seen {
             request: true,
             denied: true,
@@ -410,6 +419,7 @@ mod tests {
         let mut w = Watch::new(
             rule("requests: { factor: 2, min: 1 }\nwindow: 10s\nbaseline: 20s"),
             0,
+            MAX_PATHS,
         );
         for i in 0..50 {
             w.observe(request(), i);
@@ -448,7 +458,7 @@ mod tests {
             let yaml = "requests: { factor: 2, min: 3 }\ndenials: { factor: 2, min: 2 }\n\
                         errors: { share: 0.3, min: 2 }\nnew_paths: true\nspend_near_cap: true\n\
                         window: 10s\nbaseline: 20s";
-            let mut w = Watch::new(rule(yaml), 0);
+            let mut w = Watch::new(rule(yaml), 0, MAX_PATHS);
             let mut last: std::collections::HashMap<Kind, i64> = Default::default();
             let mut t = 0;
             for (step, denied, answered, path) in events {
