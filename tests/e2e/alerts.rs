@@ -35,19 +35,21 @@ proxies:
     )
 }
 
+/// `latchkey check` of a GET on the watched proxy.
+const CHECK: [&str; 7] = [
+    "check",
+    "--proxy",
+    "watched",
+    "--method",
+    "GET",
+    "--path",
+    "/v1/items",
+];
+
 /// What a replica's admin API (`env` names it) decides for `key` on the watched proxy:
 /// `allow` or the denial's type (`check` exits 1 when denied, §8).
 fn decision_of(stack: &crate::common::Stack, key: &str, env: &[(&str, &str)]) -> String {
-    let args = [
-        "check",
-        "--proxy",
-        "watched",
-        "--method",
-        "GET",
-        "--path",
-        "/v1/items",
-    ];
-    let out = stack.cli(&[&args[..], &["--key", key, "--json"]].concat(), env);
+    let out = stack.cli(&[&CHECK[..], &["--key", key, "--json"]].concat(), env);
     let verdict: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     verdict["decision"].as_str().unwrap_or_default().to_owned()
 }
@@ -336,16 +338,7 @@ async fn a_shared_limit_spent_by_one_key_quarantines_only_that_key() {
     assert_eq!(of(&flooder_id), ["requests"], "{alerts}");
     assert!(of(&starved_id).is_empty(), "{alerts}");
     // `check` says what watches the key.
-    let args = [
-        "check",
-        "--proxy",
-        "watched",
-        "--method",
-        "GET",
-        "--path",
-        "/v1/items",
-    ];
-    let explained = stack.cli(&[&args[..], &["--key", &starved]].concat(), &[]);
+    let explained = stack.cli(&[&CHECK[..], &["--key", &starved]].concat(), &[]);
     let explained = String::from_utf8_lossy(&explained.stdout);
     assert!(
         explained
