@@ -17,6 +17,7 @@ mod item_cli;
 mod log;
 mod output;
 mod policy;
+mod replay;
 
 use access::{KeyCommand, TokenCommand, key, token};
 use item_cli::ItemCommand;
@@ -84,6 +85,9 @@ enum Command {
         #[command(flatten)]
         conn: AdminConn,
     },
+    /// What a draft policy would decide differently on the recorded requests, judged on
+    /// their proxy, credential, method and path; nothing is applied.
+    Replay(replay::ReplayArgs),
     /// Anomaly alerts that fired (newest first), or with --dead-letters the webhook posts
     /// that failed every attempt.
     Alerts(alerts::AlertsArgs),
@@ -326,6 +330,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rule { command } => item_cli::run(Kind::Rule, command).await,
         Command::Doctor(args) => doctor::doctor(args).await,
         Command::Alerts(args) => alerts::alerts(args).await,
+        Command::Replay(args) => replay::replay(args).await,
         Command::Approvals { command } => approvals::approvals(command).await,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

@@ -24,8 +24,9 @@ use crate::pb::{
     ListApprovalsResponse, ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse,
     ListRequestsRequest, ListRequestsResponse, ListTokensRequest, ListTokensResponse,
     PutItemRequest, RekeyRequest, RekeyResponse, ReleaseKeyRequest, ReleaseKeyResponse,
-    RequestRecord, RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest, RevokeTokenResponse,
-    TelemetryBucket, TelemetryRequest, TelemetryResponse, TokenInfo as PbTokenInfo,
+    ReplayRequest, ReplayResponse, RequestRecord, RevokeKeyRequest, RevokeKeyResponse,
+    RevokeTokenRequest, RevokeTokenResponse, TelemetryBucket, TelemetryRequest, TelemetryResponse,
+    TokenInfo as PbTokenInfo,
 };
 use crate::policy::rows::{NewKey, StoredPolicy};
 use crate::policy::{Period, PolicyFile, ServerSource};
@@ -35,6 +36,7 @@ use crate::store::{AlreadyRevoked, Desired, Store, StoreError};
 
 mod alerts;
 mod diagnose;
+mod replay;
 mod wire;
 
 use wire::*;
@@ -801,6 +803,15 @@ impl Admin for AdminService {
         Ok(Response::new(ReleaseKeyResponse {
             not_quarantined: !released,
         }))
+    }
+
+    async fn replay(
+        &self,
+        request: Request<ReplayRequest>,
+    ) -> Result<Response<ReplayResponse>, Status> {
+        Ok(Response::new(
+            self.replay_draft(request.into_inner()).await?,
+        ))
     }
 
     async fn rekey(

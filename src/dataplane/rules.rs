@@ -216,14 +216,18 @@ impl Rule {
         !self.body.is_empty()
     }
 
+    /// Whether it reads headers or the query string, which the audit does not keep.
+    pub fn reads_headers_or_query(&self) -> bool {
+        !self.headers.is_empty() || !self.query.is_empty()
+    }
+
+    fn method_ok(&self, method: &str) -> bool {
+        self.methods.is_empty() || self.methods.iter().any(|m| m.eq_ignore_ascii_case(method))
+    }
+
     /// Whether this rule matches; its path regex already did.
     fn check(&self, facts: &Facts<'_>) -> Result<Match, Denial> {
-        let method_ok = self.methods.is_empty()
-            || self
-                .methods
-                .iter()
-                .any(|m| m.eq_ignore_ascii_case(facts.method));
-        if !method_ok {
+        if !self.method_ok(facts.method) {
             return Ok(Match::No);
         }
         for (name, matcher) in &self.headers {
@@ -495,6 +499,14 @@ impl RuleList {
 
     pub fn rules(&self) -> &[Arc<Rule>] {
         &self.rules
+    }
+
+    /// The rules a request of `method` and `path` may meet: their method and path match,
+    /// their conditions are not looked at.
+    pub fn may_meet(&self, method: &str, path: &str) -> impl Iterator<Item = &Arc<Rule>> {
+        (self.candidates(path).into_iter())
+            .map(|i| &self.rules[i])
+            .filter(move |r| r.method_ok(method))
     }
 
     /// The rules whose path matches or who have none, in evaluation order: the only

@@ -16,6 +16,7 @@ mod items;
 mod llm;
 mod oauth2;
 mod observability;
+mod replay;
 mod response_safety;
 mod rules;
 mod scale_out;

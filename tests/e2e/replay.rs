@@ -1,0 +1,159 @@
+//! Policy replay: a draft's rules judged on the recorded requests — the live policy
+//! changes nothing, a stricter and a looser draft change exactly what they should, and
+//! what the audit cannot settle (body, headers) is counted as unjudged.
+
+use crate::common::{Stack, Upstream, client, json};
+
+const AGENT_KEY: &str = "lk_replayAgentKEY000000001";
+
+fn policy(upstream: &str, extra_rules: &str) -> String {
+    format!(
+        r#"
+targets:
+  - {{ name: shop, url: "{upstream}" }}
+credentials:
+  - {{ name: shop-key, type: target, auth: bearer, secret: {{ value: sk_replayed }} }}
+  - {{ name: agent, type: proxy, keys: [{{ value: {AGENT_KEY} }}] }}
+proxies:
+  - {{ name: shop, target: shop, target_credential: shop-key, proxy_credentials: [agent], default_effect: deny }}
+rules:
+  - {{ id: items, credential: agent, effect: allow, methods: [GET], path: "^/v1/items", priority: 10 }}
+  - {{ id: refunds, credential: agent, effect: allow, methods: [POST], path: "^/v1/refunds", priority: 10 }}
+{extra_rules}"#
+    )
+}
+
+fn replay(stack: &Stack, dir: &std::path::Path, draft: &str) -> serde_json::Value {
+    let path = dir.join("draft.yaml");
+    std::fs::write(&path, draft).unwrap();
+    json(&stack.cli(&["replay", "-f", path.to_str().unwrap(), "-o", "json"], &[]))
+}
+
+#[tokio::test]
+async fn a_draft_is_judged_on_the_recorded_requests() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    let live = policy(&upstream.url(), "");
+    stack.apply(&live, &[]);
+    // A recorded day: 3 reads and 2 refunds allowed, 2 admin calls denied.
+    let calls = [
+        ("GET", "/v1/items/1", 200),
+        ("GET", "/v1/items/2", 200),
+        ("GET", "/v1/items", 200),
+    ]
+    .into_iter()
+    .chain([("POST", "/v1/refunds", 200), ("POST", "/v1/refunds", 200)])
+    .chain([("GET", "/v1/admin", 403), ("GET", "/v1/admin/users", 403)]);
+    for (method, path, status) in calls {
+        let response = client()
+            .request(method.parse().unwrap(), stack.url(&format!("/shop{path}")))
+            .bearer_auth(AGENT_KEY)
+            .json(&serde_json::json!({ "amount": 5 }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while json(&stack.cli(&["requests", "-o", "json"], &[]))
+        .as_array()
+        .unwrap()
+        .len()
+        < 7
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the audit has not the 7 records"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+
+    // The live policy: every record judged, none decided differently.
+    let same = replay(&stack, dir.path(), &live);
+    assert_eq!(
+        (same["judged"].as_u64(), same["unjudged"].as_u64()),
+        (Some(7), Some(0)),
+        "{same}"
+    );
+    assert_eq!(same["changed"], serde_json::json!([]), "{same}");
+
+    // Stricter: refunds denied. Exactly the two refunds change, naming the rule.
+    let stricter = policy(
+        &upstream.url(),
+        "  - { id: no-refunds, proxy: shop, effect: deny, methods: [POST], path: \"^/v1/refunds\", priority: 1 }\n",
+    );
+    let r = replay(&stack, dir.path(), &stricter);
+    let changed = r["changed"].as_array().unwrap();
+    assert_eq!(changed.len(), 2, "{r}");
+    for c in changed {
+        assert_eq!(
+            (c["method"].as_str(), c["path"].as_str()),
+            (Some("POST"), Some("/v1/refunds"))
+        );
+        assert_eq!(
+            (c["was"].as_str(), c["now"].as_str()),
+            (Some("allow"), Some("rule_denied"))
+        );
+        assert_eq!(c["rule_id"], "no-refunds");
+        assert!(c["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+    }
+
+    // Looser: admin reads allowed. Exactly the two denied ones change.
+    let looser = policy(
+        &upstream.url(),
+        "  - { id: admin-reads, credential: agent, effect: allow, methods: [GET], path: \"^/v1/admin\" }\n",
+    );
+    let r = replay(&stack, dir.path(), &looser);
+    let changed = r["changed"].as_array().unwrap();
+    assert_eq!(changed.len(), 2, "{r}");
+    assert!(changed.iter().all(|c| c["was"] == "rule_denied"
+        && c["now"] == "allow"
+        && c["path"].as_str().unwrap().starts_with("/v1/admin")
+        && c["rule_id"] == "admin-reads"));
+
+    // A rule on the body or a header: the records it would read are not kept.
+    let on_body = policy(
+        &upstream.url(),
+        "  - { id: big-refunds, proxy: shop, effect: deny, methods: [POST], path: \"^/v1/refunds\", priority: 1, body: [{ pointer: /amount, gt: 100 }] }\n",
+    );
+    let r = replay(&stack, dir.path(), &on_body);
+    assert_eq!(
+        (r["judged"].as_u64(), r["unjudged"].as_u64()),
+        (Some(5), Some(2)),
+        "{r}"
+    );
+    assert_eq!(
+        r["unjudged_reasons"]["a rule judges the body, which the audit does not keep"],
+        2
+    );
+    let on_header = policy(
+        &upstream.url(),
+        "  - { id: by-header, proxy: shop, effect: deny, headers: { x-danger: { presence: must_exist } } }\n",
+    );
+    let r = replay(&stack, dir.path(), &on_header);
+    assert_eq!(
+        (r["judged"].as_u64(), r["unjudged"].as_u64()),
+        (Some(0), Some(7)),
+        "{r}"
+    );
+
+    // For people: grouped by proxy, rule and change, with examples.
+    std::fs::write(dir.path().join("draft.yaml"), &stricter).unwrap();
+    let draft = dir.path().join("draft.yaml");
+    let table = stack.cli(&["replay", "-f", draft.to_str().unwrap()], &[]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("7 judged, 0 unjudged, 2 would be decided differently"),
+        "{table}"
+    );
+    assert!(
+        table.contains(
+            "2 on proxy shop: allow -> rule_denied (rule no-refunds), e.g. POST /v1/refunds"
+        ),
+        "{table}"
+    );
+    // Nothing was applied: the live policy still allows refunds.
+    let export = String::from_utf8_lossy(&stack.cli(&["export"], &[]).stdout).into_owned();
+    assert!(!export.contains("no-refunds"), "{export}");
+}
