@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 mod access;
 mod alerts;
 mod approvals;
+mod diff;
 mod doctor;
 mod item_cli;
 mod log;

@@ -19,6 +19,13 @@ pub(super) struct ApplyArgs {
     /// Report what would change without changing anything.
     #[arg(long)]
     dry_run: bool,
+    /// A dry run that shows each changed item before and after (secrets never shown).
+    #[arg(long)]
+    diff: bool,
+    /// With --diff: also what the draft's rules would decide differently on the last
+    /// day's recorded requests (`latchkey replay`).
+    #[arg(long, requires = "diff")]
+    replay: bool,
     #[command(flatten)]
     out: Output,
     #[command(flatten)]
@@ -32,14 +39,15 @@ pub(super) async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
     let base = args.file.parent().unwrap_or(Path::new("."));
     let (secrets, keys) = resolve_material(&file, base)?;
 
+    let dry_run = args.dry_run || args.diff;
     let mut client = connect(&args.conn).await?;
     let request = authorized(
         &args.conn,
         ApplyRequest {
-            policy_yaml: text,
+            policy_yaml: text.clone(),
             secrets,
             keys,
-            dry_run: args.dry_run,
+            dry_run,
         },
     )?;
     let changes = client
@@ -48,7 +56,22 @@ pub(super) async fn apply(args: ApplyArgs) -> anyhow::Result<()> {
         .map_err(status_error)?
         .into_inner()
         .changes;
-    print_changes(&changes, args.out, args.dry_run)
+    if !args.diff || !args.out.table() {
+        return print_changes(&changes, args.out, dry_run);
+    }
+    let live = client
+        .export(authorized(&args.conn, ExportRequest {})?)
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .policy_yaml;
+    super::diff::print(&changes, &PolicyFile::parse(&live)?, &file);
+    println!("{} would change", plural(changes.len(), "item"));
+    if args.replay {
+        let replayed = super::replay::ask(&text, base, None, None, &args.conn).await?;
+        super::replay::print(&replayed, args.out)?;
+    }
+    Ok(())
 }
 
 /// What a change did: a line per item, or JSON.

@@ -10,7 +10,7 @@ use clap::Args;
 use super::log::parse_when;
 use super::output::Output;
 use super::{AdminConn, authorized, connect, resolve_material, rfc3339, status_error};
-use crate::pb::{ReplayRequest, ResolvedSecret};
+use crate::pb::{ReplayRequest, ReplayResponse, ResolvedSecret};
 use crate::policy::PolicyFile;
 
 #[derive(Args)]
@@ -37,8 +37,20 @@ type Group<'a> = (&'a str, &'a str, &'a str, &'a str);
 pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
-    let file = PolicyFile::parse(&text)?;
     let base = args.file.parent().unwrap_or(Path::new("."));
+    let r = ask(&text, base, args.since, args.proxy, &args.conn).await?;
+    print(&r, args.out)
+}
+
+/// The draft replayed on the records since `since` (default: the last day).
+pub(super) async fn ask(
+    text: &str,
+    base: &Path,
+    since: Option<i64>,
+    proxy: Option<String>,
+    conn: &AdminConn,
+) -> anyhow::Result<ReplayResponse> {
+    let file = PolicyFile::parse(text)?;
     // The draft only compiles on the server: nothing is sent upstream, so a secret this
     // machine cannot read stands in as a placeholder.
     let (secrets, keys) = resolve_material(&file, base).or_else(|e| {
@@ -53,19 +65,21 @@ pub(super) async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     })?;
     let day_ago = crate::base::clock::now_unix_ms() - 86_400_000;
     let request = ReplayRequest {
-        policy_yaml: text,
+        policy_yaml: text.to_owned(),
         secrets,
         keys,
-        since_ms: args.since.unwrap_or(day_ago),
-        proxy: args.proxy.unwrap_or_default(),
+        since_ms: since.unwrap_or(day_ago),
+        proxy: proxy.unwrap_or_default(),
     };
-    let mut client = connect(&args.conn).await?;
-    let r = client
-        .replay(authorized(&args.conn, request)?)
+    let mut client = connect(conn).await?;
+    Ok(client
+        .replay(authorized(conn, request)?)
         .await
         .map_err(status_error)?
-        .into_inner();
-    let out = args.out;
+        .into_inner())
+}
+
+pub(super) fn print(r: &ReplayResponse, out: Output) -> anyhow::Result<()> {
     if !out.table() {
         let changed: Vec<_> = (r.changed.iter())
             .map(|c| {

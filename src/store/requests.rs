@@ -189,6 +189,33 @@ impl Cursor {
     }
 }
 
+const SELECT: &str =
+    "SELECT seq, request_id, time_ms, proxy, target, credential, key_id, run_label, method,
+            path, status, upstream_status, decision, rule_id, latency_ms, cost_usd, bytes_in,
+            bytes_out, retries, model, input_tokens, output_tokens, cached_tokens
+     FROM requests";
+
+/// Every record of `filter`, in the order they were stored, newest first, a page after
+/// the row `before_seq`: by the primary key, so reading all of a million costs one pass
+/// over the table (a time-ordered page would sort on every call).
+pub async fn scan(
+    store: &Store,
+    filter: &Filter,
+    limit: u32,
+    before_seq: Option<i64>,
+) -> Result<Vec<Entry>, StoreError> {
+    let mut q = Sql::new(SELECT);
+    push_filter(&mut q, filter);
+    if let Some(seq) = before_seq {
+        q.push(" AND seq < ", Arg::Int(seq));
+    }
+    q.push(
+        " ORDER BY seq DESC LIMIT ",
+        Arg::Int(i64::from(limit.clamp(1, MAX_LIMIT))),
+    );
+    entries(&q.fetch_all(store).await?)
+}
+
 /// Newest first (by decision time); `before` is where a previous page ended.
 pub async fn list(
     store: &Store,
@@ -196,12 +223,7 @@ pub async fn list(
     limit: u32,
     before: Option<Cursor>,
 ) -> Result<Vec<Entry>, StoreError> {
-    let mut q = Sql::new(
-        "SELECT seq, request_id, time_ms, proxy, target, credential, key_id, run_label, method,
-                path, status, upstream_status, decision, rule_id, latency_ms, cost_usd, bytes_in,
-                bytes_out, retries, model, input_tokens, output_tokens, cached_tokens
-         FROM requests",
-    );
+    let mut q = Sql::new(SELECT);
     push_filter(&mut q, filter);
     if let Some(c) = before {
         q.push(" AND (time_ms < ", Arg::Int(c.time_ms));
@@ -213,7 +235,10 @@ pub async fn list(
         " ORDER BY time_ms DESC, seq DESC LIMIT ",
         Arg::Int(i64::from(limit.clamp(1, MAX_LIMIT))),
     );
-    let rows = q.fetch_all(store).await?;
+    entries(&q.fetch_all(store).await?)
+}
+
+fn entries(rows: &[sqlx::any::AnyRow]) -> Result<Vec<Entry>, StoreError> {
     rows.iter()
         .map(|r| {
             let u16_of = |name: &str| -> Result<Option<u16>, sqlx::Error> {

@@ -153,6 +153,19 @@ async fn a_draft_is_judged_on_the_recorded_requests() {
         ),
         "{table}"
     );
+    // `apply --diff --replay`: the items before and after, then the decisions.
+    let out = stack.cli(
+        &["apply", "-f", draft.to_str().unwrap(), "--diff", "--replay"],
+        &[],
+    );
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("rule no-refunds: created") && out.contains("+ id: no-refunds"),
+        "{out}"
+    );
+    assert!(out.contains("1 item would change"), "{out}");
+    assert!(out.contains("2 would be decided differently"), "{out}");
+    assert!(!out.contains("sk_replayed"), "{out}");
     // Nothing was applied: the live policy still allows refunds.
     let export = String::from_utf8_lossy(&stack.cli(&["export"], &[]).stdout).into_owned();
     assert!(!export.contains("no-refunds"), "{export}");

@@ -17,7 +17,7 @@ use crate::dataplane::snapshot::Policy;
 use crate::pb::{ReplayChange, ReplayRequest, ReplayResponse, Unjudged};
 use crate::policy::PolicyFile;
 use crate::store::Desired;
-use crate::store::requests::{self, Cursor, Entry, Filter};
+use crate::store::requests::{self, Entry, Filter};
 
 const BODY: &str = "a rule judges the body, which the audit does not keep";
 
@@ -53,7 +53,7 @@ impl AdminService {
         let mut cursor = None;
         let now_ms = crate::base::clock::now_unix_ms();
         loop {
-            let page = requests::list(&self.store, &filter, PAGE, cursor)
+            let page = requests::scan(&self.store, &filter, PAGE, cursor)
                 .await
                 .map_err(store_status)?;
             for entry in &page {
@@ -82,7 +82,7 @@ impl AdminService {
                 }
             }
             match page.last() {
-                Some(last) if page.len() == PAGE as usize => cursor = Some(Cursor::of(last)),
+                Some(last) if page.len() == PAGE as usize => cursor = Some(last.seq),
                 _ => break,
             }
         }
