@@ -20,7 +20,7 @@ use crate::pb::{
     ApplyRequest, ApplyResponse, ApprovalInfo, Change, CheckRequest, CheckResponse, CheckedRule,
     CreateTokenRequest, CreatedToken, DecideApprovalRequest, DeleteItemRequest, DiagnoseRequest,
     DiagnoseResponse, ExportRequest, ExportResponse, GetItemRequest, IssueKeyRequest, IssuedKey,
-    Item, ItemChangeResponse, KeyInfo, ListAlertsRequest, ListAlertsResponse, ListApprovalsRequest,
+    Item, ItemChangeResponse, ListAlertsRequest, ListAlertsResponse, ListApprovalsRequest,
     ListApprovalsResponse, ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse,
     ListRequestsRequest, ListRequestsResponse, ListTokensRequest, ListTokensResponse,
     PutItemRequest, RekeyRequest, RekeyResponse, ReleaseKeyRequest, ReleaseKeyResponse,
@@ -36,6 +36,7 @@ use crate::store::{AlreadyRevoked, Desired, Store, StoreError};
 
 mod alerts;
 mod diagnose;
+mod keys;
 mod replay;
 mod wire;
 
@@ -482,51 +483,7 @@ impl Admin for AdminService {
         &self,
         request: Request<ListKeysRequest>,
     ) -> Result<Response<ListKeysResponse>, Status> {
-        let req = request.into_inner();
-        let stored = self.store.load().await.map_err(internal)?;
-        let names: HashMap<&str, &str> = stored
-            .credentials
-            .iter()
-            .map(|c| (c.id.as_str(), c.name.as_str()))
-            .collect();
-        if !req.credential.is_empty() && !names.values().any(|n| *n == req.credential) {
-            return Err(Status::not_found(format!(
-                "no proxy credential named {:?}",
-                req.credential
-            )));
-        }
-        let mut keys: Vec<_> = stored
-            .keys
-            .iter()
-            .filter_map(|k| {
-                let credential = *names.get(k.credential_id.as_str())?;
-                (req.credential.is_empty() || credential == req.credential).then(|| KeyInfo {
-                    id: k.id.clone(),
-                    credential: credential.to_owned(),
-                    source: if k.policy_sourced { "policy" } else { "issued" }.to_owned(),
-                    label: k.label.clone().unwrap_or_default(),
-                    created_at: k.created_at,
-                    expires_at: k.expires_at_ms.map(seconds_up),
-                    revoked_at: k.revoked_at,
-                    spend_cap_usd: k.spend_cap_usd,
-                    spent_usd: k.spent_usd,
-                    cap_period: k
-                        .cap_period
-                        .map(Period::name)
-                        .unwrap_or_default()
-                        .to_owned(),
-                    tokens_per_minute: k.tokens_per_minute,
-                    tokens_per_day: k.tokens_per_day,
-                    quarantined_at_ms: k.quarantined_at,
-                })
-            })
-            .collect();
-        keys.sort_by(|a, b| a.id.cmp(&b.id));
-        let (keys, next_page_token) = page(keys, |k| &k.id, req.page_size, &req.page_token);
-        Ok(Response::new(ListKeysResponse {
-            keys,
-            next_page_token,
-        }))
+        Ok(Response::new(self.keys(request.into_inner()).await?))
     }
 
     async fn revoke_key(
