@@ -25,7 +25,7 @@ pub mod envoy;
 pub mod policy;
 pub(crate) mod serve;
 pub mod store;
-pub(crate) mod telemetry;
+pub mod telemetry;
 
 #[cfg(test)]
 mod layers;

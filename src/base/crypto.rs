@@ -5,7 +5,10 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
+use ring::signature::{self, Ed25519KeyPair, KeyPair};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
@@ -37,6 +40,8 @@ pub struct MasterKey {
     cipher: Aes256Gcm,
     id: String,
     previous: Vec<MasterKey>,
+    /// Signs the audit's checkpoints; derived from the key, so every replica holds it.
+    audit: AuditSigner,
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -69,6 +74,7 @@ impl MasterKey {
             cipher: Aes256Gcm::new_from_slice(&bytes).map_err(|_| CryptoError::BadMasterKey)?,
             id: hex(&digest[..6]),
             previous: Vec::new(),
+            audit: AuditSigner::derive(&bytes),
         })
     }
 
@@ -80,6 +86,19 @@ impl MasterKey {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    pub fn audit_signer(&self) -> &AuditSigner {
+        &self.audit
+    }
+
+    /// The public keys that checkpoints may be signed with: this key's, then those of
+    /// the keys it replaced (a checkpoint signed before a rotation still verifies).
+    pub fn audit_public_keys(&self) -> Vec<AuditPublicKey> {
+        std::iter::once(self)
+            .chain(&self.previous)
+            .map(|k| k.audit.public_key())
+            .collect()
     }
 
     /// Seals `plaintext` bound to `aad` (the credential id): nonce ‖ ciphertext ‖ tag.
@@ -136,6 +155,75 @@ impl MasterKey {
     }
 }
 
+/// The Ed25519 key that signs the audit's checkpoints. Its seed is an HMAC of the master
+/// key, so it needs no storage of its own, and its public half lets anyone check a
+/// checkpoint without being able to forge one.
+#[derive(Clone)]
+pub struct AuditSigner {
+    pair: Arc<Ed25519KeyPair>,
+}
+
+impl std::fmt::Debug for AuditSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AuditSigner({})", self.public_key().id)
+    }
+}
+
+/// A checkpoint signer's public half: the raw Ed25519 key and a short id, stored beside
+/// each signature so a verifier knows which key to check it with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditPublicKey {
+    pub id: String,
+    pub key: Vec<u8>,
+}
+
+impl AuditSigner {
+    fn derive(master: &[u8]) -> Self {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(master).expect("HMAC takes any key");
+        mac.update(b"latchkey audit checkpoints v1");
+        let seed = Zeroizing::new(<[u8; 32]>::from(mac.finalize().into_bytes()));
+        let pair =
+            Ed25519KeyPair::from_seed_unchecked(&*seed).expect("any 32 bytes are an Ed25519 seed");
+        Self {
+            pair: Arc::new(pair),
+        }
+    }
+
+    /// A signer of its own, for tests and benchmarks that have no master key.
+    pub fn ephemeral() -> Self {
+        Self::derive(&random_bytes::<32>())
+    }
+
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.pair.sign(message).as_ref().to_vec()
+    }
+
+    pub fn public_key(&self) -> AuditPublicKey {
+        let key = self.pair.public_key().as_ref().to_vec();
+        AuditPublicKey {
+            id: hex(&Sha256::digest(&key)[..6]),
+            key,
+        }
+    }
+}
+
+impl AuditPublicKey {
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        signature::UnparsedPublicKey::new(&signature::ED25519, &self.key)
+            .verify(message, signature)
+            .is_ok()
+    }
+}
+
+/// SHA-256, in lowercase hex.
+pub fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut digest = Sha256::new();
+    for part in parts {
+        digest.update(part);
+    }
+    hex(&digest.finalize())
+}
+
 /// A new proxy key: `lk_` and 24 base62 characters.
 pub fn new_proxy_key() -> String {
     let mut key = String::with_capacity(KEY_PREFIX.len() + KEY_CHARS);
@@ -166,7 +254,24 @@ pub fn random_id(prefix: &str) -> String {
 }
 
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
+}
+
+/// What [`hex`] wrote, back in bytes; `None` for anything else.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 pub fn random_bytes<const N: usize>() -> [u8; N] {
@@ -241,6 +346,28 @@ mod tests {
             MasterKey::parse(&format!("{text}\n")).unwrap().id()
         );
         assert!(!format!("{:?}", key()).contains(&text));
+    }
+
+    #[test]
+    fn checkpoint_signatures_verify_under_the_key_they_were_made_with() {
+        let old = key();
+        let signed = old.audit_signer().sign(b"checkpoint");
+        let old_public = old.audit_signer().public_key();
+        assert!(old_public.verifies(b"checkpoint", &signed));
+        assert!(!old_public.verifies(b"checkpoinT", &signed));
+        // The same master key derives the same signer (every replica signs alike).
+        let text = MasterKey::generate();
+        let (a, b) = (
+            MasterKey::parse(&text).unwrap(),
+            MasterKey::parse(&text).unwrap(),
+        );
+        assert_eq!(a.audit_signer().public_key(), b.audit_signer().public_key());
+        // After a rotation the previous key's public half is still offered.
+        let new = key().with_previous(vec![old]);
+        let keys = new.audit_public_keys();
+        assert_eq!(keys.len(), 2);
+        assert!(keys[1].verifies(b"checkpoint", &signed));
+        assert!(!keys[0].verifies(b"checkpoint", &signed));
     }
 
     #[test]

@@ -165,6 +165,11 @@ pub(super) async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
                     "input_tokens": r.input_tokens,
                     "output_tokens": r.output_tokens,
                     "cached_tokens": r.cached_tokens,
+                    "completed": r.completed,
+                    "chain": nonempty(&r.chain),
+                    "chain_position": (!r.chain.is_empty()).then_some(r.chain_position),
+                    "prev_hash": nonempty(&r.prev_hash),
+                    "hash": nonempty(&r.hash),
                 })
             })
             .collect();

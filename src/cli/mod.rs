@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 mod access;
 mod alerts;
 mod approvals;
+mod audit;
 mod diff;
 mod doctor;
 mod item_cli;
@@ -92,6 +93,11 @@ enum Command {
     /// Anomaly alerts that fired (newest first), or with --dead-letters the webhook posts
     /// that failed every attempt.
     Alerts(alerts::AlertsArgs),
+    /// The audit's tamper evidence: `latchkey audit verify` checks the hash chains.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
     /// Requests held by `approve` rules: list them, approve or deny one.
     Approvals {
         #[command(subcommand)]
@@ -331,6 +337,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rule { command } => item_cli::run(Kind::Rule, command).await,
         Command::Doctor(args) => doctor::doctor(args).await,
         Command::Alerts(args) => alerts::alerts(args).await,
+        Command::Audit { command } => audit::audit(command).await,
         Command::Replay(args) => replay::replay(args).await,
         Command::Approvals { command } => approvals::approvals(command).await,
         Command::Completions { shell } => {

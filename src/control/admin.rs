@@ -24,9 +24,9 @@ use crate::pb::{
     ListApprovalsResponse, ListItemsRequest, ListItemsResponse, ListKeysRequest, ListKeysResponse,
     ListRequestsRequest, ListRequestsResponse, ListTokensRequest, ListTokensResponse,
     PutItemRequest, RekeyRequest, RekeyResponse, ReleaseKeyRequest, ReleaseKeyResponse,
-    ReplayRequest, ReplayResponse, RequestRecord, RevokeKeyRequest, RevokeKeyResponse,
-    RevokeTokenRequest, RevokeTokenResponse, TelemetryBucket, TelemetryRequest, TelemetryResponse,
-    TokenInfo as PbTokenInfo,
+    ReplayRequest, ReplayResponse, RevokeKeyRequest, RevokeKeyResponse, RevokeTokenRequest,
+    RevokeTokenResponse, TelemetryBucket, TelemetryRequest, TelemetryResponse,
+    TokenInfo as PbTokenInfo, VerifyAuditRequest, VerifyAuditResponse,
 };
 use crate::policy::rows::{NewKey, StoredPolicy};
 use crate::policy::{Period, PolicyFile, ServerSource};
@@ -38,6 +38,7 @@ mod alerts;
 mod diagnose;
 mod keys;
 mod replay;
+mod verify;
 mod wire;
 
 use wire::*;
@@ -538,33 +539,7 @@ impl Admin for AdminService {
             Some(last) if entries.len() == limit as usize => requests::Cursor::of(last).token(),
             _ => String::new(),
         };
-        let records = entries
-            .into_iter()
-            .map(|e| RequestRecord {
-                request_id: e.request_id,
-                time_ms: e.time_ms,
-                proxy: e.proxy.unwrap_or_default(),
-                target: e.target.unwrap_or_default(),
-                credential: e.credential.unwrap_or_default(),
-                key_id: e.key_id.unwrap_or_default(),
-                run_label: e.run_label.unwrap_or_default(),
-                method: e.method,
-                path: e.path,
-                status: e.status.map(u32::from),
-                upstream_status: e.upstream_status.map(u32::from),
-                decision: e.decision,
-                rule_id: e.rule_id.unwrap_or_default(),
-                latency_ms: e.latency_ms,
-                cost_usd: e.cost_usd,
-                bytes_in: e.bytes_in,
-                bytes_out: e.bytes_out,
-                retries: e.retries,
-                model: e.model.unwrap_or_default(),
-                input_tokens: e.input_tokens,
-                output_tokens: e.output_tokens,
-                cached_tokens: e.cached_tokens,
-            })
-            .collect();
+        let records = entries.into_iter().map(record).collect();
         Ok(Response::new(ListRequestsResponse { records, next_page }))
     }
 
@@ -768,6 +743,15 @@ impl Admin for AdminService {
     ) -> Result<Response<ReplayResponse>, Status> {
         Ok(Response::new(
             self.replay_draft(request.into_inner()).await?,
+        ))
+    }
+
+    async fn verify_audit(
+        &self,
+        request: Request<VerifyAuditRequest>,
+    ) -> Result<Response<VerifyAuditResponse>, Status> {
+        Ok(Response::new(
+            self.verify_chains(request.into_inner().since_ms).await?,
         ))
     }
 

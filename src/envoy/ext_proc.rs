@@ -667,6 +667,7 @@ mod tests {
         let metrics = Metrics::default();
         let (audit, writer) = AuditLog::start(
             store.clone(),
+            master.audit_signer().clone(),
             metrics.audit.clone(),
             crate::telemetry::audit::Outlets::default(),
         );

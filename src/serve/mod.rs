@@ -22,7 +22,7 @@ use zeroize::Zeroizing;
 
 use crate::access_log_pb::access_log_service_server::AccessLogServiceServer;
 use crate::base::clock::now_unix_ms;
-use crate::base::crypto::MasterKey;
+use crate::base::crypto::{AuditSigner, MasterKey};
 use crate::control::admin::AdminService;
 use crate::control::alerts::Alerting;
 use crate::control::alerts::webhook::Poster;
@@ -242,7 +242,12 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         otlp,
         tap: Some(tap.clone()),
     };
-    let (audit, audit_writer) = AuditLog::start(store.clone(), metrics.audit.clone(), outlets);
+    let (audit, audit_writer) = AuditLog::start(
+        store.clone(),
+        master.audit_signer().clone(),
+        metrics.audit.clone(),
+        outlets,
+    );
     let desk = Arc::new(StoreDesk::new(store.clone(), poster.clone()));
     let shared =
         Arc::new(Shared::new(policy, budgets, spend, audit.clone(), metrics).with_desk(desk));
@@ -250,7 +255,11 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     // Every background task, owned here and stopped at shutdown.
     let mut background = tokio::task::JoinSet::new();
     if cfg.audit_retention_days > 0 {
-        background.spawn(prune_forever(store.clone(), cfg.audit_retention_days));
+        background.spawn(prune_forever(
+            store.clone(),
+            master.audit_signer().clone(),
+            cfg.audit_retention_days,
+        ));
     }
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -452,12 +461,12 @@ async fn seed_periods(store: &Store, spend: &LocalSpend, now: i64) -> Result<(),
 }
 
 /// Deletes request-log records past retention, at start and then hourly.
-async fn prune_forever(store: Store, days: u32) {
+async fn prune_forever(store: Store, signer: AuditSigner, days: u32) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
     loop {
         every.tick().await;
         let cutoff = now_unix_ms() - i64::from(days) * 86_400_000;
-        match crate::store::requests::prune(&store, cutoff).await {
+        match crate::store::requests::prune(&store, &signer, cutoff).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, days, "request log pruned"),
             Err(e) => tracing::error!(error = %e, "could not prune the request log"),
@@ -497,6 +506,7 @@ mod tests {
             let now = crate::base::clock::now_unix();
             let (log, writer) = AuditLog::start(
                 store.clone(),
+                AuditSigner::ephemeral(),
                 AuditCounters::default(),
                 crate::telemetry::audit::Outlets::default(),
             );

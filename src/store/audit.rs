@@ -1,6 +1,7 @@
 //! The audit's table, `requests`: one row per decided request, written a batch per
 //! transaction by the audit writer, completed and charged as later events arrive.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use sqlx::{Any, Transaction};
 use crate::base::money::{Usage, to_usd};
 use crate::base::trace::TraceParent;
 use crate::policy::Vendor;
+use crate::store::chain::{self, Chain, Content, Link};
 use crate::store::{Backend, Store, StoreError};
 
 /// The decision half of a record.
@@ -88,27 +90,41 @@ pub type Cost = (String, Arc<str>, u64, Option<Llm>);
 
 impl Store {
     /// One transaction: new rows, costs of written rows, completions of written rows and
-    /// what each key spent. Returns whether each completion found its row (a completion
-    /// whose decision another replica has not written yet is retried by the writer).
+    /// what each key spent, each row a link of `chain`. Returns whether each completion
+    /// found its row (a completion whose decision another replica has not written yet is
+    /// retried by the writer), and the chain as the transaction left it, to keep once it
+    /// has committed.
     pub async fn write_audit(
         &self,
+        chain: &Chain,
         rows: &[Row],
         costs: &[Cost],
         completions: &[&Completed],
         spend: &HashMap<Arc<str>, u64>,
-    ) -> Result<Vec<bool>, StoreError> {
+    ) -> Result<(Vec<bool>, Chain), StoreError> {
+        let mut chain = chain.clone();
         let mut tx = self.pool().begin().await?;
+        chain.begin(&mut tx).await?;
         for chunk in rows.chunks(ROWS_PER_INSERT) {
-            insert(&mut tx, self.backend(), chunk).await?;
+            insert(&mut tx, self.backend(), &mut chain, chunk).await?;
         }
         // Costs before completions: a request's cost is queued before its completion, so
         // its record is still open (and found as such) when the cost is added.
         for (request_id, key_id, micros, llm) in costs {
-            add_cost(&mut tx, self.backend(), request_id, key_id, *micros, llm).await?;
+            add_cost(
+                &mut tx,
+                self.backend(),
+                &mut chain,
+                request_id,
+                key_id,
+                *micros,
+                llm,
+            )
+            .await?;
         }
         let mut found = Vec::with_capacity(completions.len());
         for c in completions {
-            found.push(complete(&mut tx, c).await?);
+            found.push(complete(&mut tx, &mut chain, c).await?);
         }
         for (key_id, micros) in spend {
             sqlx::query("UPDATE proxy_keys SET spent_usd = spent_usd + $1 WHERE id = $2")
@@ -117,25 +133,77 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
+        if chain.checkpoint_due() {
+            chain.checkpoint(&mut tx, chain::Kind::Periodic).await?;
+        }
         tx.commit().await?;
-        Ok(found)
+        Ok((found, chain))
+    }
+
+    /// Signs the chain's head: `Periodic` when it has gone unsigned a while with nothing
+    /// to write, `Closed` when the writer stops.
+    pub async fn checkpoint_audit(
+        &self,
+        chain: &Chain,
+        kind: chain::Kind,
+    ) -> Result<Chain, StoreError> {
+        let mut chain = chain.clone();
+        let mut tx = self.pool().begin().await?;
+        chain.begin(&mut tx).await?;
+        chain.checkpoint(&mut tx, kind).await?;
+        tx.commit().await?;
+        Ok(chain)
     }
 }
 
-/// Rows per INSERT statement: 23 parameters each, well under either database's limit.
+/// Rows per INSERT statement: 27 parameters each, well under either database's limit.
 pub const ROWS_PER_INSERT: usize = 64;
-const COLUMNS: usize = 23;
+const COLUMNS: usize = chain::CONTENT_LEN + 4;
+
+/// What a link covers of a row about to be inserted.
+fn content(row: &Row) -> Content<'_> {
+    let (d, c) = (&row.decided, row.completed.as_ref());
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    fn text(s: &Option<Arc<str>>) -> Option<Cow<'_, str>> {
+        s.as_deref().map(Cow::Borrowed)
+    }
+    let llm = row.cost.llm.as_ref();
+    Content {
+        request_id: Cow::Borrowed(&d.request_id),
+        time_ms: d.time_ms,
+        proxy: text(&d.proxy),
+        target: text(&d.target),
+        credential: text(&d.credential),
+        key_id: text(&d.key_id),
+        run_label: text(&d.run_label),
+        method: Cow::Borrowed(&d.method),
+        path: Cow::Borrowed(&d.path),
+        status: c.and_then(|c| c.status).or(d.status).map(i64::from),
+        upstream_status: c.and_then(|c| c.upstream_status).map(i64::from),
+        decision: Cow::Borrowed(d.decision),
+        rule_id: text(&d.rule_id),
+        latency_ms: c.and_then(|c| c.latency_ms),
+        cost_usd: (row.cost.micros > 0).then(|| to_usd(row.cost.micros)),
+        bytes_in: c.map(|c| int(c.bytes_in)),
+        bytes_out: c.map(|c| int(c.bytes_out)),
+        retries: c.map(|c| i64::from(c.retries)),
+        completed: i64::from(c.is_some()),
+        model: llm.and_then(|l| l.model.as_deref()).map(Cow::Borrowed),
+        input_tokens: llm.map(|l| int(l.usage.input)),
+        output_tokens: llm.map(|l| int(l.usage.output)),
+        cached_tokens: llm.map(|l| int(l.usage.cached_input)),
+    }
+}
 
 async fn insert(
     tx: &mut Transaction<'_, Any>,
     backend: Backend,
+    chain: &mut Chain,
     rows: &[Row],
 ) -> Result<(), StoreError> {
-    let mut sql = String::from(
-        "INSERT INTO requests (request_id, time_ms, proxy, target, credential, key_id,
-             run_label, method, path, status, upstream_status, decision, rule_id, latency_ms,
-             cost_usd, bytes_in, bytes_out, retries, completed, model, input_tokens,
-             output_tokens, cached_tokens) VALUES ",
+    let mut sql = format!(
+        "INSERT INTO requests ({}, chain, chain_pos, prev_hash, hash) VALUES ",
+        chain::CONTENT_COLUMNS
     );
     for i in 0..rows.len() {
         sql.push_str(if i == 0 { "(" } else { ", (" });
@@ -145,7 +213,7 @@ async fn insert(
             }
             match backend {
                 // SQLite looks up each named parameter (`$n`) in a list of all of them:
-                // quadratic in a 1,216-parameter statement, and the writer's main cost.
+                // quadratic in a 1,728-parameter statement, and the writer's main cost.
                 // Anonymous `?` parameters bind by position.
                 Backend::Sqlite => sql.push('?'),
                 Backend::Postgres => write!(sql, "${}", i * COLUMNS + c + 1).expect("to a String"),
@@ -153,50 +221,43 @@ async fn insert(
         }
         sql.push(')');
     }
+    let contents: Vec<Content> = rows.iter().map(content).collect();
+    let links: Vec<Link> = contents.iter().map(|c| chain.link(c)).collect();
+    let chain_id = chain.id.as_str();
     let mut query = sqlx::query(&sql);
-    for row in rows {
-        let (d, c) = (&row.decided, row.completed.as_ref());
-        let status = c.and_then(|c| c.status).or(d.status);
-        let bytes = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        query = query
-            .bind(d.request_id.as_str())
-            .bind(d.time_ms)
-            .bind(d.proxy.as_deref())
-            .bind(d.target.as_deref())
-            .bind(d.credential.as_deref())
-            .bind(d.key_id.as_deref())
-            .bind(d.run_label.as_deref())
-            .bind(d.method.as_str())
-            .bind(d.path.as_str())
-            .bind(status.map(i64::from))
-            .bind(c.and_then(|c| c.upstream_status).map(i64::from))
-            .bind(d.decision)
-            .bind(d.rule_id.as_deref())
-            .bind(c.and_then(|c| c.latency_ms))
-            .bind((row.cost.micros > 0).then(|| to_usd(row.cost.micros)))
-            .bind(c.map(|c| bytes(c.bytes_in)))
-            .bind(c.map(|c| bytes(c.bytes_out)))
-            .bind(c.map(|c| i64::from(c.retries)))
-            .bind(i64::from(c.is_some()));
-        let llm = row.cost.llm.as_ref();
-        query = query
-            .bind(llm.and_then(|l| l.model.as_deref()))
-            .bind(llm.map(|l| bytes(l.usage.input)))
-            .bind(llm.map(|l| bytes(l.usage.output)))
-            .bind(llm.map(|l| bytes(l.usage.cached_input)));
+    for (content, link) in contents.iter().zip(&links) {
+        query = content
+            .bind(query)
+            .bind(chain_id)
+            .bind(link.pos)
+            .bind(link.prev_hash.as_str())
+            .bind(link.hash.as_str());
     }
     query.execute(&mut **tx).await?;
     Ok(())
 }
 
+/// What an amending UPDATE returns: the row as it now is, with its old link.
+fn returning() -> String {
+    format!(
+        " RETURNING seq, chain, chain_pos, prev_hash, hash, {}",
+        chain::CONTENT_COLUMNS
+    )
+}
+
 /// The newest row of a request id not yet completed: a client that replays an id can
 /// not rewrite an older record.
-async fn complete(tx: &mut Transaction<'_, Any>, c: &Completed) -> Result<bool, StoreError> {
-    let done = sqlx::query(
+async fn complete(
+    tx: &mut Transaction<'_, Any>,
+    chain: &mut Chain,
+    c: &Completed,
+) -> Result<bool, StoreError> {
+    let amended = sqlx::query(&format!(
         "UPDATE requests SET status = COALESCE($1, status), upstream_status = $2, latency_ms = $3,
                 bytes_in = $4, bytes_out = $5, retries = $6, completed = 1
-         WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = $7 AND completed = 0)",
-    )
+         WHERE seq = (SELECT max(seq) FROM requests WHERE request_id = $7 AND completed = 0){}",
+        returning()
+    ))
     .bind(c.status.map(i64::from))
     .bind(c.upstream_status.map(i64::from))
     .bind(c.latency_ms)
@@ -204,14 +265,19 @@ async fn complete(tx: &mut Transaction<'_, Any>, c: &Completed) -> Result<bool, 
     .bind(i64::try_from(c.bytes_out).unwrap_or(i64::MAX))
     .bind(i64::from(c.retries))
     .bind(&c.request_id)
-    .execute(&mut **tx)
+    .fetch_optional(&mut **tx)
     .await?;
-    Ok(done.rows_affected() == 1)
+    let Some(amended) = amended else {
+        return Ok(false);
+    };
+    chain::relink(tx, chain, &amended).await?;
+    Ok(true)
 }
 
 async fn add_cost(
     tx: &mut Transaction<'_, Any>,
     backend: Backend,
+    chain: &mut Chain,
     request_id: &str,
     key_id: &str,
     micros: u64,
@@ -230,11 +296,12 @@ async fn add_cost(
                 output_tokens = COALESCE($6, output_tokens),
                 cached_tokens = COALESCE($7, cached_tokens)
          WHERE seq = (SELECT max(seq) FROM requests
-                      WHERE request_id = $2 AND key_id = $3{open_only})"
+                      WHERE request_id = $2 AND key_id = $3{open_only}){}",
+        returning()
     );
     let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     let llm = llm.as_ref();
-    let updated = sqlx::query(&sql)
+    let amended = sqlx::query(&sql)
         .bind(to_usd(micros))
         .bind(request_id)
         .bind(key_id)
@@ -242,13 +309,15 @@ async fn add_cost(
         .bind(llm.map(|l| tokens(l.usage.input)))
         .bind(llm.map(|l| tokens(l.usage.output)))
         .bind(llm.map(|l| tokens(l.usage.cached_input)))
-        .execute(&mut **tx)
-        .await?
-        .rows_affected();
-    if updated == 0 {
-        // No record to add it to (gone with retention; on SQLite, one already completed):
-        // no reason to retry. The key's spend has counted it all the same.
-        tracing::warn!(request_id, key_id, "a cost found no open audit record");
+        .fetch_optional(&mut **tx)
+        .await?;
+    match amended {
+        Some(amended) => chain::relink(tx, chain, &amended).await,
+        None => {
+            // No record to add it to (gone with retention; on SQLite, one already
+            // completed): no reason to retry. The key's spend has counted it all the same.
+            tracing::warn!(request_id, key_id, "a cost found no open audit record");
+            Ok(())
+        }
     }
-    Ok(())
 }

@@ -6,6 +6,7 @@
 pub(crate) mod alerts;
 pub(crate) mod approvals;
 pub(crate) mod audit;
+pub mod chain;
 mod desired;
 mod keys;
 pub use keys::AlreadyRevoked;
@@ -15,6 +16,7 @@ pub mod requests;
 #[cfg(test)]
 pub(crate) mod testing;
 pub(crate) mod tokens;
+pub mod verify;
 
 pub use desired::{Change, Desired, DesiredCredential};
 

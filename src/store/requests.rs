@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use futures_util::TryStreamExt;
 use sqlx::Row;
 
-use crate::store::{Store, StoreError};
+use crate::base::crypto::AuditSigner;
+use crate::store::chain::{Link, read_link};
+use crate::store::{Store, StoreError, verify};
 
 /// Rows per page at most.
 pub const MAX_LIMIT: u32 = 10_000;
@@ -75,6 +77,9 @@ pub struct Entry {
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
+    pub completed: bool,
+    /// Its link of the audit's hash chain (none for records written before chaining).
+    pub link: Option<Link>,
 }
 
 /// A statement being built, with `$n` placeholders (the same in SQLite and PostgreSQL).
@@ -192,7 +197,8 @@ impl Cursor {
 const SELECT: &str =
     "SELECT seq, request_id, time_ms, proxy, target, credential, key_id, run_label, method,
             path, status, upstream_status, decision, rule_id, latency_ms, cost_usd, bytes_in,
-            bytes_out, retries, model, input_tokens, output_tokens, cached_tokens
+            bytes_out, retries, model, input_tokens, output_tokens, cached_tokens, completed,
+            chain, chain_pos, prev_hash, hash
      FROM requests";
 
 /// Every record of `filter`, in the order they were stored, newest first, a page after
@@ -273,6 +279,8 @@ fn entries(rows: &[sqlx::any::AnyRow]) -> Result<Vec<Entry>, StoreError> {
                 input_tokens: u64_of("input_tokens")?,
                 output_tokens: u64_of("output_tokens")?,
                 cached_tokens: u64_of("cached_tokens")?,
+                completed: r.try_get::<i64, _>("completed")? != 0,
+                link: read_link(r)?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()
@@ -428,7 +436,7 @@ fn rank(p: u64, n: u64) -> u64 {
 
 /// Deletes records older than `cutoff_ms`, in slices so writers are never held up for
 /// long. Returns how many went.
-pub async fn prune(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
+pub async fn prune(store: &Store, signer: &AuditSigner, cutoff_ms: i64) -> Result<u64, StoreError> {
     // Approvals are kept as long as the requests they held.
     sqlx::query("DELETE FROM approvals WHERE expires_ms < $1")
         .bind(cutoff_ms)
@@ -447,11 +455,13 @@ pub async fn prune(store: &Store, cutoff_ms: i64) -> Result<u64, StoreError> {
         .bind(cutoff_ms)
         .execute(store.pool())
         .await?;
-    let mut total = 0;
+    // Chained records go a chain at a time, leaving each a signed base; records from
+    // before the chains, by time.
+    let mut total = verify::prune(store, signer, cutoff_ms).await?;
     loop {
         let done = sqlx::query(
             "DELETE FROM requests WHERE seq IN
-               (SELECT seq FROM requests WHERE time_ms < $1 LIMIT 5000)",
+               (SELECT seq FROM requests WHERE chain IS NULL AND time_ms < $1 LIMIT 5000)",
         )
         .bind(cutoff_ms)
         .execute(store.pool())
@@ -530,6 +540,7 @@ mod tests {
     async fn filters_on(store: Store) {
         let (log, writer) = AuditLog::start(
             store.clone(),
+            crate::base::crypto::AuditSigner::ephemeral(),
             AuditCounters::default(),
             crate::telemetry::audit::Outlets::default(),
         );
@@ -590,13 +601,28 @@ mod tests {
         assert_eq!(buckets[0].p50_latency_ms, Some(2.0)); // of 1, 2, 4
         assert_eq!(buckets[0].p95_latency_ms, Some(4.0));
 
-        assert_eq!(prune(&store, base + hour).await.unwrap(), 5);
-        assert_eq!(
+        // Chained records go by when their chain signed them, not by the time a record
+        // claims: these were all written just now.
+        let signer = crate::base::crypto::AuditSigner::ephemeral();
+        assert_eq!(prune(&store, &signer, base + hour).await.unwrap(), 0);
+        let now = crate::base::clock::now_unix_ms();
+        assert_eq!(prune(&store, &signer, now + 1_000).await.unwrap(), 10);
+        assert!(
             list(&store, &Filter::default(), 100, None)
                 .await
                 .unwrap()
-                .len(),
-            5
+                .is_empty()
         );
+        // Records from before the chains go by their time.
+        sqlx::query(
+            "INSERT INTO requests (request_id, time_ms, method, path, decision)
+             VALUES ('old', $1, 'GET', '/x', 'allow'), ('new', $2, 'GET', '/x', 'allow')",
+        )
+        .bind(base)
+        .bind(base + 2 * hour)
+        .execute(store.pool())
+        .await
+        .unwrap();
+        assert_eq!(prune(&store, &signer, base + hour).await.unwrap(), 1);
     }
 }

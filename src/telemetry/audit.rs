@@ -16,7 +16,9 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
+use crate::base::crypto::AuditSigner;
 use crate::store::audit::{Cost, Row, Spent};
+use crate::store::chain::{CHECKPOINT_EVERY, Chain, Kind};
 use crate::store::{Store, StoreError};
 pub use crate::telemetry::events::{Completed, Decided, Event, Llm};
 use crate::telemetry::otlp::Otlp;
@@ -71,12 +73,20 @@ pub struct AuditWriter {
 
 impl AuditLog {
     /// The writer also hands each written batch to the outlets there are.
-    pub fn start(store: Store, counters: AuditCounters, outlets: Outlets) -> (Self, AuditWriter) {
-        Self::with_capacity(store, counters, outlets, QUEUE_CAPACITY)
+    /// The writer's records are links of a chain of its own, its checkpoints signed by
+    /// `signer`.
+    pub fn start(
+        store: Store,
+        signer: AuditSigner,
+        counters: AuditCounters,
+        outlets: Outlets,
+    ) -> (Self, AuditWriter) {
+        Self::with_capacity(store, signer, counters, outlets, QUEUE_CAPACITY)
     }
 
     pub fn with_capacity(
         store: Store,
+        signer: AuditSigner,
         counters: AuditCounters,
         outlets: Outlets,
         capacity: usize,
@@ -87,7 +97,8 @@ impl AuditLog {
         let task = tokio::spawn({
             let (stop, counters) = (stop.clone(), counters.clone());
             async move {
-                write_loop(store, rx, stop, counters, &outlets).await;
+                let chain = Chain::new(signer);
+                write_loop(store, chain, rx, stop, counters, &outlets).await;
                 if let Some(otlp) = outlets.otlp {
                     otlp.finish().await;
                 }
@@ -168,6 +179,7 @@ struct Plan {
 
 async fn write_loop(
     store: Store,
+    mut chain: Chain,
     mut rx: mpsc::Receiver<Event>,
     stop: Arc<Notify>,
     counters: AuditCounters,
@@ -207,6 +219,7 @@ async fn write_loop(
                 }
                 () = tokio::time::sleep(Duration::from_millis(200)),
                     if !held.is_empty() || !orphans.is_empty() => {}
+                () = tokio::time::sleep(CHECKPOINT_EVERY), if chain.unsigned() => {}
             }
         }
         let now = Instant::now();
@@ -242,10 +255,16 @@ async fn write_loop(
         plan.completions.append(&mut orphans);
         let unmatched = loop {
             if plan.is_empty() {
+                if chain.checkpoint_due() {
+                    checkpoint(&store, &mut chain, Kind::Periodic, &counters).await;
+                }
                 break Vec::new();
             }
-            match plan.write(&store).await {
-                Ok(unmatched) => break unmatched,
+            match plan.write(&store, &chain).await {
+                Ok((unmatched, written)) => {
+                    chain = written;
+                    break unmatched;
+                }
                 Err(e) => {
                     // Kept, not dropped: the queue fills and requests wait meanwhile.
                     counters.write_errors.inc();
@@ -263,6 +282,21 @@ async fn write_loop(
             tap.offer(&batch);
         }
         batch.clear();
+    }
+    if chain.started() {
+        checkpoint(&store, &mut chain, Kind::Closed, &counters).await;
+    }
+}
+
+/// Signs the chain's head in a transaction of its own. A failure is logged and left:
+/// the next write's checkpoint, or the next idle one, signs the same links.
+async fn checkpoint(store: &Store, chain: &mut Chain, kind: Kind, counters: &AuditCounters) {
+    match store.checkpoint_audit(chain, kind).await {
+        Ok(signed) => *chain = signed,
+        Err(e) => {
+            counters.write_errors.inc();
+            tracing::error!(error = %e, kind = kind.as_str(), "could not sign the audit chain's head");
+        }
     }
 }
 
@@ -325,18 +359,23 @@ impl Plan {
 
     /// One transaction. Returns the completions whose decision row is not (yet) in the
     /// store, to retry.
-    async fn write(&self, store: &Store) -> Result<Vec<(Instant, Completed)>, StoreError> {
+    async fn write(
+        &self,
+        store: &Store,
+        chain: &Chain,
+    ) -> Result<(Vec<(Instant, Completed)>, Chain), StoreError> {
         let completions: Vec<&Completed> = self.completions.iter().map(|(_, c)| c).collect();
-        let found = store
-            .write_audit(&self.rows, &self.costs, &completions, &self.spend)
+        let (found, chain) = store
+            .write_audit(chain, &self.rows, &self.costs, &completions, &self.spend)
             .await?;
-        Ok(self
+        let unmatched = self
             .completions
             .iter()
             .zip(found)
             .filter(|(_, found)| !found)
             .map(|(pair, _)| pair.clone())
-            .collect())
+            .collect();
+        Ok((unmatched, chain))
     }
 }
 
@@ -382,8 +421,12 @@ mod tests {
     }
 
     async fn completion_and_replay(store: Store) {
-        let (log, writer) =
-            AuditLog::start(store.clone(), AuditCounters::default(), Outlets::default());
+        let (log, writer) = AuditLog::start(
+            store.clone(),
+            AuditSigner::ephemeral(),
+            AuditCounters::default(),
+            Outlets::default(),
+        );
         for event in [
             decided("r1"),
             Event::Completed(Completed {
@@ -413,8 +456,13 @@ mod tests {
     #[tokio::test]
     async fn a_late_cost_and_completion_find_their_written_record() {
         for (_label, _scratch, store) in testing::stores().await {
-            let (log, writer) =
-                AuditLog::start(store.clone(), AuditCounters::default(), Outlets::default());
+            let signer = AuditSigner::ephemeral();
+            let (log, writer) = AuditLog::start(
+                store.clone(),
+                signer.clone(),
+                AuditCounters::default(),
+                Outlets::default(),
+            );
             log.record(decided_by("slow", "k1")).await;
             tokio::time::sleep(HOLD + Duration::from_millis(400)).await;
             assert_eq!(count(&store).await, 1, "written alone after HOLD");
@@ -440,6 +488,14 @@ mod tests {
                     .await
                     .unwrap();
             assert_eq!(row, (Some(200), Some(2.5), 1));
+            // Written, charged and completed: three links, the last two amendments, all
+            // signed by the writer's closing checkpoint.
+            let report = crate::store::verify::verify(&store, &[signer.public_key()], None)
+                .await
+                .unwrap();
+            assert!(report.intact, "{report:?}");
+            assert_eq!((report.records, report.superseded), (1, 2));
+            assert!(report.chains[0].closed);
             if store.backend() == Backend::Sqlite {
                 let plan: Vec<(i64, i64, i64, String)> = sqlx::query_as(
                     "EXPLAIN QUERY PLAN SELECT max(seq) FROM requests
@@ -461,8 +517,12 @@ mod tests {
     #[tokio::test]
     async fn a_cost_after_its_completion_in_one_batch_is_kept() {
         for (_label, _scratch, store) in testing::stores().await {
-            let (log, writer) =
-                AuditLog::start(store.clone(), AuditCounters::default(), Outlets::default());
+            let (log, writer) = AuditLog::start(
+                store.clone(),
+                AuditSigner::ephemeral(),
+                AuditCounters::default(),
+                Outlets::default(),
+            );
             log.record(decided_by("r1", "k1")).await;
             log.record(Event::Completed(Completed {
                 request_id: "r1".into(),
@@ -494,8 +554,12 @@ mod tests {
     #[tokio::test]
     async fn a_batch_of_several_statements_lands_whole() {
         for (_label, _scratch, store) in testing::stores().await {
-            let (log, writer) =
-                AuditLog::start(store.clone(), AuditCounters::default(), Outlets::default());
+            let (log, writer) = AuditLog::start(
+                store.clone(),
+                AuditSigner::ephemeral(),
+                AuditCounters::default(),
+                Outlets::default(),
+            );
             let n = ROWS_PER_INSERT * 2 + 7;
             for i in 0..n {
                 let mut event = decided(&format!("r{i}"));
@@ -536,8 +600,13 @@ mod tests {
 
     async fn slow_store(store: Store) {
         let counters = AuditCounters::default();
-        let (log, writer) =
-            AuditLog::with_capacity(store.clone(), counters.clone(), Outlets::default(), 4);
+        let (log, writer) = AuditLog::with_capacity(
+            store.clone(),
+            AuditSigner::ephemeral(),
+            counters.clone(),
+            Outlets::default(),
+            4,
+        );
         // Hold the write lock from another connection.
         let mut blocker = store.pool().acquire().await.unwrap();
         let lock: &[&str] = match store.backend() {
@@ -583,7 +652,12 @@ mod tests {
     async fn after_finish_an_event_is_counted_as_dropped() {
         let (_label, _scratch, store) = testing::stores().await.remove(0);
         let counters = AuditCounters::default();
-        let (log, writer) = AuditLog::start(store.clone(), counters.clone(), Outlets::default());
+        let (log, writer) = AuditLog::start(
+            store.clone(),
+            AuditSigner::ephemeral(),
+            counters.clone(),
+            Outlets::default(),
+        );
         log.record(decided("before")).await;
         writer.finish().await;
         log.record(decided("after")).await;

@@ -346,6 +346,19 @@ async fn sigterm_flushes_every_record_before_exit() {
         "every decision was written before exit"
     );
     assert!(records.iter().all(|r| r.decision == "allow"));
+    // The writer signed its chain's last link on the way out: nothing left unsigned.
+    let keys = latchkey::base::crypto::MasterKey::parse(&stack.master_key)
+        .unwrap()
+        .audit_public_keys();
+    let report = latchkey::store::verify::verify(&store, &keys, None)
+        .await
+        .unwrap();
+    assert!(report.intact, "{report:?}");
+    assert_eq!(report.records, sent as u64, "{report:?}");
+    assert!(
+        report.chains.iter().all(|c| c.closed && c.unsigned == 0),
+        "{report:?}"
+    );
 }
 
 async fn all_records(stack: &Stack) -> Vec<latchkey::store::requests::Entry> {

@@ -114,11 +114,23 @@ async fn a_loop_of_identical_posts_reaches_the_vendor_once() {
             .contains(r#"latchkey_decisions_total{proxy="stripe",decision="duplicate_request"} 5"#),
         "{metrics}"
     );
-    let log = stack.cli(
-        &["requests", "--decision", "duplicate_request", "-o", "json"],
-        &[],
-    );
-    assert_eq!(crate::common::json(&log).as_array().unwrap().len(), 5);
+    // The audit writes a denial once Envoy's access log completes it (or after a second).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = stack.cli(
+            &["requests", "--decision", "duplicate_request", "-o", "json"],
+            &[],
+        );
+        let recorded = crate::common::json(&log).as_array().unwrap().len();
+        if recorded == 5 {
+            break;
+        }
+        assert!(
+            recorded < 5 && std::time::Instant::now() < deadline,
+            "{recorded} duplicate_request records"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 
     // `check` explains the guards.
     let out = stack.cli(

@@ -5,6 +5,7 @@ mod admin;
 mod alerts;
 mod approvals;
 mod audit;
+mod audit_chain;
 mod budgets;
 mod cli;
 mod common;

@@ -7,9 +7,9 @@ use tonic::Status;
 use zeroize::Zeroizing;
 
 use crate::control::items::{ItemError, Kind};
-use crate::pb::{ImportedKeys, ItemKind, RequestFilter, ResolvedSecret};
+use crate::pb::{ImportedKeys, ItemKind, RequestFilter, RequestRecord, ResolvedSecret};
 use crate::store::StoreError;
-use crate::store::requests::Filter;
+use crate::store::requests::{Entry, Filter};
 
 pub(super) fn internal(e: impl std::fmt::Display) -> Status {
     tracing::error!(error = %e, "admin call failed");
@@ -154,5 +154,42 @@ pub(super) fn approval_info(r: crate::store::approvals::ApprovalRow) -> crate::p
         created_at_ms: r.created_ms,
         expires_at_ms: r.expires_ms,
         decided_by: r.decided_by.unwrap_or_default(),
+    }
+}
+
+/// A request-log record as the admin API sends it.
+pub(super) fn record(e: Entry) -> RequestRecord {
+    RequestRecord {
+        request_id: e.request_id,
+        time_ms: e.time_ms,
+        proxy: e.proxy.unwrap_or_default(),
+        target: e.target.unwrap_or_default(),
+        credential: e.credential.unwrap_or_default(),
+        key_id: e.key_id.unwrap_or_default(),
+        run_label: e.run_label.unwrap_or_default(),
+        method: e.method,
+        path: e.path,
+        status: e.status.map(u32::from),
+        upstream_status: e.upstream_status.map(u32::from),
+        decision: e.decision,
+        rule_id: e.rule_id.unwrap_or_default(),
+        latency_ms: e.latency_ms,
+        cost_usd: e.cost_usd,
+        bytes_in: e.bytes_in,
+        bytes_out: e.bytes_out,
+        retries: e.retries,
+        model: e.model.unwrap_or_default(),
+        input_tokens: e.input_tokens,
+        output_tokens: e.output_tokens,
+        cached_tokens: e.cached_tokens,
+        completed: e.completed,
+        chain: e.link.as_ref().map(|l| l.chain.clone()).unwrap_or_default(),
+        chain_position: e.link.as_ref().map_or(0, |l| l.pos),
+        prev_hash: e
+            .link
+            .as_ref()
+            .map(|l| l.prev_hash.clone())
+            .unwrap_or_default(),
+        hash: e.link.map(|l| l.hash).unwrap_or_default(),
     }
 }
