@@ -135,6 +135,7 @@ fn link_cost() {
         input_tokens: None,
         output_tokens: None,
         cached_tokens: None,
+        facts: None,
     };
     let t = Instant::now();
     for _ in 0..100_000 {

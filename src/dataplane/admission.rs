@@ -95,6 +95,7 @@ fn decided(asked: &Asked<'_>, decision: &Decision, elapsed: Duration, near_cap: 
         status,
         decision: kind,
         rule_id: subject.rule_id.clone(),
+        facts: subject.facts.clone(),
         trace: asked.trace,
         near_cap,
     }

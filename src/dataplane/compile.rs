@@ -478,6 +478,7 @@ fn proxy(
             .and_then(|l| l.upstream_timeout_s)
             .map(|s| u64::from(s) * 1000),
         guards,
+        keep_body_fields: p.audit.as_ref().is_some_and(|a| a.body_fields),
         cost: p
             .cost
             .as_ref()

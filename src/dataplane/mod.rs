@@ -46,6 +46,7 @@ pub mod budget;
 mod compile;
 pub(crate) mod credentials;
 pub mod denial;
+pub mod facts;
 pub(crate) mod guards;
 pub(crate) mod keys;
 pub(crate) mod mutate;

@@ -9,6 +9,7 @@ use crate::dataplane::approval::{self, Ask};
 use crate::dataplane::budget::Limit;
 use crate::dataplane::credentials::oauth2::TokenSource;
 use crate::dataplane::denial::{Denial, Kind};
+use crate::dataplane::facts;
 use crate::dataplane::guards::{self, Duplicate};
 use crate::dataplane::keys;
 use crate::dataplane::mutate::{self, Forward};
@@ -44,6 +45,8 @@ pub struct Subject {
     pub key_id: Option<Arc<str>>,
     pub run_label: Option<Arc<str>>,
     pub rule_id: Option<Arc<str>>,
+    /// What the audit keeps of the headers and query its rules read (`facts`).
+    pub facts: Option<Box<str>>,
 }
 
 #[derive(Debug)]
@@ -343,6 +346,16 @@ fn run(
     };
     limits.extend_from_slice(&proxy.limits);
 
+    let kept_body = match body {
+        Body::Json(json) if proxy.keep_body_fields => Some(json),
+        _ => None,
+    };
+    subject.facts = facts::record(
+        [credential_rules, &proxy.rules],
+        req.headers,
+        route.query,
+        kept_body,
+    );
     let facts = Facts::new(req.method, &route.path, req.headers, route.query, body);
     match rules::evaluate(
         [credential_rules, &proxy.rules],

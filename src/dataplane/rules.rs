@@ -216,9 +216,13 @@ impl Rule {
         !self.body.is_empty()
     }
 
-    /// Whether it reads headers or the query string, which the audit does not keep.
-    pub fn reads_headers_or_query(&self) -> bool {
-        !self.headers.is_empty() || !self.query.is_empty()
+    /// What it reads of a request beyond its method and path.
+    pub fn reads(&self) -> impl Iterator<Item = Read<'_>> {
+        let headers = self.headers.iter().map(|(n, _)| Read::Header(n));
+        let query = self.query.iter().map(|(n, _)| Read::Query(n));
+        headers
+            .chain(query)
+            .chain(self.body.iter().map(|m| Read::Body(&m.pointer)))
     }
 
     fn method_ok(&self, method: &str) -> bool {
@@ -305,6 +309,14 @@ impl Rule {
             (Some(_), Effect::Allow) => Ok(Match::No),
         }
     }
+}
+
+/// A value a rule reads: a header, a query parameter, a body field (a JSON pointer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read<'r> {
+    Header(&'r str),
+    Query(&'r str),
+    Body(&'r str),
 }
 
 enum Match {
@@ -461,6 +473,12 @@ pub struct RuleList {
     pattern_rule: Box<[usize]>,
     /// The rules without a path: candidates for every request.
     pathless: Box<[usize]>,
+    /// Header names (lower case) and query parameters some rule reads: what the audit
+    /// keeps of a request these rules judge (`facts`).
+    read_headers: Box<[Box<str>]>,
+    read_query: Box<[Box<str>]>,
+    /// And the body fields (JSON pointers), kept only where a proxy opts in.
+    read_body: Box<[Box<str>]>,
 }
 
 impl RuleList {
@@ -482,12 +500,40 @@ impl RuleList {
                     .map_err(|e| format!("path regexes together: {e}"))?,
             )
         };
+        let mut read_headers: Vec<Box<str>> = (rules.iter())
+            .flat_map(|r| r.headers.iter().map(|(n, _)| n.to_ascii_lowercase().into()))
+            .collect();
+        let mut read_query: Vec<Box<str>> = (rules.iter())
+            .flat_map(|r| r.query.iter().map(|(n, _)| n.clone()))
+            .collect();
+        let mut read_body: Vec<Box<str>> = (rules.iter())
+            .flat_map(|r| r.body.iter().map(|m| m.pointer.clone()))
+            .collect();
+        for names in [&mut read_headers, &mut read_query, &mut read_body] {
+            names.sort_unstable();
+            names.dedup();
+        }
         Ok(Self {
             rules: rules.into(),
             paths,
             pattern_rule: with_path.into(),
             pathless: pathless.into(),
+            read_headers: read_headers.into(),
+            read_query: read_query.into(),
+            read_body: read_body.into(),
         })
+    }
+
+    pub fn read_headers(&self) -> &[Box<str>] {
+        &self.read_headers
+    }
+
+    pub fn read_query(&self) -> &[Box<str>] {
+        &self.read_query
+    }
+
+    pub fn read_body(&self) -> &[Box<str>] {
+        &self.read_body
     }
 
     pub fn needs_body(&self) -> bool {

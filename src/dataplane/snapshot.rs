@@ -102,6 +102,8 @@ pub struct Proxy {
     pub timeout_ms: Option<u64>,
     /// Runaway guards on POST and PATCH, when the proxy says.
     pub guards: RunawayGuards,
+    /// The audit keeps the values of the body fields its rules read (`audit.body_fields`).
+    pub keep_body_fields: bool,
 }
 
 /// A proxy's runaway guards on its non-idempotent requests (POST, PATCH), and its alerts.

@@ -194,6 +194,21 @@ pub struct ProxySpec {
     /// Runaway guards: what stops a looping agent before it costs anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guards: Option<Guards>,
+    /// What the audit keeps of this proxy's requests beyond their method and path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditFacts>,
+}
+
+/// Opt-in facts for replay. The headers and query parameters rules read are always kept
+/// (secrets withheld); body fields only where a proxy says so, since bodies carry what
+/// agents send, personal data included.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFacts {
+    /// Keep the values of the body fields the rules read (JSON pointers), secrets and
+    /// values over 256 bytes withheld, so a replay can judge body rules.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub body_fields: bool,
 }
 
 /// A proxy's runaway guards.

@@ -8,7 +8,7 @@ use zeroize::Zeroizing;
 
 use crate::base::crypto::{CryptoError, MasterKey};
 use crate::policy::file::{
-    AuthKind, BodyCondition, Cost, CredentialType, Effect, Guards, Limits, PolicyFile,
+    AuditFacts, AuthKind, BodyCondition, Cost, CredentialType, Effect, Guards, Limits, PolicyFile,
     ResponseSafety, SecretRef, ValueCondition,
 };
 use crate::policy::period::Period;
@@ -163,6 +163,7 @@ pub struct ProxyRow {
     pub cost: Option<Cost>,
     pub response: Option<ResponseSafety>,
     pub guards: Option<Guards>,
+    pub audit: Option<AuditFacts>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -276,6 +277,7 @@ impl StoredPolicy {
                     cost: p.cost.clone(),
                     response: p.response.clone(),
                     guards: p.guards.clone(),
+                    audit: p.audit.clone(),
                 })
                 .collect(),
             rules: rules

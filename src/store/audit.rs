@@ -32,6 +32,8 @@ pub struct Decided {
     pub status: Option<u16>,
     pub decision: &'static str,
     pub rule_id: Option<Arc<str>>,
+    /// What is kept of the headers and query the rules read (`dataplane::facts`).
+    pub facts: Option<Box<str>>,
     /// The agent's trace, which the decision's span joins (telemetry only, not stored).
     pub trace: Option<TraceParent>,
     /// The caller's spend passed 80 % of a cap with this request (for the anomaly
@@ -156,7 +158,7 @@ impl Store {
     }
 }
 
-/// Rows per INSERT statement: 27 parameters each, well under either database's limit.
+/// Rows per INSERT statement: 28 parameters each, well under either database's limit.
 pub const ROWS_PER_INSERT: usize = 64;
 const COLUMNS: usize = chain::CONTENT_LEN + 4;
 
@@ -192,6 +194,7 @@ fn content(row: &Row) -> Content<'_> {
         input_tokens: llm.map(|l| int(l.usage.input)),
         output_tokens: llm.map(|l| int(l.usage.output)),
         cached_tokens: llm.map(|l| int(l.usage.cached_input)),
+        facts: d.facts.as_deref().map(Cow::Borrowed),
     }
 }
 

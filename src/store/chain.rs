@@ -30,8 +30,8 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 pub const CONTENT_COLUMNS: &str = "request_id, time_ms, proxy, target, credential, key_id,
     run_label, method, path, status, upstream_status, decision, rule_id, latency_ms,
     cost_usd, bytes_in, bytes_out, retries, completed, model, input_tokens, output_tokens,
-    cached_tokens";
-pub const CONTENT_LEN: usize = 23;
+    cached_tokens, facts";
+pub const CONTENT_LEN: usize = 24;
 
 /// What a record's link covers: every stored field but the row number and the link.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +59,7 @@ pub struct Content<'a> {
     pub input_tokens: Option<i64>,
     pub output_tokens: Option<i64>,
     pub cached_tokens: Option<i64>,
+    pub facts: Option<Cow<'a, str>>,
 }
 
 impl Content<'_> {
@@ -91,6 +92,7 @@ impl Content<'_> {
             input_tokens: r.try_get("input_tokens")?,
             output_tokens: r.try_get("output_tokens")?,
             cached_tokens: r.try_get("cached_tokens")?,
+            facts: text("facts")?,
         })
     }
 
@@ -122,6 +124,7 @@ impl Content<'_> {
             .bind(self.input_tokens)
             .bind(self.output_tokens)
             .bind(self.cached_tokens)
+            .bind(self.facts.as_deref())
     }
 
     /// The compact JSON array a link hashes: strings, integers and nulls only, so any
@@ -163,6 +166,7 @@ impl Content<'_> {
             Field::Int(self.input_tokens),
             Field::Int(self.output_tokens),
             Field::Int(self.cached_tokens),
+            Field::Text(self.facts.as_deref()),
         ]
         .into_iter()
         .enumerate()
@@ -531,6 +535,7 @@ mod tests {
             input_tokens: Some(5),
             output_tokens: None,
             cached_tokens: None,
+            facts: None,
         }
     }
 
@@ -539,7 +544,7 @@ mod tests {
         let json = content().json();
         assert_eq!(
             json,
-            r#"["req-1",1790000000123,"openai",null,"cred \"quoted\"\n",null,null,"POST","/v1/ünïcode",200,null,"allow",null,12346,300000,10,null,0,1,null,5,null,null]"#
+            r#"["req-1",1790000000123,"openai",null,"cred \"quoted\"\n",null,null,"POST","/v1/ünïcode",200,null,"allow",null,12346,300000,10,null,0,1,null,5,null,null,null]"#
         );
         let parsed: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
         assert_eq!(parsed.len(), CONTENT_LEN);

@@ -136,6 +136,7 @@ impl Desired {
                         cost: p.cost.clone(),
                         response: p.response.clone(),
                         guards: p.guards.clone(),
+                        audit: p.audit.clone(),
                     }
                 })
                 .collect(),

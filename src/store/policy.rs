@@ -232,7 +232,8 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
     }
     drop(rows);
     let mut rows = sqlx::query(
-        "SELECT name, target, target_credential, default_effect, limits, cost, response, guards
+        "SELECT name, target, target_credential, default_effect, limits, cost, response, guards,
+                audit
          FROM proxies ORDER BY name",
     )
     .fetch(&mut **tx);
@@ -248,6 +249,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             cost: from_json("proxies", row.try_get("cost")?)?,
             response: from_json("proxies", row.try_get("response")?)?,
             guards: from_json("proxies", row.try_get("guards")?)?,
+            audit: from_json("proxies", row.try_get("audit")?)?,
         });
     }
     drop(rows);
@@ -542,13 +544,13 @@ async fn write_diff(
     {
         sqlx::query(
             "INSERT INTO proxies (name, target, target_credential, default_effect, limits, cost,
-               response, guards)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+               response, guards, audit)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (name) DO UPDATE SET target = excluded.target,
                target_credential = excluded.target_credential,
                default_effect = excluded.default_effect,
                limits = excluded.limits, cost = excluded.cost, response = excluded.response,
-               guards = excluded.guards",
+               guards = excluded.guards, audit = excluded.audit",
         )
         .bind(&p.name)
         .bind(&p.target)
@@ -558,6 +560,7 @@ async fn write_diff(
         .bind(to_json(&p.cost))
         .bind(to_json(&p.response))
         .bind(to_json(&p.guards))
+        .bind(to_json(&p.audit))
         .execute(&mut **tx)
         .await?;
         sqlx::query("DELETE FROM proxy_bindings WHERE proxy = $1")

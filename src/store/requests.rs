@@ -78,6 +78,8 @@ pub struct Entry {
     pub output_tokens: Option<u64>,
     pub cached_tokens: Option<u64>,
     pub completed: bool,
+    /// What was kept of the headers and query its rules read (`dataplane::facts`).
+    pub facts: Option<String>,
     /// Its link of the audit's hash chain (none for records written before chaining).
     pub link: Option<Link>,
 }
@@ -198,7 +200,7 @@ const SELECT: &str =
     "SELECT seq, request_id, time_ms, proxy, target, credential, key_id, run_label, method,
             path, status, upstream_status, decision, rule_id, latency_ms, cost_usd, bytes_in,
             bytes_out, retries, model, input_tokens, output_tokens, cached_tokens, completed,
-            chain, chain_pos, prev_hash, hash
+            facts, chain, chain_pos, prev_hash, hash
      FROM requests";
 
 /// Every record of `filter`, in the order they were stored, newest first, a page after
@@ -280,6 +282,7 @@ fn entries(rows: &[sqlx::any::AnyRow]) -> Result<Vec<Entry>, StoreError> {
                 output_tokens: u64_of("output_tokens")?,
                 cached_tokens: u64_of("cached_tokens")?,
                 completed: r.try_get::<i64, _>("completed")? != 0,
+                facts: r.try_get("facts")?,
                 link: read_link(r)?,
             })
         })

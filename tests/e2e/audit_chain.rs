@@ -183,6 +183,7 @@ fn recomputed(r: &serde_json::Value) -> String {
         r["input_tokens"],
         r["output_tokens"],
         r["cached_tokens"],
+        r["facts"],
     ]);
     let text = format!(
         "{}\n{}\n{}\n{}",

@@ -1,8 +1,9 @@
 //! `Replay`: what a draft policy would decide differently on the requests the audit
 //! recorded. Each record is judged on the facts the audit keeps — its proxy, credential,
-//! method and path — by the draft's rules, as `latchkey check` would judge it; records
-//! those facts cannot settle (a rule on headers, the query or the body, which the audit
-//! does not keep; a request refused before its rules) are counted as unjudged, by why.
+//! method and path, and the headers and query parameters its rules read then
+//! (`dataplane::facts`) — by the draft's rules, as `latchkey check` would judge it;
+//! records those facts cannot settle (a rule on a value not kept, or on the body; a
+//! request refused before its rules) are counted as unjudged, by why.
 //! Records are read a page at a time, so a million of them never sit in memory.
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use tonic::Status;
 
 use super::AdminService;
 use super::wire::{internal, material, store_status};
+use crate::dataplane::facts::Recorded;
 use crate::dataplane::pipeline::{Caller, Judgement, RequestView, decide_as};
 use crate::dataplane::rules::Body;
 use crate::dataplane::snapshot::Policy;
@@ -20,6 +22,8 @@ use crate::store::Desired;
 use crate::store::requests::{self, Entry, Filter};
 
 const BODY: &str = "a rule judges the body, which the audit does not keep";
+const UNKEPT: &str =
+    "a rule reads a header or query parameter whose value the audit did not keep for the request";
 
 /// Changes listed at most; all are counted.
 const MAX_LISTED: usize = 10_000;
@@ -149,36 +153,38 @@ fn judge(draft: &Policy, entry: &Entry, now_ms: i64) -> Verdict {
             rule_id: None,
         };
     };
-    // A rule the request may meet that reads headers or the query, which the audit
-    // does not keep, could decide either way (a body rule says so itself, below).
+    // A rule the request may meet that reads headers or the query is judged on what the
+    // audit kept of them; one reading a value it did not keep (withheld, or read by no
+    // rule when the request was made) could decide either way.
     let lists = [
         Some(draft.credential_rules(index)),
         draft.proxy(proxy).map(|p| &p.rules),
     ];
-    let unknowable = (lists.into_iter().flatten())
+    let kept = (entry.facts.as_deref())
+        .and_then(Recorded::parse)
+        .unwrap_or_default();
+    let covered = (lists.into_iter().flatten())
         .flat_map(|l| l.may_meet(&entry.method, &entry.path))
-        .any(|r| r.reads_headers_or_query());
-    if unknowable {
-        return Verdict::Unjudged(
-            "a rule reads headers or the query, which the audit does not keep",
-        );
+        .all(|r| kept.covers(r.reads()));
+    if !covered {
+        return Verdict::Unjudged(UNKEPT);
     }
-    let path = format!("/{proxy}{}", entry.path);
+    let headers = kept.header_pairs();
+    let query = kept.query_string();
+    let path = match query.as_str() {
+        "" => format!("/{proxy}{}", entry.path),
+        query => format!("/{proxy}{}?{query}", entry.path),
+    };
     let view = RequestView {
         method: &entry.method,
         path: &path,
-        headers: &[],
-        // An empty body for what fingerprints or prices it; `Unread` for the rules, so a
-        // rule that judges the body says it cannot.
+        headers: &headers,
+        // An empty body for what fingerprints or prices it; for the rules, the body
+        // fields kept, else `Unread`, so a rule that judges the body says it cannot.
         body: Some(b""),
     };
-    match decide_as(
-        draft,
-        &view,
-        &Body::Unread,
-        Caller::Credential(credential),
-        now_ms,
-    ) {
+    let body = kept.body_json().map_or(Body::Unread, Body::Json);
+    match decide_as(draft, &view, &body, Caller::Credential(credential), now_ms) {
         Judgement::NeedBody(_) => Verdict::Unjudged(BODY),
         Judgement::Decided(decision) => {
             let rule_id = decision.subject.rule_id.as_deref().map(str::to_owned);

@@ -1,0 +1,335 @@
+//! What the audit keeps of a request beyond its method and path, so that a replay can
+//! judge the rules that read more: the values of the headers and query parameters some
+//! rule of the request's proxy or credential reads and, where the proxy opts in
+//! (`audit.body_fields`), of the body fields they read; nothing else. A key carrier or
+//! anything named like a secret (`auth`, `key`, `token`, `secret`, `cookie`, `password`,
+//! `session`, `signature`), and any value over 256 bytes, is kept as withheld (`null`):
+//! a replay leaves a rule that reads one unjudged rather than guess.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::dataplane::keys::CARRIERS;
+use crate::dataplane::rules::{Read, RuleList};
+
+/// The longest value kept.
+const MAX_VALUE: usize = 256;
+const SECRET_WORDS: [&str; 8] = [
+    "auth",
+    "key",
+    "token",
+    "secret",
+    "cookie",
+    "password",
+    "session",
+    "signature",
+];
+
+/// Recorded values by name (headers in lower case); `None`: withheld.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recorded {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, Option<Vec<String>>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query: BTreeMap<String, Option<Vec<String>>>,
+    /// By JSON pointer.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub body: BTreeMap<String, Option<Field>>,
+}
+
+/// A body field as the request had it: absent, or present with a value (`null` too).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Field {
+    pub present: bool,
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub value: serde_json::Value,
+}
+
+fn secret_like(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    CARRIERS.contains(&name.as_str()) || SECRET_WORDS.iter().any(|w| name.contains(w))
+}
+
+/// The values kept of one name: all of them, or withheld.
+fn kept<'v>(name: &str, values: impl Iterator<Item = &'v str>) -> Option<Vec<String>> {
+    if secret_like(name) {
+        return None;
+    }
+    let values: Vec<String> = values.map(str::to_owned).collect();
+    values
+        .iter()
+        .all(|v| v.len() <= MAX_VALUE)
+        .then_some(values)
+}
+
+/// The body field at `pointer`, unless it is named like a secret or too long to keep.
+fn kept_field(pointer: &str, body: &serde_json::Value) -> Option<Field> {
+    if pointer.rsplit('/').next().is_some_and(secret_like) {
+        return None;
+    }
+    Some(match body.pointer(pointer) {
+        None => Field {
+            present: false,
+            value: serde_json::Value::Null,
+        },
+        Some(value) if value.to_string().len() <= MAX_VALUE => Field {
+            present: true,
+            value: value.clone(),
+        },
+        Some(_) => return None,
+    })
+}
+
+/// The facts to keep of a request judged by `lists`: `None` when no rule reads a header,
+/// the query or a kept body (most proxies), else compact JSON. `body` is the JSON body
+/// the rules judged, when the proxy keeps body fields.
+pub fn record(
+    lists: [&RuleList; 2],
+    headers: &[(&str, &[u8])],
+    query: Option<&str>,
+    body: Option<&serde_json::Value>,
+) -> Option<Box<str>> {
+    let mut out = Recorded::default();
+    for list in lists {
+        if let Some(body) = body {
+            for pointer in list.read_body() {
+                out.body
+                    .insert(pointer.to_string(), kept_field(pointer, body));
+            }
+        }
+        for name in list.read_headers() {
+            let values = (headers.iter())
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| std::str::from_utf8(v).unwrap_or("\u{fffd}"));
+            out.headers.insert(name.to_string(), kept(name, values));
+        }
+        if list.read_query().is_empty() {
+            continue;
+        }
+        let pairs: Vec<(String, String)> = query
+            .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+            .unwrap_or_default();
+        for name in list.read_query() {
+            let values = (pairs.iter())
+                .filter(|(n, _)| n == name.as_ref())
+                .map(|(_, v)| v.as_str());
+            out.query.insert(name.to_string(), kept(name, values));
+        }
+    }
+    if out.headers.is_empty() && out.query.is_empty() && out.body.is_empty() {
+        return None;
+    }
+    Some(
+        serde_json::to_string(&out)
+            .expect("a map of strings serializes")
+            .into(),
+    )
+}
+
+impl Recorded {
+    pub fn parse(text: &str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+
+    /// Whether every value in `reads` was kept, so a rule can be judged on these facts.
+    /// Where no body field was kept at all, a body read counts as covered: the replay
+    /// gives such a rule no body, and it says itself that it cannot judge.
+    pub fn covers<'r>(&self, mut reads: impl Iterator<Item = Read<'r>>) -> bool {
+        reads.all(|read| match read {
+            Read::Header(name) => {
+                matches!(self.headers.get(&name.to_ascii_lowercase()), Some(Some(_)))
+            }
+            Read::Query(name) => matches!(self.query.get(name), Some(Some(_))),
+            Read::Body(pointer) => {
+                self.body.is_empty() || matches!(self.body.get(pointer), Some(Some(_)))
+            }
+        })
+    }
+
+    /// A body carrying the kept fields where they were: `None` when none was kept.
+    pub fn body_json(&self) -> Option<serde_json::Value> {
+        if self.body.is_empty() {
+            return None;
+        }
+        let mut root = serde_json::Value::Object(serde_json::Map::new());
+        for (pointer, field) in &self.body {
+            let Some(Field {
+                present: true,
+                value,
+            }) = field
+            else {
+                continue;
+            };
+            let tokens: Vec<String> = (pointer.split('/').skip(1))
+                .map(|t| t.replace("~1", "/").replace("~0", "~"))
+                .collect();
+            let Some((last, parents)) = tokens.split_last() else {
+                continue;
+            };
+            let mut at = &mut root;
+            for token in parents {
+                let serde_json::Value::Object(map) = at else {
+                    break;
+                };
+                at = map
+                    .entry(token.clone())
+                    .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
+            }
+            if let serde_json::Value::Object(map) = at {
+                map.insert(last.clone(), value.clone());
+            }
+        }
+        Some(root)
+    }
+
+    /// The kept headers, as a request carries them.
+    pub fn header_pairs(&self) -> Vec<(&str, &[u8])> {
+        (self.headers.iter())
+            .filter_map(|(name, values)| Some((name, values.as_ref()?)))
+            .flat_map(|(name, values)| values.iter().map(move |v| (name.as_str(), v.as_bytes())))
+            .collect()
+    }
+
+    /// The kept query parameters, as a query string.
+    pub fn query_string(&self) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (name, values) in &self.query {
+            for value in values.iter().flatten() {
+                query.append_pair(name, value);
+            }
+        }
+        query.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::dataplane::rules::Rule;
+    use crate::policy::Effect;
+    use crate::policy::rows::RuleRow;
+
+    fn list(conditions: &str) -> RuleList {
+        let row = RuleRow {
+            id: "r".into(),
+            credential: None,
+            proxy: Some("p".into()),
+            effect: Effect::Deny,
+            methods: Vec::new(),
+            path: None,
+            conditions: serde_norway::from_str(conditions).unwrap(),
+            priority: 1,
+            notes: None,
+            position: 0,
+        };
+        RuleList::new(vec![Arc::new(Rule::compile(&row).unwrap())]).unwrap()
+    }
+
+    #[test]
+    fn only_what_rules_read_is_kept_and_secrets_are_withheld() {
+        let rules = list(
+            r#"{ headers: { X-Env: "prod", X-Api-Key: { presence: must_exist } },
+                 query: { mode: "x", token: { presence: must_exist },
+                          long: { presence: must_exist } } }"#,
+        );
+        let none = RuleList::default();
+        let long = "v".repeat(300);
+        let query = format!("mode=a&mode=b%20c&token=t0p&other=1&long={long}");
+        let headers: [(&str, &[u8]); 4] = [
+            ("x-env", b"prod"),
+            ("x-api-key", b"lk_secret"),
+            ("accept", b"*/*"),
+            ("x-env", b"staging"),
+        ];
+        let text = record([&none, &rules], &headers, Some(&query), None).unwrap();
+        assert!(!text.contains("lk_secret") && !text.contains("t0p") && !text.contains("accept"));
+        let kept = Recorded::parse(&text).unwrap();
+        assert_eq!(
+            kept.headers["x-env"],
+            Some(vec!["prod".into(), "staging".into()])
+        );
+        assert_eq!(kept.headers["x-api-key"], None);
+        assert_eq!(kept.query["mode"], Some(vec!["a".into(), "b c".into()]));
+        assert_eq!(kept.query["token"], None);
+        assert_eq!(kept.query["long"], None, "too long to keep");
+        assert!(kept.covers([Read::Header("X-Env"), Read::Query("mode")].into_iter()));
+        assert!(!kept.covers([Read::Header("x-api-key")].into_iter()));
+        assert!(
+            !kept.covers([Read::Header("x-other")].into_iter()),
+            "not kept at all"
+        );
+        assert_eq!(kept.query_string(), "mode=a&mode=b+c");
+        // No rule reads anything: nothing is kept.
+        assert_eq!(record([&none, &none], &headers, Some(&query), None), None);
+    }
+
+    #[test]
+    fn body_fields_are_kept_only_when_given_and_rebuilt_where_they_were() {
+        let rules = list(
+            r#"{ body: [ { pointer: /amount, gt: 100 }, { pointer: /meta/tier, presence: must_exist },
+                         { pointer: /card_token, presence: must_exist },
+                         { pointer: /note, presence: must_exist }, { pointer: /gone, presence: must_exist } ] }"#,
+        );
+        let none = RuleList::default();
+        let body = serde_json::json!({
+            "amount": 250, "meta": { "tier": "gold", "other": 1 }, "card_token": "tok_123",
+            "note": "n".repeat(300), "unread": "x",
+        });
+        assert_eq!(
+            record([&rules, &none], &[], None, None),
+            None,
+            "not opted in"
+        );
+        let text = record([&rules, &none], &[], None, Some(&body)).unwrap();
+        assert!(!text.contains("tok_123") && !text.contains("unread") && !text.contains("other"));
+        let kept = Recorded::parse(&text).unwrap();
+        assert!(kept.covers([Read::Body("/amount"), Read::Body("/gone")].into_iter()));
+        assert!(
+            !kept.covers([Read::Body("/card_token")].into_iter()),
+            "withheld"
+        );
+        assert!(!kept.covers([Read::Body("/note")].into_iter()), "too long");
+        assert_eq!(
+            kept.body_json().unwrap(),
+            serde_json::json!({ "amount": 250, "meta": { "tier": "gold" } })
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever the agent sends, the kept facts parse back, hold a carrier's value
+        /// never, and give the rules back exactly the values kept.
+        #[test]
+        fn hostile_headers_and_queries_round_trip_without_secrets(
+            env in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..300), 0..4),
+            key in "[A-Za-z0-9]{20,40}",
+            query in ".{0,200}",
+        ) {
+            let rules = list(r#"{ headers: { X-Env: "x", Authorization: "y" }, query: { q: "z" } }"#);
+            let none = RuleList::default();
+            let bearer = format!("Bearer {key}");
+            let mut headers: Vec<(&str, &[u8])> = env.iter().map(|v| ("x-env", v.as_slice())).collect();
+            headers.push(("authorization", bearer.as_bytes()));
+            let text = record([&rules, &none], &headers, Some(&query), None).unwrap();
+            proptest::prop_assert!(!text.contains(&key));
+            let kept = Recorded::parse(&text).unwrap();
+            // As the rules see them: a value that is not UTF-8 is one replacement character.
+            let lossy: Vec<String> = (env.iter())
+                .map(|v| std::str::from_utf8(v).unwrap_or("\u{fffd}").to_owned())
+                .collect();
+            let expected = lossy.iter().all(|v| v.len() <= MAX_VALUE).then_some(lossy);
+            proptest::prop_assert_eq!(kept.headers.get("x-env").cloned(), Some(expected.clone()));
+            let back: Vec<&[u8]> = kept.header_pairs().into_iter().map(|(_, v)| v).collect();
+            let want: Vec<&[u8]> = expected.iter().flatten().map(|v| v.as_bytes()).collect();
+            proptest::prop_assert_eq!(back, want);
+            // The query string rebuilt parses to the kept values again.
+            let rebuilt: Vec<(String, String)> =
+                form_urlencoded::parse(kept.query_string().as_bytes()).into_owned().collect();
+            let kept_q: Vec<(String, String)> = kept.query.get("q").cloned().flatten().unwrap_or_default()
+                .into_iter().map(|v| ("q".to_owned(), v)).collect();
+            proptest::prop_assert_eq!(rebuilt, kept_q);
+        }
+    }
+}
