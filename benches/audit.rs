@@ -136,6 +136,7 @@ fn link_cost() {
         output_tokens: None,
         cached_tokens: None,
         facts: None,
+        supersedes: None,
     };
     let t = Instant::now();
     for _ in 0..100_000 {

@@ -167,6 +167,7 @@ pub(super) async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
                     "cached_tokens": r.cached_tokens,
                     "completed": r.completed,
                     "facts": nonempty(&r.facts),
+                    "supersedes": nonempty(&r.supersedes),
                     "chain": nonempty(&r.chain),
                     "chain_position": (!r.chain.is_empty()).then_some(r.chain_position),
                     "prev_hash": nonempty(&r.prev_hash),

@@ -15,15 +15,19 @@ use crate::dataplane::rules::{Read, RuleList};
 
 /// The longest value kept.
 const MAX_VALUE: usize = 256;
-const SECRET_WORDS: [&str; 8] = [
+const SECRET_WORDS: [&str; 12] = [
     "auth",
     "key",
     "token",
     "secret",
     "cookie",
-    "password",
+    "pass",
+    "pwd",
     "session",
-    "signature",
+    "sig",
+    "credential",
+    "bearer",
+    "jwt",
 ];
 
 /// Recorded values by name (headers in lower case); `None`: withheld.
@@ -51,21 +55,36 @@ fn secret_like(name: &str) -> bool {
     CARRIERS.contains(&name.as_str()) || SECRET_WORDS.iter().any(|w| name.contains(w))
 }
 
+/// Whether a value may be kept: short, and not a credential whatever it is named (the
+/// agent's own key in a header a rule reads, an `Authorization`-style value).
+fn keepable(value: &str, presented: Option<&[u8]>) -> bool {
+    let credential_like = ["bearer ", "basic "].iter().any(|scheme| {
+        value.len() >= scheme.len()
+            && value.as_bytes()[..scheme.len()].eq_ignore_ascii_case(scheme.as_bytes())
+    });
+    let carries_key = presented.is_some_and(|key| {
+        !key.is_empty() && value.as_bytes().windows(key.len()).any(|w| w == key)
+    });
+    value.len() <= MAX_VALUE && !credential_like && !carries_key
+}
+
 /// The values kept of one name: all of them, or withheld.
-fn kept<'v>(name: &str, values: impl Iterator<Item = &'v str>) -> Option<Vec<String>> {
+fn kept<'v>(
+    name: &str,
+    values: impl Iterator<Item = &'v str>,
+    presented: Option<&[u8]>,
+) -> Option<Vec<String>> {
     if secret_like(name) {
         return None;
     }
     let values: Vec<String> = values.map(str::to_owned).collect();
-    values
-        .iter()
-        .all(|v| v.len() <= MAX_VALUE)
-        .then_some(values)
+    (values.iter().all(|v| keepable(v, presented))).then_some(values)
 }
 
-/// The body field at `pointer`, unless it is named like a secret or too long to keep.
-fn kept_field(pointer: &str, body: &serde_json::Value) -> Option<Field> {
-    if pointer.rsplit('/').next().is_some_and(secret_like) {
+/// The body field at `pointer`: a scalar only (an object or array may hold anything),
+/// unless any step of the pointer is named like a secret or the value may not be kept.
+fn kept_field(pointer: &str, body: &serde_json::Value, presented: Option<&[u8]>) -> Option<Field> {
+    if pointer.is_empty() || pointer.split('/').skip(1).any(secret_like) {
         return None;
     }
     Some(match body.pointer(pointer) {
@@ -73,36 +92,40 @@ fn kept_field(pointer: &str, body: &serde_json::Value) -> Option<Field> {
             present: false,
             value: serde_json::Value::Null,
         },
-        Some(value) if value.to_string().len() <= MAX_VALUE => Field {
+        Some(serde_json::Value::Object(_) | serde_json::Value::Array(_)) => return None,
+        Some(serde_json::Value::String(text)) if !keepable(text, presented) => return None,
+        Some(value) => Field {
             present: true,
             value: value.clone(),
         },
-        Some(_) => return None,
     })
 }
 
 /// The facts to keep of a request judged by `lists`: `None` when no rule reads a header,
 /// the query or a kept body (most proxies), else compact JSON. `body` is the JSON body
-/// the rules judged, when the proxy keeps body fields.
+/// the rules judged, when the proxy keeps body fields; `presented`, the proxy key the
+/// request carried, which is never kept wherever it appears.
 pub fn record(
     lists: [&RuleList; 2],
     headers: &[(&str, &[u8])],
     query: Option<&str>,
     body: Option<&serde_json::Value>,
+    presented: Option<&[u8]>,
 ) -> Option<Box<str>> {
     let mut out = Recorded::default();
     for list in lists {
         if let Some(body) = body {
             for pointer in list.read_body() {
                 out.body
-                    .insert(pointer.to_string(), kept_field(pointer, body));
+                    .insert(pointer.to_string(), kept_field(pointer, body, presented));
             }
         }
         for name in list.read_headers() {
             let values = (headers.iter())
                 .filter(|(n, _)| n.eq_ignore_ascii_case(name))
                 .map(|(_, v)| std::str::from_utf8(v).unwrap_or("\u{fffd}"));
-            out.headers.insert(name.to_string(), kept(name, values));
+            out.headers
+                .insert(name.to_string(), kept(name, values, presented));
         }
         if list.read_query().is_empty() {
             continue;
@@ -114,7 +137,8 @@ pub fn record(
             let values = (pairs.iter())
                 .filter(|(n, _)| n == name.as_ref())
                 .map(|(_, v)| v.as_str());
-            out.query.insert(name.to_string(), kept(name, values));
+            out.query
+                .insert(name.to_string(), kept(name, values, presented));
         }
     }
     if out.headers.is_empty() && out.query.is_empty() && out.body.is_empty() {
@@ -244,7 +268,7 @@ mod tests {
             ("accept", b"*/*"),
             ("x-env", b"staging"),
         ];
-        let text = record([&none, &rules], &headers, Some(&query), None).unwrap();
+        let text = record([&none, &rules], &headers, Some(&query), None, None).unwrap();
         assert!(!text.contains("lk_secret") && !text.contains("t0p") && !text.contains("accept"));
         let kept = Recorded::parse(&text).unwrap();
         assert_eq!(
@@ -263,13 +287,25 @@ mod tests {
         );
         assert_eq!(kept.query_string(), "mode=a&mode=b+c");
         // No rule reads anything: nothing is kept.
-        assert_eq!(record([&none, &none], &headers, Some(&query), None), None);
+        assert_eq!(
+            record([&none, &none], &headers, Some(&query), None, None),
+            None
+        );
+        // The agent's own key, or a credential-like value, in a header a rule reads.
+        let sneaky: [(&str, &[u8]); 2] = [("x-env", b"prod lk_secret"), ("x-env", b"x")];
+        let text = record([&none, &rules], &sneaky, None, None, Some(b"lk_secret")).unwrap();
+        assert!(!text.contains("lk_secret"), "{text}");
+        let bearer: [(&str, &[u8]); 1] = [("x-env", b"Bearer abc")];
+        let text = record([&none, &rules], &bearer, None, None, None).unwrap();
+        assert!(!text.contains("abc"), "{text}");
     }
 
     #[test]
     fn body_fields_are_kept_only_when_given_and_rebuilt_where_they_were() {
         let rules = list(
             r#"{ body: [ { pointer: /amount, gt: 100 }, { pointer: /meta/tier, presence: must_exist },
+                         { pointer: /metadata, presence: must_exist },
+                         { pointer: /auth/0, presence: must_exist },
                          { pointer: /card_token, presence: must_exist },
                          { pointer: /note, presence: must_exist }, { pointer: /gone, presence: must_exist } ] }"#,
         );
@@ -277,14 +313,19 @@ mod tests {
         let body = serde_json::json!({
             "amount": 250, "meta": { "tier": "gold", "other": 1 }, "card_token": "tok_123",
             "note": "n".repeat(300), "unread": "x",
+            "metadata": { "api_key": "lk_nested" }, "auth": ["pw"],
         });
         assert_eq!(
-            record([&rules, &none], &[], None, None),
+            record([&rules, &none], &[], None, None, None),
             None,
             "not opted in"
         );
-        let text = record([&rules, &none], &[], None, Some(&body)).unwrap();
+        let text = record([&rules, &none], &[], None, Some(&body), None).unwrap();
         assert!(!text.contains("tok_123") && !text.contains("unread") && !text.contains("other"));
+        assert!(
+            !text.contains("lk_nested") && !text.contains("pw"),
+            "{text}"
+        );
         let kept = Recorded::parse(&text).unwrap();
         assert!(kept.covers([Read::Body("/amount"), Read::Body("/gone")].into_iter()));
         assert!(
@@ -312,7 +353,7 @@ mod tests {
             let bearer = format!("Bearer {key}");
             let mut headers: Vec<(&str, &[u8])> = env.iter().map(|v| ("x-env", v.as_slice())).collect();
             headers.push(("authorization", bearer.as_bytes()));
-            let text = record([&rules, &none], &headers, Some(&query), None).unwrap();
+            let text = record([&rules, &none], &headers, Some(&query), None, None).unwrap();
             proptest::prop_assert!(!text.contains(&key));
             let kept = Recorded::parse(&text).unwrap();
             // As the rules see them: a value that is not UTF-8 is one replacement character.

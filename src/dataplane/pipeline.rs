@@ -294,12 +294,13 @@ fn run(
     subject.path = Some(route.path.to_string());
     // The key is checked before the proxy is said to be unknown: a caller without a
     // valid key cannot tell which proxies exist.
-    let entry = match caller {
-        Caller::Key => {
-            let key = keys::presented(req.headers)?;
-            Some(keys::authenticate(policy, &key, now_ms)?)
-        }
+    let presented = match caller {
+        Caller::Key => Some(keys::presented(req.headers)?),
         _ => None,
+    };
+    let entry = match &presented {
+        Some(key) => Some(keys::authenticate(policy, key, now_ms)?),
+        None => None,
     };
     let proxy =
         proxy.ok_or_else(|| Denial::UnknownProxy(route.proxy.chars().take(128).collect()))?;
@@ -355,6 +356,7 @@ fn run(
         req.headers,
         route.query,
         kept_body,
+        presented.as_deref(),
     );
     let facts = Facts::new(req.method, &route.path, req.headers, route.query, body);
     match rules::evaluate(

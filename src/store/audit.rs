@@ -158,12 +158,12 @@ impl Store {
     }
 }
 
-/// Rows per INSERT statement: 28 parameters each, well under either database's limit.
+/// Rows per INSERT statement: 29 parameters each, well under either database's limit.
 pub const ROWS_PER_INSERT: usize = 64;
 const COLUMNS: usize = chain::CONTENT_LEN + 4;
 
 /// What a link covers of a row about to be inserted.
-fn content(row: &Row) -> Content<'_> {
+pub(crate) fn content(row: &Row) -> Content<'_> {
     let (d, c) = (&row.decided, row.completed.as_ref());
     let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     fn text(s: &Option<Arc<str>>) -> Option<Cow<'_, str>> {
@@ -195,6 +195,7 @@ fn content(row: &Row) -> Content<'_> {
         output_tokens: llm.map(|l| int(l.usage.output)),
         cached_tokens: llm.map(|l| int(l.usage.cached_input)),
         facts: d.facts.as_deref().map(Cow::Borrowed),
+        supersedes: None,
     }
 }
 

@@ -30,8 +30,8 @@ pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 pub const CONTENT_COLUMNS: &str = "request_id, time_ms, proxy, target, credential, key_id,
     run_label, method, path, status, upstream_status, decision, rule_id, latency_ms,
     cost_usd, bytes_in, bytes_out, retries, completed, model, input_tokens, output_tokens,
-    cached_tokens, facts";
-pub const CONTENT_LEN: usize = 24;
+    cached_tokens, facts, supersedes";
+pub const CONTENT_LEN: usize = 25;
 
 /// What a record's link covers: every stored field but the row number and the link.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +60,8 @@ pub struct Content<'a> {
     pub output_tokens: Option<i64>,
     pub cached_tokens: Option<i64>,
     pub facts: Option<Cow<'a, str>>,
+    /// For a record amended after it was written: the hash of the link it left.
+    pub supersedes: Option<Cow<'a, str>>,
 }
 
 impl Content<'_> {
@@ -93,6 +95,7 @@ impl Content<'_> {
             output_tokens: r.try_get("output_tokens")?,
             cached_tokens: r.try_get("cached_tokens")?,
             facts: text("facts")?,
+            supersedes: text("supersedes")?,
         })
     }
 
@@ -125,6 +128,7 @@ impl Content<'_> {
             .bind(self.output_tokens)
             .bind(self.cached_tokens)
             .bind(self.facts.as_deref())
+            .bind(self.supersedes.as_deref())
     }
 
     /// The compact JSON array a link hashes: strings, integers and nulls only, so any
@@ -167,6 +171,7 @@ impl Content<'_> {
             Field::Int(self.output_tokens),
             Field::Int(self.cached_tokens),
             Field::Text(self.facts.as_deref()),
+            Field::Text(self.supersedes.as_deref()),
         ]
         .into_iter()
         .enumerate()
@@ -328,6 +333,12 @@ impl Chain {
     pub fn started(&self) -> bool {
         self.started
     }
+
+    /// A new chain by the same signer, for a writer whose transaction failed: whether
+    /// it committed is not known, so its positions are not reused.
+    pub fn restart(&self) -> Self {
+        Self::new(self.signer.clone())
+    }
 }
 
 /// Moves an amended record to a new link: `amended` is the row after its update,
@@ -339,27 +350,35 @@ pub async fn relink(
     amended: &AnyRow,
 ) -> Result<(), StoreError> {
     let seq: i64 = amended.try_get("seq")?;
-    if let Some(old) = read_link(amended)? {
+    let mut content = Content::read(amended)?;
+    let old = read_link(amended)?;
+    if let Some(old) = &old {
         sqlx::query(
-            "INSERT INTO audit_superseded (chain, chain_pos, prev_hash, hash, request_seq)
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO audit_superseded (chain, chain_pos, prev_hash, hash, request_seq,
+                                           supersedes)
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&old.chain)
         .bind(old.pos)
         .bind(&old.prev_hash)
         .bind(&old.hash)
         .bind(seq)
+        .bind(content.supersedes.as_deref())
         .execute(&mut **tx)
         .await?;
     }
-    let link = chain.link(&Content::read(amended)?);
+    content.supersedes = old.map(|l| Cow::Owned(l.hash));
+    let link = chain.link(&content);
     sqlx::query(
-        "UPDATE requests SET chain = $1, chain_pos = $2, prev_hash = $3, hash = $4 WHERE seq = $5",
+        "UPDATE requests SET chain = $1, chain_pos = $2, prev_hash = $3, hash = $4,
+                             supersedes = $5
+         WHERE seq = $6",
     )
     .bind(&link.chain)
     .bind(link.pos)
     .bind(&link.prev_hash)
     .bind(&link.hash)
+    .bind(content.supersedes.as_deref())
     .bind(seq)
     .execute(&mut **tx)
     .await?;
@@ -536,6 +555,7 @@ mod tests {
             output_tokens: None,
             cached_tokens: None,
             facts: None,
+            supersedes: None,
         }
     }
 
@@ -544,7 +564,7 @@ mod tests {
         let json = content().json();
         assert_eq!(
             json,
-            r#"["req-1",1790000000123,"openai",null,"cred \"quoted\"\n",null,null,"POST","/v1/ünïcode",200,null,"allow",null,12346,300000,10,null,0,1,null,5,null,null,null]"#
+            r#"["req-1",1790000000123,"openai",null,"cred \"quoted\"\n",null,null,"POST","/v1/ünïcode",200,null,"allow",null,12346,300000,10,null,0,1,null,5,null,null,null,null]"#
         );
         let parsed: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
         assert_eq!(parsed.len(), CONTENT_LEN);

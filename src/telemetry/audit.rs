@@ -268,6 +268,9 @@ async fn write_loop(
                 Err(e) => {
                     // Kept, not dropped: the queue fills and requests wait meanwhile.
                     counters.write_errors.inc();
+                    // It may have committed all the same: the retry goes into a chain
+                    // of its own, and the old one ends unsigned rather than forked.
+                    chain = chain.restart();
                     tracing::error!(error = %e, rows = plan.rows.len(), "could not write the audit; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }

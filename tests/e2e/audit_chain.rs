@@ -184,6 +184,7 @@ fn recomputed(r: &serde_json::Value) -> String {
         r["output_tokens"],
         r["cached_tokens"],
         r["facts"],
+        r["supersedes"],
     ]);
     let text = format!(
         "{}\n{}\n{}\n{}",

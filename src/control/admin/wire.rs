@@ -184,6 +184,7 @@ pub(super) fn record(e: Entry) -> RequestRecord {
         cached_tokens: e.cached_tokens,
         completed: e.completed,
         facts: e.facts.unwrap_or_default(),
+        supersedes: e.supersedes.unwrap_or_default(),
         chain: e.link.as_ref().map(|l| l.chain.clone()).unwrap_or_default(),
         chain_position: e.link.as_ref().map_or(0, |l| l.pos),
         prev_hash: e

@@ -4,6 +4,7 @@
 //! chain a signed base to start from; `since` starts from the last checkpoint before it.
 
 use serde::Serialize;
+use sqlx::AnyConnection;
 use sqlx::Row as _;
 use sqlx::any::AnyRow;
 
@@ -12,7 +13,7 @@ use crate::base::crypto::{self, AuditPublicKey, AuditSigner};
 use crate::store::chain::{
     self, CHECKPOINT_COLUMNS, CONTENT_COLUMNS, Checkpoint, Content, Kind, link_hash, read_link,
 };
-use crate::store::{Store, StoreError};
+use crate::store::{Backend, Store, StoreError};
 
 /// Positions read per query.
 const WINDOW: i64 = 1_000;
@@ -86,14 +87,23 @@ pub async fn verify(
     since_ms: Option<i64>,
 ) -> Result<Report, StoreError> {
     let mut report = Report::default();
-    let broken = walk_all(store, keys, since_ms, &mut report).await?;
+    // One snapshot: a writer committing meanwhile (a record moved to a new link, a
+    // prune) must not look like tampering.
+    let mut tx = store.pool().begin().await?;
+    if store.backend() == Backend::Postgres {
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await?;
+    }
+    let broken = walk_all(&mut tx, keys, since_ms, &mut report).await?;
+    tx.rollback().await?;
     report.intact = broken.is_none();
     report.broken = broken;
     Ok(report)
 }
 
 async fn walk_all(
-    store: &Store,
+    conn: &mut AnyConnection,
     keys: &[AuditPublicKey],
     since_ms: Option<i64>,
     report: &mut Report,
@@ -101,14 +111,17 @@ async fn walk_all(
     let chains: Vec<(String, i64)> = sqlx::query_as(
         "SELECT chain, min(time_ms) FROM audit_checkpoints GROUP BY chain ORDER BY 2, 1",
     )
-    .fetch_all(store.pool())
+    .fetch_all(&mut *conn)
     .await?;
     for (chain, _) in &chains {
-        if let Some(broken) = walk(store, keys, chain, since_ms, report).await? {
+        if let Some(broken) = walk(conn, keys, chain, since_ms, report).await? {
             return Ok(Some(broken));
         }
     }
-    if let Some(broken) = starts_vouch(store).await? {
+    if let Some(broken) = starts_vouch(conn, keys).await? {
+        return Ok(Some(broken));
+    }
+    if let Some(broken) = links_complete(conn).await? {
         return Ok(Some(broken));
     }
     // A record in a chain no checkpoint knows: made up, or its chain's checkpoints went.
@@ -116,7 +129,7 @@ async fn walk_all(
         "SELECT seq, request_id, chain FROM requests WHERE chain IS NOT NULL
            AND chain NOT IN (SELECT chain FROM audit_checkpoints) ORDER BY seq LIMIT 1",
     )
-    .fetch_optional(store.pool())
+    .fetch_optional(&mut *conn)
     .await?;
     if let Some((seq, request_id, chain)) = stray {
         return Ok(Some(Broken {
@@ -131,7 +144,7 @@ async fn walk_all(
     // expected (an upgrade from an unchained audit).
     let before: Option<i64> =
         sqlx::query_scalar("SELECT min(first_seq) FROM audit_checkpoints WHERE kind = 'start'")
-            .fetch_one(store.pool())
+            .fetch_one(&mut *conn)
             .await?;
     let before = before.unwrap_or(i64::MAX);
     report.unchained_before = u64::try_from(
@@ -139,16 +152,16 @@ async fn walk_all(
             "SELECT count(*) FROM requests WHERE chain IS NULL AND seq <= $1",
         )
         .bind(before)
-        .fetch_one(store.pool())
+        .fetch_one(&mut *conn)
         .await?,
     )
     .unwrap_or(0);
     let unchained: Option<(i64, String)> = sqlx::query_as(
-        "SELECT seq, request_id FROM requests WHERE chain IS NULL AND seq > $1
+        "SELECT seq, request_id FROM requests WHERE chain IS NULL AND (seq > $1 OR seq < 1)
          ORDER BY seq LIMIT 1",
     )
     .bind(before)
-    .fetch_optional(store.pool())
+    .fetch_optional(&mut *conn)
     .await?;
     Ok(unchained.map(|(seq, request_id)| Broken {
         chain: None,
@@ -188,7 +201,7 @@ impl ChainRow {
 
 /// One chain, from its base to its last link.
 async fn walk(
-    store: &Store,
+    conn: &mut AnyConnection,
     keys: &[AuditPublicKey],
     chain: &str,
     since_ms: Option<i64>,
@@ -203,7 +216,7 @@ async fn walk(
     ))
     .bind(chain)
     .bind(since_ms.unwrap_or(i64::MIN))
-    .fetch_optional(store.pool())
+    .fetch_optional(&mut *conn)
     .await?;
     let Some(base) = base.as_ref().map(Checkpoint::read).transpose()?.flatten() else {
         return Ok(Some(Broken::at(
@@ -222,20 +235,53 @@ async fn walk(
                 (SELECT max(chain_pos) FROM audit_checkpoints WHERE chain = $1)",
     )
     .bind(chain)
-    .fetch_one(store.pool())
+    .fetch_one(&mut *conn)
     .await?;
     let to = [last.0, last.1, last.2]
         .into_iter()
         .flatten()
         .max()
         .unwrap_or(0);
+    // Where the chain's writer closed it, if it did: nothing may follow.
+    let closed = sqlx::query(&format!(
+        "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints
+         WHERE chain = $1 AND kind = 'closed' ORDER BY chain_pos LIMIT 1"
+    ))
+    .bind(chain)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let closed = closed.as_ref().map(Checkpoint::read).transpose()?.flatten();
+    if let Some(reason) = closed.as_ref().and_then(|cp| unsigned(keys, cp)) {
+        return Ok(Some(Broken::at(chain, closed.map_or(0, |c| c.pos), reason)));
+    }
+    let closed_at = closed.map(|cp| cp.pos);
+    // Records at positions retention pruned: a prune cut short leaves some (the next
+    // deletes them); anything else there was put there.
+    let below: Option<(i64, String)> = sqlx::query_as(
+        "SELECT seq, request_id FROM requests WHERE chain = $1 AND chain_pos <=
+           (SELECT max(chain_pos) FROM audit_checkpoints WHERE chain = $1 AND kind = 'pruned')
+         ORDER BY seq LIMIT 1",
+    )
+    .bind(chain)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((seq, request_id)) = below {
+        return Ok(Some(Broken {
+            chain: Some(chain.to_owned()),
+            position: None,
+            seq: Some(seq),
+            request_id: Some(request_id),
+            reason: "it sits where retention pruned the chain: inserted (or a prune was cut short)"
+                .into(),
+        }));
+    }
     let mut seen = ChainReport {
         chain: chain.to_owned(),
         from: base.pos,
         to,
         signed_to: base.pos,
         signed_time_ms: base.time_ms,
-        closed: base.kind == Kind::Closed,
+        closed: closed_at.is_some(),
         ..ChainReport::default()
     };
     let mut head = base.hash.clone();
@@ -243,36 +289,39 @@ async fn walk(
     while lo < to {
         let hi = (lo + WINDOW).min(to);
         let columns = format!("seq, chain, chain_pos, prev_hash, hash, {CONTENT_COLUMNS}");
-        let rows: Vec<ChainRow> = window(store, &columns, "requests", chain, lo, hi)
-            .await?
-            .iter()
-            .map(ChainRow::read)
-            .collect::<Result<_, _>>()?;
+        let mut rows = Vec::new();
+        for r in window(conn, &columns, "requests", chain, lo, hi).await? {
+            match ChainRow::read(&r) {
+                Ok(row) => rows.push(row),
+                Err(_) => {
+                    let seq = r.try_get::<i64, _>("seq").ok();
+                    let reason = "a field holds a value of a type latchkey never writes: edited";
+                    return Ok(Some(Broken {
+                        seq,
+                        ..Broken::at(chain, -1, reason.into())
+                    }));
+                }
+            }
+        }
         let columns = "chain_pos, prev_hash, hash";
         let superseded: Vec<(i64, String, String)> =
-            window(store, columns, "audit_superseded", chain, lo, hi)
+            window(conn, columns, "audit_superseded", chain, lo, hi)
                 .await?
                 .iter()
                 .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
                 .collect::<Result<_, sqlx::Error>>()?;
-        let checkpoints: Vec<Checkpoint> = window(
-            store,
-            CHECKPOINT_COLUMNS,
-            "audit_checkpoints",
-            chain,
-            lo,
-            hi,
-        )
-        .await?
-        .iter()
-        .map(Checkpoint::read)
-        .filter_map(Result::transpose)
-        .collect::<Result<_, _>>()?;
+        let checkpoints: Vec<Checkpoint> =
+            window(conn, CHECKPOINT_COLUMNS, "audit_checkpoints", chain, lo, hi)
+                .await?
+                .iter()
+                .map(Checkpoint::read)
+                .filter_map(Result::transpose)
+                .collect::<Result<_, _>>()?;
         let (mut r, mut s, mut c) = (0, 0, 0);
         for pos in lo + 1..=hi {
             let here_r = rows[r..].iter().take_while(|x| x.pos == pos).count();
             let here_s = superseded[s..].iter().take_while(|x| x.0 == pos).count();
-            if seen.closed {
+            if closed_at.is_some_and(|closed| pos > closed) {
                 let reason = "it was added after the chain's writer closed it".to_owned();
                 let broken = Broken::at(chain, pos, reason);
                 return Ok(Some(match rows.get(r).filter(|x| x.pos == pos) {
@@ -341,7 +390,6 @@ async fn walk(
                 report.checkpoints += 1;
                 seen.signed_to = cp.pos;
                 seen.signed_time_ms = cp.time_ms;
-                seen.closed = cp.kind == Kind::Closed;
                 c += 1;
             }
             r += here_r;
@@ -357,7 +405,7 @@ async fn walk(
 
 /// `columns` of `table`'s rows at positions `lo` (excluded) to `hi` of `chain`, in order.
 async fn window(
-    store: &Store,
+    conn: &mut AnyConnection,
     columns: &str,
     table: &str,
     chain: &str,
@@ -371,7 +419,7 @@ async fn window(
     .bind(chain)
     .bind(lo)
     .bind(hi)
-    .fetch_all(store.pool())
+    .fetch_all(&mut *conn)
     .await?)
 }
 
@@ -390,14 +438,27 @@ fn unsigned(keys: &[AuditPublicKey], cp: &Checkpoint) -> Option<String> {
 
 /// Each chain's start names the newest checkpoint there was when it began: a chain
 /// deleted whole is missed by the chain that began after it.
-async fn starts_vouch(store: &Store) -> Result<Option<Broken>, StoreError> {
-    let starts: Vec<(String, String, i64, String)> = sqlx::query_as(
-        "SELECT chain, after_chain, after_pos, after_hash FROM audit_checkpoints
-         WHERE kind = 'start' AND after_chain IS NOT NULL ORDER BY time_ms",
-    )
-    .fetch_all(store.pool())
-    .await?;
-    for (chain, after, pos, hash) in starts {
+async fn starts_vouch(
+    conn: &mut AnyConnection,
+    keys: &[AuditPublicKey],
+) -> Result<Option<Broken>, StoreError> {
+    let starts: Vec<Checkpoint> = sqlx::query(&format!(
+        "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints WHERE kind = 'start' ORDER BY time_ms"
+    ))
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(Checkpoint::read)
+    .filter_map(Result::transpose)
+    .collect::<Result<_, _>>()?;
+    for start in starts {
+        // Signed, always: what it says of the records before the chains is relied on.
+        if let Some(reason) = unsigned(keys, &start) {
+            return Ok(Some(Broken::at(&start.chain, 0, reason)));
+        }
+        let Some((after, pos, hash)) = start.after else {
+            continue;
+        };
         let (found, pruned_to): (i64, Option<i64>) = sqlx::query_as(
             "SELECT (SELECT count(*) FROM audit_checkpoints
                      WHERE chain = $1 AND chain_pos = $2 AND hash = $3),
@@ -407,16 +468,59 @@ async fn starts_vouch(store: &Store) -> Result<Option<Broken>, StoreError> {
         .bind(&after)
         .bind(pos)
         .bind(&hash)
-        .fetch_one(store.pool())
+        .fetch_one(&mut *conn)
         .await?;
         if found == 0 && pruned_to.is_none_or(|p| p < pos) {
             let reason = format!(
                 "chain {after}, which this chain's start vouches for up to position {pos}, is gone or rewritten"
             );
-            return Ok(Some(Broken::at(&chain, 0, reason)));
+            return Ok(Some(Broken::at(&start.chain, 0, reason)));
         }
     }
     Ok(None)
+}
+
+/// Every chained record has a whole link, and every superseded link was left by exactly
+/// one record that names it (its new link's hash covers the name): a record deleted and
+/// its link passed off as superseded is found. A link left by a record retention has
+/// since pruned is named by nothing any more, which is expected.
+async fn links_complete(conn: &mut AnyConnection) -> Result<Option<Broken>, StoreError> {
+    let partial: Option<(i64, String)> = sqlx::query_as(
+        "SELECT seq, request_id FROM requests WHERE chain IS NOT NULL
+           AND (chain_pos IS NULL OR chain_pos < 1 OR prev_hash IS NULL OR hash IS NULL)
+         ORDER BY seq LIMIT 1",
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some((seq, request_id)) = partial {
+        return Ok(Some(Broken {
+            chain: None,
+            position: None,
+            seq: Some(seq),
+            request_id: Some(request_id),
+            reason: "its chain link is incomplete: edited".into(),
+        }));
+    }
+    let pruned_seq: Option<i64> =
+        sqlx::query_scalar("SELECT max(first_seq) FROM audit_checkpoints WHERE kind = 'pruned'")
+            .fetch_one(&mut *conn)
+            .await?;
+    let orphan: Option<(String, i64)> = sqlx::query_as(
+        "SELECT s.chain, s.chain_pos FROM audit_superseded s
+         WHERE s.request_seq > $1
+           AND (SELECT count(*) FROM requests r WHERE r.supersedes = s.hash)
+             + (SELECT count(*) FROM audit_superseded t WHERE t.supersedes = s.hash) <> 1
+         ORDER BY s.chain, s.chain_pos LIMIT 1",
+    )
+    .bind(pruned_seq.unwrap_or(0))
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(orphan.map(|(chain, pos)| {
+        let reason = format!(
+            "the link at position {pos} claims to be superseded, but no record names it: a record deleted"
+        );
+        Broken::at(&chain, pos, reason)
+    }))
 }
 
 /// Prunes the chained records past retention: for each chain, everything up to its last
@@ -444,13 +548,22 @@ pub async fn prune(store: &Store, signer: &AuditSigner, cutoff_ms: i64) -> Resul
             continue;
         }
         if last.kind != Kind::Pruned {
+            let deleting: Option<i64> = sqlx::query_scalar(
+                "SELECT max(seq) FROM requests WHERE chain = $1 AND chain_pos <= $2",
+            )
+            .bind(&chain)
+            .bind(last.pos)
+            .fetch_one(store.pool())
+            .await?;
             // The base first, in a transaction with the checkpoints it replaces: a prune
             // cut short leaves records a verification skips, never a chain without a base.
             let base = Checkpoint {
                 time_ms: now_unix_ms(),
                 kind: Kind::Pruned,
                 after: None,
-                first_seq: None,
+                // The newest record it deletes: links those records left elsewhere are
+                // named by nothing once they are gone.
+                first_seq: deleting,
                 cutoff_ms: Some(cutoff_ms),
                 ..last.clone()
             }

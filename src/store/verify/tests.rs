@@ -287,3 +287,83 @@ async fn since_starts_at_the_last_checkpoint_before_it() {
         assert_eq!(report.records, 6, "{label}");
     }
 }
+
+#[tokio::test]
+async fn a_record_deleted_and_passed_off_as_amended_is_found() {
+    for (label, _scratch, store) in testing::stores().await {
+        let signer = AuditSigner::ephemeral();
+        write(&store, &signer, 6).await;
+        // r2 was complete when written: it has never moved. Keep its link as if it had.
+        exec(
+            &store,
+            "INSERT INTO audit_superseded (chain, chain_pos, prev_hash, hash, request_seq)
+             SELECT chain, chain_pos, prev_hash, hash, seq FROM requests WHERE request_id = 'r2'",
+        )
+        .await;
+        exec(&store, "DELETE FROM requests WHERE request_id = 'r2'").await;
+        let b = broken(&check(&store, &signer).await).clone();
+        assert!(b.reason.contains("no record names it"), "{label}: {b:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_record_with_half_a_link_or_a_made_up_row_number_is_found() {
+    for (label, _scratch, store) in testing::stores().await {
+        let signer = AuditSigner::ephemeral();
+        write(&store, &signer, 4).await;
+        exec(
+            &store,
+            "UPDATE requests SET chain_pos = NULL WHERE request_id = 'r2'",
+        )
+        .await;
+        let b = broken(&check(&store, &signer).await).clone();
+        assert!(
+            b.reason.contains("incomplete") || b.reason.contains("missing"),
+            "{label}: {b:?}"
+        );
+    }
+    let (_label, _scratch, store) = testing::stores().await.remove(0);
+    let signer = AuditSigner::ephemeral();
+    write(&store, &signer, 2).await;
+    // Below every row number the chains started after: passed off as from before them.
+    exec(
+        &store,
+        "INSERT INTO requests (seq, request_id, time_ms, method, path, decision)
+         VALUES (-5, 'forged-old', 1, 'GET', '/x', 'allow')",
+    )
+    .await;
+    let b = broken(&check(&store, &signer).await).clone();
+    assert_eq!(b.request_id.as_deref(), Some("forged-old"), "{b:?}");
+}
+
+#[tokio::test]
+async fn nothing_may_follow_a_closed_chain_even_once_pruned() {
+    for (label, _scratch, store) in testing::stores().await {
+        let signer = AuditSigner::ephemeral();
+        let chain = write(&store, &signer, 3).await;
+        prune(&store, &signer, now_unix_ms() + 1_000).await.unwrap();
+        assert!(check(&store, &signer).await.intact, "{label}");
+        // A record appended after the close, its link computed as the writer would.
+        let appended = row(9, true);
+        let content = crate::store::audit::content(&appended);
+        let pos = chain.pos + 1;
+        let hash = link_hash(&chain.head, &chain.id, pos, &content.json());
+        let sql = format!(
+            "INSERT INTO requests ({CONTENT_COLUMNS}, chain, chain_pos, prev_hash, hash)
+             VALUES ({})",
+            (1..=chain::CONTENT_LEN + 4)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let q = content
+            .bind(sqlx::query(&sql))
+            .bind(&chain.id)
+            .bind(pos)
+            .bind(&chain.head)
+            .bind(&hash);
+        q.execute(store.pool()).await.unwrap();
+        let b = broken(&check(&store, &signer).await).clone();
+        assert!(b.reason.contains("closed"), "{label}: {b:?}");
+    }
+}
