@@ -91,6 +91,72 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 19] = [
+        Kind::Allow,
+        Kind::InvalidRequest,
+        Kind::UnknownProxy,
+        Kind::MissingKey,
+        Kind::InvalidKey,
+        Kind::ExpiredKey,
+        Kind::RevokedKey,
+        Kind::Quarantined,
+        Kind::NotBound,
+        Kind::RuleDenied,
+        Kind::BodyTooLarge,
+        Kind::RateLimited,
+        Kind::SpendCapExceeded,
+        Kind::BudgetUnavailable,
+        Kind::NeedsExtProc,
+        Kind::CredentialUnavailable,
+        Kind::ResponseUnreadable,
+        Kind::DuplicateRequest,
+        Kind::ApprovalRequired,
+    ];
+
+    /// A decision type as recorded (`as_str`), back.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    /// When in a request's life it is decided: before the key is known, on the key,
+    /// by the rules, or after them (budgets, guards, the upstream credential).
+    pub fn stage(self) -> Stage {
+        match self {
+            Kind::InvalidRequest | Kind::UnknownProxy => Stage::Path,
+            Kind::MissingKey
+            | Kind::InvalidKey
+            | Kind::ExpiredKey
+            | Kind::RevokedKey
+            | Kind::Quarantined => Stage::Key,
+            Kind::Allow | Kind::NotBound | Kind::RuleDenied | Kind::ApprovalRequired => {
+                Stage::Rules
+            }
+            Kind::BodyTooLarge
+            | Kind::RateLimited
+            | Kind::SpendCapExceeded
+            | Kind::BudgetUnavailable
+            | Kind::NeedsExtProc
+            | Kind::CredentialUnavailable
+            | Kind::ResponseUnreadable
+            | Kind::DuplicateRequest => Stage::After,
+        }
+    }
+
+    /// A refusal of what the caller itself asked — its rules and scope, its repeats, its
+    /// oversized or malformed requests — as opposed to limits, caps and outages it
+    /// shares with other callers (which another agent could spend to blame it).
+    pub fn caller_caused(self) -> bool {
+        matches!(
+            self,
+            Kind::RuleDenied
+                | Kind::NotBound
+                | Kind::DuplicateRequest
+                | Kind::ApprovalRequired
+                | Kind::BodyTooLarge
+                | Kind::InvalidRequest
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Allow => "allow",
@@ -114,6 +180,15 @@ impl Kind {
             Kind::ApprovalRequired => "approval_required",
         }
     }
+}
+
+/// See [`Kind::stage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Path,
+    Key,
+    Rules,
+    After,
 }
 
 impl std::fmt::Display for Kind {
@@ -234,6 +309,23 @@ impl Denial {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn every_kind_parses_back_and_has_a_stage() {
+        for kind in Kind::ALL {
+            assert_eq!(Kind::parse(kind.as_str()), Some(kind));
+            let _ = kind.stage();
+        }
+        assert_eq!(Kind::parse("nonsense"), None);
+        // Refused before a key is known: no caller to blame.
+        assert!(
+            Kind::ALL
+                .iter()
+                .filter(|k| k.caller_caused())
+                .all(|k| !matches!(k.stage(), Stage::Key))
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -12,6 +12,7 @@ use tonic::Status;
 
 use super::AdminService;
 use super::wire::{internal, material, store_status};
+use crate::dataplane::denial::{Kind, Stage};
 use crate::dataplane::facts::Recorded;
 use crate::dataplane::pipeline::{Caller, Judgement, RequestView, decide_as};
 use crate::dataplane::rules::Body;
@@ -127,13 +128,11 @@ impl AdminService {
 /// The decision types a record's rules account for; `allow` for one its rules let
 /// through, whatever refused it later (a budget, a guard, the vendor's credential).
 fn was(entry: &Entry) -> Result<&str, &'static str> {
-    match entry.decision.as_str() {
-        "allow" | "rule_denied" | "not_bound" | "approval_required" => Ok(&entry.decision),
-        "missing_key" | "invalid_key" | "expired_key" | "revoked_key" | "quarantined" => {
-            Err("refused for its key, before any rule")
-        }
-        "unknown_proxy" | "invalid_request" => Err("refused for its path, before any rule"),
-        _ => Ok("allow"),
+    match Kind::parse(&entry.decision).map(Kind::stage) {
+        Some(Stage::Rules) => Ok(&entry.decision),
+        Some(Stage::Key) => Err("refused for its key, before any rule"),
+        Some(Stage::Path) => Err("refused for its path, before any rule"),
+        Some(Stage::After) | None => Ok("allow"),
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 
 use crate::base::clock::now_unix_ms;
 use crate::control::sync::PolicySync;
+use crate::dataplane::denial::Kind;
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::AlertRule;
 use crate::store::Store;
@@ -37,19 +38,10 @@ const AWAIT_MS: i64 = 600_000;
 /// Alerts waiting to be raised; past it, one is dropped (and logged).
 const RAISE_QUEUE: usize = 1024;
 
-/// What a key is answerable for. Its denials: its rules, scope and repeats — not the
+/// What a key is answerable for. Its denials: those [`Kind::caller_caused`] — not the
 /// limits, caps and outages it shares with other keys, which another agent could spend
 /// to get it quarantined. Its errors: the vendor's 4xx but 401, 407 and 429 (what was
 /// asked was wrong), not 5xx or an account's quota (the vendor's state).
-const KEY_DENIALS: [&str; 6] = [
-    "rule_denied",
-    "not_bound",
-    "duplicate_request",
-    "approval_required",
-    "body_too_large",
-    "invalid_request",
-];
-
 fn key_error(status: u16) -> bool {
     (400..500).contains(&status) && ![401, 407, 429].contains(&status)
 }
@@ -193,7 +185,7 @@ impl Alerting {
                     let path = allowed.then_some(path.as_str());
                     let of_key = Seen {
                         request: true,
-                        denied: KEY_DENIALS.contains(decision),
+                        denied: Kind::parse(decision).is_some_and(Kind::caller_caused),
                         near_cap: *near_cap,
                         path,
                         ..Seen::default()
