@@ -146,8 +146,9 @@ impl Content<'_> {
             None => out.push_str("null"),
         };
         let scaled = |v: Option<f64>, by: f64| v.map(|v| (v * by).round() as i64);
-        text(&mut out, Some(&self.request_id));
-        for (i, field) in [
+        // Typed by its length: a column added to CONTENT_COLUMNS and not here fails to build.
+        let fields: [Field; CONTENT_LEN] = [
+            Field::Text(Some(&self.request_id)),
             Field::Int(Some(self.time_ms)),
             Field::Text(self.proxy.as_deref()),
             Field::Text(self.target.as_deref()),
@@ -172,12 +173,11 @@ impl Content<'_> {
             Field::Int(self.cached_tokens),
             Field::Text(self.facts.as_deref()),
             Field::Text(self.supersedes.as_deref()),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            debug_assert!(i + 1 < CONTENT_LEN);
-            out.push(',');
+        ];
+        for (i, field) in fields.into_iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
             match field {
                 Field::Text(s) => text(&mut out, s),
                 Field::Int(n) => int(&mut out, n),

@@ -3,7 +3,6 @@
 //! edited, deleted or inserted behind latchkey's back. Retention's pruning leaves each
 //! chain a signed base to start from; `since` starts from the last checkpoint before it.
 
-use serde::Serialize;
 use sqlx::AnyConnection;
 use sqlx::Row as _;
 use sqlx::any::AnyRow;
@@ -19,7 +18,7 @@ use crate::store::{Backend, Store, StoreError};
 const WINDOW: i64 = 1_000;
 
 /// What a verification found.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Report {
     pub intact: bool,
     /// Records whose link was checked.
@@ -35,7 +34,7 @@ pub struct Report {
     pub broken: Option<Broken>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChainReport {
     pub chain: String,
     /// Where the walk started: 0, a pruned base, or the last checkpoint before `since`.
@@ -52,7 +51,7 @@ pub struct ChainReport {
     pub closed: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Broken {
     pub chain: Option<String>,
     pub position: Option<i64>,
