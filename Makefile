@@ -33,6 +33,13 @@ $(LLM_SDKS): $(BOTOCORE)
 	  google-genai==3.6.1 boto3==1.44.8
 	touch $@
 
+# The official MCP SDK: client and in-test server of the MCP end-to-end tests. It brings
+# PyJWT and cryptography, which sign the workload tokens of the identity tests.
+MCP_SDK := $(VENV)/.mcp-2.3.0
+$(MCP_SDK): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check mcp==2.3.0
+	touch $@
+
 # moto's server: a local AWS Secrets Manager, for the secrets latchkey serve reads itself.
 MOTO := $(VENV)/.moto-5.2.5
 $(MOTO): $(ENVOY)
@@ -64,7 +71,7 @@ lint:
 	cargo clippy --all-targets --locked -- -D warnings
 
 # The benchmarks run once each as smoke tests first, so the run ends on the test summary.
-test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) $(MOTO) lint k8s-validate
+test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) $(MOTO) $(MCP_SDK) lint k8s-validate
 	cargo test --locked --benches
 	cargo test --locked --lib --bins --tests
 	$(MAKE) image-test

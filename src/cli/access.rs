@@ -5,8 +5,8 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use crate::pb::{
-    CreateTokenRequest, IssueKeyRequest, ListKeysRequest, ListTokensRequest, ReleaseKeyRequest,
-    RevokeKeyRequest, RevokeTokenRequest,
+    CreateTokenRequest, IssueKeyRequest, IssuedKey, ListKeysRequest, ListTokensRequest,
+    ReleaseKeyRequest, RevokeKeyRequest, RevokeTokenRequest,
 };
 
 use super::output::Output;
@@ -17,8 +17,20 @@ pub(super) enum KeyCommand {
     /// Print a new run key of a proxy credential, once.
     Issue {
         /// The proxy credential the key belongs to (its rules and limits apply).
-        #[arg(long)]
-        credential: String,
+        #[arg(long, required_unless_present = "identity_token")]
+        credential: Option<String>,
+        /// Mint the key with this workload token (a JWT file, such as a projected
+        /// service-account token) instead of an admin token: the credential is the one
+        /// whose `identity` trusts it, within its maxima. Sent to the gateway.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["credential", "cap_period", "tokens_per_minute", "tokens_per_day"])]
+        identity_token: Option<std::path::PathBuf>,
+        /// The agent listener that answers mints (`/latchkey/v1/run-keys`).
+        #[arg(
+            long,
+            env = "LATCHKEY_GATEWAY",
+            default_value = "http://127.0.0.1:10000"
+        )]
+        gateway: String,
         /// How long the key lives, e.g. `90s`, `15m`, `2h`, `7d`.
         #[arg(long, value_parser = humantime::parse_duration)]
         ttl: Option<Duration>,
@@ -89,14 +101,25 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
             tokens_per_minute,
             tokens_per_day,
             label,
+            identity_token,
+            gateway,
             out,
             conn,
         } => {
+            if let Some(file) = identity_token {
+                let asked = serde_json::json!({
+                    "ttl_seconds": ttl.map(|t| t.as_secs().max(1)),
+                    "spend_cap_usd": spend_cap_usd,
+                    "label": label,
+                });
+                let k = mint(&gateway, &file, &asked).await?;
+                return show_issued(&out, k);
+            }
             let mut client = connect(&conn).await?;
             let request = authorized(
                 &conn,
                 IssueKeyRequest {
-                    credential,
+                    credential: credential.unwrap_or_default(),
                     ttl_seconds: ttl.map(|t| t.as_secs().max(1)),
                     spend_cap_usd,
                     label: label.unwrap_or_default(),
@@ -110,27 +133,7 @@ pub(super) async fn key(command: KeyCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            if !out.table() {
-                let doc = serde_json::json!({
-                    "id": k.id,
-                    "key": k.key,
-                    "credential": k.credential,
-                    "expires_at": k.expires_at.map(rfc3339),
-                    "spend_cap_usd": k.spend_cap_usd,
-                    "label": (!k.label.is_empty()).then_some(&k.label),
-                });
-                out.print(&doc)?;
-            } else {
-                println!("{}", k.key);
-                eprintln!(
-                    "key {} for {}{}: shown once, keep it safe",
-                    k.id,
-                    k.credential,
-                    k.expires_at
-                        .map(|t| format!(", expires {}", rfc3339(t)))
-                        .unwrap_or_default()
-                );
-            }
+            show_issued(&out, k)?;
         }
         KeyCommand::List {
             credential,
@@ -386,4 +389,68 @@ pub(super) async fn token(command: TokenCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn show_issued(out: &Output, k: IssuedKey) -> anyhow::Result<()> {
+    if !out.table() {
+        let doc = serde_json::json!({
+            "id": k.id,
+            "key": k.key,
+            "credential": k.credential,
+            "expires_at": k.expires_at.map(rfc3339),
+            "spend_cap_usd": k.spend_cap_usd,
+            "label": (!k.label.is_empty()).then_some(&k.label),
+        });
+        out.print(&doc)?;
+    } else {
+        println!("{}", k.key);
+        eprintln!(
+            "key {} for {}{}: shown once, keep it safe",
+            k.id,
+            k.credential,
+            k.expires_at
+                .map(|t| format!(", expires {}", rfc3339(t)))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// A run key minted at the gateway with the workload token in `file`.
+async fn mint(
+    gateway: &str,
+    file: &std::path::Path,
+    asked: &serde_json::Value,
+) -> anyhow::Result<IssuedKey> {
+    use anyhow::Context;
+    let token = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the identity token {}", file.display()))?;
+    let url = format!("{}/latchkey/v1/run-keys", gateway.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(token.trim())
+        .json(asked)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .with_context(|| format!("POST {url}: {status}, not JSON"))?;
+    if !status.is_success() {
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or("no reason given");
+        anyhow::bail!("the gateway refused to mint a key ({status}): {message}");
+    }
+    let text = |field: &str| body[field].as_str().unwrap_or_default().to_owned();
+    Ok(IssuedKey {
+        id: text("id"),
+        key: text("key"),
+        credential: text("credential"),
+        expires_at: body["expires_at"].as_i64(),
+        spend_cap_usd: body["spend_cap_usd"].as_f64(),
+        label: text("label"),
+    })
 }

@@ -448,26 +448,22 @@ impl Admin for AdminService {
         let key = crate::base::crypto::new_proxy_key();
         let label = (!req.label.is_empty()).then_some(req.label.as_str());
         let _one_at_a_time = self.write_lock.lock().await;
-        let (row, version) = self
-            .store
-            .issue_key(&NewKey {
-                credential: &req.credential,
-                hash: crate::base::crypto::hash_key(key.as_bytes()),
-                label,
-                expires_at_ms,
-                spend_cap_usd: req.spend_cap_usd,
-                cap_period,
-                tokens_per_minute: req.tokens_per_minute,
-                tokens_per_day: req.tokens_per_day,
-            })
+        let new = NewKey {
+            credential: &req.credential,
+            hash: crate::base::crypto::hash_key(key.as_bytes()),
+            label,
+            expires_at_ms,
+            spend_cap_usd: req.spend_cap_usd,
+            cap_period,
+            tokens_per_minute: req.tokens_per_minute,
+            tokens_per_day: req.tokens_per_day,
+        };
+        let row = crate::control::keys::issue(&self.store, &self.sync, &new)
             .await
-            .map_err(store_status)?;
-        // In effect here before the agent is handed the key; other replicas read it from
-        // the store when told.
-        self.sync
-            .keys_changed(version, |running| running.with_issued(&row))
-            .await
-            .map_err(internal)?;
+            .map_err(|e| match e {
+                crate::control::keys::IssueError::Store(e) => store_status(e),
+                other => internal(other),
+            })?;
         let id = row.id;
         tracing::info!(key_id = %id, credential = %req.credential, "key issued");
         Ok(Response::new(IssuedKey {

@@ -7,6 +7,7 @@ pub mod alerts;
 pub mod approvals;
 pub mod health;
 pub mod items;
+pub mod keys;
 pub mod secrets;
 pub mod sync;
 pub mod tokens;

@@ -20,7 +20,8 @@ use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::snapshot::{
     AlertRule, CLUSTER_PLAIN, CLUSTER_TLS, Caps, CompileError, Compiled, CostSpec, Injection,
-    KeyBudgets, KeyEntry, Policy, Proxy, RetryHeaders, RunawayGuards, Secret, Upstream,
+    JwksSource, KeyBudgets, KeyEntry, Policy, Proxy, RetryHeaders, RunawayGuards, Secret, Trust,
+    Upstream,
 };
 use crate::policy::rows::{AuthSpec, CredentialRow, KeyRow, ProxyRow, StoredPolicy};
 use crate::policy::{AuthKind, CredentialType, Limits, TargetUrl};
@@ -143,13 +144,19 @@ impl Compiled {
             source: source_digest(stored),
             server_generation: server.generation,
             unavailable: credentials.unavailable,
+            trusts: credentials.trusts,
+            generation: GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 }
 
+/// Numbers each compilation.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// The proxy credentials (by index) and the target credentials' injections.
 struct Credentials<'a> {
     names: Vec<Arc<str>>,
+    trusts: Vec<Trust>,
     limits: Vec<Box<[Limit]>>,
     caps: Vec<Caps>,
     index: HashMap<&'a str, u32>,
@@ -169,6 +176,7 @@ impl<'a> Credentials<'a> {
     ) -> Result<Self, CompileError> {
         let mut out = Credentials {
             names: Vec::new(),
+            trusts: Vec::new(),
             limits: Vec::new(),
             caps: Vec::new(),
             index: HashMap::new(),
@@ -200,6 +208,12 @@ impl<'a> Credentials<'a> {
                     });
                     out.index.insert(&c.name, i);
                     out.by_id.insert(&c.id, i);
+                    if let Some(identity) = &c.identity {
+                        out.trusts.push(
+                            trust(i, identity)
+                                .map_err(|e| invalid(format!("credential {:?}: {e}", c.name)))?,
+                        );
+                    }
                 }
                 CredentialType::Target => {
                     let plain = match server_read(c, server) {
@@ -232,6 +246,28 @@ impl<'a> Credentials<'a> {
         }
         Ok(out)
     }
+}
+
+/// A proxy credential's `identity`, compiled.
+fn trust(credential: u32, identity: &crate::policy::Identity) -> Result<Trust, String> {
+    let glob = crate::policy::identity::glob_regex;
+    let source = match (&identity.jwks.file, &identity.jwks.url) {
+        (Some(file), _) => JwksSource::File(file.into()),
+        (None, Some(url)) => JwksSource::Url(url.clone()),
+        (None, None) => return Err("identity.jwks: a file or a url".into()),
+    };
+    Ok(Trust {
+        credential,
+        issuer: identity.issuer.as_str().into(),
+        audience: identity.audience.as_str().into(),
+        source,
+        subject: glob(&identity.subject)?,
+        claims: (identity.claims.iter())
+            .map(|(name, g)| Ok((name.as_str().into(), glob(g)?)))
+            .collect::<Result<_, String>>()?,
+        max_ttl_ms: identity.max_ttl()?.as_millis() as i64,
+        max_spend_cap_usd: identity.max_spend_cap_usd,
+    })
 }
 
 /// A target credential's secret as the server read it, when the server reads it: the

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denial {
-    #[error("the path is not acceptable: {0}")]
+    #[error("the request is not acceptable: {0}")]
     InvalidRequest(&'static str),
     #[error("no proxy is named {0:?}")]
     UnknownProxy(String),

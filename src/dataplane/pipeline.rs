@@ -11,6 +11,7 @@ use crate::dataplane::credentials::oauth2::TokenSource;
 use crate::dataplane::denial::{Denial, Kind};
 use crate::dataplane::facts;
 use crate::dataplane::guards::{self, Duplicate};
+use crate::dataplane::identity::Verified;
 use crate::dataplane::keys;
 use crate::dataplane::mutate::{self, Forward};
 use crate::dataplane::redact::Guard;
@@ -28,6 +29,9 @@ use crate::policy::Period;
 pub enum Caller<'a> {
     /// Whoever the presented proxy key belongs to: every real request.
     Key,
+    /// The workload whose token the request presents where a proxy key goes, verified
+    /// (or refused) before the pipeline ran, by `identity`.
+    Token(&'a Result<Arc<Verified>, Denial>),
     /// A named proxy credential, for `latchkey check` without a key.
     Credential(&'a str),
     /// Nobody in particular: only the proxy's own rules and default apply.
@@ -295,12 +299,13 @@ fn run(
     // The key is checked before the proxy is said to be unknown: a caller without a
     // valid key cannot tell which proxies exist.
     let presented = match caller {
-        Caller::Key => Some(keys::presented(req.headers)?),
+        Caller::Key | Caller::Token(_) => Some(keys::presented(req.headers)?),
         _ => None,
     };
-    let entry = match &presented {
-        Some(key) => Some(keys::authenticate(policy, key, now_ms)?),
-        None => None,
+    let entry = match (caller, &presented) {
+        (Caller::Token(verified), _) => Some(&verified.as_ref().map_err(Clone::clone)?.entry),
+        (_, Some(key)) => Some(keys::authenticate(policy, key, now_ms)?),
+        (_, None) => None,
     };
     let proxy =
         proxy.ok_or_else(|| Denial::UnknownProxy(route.proxy.chars().take(128).collect()))?;
@@ -308,7 +313,7 @@ fn run(
 
     let no_rules = RuleList::default();
     let credential = match (caller, entry) {
-        (Caller::Key, Some(entry)) => {
+        (Caller::Key | Caller::Token(_), Some(entry)) => {
             subject.key_id = Some(entry.id.clone());
             subject.run_label = entry.label.clone();
             if let Some(cost) = &proxy.cost {
@@ -332,7 +337,7 @@ fn run(
                 .credential_index(name)
                 .ok_or(Denial::InvalidKey("unknown credential"))?,
         ),
-        (Caller::Key | Caller::Anyone, _) => None,
+        (Caller::Key | Caller::Token(_) | Caller::Anyone, _) => None,
     };
     let credential_rules = match credential {
         Some(index) => {

@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use arc_swap::ArcSwap;
 
 use crate::dataplane::budget::Budgets;
+use crate::dataplane::denial::Denial;
+use crate::dataplane::pipeline::{Caller, Judgement, RequestView, decide, decide_as};
+use crate::dataplane::rules::Body;
 use crate::dataplane::snapshot::Policy;
 use crate::dataplane::spend::Spend;
 use crate::telemetry::audit::AuditLog;
@@ -17,10 +20,15 @@ pub struct Shared {
     pub spend: Spend,
     pub audit: AuditLog,
     pub metrics: Metrics,
+    /// Workload tokens verified, and their issuers' keys.
+    pub identities: crate::dataplane::identity::Identities,
     /// False while the running policy is known to be behind the store's.
     policy_current: AtomicBool,
     /// Where requests held by `approve` rules go; without one they are refused.
     pub desk: Option<std::sync::Arc<dyn crate::dataplane::approval::Desk>>,
+    /// Where run keys minted with workload tokens are issued; set once the control plane
+    /// is up, and until then mints are refused.
+    pub minter: std::sync::OnceLock<Box<dyn crate::dataplane::mint::Minter>>,
 }
 
 impl Shared {
@@ -38,8 +46,10 @@ impl Shared {
             spend,
             audit,
             metrics,
+            identities: Default::default(),
             policy_current: AtomicBool::new(true),
             desk: None,
+            minter: std::sync::OnceLock::new(),
         }
     }
 
@@ -55,6 +65,28 @@ impl Shared {
 
     pub fn policy_is_current(&self) -> bool {
         self.policy_current.load(Ordering::Acquire)
+    }
+
+    /// Steps 1 to 5 for a request as it arrives: a workload's token, where one is
+    /// presented, verified first (the only step that may wait, on its issuer's keys).
+    pub async fn decide(
+        &self,
+        policy: &Policy,
+        req: &RequestView<'_>,
+        body: &Body,
+        now_ms: i64,
+    ) -> Judgement {
+        match self.identities.presented(policy, req.headers, now_ms).await {
+            Some(verified) => decide_as(policy, req, body, Caller::Token(&verified), now_ms),
+            None => decide(policy, req, body, now_ms),
+        }
+    }
+
+    /// latchkey's answer to a request for itself (`mint`): a run key's JSON, or why not.
+    pub async fn answer_own(&self, req: &RequestView<'_>) -> Result<Vec<u8>, Denial> {
+        let policy = self.policy.load_full();
+        let minter = self.minter.get().map(|m| &**m);
+        crate::dataplane::mint::answer_request(&policy, &self.identities, minter, req).await
     }
 
     /// Puts a new policy into effect for the next request.

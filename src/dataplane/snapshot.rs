@@ -415,6 +415,36 @@ impl KeyBudgets {
     }
 }
 
+/// A proxy credential's trust in an issuer's workload tokens (`identity`), compiled.
+#[derive(Debug)]
+pub struct Trust {
+    pub credential: u32,
+    pub issuer: Box<str>,
+    pub audience: Box<str>,
+    pub source: JwksSource,
+    pub subject: regex::Regex,
+    pub claims: Box<[(Box<str>, regex::Regex)]>,
+    /// What a run key minted with a token may be at most.
+    pub max_ttl_ms: i64,
+    pub max_spend_cap_usd: Option<f64>,
+}
+
+/// Where an issuer's public keys are read from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum JwksSource {
+    File(std::path::PathBuf),
+    Url(String),
+}
+
+impl std::fmt::Display for JwksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwksSource::File(path) => write!(f, "file {}", path.display()),
+            JwksSource::Url(url) => write!(f, "url {url}"),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct KeyEntry {
     pub hash: [u8; 32],
@@ -487,6 +517,10 @@ pub(super) struct Compiled {
     pub(super) server_generation: u64,
     /// Target credentials whose server-read secret could not be read, and why.
     pub(super) unavailable: Vec<(Arc<str>, String)>,
+    /// The proxy credentials' trust in workload tokens.
+    pub(super) trusts: Vec<Trust>,
+    /// Unique to this compilation: what a verified token was verified under.
+    pub(super) generation: u64,
 }
 
 impl Policy {
@@ -579,6 +613,16 @@ impl Policy {
             .find(|k| &*k.id == id)
             .inspect(|k| k.quarantined.store(quarantined, Ordering::Relaxed))
             .is_some()
+    }
+
+    /// The proxy credentials' trust in workload tokens.
+    pub fn trusts(&self) -> &[Trust] {
+        &self.compiled.trusts
+    }
+
+    /// Which compilation this is: tokens verified under another are verified again.
+    pub fn generation(&self) -> u64 {
+        self.compiled.generation
     }
 
     pub fn credential_name(&self, index: u32) -> &Arc<str> {

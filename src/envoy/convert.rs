@@ -104,6 +104,26 @@ pub fn check_allow(forward: Forward, shown: Shown) -> CheckResponse {
 
 /// ext_authz's no: the same status, headers and JSON body as ext_proc's denial.
 pub fn check_deny(denial: &Denial, request_id: &str) -> CheckResponse {
+    let headers = denial_headers(denial);
+    let headers = headers.into_iter().map(|(k, v)| (k, v.into_bytes()));
+    check_reply(denial.http_status(), headers, denial.body(request_id))
+}
+
+/// latchkey's own answer through ext_authz (a minted run key).
+pub fn check_answer(status: u16, body: Vec<u8>) -> CheckResponse {
+    let headers = [
+        ("content-type", b"application/json".to_vec()),
+        ("cache-control", b"no-store".to_vec()),
+    ];
+    check_reply(status, headers, body)
+}
+
+/// A reply Envoy sends in the upstream's place.
+fn check_reply(
+    status: u16,
+    headers: impl IntoIterator<Item = (&'static str, Vec<u8>)>,
+    body: Vec<u8>,
+) -> CheckResponse {
     CheckResponse {
         // PERMISSION_DENIED: Envoy answers with the response below, not its own 403.
         status: Some(rpc::Status {
@@ -113,13 +133,12 @@ pub fn check_deny(denial: &Denial, request_id: &str) -> CheckResponse {
         http_response: Some(check_response::HttpResponse::DeniedResponse(
             DeniedHttpResponse {
                 status: Some(HttpStatus {
-                    code: i32::from(denial.http_status()),
+                    code: i32::from(status),
                 }),
-                headers: denial_headers(denial)
-                    .into_iter()
-                    .map(|(k, v)| set_header_text(k, v.into_bytes()))
+                headers: (headers.into_iter())
+                    .map(|(k, v)| set_header_text(k, v))
                     .collect(),
-                body: String::from_utf8(denial.body(request_id)).expect("JSON is UTF-8"),
+                body: String::from_utf8(body).expect("JSON is UTF-8"),
             },
         )),
         ..Default::default()
@@ -282,6 +301,29 @@ pub fn deny(denial: &Denial, request_id: &str) -> ProcessingResponse {
             }),
             body: denial.body(request_id),
             details: format!("latchkey_{}", denial.kind()),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// latchkey's own answer to a request for latchkey (a minted run key): JSON, never
+/// cached, never forwarded.
+pub fn answer(status: u16, body: Vec<u8>) -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Response::ImmediateResponse(ImmediateResponse {
+            status: Some(HttpStatus {
+                code: i32::from(status),
+            }),
+            headers: Some(HeaderMutation {
+                set_headers: vec![
+                    set_header("content-type", b"application/json".to_vec()),
+                    set_header("cache-control", b"no-store".to_vec()),
+                ],
+                remove_headers: Vec::new(),
+            }),
+            body,
+            details: "latchkey_answered".into(),
             ..Default::default()
         })),
         ..Default::default()

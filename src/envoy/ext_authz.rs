@@ -14,7 +14,8 @@ use crate::base::clock::now_unix_ms;
 use crate::base::trace::TraceParent;
 use crate::dataplane::admission::{Asked, conclude};
 use crate::dataplane::denial::Denial;
-use crate::dataplane::pipeline::{Judgement, Outcome, RequestView, Subject, decide};
+use crate::dataplane::mint;
+use crate::dataplane::pipeline::{Judgement, Outcome, RequestView, Subject};
 use crate::dataplane::rules::Body;
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::ExtProcOnly;
@@ -56,6 +57,35 @@ impl Authorization for ExtAuthz {
         // `http.id` is Envoy's stream id; the access log joins on x-request-id.
         let request_id = convert::request_id(&pairs);
         let no_body = has_no_body(&pairs, &http.protocol);
+        if mint::is_own(&http.path) {
+            // A mint's body comes only with `with_request_body`; without it, only a
+            // bodiless mint (the maxima) can be answered.
+            let body = match (no_body, http.raw_body.is_empty() && http.body.is_empty()) {
+                (true, _) => Ok(&[][..]),
+                (false, false) if http.raw_body.is_empty() => Ok(http.body.as_bytes()),
+                (false, false) => Ok(http.raw_body.as_slice()),
+                (false, true) => Err(Denial::NeedsExtProc {
+                    proxy: mint::RESERVED.into(),
+                    why: "a mint's body is not sent to ext_authz",
+                }),
+            };
+            let answer = match body {
+                Ok(body) => {
+                    let req = RequestView {
+                        method: &http.method,
+                        path: &http.path,
+                        headers: &pairs,
+                        body: Some(body),
+                    };
+                    self.shared.answer_own(&req).await
+                }
+                Err(denial) => Err(denial),
+            };
+            return Ok(Response::new(match answer {
+                Ok(body) => convert::check_answer(201, body),
+                Err(denial) => convert::check_deny(&denial, &request_id),
+            }));
+        }
         let view = RequestView {
             method: &http.method,
             path: &http.path,
@@ -76,7 +106,10 @@ impl Authorization for ExtAuthz {
             })
         };
         let policy = self.shared.policy.load();
-        let judgement = decide(&policy, &view, &body, now_unix_ms());
+        let judgement = self
+            .shared
+            .decide(&policy, &view, &body, now_unix_ms())
+            .await;
         let mut decision = match judgement {
             Judgement::NeedBody(mut found) => {
                 found.charge = None;

@@ -21,7 +21,8 @@ use crate::base::money;
 use crate::base::trace::TraceParent;
 use crate::dataplane::admission::{Asked, conclude};
 use crate::dataplane::denial::Denial;
-use crate::dataplane::pipeline::{Charge, Decision, Judgement, Outcome, RequestView, decide};
+use crate::dataplane::mint;
+use crate::dataplane::pipeline::{Charge, Decision, Judgement, Outcome, RequestView};
 use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Body, is_json_media_type};
 use crate::dataplane::shared::Shared;
@@ -34,6 +35,9 @@ use crate::telemetry::audit::{Event, Llm};
 
 /// The most request body latchkey reads to judge it; larger bodies are refused (413).
 pub const MAX_REQUEST_BODY: usize = 1 << 20;
+
+/// The most body a request for latchkey itself may have.
+const MAX_OWN_BODY: usize = 4096;
 
 /// The most response body Envoy buffers for a price (its default buffer limit).
 const MAX_PRICED_BODY: usize = 1 << 20;
@@ -262,6 +266,18 @@ fn reads(charge: Option<&Charge>, guarded: bool) -> ResponseRead {
 
 struct HeldHeaders {
     headers: Vec<(String, Vec<u8>)>,
+    /// For latchkey itself (`mint`), not for a proxy.
+    own: bool,
+}
+
+impl HeldHeaders {
+    fn of(pairs: &[(&str, &[u8])], own: bool) -> Self {
+        let headers = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+            .collect();
+        Self { headers, own }
+    }
 }
 
 impl Exchange {
@@ -285,23 +301,25 @@ impl Exchange {
         let started = Instant::now();
         let pairs = convert::header_pairs(headers.headers.as_ref());
         self.request_id = convert::request_id(&pairs);
+        if mint::is_own(text(&pairs, ":path")) {
+            if headers.end_of_stream {
+                return self.own(&pairs, b"").await;
+            }
+            self.held = Some(HeldHeaders::of(&pairs, true));
+            return convert::need_body(ResponseRead::Nothing, None);
+        }
         let (body, raw) = if headers.end_of_stream {
             (Body::Empty, Some(&[][..]))
         } else {
             (Body::Unread, None)
         };
-        let found = match self.decide(&pairs, &body, raw) {
+        let found = match self.decide(&pairs, &body, raw).await {
             Judgement::Decided(decision) => {
                 return self.respond(&pairs, decision, started, false).await;
             }
             Judgement::NeedBody(found) => found,
         };
-        self.held = Some(HeldHeaders {
-            headers: pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
-                .collect(),
-        });
+        self.held = Some(HeldHeaders::of(&pairs, false));
         let policy = self.shared.policy.load();
         let cluster = (found.subject.proxy.as_deref())
             .and_then(|name| policy.proxy(name))
@@ -320,6 +338,13 @@ impl Exchange {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
+        if held.own {
+            if !chunk.end_of_stream || chunk.body.len() > MAX_OWN_BODY {
+                let denial = Denial::BodyTooLarge(MAX_OWN_BODY);
+                return convert::deny(&denial, &self.request_id);
+            }
+            return self.own(&pairs, &chunk.body).await;
+        }
         let (body, raw) = if !chunk.end_of_stream || chunk.body.len() > MAX_REQUEST_BODY {
             (Body::TooLarge(MAX_REQUEST_BODY), None)
         } else {
@@ -329,7 +354,7 @@ impl Exchange {
                 Some(chunk.body.as_slice()),
             )
         };
-        let decision = match self.decide(&pairs, &body, raw) {
+        let decision = match self.decide(&pairs, &body, raw).await {
             Judgement::Decided(decision) => decision,
             // Asked for only with the body unread; here it has been read.
             Judgement::NeedBody(found) => {
@@ -537,15 +562,34 @@ impl Exchange {
         settle(&self.shared, &self.request_id, charge, settlement, llm).await;
     }
 
-    fn decide(&self, pairs: &[(&str, &[u8])], body: &Body, raw: Option<&[u8]>) -> Judgement {
+    async fn decide(&self, pairs: &[(&str, &[u8])], body: &Body, raw: Option<&[u8]>) -> Judgement {
         let view = RequestView {
             method: text(pairs, ":method"),
             path: text(pairs, ":path"),
             headers: pairs,
             body: raw,
         };
-        let policy = self.shared.policy.load();
-        decide(&policy, &view, body, now_unix_ms())
+        let policy = self.shared.policy.load_full();
+        self.shared
+            .decide(&policy, &view, body, now_unix_ms())
+            .await
+    }
+
+    /// A request for latchkey itself: a run key minted with a workload token.
+    async fn own(&self, pairs: &[(&str, &[u8])], body: &[u8]) -> ProcessingResponse {
+        let req = RequestView {
+            method: text(pairs, ":method"),
+            path: text(pairs, ":path"),
+            headers: pairs,
+            body: Some(body),
+        };
+        match self.shared.answer_own(&req).await {
+            Ok(answer) => convert::answer(201, answer),
+            Err(denial) => {
+                tracing::info!(request_id = %self.request_id, %denial, "run key not minted");
+                convert::deny(&denial, &self.request_id)
+            }
+        }
     }
 
     async fn respond(

@@ -110,6 +110,9 @@ pub struct CredentialSpec {
     /// Proxy credentials: request limits across every proxy the credential uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// Proxy credentials: the workload tokens (JWTs) that stand for it, instead of keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<crate::policy::Identity>,
 }
 
 /// Where secret material comes from: exactly one of the six. `env`, `file` and `value` are

@@ -3,6 +3,7 @@
 
 pub mod alerts;
 pub mod file;
+pub mod identity;
 pub mod period;
 pub mod rows;
 pub(crate) mod secrets;
@@ -11,6 +12,7 @@ pub(crate) mod validate;
 
 pub use alerts::{Alerts, Webhook, WebhookFormat};
 pub use file::*;
+pub use identity::{Identity, JwksSource};
 pub use period::Period;
 pub use secrets::ServerSource;
 pub use target::TargetUrl;

@@ -96,6 +96,7 @@ pub struct CredentialRow {
     pub sealed: Option<Vec<u8>>,
     pub master_key_id: Option<String>,
     pub limits: Option<Limits>,
+    pub identity: Option<crate::policy::Identity>,
 }
 
 impl CredentialRow {
@@ -261,6 +262,7 @@ impl StoredPolicy {
                             .contains(c.id.as_str())
                             .then(|| vec![SecretRef::sealed()]),
                         limits: c.limits.clone(),
+                        identity: c.identity.clone(),
                     }
                 })
                 .collect(),

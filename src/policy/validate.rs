@@ -52,6 +52,12 @@ impl PolicyFile {
             if !proxies.insert(p.name.as_str()) {
                 return Err(invalid(item, "defined twice"));
             }
+            if p.name.eq_ignore_ascii_case("latchkey") {
+                return Err(invalid(
+                    item,
+                    "`latchkey` is reserved for latchkey's own endpoints (/latchkey/v1/run-keys)",
+                ));
+            }
             if p.default_effect == Effect::Approve {
                 return Err(invalid(
                     item,
@@ -311,6 +317,9 @@ impl CredentialSpec {
                             .into(),
                     );
                 }
+                if let Some(identity) = &self.identity {
+                    identity.validate()?;
+                }
                 match &self.limits {
                     Some(l) if l.upstream_timeout_s.is_some() => {
                         Err("limits: upstream_timeout_s goes on proxies".into())
@@ -324,6 +333,7 @@ impl CredentialSpec {
                     .auth
                     .ok_or("`auth` is required for a target credential")?;
                 present(self.keys.is_some(), "keys", false)?;
+                present(self.identity.is_some(), "identity", false)?;
                 self.secret
                     .as_ref()
                     .ok_or("`secret` is required")?

@@ -326,6 +326,8 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     ));
     sync.report_to(health.clone());
     sync.spawn(&cfg.database_url, &mut background);
+    let minter = crate::control::keys::StoreMinter::new(store.clone(), sync.clone());
+    let _ = shared.minter.set(Box::new(minter));
     Alerting::new(shared.clone(), store.clone(), sync.clone(), tap, poster)
         .spawn(observed, &mut background);
     let admin_service = AdminService::new(

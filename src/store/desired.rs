@@ -28,6 +28,7 @@ pub struct DesiredCredential {
     /// `keys: [{ sealed: true }]`: keep the imported keys as they are.
     pub keep_keys: bool,
     pub limits: Option<Limits>,
+    pub identity: Option<crate::policy::Identity>,
 }
 
 impl DesiredCredential {
@@ -103,6 +104,7 @@ impl Desired {
                 key_hashes,
                 keep_keys,
                 limits: c.limits.clone(),
+                identity: c.identity.clone(),
             });
         }
         if let Some(name) = secrets.keys().chain(keys.keys()).next() {

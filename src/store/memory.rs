@@ -61,6 +61,7 @@ pub fn stored(yaml: &str, master: &MasterKey) -> Result<StoredPolicy, String> {
                 sealed: (c.secret.as_ref()).map(|s| master.seal(&id(&c.name), s.as_bytes())),
                 master_key_id: Some(master.id().to_owned()),
                 limits: c.limits.clone(),
+                identity: c.identity.clone(),
             })
             .collect(),
         targets: desired.targets,

@@ -148,7 +148,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
         });
     }
     for row in sqlx::query(
-        "SELECT id, name, kind, auth, secret_ref, secret_sealed, master_key_id, limits
+        "SELECT id, name, kind, auth, secret_ref, secret_sealed, master_key_id, limits, identity
          FROM credentials ORDER BY name",
     )
     .fetch_all(&mut **tx)
@@ -173,6 +173,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             sealed: row.try_get("secret_sealed")?,
             master_key_id: row.try_get("master_key_id")?,
             limits: from_json("credentials", row.try_get("limits")?)?,
+            identity: from_json("credentials", row.try_get("identity")?)?,
         });
     }
     // Streamed, row by row: a policy with 100,000s of keys is never held twice (as
@@ -394,6 +395,7 @@ async fn write_diff(
                 // A kept secret keeps its reference too (where it first came from).
                 && (n.keeps_secret() || o.secret_ref == n.secret_ref)
                 && o.limits == n.limits
+                && o.identity == n.identity
                 && same_secret.get(o.name.as_str()) == Some(&true)
         },
     );
@@ -438,26 +440,30 @@ async fn write_diff(
                     n.name
                 )));
             }
-            sqlx::query("UPDATE credentials SET auth = $1, limits = $2 WHERE id = $3")
-                .bind(to_json(&n.auth))
-                .bind(to_json(&n.limits))
-                .bind(&o.id)
-                .execute(&mut **tx)
-                .await?;
+            sqlx::query(
+                "UPDATE credentials SET auth = $1, limits = $2, identity = $3 WHERE id = $4",
+            )
+            .bind(to_json(&n.auth))
+            .bind(to_json(&n.limits))
+            .bind(to_json(&n.identity))
+            .bind(&o.id)
+            .execute(&mut **tx)
+            .await?;
             changes.push(change("credential", &n.name, "updated"));
             continue;
         }
         let sealed = n.secret.as_ref().map(|s| master.seal(&o.id, s.as_bytes()));
         sqlx::query(
             "UPDATE credentials SET auth = $1, secret_ref = $2, secret_sealed = $3, master_key_id = $4,
-                                    limits = $5
-             WHERE id = $6",
+                                    limits = $5, identity = $6
+             WHERE id = $7",
         )
         .bind(to_json(&n.auth))
         .bind(to_json(&n.secret_ref))
         .bind(sealed)
         .bind(n.secret.as_ref().map(|_| master.id()))
         .bind(to_json(&n.limits))
+        .bind(to_json(&n.identity))
         .bind(&o.id)
         .execute(&mut **tx)
         .await?;
@@ -657,8 +663,8 @@ async fn insert_credential(
     };
     sqlx::query(
         "INSERT INTO credentials (id, name, kind, auth, secret_ref, secret_sealed, master_key_id,
-                                  limits)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                                  limits, identity)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(id)
     .bind(&c.name)
@@ -668,6 +674,7 @@ async fn insert_credential(
     .bind(c.secret.as_ref().map(|s| master.seal(id, s.as_bytes())))
     .bind(c.secret.as_ref().map(|_| master.id()))
     .bind(to_json(&c.limits))
+    .bind(to_json(&c.identity))
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -13,6 +13,7 @@ mod containment;
 mod data_plane;
 mod ext_authz;
 mod guards;
+mod identity;
 mod items;
 mod llm;
 mod oauth2;
