@@ -373,6 +373,42 @@ mod tests {
         assert!(key_set(set.as_bytes()).unwrap().is_empty());
     }
 
+    proptest::proptest! {
+        /// Hostile tokens: any bytes, or three segments of any base64url, never panic;
+        /// and whatever parses is never signed by a key that did not sign it.
+        #[test]
+        fn hostile_tokens_are_refused_quietly(
+            header in "[A-Za-z0-9_-]{0,80}",
+            claims in "[A-Za-z0-9_-]{0,120}",
+            signature in "[A-Za-z0-9_-]{0,90}",
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let _ = Token::parse(&raw);
+            let token = format!("eyJ{header}.{claims}.{signature}");
+            if let Ok(parsed) = Token::parse(token.as_bytes()) {
+                let keys = key_set(KEYS.as_bytes()).unwrap();
+                proptest::prop_assert!(keys.iter().all(|k| !parsed.signed_by(k)));
+            }
+        }
+
+        /// Made-up headers with a real algorithm and made-up claims parse or are refused,
+        /// never trusted.
+        #[test]
+        fn forged_structures_never_verify(alg in "(RS256|ES256|PS256|EdDSA|ES384)", sub in ".{0,40}") {
+            let header = B64URL.encode(format!(r#"{{"alg":"{alg}","kid":"k1"}}"#));
+            let body = B64URL.encode(serde_json::json!({"sub": sub, "exp": 4e9}).to_string());
+            let token = format!("{header}.{body}.{}", B64URL.encode([7u8; 64]));
+            let parsed = Token::parse(token.as_bytes()).unwrap();
+            let keys = key_set(KEYS.as_bytes()).unwrap();
+            proptest::prop_assert!(keys.iter().all(|k| !parsed.signed_by(k)));
+        }
+    }
+
+    /// An EC and an Ed25519 public key, for the properties above.
+    const KEYS: &str = r#"{"keys":[
+        {"kty":"EC","crv":"P-256","kid":"k1","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+        {"kty":"OKP","crv":"Ed25519","kid":"k2","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+
     #[test]
     fn shapes() {
         assert!(looks_like(b"eyJhbGciOi.eyJzdWIi.c2ln"));

@@ -167,6 +167,7 @@ pub(super) async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
                     "cached_tokens": r.cached_tokens,
                     "completed": r.completed,
                     "facts": nonempty(&r.facts),
+                    "mcp": mcp_of(&r.facts),
                     "supersedes": nonempty(&r.supersedes),
                     "chain": nonempty(&r.chain),
                     "chain_position": (!r.chain.is_empty()).then_some(r.chain_position),
@@ -205,7 +206,15 @@ pub(super) async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
             dash(&r.proxy),
             dash(&r.credential),
             r.method,
-            r.path,
+            match mcp_of(&r.facts) {
+                Some(m) => format!(
+                    "{} [{}{}]",
+                    r.path,
+                    m.method.as_deref().unwrap_or("response"),
+                    m.tool.map(|t| format!(" {t}")).unwrap_or_default()
+                ),
+                None => r.path.clone(),
+            },
             num(r.status),
             num(r.upstream_status),
             r.decision,
@@ -214,6 +223,14 @@ pub(super) async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The MCP method and tool a record's facts keep.
+fn mcp_of(facts: &str) -> Option<crate::dataplane::facts::McpFacts> {
+    (!facts.is_empty())
+        .then(|| crate::dataplane::facts::Recorded::parse(facts))
+        .flatten()
+        .and_then(|f| f.mcp)
 }
 
 pub(super) async fn telemetry(args: TelemetryArgs) -> anyhow::Result<()> {

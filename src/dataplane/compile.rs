@@ -16,6 +16,7 @@ use crate::base::crypto::MasterKey;
 use crate::base::money::to_micros;
 use crate::dataplane::budget::{Limit, Rate};
 use crate::dataplane::credentials::{ServerSecrets, oauth2, sigv4};
+use crate::dataplane::mcp::McpProxy;
 use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::snapshot::{
@@ -250,7 +251,7 @@ impl<'a> Credentials<'a> {
 
 /// A proxy credential's `identity`, compiled.
 fn trust(credential: u32, identity: &crate::policy::Identity) -> Result<Trust, String> {
-    let glob = crate::policy::identity::glob_regex;
+    let glob = crate::policy::glob_regex;
     let source = match (&identity.jwks.file, &identity.jwks.url) {
         (Some(file), _) => JwksSource::File(file.into()),
         (None, Some(url)) => JwksSource::Url(url.clone()),
@@ -487,7 +488,8 @@ fn proxy(
             .unwrap_or_default()
             .into(),
     };
-    let needs_body = injection.signs_body()
+    let needs_body = p.mcp.is_some()
+        || injection.signs_body()
         || guards.duplicate_window_ms.is_some()
         || guards.idempotency_key
         || p.cost.as_ref().is_some_and(|c| c.tokens.is_some())
@@ -515,6 +517,10 @@ fn proxy(
             .map(|s| u64::from(s) * 1000),
         guards,
         keep_body_fields: p.audit.as_ref().is_some_and(|a| a.body_fields),
+        mcp: (p.mcp.as_ref())
+            .map(|spec| McpProxy::compile(spec).map(Arc::new))
+            .transpose()
+            .map_err(|e| invalid(format!("proxy {:?}: mcp: {e}", p.name)))?,
         cost: p
             .cost
             .as_ref()

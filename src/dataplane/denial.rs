@@ -292,6 +292,28 @@ impl Denial {
 
     /// `{"error":{"type","message","request_id"}}`, the body every denial carries.
     pub fn body(&self, request_id: &str) -> Vec<u8> {
+        let error = self.error(request_id);
+        serde_json::to_vec(&serde_json::json!({ "error": error })).expect("JSON serializes")
+    }
+
+    /// The refusal of an MCP message: a JSON-RPC error answering its request `id` (`null`
+    /// for a notification), which MCP clients raise with its message. The code is
+    /// -31000 minus the HTTP status (-31403, -31429…): outside JSON-RPC's reserved range;
+    /// `data` is the denial's usual `error` object.
+    pub fn rpc_body(&self, request_id: &str, id: Option<&serde_json::Value>) -> Vec<u8> {
+        let body = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": id.cloned().unwrap_or(serde_json::Value::Null),
+            "error": {
+                "code": -31000 - i64::from(self.http_status()),
+                "message": self.to_string(),
+                "data": self.error(request_id),
+            },
+        });
+        serde_json::to_vec(&body).expect("JSON serializes")
+    }
+
+    fn error(&self, request_id: &str) -> serde_json::Value {
         let mut error = serde_json::json!({
             "type": self.kind().as_str(),
             "message": self.to_string(),
@@ -303,7 +325,7 @@ impl Denial {
         if let Denial::ApprovalRequired { id, .. } = self {
             error["approval_id"] = id.as_ref().into();
         }
-        serde_json::to_vec(&serde_json::json!({ "error": error })).expect("JSON serializes")
+        error
     }
 }
 

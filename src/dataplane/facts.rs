@@ -40,6 +40,18 @@ pub struct Recorded {
     /// By JSON pointer.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub body: BTreeMap<String, Option<Field>>,
+    /// On MCP proxies: the message's JSON-RPC method and tool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpFacts>,
+}
+
+/// What the audit keeps of an MCP message: always, on MCP proxies (names, no arguments).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct McpFacts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
 }
 
 /// A body field as the request had it: absent, or present with a value (`null` too).
@@ -111,8 +123,15 @@ pub fn record(
     query: Option<&str>,
     body: Option<&serde_json::Value>,
     presented: Option<&[u8]>,
+    mcp: Option<&crate::dataplane::mcp::Call>,
 ) -> Option<Box<str>> {
-    let mut out = Recorded::default();
+    let mut out = Recorded {
+        mcp: mcp.map(|call| McpFacts {
+            method: call.method.as_deref().map(str::to_owned),
+            tool: call.tool.as_deref().map(str::to_owned),
+        }),
+        ..Recorded::default()
+    };
     for list in lists {
         if let Some(body) = body {
             for pointer in list.read_body() {
@@ -141,7 +160,7 @@ pub fn record(
                 .insert(name.to_string(), kept(name, values, presented));
         }
     }
-    if out.headers.is_empty() && out.query.is_empty() && out.body.is_empty() {
+    if out.headers.is_empty() && out.query.is_empty() && out.body.is_empty() && out.mcp.is_none() {
         return None;
     }
     Some(
@@ -165,6 +184,8 @@ impl Recorded {
                 matches!(self.headers.get(&name.to_ascii_lowercase()), Some(Some(_)))
             }
             Read::Query(name) => matches!(self.query.get(name), Some(Some(_))),
+            // An MCP message's method and tool are kept: its `mcp` conditions judge.
+            Read::Body("/method" | "/params/name") if self.mcp.is_some() => true,
             Read::Body(pointer) => {
                 self.body.is_empty() || matches!(self.body.get(pointer), Some(Some(_)))
             }
@@ -173,10 +194,20 @@ impl Recorded {
 
     /// A body carrying the kept fields where they were: `None` when none was kept.
     pub fn body_json(&self) -> Option<serde_json::Value> {
-        if self.body.is_empty() {
-            return None;
-        }
-        let mut root = serde_json::Value::Object(serde_json::Map::new());
+        let mut root = match &self.mcp {
+            Some(m) => {
+                let mut message = serde_json::json!({});
+                if let Some(method) = &m.method {
+                    message["method"] = method.as_str().into();
+                }
+                if let Some(tool) = &m.tool {
+                    message["params"] = serde_json::json!({ "name": tool });
+                }
+                message
+            }
+            None if self.body.is_empty() => return None,
+            None => serde_json::Value::Object(serde_json::Map::new()),
+        };
         for (pointer, field) in &self.body {
             let Some(Field {
                 present: true,
@@ -268,7 +299,7 @@ mod tests {
             ("accept", b"*/*"),
             ("x-env", b"staging"),
         ];
-        let text = record([&none, &rules], &headers, Some(&query), None, None).unwrap();
+        let text = record([&none, &rules], &headers, Some(&query), None, None, None).unwrap();
         assert!(!text.contains("lk_secret") && !text.contains("t0p") && !text.contains("accept"));
         let kept = Recorded::parse(&text).unwrap();
         assert_eq!(
@@ -288,15 +319,23 @@ mod tests {
         assert_eq!(kept.query_string(), "mode=a&mode=b+c");
         // No rule reads anything: nothing is kept.
         assert_eq!(
-            record([&none, &none], &headers, Some(&query), None, None),
+            record([&none, &none], &headers, Some(&query), None, None, None),
             None
         );
         // The agent's own key, or a credential-like value, in a header a rule reads.
         let sneaky: [(&str, &[u8]); 2] = [("x-env", b"prod lk_secret"), ("x-env", b"x")];
-        let text = record([&none, &rules], &sneaky, None, None, Some(b"lk_secret")).unwrap();
+        let text = record(
+            [&none, &rules],
+            &sneaky,
+            None,
+            None,
+            Some(b"lk_secret"),
+            None,
+        )
+        .unwrap();
         assert!(!text.contains("lk_secret"), "{text}");
         let bearer: [(&str, &[u8]); 1] = [("x-env", b"Bearer abc")];
-        let text = record([&none, &rules], &bearer, None, None, None).unwrap();
+        let text = record([&none, &rules], &bearer, None, None, None, None).unwrap();
         assert!(!text.contains("abc"), "{text}");
     }
 
@@ -316,11 +355,11 @@ mod tests {
             "metadata": { "api_key": "lk_nested" }, "auth": ["pw"],
         });
         assert_eq!(
-            record([&rules, &none], &[], None, None, None),
+            record([&rules, &none], &[], None, None, None, None),
             None,
             "not opted in"
         );
-        let text = record([&rules, &none], &[], None, Some(&body), None).unwrap();
+        let text = record([&rules, &none], &[], None, Some(&body), None, None).unwrap();
         assert!(!text.contains("tok_123") && !text.contains("unread") && !text.contains("other"));
         assert!(
             !text.contains("lk_nested") && !text.contains("pw"),
@@ -353,7 +392,7 @@ mod tests {
             let bearer = format!("Bearer {key}");
             let mut headers: Vec<(&str, &[u8])> = env.iter().map(|v| ("x-env", v.as_slice())).collect();
             headers.push(("authorization", bearer.as_bytes()));
-            let text = record([&rules, &none], &headers, Some(&query), None, None).unwrap();
+            let text = record([&rules, &none], &headers, Some(&query), None, None, None).unwrap();
             proptest::prop_assert!(!text.contains(&key));
             let kept = Recorded::parse(&text).unwrap();
             // As the rules see them: a value that is not UTF-8 is one replacement character.

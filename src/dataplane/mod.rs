@@ -50,6 +50,7 @@ pub mod facts;
 pub(crate) mod guards;
 pub mod identity;
 pub(crate) mod keys;
+pub mod mcp;
 pub mod mint;
 pub(crate) mod mutate;
 pub mod pipeline;

@@ -13,6 +13,7 @@ use crate::dataplane::facts;
 use crate::dataplane::guards::{self, Duplicate};
 use crate::dataplane::identity::Verified;
 use crate::dataplane::keys;
+use crate::dataplane::mcp::{self, Call, Message};
 use crate::dataplane::mutate::{self, Forward};
 use crate::dataplane::redact::Guard;
 pub use crate::dataplane::request::RequestView;
@@ -51,6 +52,8 @@ pub struct Subject {
     pub rule_id: Option<Arc<str>>,
     /// What the audit keeps of the headers and query its rules read (`facts`).
     pub facts: Option<Box<str>>,
+    /// On MCP proxies: the JSON-RPC message, whose id a refusal answers.
+    pub mcp: Option<Call>,
 }
 
 #[derive(Debug)]
@@ -310,13 +313,36 @@ fn run(
     let proxy =
         proxy.ok_or_else(|| Denial::UnknownProxy(route.proxy.chars().take(128).collect()))?;
     guard.clone_from(&proxy.response);
+    // An MCP proxy reads each POST's message before anything else is decided of it.
+    if proxy.mcp.is_some() {
+        match mcp::message(req.method, req.headers, body) {
+            Ok(Message::NeedBody) => return Ok(None),
+            Ok(Message::None) => {}
+            Ok(Message::Call(call)) => subject.mcp = Some(call),
+            Err(denial) => {
+                // Refused as a JSON-RPC error all the same, answering its id if it has one.
+                subject.mcp = Some(mcp::unreadable(body));
+                return Err(denial);
+            }
+        }
+    }
+    let tool = match (&proxy.mcp, subject.mcp.as_ref()) {
+        (
+            Some(settings),
+            Some(Call {
+                tool: Some(name), ..
+            }),
+        ) => settings.tool(name),
+        _ => None,
+    };
 
     let no_rules = RuleList::default();
     let credential = match (caller, entry) {
         (Caller::Key | Caller::Token(_), Some(entry)) => {
             subject.key_id = Some(entry.id.clone());
             subject.run_label = entry.label.clone();
-            if let Some(cost) = &proxy.cost {
+            // A tool's price stands in for the proxy's.
+            if let Some(cost) = tool.and_then(|t| t.cost.as_ref()).or(proxy.cost.as_ref()) {
                 let accounts = accounts(policy, entry, now, proxy.token_vendor().is_some());
                 *charge = Some(Charge {
                     cost: cost.clone(),
@@ -351,6 +377,10 @@ fn run(
         None => &no_rules,
     };
     limits.extend_from_slice(&proxy.limits);
+    if let Some(tool) = tool {
+        let caller = subject.key_id.as_deref().or(subject.credential.as_deref());
+        limits.extend(tool.limits(&proxy.name, caller.unwrap_or("anyone")));
+    }
 
     let kept_body = match body {
         Body::Json(json) if proxy.keep_body_fields => Some(json),
@@ -362,6 +392,7 @@ fn run(
         route.query,
         kept_body,
         presented.as_deref(),
+        subject.mcp.as_ref(),
     );
     let facts = Facts::new(req.method, &route.path, req.headers, route.query, body);
     match rules::evaluate(

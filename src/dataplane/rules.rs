@@ -119,6 +119,31 @@ impl BodyMatcher {
     }
 }
 
+/// An `mcp` condition as the body conditions it is: the JSON-RPC `method`, and the
+/// `tools/call`'s `params.name`, each matching one of the globs. So it judges or refuses
+/// like any body condition: a batch or a tool name that is no string is refused by a deny.
+fn mcp_matchers(
+    condition: Option<&crate::policy::McpCondition>,
+) -> impl Iterator<Item = Result<BodyMatcher, String>> {
+    let matcher = |pointer: &str, globs: &[&str]| {
+        Ok(BodyMatcher {
+            pointer: pointer.into(),
+            presence: None,
+            regex: Some(crate::policy::globs_regex(globs).map_err(|e| format!("mcp: {e}"))?),
+            bounds: Box::default(),
+        })
+    };
+    let mut out = Vec::new();
+    if let Some(c) = condition {
+        out.push(matcher("/method", &c.methods()));
+        if !c.tools.is_empty() {
+            let tools: Vec<&str> = c.tools.iter().map(String::as_str).collect();
+            out.push(matcher("/params/name", &tools));
+        }
+    }
+    out.into_iter()
+}
+
 /// Whether `pointer` finds something in `value` when object keys are compared ignoring
 /// case.
 fn pointer_ignoring_case(value: &serde_json::Value, pointer: &str) -> bool {
@@ -192,6 +217,7 @@ impl Rule {
                     bounds,
                 })
             })
+            .chain(mcp_matchers(row.conditions.mcp.as_ref()))
             .collect::<Result<Box<[_]>, String>>()
             .map_err(|e| format!("body: {e}"))?;
         Ok(Self {

@@ -104,6 +104,8 @@ pub struct Proxy {
     pub guards: RunawayGuards,
     /// The audit keeps the values of the body fields its rules read (`audit.body_fields`).
     pub keep_body_fields: bool,
+    /// On MCP proxies (`protocol: mcp`): each POST is read as a JSON-RPC message.
+    pub mcp: Option<Arc<crate::dataplane::mcp::McpProxy>>,
 }
 
 /// A proxy's runaway guards on its non-idempotent requests (POST, PATCH), and its alerts.

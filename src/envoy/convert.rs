@@ -19,6 +19,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value};
 use envoy_types::pb::google::rpc;
 
 use crate::dataplane::denial::Denial;
+use crate::dataplane::mcp::Call;
 use crate::dataplane::mutate::{CLUSTER_HEADER, Forward};
 use crate::dataplane::pipeline::Shown;
 
@@ -287,6 +288,15 @@ pub fn need_body(reads: ResponseRead, cluster: Option<&'static str>) -> Processi
 
 /// The JSON denial, answered by Envoy without contacting the upstream.
 pub fn deny(denial: &Denial, request_id: &str) -> ProcessingResponse {
+    deny_with(denial, denial.body(request_id))
+}
+
+/// The denial of an MCP message, as the JSON-RPC error its client raises.
+pub fn deny_message(denial: &Denial, request_id: &str, call: &Call) -> ProcessingResponse {
+    deny_with(denial, denial.rpc_body(request_id, call.id.as_ref()))
+}
+
+fn deny_with(denial: &Denial, body: Vec<u8>) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus {
@@ -299,7 +309,7 @@ pub fn deny(denial: &Denial, request_id: &str) -> ProcessingResponse {
                     .collect(),
                 remove_headers: Vec::new(),
             }),
-            body: denial.body(request_id),
+            body,
             details: format!("latchkey_{}", denial.kind()),
             ..Default::default()
         })),

@@ -633,7 +633,10 @@ impl Exchange {
             }
             Outcome::Deny(denial) => denial,
         };
-        convert::deny(&denial, request_id)
+        match &decision.subject.mcp {
+            Some(call) => convert::deny_message(&denial, request_id, call),
+            None => convert::deny(&denial, request_id),
+        }
     }
 }
 

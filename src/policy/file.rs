@@ -200,6 +200,12 @@ pub struct ProxySpec {
     /// What the audit keeps of this proxy's requests beyond their method and path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<AuditFacts>,
+    /// `mcp`: the target is an MCP server (streamable HTTP).
+    #[serde(default, skip_serializing_if = "crate::policy::Protocol::is_http")]
+    pub protocol: crate::policy::Protocol,
+    /// An MCP proxy's per-tool limits and prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<crate::policy::McpSpec>,
 }
 
 /// Opt-in facts for replay. The headers and query parameters rules read are always kept
@@ -376,6 +382,9 @@ pub struct RuleSpec {
     /// Conditions on the JSON request body, by JSON pointer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub body: Vec<BodyCondition>,
+    /// On MCP proxies: the JSON-RPC methods and tools the rule judges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<crate::policy::McpCondition>,
     #[serde(default = "default_priority")]
     pub priority: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -544,6 +553,30 @@ pub fn compile_regex(source: &str) -> Result<regex::Regex, String> {
             }
             other => format!("invalid regex {source:?}: {other}"),
         })
+}
+
+/// A glob (`*` any run of characters, `?` one) as an anchored regex.
+pub fn glob_regex(glob: &str) -> Result<regex::Regex, String> {
+    globs_regex(&[glob])
+}
+
+/// Globs as one anchored regex that matches what any of them matches.
+pub fn globs_regex(globs: &[&str]) -> Result<regex::Regex, String> {
+    let mut source = String::from("^(?s:");
+    for (i, glob) in globs.iter().enumerate() {
+        if i > 0 {
+            source.push('|');
+        }
+        for c in glob.chars() {
+            match c {
+                '*' => source.push_str(".*"),
+                '?' => source.push('.'),
+                c => source.push_str(&regex::escape(c.encode_utf8(&mut [0; 4]))),
+            }
+        }
+    }
+    source.push_str(")$");
+    compile_regex(&source)
 }
 
 /// Whose usage format a proxy's answers follow.

@@ -109,24 +109,11 @@ fn check_jwks_url(url: &str) -> Result<(), String> {
     }
 }
 
-/// A glob (`*` any run of characters, `?` one) as an anchored regex.
-pub fn glob_regex(glob: &str) -> Result<regex::Regex, String> {
-    let mut source = String::with_capacity(glob.len() + 8);
-    source.push_str("^(?s:");
-    for c in glob.chars() {
-        match c {
-            '*' => source.push_str(".*"),
-            '?' => source.push('.'),
-            c => source.push_str(&regex::escape(c.encode_utf8(&mut [0; 4]))),
-        }
-    }
-    source.push_str(")$");
-    crate::policy::compile_regex(&source)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::policy::glob_regex;
 
     #[test]
     fn globs_match_whole_values() {

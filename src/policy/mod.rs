@@ -4,6 +4,7 @@
 pub mod alerts;
 pub mod file;
 pub mod identity;
+pub mod mcp;
 pub mod period;
 pub mod rows;
 pub(crate) mod secrets;
@@ -13,6 +14,7 @@ pub(crate) mod validate;
 pub use alerts::{Alerts, Webhook, WebhookFormat};
 pub use file::*;
 pub use identity::{Identity, JwksSource};
+pub use mcp::{McpCondition, McpSpec, Protocol, ToolSpec};
 pub use period::Period;
 pub use secrets::ServerSource;
 pub use target::TargetUrl;

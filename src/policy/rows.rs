@@ -165,6 +165,8 @@ pub struct ProxyRow {
     pub response: Option<ResponseSafety>,
     pub guards: Option<Guards>,
     pub audit: Option<AuditFacts>,
+    /// Set on MCP proxies (`protocol: mcp`), and only on them.
+    pub mcp: Option<crate::policy::McpSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -191,6 +193,8 @@ pub struct RuleConditions {
     pub query: BTreeMap<String, ValueCondition>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub body: Vec<BodyCondition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<crate::policy::McpCondition>,
 }
 
 /// Everything the store holds, as loaded in one read.
@@ -280,6 +284,11 @@ impl StoredPolicy {
                     response: p.response.clone(),
                     guards: p.guards.clone(),
                     audit: p.audit.clone(),
+                    protocol: match p.mcp {
+                        Some(_) => crate::policy::Protocol::Mcp,
+                        None => crate::policy::Protocol::Http,
+                    },
+                    mcp: p.mcp.clone().filter(|m| *m != Default::default()),
                 })
                 .collect(),
             rules: rules
@@ -294,6 +303,7 @@ impl StoredPolicy {
                     headers: r.conditions.headers.clone(),
                     query: r.conditions.query.clone(),
                     body: r.conditions.body.clone(),
+                    mcp: r.conditions.mcp.clone(),
                     priority: r.priority,
                     notes: r.notes.clone(),
                 })

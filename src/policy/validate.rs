@@ -150,6 +150,15 @@ impl PolicyFile {
                         .map_err(|e| invalid(&item, format!("guards: webhooks: {e}")))?;
                 }
             }
+            match (&p.mcp, p.protocol) {
+                (Some(mcp), crate::policy::Protocol::Mcp) => {
+                    mcp.validate().map_err(|e| invalid(&item, e))?;
+                }
+                (Some(_), crate::policy::Protocol::Http) => {
+                    return Err(invalid(item, "`mcp` needs `protocol: mcp`"));
+                }
+                (None, _) => {}
+            }
             if let Some(limits) = &p.limits {
                 limits.validate().map_err(|e| invalid(&item, e))?;
                 if limits
@@ -167,6 +176,10 @@ impl PolicyFile {
             }
         }
 
+        let mcp_proxies: HashSet<&str> = (self.proxies.iter())
+            .filter(|p| p.protocol == crate::policy::Protocol::Mcp)
+            .map(|p| p.name.as_str())
+            .collect();
         let mut rule_ids = HashSet::new();
         for (i, r) in self.rules.iter().enumerate() {
             let item = format!("rules[{i}]");
@@ -236,6 +249,17 @@ impl PolicyFile {
                 condition
                     .validate()
                     .map_err(|e| invalid(&item, format!("body[{i}]: {e}")))?;
+            }
+            if let Some(mcp) = &r.mcp {
+                mcp.validate().map_err(|e| invalid(&item, e))?;
+                if let Some(p) = &r.proxy
+                    && !mcp_proxies.contains(p.as_str())
+                {
+                    return Err(invalid(
+                        item,
+                        format!("mcp: proxy {p:?} is not `protocol: mcp`"),
+                    ));
+                }
             }
         }
         Ok(())

@@ -139,6 +139,8 @@ impl Desired {
                         response: p.response.clone(),
                         guards: p.guards.clone(),
                         audit: p.audit.clone(),
+                        mcp: (p.protocol == crate::policy::Protocol::Mcp)
+                            .then(|| p.mcp.clone().unwrap_or_default()),
                     }
                 })
                 .collect(),
@@ -167,6 +169,7 @@ impl Desired {
                             .collect(),
                         query: r.query.clone(),
                         body: r.body.clone(),
+                        mcp: r.mcp.clone(),
                     },
                     priority: r.priority,
                     notes: r.notes.clone(),

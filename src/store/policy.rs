@@ -234,7 +234,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
     drop(rows);
     let mut rows = sqlx::query(
         "SELECT name, target, target_credential, default_effect, limits, cost, response, guards,
-                audit
+                audit, mcp
          FROM proxies ORDER BY name",
     )
     .fetch(&mut **tx);
@@ -251,6 +251,7 @@ async fn load(tx: &mut Transaction<'_, Any>) -> Result<StoredPolicy, StoreError>
             response: from_json("proxies", row.try_get("response")?)?,
             guards: from_json("proxies", row.try_get("guards")?)?,
             audit: from_json("proxies", row.try_get("audit")?)?,
+            mcp: from_json("proxies", row.try_get("mcp")?)?,
         });
     }
     drop(rows);
@@ -550,13 +551,13 @@ async fn write_diff(
     {
         sqlx::query(
             "INSERT INTO proxies (name, target, target_credential, default_effect, limits, cost,
-               response, guards, audit)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+               response, guards, audit, mcp)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
              ON CONFLICT (name) DO UPDATE SET target = excluded.target,
                target_credential = excluded.target_credential,
                default_effect = excluded.default_effect,
                limits = excluded.limits, cost = excluded.cost, response = excluded.response,
-               guards = excluded.guards, audit = excluded.audit",
+               guards = excluded.guards, audit = excluded.audit, mcp = excluded.mcp",
         )
         .bind(&p.name)
         .bind(&p.target)
@@ -567,6 +568,7 @@ async fn write_diff(
         .bind(to_json(&p.response))
         .bind(to_json(&p.guards))
         .bind(to_json(&p.audit))
+        .bind(to_json(&p.mcp))
         .execute(&mut **tx)
         .await?;
         sqlx::query("DELETE FROM proxy_bindings WHERE proxy = $1")

@@ -56,6 +56,16 @@ fn decided_attrs(d: &Decided) -> Vec<KeyValue> {
             .into_iter()
             .filter_map(|(k, v)| v.as_deref().map(|v| attr(k, text(v)))),
     );
+    // An MCP message's method and tool, by OpenTelemetry's MCP conventions.
+    if let Some(facts) = d.facts.as_deref().filter(|f| f.contains("\"mcp\""))
+        && let Ok(facts) = serde_json::from_str::<serde_json::Value>(facts)
+    {
+        for (key, field) in [("mcp.method.name", "method"), ("gen_ai.tool.name", "tool")] {
+            if let Some(value) = facts["mcp"][field].as_str() {
+                attrs.push(attr(key, text(value)));
+            }
+        }
+    }
     if let Some(status) = d.status {
         attrs.push(attr(
             "http.response.status_code",
@@ -280,6 +290,22 @@ mod tests {
         ] {
             assert!(keys.contains(&k), "{k} in {keys:?}");
         }
+        // An MCP message's method and tool, from the facts the audit keeps.
+        let (spans, _) = convert(&[Event::Decided(Decided {
+            request_id: "r2".into(),
+            decision: "allow",
+            facts: Some(r#"{"mcp":{"method":"tools/call","tool":"search_docs"}}"#.into()),
+            ..Decided::default()
+        })]);
+        let attrs = &spans[0].attributes;
+        let value = |k: &str| {
+            attrs
+                .iter()
+                .find(|a| a.key == k)
+                .map(|a| format!("{:?}", a.value))
+        };
+        assert!(value("mcp.method.name").unwrap().contains("tools/call"));
+        assert!(value("gen_ai.tool.name").unwrap().contains("search_docs"));
     }
 
     /// An LLM call's usage is a client span inside its decision's trace, with the GenAI

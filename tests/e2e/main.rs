@@ -16,6 +16,7 @@ mod guards;
 mod identity;
 mod items;
 mod llm;
+mod mcp;
 mod oauth2;
 mod observability;
 mod replay;

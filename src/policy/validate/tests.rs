@@ -241,3 +241,93 @@ fn target_urls() {
         assert!(TargetUrl::parse(bad).is_err(), "{bad}");
     }
 }
+
+const IDENTITY_AND_MCP: &str = r#"
+targets:
+  - { name: docs, url: "https://mcp.docs.example" }
+credentials:
+  - { name: docs-token, type: target, auth: bearer, secret: { env: DOCS } }
+  - name: agents
+    type: proxy
+    identity:
+      issuer: https://kubernetes.default.svc
+      audience: latchkey
+      jwks: { url: "https://kubernetes.default.svc/openid/v1/jwks" }
+      subject: "system:serviceaccount:agents:*"
+      claims: { "kubernetes.io/namespace": agents }
+      max_ttl: 30m
+      max_spend_cap_usd: 5
+proxies:
+  - name: docs
+    target: docs
+    target_credential: docs-token
+    proxy_credentials: [agents]
+    protocol: mcp
+    mcp:
+      tools:
+        - { name: "search_*", requests_per_minute: 30, price_usd: 0.002 }
+rules:
+  - { proxy: docs, effect: deny, mcp: { tools: ["delete_*"] } }
+  - { proxy: docs, effect: allow, mcp: { methods: [initialize, "notifications/*", tools/list] } }
+"#;
+
+#[test]
+fn identities_and_mcp_proxies_parse_and_are_checked() {
+    PolicyFile::parse(IDENTITY_AND_MCP).unwrap();
+    for (from, to, why) in [
+        (
+            "jwks: { url: \"https://kubernetes.default.svc/openid/v1/jwks\" }",
+            "jwks: { url: \"http://issuer.example/jwks\" }",
+            "loopback",
+        ),
+        (
+            "jwks: { url: \"https://kubernetes.default.svc/openid/v1/jwks\" }",
+            "jwks: { url: \"https://a/\", file: /k }",
+            "exactly one",
+        ),
+        ("max_ttl: 30m", "max_ttl: 30d", "1s to 7d"),
+        (
+            "max_spend_cap_usd: 5",
+            "max_spend_cap_usd: -1",
+            "non-negative",
+        ),
+        (
+            "claims: { \"kubernetes.io/namespace\": agents }",
+            "claims: { sub: x }",
+            "own field",
+        ),
+        ("    protocol: mcp\n", "", "`mcp` needs `protocol: mcp`"),
+        ("price_usd: 0.002", "price_usd: .nan", "non-negative"),
+        (
+            "requests_per_minute: 30, price_usd: 0.002",
+            "requests_per_minute: 30, requests_per_day: 0",
+            "at least 1",
+        ),
+        (
+            "mcp: { tools: [\"delete_*\"] }",
+            "mcp: { methods: [tools/list], tools: [x] }",
+            "`tools/call` only",
+        ),
+        (
+            "mcp: { tools: [\"delete_*\"] }",
+            "mcp: {}",
+            "name `methods`",
+        ),
+        (
+            "  - name: docs\n    target: docs",
+            "  - name: LatchKey\n    target: docs",
+            "reserved",
+        ),
+    ] {
+        let text = IDENTITY_AND_MCP.replace(from, to);
+        assert_ne!(text, IDENTITY_AND_MCP, "{from}");
+        let e = err(&text);
+        assert!(e.contains(why), "{to}: {e}");
+    }
+    // A target credential has no identity.
+    let text = IDENTITY_AND_MCP.replace(
+        "secret: { env: DOCS } }",
+        "secret: { env: DOCS }, identity: { issuer: i, audience: a, jwks: { file: f }, subject: s } }",
+    );
+    assert!(err(&text).contains("identity"), "{}", err(&text));
+}

@@ -1,0 +1,272 @@
+//! MCP proxies (`protocol: mcp`): every POST of the streamable HTTP transport is one
+//! JSON-RPC message, read for its method and, on `tools/call`, its tool: what the rules'
+//! `mcp` conditions judge, what per-tool limits and prices apply to, and what the audit
+//! keeps. GET (the server's stream) and DELETE (the session's end) carry no message and
+//! pass on the rules like any request; every one of them gets the credential.
+
+use std::sync::Arc;
+
+use regex::Regex;
+
+use crate::dataplane::budget::{Limit, Rate};
+use crate::dataplane::denial::Denial;
+use crate::dataplane::rules::Body;
+use crate::dataplane::snapshot::CostSpec;
+
+/// Longest method or tool name the audit keeps.
+const MAX_NAME: usize = 128;
+
+/// An MCP proxy's per-tool settings, compiled.
+#[derive(Debug, Default)]
+pub struct McpProxy {
+    pub tools: Box<[Tool]>,
+}
+
+#[derive(Debug)]
+pub struct Tool {
+    /// The entry's name as the policy gives it (a glob): the limits' key.
+    pub entry: Arc<str>,
+    pub matches: Regex,
+    pub per_minute: Option<Rate>,
+    pub per_day: Option<Rate>,
+    pub cost: Option<Arc<CostSpec>>,
+}
+
+impl McpProxy {
+    pub fn compile(spec: &crate::policy::McpSpec) -> Result<Self, String> {
+        let tools = (spec.tools.iter())
+            .map(|t| {
+                Ok(Tool {
+                    entry: t.name.as_str().into(),
+                    matches: crate::policy::glob_regex(&t.name)?,
+                    per_minute: t.requests_per_minute.map(Rate::per_minute),
+                    per_day: t.requests_per_day.map(Rate::per_day),
+                    cost: (t.price_usd).map(|usd| {
+                        Arc::new(CostSpec::PerRequest(crate::base::money::to_micros(usd)))
+                    }),
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Self { tools })
+    }
+
+    /// The settings of tool `name`: the first entry that matches it.
+    pub fn tool(&self, name: &str) -> Option<&Tool> {
+        self.tools.iter().find(|t| t.matches.is_match(name))
+    }
+}
+
+impl Tool {
+    /// The tool's rate limits for one caller (a key id, or a credential).
+    pub fn limits(&self, proxy: &str, caller: &str) -> impl Iterator<Item = Limit> {
+        [("minute", self.per_minute), ("day", self.per_day)]
+            .into_iter()
+            .filter_map(move |(period, rate)| {
+                Some(Limit {
+                    key: Arc::from(format!("tool:{proxy}:{}:{caller}:{period}", self.entry)),
+                    rate: rate?,
+                })
+            })
+    }
+}
+
+/// One JSON-RPC message, as far as latchkey reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    /// `None` for a response the client sends the server (to sampling, elicitation).
+    pub method: Option<Box<str>>,
+    /// The tool a `tools/call` calls.
+    pub tool: Option<Box<str>>,
+    /// The request's id, which a refusal answers; `None` for a notification.
+    pub id: Option<serde_json::Value>,
+}
+
+/// What an MCP proxy's request is.
+#[derive(Debug)]
+pub enum Message {
+    /// Not a POST: the server's stream (GET) or the session's end (DELETE).
+    None,
+    /// A POST whose body is not read yet.
+    NeedBody,
+    Call(Call),
+}
+
+/// Reads the message a request carries. A POST must carry exactly one JSON-RPC object
+/// sent as JSON (no batch: one message is judged, priced and counted at a time), and
+/// the transport's `Mcp-Method` / `Mcp-Name` headers, where sent, must say what the body
+/// says: a server that routes by header must not run what the rules never judged.
+pub fn message(method: &str, headers: &[(&str, &[u8])], body: &Body) -> Result<Message, Denial> {
+    if !method.eq_ignore_ascii_case("POST") {
+        return Ok(Message::None);
+    }
+    let json = match body {
+        Body::Unread => return Ok(Message::NeedBody),
+        Body::Json(json) => json,
+        Body::TooLarge(limit) => return Err(Denial::BodyTooLarge(*limit)),
+        Body::Empty | Body::Unjudgeable(_) => {
+            return Err(Denial::InvalidRequest(
+                "an MCP message is one JSON-RPC object sent as application/json (no batches)",
+            ));
+        }
+    };
+    let rpc_method = name(json.get("method"), "the JSON-RPC method is not a string")?;
+    let tool = match rpc_method {
+        Some("tools/call") => Some(
+            name(
+                json.pointer("/params/name"),
+                "the tool name is not a string",
+            )?
+            .ok_or(Denial::InvalidRequest("tools/call names no tool"))?,
+        ),
+        _ => None,
+    };
+    for (header, body_says) in [("mcp-method", rpc_method), ("mcp-name", tool)] {
+        let mut sent = headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(header));
+        let (first, second) = (sent.next(), sent.next());
+        let agrees = match (first, body_says) {
+            (None, _) => true,
+            (Some((_, value)), Some(said)) => second.is_none() && *value == said.as_bytes(),
+            // A name header on a message that names nothing is left to the server.
+            (Some(_), None) => header == "mcp-name" && second.is_none(),
+        };
+        if !agrees {
+            return Err(Denial::InvalidRequest(
+                "the Mcp-Method or Mcp-Name header differs from the message",
+            ));
+        }
+    }
+    let id = json.get("id").cloned();
+    Ok(Message::Call(Call {
+        method: rpc_method.map(|m| truncated(m).into()),
+        tool: tool.map(|t| truncated(t).into()),
+        id: rpc_method.and(id),
+    }))
+}
+
+/// What is known of a message that cannot be read: at most the id it answers.
+pub fn unreadable(body: &Body) -> Call {
+    let id = match body {
+        Body::Json(json) => json.get("id").filter(|id| id.is_string() || id.is_number()),
+        _ => None,
+    };
+    Call {
+        method: None,
+        tool: None,
+        id: id.cloned(),
+    }
+}
+
+/// A string field, if there is one; anything else where a name goes is refused.
+fn name<'j>(
+    v: Option<&'j serde_json::Value>,
+    what: &'static str,
+) -> Result<Option<&'j str>, Denial> {
+    match v {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.as_str())),
+        Some(_) => Err(Denial::InvalidRequest(what)),
+    }
+}
+
+fn truncated(s: &str) -> &str {
+    let mut end = s.len().min(MAX_NAME);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn read(headers: &[(&str, &[u8])], body: serde_json::Value) -> Result<Message, Denial> {
+        let body = Body::parse(body.to_string().as_bytes(), Some(b"application/json"));
+        message("POST", headers, &body)
+    }
+
+    proptest::proptest! {
+        /// Whatever JSON an agent posts, reading it never panics, and a message read as
+        /// a tool call names the tool its body names, with any `Mcp-Name` agreeing.
+        #[test]
+        fn hostile_messages_read_as_they_are(
+            body in "\\{(\"(method|params|name|id|jsonrpc|Method)\":(\"tools/call\"|\"x\"|1|null|\\[\\]|\\{\"name\":(\"t\"|2|null)\\}),?){0,5}\\}",
+            header in proptest::option::of("(t|x|tools/call)"),
+        ) {
+            let headers: Vec<(&str, &[u8])> = header.iter().map(|h| ("mcp-name", h.as_bytes())).collect();
+            let parsed = Body::parse(body.as_bytes(), Some(b"application/json"));
+            if let Ok(Message::Call(call)) = message("POST", &headers, &parsed) {
+                let Body::Json(json) = &parsed else { panic!("a call from a JSON body") };
+                if call.method.as_deref() == Some("tools/call") {
+                    proptest::prop_assert_eq!(call.tool.as_deref(), json.pointer("/params/name").and_then(|v| v.as_str()));
+                    if let Some(h) = &header {
+                        proptest::prop_assert_eq!(Some(h.as_str()), call.tool.as_deref());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_tool_call_is_read_with_its_id() {
+        let m = read(
+            &[],
+            json!({"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"search","arguments":{}}}),
+        )
+        .unwrap();
+        let Message::Call(call) = m else {
+            panic!("{m:?}")
+        };
+        assert_eq!(call.method.as_deref(), Some("tools/call"));
+        assert_eq!(call.tool.as_deref(), Some("search"));
+        assert_eq!(call.id, Some(json!(7)));
+        assert!(matches!(
+            message("GET", &[], &Body::Empty).unwrap(),
+            Message::None
+        ));
+    }
+
+    #[test]
+    fn what_cannot_be_judged_is_refused() {
+        let call = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"search"}});
+        for (headers, body) in [
+            (vec![], json!([call.clone()])),
+            (
+                vec![],
+                json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}),
+            ),
+            (
+                vec![],
+                json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{}}),
+            ),
+            (
+                vec![],
+                json!({"jsonrpc":"2.0","id":1,"method":["tools/call"]}),
+            ),
+            (vec![("mcp-name", b"other".as_slice())], call.clone()),
+            (vec![("mcp-method", b"tools/list".as_slice())], call.clone()),
+            (
+                vec![
+                    ("mcp-name", b"search".as_slice()),
+                    ("mcp-name", b"x".as_slice()),
+                ],
+                call.clone(),
+            ),
+        ] {
+            assert!(
+                matches!(read(&headers, body.clone()), Err(Denial::InvalidRequest(_))),
+                "{headers:?} {body}"
+            );
+        }
+        let agreeing = [
+            ("mcp-method", b"tools/call".as_slice()),
+            ("mcp-name", b"search".as_slice()),
+        ];
+        assert!(read(&agreeing, call).is_ok());
+        let text = Body::parse(b"{}", Some(b"text/plain"));
+        assert!(message("POST", &[], &text).is_err());
+    }
+}
