@@ -16,13 +16,12 @@ use crate::base::crypto::MasterKey;
 use crate::base::money::to_micros;
 use crate::dataplane::budget::{Limit, Rate};
 use crate::dataplane::credentials::{ServerSecrets, oauth2, sigv4};
-use crate::dataplane::mcp::McpProxy;
 use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::snapshot::{
     AlertRule, CLUSTER_PLAIN, CLUSTER_TLS, Caps, CompileError, Compiled, CostSpec, Injection,
-    JwksSource, KeyBudgets, KeyEntry, Policy, Proxy, RetryHeaders, RunawayGuards, Secret, Trust,
-    Upstream,
+    JwksSource, KeyBudgets, KeyEntry, McpProxy, McpTool, Policy, Proxy, RetryHeaders,
+    RunawayGuards, Secret, Trust, Upstream,
 };
 use crate::policy::rows::{AuthSpec, CredentialRow, KeyRow, ProxyRow, StoredPolicy};
 use crate::policy::{AuthKind, CredentialType, Limits, TargetUrl};
@@ -247,6 +246,23 @@ impl<'a> Credentials<'a> {
         }
         Ok(out)
     }
+}
+
+/// An MCP proxy's per-tool settings, compiled.
+fn mcp_proxy(spec: &crate::policy::McpSpec) -> Result<McpProxy, String> {
+    let tools = (spec.tools.iter())
+        .map(|t| {
+            Ok(McpTool {
+                entry: t.name.as_str().into(),
+                matches: crate::policy::glob_regex(&t.name)?,
+                per_minute: t.requests_per_minute.map(Rate::per_minute),
+                per_day: t.requests_per_day.map(Rate::per_day),
+                cost: (t.price_usd)
+                    .map(|usd| Arc::new(CostSpec::PerRequest(crate::base::money::to_micros(usd)))),
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(McpProxy { tools })
 }
 
 /// A proxy credential's `identity`, compiled.
@@ -518,7 +534,7 @@ fn proxy(
         guards,
         keep_body_fields: p.audit.as_ref().is_some_and(|a| a.body_fields),
         mcp: (p.mcp.as_ref())
-            .map(|spec| McpProxy::compile(spec).map(Arc::new))
+            .map(|spec| mcp_proxy(spec).map(Arc::new))
             .transpose()
             .map_err(|e| invalid(format!("proxy {:?}: mcp: {e}", p.name)))?,
         cost: p

@@ -4,71 +4,11 @@
 //! keeps. GET (the server's stream) and DELETE (the session's end) carry no message and
 //! pass on the rules like any request; every one of them gets the credential.
 
-use std::sync::Arc;
-
-use regex::Regex;
-
-use crate::dataplane::budget::{Limit, Rate};
 use crate::dataplane::denial::Denial;
 use crate::dataplane::rules::Body;
-use crate::dataplane::snapshot::CostSpec;
 
 /// Longest method or tool name the audit keeps.
 const MAX_NAME: usize = 128;
-
-/// An MCP proxy's per-tool settings, compiled.
-#[derive(Debug, Default)]
-pub struct McpProxy {
-    pub tools: Box<[Tool]>,
-}
-
-#[derive(Debug)]
-pub struct Tool {
-    /// The entry's name as the policy gives it (a glob): the limits' key.
-    pub entry: Arc<str>,
-    pub matches: Regex,
-    pub per_minute: Option<Rate>,
-    pub per_day: Option<Rate>,
-    pub cost: Option<Arc<CostSpec>>,
-}
-
-impl McpProxy {
-    pub fn compile(spec: &crate::policy::McpSpec) -> Result<Self, String> {
-        let tools = (spec.tools.iter())
-            .map(|t| {
-                Ok(Tool {
-                    entry: t.name.as_str().into(),
-                    matches: crate::policy::glob_regex(&t.name)?,
-                    per_minute: t.requests_per_minute.map(Rate::per_minute),
-                    per_day: t.requests_per_day.map(Rate::per_day),
-                    cost: (t.price_usd).map(|usd| {
-                        Arc::new(CostSpec::PerRequest(crate::base::money::to_micros(usd)))
-                    }),
-                })
-            })
-            .collect::<Result<_, String>>()?;
-        Ok(Self { tools })
-    }
-
-    /// The settings of tool `name`: the first entry that matches it.
-    pub fn tool(&self, name: &str) -> Option<&Tool> {
-        self.tools.iter().find(|t| t.matches.is_match(name))
-    }
-}
-
-impl Tool {
-    /// The tool's rate limits for one caller (a key id, or a credential).
-    pub fn limits(&self, proxy: &str, caller: &str) -> impl Iterator<Item = Limit> {
-        [("minute", self.per_minute), ("day", self.per_day)]
-            .into_iter()
-            .filter_map(move |(period, rate)| {
-                Some(Limit {
-                    key: Arc::from(format!("tool:{proxy}:{}:{caller}:{period}", self.entry)),
-                    rate: rate?,
-                })
-            })
-    }
-}
 
 /// One JSON-RPC message, as far as latchkey reads it.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use zeroize::Zeroizing;
 
 use crate::base::money::to_micros;
-use crate::dataplane::budget::Limit;
+use crate::dataplane::budget::{Limit, Rate};
 use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::usage::PriceTable;
@@ -105,7 +105,7 @@ pub struct Proxy {
     /// The audit keeps the values of the body fields its rules read (`audit.body_fields`).
     pub keep_body_fields: bool,
     /// On MCP proxies (`protocol: mcp`): each POST is read as a JSON-RPC message.
-    pub mcp: Option<Arc<crate::dataplane::mcp::McpProxy>>,
+    pub mcp: Option<Arc<McpProxy>>,
 }
 
 /// A proxy's runaway guards on its non-idempotent requests (POST, PATCH), and its alerts.
@@ -414,6 +414,43 @@ impl KeyBudgets {
                 tokens,
             })
         })
+    }
+}
+
+/// An MCP proxy's per-tool settings, compiled.
+#[derive(Debug, Default)]
+pub struct McpProxy {
+    pub tools: Box<[McpTool]>,
+}
+
+#[derive(Debug)]
+pub struct McpTool {
+    /// The entry's name as the policy gives it (a glob): the limits' key.
+    pub entry: Arc<str>,
+    pub matches: regex::Regex,
+    pub per_minute: Option<Rate>,
+    pub per_day: Option<Rate>,
+    pub cost: Option<Arc<CostSpec>>,
+}
+
+impl McpProxy {
+    /// The settings of tool `name`: the first entry that matches it.
+    pub fn tool(&self, name: &str) -> Option<&McpTool> {
+        self.tools.iter().find(|t| t.matches.is_match(name))
+    }
+}
+
+impl McpTool {
+    /// The tool's rate limits for one caller (a key id, or a credential).
+    pub fn limits(&self, proxy: &str, caller: &str) -> impl Iterator<Item = Limit> {
+        [("minute", self.per_minute), ("day", self.per_day)]
+            .into_iter()
+            .filter_map(move |(period, rate)| {
+                Some(Limit {
+                    key: Arc::from(format!("tool:{proxy}:{}:{caller}:{period}", self.entry)),
+                    rate: rate?,
+                })
+            })
     }
 }
 
