@@ -92,4 +92,17 @@ for overlay in "${OVERLAYS[@]}"; do
   fi
 done
 
+# The examples' manifests (not their latchkey policies, which a unit test parses, nor
+# their patches, which are partial objects).
+for manifest in "$here"/examples/*/*.yaml; do
+  case "$manifest" in */policy.yaml | *-patch.yaml) continue ;; esac
+  what="schema k8s/examples/${manifest#"$here/examples/"} (Kubernetes $KUBE_VERSION, strict)"
+  if "$VENV/bin/kubernetes-validate" --strict -k "$KUBE_VERSION" --quiet "$manifest" \
+    >"$tmp/log" 2>&1 && ! grep -q '^WARN' "$tmp/log"; then
+    pass "$what"
+  else
+    fail "$what" "$tmp/log"
+  fi
+done
+
 exit "$failed"

@@ -69,6 +69,11 @@ impl Default for Identities {
 }
 
 impl Identities {
+    /// Forgets every verified token: the next presentation verifies it again.
+    pub fn forget_verified(&self) {
+        self.verified.invalidate_all();
+    }
+
     /// The token the request presents where a proxy key goes, verified; `None` when what
     /// it presents is no token (a proxy key, or nothing).
     pub async fn presented(

@@ -271,6 +271,14 @@ rules:
   - { proxy: docs, effect: allow, mcp: { methods: [initialize, "notifications/*", tools/list] } }
 "#;
 
+/// The Kubernetes example's policy is one latchkey accepts.
+#[test]
+fn the_workload_identity_example_policy_parses() {
+    let text = include_str!("../../../k8s/examples/workload-identity/policy.yaml");
+    let file = PolicyFile::parse(text).unwrap();
+    assert!(file.credentials.iter().any(|c| c.identity.is_some()));
+}
+
 #[test]
 fn identities_and_mcp_proxies_parse_and_are_checked() {
     PolicyFile::parse(IDENTITY_AND_MCP).unwrap();
