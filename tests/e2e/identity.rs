@@ -345,3 +345,39 @@ fn chrono_now() -> i64 {
         .unwrap()
         .as_secs() as i64
 }
+
+#[tokio::test]
+async fn ext_authz_takes_workload_tokens_and_bodiless_mints() {
+    let upstream = Upstream::start().await;
+    let issuer = Issuer::new(ISSUER, SUBJECT);
+    let jwks = JwksServer::start(issuer.set("jwks.json")).await;
+    let stack = Stack::start_in(common::Mode::ExtAuthz).await;
+    stack.apply(
+        &policy(&upstream.url(), &jwks.url, "/nonexistent/jwks.json"),
+        &[],
+    );
+    assert_eq!(get(&stack, issuer.token("valid_rs256")).await.status(), 200);
+    let (status, kind, _) = denial(get(&stack, issuer.token("alg_none")).await).await;
+    assert_eq!((status, kind.as_str()), (401, "invalid_key"));
+    let seen = upstream.take();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(format!("Bearer {SECRET}").as_str())
+    );
+
+    // A mint without a body takes the maxima; ext_authz sees no body to read.
+    let r = client()
+        .post(stack.url("/latchkey/v1/run-keys"))
+        .bearer_auth(issuer.token("valid_es256"))
+        .header("content-length", "0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let minted: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(minted["spend_cap_usd"], 2.0);
+    let key = minted["key"].as_str().unwrap();
+    assert_eq!(get(&stack, key).await.status(), 200);
+    assert!(upstream.take().len() == 1, "the mint was never forwarded");
+}
