@@ -10,6 +10,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use crate::dataplane::budget::{Admission, Budgets, Limit, Rate};
 use crate::dataplane::denial::Denial;
 use crate::dataplane::identity::{Identities, Verified};
 use crate::dataplane::keys;
@@ -19,6 +20,9 @@ use crate::dataplane::snapshot::Policy;
 /// Where the agent listener answers mints. `latchkey` is no proxy's name (validation
 /// reserves it), so no proxy's traffic can land here.
 pub const PATH: &str = "/latchkey/v1/run-keys";
+/// Run keys one workload may mint a minute.
+pub const MINTS_PER_MINUTE: u32 = 30;
+
 /// The first path segment reserved for latchkey's own endpoints.
 pub const RESERVED: &str = "latchkey";
 
@@ -134,6 +138,7 @@ pub fn grant(
 pub async fn answer_request(
     policy: &Policy,
     identities: &Identities,
+    budgets: &Budgets,
     minter: Option<&dyn Minter>,
     req: &RequestView<'_>,
 ) -> Result<Vec<u8>, Denial> {
@@ -151,6 +156,30 @@ pub async fn answer_request(
         }
     };
     let grant = grant(policy, method, path, &verified, body)?;
+    // Each key is a row and a cap of its own: a looping agent must not mint without end.
+    // Mints count against the credential's request limits and a rate of their own.
+    let credential = verified.entry.credential;
+    let mut limits = policy.credential_limits(credential).to_vec();
+    limits.push(Limit {
+        key: format!("mint:{}:{}:minute", grant.credential, grant.subject).into(),
+        rate: Rate::per_minute(MINTS_PER_MINUTE),
+    });
+    match budgets.admit(&limits).await {
+        Ok(Admission::Admitted { .. }) => {}
+        Ok(Admission::Refused {
+            limit,
+            retry_after_ms,
+        }) => {
+            return Err(Denial::RateLimited {
+                limit,
+                retry_after_s: retry_after_ms.div_ceil(1000).max(1),
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "refusing a mint: the budget store is unreachable");
+            return Err(Denial::BudgetUnavailable);
+        }
+    }
     let minter = minter.ok_or(Denial::CredentialUnavailable(RESERVED.into()))?;
     let minted = minter.mint(&grant).await.map_err(|why| {
         tracing::error!(%why, credential = %grant.credential, "a run key could not be minted");

@@ -86,7 +86,9 @@ impl Shared {
     pub async fn answer_own(&self, req: &RequestView<'_>) -> Result<Vec<u8>, Denial> {
         let policy = self.policy.load_full();
         let minter = self.minter.get().map(|m| &**m);
-        crate::dataplane::mint::answer_request(&policy, &self.identities, minter, req).await
+        let identities = &self.identities;
+        crate::dataplane::mint::answer_request(&policy, identities, &self.budgets, minter, req)
+            .await
     }
 
     /// Puts a new policy into effect for the next request.

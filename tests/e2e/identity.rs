@@ -332,6 +332,22 @@ async fn a_token_mints_run_keys_within_its_credentials_maxima() {
     assert_eq!(issued["label"], "cli-run");
     assert!(issued["key"].as_str().unwrap().starts_with("lk_"));
 
+    // 30 mints a minute per workload: three so far, so 27 more, then 429.
+    let mut minted_more = 0;
+    loop {
+        let r = mint(valid, serde_json::json!({"ttl_seconds": 60}))
+            .await
+            .unwrap();
+        if r.status() != 201 {
+            let (status, kind, _) = denial(r).await;
+            assert_eq!((status, kind.as_str()), (429, "rate_limited"));
+            break;
+        }
+        minted_more += 1;
+        assert!(minted_more <= 30, "mints are not limited");
+    }
+    assert_eq!(minted_more, 27);
+
     // The 2 s key is refused once its TTL has passed.
     tokio::time::sleep(std::time::Duration::from_millis(2_100)).await;
     let (status, kind, _) = denial(with_key("/api/v1/x").await.unwrap()).await;
