@@ -449,6 +449,11 @@ pub(crate) fn resolve_material(
                 key.resolve(base)
                     .map_err(|e| anyhow!("credential {name:?}: keys[{i}]: {e}"))?,
             );
+            if crate::base::jwt::looks_like(key.as_bytes()) {
+                return Err(anyhow!(
+                    "credential {name:?}: keys[{i}]: this looks like a JWT, which latchkey reads as a workload's token; trust its issuer with `identity`, or use another key"
+                ));
+            }
             if !crate::dataplane::keys::strong_enough(key.as_bytes()) {
                 return Err(anyhow!(
                     "credential {name:?}: keys[{i}]: a proxy key is 16 to 512 printable characters, at least 8 of them different"

@@ -5,9 +5,10 @@
 //! pass on the rules like any request; every one of them gets the credential.
 
 use crate::dataplane::denial::Denial;
+use crate::dataplane::request::RequestView;
 use crate::dataplane::rules::Body;
 
-/// Longest method or tool name the audit keeps.
+/// Longest method or tool name: longer ones are refused.
 const MAX_NAME: usize = 128;
 
 /// One JSON-RPC message, as far as latchkey reads it.
@@ -35,9 +36,22 @@ pub enum Message {
 /// sent as JSON (no batch: one message is judged, priced and counted at a time), and
 /// the transport's `Mcp-Method` / `Mcp-Name` headers, where sent, must say what the body
 /// says: a server that routes by header must not run what the rules never judged.
-pub fn message(method: &str, headers: &[(&str, &[u8])], body: &Body) -> Result<Message, Denial> {
+pub fn message(req: &RequestView<'_>, body: &Body) -> Result<Message, Denial> {
+    let (method, headers) = (req.method, req.headers);
+    if method.eq_ignore_ascii_case("GET") || method.eq_ignore_ascii_case("DELETE") {
+        // A body there could carry a message no rule, price or limit saw.
+        let bodiless = matches!(body, Body::Empty) || req.body.is_some_and(<[u8]>::is_empty);
+        return match bodiless {
+            true => Ok(Message::None),
+            false => Err(Denial::InvalidRequest(
+                "GET and DELETE to an MCP server carry no body",
+            )),
+        };
+    }
     if !method.eq_ignore_ascii_case("POST") {
-        return Ok(Message::None);
+        return Err(Denial::InvalidRequest(
+            "an MCP server takes POST, GET and DELETE",
+        ));
     }
     let json = match body {
         Body::Unread => return Ok(Message::NeedBody),
@@ -49,12 +63,15 @@ pub fn message(method: &str, headers: &[(&str, &[u8])], body: &Body) -> Result<M
             ));
         }
     };
-    let rpc_method = name(json.get("method"), "the JSON-RPC method is not a string")?;
+    let rpc_method = name(
+        json.get("method"),
+        "the JSON-RPC method is not a string of at most 128 printable characters",
+    )?;
     let tool = match rpc_method {
         Some("tools/call") => Some(
             name(
                 json.pointer("/params/name"),
-                "the tool name is not a string",
+                "the tool name is not a string of at most 128 printable characters",
             )?
             .ok_or(Denial::InvalidRequest("tools/call names no tool"))?,
         ),
@@ -79,8 +96,8 @@ pub fn message(method: &str, headers: &[(&str, &[u8])], body: &Body) -> Result<M
     }
     let id = json.get("id").cloned();
     Ok(Message::Call(Call {
-        method: rpc_method.map(|m| truncated(m).into()),
-        tool: tool.map(|t| truncated(t).into()),
+        method: rpc_method.map(Into::into),
+        tool: tool.map(Into::into),
         id: rpc_method.and(id),
     }))
 }
@@ -98,24 +115,22 @@ pub fn unreadable(body: &Body) -> Call {
     }
 }
 
-/// A string field, if there is one; anything else where a name goes is refused.
+/// A string field, if there is one; anything else where a name goes is refused, and so
+/// is a name too long for the audit to keep whole or with control characters in it
+/// (which would steer the terminal of whoever reads the log).
 fn name<'j>(
     v: Option<&'j serde_json::Value>,
     what: &'static str,
 ) -> Result<Option<&'j str>, Denial> {
     match v {
         None => Ok(None),
-        Some(serde_json::Value::String(s)) => Ok(Some(s.as_str())),
+        Some(serde_json::Value::String(s))
+            if s.len() <= MAX_NAME && !s.chars().any(char::is_control) =>
+        {
+            Ok(Some(s.as_str()))
+        }
         Some(_) => Err(Denial::InvalidRequest(what)),
     }
-}
-
-fn truncated(s: &str) -> &str {
-    let mut end = s.len().min(MAX_NAME);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]
@@ -124,8 +139,9 @@ mod tests {
     use serde_json::json;
 
     fn read(headers: &[(&str, &[u8])], body: serde_json::Value) -> Result<Message, Denial> {
-        let body = Body::parse(body.to_string().as_bytes(), Some(b"application/json"));
-        message("POST", headers, &body)
+        let bytes = body.to_string();
+        let parsed = Body::parse(bytes.as_bytes(), Some(b"application/json"));
+        message(&post(headers, &bytes), &parsed)
     }
 
     proptest::proptest! {
@@ -138,7 +154,7 @@ mod tests {
         ) {
             let headers: Vec<(&str, &[u8])> = header.iter().map(|h| ("mcp-name", h.as_bytes())).collect();
             let parsed = Body::parse(body.as_bytes(), Some(b"application/json"));
-            if let Ok(Message::Call(call)) = message("POST", &headers, &parsed) {
+            if let Ok(Message::Call(call)) = message(&post(&headers, &body), &parsed) {
                 let Body::Json(json) = &parsed else { panic!("a call from a JSON body") };
                 if call.method.as_deref() == Some("tools/call") {
                     proptest::prop_assert_eq!(call.tool.as_deref(), json.pointer("/params/name").and_then(|v| v.as_str()));
@@ -147,6 +163,15 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    fn post<'a>(headers: &'a [(&'a str, &'a [u8])], body: &'a str) -> RequestView<'a> {
+        RequestView {
+            method: "POST",
+            path: "/mcp",
+            headers,
+            body: Some(body.as_bytes()),
         }
     }
 
@@ -163,10 +188,21 @@ mod tests {
         assert_eq!(call.method.as_deref(), Some("tools/call"));
         assert_eq!(call.tool.as_deref(), Some("search"));
         assert_eq!(call.id, Some(json!(7)));
+        let get = RequestView {
+            method: "GET",
+            ..post(&[], "")
+        };
         assert!(matches!(
-            message("GET", &[], &Body::Empty).unwrap(),
+            message(&get, &Body::Empty).unwrap(),
             Message::None
         ));
+        let with_body = RequestView { body: None, ..get };
+        assert!(message(&with_body, &Body::Unread).is_err());
+        let put = RequestView {
+            method: "PUT",
+            ..get
+        };
+        assert!(message(&put, &Body::Empty).is_err());
     }
 
     #[test]
@@ -207,6 +243,12 @@ mod tests {
         ];
         assert!(read(&agreeing, call).is_ok());
         let text = Body::parse(b"{}", Some(b"text/plain"));
-        assert!(message("POST", &[], &text).is_err());
+        assert!(message(&post(&[], "{}"), &text).is_err());
+        let long = "x".repeat(129);
+        let body = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":long}});
+        assert!(read(&[], body).is_err());
+        let body =
+            json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a\u{1b}[2Jb"}});
+        assert!(read(&[], body).is_err());
     }
 }

@@ -21,7 +21,7 @@ use crate::dataplane::snapshot::Policy;
 /// reserves it), so no proxy's traffic can land here.
 pub const PATH: &str = "/latchkey/v1/run-keys";
 /// Run keys one workload may mint a minute.
-pub const MINTS_PER_MINUTE: u32 = 30;
+pub const MINTS_PER_MINUTE: u32 = 10;
 
 /// The first path segment reserved for latchkey's own endpoints.
 pub const RESERVED: &str = "latchkey";

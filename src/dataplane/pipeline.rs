@@ -315,7 +315,7 @@ fn run(
     guard.clone_from(&proxy.response);
     // An MCP proxy reads each POST's message before anything else is decided of it.
     if proxy.mcp.is_some() {
-        match mcp::message(req.method, req.headers, body) {
+        match mcp::message(req, body) {
             Ok(Message::NeedBody) => return Ok(None),
             Ok(Message::None) => {}
             Ok(Message::Call(call)) => subject.mcp = Some(call),
@@ -377,9 +377,10 @@ fn run(
         None => &no_rules,
     };
     limits.extend_from_slice(&proxy.limits);
+    // Per credential, not per key: a fresh run key must not bring fresh counts.
     if let Some(tool) = tool {
-        let caller = subject.key_id.as_deref().or(subject.credential.as_deref());
-        limits.extend(tool.limits(&proxy.name, caller.unwrap_or("anyone")));
+        let caller = subject.credential.as_deref().unwrap_or("anyone");
+        limits.extend(tool.limits(&proxy.name, caller));
     }
 
     let kept_body = match body {

@@ -149,12 +149,11 @@ fn mcp_matchers(
 fn pointer_ignoring_case(value: &serde_json::Value, pointer: &str) -> bool {
     let mut at = value;
     for token in pointer.split('/').skip(1) {
-        let token = token.replace("~1", "/").replace("~0", "~").to_lowercase();
+        let token = folded(&token.replace("~1", "/").replace("~0", "~"));
         let next = match at {
-            serde_json::Value::Object(map) => map
-                .iter()
-                .find(|(k, _)| k.to_lowercase() == token)
-                .map(|(_, v)| v),
+            serde_json::Value::Object(map) => {
+                map.iter().find(|(k, _)| folded(k) == token).map(|(_, v)| v)
+            }
             serde_json::Value::Array(items) => {
                 token.parse::<usize>().ok().and_then(|i| items.get(i))
             }
@@ -166,6 +165,12 @@ fn pointer_ignoring_case(value: &serde_json::Value, pointer: &str) -> bool {
         }
     }
     true
+}
+
+/// A name as parsers that ignore case see it: case folded the way .NET's and Go's JSON
+/// do, where `ſ` (long s) is `s` and `K` (Kelvin) is `k`, so `paramſ` is `params`.
+fn folded(name: &str) -> String {
+    name.to_uppercase().to_lowercase()
 }
 
 fn judged(yes: bool) -> Judged {
@@ -435,10 +440,10 @@ impl<'de> serde::Deserialize<'de> for StrictJson {
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
                 let mut object = serde_json::Map::new();
                 // Keys equal but for case are duplicates too, to upstreams that ignore it.
-                let mut folded = std::collections::HashSet::new();
+                let mut seen = std::collections::HashSet::new();
                 while let Some(key) = map.next_key::<String>()? {
                     let StrictJson(value) = map.next_value()?;
-                    if !folded.insert(key.to_lowercase()) {
+                    if !seen.insert(folded(&key)) {
                         return Err(A::Error::custom(format!("{DUPLICATE} {key:?}")));
                     }
                     object.insert(key, value);

@@ -441,7 +441,7 @@ impl McpProxy {
 }
 
 impl McpTool {
-    /// The tool's rate limits for one caller (a key id, or a credential).
+    /// The tool's rate limits for one proxy credential's callers together.
     pub fn limits(&self, proxy: &str, caller: &str) -> impl Iterator<Item = Limit> {
         [("minute", self.per_minute), ("day", self.per_day)]
             .into_iter()

@@ -35,10 +35,11 @@ pub struct McpSpec {
 pub struct ToolSpec {
     /// A tool name, or a glob of them (`search_*`).
     pub name: String,
-    /// Calls of the tool each caller (key, run key or workload) may make per minute.
+    /// Calls of the tool each proxy credential may make per minute (all its keys, run
+    /// keys and workloads together).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
-    /// Calls per UTC day, each caller.
+    /// Calls per day, each proxy credential.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_day: Option<u32>,
     /// What one call costs, charged to the caller's spend caps like any price.

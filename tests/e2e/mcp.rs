@@ -254,6 +254,14 @@ async fn batches_and_mismatched_headers_are_refused_as_json_rpc_errors() {
             400,
             -31400,
         ),
+        // `paramſ`: `params` again to Go's and .NET's JSON, where the later one wins.
+        (
+            serde_json::json!({"jsonrpc": "2.0", "id": 44, "method": "tools/call",
+                "params": {"name": "search_docs"}, "param\u{17f}": {"name": "delete_all"}}),
+            vec![],
+            400,
+            -31400,
+        ),
         // The tool name in another case, or not a string.
         (
             serde_json::json!({"jsonrpc": "2.0", "id": 43, "method": "tools/call",
@@ -270,9 +278,18 @@ async fn batches_and_mismatched_headers_are_refused_as_json_rpc_errors() {
         let answer: serde_json::Value = r.json().await.unwrap();
         assert_eq!(answer["jsonrpc"], "2.0");
         assert_eq!(answer["error"]["code"], code, "{answer}");
-        if body.is_object() {
-            assert_eq!(answer["id"], body["id"], "the refusal answers the request");
-        }
+        // A body that could not be read answers no id (`null`): MCP clients raise a
+        // non-2xx JSON-RPC error as the answer to the request they sent.
+        let readable = body.is_object() && body.get("param\u{17f}").is_none();
+        let id = if readable {
+            body["id"].clone()
+        } else {
+            serde_json::Value::Null
+        };
+        assert_eq!(
+            answer["id"], id,
+            "the refusal answers the request: {answer}"
+        );
     }
     assert!(
         server.seen().iter().all(|s| s["rpc"] != "tools/call"),

@@ -21,6 +21,9 @@ use jwks::KeySets;
 const SKEW_S: f64 = 30.0;
 /// Verified tokens kept; a token is verified again once it falls out.
 const CACHE_SIZE: u64 = 100_000;
+/// A verified token is verified again after this long: a key the issuer withdrew stops
+/// vouching for it once its key set has been read again (`jwks`).
+const REVERIFY_MS: i64 = 300_000;
 
 /// Whether the token's claims are the ones `trust` accepts (its signature aside).
 fn accepts(trust: &Trust, claims: &jwt::Claims) -> bool {
@@ -46,6 +49,7 @@ pub struct Verified {
     pub trust: usize,
     /// The snapshot it was verified under: another snapshot verifies it again.
     generation: u64,
+    verified_ms: i64,
 }
 
 /// Tokens verified, and the issuers' key sets.
@@ -98,6 +102,7 @@ impl Identities {
         let now = now_ms as f64 / 1000.0;
         if let Some(hit) = self.verified.get(&hash)
             && hit.generation == policy.generation()
+            && now_ms - hit.verified_ms < REVERIFY_MS
         {
             // An expired token fails the same way it would the first time.
             return match hit.entry.expires_at_ms {
@@ -126,7 +131,10 @@ impl Identities {
                 .sets
                 .keys_for(&trusts[i].source, parsed.kid.as_deref(), now_ms)
                 .await;
-            if keys.iter().any(|k| parsed.signed_by(k)) {
+            // The key the token names, when it names one: one signature check, not one
+            // per key of the set.
+            let named = |k: &&jwt::Jwk| parsed.kid.is_none() || k.kid == parsed.kid;
+            if keys.iter().filter(named).any(|k| parsed.signed_by(k)) {
                 if accepted.is_some() {
                     return Err(Denial::InvalidKey("token stands for two credentials"));
                 }
@@ -134,12 +142,15 @@ impl Identities {
             }
         }
         let trust = accepted.ok_or(Denial::InvalidKey("token not trusted"))?;
-        let subject: Arc<str> = Arc::from(truncated(claims.sub.as_deref().unwrap_or_default()));
+        let sub = claims.sub.as_deref().unwrap_or_default();
+        let subject: Arc<str> = Arc::from(truncated(sub));
+        let credential = policy.credential_name(trusts[trust].credential);
         let verified = Arc::new(Verified {
             entry: KeyEntry {
                 hash,
-                // The audit's key id: who, not which token (tokens renew hourly).
-                id: Arc::from(format!("jwt:{subject}")),
+                // The audit's key id: who, not which token (tokens renew hourly); the
+                // same subject of another credential (another cluster) is another.
+                id: Arc::from(key_id(credential, sub)),
                 credential: trusts[trust].credential,
                 label: None,
                 expires_at_ms: Some((exp * 1000.0) as i64),
@@ -152,10 +163,25 @@ impl Identities {
             subject,
             trust,
             generation: policy.generation(),
+            verified_ms: now_ms,
         });
         self.verified.insert(hash, verified.clone());
         Ok(verified)
     }
+}
+
+/// `jwt:<credential>:<subject>`; a subject over 160 bytes is cut, with a digest of the
+/// whole so two long subjects alike at the start stay apart.
+fn key_id(credential: &str, subject: &str) -> String {
+    if subject.len() <= 160 {
+        return format!("jwt:{credential}:{subject}");
+    }
+    let mut end = 120;
+    while !subject.is_char_boundary(end) {
+        end -= 1;
+    }
+    let digest = crate::base::crypto::sha256_hex(&[subject.as_bytes()]);
+    format!("jwt:{credential}:{}…{}", &subject[..end], &digest[..16])
 }
 
 /// A subject as the audit keeps it: at most 200 bytes, cut at a character boundary.

@@ -186,6 +186,21 @@ fn a_body_rule_asks_for_the_body_and_refuses_what_it_cannot_judge() {
         Body::parse(b"{", Some(JSON)),
         Body::Unjudgeable(_)
     ));
+    // Go's and .NET's JSON fold `ſ` to `s` and the Kelvin sign to `k`: to them these are
+    // the same key twice, and the later one wins.
+    for twice in [
+        r#"{"params":{"name":"search"},"paramſ":{"name":"delete_all"}}"#,
+        "{\"kind\":1,\"\u{212a}ind\":2}",
+        r#"{"a":{"Name":1,"NAME":2}}"#,
+    ] {
+        assert!(
+            matches!(
+                Body::parse(twice.as_bytes(), Some(JSON)),
+                Body::Unjudgeable(_)
+            ),
+            "{twice}"
+        );
+    }
 }
 
 const JSON: &[u8] = b"application/json; charset=utf-8";
