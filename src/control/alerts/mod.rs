@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use crate::base::clock::now_unix_ms;
 use crate::control::sync::PolicySync;
 use crate::dataplane::denial::Kind;
+use crate::dataplane::identity;
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::AlertRule;
 use crate::store::Store;
@@ -345,7 +346,13 @@ impl Raiser {
         let Some(rule) = &proxy.guards.alerts else {
             return;
         };
-        let quarantine = rule.spec.quarantine && r.key_id.is_some() && r.fired.kind.quarantines();
+        // A workload's token is no stored key: its alert is raised and posted, never
+        // said to quarantine what nothing could hold (narrow the identity instead).
+        let stored_key = r
+            .key_id
+            .as_deref()
+            .is_some_and(|k| !identity::is_workload(k));
+        let quarantine = rule.spec.quarantine && stored_key && r.fired.kind.quarantines();
         let hooks = proxy.guards.webhooks.clone();
         let row = AlertRow {
             id: crate::base::crypto::random_id("alr"),

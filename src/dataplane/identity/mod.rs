@@ -170,6 +170,11 @@ impl Identities {
     }
 }
 
+/// Whether a key id is a workload's (a verified token's), not a stored key's.
+pub fn is_workload(key_id: &str) -> bool {
+    key_id.starts_with("jwt:")
+}
+
 /// `jwt:<credential>:<subject>`; a subject over 160 bytes is cut, with a digest of the
 /// whole so two long subjects alike at the start stay apart.
 fn key_id(credential: &str, subject: &str) -> String {
