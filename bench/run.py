@@ -533,8 +533,10 @@ def main():
                           f"{r['ttfc_priced_p50']:.2f} ms priced, {r['ttfc_unpriced_p50']:.2f} ms "
                           f"unpriced (medians)", flush=True)
                 results[name].append(r)
+                cpu = ", ".join(f"{k[4:]} {v:.1f}" for k, v in r.items() if k.startswith("cpu_"))
                 print(f"round {rnd + 1} {name}: {r['rps']:.0f} req/s, p50 {r['p50_1']:.3f} ms "
-                      f"(1 conn), p99 {r['p99_1k']:.3f} ms at 1,000 req/s", flush=True)
+                      f"(1 conn), p99 {r['p99_1k']:.3f} ms at 1,000 req/s; CPU µs/request: {cpu}",
+                      flush=True)
                 procs.stop(envoy)
         procs.stop_all()
         if only:

@@ -176,3 +176,68 @@ async fn sqlite_and_postgres_store_the_same_policy_the_same_way() {
     assert_eq!(loaded.len(), 2);
     assert_eq!(loaded[0], loaded[1], "both backends load the same policy");
 }
+
+/// An identity on a proxy credential, an MCP proxy and a rule's `mcp` condition are
+/// stored and exported as given, on both backends, and re-applying them changes nothing.
+#[tokio::test]
+async fn identities_and_mcp_proxies_round_trip() {
+    let policy = r#"
+targets:
+  - { name: docs, url: "https://mcp.docs.example" }
+credentials:
+  - { name: vendor-cred, type: target, auth: bearer, secret: { env: S } }
+  - { name: inline-cred, type: target, auth: bearer, secret: { value: sk_inline_CLEAR_77 } }
+  - name: agent
+    type: proxy
+    keys: [{ env: K }]
+    identity:
+      issuer: https://issuer.example
+      audience: latchkey
+      jwks: { file: /etc/latchkey/jwks.json }
+      subject: "system:serviceaccount:agents:*"
+      claims: { team: research }
+      max_ttl: 30m
+      max_spend_cap_usd: 5
+proxies:
+  - name: docs
+    target: docs
+    target_credential: vendor-cred
+    proxy_credentials: [agent]
+    protocol: mcp
+    mcp:
+      tools:
+        - { name: "search_*", requests_per_minute: 30, price_usd: 0.002 }
+rules:
+  - { proxy: docs, id: no-deletes, effect: deny, mcp: { tools: ["delete_*"] } }
+"#;
+    let master = MasterKey::parse(&MasterKey::generate()).unwrap();
+    let given = crate::policy::PolicyFile::parse(policy).unwrap();
+    for (label, _scratch, store) in testing::stores().await {
+        apply(&store, &master, &desired(policy, "sk_1")).await;
+        let (again, version) = apply(&store, &master, &desired(policy, "sk_1")).await;
+        assert!(again.is_empty() && version.is_none(), "{label}: {again:?}");
+        let exported = store.load().await.unwrap().to_file();
+        let agent = exported
+            .credentials
+            .iter()
+            .find(|c| c.name == "agent")
+            .unwrap();
+        assert_eq!(agent.identity, given.credentials[2].identity, "{label}");
+        assert_eq!(exported.proxies[0].protocol, crate::policy::Protocol::Mcp);
+        assert_eq!(exported.proxies[0].mcp, given.proxies[0].mcp, "{label}");
+        assert_eq!(exported.rules[0].mcp, given.rules[0].mcp, "{label}");
+        // Back to plain HTTP: the MCP settings go with it.
+        let plain = policy
+            .replace("    protocol: mcp\n", "")
+            .replace(
+                "    mcp:\n      tools:\n        - { name: \"search_*\", requests_per_minute: 30, price_usd: 0.002 }\n",
+                "",
+            )
+            .replace("mcp: { tools: [\"delete_*\"] }", "methods: [DELETE]");
+        let (changed, _) = apply(&store, &master, &desired(&plain, "sk_1")).await;
+        assert!(!changed.is_empty(), "{label}");
+        let exported = store.load().await.unwrap().to_file();
+        assert_eq!(exported.proxies[0].protocol, crate::policy::Protocol::Http);
+        assert_eq!(exported.proxies[0].mcp, None, "{label}");
+    }
+}
