@@ -1,6 +1,7 @@
 //! Step 2 for workloads without a key: a signed token (JWT) presented where a proxy key
-//! goes stands for the proxy credential whose `identity` trusts it. Verified once, then
-//! cached by its hash until it expires, so the request path stays a hash and a lookup.
+//! goes stands for the proxy credential whose `identity` trusts it. Verified, then cached
+//! by its hash until it expires (and verified again every 5 minutes, and under a new
+//! policy), so the request path stays a hash and a lookup.
 //!
 //! Verification reads the issuer's public keys ([`jwks`]), so it runs before the pure
 //! pipeline, which is handed the outcome (`pipeline::Caller::Token`).
@@ -73,7 +74,8 @@ impl Default for Identities {
 }
 
 impl Identities {
-    /// Forgets every verified token: the next presentation verifies it again.
+    /// Forgets every verified token: the next presentation verifies it again (what a
+    /// cold verification costs, in `benches/identity.rs`).
     pub fn forget_verified(&self) {
         self.verified.invalidate_all();
     }
