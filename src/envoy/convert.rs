@@ -297,20 +297,36 @@ pub fn deny_message(denial: &Denial, request_id: &str, call: &Call) -> Processin
 }
 
 fn deny_with(denial: &Denial, body: Vec<u8>) -> ProcessingResponse {
+    let headers = denial_headers(denial);
+    let headers = headers.into_iter().map(|(k, v)| (k, v.into_bytes()));
+    immediate(
+        denial.http_status(),
+        headers,
+        body,
+        format!("latchkey_{}", denial.kind()),
+    )
+}
+
+/// An answer Envoy sends in the upstream's place, without contacting it.
+fn immediate(
+    status: u16,
+    headers: impl IntoIterator<Item = (&'static str, Vec<u8>)>,
+    body: Vec<u8>,
+    details: String,
+) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(Response::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus {
-                code: i32::from(denial.http_status()),
+                code: i32::from(status),
             }),
             headers: Some(HeaderMutation {
-                set_headers: denial_headers(denial)
-                    .into_iter()
-                    .map(|(k, v)| set_header(k, v.into_bytes()))
+                set_headers: (headers.into_iter())
+                    .map(|(k, v)| set_header(k, v))
                     .collect(),
                 remove_headers: Vec::new(),
             }),
             body,
-            details: format!("latchkey_{}", denial.kind()),
+            details,
             ..Default::default()
         })),
         ..Default::default()
@@ -320,24 +336,11 @@ fn deny_with(denial: &Denial, body: Vec<u8>) -> ProcessingResponse {
 /// latchkey's own answer to a request for latchkey (a minted run key): JSON, never
 /// cached, never forwarded.
 pub fn answer(status: u16, body: Vec<u8>) -> ProcessingResponse {
-    ProcessingResponse {
-        response: Some(Response::ImmediateResponse(ImmediateResponse {
-            status: Some(HttpStatus {
-                code: i32::from(status),
-            }),
-            headers: Some(HeaderMutation {
-                set_headers: vec![
-                    set_header("content-type", b"application/json".to_vec()),
-                    set_header("cache-control", b"no-store".to_vec()),
-                ],
-                remove_headers: Vec::new(),
-            }),
-            body,
-            details: "latchkey_answered".into(),
-            ..Default::default()
-        })),
-        ..Default::default()
-    }
+    let headers = [
+        ("content-type", b"application/json".to_vec()),
+        ("cache-control", b"no-store".to_vec()),
+    ];
+    immediate(status, headers, body, "latchkey_answered".into())
 }
 
 /// The headers every denial carries, whichever API answers it.

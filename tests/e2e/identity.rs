@@ -23,7 +23,7 @@ struct Issuer {
 impl Issuer {
     fn new(issuer: &str, subject: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let python = common::envoy_bin().with_file_name("python3");
+        let python = common::python();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/identity/issuer.py");
         let out = std::process::Command::new(python)
             .args([

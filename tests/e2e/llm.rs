@@ -162,7 +162,7 @@ proxies:
 /// What the SDK received, from the Python client. It runs on a thread of its own: the
 /// in-test vendor shares this test's runtime.
 async fn sdk(stack: &Stack, key: &str, scenario: &str) -> serde_json::Value {
-    let python = common::envoy_bin().with_file_name("python3");
+    let python = common::python();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/llm/client.py");
     let args = [stack.url(""), key.to_owned(), scenario.to_owned()];
     let out = tokio::task::spawn_blocking(move || {

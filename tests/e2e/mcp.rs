@@ -45,7 +45,7 @@ impl Server {
     async fn start(dir: &std::path::Path) -> Self {
         let port = free_port();
         let log = dir.join("mcp-server.log");
-        let child = std::process::Command::new(python())
+        let child = std::process::Command::new(common::python())
             .args([
                 &script("server.py"),
                 &port.to_string(),
@@ -84,10 +84,6 @@ impl Drop for Server {
     }
 }
 
-fn python() -> std::path::PathBuf {
-    common::envoy_bin().with_file_name("python3")
-}
-
 fn script(name: &str) -> String {
     format!("{}/tests/e2e/mcp/{name}", env!("CARGO_MANIFEST_DIR"))
 }
@@ -103,7 +99,7 @@ async fn the_mcp_sdk_works_through_latchkey_and_its_rules_hold() {
         let url = stack.url("/docs/mcp");
         let key = run_key.clone();
         move || {
-            std::process::Command::new(python())
+            std::process::Command::new(common::python())
                 .args([&script("agent.py"), &url, &key])
                 .output()
                 .unwrap()

@@ -67,7 +67,7 @@ async fn azure_openai_gemini_and_boto3_work_as_the_readme_shows() {
     let (url, seen) = vendor().await;
     let stack = Stack::start().await;
     stack.apply(&policy(&url), &[]);
-    let python = common::envoy_bin().with_file_name("python3");
+    let python = common::python();
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/sdks/agent.py");
     let base = stack.url("");
     let out = tokio::task::spawn_blocking(move || {

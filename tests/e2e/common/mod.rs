@@ -27,6 +27,11 @@ pub fn latchkey_bin() -> &'static str {
     env!("CARGO_BIN_EXE_latchkey")
 }
 
+/// The venv's Python, beside Envoy: the SDKs and test helpers are installed there.
+pub fn python() -> PathBuf {
+    envoy_bin().with_file_name("python3")
+}
+
 pub fn envoy_bin() -> PathBuf {
     std::env::var_os("LATCHKEY_ENVOY")
         .map(PathBuf::from)
