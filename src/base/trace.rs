@@ -30,6 +30,14 @@ impl TraceParent {
     }
 }
 
+impl std::fmt::Display for TraceParent {
+    /// As a `traceparent` header that [`TraceParent::parse`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hex = |bytes: &[u8]| crate::base::crypto::hex(bytes);
+        write!(f, "00-{}-{}-01", hex(&self.trace_id), hex(&self.span_id))
+    }
+}
+
 /// Exactly `2 * N` lower-case hex digits.
 fn hex<const N: usize>(text: &str) -> Option<[u8; N]> {
     let digits = text.as_bytes();
@@ -58,6 +66,7 @@ mod tests {
             TraceParent::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
         assert_eq!(ok.trace_id[0], 0x4b);
         assert_eq!(ok.span_id[7], 0xb7);
+        assert_eq!(TraceParent::parse(ok.to_string().as_bytes()), Some(ok));
         // A future version may carry more after the flags.
         assert!(
             TraceParent::parse(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz")

@@ -172,6 +172,10 @@ struct ServeArgs {
     /// value is never printed by `--help` (it may hold a password).
     #[arg(long, env = "LATCHKEY_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
+    /// Feed Envoy's in-process module (`envoy/envoy-inprocess.yaml`) its policy on this
+    /// Unix socket, made owner-only, and store the audit it sends back.
+    #[arg(long, env = "LATCHKEY_MODULE_SOCKET")]
+    module_socket: Option<PathBuf>,
     /// Delete request-log records older than this many days (checked hourly); 0 keeps
     /// them all.
     #[arg(long, env = "LATCHKEY_AUDIT_RETENTION_DAYS", default_value_t = 90)]
@@ -287,6 +291,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 redis_url: args.redis_url,
                 audit_retention_days: args.audit_retention_days,
+                module_socket: args.module_socket,
                 mode: args.mode,
                 admin_tls: args
                     .admin_tls_cert

@@ -125,6 +125,7 @@ impl AdminService {
             let policy = compiled.expect("compiled before commit");
             self.shared.install(policy, version);
             self.sync.installed(version);
+            self.sync.propagated().await;
             tracing::info!(changes = changes.len(), version, "policy applied");
         }
         Ok(changes

@@ -95,7 +95,15 @@ impl PolicySync {
     /// applied to the running snapshot anyway, and after [`STALE_AFTER`] failures in a
     /// row the replica turns not ready.
     pub async fn reload(&self) -> Result<(), SyncError> {
-        self.reload_with(false).await
+        let reloaded = self.reload_with(false).await;
+        self.propagated().await;
+        reloaded
+    }
+
+    /// Waits for the in-process modules to decide by the running version.
+    pub async fn propagated(&self) {
+        let running = self.running.load(Ordering::Acquire);
+        self.shared.propagated(running).await;
     }
 
     /// The secrets the server reads, whose values a compile takes.
@@ -177,6 +185,8 @@ impl PolicySync {
             {
                 self.shared.install(next?, version);
                 self.running.store(version, Ordering::Release);
+                drop(_one_at_a_time);
+                self.propagated().await;
                 return Ok(());
             }
         }

@@ -69,7 +69,12 @@ pub async fn conclude(
 }
 
 /// The decision half of the request's audit record.
-fn decided(asked: &Asked<'_>, decision: &Decision, elapsed: Duration, near_cap: bool) -> Decided {
+pub(crate) fn decided(
+    asked: &Asked<'_>,
+    decision: &Decision,
+    elapsed: Duration,
+    near_cap: bool,
+) -> Decided {
     let subject = &decision.subject;
     let status = match &decision.outcome {
         Outcome::Deny(denial) => Some(denial.http_status()),
@@ -167,7 +172,7 @@ async fn approve(shared: &Shared, decision: &mut Decision) {
 /// Step 6, budgets: counts an allowed request against its limits, or refuses it. Apart
 /// from the rest because a shared store answers asynchronously. Returns whether the
 /// request left a spend account 80 % or more used.
-async fn admit(
+pub(crate) async fn admit(
     budgets: &Budgets,
     spend: &Spend,
     decision: &mut Decision,

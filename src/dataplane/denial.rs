@@ -157,6 +157,11 @@ impl Kind {
         )
     }
 
+    /// The kind named `name` (its [`Kind::as_str`]).
+    pub fn named(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Allow => "allow",

@@ -49,6 +49,7 @@ pub mod denial;
 pub mod facts;
 pub(crate) mod guards;
 pub mod identity;
+mod inprocess;
 pub(crate) mod keys;
 pub mod mcp;
 pub mod mint;

@@ -152,6 +152,19 @@ impl Shown {
         }
         out
     }
+
+    /// As Envoy's dynamic metadata under `latchkey`, which the shipped routes copy into
+    /// those headers: `ratelimit_limit`, `ratelimit_remaining`, `budget_remaining_usd`.
+    pub fn metadata(&self) -> Vec<(String, String)> {
+        let key = |name: &str| {
+            let name = name
+                .trim_start_matches("x-")
+                .trim_start_matches("latchkey-");
+            name.replace('-', "_")
+        };
+        let headers = self.headers().into_iter();
+        headers.map(|(name, value)| (key(name), value)).collect()
+    }
 }
 
 /// A priced request's accounts: its key's and, if capped, its credential's for the day.

@@ -513,6 +513,11 @@ pub struct RuleList {
 }
 
 impl RuleList {
+    /// Whether a rule here holds requests for a person (`approve`).
+    pub fn any_approves(&self) -> bool {
+        self.rules.iter().any(|r| r.effect == Effect::Approve)
+    }
+
     pub fn new(mut rules: Vec<Arc<Rule>>) -> Result<Self, String> {
         rules.sort_by_key(|r| r.order());
         let (with_path, pathless): (Vec<usize>, Vec<usize>) =

@@ -29,7 +29,16 @@ pub struct Shared {
     /// Where run keys minted with workload tokens are issued; set once the control plane
     /// is up, and until then mints are refused.
     pub minter: std::sync::OnceLock<Box<dyn crate::dataplane::mint::Minter>>,
+    /// The store version of each snapshot put into effect, for whoever follows them
+    /// (the in-process module's feed).
+    pub installs: tokio::sync::watch::Sender<i64>,
+    /// The version each connected in-process module last put into effect, by connection.
+    pub modules: tokio::sync::watch::Sender<std::collections::BTreeMap<u64, i64>>,
 }
+
+/// How long a change waits for the in-process modules to take it up before it returns
+/// anyway (a module that stopped answering is logged, not waited for).
+const PROPAGATION: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Shared {
     pub fn new(
@@ -50,6 +59,8 @@ impl Shared {
             policy_current: AtomicBool::new(true),
             desk: None,
             minter: std::sync::OnceLock::new(),
+            installs: tokio::sync::watch::Sender::new(0),
+            modules: tokio::sync::watch::Sender::new(Default::default()),
         }
     }
 
@@ -91,6 +102,23 @@ impl Shared {
             .await
     }
 
+    /// Waits until every connected in-process module decides by `version` or a later
+    /// one: a change an admin made holds for the next request, wherever it is decided.
+    pub async fn propagated(&self, version: i64) {
+        let mut modules = self.modules.subscribe();
+        let caught_up =
+            |m: &std::collections::BTreeMap<u64, i64>| m.values().all(|v| *v >= version);
+        if tokio::time::timeout(PROPAGATION, modules.wait_for(caught_up))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                version,
+                "an in-process module has not taken up the policy yet"
+            );
+        }
+    }
+
     /// Puts a new policy into effect for the next request.
     pub fn install(&self, policy: Policy, version: i64) {
         self.policy.store(std::sync::Arc::new(policy));
@@ -102,6 +130,7 @@ impl Shared {
     /// are to be told of requests, from the first one the snapshot decides.
     pub fn installed(&self, version: i64) {
         self.metrics.policy_version.set(version);
+        self.installs.send_replace(version);
         self.audit.tap_wanted(self.policy.load().has_alerts());
     }
 }

@@ -249,6 +249,11 @@ fn write(dir: &Path, name: &str, contents: &[u8], mode: u32) -> anyhow::Result<(
 /// inside a private directory, given its mode, and only then moved to `path`: nobody
 /// can connect in between.
 pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
+    bind_unix_as(path, 0o660)
+}
+
+/// [`bind_unix`], the socket given permissions `mode` before anyone can reach it.
+pub fn bind_unix_as(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     // A socket file left by a previous run would refuse the bind.
     if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         fs::remove_file(path).ok();
@@ -261,9 +266,9 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<UnixListener> {
         .with_context(|| format!("creating {}", private.display()))?;
     let staged = private.join("socket");
     let placed = UnixListener::bind(&staged)
-        .with_context(|| format!("cannot listen on unix:{} (ext_proc)", path.display()))
+        .with_context(|| format!("cannot listen on unix:{}", path.display()))
         .and_then(|listener| {
-            fs::set_permissions(&staged, fs::Permissions::from_mode(0o660))?;
+            fs::set_permissions(&staged, fs::Permissions::from_mode(mode))?;
             fs::rename(&staged, path)
                 .with_context(|| format!("moving the socket to {}", path.display()))?;
             Ok(listener)

@@ -237,16 +237,8 @@ fn shown_metadata(shown: Shown) -> Option<Struct> {
     let text = |s: String| Value {
         kind: Some(Kind::StringValue(s)),
     };
-    let fields: Vec<(String, Value)> = shown
-        .headers()
-        .into_iter()
-        .map(|(name, value)| {
-            let key = name
-                .trim_start_matches("x-")
-                .trim_start_matches("latchkey-")
-                .replace('-', "_");
-            (key, text(value))
-        })
+    let fields: Vec<(String, Value)> = (shown.metadata().into_iter())
+        .map(|(key, value)| (key, text(value)))
         .collect();
     if fields.is_empty() {
         return None;
@@ -344,7 +336,7 @@ pub fn answer(status: u16, body: Vec<u8>) -> ProcessingResponse {
 }
 
 /// The headers every denial carries, whichever API answers it.
-fn denial_headers(denial: &Denial) -> Vec<(&'static str, String)> {
+pub(crate) fn denial_headers(denial: &Denial) -> Vec<(&'static str, String)> {
     [
         Some(("content-type", "application/json".to_owned())),
         Some(("x-latchkey-decision", denial.kind().to_string())),

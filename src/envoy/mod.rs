@@ -7,3 +7,4 @@ pub mod channel;
 pub mod convert;
 pub(crate) mod ext_authz;
 pub(crate) mod ext_proc;
+pub mod module;

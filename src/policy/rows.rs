@@ -80,13 +80,13 @@ impl AuthSpec {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetRow {
     pub name: String,
     pub url: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CredentialRow {
     pub id: String,
     pub name: String,
@@ -119,7 +119,7 @@ impl CredentialRow {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyRow {
     pub id: String,
     pub credential_id: String,
@@ -152,7 +152,7 @@ pub struct NewKey<'a> {
     pub tokens_per_day: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProxyRow {
     pub name: String,
     pub target: String,
@@ -169,7 +169,7 @@ pub struct ProxyRow {
     pub mcp: Option<crate::policy::McpSpec>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RuleRow {
     pub id: String,
     pub credential: Option<String>,
@@ -198,7 +198,7 @@ pub struct RuleConditions {
 }
 
 /// Everything the store holds, as loaded in one read.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct StoredPolicy {
     pub targets: Vec<TargetRow>,
     pub credentials: Vec<CredentialRow>,

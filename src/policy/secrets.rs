@@ -84,7 +84,7 @@ impl SecretRef {
 
 /// A secret the server reads itself, and keeps reading: a mounted file, or a secret in
 /// AWS Secrets Manager.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ServerSource {
     Mounted(String),
     Aws(AwsSecretRef),

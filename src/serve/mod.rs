@@ -49,6 +49,8 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::otlp::{Otlp, OtlpConfig};
 use crate::telemetry::tap::Tap;
 
+mod module;
+
 pub struct ServeConfig {
     pub database_url: String,
     pub master_key: Option<Zeroizing<String>>,
@@ -64,6 +66,8 @@ pub struct ServeConfig {
     pub redis_url: Option<String>,
     /// Request-log records older than this many days are deleted; 0 keeps them all.
     pub audit_retention_days: u32,
+    /// Where Envoy's in-process module is fed, if it runs.
+    pub module_socket: Option<PathBuf>,
     pub mode: Mode,
     pub admin_tls: Option<AdminTls>,
 }
@@ -326,6 +330,23 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     ));
     sync.report_to(health.clone());
     sync.spawn(&cfg.database_url, &mut background);
+    let mut module_feed = None;
+    if let Some(path) = &cfg.module_socket {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let listener = crate::envoy::channel::bind_unix_as(path, 0o600)
+            .context("the in-process module's socket")?;
+        let feed = module::Feed {
+            shared: shared.clone(),
+            store: store.clone(),
+            master: master.clone(),
+            sync: sync.clone(),
+        };
+        module_feed = Some(tokio::spawn(module::serve(listener, feed, stop_rx.clone())));
+        tracing::info!(socket = %path.display(), "feeding Envoy's in-process module");
+    }
     let minter = crate::control::keys::StoreMinter::new(store.clone(), sync.clone());
     let _ = shared.minter.set(Box::new(minter));
     Alerting::new(shared.clone(), store.clone(), sync.clone(), tap, poster)
@@ -413,6 +434,10 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             Ok(())
         }
     };
+    // The modules' queued records, before the audit is flushed.
+    if let Some(feed) = module_feed {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, feed).await;
+    }
     background.shutdown().await;
     audit_writer.finish().await;
     tracing::info!("audit flushed");

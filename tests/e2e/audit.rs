@@ -361,19 +361,6 @@ async fn sigterm_flushes_every_record_before_exit() {
     );
 }
 
-async fn all_records(stack: &Stack) -> Vec<latchkey::store::requests::Entry> {
-    let url = format!("sqlite://{}", stack.db_path().display());
-    let store = latchkey::store::Store::open(&url).await.unwrap();
-    latchkey::store::requests::list(
-        &store,
-        &latchkey::store::requests::Filter::default(),
-        latchkey::store::requests::MAX_LIMIT,
-        None,
-    )
-    .await
-    .unwrap()
-}
-
 /// Sends `n` requests, `concurrency` at a time, alternating allowed GETs and denied
 /// DELETEs; returns the request ids latchkey answered (from the upstream's view for
 /// allowed requests and from the denial body for denied ones) and the count of
@@ -437,7 +424,7 @@ async fn ten_thousand_concurrent_requests_make_ten_thousand_records() {
     assert_eq!(ids.len(), n);
     let deadline = Instant::now() + Duration::from_secs(60);
     let records = loop {
-        let records = all_records(&stack).await;
+        let records = stack.records().await;
         if records.len() >= n && records.iter().all(|r| r.status.is_some()) {
             break records;
         }
@@ -483,7 +470,7 @@ async fn sigterm_under_load_loses_no_record() {
     // Wait for the process to be gone, then read what it wrote.
     let status = stack.wait_latchkey();
     assert!(status.success(), "{status}");
-    let records = all_records(&stack).await;
+    let records = stack.records().await;
     let recorded: std::collections::HashSet<&str> =
         records.iter().map(|r| r.request_id.as_str()).collect();
     let missing: Vec<&String> = ids

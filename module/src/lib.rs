@@ -1,0 +1,585 @@
+//! latchkey's data plane as an Envoy dynamic module (`envoy/envoy-inprocess.yaml`).
+//!
+//! This crate is the FFI and nothing else: the hooks Envoy calls, each behind an unwind
+//! barrier (a panic must never cross into Envoy), turning Envoy's buffers into slices and
+//! the engine's verdicts into Envoy calls. What a request comes to is decided by
+//! `latchkey::envoy::module::engine`, in safe code, from the policy `latchkey serve`
+//! pushes over its Unix socket.
+//!
+//! A request the module cannot decide alone (a body to read, a response to price, a
+//! token to fetch: `Policy::in_process`) is left to the ext_proc filter after it. One it
+//! decided is marked in the dynamic metadata (`latchkey.in_process`), which routes it past
+//! ext_proc and keeps it out of the gRPC access log.
+
+#![allow(clippy::missing_safety_doc)]
+
+mod abi;
+
+use std::ffi::{c_char, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use abi::*;
+use latchkey::envoy::module::engine::{Engine, Pending, Request, Verdict};
+use latchkey::envoy::module::wire::Ending;
+
+/// The filter's config: `{"socket": "<path of latchkey serve's module socket>"}`.
+struct Config {
+    socket: PathBuf,
+}
+
+/// One request's state.
+#[derive(Default)]
+struct Filter {
+    pending: Option<Pending>,
+}
+
+fn log(error: bool, message: &str) {
+    let level = if error { LOG_ERROR } else { LOG_INFO };
+    let message = format!("latchkey: {message}");
+    // SAFETY: the buffer outlives the call; Envoy copies it.
+    unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }
+}
+
+/// Runs a hook, turning a panic into `fallback` rather than unwinding into Envoy.
+fn barrier<T>(hook: &str, fallback: T, body: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|_| {
+        log(true, &format!("{hook} panicked"));
+        fallback
+    })
+}
+
+/// Records still queued when Envoy exits are sent before it goes.
+extern "C" fn flush_at_exit() {
+    let _ = catch_unwind(|| {
+        let left = Engine::global().drain(Duration::from_secs(3));
+        let (decided, sent, dropped) = Engine::global().counts();
+        if decided == 0 {
+            return;
+        }
+        let message = format!(
+            "exiting: {decided} requests decided in process, {sent} recorded with latchkey serve, {dropped} dropped, {left} unsent"
+        );
+        eprintln!("latchkey module: {message}");
+    });
+}
+
+unsafe extern "C" {
+    fn atexit(callback: extern "C" fn()) -> i32;
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    barrier("program_init", std::ptr::null(), || {
+        if let Some(why) = latchkey::envoy::module::pin::mismatch(Path::new("/proc/self/exe")) {
+            eprintln!("latchkey module: refusing to load: {why}");
+            log(true, &format!("refusing to load: {why}"));
+            return std::ptr::null();
+        }
+        // SAFETY: registers a plain function, which never unwinds out.
+        unsafe { atexit(flush_at_exit) };
+        ABI_VERSION.as_ptr()
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    _config_envoy: ConfigEnvoy,
+    _name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> ConfigModule {
+    barrier("config_new", std::ptr::null(), || {
+        // SAFETY: Envoy's buffer, valid during this hook.
+        let text = unsafe { config.bytes() };
+        let socket = serde_json::from_slice::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v.get("socket")?.as_str().map(PathBuf::from));
+        let Some(socket) = socket else {
+            log(true, r#"the filter config must be {"socket": "<path>"}"#);
+            return std::ptr::null();
+        };
+        // `envoy --mode validate` builds the config too: no threads, no sockets then.
+        // SAFETY: called on the main thread, as config hooks are.
+        if !unsafe { envoy_dynamic_module_callback_is_validation_mode() } {
+            Engine::global().connect(socket.clone(), log);
+        }
+        Box::into_raw(Box::new(Config { socket })) as ConfigModule
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ConfigModule) {
+    barrier("config_destroy", (), || {
+        // SAFETY: made by `config_new` with `Box::into_raw`, destroyed once.
+        let config = unsafe { Box::from_raw(config as *mut Config) };
+        drop(config.socket);
+    })
+}
+
+/// Per-route configs are not supported: a route that sets one is refused.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
+    _name: EnvoyBuffer,
+    _config: EnvoyBuffer,
+) -> *const c_void {
+    log(true, "per-route configs are not supported");
+    std::ptr::null()
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(_: *const c_void) {}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    _config: ConfigModule,
+    _filter_envoy: FilterEnvoy,
+) -> FilterModule {
+    barrier("filter_new", std::ptr::null(), || {
+        Box::into_raw(Box::<Filter>::default()) as FilterModule
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: FilterModule) {
+    barrier("filter_destroy", (), || {
+        // SAFETY: made by `filter_new` with `Box::into_raw`, destroyed once.
+        drop(unsafe { Box::from_raw(filter as *mut Filter) });
+    })
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    envoy: FilterEnvoy,
+    filter: FilterModule,
+    end_of_stream: bool,
+) -> u32 {
+    let decided = barrier("request_headers", None, || {
+        // SAFETY: Envoy hands the filter it made in `filter_new`, one hook at a time.
+        let filter = unsafe { &mut *(filter as *mut Filter) };
+        // SAFETY: `envoy` is this stream's filter, alive during the hook.
+        let (verdict, pending) = unsafe { judge(envoy, end_of_stream) };
+        filter.pending = pending;
+        // SAFETY: as above; the header slices `judge` read are no longer held.
+        Some(unsafe { apply(envoy, verdict) })
+    });
+    decided.unwrap_or_else(|| {
+        // Fail closed: a request the module could not judge does not go upstream.
+        let body =
+            br#"{"error":{"type":"internal","message":"latchkey could not judge the request"}}"#;
+        // SAFETY: `envoy` is alive during the hook; the buffers outlive the call.
+        unsafe { reply(envoy, 500, &[("content-type", "application/json")], body) };
+        STOP_ITERATION
+    })
+}
+
+/// The request's headers read from Envoy and judged.
+unsafe fn judge(envoy: FilterEnvoy, end_of_stream: bool) -> (Verdict, Option<Pending>) {
+    // SAFETY: `envoy` is alive; the array is sized as Envoy says and filled by it.
+    let raw = unsafe {
+        let size = envoy_dynamic_module_callback_http_get_headers_size(envoy, REQUEST_HEADERS);
+        let mut raw = vec![
+            EnvoyHeader {
+                key: EnvoyBuffer {
+                    ptr: std::ptr::null(),
+                    length: 0
+                },
+                value: EnvoyBuffer {
+                    ptr: std::ptr::null(),
+                    length: 0
+                },
+            };
+            size
+        ];
+        if size > 0
+            && !envoy_dynamic_module_callback_http_get_headers(
+                envoy,
+                REQUEST_HEADERS,
+                raw.as_mut_ptr(),
+            )
+        {
+            raw.clear();
+        }
+        raw
+    };
+    // Envoy validates header names (tokens, lower case), so they are UTF-8; a name that
+    // were not would be dropped, never guessed at.
+    let headers: Vec<(&str, &[u8])> = raw
+        .iter()
+        // SAFETY: Envoy's buffers, valid until this hook sets a header.
+        .filter_map(|h| {
+            Some((
+                std::str::from_utf8(unsafe { h.key.bytes() }).ok()?,
+                unsafe { h.value.bytes() },
+            ))
+        })
+        .collect();
+    let text = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .unwrap_or_default()
+    };
+    let request = Request {
+        method: text(":method"),
+        path: text(":path"),
+        headers: &headers,
+        has_body: !end_of_stream,
+        request_id: text("x-request-id"),
+    };
+    Engine::global().judge(&request, latchkey::base::clock::now_unix_ms())
+}
+
+/// Envoy told what the verdict says.
+unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict) -> u32 {
+    match verdict {
+        Verdict::HandOn => CONTINUE,
+        Verdict::Forward { forward, shown } => {
+            // SAFETY: `envoy` is alive; every buffer outlives its call.
+            unsafe {
+                decided_here(envoy);
+                for name in &forward.remove {
+                    set_header(envoy, name.as_bytes(), None);
+                }
+                for (name, value) in &forward.set {
+                    set_header(envoy, name.as_bytes(), Some(value));
+                }
+                for (key, value) in shown.metadata() {
+                    metadata(envoy, &key, value.as_bytes());
+                }
+                // The cluster header and authority changed, and so did the metadata
+                // the route matches on.
+                envoy_dynamic_module_callback_http_clear_route_cache(envoy);
+            }
+            CONTINUE
+        }
+        Verdict::Deny {
+            status,
+            headers,
+            body,
+        } => {
+            // SAFETY: as above.
+            unsafe {
+                decided_here(envoy);
+                let headers: Vec<(&str, &str)> =
+                    headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                reply(envoy, status, &headers, &body);
+            }
+            STOP_ITERATION
+        }
+    }
+}
+
+/// Marks the request as decided in process: ext_proc and the access log pass it by.
+unsafe fn decided_here(envoy: FilterEnvoy) {
+    // SAFETY: the caller's.
+    unsafe { metadata(envoy, "in_process", b"true") };
+}
+
+unsafe fn metadata(envoy: FilterEnvoy, key: &str, value: &[u8]) {
+    // SAFETY: the caller's; the buffers outlive the call.
+    unsafe {
+        envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+            envoy,
+            ModuleBuffer::of(b"latchkey"),
+            ModuleBuffer::of(key.as_bytes()),
+            ModuleBuffer::of(value),
+        )
+    }
+}
+
+unsafe fn set_header(envoy: FilterEnvoy, name: &[u8], value: Option<&[u8]>) {
+    let value = value.map_or(ModuleBuffer::NULL, ModuleBuffer::of);
+    // SAFETY: the caller's; the buffers outlive the call.
+    unsafe {
+        envoy_dynamic_module_callback_http_set_header(
+            envoy,
+            REQUEST_HEADERS,
+            ModuleBuffer::of(name),
+            value,
+        )
+    };
+}
+
+unsafe fn reply(envoy: FilterEnvoy, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+    let mut headers: Vec<ModuleHeader> = headers
+        .iter()
+        .map(|(k, v)| ModuleHeader {
+            key: ModuleBuffer::of(k.as_bytes()),
+            value: ModuleBuffer::of(v.as_bytes()),
+        })
+        .collect();
+    // SAFETY: the caller's; the header array and body outlive the call.
+    unsafe {
+        envoy_dynamic_module_callback_http_send_response(
+            envoy,
+            u32::from(status),
+            headers.as_mut_ptr(),
+            headers.len(),
+            ModuleBuffer::of(body),
+            ModuleBuffer::of(b"latchkey_denied"),
+        )
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    envoy: FilterEnvoy,
+    filter: FilterModule,
+) {
+    barrier("stream_complete", (), || {
+        // SAFETY: as in `request_headers`.
+        let filter = unsafe { &mut *(filter as *mut Filter) };
+        let Some(pending) = filter.pending.take() else {
+            return;
+        };
+        let int = |attribute| {
+            let mut value = 0u64;
+            // SAFETY: `envoy` is alive during the hook; `value` outlives the call.
+            let found = unsafe {
+                envoy_dynamic_module_callback_http_filter_get_attribute_int(
+                    envoy, attribute, &mut value,
+                )
+            };
+            found.then_some(value)
+        };
+        // A client that hung up before any response leaves no status.
+        let status = int(ATTRIBUTE_RESPONSE_CODE)
+            .and_then(|s| u16::try_from(s).ok())
+            .filter(|s| *s > 0);
+        let mut details = EnvoyBuffer {
+            ptr: std::ptr::null(),
+            length: 0,
+        };
+        // SAFETY: `envoy` is alive during the hook; `details` outlives the call and is
+        // read before the hook returns.
+        let upstream = unsafe {
+            envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                envoy,
+                ATTRIBUTE_RESPONSE_CODE_DETAILS,
+                &mut details,
+            ) && details.bytes() == b"via_upstream"
+        };
+        let ending = Ending {
+            status,
+            upstream_status: status.filter(|_| upstream),
+            latency_ms: None,
+            bytes_in: int(ATTRIBUTE_REQUEST_SIZE).unwrap_or(0),
+            bytes_out: int(ATTRIBUTE_RESPONSE_SIZE).unwrap_or(0),
+        };
+        Engine::global().ended(pending, ending);
+    })
+}
+
+// The hooks below are part of the ABI Envoy requires of every module; this one has no
+// use for them.
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: bool,
+) -> u32 {
+    CONTINUE
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _: FilterEnvoy,
+    _: FilterModule,
+) -> u32 {
+    CONTINUE
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: bool,
+) -> u32 {
+    CONTINUE
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: bool,
+) -> u32 {
+    CONTINUE
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    _: FilterEnvoy,
+    _: FilterModule,
+) -> u32 {
+    CONTINUE
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: u64,
+    _: u32,
+    _: *mut EnvoyHeader,
+    _: usize,
+    _: *mut EnvoyBuffer,
+    _: usize,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: u64,
+    _: *mut EnvoyHeader,
+    _: usize,
+    _: bool,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: u64,
+    _: *const EnvoyBuffer,
+    _: usize,
+    _: bool,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: u64,
+    _: *mut EnvoyHeader,
+    _: usize,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: u64,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: u64,
+    _: u32,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: u64,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+    _: ConfigEnvoy,
+    _: ConfigModule,
+    _: u64,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+    _: ConfigEnvoy,
+    _: ConfigModule,
+    _: u64,
+    _: u32,
+    _: *mut EnvoyHeader,
+    _: usize,
+    _: *mut EnvoyBuffer,
+    _: usize,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_headers(
+    _: ConfigEnvoy,
+    _: ConfigModule,
+    _: u64,
+    _: *mut EnvoyHeader,
+    _: usize,
+    _: bool,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_data(
+    _: ConfigEnvoy,
+    _: ConfigModule,
+    _: u64,
+    _: *const EnvoyBuffer,
+    _: usize,
+    _: bool,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_trailers(
+    _: ConfigEnvoy,
+    _: ConfigModule,
+    _: u64,
+    _: *mut EnvoyHeader,
+    _: usize,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_complete(
+    _: ConfigEnvoy,
+    _: ConfigModule,
+    _: u64,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_http_stream_reset(
+    _: ConfigEnvoy,
+    _: ConfigModule,
+    _: u64,
+    _: u32,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _: FilterEnvoy,
+    _: FilterModule,
+) {
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _: FilterEnvoy,
+    _: FilterModule,
+) {
+}
+
+/// Envoy's own local replies (a timeout, a reset upstream) go out as Envoy made them.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
+    _: FilterEnvoy,
+    _: FilterModule,
+    _: u32,
+    _: EnvoyBuffer,
+    _: bool,
+) -> u32 {
+    CONTINUE
+}

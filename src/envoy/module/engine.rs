@@ -1,0 +1,652 @@
+//! The in-process data plane's safe half: what the Envoy module (a crate of its own,
+//! which holds every `unsafe` line) runs for each request, and its connection to
+//! `latchkey serve`: the policy comes in, the audit goes out.
+//!
+//! One engine per Envoy process. Envoy makes a filter config per listener, and every
+//! worker thread runs requests, so the engine is process-global and shared.
+
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+
+use crate::base::crypto::MasterKey;
+use crate::base::jwt;
+use crate::base::trace::TraceParent;
+use crate::dataplane::admission::{self, Asked};
+use crate::dataplane::budget::{Budgets, LocalBudgets, SystemClock};
+use crate::dataplane::credentials::ServerSecrets;
+use crate::dataplane::denial::Denial;
+use crate::dataplane::keys;
+use crate::dataplane::mint;
+use crate::dataplane::mutate::Forward;
+use crate::dataplane::pipeline::{Judgement, Outcome, RequestView, Shown, decide};
+use crate::dataplane::rules::Body;
+use crate::dataplane::snapshot::Policy;
+use crate::dataplane::spend::{LocalSpend, Spend};
+use crate::envoy::convert;
+use crate::envoy::module::wire::{Batch, Ending, Push, Record, read_frame, write_frame};
+
+/// What the module does with a request.
+pub enum Verdict {
+    /// Leave it to ext_proc, next in Envoy's chain: `latchkey serve` decides it.
+    HandOn,
+    /// Let it go upstream, changed so.
+    Forward { forward: Forward, shown: Shown },
+    /// Answer it in the upstream's place.
+    Deny {
+        status: u16,
+        headers: Vec<(&'static str, String)>,
+        body: Vec<u8>,
+    },
+}
+
+/// A request as the module reads it from Envoy.
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a [(&'a str, &'a [u8])],
+    /// Whether a body follows the headers.
+    pub has_body: bool,
+    pub request_id: &'a str,
+}
+
+/// A request the module decided, kept until Envoy says how it ended.
+pub struct Pending {
+    record: Record,
+    started: Instant,
+    _deciding: Deciding,
+}
+
+/// A request between its decision and its record's queueing: a channel that closes
+/// waits for these, so a request decided just before `serve` stopped is not left out.
+struct Deciding(&'static AtomicU64);
+
+impl Deciding {
+    fn new(count: &'static AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Deciding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct Loaded {
+    policy: Policy,
+    /// The proxies decided here (`Policy::in_process`); the rest are handed on.
+    local: HashSet<Arc<str>>,
+    version: i64,
+}
+
+pub struct Engine {
+    loaded: ArcSwapOption<Loaded>,
+    budgets: Budgets,
+    /// Never charged here (priced proxies are handed on); `admission` asks for one.
+    spend: Spend,
+    outbox: Outbox,
+    connecting: AtomicBool,
+}
+
+/// How the engine reports what Envoy's log should show.
+pub type Log = fn(error: bool, message: &str);
+
+impl Engine {
+    /// The process's engine.
+    pub fn global() -> &'static Engine {
+        static ENGINE: OnceLock<Engine> = OnceLock::new();
+        ENGINE.get_or_init(Engine::new)
+    }
+
+    fn new() -> Self {
+        Engine {
+            loaded: ArcSwapOption::empty(),
+            budgets: Budgets::Local(LocalBudgets::new(Arc::new(SystemClock))),
+            spend: Spend::Local(LocalSpend::default()),
+            outbox: Outbox::default(),
+            connecting: AtomicBool::new(false),
+        }
+    }
+
+    /// The policy version in force, if one arrived.
+    pub fn version(&self) -> Option<i64> {
+        self.loaded.load().as_ref().map(|l| l.version)
+    }
+
+    /// Steps 1 to 6 for a request, from the snapshot and the counters in this process.
+    pub fn judge(&'static self, req: &Request<'_>, now_ms: i64) -> (Verdict, Option<Pending>) {
+        let started = Instant::now();
+        // Counted before the policy is read: a closing channel that no longer sees it
+        // sees the policy gone, and this request hands on.
+        let deciding = Deciding::new(&self.outbox.deciding);
+        // Until the first policy arrives, `serve` decides everything.
+        let Some(loaded) = self.loaded.load_full() else {
+            return (Verdict::HandOn, None);
+        };
+        // latchkey's own endpoint, and workload tokens (their issuers' keys are fetched).
+        let token = keys::presented(req.headers).is_ok_and(|k| jwt::looks_like(&k));
+        if token || mint::is_own(req.path) {
+            return (Verdict::HandOn, None);
+        }
+        let view = RequestView {
+            method: req.method,
+            path: req.path,
+            headers: req.headers,
+            body: (!req.has_body).then_some(&[][..]),
+        };
+        let body = if req.has_body {
+            Body::Unread
+        } else {
+            Body::Empty
+        };
+        let Judgement::Decided(mut decision) = decide(&loaded.policy, &view, &body, now_ms) else {
+            return (Verdict::HandOn, None);
+        };
+        let elsewhere =
+            (decision.subject.proxy.as_ref()).is_some_and(|p| !loaded.local.contains(p));
+        // `in_process` hands these proxies on already; a decision that still asks for
+        // any of them is not this module's to make.
+        let waits = decision.token.is_some()
+            || decision.approval.is_some()
+            || decision.duplicate.is_some()
+            || decision.charge.is_some()
+            || decision.guard.is_some();
+        if elsewhere || waits {
+            return (Verdict::HandOn, None);
+        }
+        let asked = Asked {
+            request_id: req.request_id,
+            method: req.method,
+            path: req.path,
+            trace: convert::header_value(req.headers, "traceparent").and_then(TraceParent::parse),
+        };
+        let admitting = admission::admit(&self.budgets, &self.spend, &mut decision, req.request_id);
+        // Counters in memory answer at once; should one ever wait, the request is
+        // refused rather than let through uncounted.
+        let near_cap = ready(admitting).unwrap_or_else(|| {
+            decision.outcome = Outcome::Deny(Denial::BudgetUnavailable);
+            false
+        });
+        let decided = admission::decided(&asked, &decision, started.elapsed(), near_cap);
+        let pending = Pending {
+            record: Record::of(&decided),
+            started,
+            _deciding: deciding,
+        };
+        let verdict = match decision.outcome {
+            Outcome::Forward(forward) => Verdict::Forward {
+                forward,
+                shown: decision.shown,
+            },
+            Outcome::Deny(denial) => Verdict::Deny {
+                status: denial.http_status(),
+                headers: convert::denial_headers(&denial),
+                body: denial.body(req.request_id),
+            },
+        };
+        (verdict, Some(pending))
+    }
+
+    /// A decided request ended (Envoy's figures in `ending`, but for the latency,
+    /// measured here): its record goes to `serve` with the next batch.
+    pub fn ended(&self, pending: Pending, mut ending: Ending) {
+        let mut record = pending.record;
+        ending.latency_ms = Some(pending.started.elapsed().as_secs_f64() * 1000.0);
+        record.completed = Some(ending);
+        self.outbox.push(record);
+    }
+
+    /// Connects to `serve` at `socket`, and keeps reconnecting, on threads of its own;
+    /// once per process.
+    pub fn connect(&'static self, socket: PathBuf, log: Log) {
+        if self.connecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        std::thread::Builder::new()
+            .name("latchkey-policy".into())
+            .spawn(move || self.stay_connected(&socket, log))
+            .expect("a thread for the policy channel");
+    }
+
+    /// Waits up to `timeout` for every record to reach `serve`; how many did not.
+    pub fn drain(&self, timeout: Duration) -> u64 {
+        self.outbox.drain(timeout)
+    }
+
+    /// Records decided, sent and dropped (the queue full while `serve` was away).
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let o = &self.outbox;
+        let get = |n: &AtomicU64| n.load(Ordering::Acquire);
+        (get(&o.queued), get(&o.sent), get(&o.dropped))
+    }
+
+    fn stay_connected(&self, socket: &Path, log: Log) {
+        let mut said = false;
+        loop {
+            match UnixStream::connect(socket).and_then(|s| owned_by_us(socket).map(|()| s)) {
+                Ok(stream) => {
+                    said = false;
+                    log(false, "connected to latchkey serve");
+                    if let Err(e) = self.converse(stream, log) {
+                        log(true, &format!("lost latchkey serve: {e}"));
+                    }
+                }
+                Err(e) if !said => {
+                    said = true;
+                    let at = socket.display();
+                    log(
+                        true,
+                        &format!("cannot reach latchkey serve at {at}: {e}; retrying"),
+                    );
+                }
+                Err(_) => {}
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// One connection: policies read here, records written by a thread of their own.
+    fn converse(&self, stream: UnixStream, log: Log) -> io::Result<()> {
+        let writer = stream.try_clone()?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let sending = {
+            let closed = closed.clone();
+            let outbox: &'static Outbox = &Engine::global().outbox;
+            std::thread::Builder::new()
+                .name("latchkey-audit".into())
+                .spawn(move || outbox.send_until(writer, &closed))?
+        };
+        let mut reader = io::BufReader::new(&stream);
+        let read = loop {
+            match read_frame::<Push>(&mut reader) {
+                Ok(Some(push)) => match load(push) {
+                    Ok(loaded) => {
+                        self.outbox.taken_up(loaded.version);
+                        let (version, local) = (loaded.version, loaded.local.len());
+                        self.loaded.store(Some(Arc::new(loaded)));
+                        log(
+                            false,
+                            &format!(
+                                "policy version {version} in force; {local} proxies decided in process"
+                            ),
+                        );
+                    }
+                    // The last good policy stays; `serve` is told it was taken up all
+                    // the same, so that no change waits on it.
+                    Err((version, e)) => {
+                        self.outbox.taken_up(version);
+                        log(
+                            true,
+                            &format!("policy version {version} did not compile: {e}"),
+                        );
+                    }
+                },
+                Ok(None) => break Err(io::Error::other("latchkey serve closed the channel")),
+                Err(e) => break Err(e),
+            }
+        };
+        // Without `serve`, no change (a revocation made on another replica) would
+        // reach this policy: from now on every request goes to ext_proc, which fails
+        // closed while `serve` is away, as in the ext_proc mode.
+        self.loaded.store(None);
+        // What is queued still goes, on a `serve` that is stopping: it reads until the
+        // module is done.
+        closed.store(true, Ordering::Release);
+        self.outbox.wake();
+        let _ = sending.join();
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        read
+    }
+}
+
+/// The socket is `serve`'s only if the user this process runs as owns it: another user
+/// on the host cannot stand in and push a policy.
+fn owned_by_us(socket: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::metadata("/proc/self")?.uid();
+    let theirs = std::fs::metadata(socket)?.uid();
+    if ours == theirs {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "the socket belongs to uid {theirs}, not {ours}"
+        )))
+    }
+}
+
+/// A pushed policy, compiled as `serve` compiles it.
+fn load(push: Push) -> Result<Loaded, (i64, String)> {
+    let failed = |e: String| (push.version, e);
+    let channel = MasterKey::parse(&push.channel_key).map_err(|e| failed(e.to_string()))?;
+    let server = ServerSecrets {
+        values: push.server.into_iter().collect(),
+        generation: push.server_generation,
+    };
+    let policy =
+        Policy::compile(&push.stored, &channel, &server).map_err(|e| failed(e.to_string()))?;
+    let local = policy.in_process(push.shared_budgets);
+    Ok(Loaded {
+        policy,
+        local,
+        version: push.version,
+    })
+}
+
+/// The output of a future that needs nothing to wait for, or `None` if it would wait.
+fn ready<F: Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    match future
+        .as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+    {
+        Poll::Ready(out) => Some(out),
+        Poll::Pending => None,
+    }
+}
+
+/// Records on their way to `serve`: sent in batches of up to [`BATCH`], at least every
+/// [`FLUSH_EVERY`]; kept while `serve` is away, up to [`MAX_QUEUED`].
+struct Outbox {
+    queue: Mutex<VecDeque<Record>>,
+    ready: Condvar,
+    /// The policy version last taken up, and the one `serve` was last told of.
+    taken_up: AtomicI64,
+    told: AtomicI64,
+    /// Requests decided whose records are not queued yet.
+    deciding: AtomicU64,
+    queued: AtomicU64,
+    sent: AtomicU64,
+    dropped: AtomicU64,
+}
+
+const BATCH: usize = 1024;
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
+const MAX_QUEUED: usize = 1_000_000;
+/// How long a closing channel waits for requests still being answered.
+const LINGER: Duration = Duration::from_secs(3);
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self {
+            queue: Mutex::default(),
+            ready: Condvar::new(),
+            taken_up: AtomicI64::new(-1),
+            told: AtomicI64::new(-1),
+            deciding: AtomicU64::default(),
+            queued: AtomicU64::default(),
+            sent: AtomicU64::default(),
+            dropped: AtomicU64::default(),
+        }
+    }
+}
+
+impl Outbox {
+    fn taken_up(&self, version: i64) {
+        self.taken_up.store(version, Ordering::Release);
+        self.wake();
+    }
+
+    /// Wakes the sender: under the lock, so it cannot miss the wake-up between its
+    /// check and its wait.
+    fn wake(&self) {
+        let _queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        self.ready.notify_all();
+    }
+
+    fn push(&self, record: Record) {
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        if queue.len() >= MAX_QUEUED {
+            self.dropped.fetch_add(1, Ordering::AcqRel);
+            return;
+        }
+        queue.push_back(record);
+        if queue.len() >= BATCH {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Sends batches until the connection fails or closes; a batch that could not be
+    /// written goes back to the front of the queue.
+    fn send_until(&self, mut out: UnixStream, closed: &AtomicBool) {
+        // A new connection is told the version anew.
+        self.told.store(-1, Ordering::Release);
+        let untold = || self.taken_up.load(Ordering::Acquire) != self.told.load(Ordering::Acquire);
+        let mut closed_at = None;
+        loop {
+            let batch: Vec<Record> = {
+                let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let (mut queue, _) = self
+                    .ready
+                    .wait_timeout_while(queue, FLUSH_EVERY, |q| {
+                        let closing = closed.load(Ordering::Acquire);
+                        q.len() < BATCH && !untold() && (!closing || q.is_empty())
+                    })
+                    .unwrap_or_else(|p| p.into_inner());
+                let n = queue.len().min(BATCH);
+                queue.drain(..n).collect()
+            };
+            let closing = closed.load(Ordering::Acquire);
+            if closing && batch.is_empty() && !untold() {
+                // Done once no decided request is still to be recorded.
+                let since: &Instant = closed_at.get_or_insert_with(Instant::now);
+                if self.deciding.load(Ordering::Acquire) == 0 || since.elapsed() > LINGER {
+                    return;
+                }
+            }
+            let version = self.taken_up.load(Ordering::Acquire);
+            let tell = version != self.told.load(Ordering::Acquire);
+            if batch.is_empty() && !tell {
+                continue;
+            }
+            let n = batch.len() as u64;
+            let mut batch = Batch {
+                records: batch,
+                version: tell.then_some(version),
+            };
+            if write_frame(&mut out, &batch).is_err() {
+                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                for record in batch.records.drain(..).rev() {
+                    queue.push_front(record);
+                }
+                return;
+            }
+            self.sent.fetch_add(n, Ordering::AcqRel);
+            if tell {
+                self.told.store(version, Ordering::Release);
+            }
+        }
+    }
+
+    fn drain(&self, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.ready.notify_all();
+            let done = self.sent.load(Ordering::Acquire) + self.dropped.load(Ordering::Acquire);
+            let left = self.queued.load(Ordering::Acquire).saturating_sub(done);
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envoy::module::wire::frame;
+    use crate::store::memory;
+
+    const POLICY: &str = r#"
+targets:
+  - { name: vendor, url: "https://api.vendor.example/base" }
+credentials:
+  - { name: vendor-key, type: target, auth: bearer, secret: { value: sk_vendor_1234 } }
+  - name: agent
+    type: proxy
+    keys: [{ value: lk_agentKEY0000000000000001 }]
+    limits: { requests_per_minute: 2 }
+  - { name: reader, type: proxy, keys: [{ value: lk_readerKEY000000000000001 }] }
+proxies:
+  - { name: api, target: vendor, target_credential: vendor-key, proxy_credentials: [agent], default_effect: allow }
+  - { name: bodied, target: vendor, target_credential: vendor-key, proxy_credentials: [reader] }
+rules:
+  - { proxy: api, id: no-admin, effect: deny, path: "^/admin" }
+  - { proxy: bodied, effect: deny, body: [{ pointer: /amount, gt: 100 }] }
+"#;
+
+    /// An engine of its own, given `POLICY` as `serve` pushes it: through a frame.
+    fn engine() -> &'static Engine {
+        let key = MasterKey::generate();
+        let master = MasterKey::parse(&key).unwrap();
+        let push = Push {
+            version: 7,
+            shared_budgets: false,
+            channel_key: key.into(),
+            stored: memory::stored(POLICY, &master).unwrap(),
+            server: Vec::new(),
+            server_generation: 0,
+        };
+        let bytes = frame(&push).unwrap();
+        let push: Push = read_frame(&mut &bytes[..]).unwrap().unwrap();
+        let engine: &'static Engine = Box::leak(Box::new(Engine::new()));
+        engine
+            .loaded
+            .store(Some(Arc::new(load(push).map_err(|e| e.1).unwrap())));
+        engine
+    }
+
+    fn ask(
+        engine: &'static Engine,
+        path: &str,
+        key: &str,
+        body: bool,
+    ) -> (Verdict, Option<Pending>) {
+        let bearer = format!("Bearer {key}");
+        let headers = [
+            ("authorization", bearer.as_bytes()),
+            ("x-request-id", b"r-1".as_slice()),
+        ];
+        let req = Request {
+            method: "GET",
+            path,
+            headers: &headers,
+            has_body: body,
+            request_id: "r-1",
+        };
+        engine.judge(&req, crate::base::clock::now_unix_ms())
+    }
+
+    const AGENT: &str = "lk_agentKEY0000000000000001";
+
+    #[test]
+    fn decides_headers_counts_limits_and_hands_on_the_rest() {
+        let engine = engine();
+        assert_eq!(engine.version(), Some(7));
+        let (Verdict::Forward { forward, shown }, Some(pending)) =
+            ask(engine, "/api/v1/x", AGENT, false)
+        else {
+            panic!("allowed")
+        };
+        let auth = forward
+            .set
+            .iter()
+            .find(|(k, _)| k == "authorization")
+            .unwrap();
+        assert_eq!(auth.1, b"Bearer sk_vendor_1234");
+        assert_eq!(shown.rate, Some((2, 1)));
+        assert_eq!(pending.record.decision, "allow");
+        let (Verdict::Deny { status, body, .. }, Some(_)) = ask(engine, "/api/admin", AGENT, false)
+        else {
+            panic!("denied")
+        };
+        assert_eq!(status, 403);
+        assert!(String::from_utf8(body).unwrap().contains("no-admin"));
+        assert!(matches!(
+            ask(engine, "/api/v1/x", AGENT, false).0,
+            Verdict::Forward { .. }
+        ));
+        let (
+            Verdict::Deny {
+                status, headers, ..
+            },
+            _,
+        ) = ask(engine, "/api/v1/x", AGENT, false)
+        else {
+            panic!("limited")
+        };
+        assert_eq!(status, 429);
+        assert!(headers.iter().any(|(k, _)| *k == "retry-after"));
+        // Bodies, tokens and latchkey's own endpoint are `serve`'s.
+        let reader = "lk_readerKEY000000000000001";
+        assert!(matches!(
+            ask(engine, "/bodied/v1/x", reader, true),
+            (Verdict::HandOn, None)
+        ));
+        let token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln";
+        assert!(matches!(
+            ask(engine, "/api/v1/x", token, false),
+            (Verdict::HandOn, None)
+        ));
+        assert!(matches!(
+            ask(engine, "/latchkey/v1/run-keys", AGENT, false),
+            (Verdict::HandOn, None)
+        ));
+        // Only the first request's record is still to be queued.
+        assert_eq!(engine.outbox.deciding.load(Ordering::Acquire), 1);
+        drop(pending);
+        assert_eq!(engine.outbox.deciding.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn without_a_policy_everything_is_handed_on() {
+        let engine: &'static Engine = Box::leak(Box::new(Engine::new()));
+        assert!(matches!(
+            ask(engine, "/api/v1/x", AGENT, false),
+            (Verdict::HandOn, None)
+        ));
+    }
+
+    #[test]
+    fn a_record_crosses_the_channel_whole() {
+        let engine = engine();
+        let (_, Some(pending)) = ask(engine, "/api/admin?x=1", AGENT, false) else {
+            panic!("decided")
+        };
+        let ending = Ending {
+            status: Some(403),
+            ..Ending::default()
+        };
+        engine.ended(pending, ending);
+        assert_eq!(engine.counts(), (1, 0, 0));
+        assert_eq!(engine.outbox.deciding.load(Ordering::Acquire), 0);
+        let record = engine.outbox.queue.lock().unwrap().pop_front().unwrap();
+        let batch = Batch {
+            records: vec![record],
+            version: Some(7),
+        };
+        let bytes = frame(&batch).unwrap();
+        let mut batch: Batch = read_frame(&mut &bytes[..]).unwrap().unwrap();
+        let (decided, completed) = batch.records.remove(0).into_events().unwrap();
+        assert_eq!(decided.decision, "rule_denied");
+        assert_eq!(decided.path, "/admin", "the upstream path, no query");
+        assert_eq!(decided.rule_id.as_deref(), Some("no-admin"));
+        assert_eq!(decided.status, Some(403));
+        let completed = completed.unwrap();
+        assert_eq!(
+            (completed.status, completed.request_id.as_str()),
+            (Some(403), "r-1")
+        );
+        assert!(completed.latency_ms.is_some());
+    }
+}

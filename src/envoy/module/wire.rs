@@ -1,0 +1,197 @@
+//! What `latchkey serve` and the in-process module say to each other over their Unix
+//! socket: frames of a 4-byte big-endian length and a JSON body. `serve` pushes the
+//! policy; the module sends back the audit, in batches.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::base::trace::TraceParent;
+use crate::dataplane::denial::Kind;
+use crate::policy::rows::StoredPolicy;
+use crate::policy::secrets::ServerSource;
+use crate::telemetry::audit::{Completed, Decided};
+
+/// The largest frame either side accepts: a policy with a few hundred thousand keys.
+pub const MAX_FRAME: usize = 512 << 20;
+
+/// `serve` to the module: the policy to decide by.
+#[derive(Serialize, Deserialize)]
+pub struct Push {
+    /// The store's policy version.
+    pub version: i64,
+    /// Whether `serve` counts limits in a store all replicas share.
+    pub shared_budgets: bool,
+    /// The key the credentials' secrets are sealed with for this connection alone: the
+    /// store's master key never leaves `serve`.
+    pub channel_key: Zeroizing<String>,
+    pub stored: StoredPolicy,
+    /// The secrets `serve` reads itself, as it read them.
+    pub server: Vec<(ServerSource, Result<Zeroizing<String>, String>)>,
+    pub server_generation: u64,
+}
+
+/// The module to `serve`: requests it decided, and the policy version it has taken up
+/// (a push it compiled, or one it could not and logged).
+#[derive(Serialize, Deserialize, Default)]
+pub struct Batch {
+    pub records: Vec<Record>,
+    pub version: Option<i64>,
+}
+
+/// One request the module decided, and how it ended (`None` if Envoy never said).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Record {
+    pub request_id: String,
+    pub time_ms: i64,
+    pub elapsed_us: u32,
+    pub proxy: Option<String>,
+    pub target: Option<String>,
+    pub credential: Option<String>,
+    pub key_id: Option<String>,
+    pub run_label: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub status: Option<u16>,
+    pub decision: String,
+    pub rule_id: Option<String>,
+    pub facts: Option<String>,
+    pub trace: Option<String>,
+    pub near_cap: bool,
+    pub completed: Option<Ending>,
+}
+
+/// How a request ended, as Envoy told the module.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct Ending {
+    pub status: Option<u16>,
+    /// The status, when the upstream sent it (not Envoy, nor the module).
+    pub upstream_status: Option<u16>,
+    pub latency_ms: Option<f64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl Record {
+    pub fn of(decided: &Decided) -> Self {
+        let text = |s: &Option<std::sync::Arc<str>>| s.as_deref().map(str::to_owned);
+        Self {
+            request_id: decided.request_id.clone(),
+            time_ms: decided.time_ms,
+            elapsed_us: decided.elapsed_us,
+            proxy: text(&decided.proxy),
+            target: text(&decided.target),
+            credential: text(&decided.credential),
+            key_id: text(&decided.key_id),
+            run_label: text(&decided.run_label),
+            method: decided.method.clone(),
+            path: decided.path.clone(),
+            status: decided.status,
+            decision: decided.decision.to_owned(),
+            rule_id: text(&decided.rule_id),
+            facts: decided.facts.as_deref().map(str::to_owned),
+            trace: decided.trace.map(|t| t.to_string()),
+            near_cap: decided.near_cap,
+            completed: None,
+        }
+    }
+
+    /// The audit's two halves; `None` for a decision this latchkey has no name for
+    /// (a module of another version).
+    pub fn into_events(self) -> Option<(Decided, Option<Completed>)> {
+        let decision = Kind::named(&self.decision)?.as_str();
+        let arc = |s: Option<String>| s.map(std::sync::Arc::<str>::from);
+        let completed = self.completed.map(|e| Completed {
+            request_id: self.request_id.clone(),
+            status: e.status,
+            upstream_status: e.upstream_status,
+            latency_ms: e.latency_ms,
+            bytes_in: e.bytes_in,
+            bytes_out: e.bytes_out,
+            retries: 0,
+        });
+        let decided = Decided {
+            request_id: self.request_id,
+            time_ms: self.time_ms,
+            elapsed_us: self.elapsed_us,
+            proxy: arc(self.proxy),
+            target: arc(self.target),
+            credential: arc(self.credential),
+            key_id: arc(self.key_id),
+            run_label: arc(self.run_label),
+            method: self.method,
+            path: self.path,
+            status: self.status,
+            decision,
+            rule_id: arc(self.rule_id),
+            facts: self.facts.map(String::into_boxed_str),
+            trace: self.trace.and_then(|t| TraceParent::parse(t.as_bytes())),
+            near_cap: self.near_cap,
+        };
+        Some((decided, completed))
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame<T: Serialize>(out: &mut impl Write, value: &T) -> io::Result<()> {
+    let body = serde_json::to_vec(value).map_err(io::Error::other)?;
+    let length = u32::try_from(body.len())
+        .ok()
+        .filter(|&n| n as usize <= MAX_FRAME)
+        .ok_or_else(|| io::Error::other("frame too large"))?;
+    out.write_all(&length.to_be_bytes())?;
+    out.write_all(&body)?;
+    out.flush()
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of the stream.
+pub fn read_frame<T: for<'de> Deserialize<'de>>(input: &mut impl Read) -> io::Result<Option<T>> {
+    let mut length = [0u8; 4];
+    match input.read_exact(&mut length) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let length = u32::from_be_bytes(length) as usize;
+    if length > MAX_FRAME {
+        return Err(io::Error::other("frame too large"));
+    }
+    let mut body = vec![0u8; length];
+    input.read_exact(&mut body)?;
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// A frame's length and body, for the async side to write.
+pub fn frame<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    write_frame(&mut out, value)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_frame_longer_than_allowed_is_refused_unread() {
+        let mut bytes = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        assert!(read_frame::<Batch>(&mut &bytes[..]).is_err());
+        assert!(read_frame::<Batch>(&mut &[][..]).unwrap().is_none());
+    }
+
+    proptest! {
+        /// Whatever arrives, reading it ends in a batch or an error, never a panic.
+        #[test]
+        fn hostile_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = read_frame::<Batch>(&mut &bytes[..]);
+            let mut framed = (bytes.len() as u32).to_be_bytes().to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = read_frame::<Batch>(&mut &framed[..]);
+        }
+    }
+}

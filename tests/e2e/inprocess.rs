@@ -1,0 +1,295 @@
+//! The in-process mode (envoy/envoy-inprocess.yaml): latchkey's data plane inside Envoy
+//! as a dynamic module, fed its policy by `latchkey serve`, which stores its audit. What
+//! it cannot decide alone goes to ext_proc after it. The data-plane, rules, budgets and
+//! audit suites also run in this mode (`make test`); these tests check what is its own.
+
+use std::collections::HashSet;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::common::{self, MODULE_SOCKET, Mode, Stack, Upstream, client, denial};
+
+const KEY: &str = "lk_inprocessKEY0000000000000001";
+const SECRET: &str = "sk_live_INPROCESS_secret";
+
+/// `plain` is decided in process; `bodied` reads bodies, so it and everything bound to
+/// its credential (`reader`) go to ext_proc.
+fn policy(upstream: &str) -> String {
+    format!(
+        r#"
+targets:
+  - name: vendor
+    url: {upstream}
+credentials:
+  - name: vendor-cred
+    type: target
+    auth: bearer
+    secret: {{ env: SECRET }}
+  - name: agent
+    type: proxy
+    keys: [{{ env: KEY }}]
+    limits: {{ requests_per_minute: 6 }}
+  - name: reader
+    type: proxy
+proxies:
+  - name: plain
+    target: vendor
+    target_credential: vendor-cred
+    proxy_credentials: [agent]
+    default_effect: allow
+  - name: bodied
+    target: vendor
+    target_credential: vendor-cred
+    proxy_credentials: [reader]
+    default_effect: allow
+rules:
+  - proxy: plain
+    effect: deny
+    path: "^/v1/secret"
+    notes: "not that one"
+  - proxy: bodied
+    effect: deny
+    body:
+      - pointer: /action
+        regex: "^delete$"
+"#
+    )
+}
+
+async fn stack() -> (Stack, Upstream) {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start_in(Mode::InProcess).await;
+    stack.apply(
+        &policy(&upstream.url()),
+        &[("KEY", KEY), ("SECRET", SECRET)],
+    );
+    (stack, upstream)
+}
+
+const EXT_PROC: &str = "http.agents.ext_proc.streams_started";
+
+async fn get(stack: &Stack, path: &str, key: &str) -> reqwest::Response {
+    let url = stack.url(path);
+    client().get(url).bearer_auth(key).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn decides_in_envoy_and_hands_on_what_it_cannot() {
+    let (stack, upstream) = stack().await;
+
+    // Allowed: the vendor sees the real credential and never the proxy key.
+    let ok = get(&stack, "/plain/v1/charges", KEY).await;
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["x-ratelimit-limit"], "6");
+    assert_eq!(ok.headers()["x-ratelimit-remaining"], "5");
+    let seen = upstream.take();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(&*format!("Bearer {SECRET}"))
+    );
+    assert!(!seen[0].dump().contains(KEY), "{}", seen[0].dump());
+
+    // Refused by the module, with latchkey's JSON.
+    let (status, kind, _) = denial(get(&stack, "/plain/v1/secret/x", KEY).await).await;
+    assert_eq!((status, kind.as_str()), (403, "rule_denied"));
+    let (status, kind, _) = denial(get(&stack, "/plain/v1/charges", "lk_wrong").await).await;
+    assert_eq!((status, kind.as_str()), (401, "invalid_key"));
+    let (status, kind, _) = denial(get(&stack, "/nowhere/v1", KEY).await).await;
+    assert_eq!((status, kind.as_str()), (404, "unknown_proxy"));
+    // The credential's limit, counted in Envoy: 6 a minute, one used above (refusals
+    // count against none).
+    for _ in 0..5 {
+        assert_eq!(get(&stack, "/plain/v1/charges", KEY).await.status(), 200);
+    }
+    let limited = get(&stack, "/plain/v1/charges", KEY).await;
+    assert!(limited.headers().contains_key("retry-after"));
+    let (status, kind, _) = denial(limited).await;
+    assert_eq!((status, kind.as_str()), (429, "rate_limited"));
+    assert_eq!(upstream.take().len(), 5);
+    assert_eq!(stack.envoy_counter(EXT_PROC).await, 0, "ext_proc was asked");
+
+    // A proxy with a body rule is latchkey serve's, through ext_proc.
+    let (_, reader_key) = common::issue_key(&stack, "reader", &[]);
+    let post = |action: &'static str| {
+        let url = stack.url("/bodied/v1/things");
+        let key = reader_key.clone();
+        async move {
+            let body = serde_json::json!({ "action": action });
+            client()
+                .post(url)
+                .bearer_auth(key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(post("create").await.status(), 200);
+    let (status, kind, _) = denial(post("delete").await).await;
+    assert_eq!((status, kind.as_str()), (403, "rule_denied"));
+    assert_eq!(stack.envoy_counter(EXT_PROC).await, 2);
+    let seen = upstream.take();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(&*format!("Bearer {SECRET}"))
+    );
+
+    // Every request is in the audit, the module's with how they ended.
+    let records = records_until(&stack, 12).await;
+    let plain: Vec<_> = records
+        .iter()
+        .filter(|r| r.proxy.as_deref() == Some("plain"))
+        .collect();
+    assert_eq!(plain.len(), 9, "{records:#?}");
+    let ok = plain.iter().filter(|r| r.decision == "allow").count();
+    assert_eq!(ok, 6);
+    for r in &plain {
+        let want = match r.decision.as_str() {
+            "allow" => 200,
+            "rule_denied" => 403,
+            "invalid_key" => 401,
+            "rate_limited" => 429,
+            other => panic!("{other}"),
+        };
+        assert_eq!(r.status, Some(want), "{r:?}");
+        assert!(r.latency_ms.is_some(), "{r:?}");
+        let upstream = (r.decision == "allow").then_some(200);
+        assert_eq!(r.upstream_status, upstream, "{r:?}");
+    }
+    let unknown = records
+        .iter()
+        .filter(|r| r.decision == "unknown_proxy")
+        .count();
+    assert_eq!(unknown, 1);
+    // Envoy's access log carried only the two ext_proc decided; the module's own
+    // records came over its channel, each once.
+    let logged = stack
+        .envoy_counter("access_logs.grpc_access_log.logs_written")
+        .await;
+    assert_eq!(logged, 2);
+    let metrics = stack.metrics().await;
+    let count = |line: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .map(str::trim)
+    };
+    assert_eq!(
+        count(r#"latchkey_responses_total{class="2xx"}"#),
+        Some("7"),
+        "{metrics}"
+    );
+    let allowed = r#"latchkey_decisions_total{proxy="plain",decision="allow"}"#;
+    assert_eq!(count(allowed), Some("6"), "{metrics}");
+}
+
+/// Waits until the audit holds `n` records.
+async fn records_until(stack: &Stack, n: usize) -> Vec<latchkey::store::requests::Entry> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let records = stack.records().await;
+        let complete = records.iter().filter(|r| r.status.is_some()).count();
+        if complete >= n || Instant::now() > deadline {
+            assert_eq!(complete, n, "{records:#?}");
+            return records;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_change_holds_for_the_next_request() {
+    let (stack, _upstream) = stack().await;
+    let (id, key) = common::issue_key(&stack, "agent", &[]);
+    assert_eq!(get(&stack, "/plain/v1/a", &key).await.status(), 200);
+    let revoked = stack.cli(&["key", "revoke", &id], &[]);
+    assert!(revoked.status.success(), "{revoked:?}");
+    let (status, kind, _) = denial(get(&stack, "/plain/v1/a", &key).await).await;
+    assert_eq!((status, kind.as_str()), (401, "revoked_key"));
+    assert_eq!(stack.envoy_counter(EXT_PROC).await, 0);
+}
+
+#[tokio::test]
+async fn no_record_is_lost_when_envoy_stops() {
+    let (mut stack, _upstream) = stack().await;
+    const N: usize = 300;
+    let sent = futures_util::future::join_all((0..N).map(|i| {
+        let (url, key) = match i % 3 {
+            0 => (stack.url("/plain/v1/charges"), KEY),
+            1 => (stack.url("/plain/v1/secret"), KEY),
+            _ => (stack.url("/plain/v1/charges"), "lk_nobody"),
+        };
+        async move {
+            client()
+                .get(url)
+                .bearer_auth(key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    }))
+    .await;
+    let answered: HashSet<u16> = sent.iter().map(|s| s.as_u16()).collect();
+    assert!(
+        answered.is_subset(&[200, 401, 403, 429].into()),
+        "{answered:?}"
+    );
+    // Straight away, while records are still queued in Envoy.
+    let exit = stack.stop_envoy();
+    assert!(exit.success() || exit.code().is_some(), "{exit:?}");
+    let log = std::fs::read_to_string(stack.dir.path().join("envoy.log")).unwrap();
+    assert!(
+        log.contains(&format!("{N} requests decided in process, {N} recorded")),
+        "{log}"
+    );
+    records_until(&stack, N).await;
+}
+
+#[tokio::test]
+async fn the_channel_is_owner_only_and_the_envoy_build_pinned() {
+    let (stack, _upstream) = stack().await;
+    let socket = stack.dir.path().join(MODULE_SOCKET);
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+
+    // `--mode validate` builds the config without connecting anywhere.
+    let validate = |envoy: &std::path::Path| {
+        let modules = std::path::Path::new(common::latchkey_bin())
+            .parent()
+            .unwrap()
+            .to_owned();
+        Command::new(envoy)
+            .current_dir(stack.dir.path())
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", modules)
+            .args(["--mode", "validate", "-c", "envoy.yaml"])
+            .output()
+            .unwrap()
+    };
+    let genuine = validate(&common::envoy_bin_file());
+    assert!(
+        genuine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&genuine.stderr)
+    );
+
+    // Another build of Envoy (here: the same binary with its revision changed) is
+    // refused, and the config with it.
+    let mut binary = std::fs::read(common::envoy_bin_file()).unwrap();
+    let revision = latchkey::envoy::module::pin::ENVOY_REVISION.as_bytes();
+    let at = memchr::memmem::find(&binary, revision).unwrap();
+    binary[at] = if binary[at] == b'0' { b'1' } else { b'0' };
+    let other = stack.dir.path().join("other-envoy");
+    std::fs::write(&other, binary).unwrap();
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let refused = validate(&other);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("refusing to load: this module is built for Envoy 1.40.0"),
+        "{said}"
+    );
+}
