@@ -86,10 +86,11 @@ test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) $(MOTO) $(MCP_SDK) lint k8s-validate modu
 	$(MAKE) image-test
 
 # Criterion micro-benchmarks (a decision at 10, 100, 1,000 rules; the budget step), then
-# load runs through the real Envoy, interleaved A-E, written to docs/benchmarks.md.
+# load runs through the real Envoy, interleaved A-G, written to docs/benchmarks.md.
 bench: $(ENVOY) bench-tools
 	cargo bench --bench decision --bench budget --bench usage --bench audit --bench identity
 	cargo build --release --locked --bin latchkey --example bench_upstream --example minimal_ext_proc
+	cargo build --release --locked -p latchkey-module
 	OHA=$(abspath $(OHA)) python3 bench/run.py
 
 # The load generators: wrk from Debian's packages; oha (requests paced evenly at a fixed

@@ -9,6 +9,8 @@ Configurations (A B C D E, repeated for BENCH_ROUNDS rounds; medians reported):
      1,000 keys, 10 rules on the proxy in use, rate limits on
   E  Envoy + latchkey ext_authz (envoy/envoy-ext-authz.yaml), same policy
   F  as D, with Envoy reaching latchkey over a Unix domain socket instead of TCP
+  G  Envoy with latchkey's data plane inside it (envoy/envoy-inprocess.yaml): the dynamic
+     module decides, fed by the same latchkey serve as D
 
 Per run: throughput with wrk (fixed connections and duration), unloaded latency with one
 connection (wrk -c 1, to the microsecond), and latency at a fixed 1,000 req/s (oha -q: requests
@@ -17,7 +19,7 @@ but A must really inject: the upstream counts requests that carried the expected
 credential and no proxy key; a run where any did not is an error, not a result.
 
 Then the scale check: start-up time and resident memory of `latchkey serve` with
-10,000 proxies and 100,000 keys.
+10,000 proxies and 100,000 keys, and what the in-process module holds of them in Envoy.
 
 Writes docs/benchmarks.md. Settings: BENCH_ROUNDS (3: a median that one noisy run cannot move), BENCH_SECONDS (10); while
 working on one configuration, BENCH_ONLY=D (no report is written then).
@@ -107,8 +109,10 @@ class Procs:
             self.stop(p)
 
 
-def latchkey_env(state, grpc, admin, http, db_url=None):
+def latchkey_env(state, grpc, admin, http, db_url=None, module=None):
     env = dict(os.environ)
+    if module:
+        env["LATCHKEY_MODULE_SOCKET"] = str(module)
     env.update(
         LATCHKEY_DATABASE_URL=db_url or f"sqlite://{state}/latchkey.db",
         LATCHKEY_MASTER_KEY=(state / "master.key").read_text().strip(),
@@ -233,6 +237,27 @@ def shipped(name, listen, admin, grpc, tls_dir=None):
         .replace("port_value: 50051", f"port_value: {grpc}")
     )
     return text.replace(".latchkey/tls/", f"{tls_dir}/") if tls_dir else text
+
+
+def inprocess_config(listen, admin, grpc, state):
+    """G: the shipped in-process config, its module fed from `state`'s latchkey."""
+    text = shipped("envoy-inprocess.yaml", listen, admin, grpc, state / "tls")
+    return text.replace(".latchkey/module.sock", f"{state}/module.sock")
+
+
+def envoy_env():
+    """Envoy finds the in-process module where `make bench` built it."""
+    return {**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(RELEASE)}
+
+
+def envoy_counter(admin, name):
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=^{name}$") as r:
+        text = r.read().decode()
+    return next((int(l.split(":")[1]) for l in text.splitlines() if l.startswith(name + ":")), 0)
+
+
+def rss_mb(pid):
+    return int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1)) / 1024
 
 
 def plain_channel(text):
@@ -407,7 +432,7 @@ def scale_check(procs, work):
     state.mkdir()
     (state / "master.key").write_text(run([LATCHKEY, "keygen"]))
     grpc, admin, http = free_port(), free_port(), free_port()
-    env = latchkey_env(state, grpc, admin, http)
+    env = latchkey_env(state, grpc, admin, http, module=state / "module.sock")
     lines = ["targets:", "  - { name: vendor, url: 'https://api.vendor.example' }", "credentials:",
              "  - { name: vendor-cred, type: target, auth: bearer, secret: { value: sk_x } }"]
     for c in range(1000):
@@ -432,11 +457,38 @@ def scale_check(procs, work):
     serve = procs.start([LATCHKEY, "serve"], state / "serve.log", env)
     wait_http(f"http://127.0.0.1:{http}/readyz", "latchkey")
     startup_s = time.time() - started
-    rss_kb = int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{serve.pid}/status").read_text()).group(1))
+    serve_mb = rss_mb(serve.pid)
+    module_mb = module_memory(procs, work, state, grpc)
     issue_s, revoke_s = key_changes(admin)
     procs.stop(serve)
-    return {"apply_s": apply_s, "startup_s": startup_s, "rss_mb": rss_kb / 1024,
-            "issue_s": issue_s, "revoke_s": revoke_s}
+    return {"apply_s": apply_s, "startup_s": startup_s, "rss_mb": serve_mb,
+            "module_mb": module_mb, "issue_s": issue_s, "revoke_s": revoke_s}
+
+
+def module_memory(procs, work, state, grpc):
+    """Envoy's resident memory with the module holding `state`'s policy, less an Envoy
+    whose module has none (its socket leads nowhere): what the policy costs in Envoy."""
+    sizes = []
+    for name in ["bare", "fed"]:
+        listen, admin = free_port(), free_port()
+        path = work / f"envoy-module-{name}.yaml"
+        text = inprocess_config(listen, admin, grpc, state)
+        if name == "bare":
+            text = text.replace(f"{state}/module.sock", f"{work}/nowhere.sock")
+        path.write_text(text)
+        log = work / f"envoy-module-{name}.log"
+        envoy = procs.start([ENVOY, "-c", path, "--concurrency", "1", "--disable-hot-restart",
+                             "-l", "info"], log, envoy_env())
+        wait_http(f"http://127.0.0.1:{admin}/ready", "envoy with the module")
+        deadline = time.time() + 60
+        while name == "fed" and "proxies decided in process" not in log.read_text():
+            if time.time() > deadline:
+                sys.exit(f"the module never took up the scale policy: {log}")
+            time.sleep(0.1)
+        time.sleep(0.5)
+        sizes.append(rss_mb(envoy.pid))
+        procs.stop(envoy)
+    return sizes[1] - sizes[0]
 
 
 def key_changes(admin, times=5):
@@ -474,7 +526,7 @@ def main():
         (state / "master.key").write_text(run([LATCHKEY, "keygen"]))
         grpc, admin, http = free_port(), free_port(), free_port()
         latchkey = procs.start([LATCHKEY, "serve"], state / "serve.log",
-                               latchkey_env(state, grpc, admin, http))
+                               latchkey_env(state, grpc, admin, http, module=state / "module.sock"))
         wait_http(f"http://127.0.0.1:{http}/readyz", "latchkey")
         policy = state / "policy.yaml"
         policy.write_text(realistic_policy(upstream_port))
@@ -496,7 +548,9 @@ def main():
         minimal = procs.start([MINIMAL, minimal_port, f"127.0.0.1:{upstream_port}"],
                               work / "minimal.log")
         # The external processor each configuration asks, whose CPU is counted too.
-        processor = {"C": minimal, "D": latchkey, "E": latchkey, "F": latchkey_unix}
+        # G's is the latchkey serve that stores the module's audit.
+        processor = {"C": minimal, "D": latchkey, "E": latchkey, "F": latchkey_unix,
+                     "G": latchkey}
         time.sleep(0.3)
 
         configs = {
@@ -508,6 +562,7 @@ def main():
             "D": (lambda l, a: shipped("envoy.yaml", l, a, grpc, state / "tls"), True),
             "E": (lambda l, a: shipped("envoy-ext-authz.yaml", l, a, grpc, state / "tls"), True),
             "F": (lambda l, a: unix_config(l, a, sock), True),
+            "G": (lambda l, a: inprocess_config(l, a, grpc, state), True),
         }
         only = os.environ.get("BENCH_ONLY")
         if only:
@@ -520,13 +575,16 @@ def main():
                 path.write_text(config(listen, envoy_admin))
                 envoy = procs.start([ENVOY, "-c", path, "--concurrency", "1",
                                      "--disable-hot-restart", "-l", "warn"],
-                                    work / f"envoy-{name}.log")
+                                    work / f"envoy-{name}.log", envoy_env())
                 wait_http(f"http://127.0.0.1:{envoy_admin}/ready", f"envoy {name}")
                 time.sleep(1.2)  # first health checks
                 processes = {"envoy": envoy.pid}
                 if name in processor:
                     processes["processor"] = processor[name].pid
                 r = measure(name, listen, upstream_port, injects, processes)
+                asked = envoy_counter(envoy_admin, "http.agents.ext_proc.streams_started")
+                if name == "G" and asked:
+                    sys.exit(f"G: {asked} requests went to ext_proc, not the module")
                 if name == "D":
                     r.update(time_to_first_chunk(listen))
                     print(f"round {rnd + 1} D: first streamed event after "
@@ -568,15 +626,21 @@ def per_round(results, of, fmt):
 def write_report(med, scale, results):
     names = {"A": "Envoy passthrough", "B": "Envoy credential_injector",
              "C": "Envoy + minimal ext_proc", "D": "Envoy + latchkey ext_proc",
-             "E": "Envoy + latchkey ext_authz", "F": "Envoy + latchkey ext_proc, Unix socket"}
+             "E": "Envoy + latchkey ext_authz", "F": "Envoy + latchkey ext_proc, Unix socket",
+             "G": "Envoy + latchkey in process (dynamic module)"}
     rows = ["| config | req/s | CPU µs/request: Envoy | CPU µs/request: processor | p50, 1 connection (ms) | p50 at 1,000 req/s (ms) | p99 at 1,000 req/s (ms) |",
             "|---|---:|---:|---:|---:|---:|---:|"]
     for n, m in med.items():
         processor = f"{m['cpu_processor']:.1f}" if "cpu_processor" in m else "-"
         rows.append(f"| {n}. {names[n]} | {m['rps']:.0f} | {m['cpu_envoy']:.1f} | {processor} | "
                     f"{m['p50_1']:.3f} | {m['p50_1k']:.3f} | {m['p99_1k']:.3f} |")
-    d, c = med["D"], med["C"]
+    d, c, g, a = med["D"], med["C"], med["G"], med["A"]
     ratios = [
+        f"- in process: throughput G/A {g['rps'] / a['rps']:.2f} (target ≥ 0.90), G/D "
+        f"{g['rps'] / d['rps']:.2f}; unloaded p50 G − A {(g['p50_1'] - a['p50_1']) * 1000:+.0f} µs "
+        f"(target ≤ +30 µs); p99 at 1,000 req/s G − A {g['p99_1k'] - a['p99_1k']:+.3f} ms "
+        f"(target ≤ +0.5 ms); round by round G/A "
+        f"{per_round(results, lambda r: r['G']['rps'] / r['A']['rps'], '{:.2f}')}",
         f"- throughput D/A {d['rps'] / med['A']['rps']:.2f}, D/B {d['rps'] / med['B']['rps']:.2f}, "
         f"D/C {d['rps'] / c['rps']:.2f} (target ≥ 0.87; here and below, ratios of the medians), "
         f"E/C {med['E']['rps'] / c['rps']:.2f}",
@@ -601,13 +665,14 @@ def write_report(med, scale, results):
         f"- 10,000 proxies and 100,000 keys: apply {scale['apply_s']:.1f} s, start-up to ready "
         f"{scale['startup_s']:.2f} s (target < 2 s), resident memory {scale['rss_mb']:.0f} MB (target < 64 MB); "
         f"`key issue` {scale['issue_s'] * 1000:.0f} ms and `key revoke` {scale['revoke_s'] * 1000:.0f} ms "
-        f"(medians of 5, the command's wall time: written and in effect on this replica)",
+        f"(medians of 5, the command's wall time: written and in effect on this replica); "
+        f"the in-process module holding them adds {scale['module_mb']:.0f} MB to Envoy's resident memory",
     ]
     text = "\n".join([
         "# Benchmarks",
         "",
         "Made by `make bench` (`bench/run.py`): load through the real Envoy against a local",
-        "upstream, configurations interleaved A B C D E F for "
+        "upstream, configurations interleaved A B C D E F G for "
         f"{ROUNDS} rounds, medians below. Throughput: `wrk -t2 -c{CONNECTIONS} -d{SECONDS}s`;",
         "unloaded latency: `wrk -t1 -c1 --latency` (µs resolution); fixed rate:",
         f"`oha -q {FIXED_RATE} -c {FIXED_CONNECTIONS} --latency-correction` (requests evenly spaced, each",

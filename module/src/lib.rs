@@ -111,6 +111,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: ConfigModule) {
     barrier("config_destroy", (), || {
+        if config.is_null() {
+            return;
+        }
         // SAFETY: made by `config_new` with `Box::into_raw`, destroyed once.
         let config = unsafe { Box::from_raw(config as *mut Config) };
         drop(config.socket);
@@ -143,6 +146,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter: FilterModule) {
     barrier("filter_destroy", (), || {
+        if filter.is_null() {
+            return;
+        }
         // SAFETY: made by `filter_new` with `Box::into_raw`, destroyed once.
         drop(unsafe { Box::from_raw(filter as *mut Filter) });
     })
@@ -155,8 +161,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     end_of_stream: bool,
 ) -> u32 {
     let decided = barrier("request_headers", None, || {
-        // SAFETY: Envoy hands the filter it made in `filter_new`, one hook at a time.
-        let filter = unsafe { &mut *(filter as *mut Filter) };
+        // SAFETY: Envoy hands the filter it made in `filter_new`, one hook at a time
+        // (null if that failed: then the request is refused below).
+        let filter = unsafe { (filter as *mut Filter).as_mut() }?;
         // SAFETY: `envoy` is this stream's filter, alive during the hook.
         let (verdict, pending) = unsafe { judge(envoy, end_of_stream) };
         filter.pending = pending;
@@ -226,7 +233,6 @@ unsafe fn judge(envoy: FilterEnvoy, end_of_stream: bool) -> (Verdict, Option<Pen
         path: text(":path"),
         headers: &headers,
         has_body: !end_of_stream,
-        request_id: text("x-request-id"),
     };
     Engine::global().judge(&request, latchkey::base::clock::now_unix_ms())
 }
@@ -330,7 +336,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
 ) {
     barrier("stream_complete", (), || {
         // SAFETY: as in `request_headers`.
-        let filter = unsafe { &mut *(filter as *mut Filter) };
+        let Some(filter) = (unsafe { (filter as *mut Filter).as_mut() }) else {
+            return;
+        };
         let Some(pending) = filter.pending.take() else {
             return;
         };

@@ -69,8 +69,12 @@ impl AdminService {
 
     /// Takes a change made to the store into this replica's snapshot; the others take
     /// it in through their own `PolicySync`.
+    /// The store read again after an admin's change, which then holds for the next
+    /// request wherever it is decided (in-process modules included).
     async fn reload(&self) -> Result<(), Status> {
-        self.sync.reload().await.map_err(internal)
+        self.sync.reload().await.map_err(internal)?;
+        self.sync.propagated().await;
+        Ok(())
     }
 
     /// One change of the policy: what is desired is built from the current state in the

@@ -95,9 +95,7 @@ impl PolicySync {
     /// applied to the running snapshot anyway, and after [`STALE_AFTER`] failures in a
     /// row the replica turns not ready.
     pub async fn reload(&self) -> Result<(), SyncError> {
-        let reloaded = self.reload_with(false).await;
-        self.propagated().await;
-        reloaded
+        self.reload_with(false).await
     }
 
     /// Waits for the in-process modules to decide by the running version.
@@ -150,6 +148,9 @@ impl PolicySync {
         let revoked = self.shared.policy.load().apply_revocations(&stored);
         if revoked > 0 {
             tracing::info!(revoked, "keys revoked in the running policy");
+            // In-process modules are pushed the store again, which has them, even if
+            // what follows does not compile here.
+            self.shared.installs.send_modify(|_| {});
         }
         self.tokens.reload(&self.store).await?;
         // Decrypting every secret and compiling every regex is CPU work: off the

@@ -81,12 +81,14 @@ impl AuthSpec {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TargetRow {
     pub name: String,
     pub url: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CredentialRow {
     pub id: String,
     pub name: String,
@@ -120,6 +122,7 @@ impl CredentialRow {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KeyRow {
     pub id: String,
     pub credential_id: String,
@@ -153,6 +156,7 @@ pub struct NewKey<'a> {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProxyRow {
     pub name: String,
     pub target: String,
@@ -170,6 +174,7 @@ pub struct ProxyRow {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RuleRow {
     pub id: String,
     pub credential: Option<String>,
@@ -199,6 +204,7 @@ pub struct RuleConditions {
 
 /// Everything the store holds, as loaded in one read.
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StoredPolicy {
     pub targets: Vec<TargetRow>,
     pub credentials: Vec<CredentialRow>,

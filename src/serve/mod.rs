@@ -344,7 +344,8 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             master: master.clone(),
             sync: sync.clone(),
         };
-        module_feed = Some(tokio::spawn(module::serve(listener, feed, stop_rx.clone())));
+        let serving = module::serve(listener, path.clone(), feed, stop_rx.clone());
+        module_feed = Some(tokio::spawn(serving));
         tracing::info!(socket = %path.display(), "feeding Envoy's in-process module");
     }
     let minter = crate::control::keys::StoreMinter::new(store.clone(), sync.clone());

@@ -3,6 +3,7 @@
 //! stored as ext_proc's are.
 
 use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use zeroize::Zeroizing;
 use crate::base::crypto::MasterKey;
 use crate::control::sync::PolicySync;
 use crate::dataplane::shared::Shared;
-use crate::envoy::module::wire::{Batch, MAX_FRAME, Push, frame};
+use crate::envoy::module::wire::{BUILD, Batch, MAX_BATCH_FRAME, Push, frame};
 use crate::store::Store;
 use crate::telemetry::audit::Event;
 
@@ -34,7 +35,12 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// Serves modules on `listener` (owner-only) until `stopping`; then each module is told
 /// (its channel closed from this side), stops deciding, and sends what it has queued,
 /// which is stored before this returns.
-pub async fn serve(listener: UnixListener, feed: Feed, stopping: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    feed: Feed,
+    stopping: watch::Receiver<bool>,
+) {
     let ours = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
     let mut connection = 0u64;
     let mut connections = tokio::task::JoinSet::new();
@@ -78,6 +84,9 @@ pub async fn serve(listener: UnixListener, feed: Feed, stopping: watch::Receiver
             }
         });
     }
+    // No module may connect now into a backlog nobody reads: its records stay with it.
+    drop(listener);
+    let _ = std::fs::remove_file(path);
     while connections.join_next().await.is_some() {}
 }
 
@@ -115,7 +124,7 @@ async fn converse(
                 return anyhow::Ok(());
             }
             let length = u32::from_be_bytes(length) as usize;
-            anyhow::ensure!(length <= MAX_FRAME, "a frame of {length} bytes");
+            anyhow::ensure!(length <= MAX_BATCH_FRAME, "a frame of {length} bytes");
             let mut body = vec![0u8; length];
             read.read_exact(&mut body).await?;
             let batch: Batch = serde_json::from_slice(&body).context("a batch of records")?;
@@ -151,6 +160,7 @@ async fn push(feed: &Feed, version: i64) -> anyhow::Result<Push> {
     }
     let server = feed.sync.secrets().current();
     Ok(Push {
+        build: BUILD.to_owned(),
         version,
         shared_budgets: !feed.shared.budgets.is_local(),
         channel_key,

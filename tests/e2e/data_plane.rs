@@ -660,6 +660,11 @@ async fn latchkey_down(mode: Mode) {
     assert_eq!(charges().await.unwrap().status(), 200);
     upstream.take();
     stack.kill_latchkey();
+    if stack.mode == Mode::InProcess {
+        // The module stops deciding when its channel closes, which its thread sees a
+        // moment after the process is gone.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     for _ in 0..5 {
         let response = http
             .get(&url)

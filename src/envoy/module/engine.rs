@@ -31,7 +31,7 @@ use crate::dataplane::rules::Body;
 use crate::dataplane::snapshot::Policy;
 use crate::dataplane::spend::{LocalSpend, Spend};
 use crate::envoy::convert;
-use crate::envoy::module::wire::{Batch, Ending, Push, Record, read_frame, write_frame};
+use crate::envoy::module::wire::{BUILD, Batch, Ending, Push, Record, read_frame, write_frame};
 
 /// What the module does with a request.
 pub enum Verdict {
@@ -54,7 +54,6 @@ pub struct Request<'a> {
     pub headers: &'a [(&'a str, &'a [u8])],
     /// Whether a body follows the headers.
     pub has_body: bool,
-    pub request_id: &'a str,
 }
 
 /// A request the module decided, kept until Envoy says how it ended.
@@ -137,6 +136,13 @@ impl Engine {
         if token || mint::is_own(req.path) {
             return (Verdict::HandOn, None);
         }
+        // `serve` is not keeping up with the audit: ext_proc, which waits for it,
+        // decides until it does, rather than records piling up in Envoy.
+        if self.outbox.backlog() >= HIGH_WATER {
+            return (Verdict::HandOn, None);
+        }
+        // As ext_proc names it: Envoy's id, or a fresh one if the client's is unusable.
+        let request_id = convert::request_id(req.headers);
         let view = RequestView {
             method: req.method,
             path: req.path,
@@ -164,12 +170,12 @@ impl Engine {
             return (Verdict::HandOn, None);
         }
         let asked = Asked {
-            request_id: req.request_id,
+            request_id: &request_id,
             method: req.method,
             path: req.path,
             trace: convert::header_value(req.headers, "traceparent").and_then(TraceParent::parse),
         };
-        let admitting = admission::admit(&self.budgets, &self.spend, &mut decision, req.request_id);
+        let admitting = admission::admit(&self.budgets, &self.spend, &mut decision, &request_id);
         // Counters in memory answer at once; should one ever wait, the request is
         // refused rather than let through uncounted.
         let near_cap = ready(admitting).unwrap_or_else(|| {
@@ -190,7 +196,7 @@ impl Engine {
             Outcome::Deny(denial) => Verdict::Deny {
                 status: denial.http_status(),
                 headers: convert::denial_headers(&denial),
-                body: denial.body(req.request_id),
+                body: denial.body(&request_id),
             },
         };
         (verdict, Some(pending))
@@ -268,28 +274,38 @@ impl Engine {
         let mut reader = io::BufReader::new(&stream);
         let read = loop {
             match read_frame::<Push>(&mut reader) {
-                Ok(Some(push)) => match load(push) {
-                    Ok(loaded) => {
-                        self.outbox.taken_up(loaded.version);
-                        let (version, local) = (loaded.version, loaded.local.len());
-                        self.loaded.store(Some(Arc::new(loaded)));
-                        log(
-                            false,
-                            &format!(
-                                "policy version {version} in force; {local} proxies decided in process"
-                            ),
-                        );
+                Ok(Some(push)) => {
+                    let version = push.version;
+                    // A panic compiling must not end the channel with the old policy
+                    // still in force.
+                    let loaded = std::panic::catch_unwind(move || load(push))
+                        .unwrap_or_else(|_| Err("the compile panicked".to_owned()));
+                    match loaded {
+                        Ok(loaded) => {
+                            let local = loaded.local.len();
+                            self.loaded.store(Some(Arc::new(loaded)));
+                            log(
+                                false,
+                                &format!(
+                                    "policy version {version} in force; {local} proxies decided in process"
+                                ),
+                            );
+                        }
+                        // Not the policy `serve` runs: nothing is decided here until one
+                        // compiles (ext_proc decides meanwhile).
+                        Err(e) => {
+                            self.loaded.store(None);
+                            log(
+                                true,
+                                &format!(
+                                    "policy version {version} refused; ext_proc decides every request: {e}"
+                                ),
+                            );
+                        }
                     }
-                    // The last good policy stays; `serve` is told it was taken up all
-                    // the same, so that no change waits on it.
-                    Err((version, e)) => {
-                        self.outbox.taken_up(version);
-                        log(
-                            true,
-                            &format!("policy version {version} did not compile: {e}"),
-                        );
-                    }
-                },
+                    // Told once the version is in force (or refused), never before.
+                    self.outbox.taken_up(version);
+                }
                 Ok(None) => break Err(io::Error::other("latchkey serve closed the channel")),
                 Err(e) => break Err(e),
             }
@@ -324,15 +340,19 @@ fn owned_by_us(socket: &Path) -> io::Result<()> {
 }
 
 /// A pushed policy, compiled as `serve` compiles it.
-fn load(push: Push) -> Result<Loaded, (i64, String)> {
-    let failed = |e: String| (push.version, e);
-    let channel = MasterKey::parse(&push.channel_key).map_err(|e| failed(e.to_string()))?;
+fn load(push: Push) -> Result<Loaded, String> {
+    if push.build != BUILD {
+        return Err(format!(
+            "pushed by latchkey {}, and this module is {BUILD}",
+            push.build
+        ));
+    }
+    let channel = MasterKey::parse(&push.channel_key).map_err(|e| e.to_string())?;
     let server = ServerSecrets {
         values: push.server.into_iter().collect(),
         generation: push.server_generation,
     };
-    let policy =
-        Policy::compile(&push.stored, &channel, &server).map_err(|e| failed(e.to_string()))?;
+    let policy = Policy::compile(&push.stored, &channel, &server).map_err(|e| e.to_string())?;
     let local = policy.in_process(push.shared_budgets);
     Ok(Loaded {
         policy,
@@ -371,6 +391,9 @@ struct Outbox {
 const BATCH: usize = 1024;
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const MAX_QUEUED: usize = 1_000_000;
+/// Records waiting for `serve` past which requests go to ext_proc (which waits for the
+/// audit) instead of being decided here.
+const HIGH_WATER: u64 = 100_000;
 /// How long a closing channel waits for requests still being answered.
 const LINGER: Duration = Duration::from_secs(3);
 
@@ -390,6 +413,12 @@ impl Default for Outbox {
 }
 
 impl Outbox {
+    /// Records decided and not yet sent (or dropped).
+    fn backlog(&self) -> u64 {
+        let done = self.sent.load(Ordering::Acquire) + self.dropped.load(Ordering::Acquire);
+        self.queued.load(Ordering::Acquire).saturating_sub(done)
+    }
+
     fn taken_up(&self, version: i64) {
         self.taken_up.store(version, Ordering::Release);
         self.wake();
@@ -439,7 +468,11 @@ impl Outbox {
             if closing && batch.is_empty() && !untold() {
                 // Done once no decided request is still to be recorded.
                 let since: &Instant = closed_at.get_or_insert_with(Instant::now);
-                if self.deciding.load(Ordering::Acquire) == 0 || since.elapsed() > LINGER {
+                // A record is queued before its request stops counting as deciding: with
+                // none deciding, an empty queue stays empty.
+                let idle = self.deciding.load(Ordering::Acquire) == 0
+                    && self.queue.lock().is_ok_and(|q| q.is_empty());
+                if idle || since.elapsed() > LINGER {
                     return;
                 }
             }
@@ -471,8 +504,7 @@ impl Outbox {
         let deadline = Instant::now() + timeout;
         loop {
             self.ready.notify_all();
-            let done = self.sent.load(Ordering::Acquire) + self.dropped.load(Ordering::Acquire);
-            let left = self.queued.load(Ordering::Acquire).saturating_sub(done);
+            let left = self.backlog();
             if left == 0 || Instant::now() >= deadline {
                 return left;
             }
@@ -505,11 +537,12 @@ rules:
   - { proxy: bodied, effect: deny, body: [{ pointer: /amount, gt: 100 }] }
 "#;
 
-    /// An engine of its own, given `POLICY` as `serve` pushes it: through a frame.
-    fn engine() -> &'static Engine {
+    /// `POLICY` as `serve` pushes it, through a frame.
+    fn push() -> Push {
         let key = MasterKey::generate();
         let master = MasterKey::parse(&key).unwrap();
         let push = Push {
+            build: BUILD.to_owned(),
             version: 7,
             shared_budgets: false,
             channel_key: key.into(),
@@ -518,12 +551,27 @@ rules:
             server_generation: 0,
         };
         let bytes = frame(&push).unwrap();
-        let push: Push = read_frame(&mut &bytes[..]).unwrap().unwrap();
+        read_frame(&mut &bytes[..]).unwrap().unwrap()
+    }
+
+    /// An engine of its own, given `POLICY`.
+    fn engine() -> &'static Engine {
         let engine: &'static Engine = Box::leak(Box::new(Engine::new()));
+        engine.loaded.store(Some(Arc::new(load(push()).unwrap())));
         engine
-            .loaded
-            .store(Some(Arc::new(load(push).map_err(|e| e.1).unwrap())));
-        engine
+    }
+
+    #[test]
+    fn a_push_from_another_build_is_refused() {
+        let mut other = push();
+        other.build = "0.0.9/wire-0".into();
+        let Err(refused) = load(other) else {
+            panic!("loaded")
+        };
+        assert!(
+            refused.contains("pushed by latchkey 0.0.9/wire-0"),
+            "{refused}"
+        );
     }
 
     fn ask(
@@ -542,7 +590,6 @@ rules:
             path,
             headers: &headers,
             has_body: body,
-            request_id: "r-1",
         };
         engine.judge(&req, crate::base::clock::now_unix_ms())
     }

@@ -13,12 +13,22 @@ use crate::policy::rows::StoredPolicy;
 use crate::policy::secrets::ServerSource;
 use crate::telemetry::audit::{Completed, Decided};
 
-/// The largest frame either side accepts: a policy with a few hundred thousand keys.
+/// The largest push the module accepts: a policy with a few hundred thousand keys.
 pub const MAX_FRAME: usize = 512 << 20;
+
+/// The largest batch `serve` accepts (1,024 records of at most a few kilobytes each).
+pub const MAX_BATCH_FRAME: usize = 32 << 20;
+
+/// What both sides must have been built from to talk: a module of another latchkey
+/// could read a policy without the parts it does not know, and decide by less.
+pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "/wire-1");
 
 /// `serve` to the module: the policy to decide by.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Push {
+    /// [`BUILD`] of the `serve` that pushed it.
+    pub build: String,
     /// The store's policy version.
     pub version: i64,
     /// Whether `serve` counts limits in a store all replicas share.
@@ -145,7 +155,8 @@ pub fn write_frame<T: Serialize>(out: &mut impl Write, value: &T) -> io::Result<
     out.flush()
 }
 
-/// Reads one frame; `Ok(None)` at a clean end of the stream.
+/// Reads one frame of at most [`MAX_FRAME`] bytes; `Ok(None)` at a clean end of the
+/// stream.
 pub fn read_frame<T: for<'de> Deserialize<'de>>(input: &mut impl Read) -> io::Result<Option<T>> {
     let mut length = [0u8; 4];
     match input.read_exact(&mut length) {
