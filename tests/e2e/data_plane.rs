@@ -703,8 +703,11 @@ fn every_envoy_config_validates() {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
+            // envoy-inprocess.yaml loads the module built beside the binaries.
+            let modules = std::path::Path::new(common::latchkey_bin()).parent().unwrap();
             let out = std::process::Command::new(common::envoy_bin())
                 .current_dir(here.path())
+                .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", modules)
                 .args(["--mode", "validate", "-c"])
                 .arg(&path)
                 .output()
@@ -718,7 +721,10 @@ fn every_envoy_config_validates() {
             checked += 1;
         }
     }
-    assert!(checked >= 2, "envoy.yaml and envoy-ext-authz.yaml");
+    assert!(
+        checked >= 3,
+        "envoy.yaml, envoy-ext-authz.yaml and envoy-inprocess.yaml"
+    );
 }
 
 #[tokio::test]
