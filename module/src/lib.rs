@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use abi::*;
+use latchkey::envoy::convert::header_text;
 use latchkey::envoy::module::engine::{Engine, Pending, Request, Verdict};
 use latchkey::envoy::module::wire::Ending;
 
@@ -221,16 +222,9 @@ unsafe fn judge(envoy: FilterEnvoy, end_of_stream: bool) -> (Verdict, Option<Pen
             ))
         })
         .collect();
-    let text = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-            .unwrap_or_default()
-    };
     let request = Request {
-        method: text(":method"),
-        path: text(":path"),
+        method: header_text(&headers, ":method"),
+        path: header_text(&headers, ":path"),
         headers: &headers,
         has_body: !end_of_stream,
     };

@@ -148,13 +148,17 @@ const FILES: [&str; 5] = [
     ENVOY_KEY_FILE,
 ];
 
+/// The user this process runs as: the owner of its own `/proc` entry.
+pub fn own_uid() -> std::io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self").map(|m| m.uid())
+}
+
 /// The directory and its files are this user's own, not links, and nobody else may
 /// write them (nor read the keys).
 fn check_private(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let me = fs::metadata("/proc/self")
-        .context("finding latchkey's own user")?
-        .uid();
+    let me = own_uid().context("finding latchkey's own user")?;
     let meta = fs::symlink_metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
     if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o077 != 0 {
         bail!(

@@ -44,6 +44,13 @@ pub fn header_value<'a>(headers: &[(&str, &'a [u8])], name: &str) -> Option<&'a 
     headers.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }
 
+/// A header's value as text; empty if absent or not UTF-8.
+pub fn header_text<'a>(headers: &[(&str, &'a [u8])], name: &str) -> &'a str {
+    header_value(headers, name)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .unwrap_or_default()
+}
+
 /// Envoy's `x-request-id`, the audit's join key; one of latchkey's own if it sent none
 /// (or an unreasonable one).
 pub fn request_id(headers: &[(&str, &[u8])]) -> String {

@@ -243,12 +243,6 @@ fn unreadable_body(pairs: &[(&str, &[u8])], end_of_stream: bool) -> Option<&'sta
     }
 }
 
-fn text<'a>(pairs: &[(&str, &'a [u8])], name: &str) -> &'a str {
-    convert::header_value(pairs, name)
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .unwrap_or_default()
-}
-
 /// How much of the response this request's price and guard need to see.
 fn reads(charge: Option<&Charge>, guarded: bool) -> ResponseRead {
     let priced = match charge.map(|c| &*c.cost) {
@@ -301,7 +295,7 @@ impl Exchange {
         let started = Instant::now();
         let pairs = convert::header_pairs(headers.headers.as_ref());
         self.request_id = convert::request_id(&pairs);
-        if mint::is_own(text(&pairs, ":path")) {
+        if mint::is_own(convert::header_text(&pairs, ":path")) {
             if headers.end_of_stream {
                 return self.own(&pairs, b"").await;
             }
@@ -564,8 +558,8 @@ impl Exchange {
 
     async fn decide(&self, pairs: &[(&str, &[u8])], body: &Body, raw: Option<&[u8]>) -> Judgement {
         let view = RequestView {
-            method: text(pairs, ":method"),
-            path: text(pairs, ":path"),
+            method: convert::header_text(pairs, ":method"),
+            path: convert::header_text(pairs, ":path"),
             headers: pairs,
             body: raw,
         };
@@ -578,8 +572,8 @@ impl Exchange {
     /// A request for latchkey itself: a run key minted with a workload token.
     async fn own(&self, pairs: &[(&str, &[u8])], body: &[u8]) -> ProcessingResponse {
         let req = RequestView {
-            method: text(pairs, ":method"),
-            path: text(pairs, ":path"),
+            method: convert::header_text(pairs, ":method"),
+            path: convert::header_text(pairs, ":path"),
             headers: pairs,
             body: Some(body),
         };
@@ -601,8 +595,8 @@ impl Exchange {
     ) -> ProcessingResponse {
         let asked = Asked {
             request_id: &self.request_id,
-            method: text(pairs, ":method"),
-            path: text(pairs, ":path"),
+            method: convert::header_text(pairs, ":method"),
+            path: convert::header_text(pairs, ":path"),
             trace: convert::header_value(pairs, "traceparent").and_then(TraceParent::parse),
         };
         conclude(&self.shared, &mut decision, &asked, started).await;

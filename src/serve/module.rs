@@ -2,7 +2,6 @@
 //! the policy, again whenever a new one is put into effect, and its audit records are
 //! stored as ext_proc's are.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +40,7 @@ pub async fn serve(
     feed: Feed,
     stopping: watch::Receiver<bool>,
 ) {
-    let ours = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let ours = crate::envoy::channel::own_uid().ok();
     let mut connection = 0u64;
     let mut connections = tokio::task::JoinSet::new();
     loop {

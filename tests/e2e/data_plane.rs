@@ -704,12 +704,9 @@ fn every_envoy_config_validates() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             // envoy-inprocess.yaml loads the module built beside the binaries.
-            let modules = std::path::Path::new(common::latchkey_bin())
-                .parent()
-                .unwrap();
             let out = std::process::Command::new(common::envoy_bin())
                 .current_dir(here.path())
-                .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", modules)
+                .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", common::modules_dir())
                 .args(["--mode", "validate", "-c"])
                 .arg(&path)
                 .output()

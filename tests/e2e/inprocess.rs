@@ -258,13 +258,9 @@ async fn the_channel_is_owner_only_and_the_envoy_build_pinned() {
 
     // `--mode validate` builds the config without connecting anywhere.
     let validate = |envoy: &std::path::Path| {
-        let modules = std::path::Path::new(common::latchkey_bin())
-            .parent()
-            .unwrap()
-            .to_owned();
         Command::new(envoy)
             .current_dir(stack.dir.path())
-            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", modules)
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", common::modules_dir())
             .args(["--mode", "validate", "-c", "envoy.yaml"])
             .output()
             .unwrap()

@@ -328,7 +328,7 @@ impl Engine {
 /// on the host cannot stand in and push a policy.
 fn owned_by_us(socket: &Path) -> io::Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let ours = std::fs::metadata("/proc/self")?.uid();
+    let ours = crate::envoy::channel::own_uid()?;
     let theirs = std::fs::metadata(socket)?.uid();
     if ours == theirs {
         Ok(())

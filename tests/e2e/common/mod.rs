@@ -27,6 +27,13 @@ pub fn latchkey_bin() -> &'static str {
     env!("CARGO_BIN_EXE_latchkey")
 }
 
+/// Where `make module` builds the in-process module: beside the binaries under test.
+pub fn modules_dir() -> &'static Path {
+    Path::new(latchkey_bin())
+        .parent()
+        .expect("a target directory")
+}
+
 /// The venv's Python, beside Envoy: the SDKs and test helpers are installed there.
 pub fn python() -> PathBuf {
     envoy_bin().with_file_name("python3")

@@ -326,12 +326,9 @@ impl Stack {
         std::fs::write(&path, edit(config)).unwrap();
         let log = std::fs::File::create(self.dir.path().join("envoy.log")).unwrap();
         // The module is built beside the binaries under test (`make module`).
-        let modules = Path::new(latchkey_bin())
-            .parent()
-            .expect("a target directory");
         let child = Command::new(envoy_bin())
             .current_dir(self.dir.path())
-            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", modules)
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", modules_dir())
             .args([
                 "--disable-hot-restart",
                 "--concurrency",
