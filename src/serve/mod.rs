@@ -15,7 +15,6 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::Ex
 use futures_util::future::Either;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use zeroize::Zeroizing;
@@ -49,6 +48,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::otlp::{Otlp, OtlpConfig};
 use crate::telemetry::tap::Tap;
 
+mod lanes;
 mod module;
 
 pub struct ServeConfig {
@@ -292,28 +292,35 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
-    let mut ext_proc = Server::builder();
-    if let Some(tls) = grpc_tls {
-        ext_proc = ext_proc.tls_config(tls).context("ext_proc mutual TLS")?;
-    }
-    let ext_proc = ext_proc
-        .add_service(health_service.clone())
-        .add_service(ExternalProcessorServer::new(ExtProc::new(shared.clone())))
-        .add_service(AuthorizationServer::new(ExtAuthz::new(shared.clone())))
-        .add_service(AccessLogServiceServer::new(AccessLog::new(
-            shared.clone(),
-            stop_rx.clone(),
-        )));
-    let ext_proc: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+    // ext_proc, ext_authz, the access log and gRPC health, on one lane per core.
+    let data_plane = {
+        let (shared, stopping, health) = (shared.clone(), stop_rx.clone(), health_service.clone());
+        move || {
+            let mut server = Server::builder();
+            if let Some(tls) = &grpc_tls {
+                server = server.tls_config(tls.clone())?;
+            }
+            Ok(server
+                .add_service(health.clone())
+                .add_service(ExternalProcessorServer::new(ExtProc::new(shared.clone())))
+                .add_service(AuthorizationServer::new(ExtAuthz::new(shared.clone())))
+                .add_service(AccessLogServiceServer::new(AccessLog::new(
+                    shared.clone(),
+                    stopping.clone(),
+                ))))
+        }
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (lanes, ext_proc): (_, Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>) =
         match grpc {
-            Either::Left(tcp) => Box::pin(ext_proc.serve_with_incoming_shutdown(
-                TcpIncoming::from(tcp).with_nodelay(Some(true)),
-                stopped(stop_rx.clone()),
-            )),
-            Either::Right(unix) => Box::pin(ext_proc.serve_with_incoming_shutdown(
-                UnixListenerStream::new(unix),
-                stopped(stop_rx.clone()),
-            )),
+            Either::Left(tcp) => {
+                let (lanes, dealing) = lanes::start(tcp, cores, data_plane, stop_rx.clone())?;
+                (lanes, Box::pin(dealing))
+            }
+            Either::Right(unix) => {
+                let (lanes, dealing) = lanes::start(unix, cores, data_plane, stop_rx.clone())?;
+                (lanes, Box::pin(dealing))
+            }
         };
     let tokens = Tokens::default();
     tokens
@@ -442,6 +449,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     background.shutdown().await;
     audit_writer.finish().await;
     tracing::info!("audit flushed");
+    drop(lanes);
     served
 }
 
