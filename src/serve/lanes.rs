@@ -2,12 +2,12 @@
 //! each served from accept to close by one thread: a lane, with a runtime of its own.
 //!
 //! Why: an Envoy worker sends all its requests over one HTTP/2 connection. On a
-//! work-stealing runtime, each stream's task is woken on whichever worker is idle, and
-//! those hand-offs between threads (futex wakes, context switches) cost latchkey more CPU
-//! per request than its decision does: 109 µs against 92 µs per request at a steady
-//! 3,000 req/s through the shipped config when the same process ran one worker. In a lane,
-//! a connection, its streams and their tasks stay on one thread, as they do in Envoy.
-//! There is a lane per core; connections are dealt to them in turn.
+//! work-stealing runtime each stream's task is woken on whichever thread is idle, and
+//! those hand-offs (futex wakes, context switches) cost more CPU than the decision: with
+//! lanes, latchkey's CPU per request through the shipped config fell from 81 to 53 µs
+//! under load (docs/benchmarks.md). In a lane a connection, its streams and their tasks
+//! stay on one thread, as they do in Envoy. There is a lane per core; connections are
+//! dealt to them in turn.
 //!
 //! A lane's runtime runs until [`Lanes`] is dropped, after its server has stopped:
 //! whatever a request made on it (a pooled database connection a mint opened, an OAuth2
