@@ -6,8 +6,9 @@
 //! those hand-offs (futex wakes, context switches) cost more CPU than the decision: with
 //! lanes, latchkey's CPU per request through the shipped config fell from 81 to 53 µs
 //! under load (docs/benchmarks.md). In a lane a connection, its streams and their tasks
-//! stay on one thread, as they do in Envoy. There is a lane per core; connections are
-//! dealt to them in turn.
+//! stay on one thread, as they do in Envoy. There is a lane per core; each connection
+//! goes to the lane with the fewest open, so busy connections spread over the cores
+//! however Envoy's connections come and go.
 //!
 //! A lane's runtime runs until [`Lanes`] is dropped, after its server has stopped:
 //! whatever a request made on it (a pooled database connection a mint opened, an OAuth2
@@ -15,10 +16,15 @@
 
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context as TaskContext, Poll};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::StreamExt;
@@ -35,7 +41,7 @@ pub trait Listener: Send + 'static {
 
 /// A connection taken off its listener's runtime, to be registered with a lane's.
 pub trait Accepted: Send + 'static {
-    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Connected + Unpin + Send + 'static;
+    type Io: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static;
     /// Registers the connection with the runtime this is called on.
     fn register(self) -> io::Result<Self::Io>;
 }
@@ -76,10 +82,26 @@ impl Accepted for std::os::unix::net::UnixStream {
 pub struct Lanes {
     release: watch::Sender<bool>,
     threads: Vec<JoinHandle<()>>,
+    /// Each lane's open connections.
+    open: Vec<Arc<AtomicUsize>>,
+}
+
+impl Lanes {
+    /// Each lane's open connections.
+    fn open(&self) -> Vec<usize> {
+        self.open
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
 }
 
 impl Drop for Lanes {
     fn drop(&mut self) {
+        let open: usize = self.open().iter().sum();
+        if open > 0 {
+            tracing::warn!(open, "closing data-plane connections still open at exit");
+        }
         let _ = self.release.send(true);
         for thread in self.threads.drain(..) {
             let _ = thread.join();
@@ -100,6 +122,7 @@ pub fn start<L: Listener>(
     let mut lanes = Lanes {
         release,
         threads: Vec::with_capacity(count),
+        open: Vec::with_capacity(count),
     };
     let mut dealt = Vec::with_capacity(count);
     let mut served = Vec::with_capacity(count);
@@ -113,13 +136,23 @@ pub fn start<L: Listener>(
         // Built here, so that a bad TLS config fails `serve` before it says it is serving.
         let router = router().context("the data plane's gRPC server")?;
         let (stopping, released) = (stopping.clone(), released.clone());
+        let open = Arc::new(AtomicUsize::new(0));
+        lanes.open.push(open.clone());
         let thread = std::thread::Builder::new()
             .name(format!("latchkey-lane-{i}"))
             .spawn(move || {
                 runtime.block_on(async move {
                     let serving = async move {
-                        let incoming =
-                            UnboundedReceiverStream::new(incoming).map(Accepted::register);
+                        let incoming = UnboundedReceiverStream::new(incoming).map(move |s| {
+                            let open = open.clone();
+                            match s.register() {
+                                Ok(io) => Ok(Counted { io, open }),
+                                Err(e) => {
+                                    open.fetch_sub(1, Ordering::Relaxed);
+                                    Err(e)
+                                }
+                            }
+                        });
                         let served = router
                             .serve_with_incoming_shutdown(incoming, stopped(stopping))
                             .await;
@@ -137,6 +170,7 @@ pub fn start<L: Listener>(
         dealt.push(deal);
         served.push(finished);
     }
+    let open = lanes.open.clone();
     let dealing = async move {
         let mut next = 0usize;
         let stop = stopped(stopping);
@@ -147,8 +181,17 @@ pub fn start<L: Listener>(
                 () = &mut stop => break,
                 accepted = listener.accept() => match accepted {
                     Ok(stream) => {
-                        let _ = dealt[next % dealt.len()].send(stream);
-                        next = next.wrapping_add(1);
+                        // The fewest open; among equals, each in turn.
+                        let lanes = dealt.len();
+                        let lane = (0..lanes)
+                            .map(|k| (next + k) % lanes)
+                            .min_by_key(|&i| open[i].load(Ordering::Relaxed))
+                            .unwrap_or(0);
+                        next = (next + 1) % lanes;
+                        open[lane].fetch_add(1, Ordering::Relaxed);
+                        if dealt[lane].send(stream).is_err() {
+                            open[lane].fetch_sub(1, Ordering::Relaxed);
+                        }
                     }
                     Err(e) => {
                         // Out of descriptors, or a peer gone before it was accepted.
@@ -170,16 +213,102 @@ pub fn start<L: Listener>(
     Ok((lanes, dealing))
 }
 
+/// A lane's connection, counted open until it is dropped.
+struct Counted<Io> {
+    io: Io,
+    open: Arc<AtomicUsize>,
+}
+
+impl<Io> Drop for Counted<Io> {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for Counted<Io> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+// Every method passed on, the vectored ones included: HTTP/2 writes its frames vectored.
+impl<Io: AsyncWrite + Unpin> AsyncWrite for Counted<Io> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl<Io: Connected> Connected for Counted<Io> {
+    type ConnectInfo = Io::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
     use tonic::service::interceptor::InterceptedService;
+    use tonic::transport::Channel;
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
 
-    /// Connections are dealt to the lanes in turn and answered on their lane's thread;
-    /// a stop ends the dealing once every lane's server has stopped.
+    /// A new connection, asked once whether it is served.
+    async fn connect_and_check(addr: std::net::SocketAddr) -> HealthClient<Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = HealthClient::new(channel);
+        let answer = client.check(HealthCheckRequest::default()).await.unwrap();
+        assert_eq!(answer.into_inner().status, 1, "SERVING");
+        client
+    }
+
+    async fn wait_for(done: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("not within 5 s");
+    }
+
+    /// Connections go to the lane with the fewest open (in turn among equals) and are
+    /// answered on their lane's thread; a stop ends the dealing once every lane's server
+    /// has stopped.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connections_are_dealt_to_lanes_and_served_there() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -200,22 +329,31 @@ mod tests {
         };
         let (lanes, dealing) = start(listener, 2, router, stopping).unwrap();
         let dealing = tokio::spawn(dealing);
+        let mut held = Vec::new();
         for _ in 0..3 {
-            // A new connection each time.
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut client = HealthClient::new(channel);
-            let answer = client.check(HealthCheckRequest::default()).await.unwrap();
-            assert_eq!(answer.into_inner().status, 1, "SERVING");
+            held.push(connect_and_check(addr).await);
         }
-        // One connection each, dealt in turn.
+        // Dealt in turn while the counts are equal.
         assert_eq!(
             *threads.lock().unwrap(),
             ["latchkey-lane-0", "latchkey-lane-1", "latchkey-lane-0"]
         );
+        assert_eq!(lanes.open(), [2, 1]);
+        // Closed connections are counted closed; then the fewest open wins over the
+        // turn (which is lane 1's for the third below).
+        drop(held);
+        wait_for(|| lanes.open() == [0, 0]).await;
+        let first = connect_and_check(addr).await;
+        let second = connect_and_check(addr).await;
+        drop(second);
+        wait_for(|| lanes.open() == [0, 1]).await;
+        let third = connect_and_check(addr).await;
+        assert_eq!(lanes.open(), [1, 1]);
+        assert_eq!(
+            threads.lock().unwrap()[3..],
+            ["latchkey-lane-1", "latchkey-lane-0", "latchkey-lane-0"]
+        );
+        drop((first, third));
         stop.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), dealing)
             .await

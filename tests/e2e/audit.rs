@@ -457,7 +457,9 @@ async fn sigterm_under_load_loses_no_record() {
     let upstream = Upstream::start().await;
     let mut stack = Stack::start().await;
     stack.apply(&policy(&upstream.url()), &env());
-    let (answered, _) = tokio::join!(load(&stack, &upstream, 6_000, 16), async {
+    // Enough that the load outlasts the drain notice even in process, where requests are
+    // quicker: refused ones are quick.
+    let (answered, _) = tokio::join!(load(&stack, &upstream, 20_000, 16), async {
         tokio::time::sleep(Duration::from_millis(700)).await;
         stack.signal_latchkey("TERM");
     });
