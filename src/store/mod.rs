@@ -22,6 +22,7 @@ pub use desired::{Change, Desired, DesiredCredential};
 
 use sqlx::AnyPool;
 use sqlx::any::AnyPoolOptions;
+use sqlx::pool::PoolConnection;
 use sqlx::{Any, Executor, Transaction};
 
 use crate::policy::rows::*;
@@ -95,7 +96,8 @@ impl Store {
                         // WAL: readers never wait for the writer; a writer waits up to
                         // 5 s for another. Temporary data (a statement's undo journal, as the
                         // audit's batch INSERTs keep; sorts) stays in memory instead of
-                        // spilling to temporary files.
+                        // spilling to temporary files; a read that sorts millions of rows
+                        // takes `spilling_connection` instead.
                         // Each pooled connection caches 512 KiB of pages, not 2 MiB: the
                         // policy lives in memory and the audit appends, so a larger cache
                         // is resident memory that buys nothing.
@@ -144,6 +146,19 @@ impl Store {
     }
 
     /// For the request log, which keeps its own SQL beside its own types.
+    /// A connection for reads that sort or group millions of rows. On SQLite their
+    /// temporary data goes to files, where the pool's connections keep it in memory: a
+    /// month of records sorted in memory peaked at over 200 MiB of resident memory. The
+    /// connection is closed when dropped, never handed back with the setting changed.
+    pub(crate) async fn spilling_connection(&self) -> Result<PoolConnection<Any>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        if self.backend == Backend::Sqlite {
+            conn.close_on_drop();
+            conn.execute("PRAGMA temp_store = FILE").await?;
+        }
+        Ok(conn)
+    }
+
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }

@@ -131,9 +131,9 @@ impl Sql {
     /// The rows one at a time, as the database sends them.
     fn stream<'a>(
         &'a self,
-        store: &'a Store,
+        conn: &'a mut sqlx::AnyConnection,
     ) -> impl futures_util::Stream<Item = Result<sqlx::any::AnyRow, sqlx::Error>> + 'a {
-        self.query().fetch(store.pool())
+        self.query().fetch(conn)
     }
 }
 
@@ -333,6 +333,8 @@ pub async fn telemetry(
     let width = width_ms.max(1);
     let slot = format!("(time_ms / {width})");
     let mut buckets: BTreeMap<i64, (Bucket, u64)> = BTreeMap::new();
+    // Every statement below sorts the whole window.
+    let mut conn = store.spilling_connection().await?;
     let q = grouped(
         filter,
         &format!(
@@ -342,7 +344,7 @@ pub async fn telemetry(
         "",
         "1",
     );
-    for r in q.fetch_all(store).await? {
+    for r in q.query().fetch_all(&mut *conn).await? {
         let slot: i64 = r.try_get(0)?;
         let bucket = Bucket {
             start_ms: slot * width,
@@ -353,14 +355,14 @@ pub async fn telemetry(
         buckets.insert(slot, (bucket, count(r.try_get(2)?)));
     }
     let q = grouped(filter, &format!("{slot}, decision, COUNT(*)"), "", "1, 2");
-    for r in q.fetch_all(store).await? {
+    for r in q.query().fetch_all(&mut *conn).await? {
         if let Some((bucket, _)) = buckets.get_mut(&r.try_get::<i64, _>(0)?) {
             bucket.decisions.insert(r.try_get(1)?, count(r.try_get(2)?));
         }
     }
     let class = "CAST(CASE WHEN status IS NULL THEN -1 ELSE status / 100 END AS BIGINT)";
     let q = grouped(filter, &format!("{slot}, {class}, COUNT(*)"), "", "1, 2");
-    for r in q.fetch_all(store).await? {
+    for r in q.query().fetch_all(&mut *conn).await? {
         if let Some((bucket, _)) = buckets.get_mut(&r.try_get::<i64, _>(0)?) {
             let class = match r.try_get::<i64, _>(1)? {
                 -1 => "none".to_owned(),
@@ -382,7 +384,7 @@ pub async fn telemetry(
         " AND model IS NOT NULL",
         "1, 2",
     );
-    for r in q.fetch_all(store).await? {
+    for r in q.query().fetch_all(&mut *conn).await? {
         if let Some((bucket, _)) = buckets.get_mut(&r.try_get::<i64, _>(0)?) {
             bucket.models.insert(
                 r.try_get(1)?,
@@ -401,7 +403,7 @@ pub async fn telemetry(
     let mut q = Sql::new(&format!("SELECT {slot}, latency_ms FROM requests"));
     push_filter(&mut q, filter);
     q.text.push_str(" AND latency_ms IS NOT NULL ORDER BY 1, 2");
-    let mut rows = q.stream(store);
+    let mut rows = q.stream(&mut conn);
     let (mut current, mut seen) = (None, 0u64);
     while let Some(r) = rows.try_next().await? {
         let slot: i64 = r.try_get(0)?;

@@ -541,6 +541,7 @@ async fn telemetry_over_a_million_records_is_answered_in_bounded_memory() {
     assert!(buckets.iter().all(|b| b["p95_latency_ms"].as_f64().unwrap() >= b["p50_latency_ms"].as_f64().unwrap()));
     let peak = peak_mib(stack.latchkey_pid());
     println!("telemetry over 1,000,000 records: {took:?}, server peak RSS {before} -> {peak} MiB");
-    // Loading the rows, as before aggregation moved into SQL, peaked at 835 MiB.
-    assert!(peak < 256, "peak RSS {peak} MiB");
+    // Loading the rows, as before aggregation moved into SQL, peaked at 835 MiB; sorting
+    // them in SQLite's memory, 212-258 MiB; sorting them in its temporary files, 45 MiB.
+    assert!(peak < 128, "peak RSS {peak} MiB");
 }
