@@ -145,7 +145,6 @@ impl Store {
         Ok(())
     }
 
-    /// For the request log, which keeps its own SQL beside its own types.
     /// A connection for reads that sort or group millions of rows. On SQLite their
     /// temporary data goes to files, where the pool's connections keep it in memory: a
     /// month of records sorted in memory peaked at over 200 MiB of resident memory. The
@@ -159,6 +158,7 @@ impl Store {
         Ok(conn)
     }
 
+    /// For the request log, which keeps its own SQL beside its own types.
     pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }

@@ -124,8 +124,11 @@ impl Sql {
         query
     }
 
-    async fn fetch_all(&self, store: &Store) -> Result<Vec<sqlx::any::AnyRow>, StoreError> {
-        Ok(self.query().fetch_all(store.pool()).await?)
+    async fn fetch_all<'c>(
+        &self,
+        on: impl sqlx::Executor<'c, Database = sqlx::Any>,
+    ) -> Result<Vec<sqlx::any::AnyRow>, StoreError> {
+        Ok(self.query().fetch_all(on).await?)
     }
 
     /// The rows one at a time, as the database sends them.
@@ -223,7 +226,7 @@ pub async fn scan(
         " ORDER BY seq DESC LIMIT ",
         Arg::Int(i64::from(limit.clamp(1, MAX_LIMIT))),
     );
-    entries(&q.fetch_all(store).await?)
+    entries(&q.fetch_all(store.pool()).await?)
 }
 
 /// Newest first (by decision time); `before` is where a previous page ended.
@@ -248,7 +251,7 @@ pub async fn list(
         " ORDER BY time_ms DESC, seq DESC LIMIT ",
         Arg::Int(i64::from(limit.clamp(1, MAX_LIMIT))),
     );
-    entries(&q.fetch_all(store).await?)
+    entries(&q.fetch_all(store.pool()).await?)
 }
 
 fn entries(rows: &[sqlx::any::AnyRow]) -> Result<Vec<Entry>, StoreError> {
@@ -344,7 +347,7 @@ pub async fn telemetry(
         "",
         "1",
     );
-    for r in q.query().fetch_all(&mut *conn).await? {
+    for r in q.fetch_all(&mut *conn).await? {
         let slot: i64 = r.try_get(0)?;
         let bucket = Bucket {
             start_ms: slot * width,
@@ -355,14 +358,14 @@ pub async fn telemetry(
         buckets.insert(slot, (bucket, count(r.try_get(2)?)));
     }
     let q = grouped(filter, &format!("{slot}, decision, COUNT(*)"), "", "1, 2");
-    for r in q.query().fetch_all(&mut *conn).await? {
+    for r in q.fetch_all(&mut *conn).await? {
         if let Some((bucket, _)) = buckets.get_mut(&r.try_get::<i64, _>(0)?) {
             bucket.decisions.insert(r.try_get(1)?, count(r.try_get(2)?));
         }
     }
     let class = "CAST(CASE WHEN status IS NULL THEN -1 ELSE status / 100 END AS BIGINT)";
     let q = grouped(filter, &format!("{slot}, {class}, COUNT(*)"), "", "1, 2");
-    for r in q.query().fetch_all(&mut *conn).await? {
+    for r in q.fetch_all(&mut *conn).await? {
         if let Some((bucket, _)) = buckets.get_mut(&r.try_get::<i64, _>(0)?) {
             let class = match r.try_get::<i64, _>(1)? {
                 -1 => "none".to_owned(),
@@ -384,7 +387,7 @@ pub async fn telemetry(
         " AND model IS NOT NULL",
         "1, 2",
     );
-    for r in q.query().fetch_all(&mut *conn).await? {
+    for r in q.fetch_all(&mut *conn).await? {
         if let Some((bucket, _)) = buckets.get_mut(&r.try_get::<i64, _>(0)?) {
             bucket.models.insert(
                 r.try_get(1)?,
