@@ -42,6 +42,7 @@ pub type ConfigModule = *const c_void;
 
 // `envoy_dynamic_module_type_http_header_type`
 pub const REQUEST_HEADERS: u32 = 0;
+pub const RESPONSE_HEADERS: u32 = 2;
 
 // `envoy_dynamic_module_type_attribute_id`
 pub const ATTRIBUTE_REQUEST_SIZE: u32 = 13;

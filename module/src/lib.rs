@@ -9,7 +9,9 @@
 //! A request the module cannot decide alone (a body to read, a response to price, a
 //! token to fetch: `Policy::in_process`) is left to the ext_proc filter after it. One it
 //! decided is marked in the dynamic metadata (`latchkey.in_process`), which routes it past
-//! ext_proc and keeps it out of the gRPC access log.
+//! ext_proc and keeps it out of the gRPC access log; its rate-limit and budget figures go
+//! on the response from here, not through the metadata and the route's formatters
+//! (11,000 fewer instructions per request in Envoy, of the 123,000 the mode added).
 
 #![allow(clippy::missing_safety_doc)]
 
@@ -34,6 +36,8 @@ struct Config {
 #[derive(Default)]
 struct Filter {
     pending: Option<Pending>,
+    /// The figures a forwarded request's response shows (`Shown::headers`).
+    shown: Vec<(&'static str, String)>,
 }
 
 fn log(error: bool, message: &str) {
@@ -169,7 +173,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         let (verdict, pending) = unsafe { judge(envoy, end_of_stream) };
         filter.pending = pending;
         // SAFETY: as above; the header slices `judge` read are no longer held.
-        Some(unsafe { apply(envoy, verdict) })
+        Some(unsafe { apply(envoy, verdict, filter) })
     });
     decided.unwrap_or_else(|| {
         // Fail closed: a request the module could not judge does not go upstream.
@@ -232,26 +236,27 @@ unsafe fn judge(envoy: FilterEnvoy, end_of_stream: bool) -> (Verdict, Option<Pen
 }
 
 /// Envoy told what the verdict says.
-unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict) -> u32 {
+unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u32 {
     match verdict {
         Verdict::HandOn => CONTINUE,
         Verdict::Forward { forward, shown } => {
+            let set = |name: &str| forward.set.iter().any(|(n, _)| n == name);
             // SAFETY: `envoy` is alive; every buffer outlives its call.
             unsafe {
                 decided_here(envoy);
-                for name in &forward.remove {
-                    set_header(envoy, name.as_bytes(), None);
+                // Setting a header replaces every value it had: a name set below needs
+                // no removal first.
+                for name in forward.remove.iter().filter(|n| !set(n)) {
+                    set_header(envoy, REQUEST_HEADERS, name.as_bytes(), None);
                 }
                 for (name, value) in &forward.set {
-                    set_header(envoy, name.as_bytes(), Some(value));
-                }
-                for (key, value) in shown.metadata() {
-                    metadata(envoy, &key, value.as_bytes());
+                    set_header(envoy, REQUEST_HEADERS, name.as_bytes(), Some(value));
                 }
                 // The cluster header and authority changed, and so did the metadata
                 // the route matches on.
                 envoy_dynamic_module_callback_http_clear_route_cache(envoy);
             }
+            filter.shown = shown.headers();
             CONTINUE
         }
         Verdict::Deny {
@@ -289,16 +294,12 @@ unsafe fn metadata(envoy: FilterEnvoy, key: &str, value: &[u8]) {
     }
 }
 
-unsafe fn set_header(envoy: FilterEnvoy, name: &[u8], value: Option<&[u8]>) {
+/// Sets (replacing every value) or, with `None`, removes a header of `which` map.
+unsafe fn set_header(envoy: FilterEnvoy, which: u32, name: &[u8], value: Option<&[u8]>) {
     let value = value.map_or(ModuleBuffer::NULL, ModuleBuffer::of);
     // SAFETY: the caller's; the buffers outlive the call.
     unsafe {
-        envoy_dynamic_module_callback_http_set_header(
-            envoy,
-            REQUEST_HEADERS,
-            ModuleBuffer::of(name),
-            value,
-        )
+        envoy_dynamic_module_callback_http_set_header(envoy, which, ModuleBuffer::of(name), value)
     };
 }
 
@@ -348,7 +349,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
         };
         // A client that hung up before any response leaves no status.
         let status = int(ATTRIBUTE_RESPONSE_CODE)
-            .and_then(|s| u16::try_from(s).ok())
+            .and_then(|s| u32::try_from(s).ok())
             .filter(|s| *s > 0);
         let mut details = EnvoyBuffer {
             ptr: std::ptr::null(),
@@ -374,6 +375,34 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
     })
 }
 
+/// A forwarded request's response (the upstream's, or Envoy's own reply) shows its
+/// rate-limit and budget figures, replacing any the upstream sent.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    envoy: FilterEnvoy,
+    filter: FilterModule,
+    _end_of_stream: bool,
+) -> u32 {
+    barrier("response_headers", CONTINUE, || {
+        // SAFETY: as in `request_headers`.
+        let Some(filter) = (unsafe { (filter as *mut Filter).as_mut() }) else {
+            return CONTINUE;
+        };
+        for (name, value) in std::mem::take(&mut filter.shown) {
+            // SAFETY: `envoy` is alive during the hook; the buffers outlive the call.
+            unsafe {
+                set_header(
+                    envoy,
+                    RESPONSE_HEADERS,
+                    name.as_bytes(),
+                    Some(value.as_bytes()),
+                )
+            };
+        }
+        CONTINUE
+    })
+}
+
 // The hooks below are part of the ABI Envoy requires of every module; this one has no
 // use for them.
 
@@ -390,15 +419,6 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
 pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
     _: FilterEnvoy,
     _: FilterModule,
-) -> u32 {
-    CONTINUE
-}
-
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
-    _: FilterEnvoy,
-    _: FilterModule,
-    _: bool,
 ) -> u32 {
     CONTINUE
 }

@@ -126,7 +126,7 @@ async fn converse(
             anyhow::ensure!(length <= MAX_BATCH_FRAME, "a frame of {length} bytes");
             let mut body = vec![0u8; length];
             read.read_exact(&mut body).await?;
-            let batch: Batch = serde_json::from_slice(&body).context("a batch of records")?;
+            let batch = Batch::parse(&body).context("a batch of records")?;
             if let Some(version) = batch.version {
                 feed.shared.modules.send_modify(|m| {
                     m.insert(id, version);

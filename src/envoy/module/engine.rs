@@ -6,7 +6,7 @@
 //! worker thread runs requests, so the engine is process-global and shared.
 
 use std::collections::{HashSet, VecDeque};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -31,7 +31,7 @@ use crate::dataplane::rules::Body;
 use crate::dataplane::snapshot::Policy;
 use crate::dataplane::spend::{LocalSpend, Spend};
 use crate::envoy::convert;
-use crate::envoy::module::wire::{BUILD, Batch, Ending, Push, Record, read_frame, write_frame};
+use crate::envoy::module::wire::{BUILD, Batch, Ending, Push, Record, read_frame};
 
 /// What the module does with a request.
 pub enum Verdict {
@@ -486,7 +486,7 @@ impl Outbox {
                 records: batch,
                 version: tell.then_some(version),
             };
-            if write_frame(&mut out, &batch).is_err() {
+            if out.write_all(&batch.frame()).is_err() {
                 let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 for record in batch.records.drain(..).rev() {
                     queue.push_front(record);
@@ -682,8 +682,8 @@ rules:
             records: vec![record],
             version: Some(7),
         };
-        let bytes = frame(&batch).unwrap();
-        let mut batch: Batch = read_frame(&mut &bytes[..]).unwrap().unwrap();
+        let bytes = batch.frame();
+        let mut batch = Batch::parse(&bytes[4..]).unwrap();
         let (decided, completed) = batch.records.remove(0).into_events().unwrap();
         assert_eq!(decided.decision, "rule_denied");
         assert_eq!(decided.path, "/admin", "the upstream path, no query");

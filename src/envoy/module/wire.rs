@@ -1,6 +1,8 @@
 //! What `latchkey serve` and the in-process module say to each other over their Unix
-//! socket: frames of a 4-byte big-endian length and a JSON body. `serve` pushes the
-//! policy; the module sends back the audit, in batches.
+//! socket: frames of a 4-byte big-endian length and a body. `serve` pushes the policy
+//! (JSON, as the store keeps it); the module sends back the audit, in batches encoded as
+//! protobuf: the module encodes every request's record inside Envoy, where JSON's
+//! escaping cost 8,000 instructions a record and protobuf costs a tenth of that.
 
 use std::io::{self, Read, Write};
 
@@ -21,7 +23,7 @@ pub const MAX_BATCH_FRAME: usize = 32 << 20;
 
 /// What both sides must have been built from to talk: a module of another latchkey
 /// could read a policy without the parts it does not know, and decide by less.
-pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "/wire-1");
+pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "/wire-2");
 
 /// `serve` to the module: the policy to decide by.
 #[derive(Serialize, Deserialize)]
@@ -44,43 +46,73 @@ pub struct Push {
 
 /// The module to `serve`: requests it decided, and the policy version it has taken up
 /// (a push it compiled, or one it could not and logged).
-#[derive(Serialize, Deserialize, Default)]
+#[derive(Clone, PartialEq, prost::Message)]
 pub struct Batch {
+    #[prost(message, repeated, tag = "1")]
     pub records: Vec<Record>,
+    #[prost(int64, optional, tag = "2")]
     pub version: Option<i64>,
 }
 
 /// One request the module decided, and how it ended (`None` if Envoy never said).
-#[derive(Serialize, Deserialize, Clone, Debug)]
+/// HTTP statuses travel as `uint32`, protobuf's narrowest.
+#[derive(Clone, PartialEq, prost::Message)]
 pub struct Record {
+    #[prost(string, tag = "1")]
     pub request_id: String,
+    #[prost(int64, tag = "2")]
     pub time_ms: i64,
+    #[prost(uint32, tag = "3")]
     pub elapsed_us: u32,
+    #[prost(string, optional, tag = "4")]
     pub proxy: Option<String>,
+    #[prost(string, optional, tag = "5")]
     pub target: Option<String>,
+    #[prost(string, optional, tag = "6")]
     pub credential: Option<String>,
+    #[prost(string, optional, tag = "7")]
     pub key_id: Option<String>,
+    #[prost(string, optional, tag = "8")]
     pub run_label: Option<String>,
+    #[prost(string, tag = "9")]
     pub method: String,
+    #[prost(string, tag = "10")]
     pub path: String,
-    pub status: Option<u16>,
+    #[prost(uint32, optional, tag = "11")]
+    pub status: Option<u32>,
+    #[prost(string, tag = "12")]
     pub decision: String,
+    #[prost(string, optional, tag = "13")]
     pub rule_id: Option<String>,
+    #[prost(string, optional, tag = "14")]
     pub facts: Option<String>,
+    #[prost(string, optional, tag = "15")]
     pub trace: Option<String>,
+    #[prost(bool, tag = "16")]
     pub near_cap: bool,
+    #[prost(message, optional, tag = "17")]
     pub completed: Option<Ending>,
 }
 
 /// How a request ended, as Envoy told the module.
-#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+#[derive(Clone, PartialEq, prost::Message)]
 pub struct Ending {
-    pub status: Option<u16>,
+    #[prost(uint32, optional, tag = "1")]
+    pub status: Option<u32>,
     /// The status, when the upstream sent it (not Envoy, nor the module).
-    pub upstream_status: Option<u16>,
+    #[prost(uint32, optional, tag = "2")]
+    pub upstream_status: Option<u32>,
+    #[prost(double, optional, tag = "3")]
     pub latency_ms: Option<f64>,
+    #[prost(uint64, tag = "4")]
     pub bytes_in: u64,
+    #[prost(uint64, tag = "5")]
     pub bytes_out: u64,
+}
+
+/// An HTTP status as it travelled; one no status could be is dropped.
+fn status(s: Option<u32>) -> Option<u16> {
+    s.and_then(|s| u16::try_from(s).ok())
 }
 
 impl Record {
@@ -97,7 +129,7 @@ impl Record {
             run_label: text(&decided.run_label),
             method: decided.method.clone(),
             path: decided.path.clone(),
-            status: decided.status,
+            status: decided.status.map(u32::from),
             decision: decided.decision.to_owned(),
             rule_id: text(&decided.rule_id),
             facts: decided.facts.as_deref().map(str::to_owned),
@@ -114,8 +146,8 @@ impl Record {
         let arc = |s: Option<String>| s.map(std::sync::Arc::<str>::from);
         let completed = self.completed.map(|e| Completed {
             request_id: self.request_id.clone(),
-            status: e.status,
-            upstream_status: e.upstream_status,
+            status: status(e.status),
+            upstream_status: status(e.upstream_status),
             latency_ms: e.latency_ms,
             bytes_in: e.bytes_in,
             bytes_out: e.bytes_out,
@@ -132,7 +164,7 @@ impl Record {
             run_label: arc(self.run_label),
             method: self.method,
             path: self.path,
-            status: self.status,
+            status: status(self.status),
             decision,
             rule_id: arc(self.rule_id),
             facts: self.facts.map(String::into_boxed_str),
@@ -175,6 +207,24 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(input: &mut impl Read) -> io::Re
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
+impl Batch {
+    /// The batch as one frame.
+    pub fn frame(&self) -> Vec<u8> {
+        let length = prost::Message::encoded_len(self);
+        let mut out = Vec::with_capacity(4 + length);
+        // A batch is at most 1,024 records of a few kilobytes: far below 4 GiB.
+        out.extend_from_slice(&(length as u32).to_be_bytes());
+        prost::Message::encode(self, &mut out).expect("a Vec grows to fit");
+        out
+    }
+
+    /// A frame's body as a batch.
+    pub fn parse(body: &[u8]) -> io::Result<Self> {
+        <Self as prost::Message>::decode(body)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
 /// A frame's length and body, for the async side to write.
 pub fn frame<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
     let mut out = Vec::new();
@@ -191,18 +241,51 @@ mod tests {
     fn a_frame_longer_than_allowed_is_refused_unread() {
         let mut bytes = ((MAX_FRAME + 1) as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(b"{}");
-        assert!(read_frame::<Batch>(&mut &bytes[..]).is_err());
-        assert!(read_frame::<Batch>(&mut &[][..]).unwrap().is_none());
+        assert!(read_frame::<Push>(&mut &bytes[..]).is_err());
+        assert!(read_frame::<Push>(&mut &[][..]).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_batch_comes_back_as_it_went() {
+        let record = Record {
+            request_id: "r-1".into(),
+            method: "GET".into(),
+            path: "/v1/items".into(),
+            status: Some(403),
+            decision: "rule_denied".into(),
+            facts: Some(r#"{"a":"\"b\""}"#.into()),
+            completed: Some(Ending {
+                status: Some(403),
+                latency_ms: Some(0.25),
+                ..Ending::default()
+            }),
+            ..Record::default()
+        };
+        let batch = Batch {
+            records: vec![record],
+            version: Some(7),
+        };
+        let frame = batch.frame();
+        let length = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+        assert_eq!(length, frame.len() - 4);
+        assert_eq!(Batch::parse(&frame[4..]).unwrap(), batch);
+    }
+
+    #[test]
+    fn a_status_out_of_range_is_dropped_not_wrapped() {
+        assert_eq!(status(Some(70_000)), None);
+        assert_eq!(status(Some(503)), Some(503));
     }
 
     proptest! {
-        /// Whatever arrives, reading it ends in a batch or an error, never a panic.
+        /// Whatever arrives, reading it ends in a push, a batch or an error, never a panic.
         #[test]
         fn hostile_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = read_frame::<Batch>(&mut &bytes[..]);
+            let _ = read_frame::<Push>(&mut &bytes[..]);
             let mut framed = (bytes.len() as u32).to_be_bytes().to_vec();
             framed.extend_from_slice(&bytes);
-            let _ = read_frame::<Batch>(&mut &framed[..]);
+            let _ = read_frame::<Push>(&mut &framed[..]);
+            let _ = Batch::parse(&bytes);
         }
     }
 }
