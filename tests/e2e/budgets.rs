@@ -234,6 +234,44 @@ async fn rate_limits_answer_429_with_retry_after_and_count_per_proxy_and_credent
     assert_eq!((status, kind.as_str()), (429, "rate_limited"));
 }
 
+/// An upstream (or a target an agent controls) that sends rate-limit figures of its own
+/// does not get them past latchkey's: the agent sees one value of each, latchkey's.
+#[tokio::test]
+async fn an_upstreams_own_rate_headers_are_replaced_not_added_to() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(|| async {
+        (
+            [
+                ("x-ratelimit-limit", "999999"),
+                ("x-ratelimit-remaining", "999999"),
+            ],
+            "{}",
+        )
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let stack = Stack::start().await;
+    let proxy = unique("echoed");
+    stack.apply(
+        &limited_policy(&format!("http://{addr}"), &proxy, "agent"),
+        &[("AGENT_KEY", AGENT_KEY)],
+    );
+    let r = client()
+        .get(stack.url(&format!("/{proxy}/v1/x")))
+        .bearer_auth(AGENT_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let all = |name| {
+        (r.headers().get_all(name).iter())
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(all("x-ratelimit-limit"), ["3"]);
+    assert_eq!(all("x-ratelimit-remaining"), ["2"]);
+}
+
 #[tokio::test]
 async fn unlimited_proxies_carry_no_rate_headers() {
     let upstream = Upstream::start().await;
