@@ -594,7 +594,8 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buf
 ) {
 }
 
-/// Envoy's own local replies (a timeout, a reset upstream) go out as Envoy made them.
+/// Envoy's own local replies (a timeout, a reset upstream) are not changed here; the
+/// response-headers hook still gives a forwarded request's its rate-limit figures.
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
     _: FilterEnvoy,

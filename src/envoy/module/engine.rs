@@ -31,7 +31,7 @@ use crate::dataplane::rules::Body;
 use crate::dataplane::snapshot::Policy;
 use crate::dataplane::spend::{LocalSpend, Spend};
 use crate::envoy::convert;
-use crate::envoy::module::wire::{BUILD, Batch, Ending, Push, Record, read_frame};
+use crate::envoy::module::wire::{BUILD, Batch, Ending, MAX_BATCH_FRAME, Push, Record, read_frame};
 
 /// What the module does with a request.
 pub enum Verdict {
@@ -263,6 +263,9 @@ impl Engine {
     /// One connection: policies read here, records written by a thread of their own.
     fn converse(&self, stream: UnixStream, log: Log) -> io::Result<()> {
         let writer = stream.try_clone()?;
+        // Until this `serve`'s first push names its build, nothing is sent: it might be
+        // one that could not read the batches, and would lose them.
+        self.outbox.peer(false);
         let closed = Arc::new(AtomicBool::new(false));
         let sending = {
             let closed = closed.clone();
@@ -276,6 +279,7 @@ impl Engine {
             match read_frame::<Push>(&mut reader) {
                 Ok(Some(push)) => {
                     let version = push.version;
+                    self.outbox.peer(push.build == BUILD);
                     // A panic compiling must not end the channel with the old policy
                     // still in force.
                     let loaded = std::panic::catch_unwind(move || load(push))
@@ -373,11 +377,14 @@ fn ready<F: Future>(future: F) -> Option<F::Output> {
     }
 }
 
-/// Records on their way to `serve`: sent in batches of up to [`BATCH`], at least every
-/// [`FLUSH_EVERY`]; kept while `serve` is away, up to [`MAX_QUEUED`].
+/// Records on their way to `serve`: sent in batches of up to [`BATCH`] records and
+/// [`BATCH_BYTES`], at least every [`FLUSH_EVERY`]; kept while `serve` is away (or is
+/// of another build), up to [`MAX_QUEUED`].
 struct Outbox {
     queue: Mutex<VecDeque<Record>>,
     ready: Condvar,
+    /// Whether the `serve` on the line pushed from this build, and so reads our batches.
+    peer_ok: AtomicBool,
     /// The policy version last taken up, and the one `serve` was last told of.
     taken_up: AtomicI64,
     told: AtomicI64,
@@ -389,6 +396,9 @@ struct Outbox {
 }
 
 const BATCH: usize = 1024;
+/// Well under what `serve` reads in one frame: a batch of requests with long paths
+/// (Envoy allows headers of 60 KiB) must not make a frame it refuses, again and again.
+const BATCH_BYTES: usize = MAX_BATCH_FRAME / 4;
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const MAX_QUEUED: usize = 1_000_000;
 /// Records waiting for `serve` past which requests go to ext_proc (which waits for the
@@ -402,6 +412,7 @@ impl Default for Outbox {
         Self {
             queue: Mutex::default(),
             ready: Condvar::new(),
+            peer_ok: AtomicBool::new(false),
             taken_up: AtomicI64::new(-1),
             told: AtomicI64::new(-1),
             deciding: AtomicU64::default(),
@@ -417,6 +428,11 @@ impl Outbox {
     fn backlog(&self) -> u64 {
         let done = self.sent.load(Ordering::Acquire) + self.dropped.load(Ordering::Acquire);
         self.queued.load(Ordering::Acquire).saturating_sub(done)
+    }
+
+    fn peer(&self, same_build: bool) {
+        self.peer_ok.store(same_build, Ordering::Release);
+        self.wake();
     }
 
     fn taken_up(&self, version: i64) {
@@ -452,6 +468,15 @@ impl Outbox {
         let untold = || self.taken_up.load(Ordering::Acquire) != self.told.load(Ordering::Acquire);
         let mut closed_at = None;
         loop {
+            if !self.peer_ok.load(Ordering::Acquire) {
+                // Records wait in the queue for a `serve` that can read them.
+                if closed.load(Ordering::Acquire) {
+                    return;
+                }
+                let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = self.ready.wait_timeout(queue, FLUSH_EVERY);
+                continue;
+            }
             let batch: Vec<Record> = {
                 let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 let (mut queue, _) = self
@@ -461,7 +486,13 @@ impl Outbox {
                         q.len() < BATCH && !untold() && (!closing || q.is_empty())
                     })
                     .unwrap_or_else(|p| p.into_inner());
-                let n = queue.len().min(BATCH);
+                let mut bytes = 0;
+                let fits = queue.iter().take(BATCH).take_while(|r| {
+                    bytes += prost::Message::encoded_len(*r) + 8;
+                    bytes <= BATCH_BYTES
+                });
+                // At least one: a record is never near the limit alone.
+                let n = fits.count().max(usize::from(!queue.is_empty()));
                 queue.drain(..n).collect()
             };
             let closing = closed.load(Ordering::Acquire);
@@ -559,6 +590,59 @@ rules:
         let engine: &'static Engine = Box::leak(Box::new(Engine::new()));
         engine.loaded.store(Some(Arc::new(load(push()).unwrap())));
         engine
+    }
+
+    /// A record as the module queues it, its path `length` bytes long.
+    fn record(length: usize) -> Record {
+        Record {
+            request_id: "r-1".into(),
+            path: "/".repeat(length),
+            decision: "allowed".into(),
+            ..Record::default()
+        }
+    }
+
+    /// The next frame on `from`, if one comes within `wait`.
+    fn next_batch(from: &mut UnixStream, wait: Duration) -> Option<Batch> {
+        use std::io::Read;
+        from.set_read_timeout(Some(wait)).unwrap();
+        let mut length = [0u8; 4];
+        from.read_exact(&mut length).ok()?;
+        let mut body = vec![0u8; u32::from_be_bytes(length) as usize];
+        from.read_exact(&mut body).unwrap();
+        Some(Batch::parse(&body).unwrap())
+    }
+
+    #[test]
+    fn records_wait_for_a_serve_of_this_build_and_go_in_frames_it_reads() {
+        let outbox: &'static Outbox = Box::leak(Box::default());
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let closed: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        // Enough long paths for twice what one frame may hold.
+        let long = 60 * 1024;
+        let many = 2 * MAX_BATCH_FRAME / long;
+        for _ in 0..many {
+            outbox.push(record(long));
+        }
+        let sender = std::thread::spawn(move || outbox.send_until(ours, closed));
+        assert!(
+            next_batch(&mut theirs, Duration::from_millis(300)).is_none(),
+            "nothing goes before serve's push names its build"
+        );
+        outbox.peer(false);
+        assert!(next_batch(&mut theirs, Duration::from_millis(300)).is_none());
+        outbox.peer(true);
+        let mut got = 0;
+        while got < many {
+            let batch = next_batch(&mut theirs, Duration::from_secs(5)).expect("a batch");
+            let size = prost::Message::encoded_len(&batch);
+            assert!(size <= MAX_BATCH_FRAME, "a frame of {size} bytes");
+            got += batch.records.len();
+        }
+        assert_eq!(got, many);
+        closed.store(true, Ordering::Release);
+        outbox.wake();
+        sender.join().unwrap();
     }
 
     #[test]
