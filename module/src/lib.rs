@@ -594,8 +594,9 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buf
 ) {
 }
 
-/// Envoy's own local replies (a timeout, a reset upstream) are not changed here; the
-/// response-headers hook still gives a forwarded request's its rate-limit figures.
+/// Envoy's own local replies (a timeout, a reset upstream) are not changed here; for a
+/// request the module forwarded, the response-headers hook still adds its rate-limit
+/// and budget figures.
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_local_reply(
     _: FilterEnvoy,

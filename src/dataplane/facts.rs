@@ -74,7 +74,8 @@ const _: () = {
 fn secret_like(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     // Names are short: comparing windows costs a fifth of `str::contains`, which sets
-    // up a substring searcher per word, on every request a rule reads a header on.
+    // up a substring searcher per word, on every request whose rules read a header, a
+    // query parameter or a body field.
     let has = |word: &str| (name.as_bytes().windows(word.len())).any(|w| w == word.as_bytes());
     CARRIERS.contains(&name.as_str()) || SECRET_WORDS.iter().any(|w| has(w))
 }

@@ -602,14 +602,10 @@ rules:
         }
     }
 
-    /// The next frame on `from`, if one comes within `wait`.
+    /// The next batch on `from`, if one comes within `wait`.
     fn next_batch(from: &mut UnixStream, wait: Duration) -> Option<Batch> {
-        use std::io::Read;
         from.set_read_timeout(Some(wait)).unwrap();
-        let mut length = [0u8; 4];
-        from.read_exact(&mut length).ok()?;
-        let mut body = vec![0u8; u32::from_be_bytes(length) as usize];
-        from.read_exact(&mut body).unwrap();
+        let body = crate::envoy::module::wire::read_body(from).ok()??;
         Some(Batch::parse(&body).unwrap())
     }
 

@@ -192,6 +192,17 @@ pub fn write_frame<T: Serialize>(out: &mut impl Write, value: &T) -> io::Result<
 /// Reads one frame of at most [`MAX_FRAME`] bytes; `Ok(None)` at a clean end of the
 /// stream.
 pub fn read_frame<T: for<'de> Deserialize<'de>>(input: &mut impl Read) -> io::Result<Option<T>> {
+    let Some(body) = read_body(input)? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// One frame's body, of at most [`MAX_FRAME`] bytes, unparsed; `Ok(None)` at a clean end
+/// of the stream.
+pub fn read_body(input: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
     let mut length = [0u8; 4];
     match input.read_exact(&mut length) {
         Ok(()) => {}
@@ -204,9 +215,7 @@ pub fn read_frame<T: for<'de> Deserialize<'de>>(input: &mut impl Read) -> io::Re
     }
     let mut body = vec![0u8; length];
     input.read_exact(&mut body)?;
-    serde_json::from_slice(&body)
-        .map(Some)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    Ok(Some(body))
 }
 
 impl Batch {
