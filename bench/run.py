@@ -253,7 +253,10 @@ def envoy_env():
 def envoy_counter(admin, name):
     with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=^{name}$") as r:
         text = r.read().decode()
-    return next((int(l.split(":")[1]) for l in text.splitlines() if l.startswith(name + ":")), 0)
+    found = [int(l.split(":")[1]) for l in text.splitlines() if l.startswith(name + ":")]
+    if not found:
+        sys.exit(f"Envoy has no counter {name}")
+    return found[0]
 
 
 def rss_mb(pid):
@@ -582,8 +585,8 @@ def main():
                 if name in processor:
                     processes["processor"] = processor[name].pid
                 r = measure(name, listen, upstream_port, injects, processes)
-                asked = envoy_counter(envoy_admin, "http.agents.ext_proc.streams_started")
-                if name == "G" and asked:
+                if name == "G" and (asked := envoy_counter(
+                        envoy_admin, "http.agents.ext_proc.streams_started")):
                     sys.exit(f"G: {asked} requests went to ext_proc, not the module")
                 if name == "D":
                     r.update(time_to_first_chunk(listen))

@@ -289,3 +289,28 @@ async fn the_channel_is_owner_only_and_the_envoy_build_pinned() {
         "{said}"
     );
 }
+
+/// Envoy's router acts on retry and timeout headers; an agent's must steer nothing on a
+/// handed-on request either: this one asks for 4 tries of a 200 and a 1 ms timeout.
+#[tokio::test]
+async fn a_handed_on_request_cannot_steer_envoys_router() {
+    let (stack, upstream) = stack().await;
+    let (_, reader_key) = common::issue_key(&stack, "reader", &[]);
+    let response = client()
+        .post(stack.url("/bodied/v1/things"))
+        .bearer_auth(&reader_key)
+        .header("x-envoy-retry-on", "retriable-status-codes")
+        .header("x-envoy-retriable-status-codes", "200")
+        .header("x-envoy-max-retries", "3")
+        .header("x-envoy-upstream-rq-timeout-ms", "1")
+        .header("x-envoy-upstream-rq-per-try-timeout-ms", "1")
+        .json(&serde_json::json!({ "action": "create" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(stack.envoy_counter(EXT_PROC).await, 1);
+    let seen = upstream.take();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert!(seen[0].header("x-envoy-max-retries").is_none());
+}

@@ -206,7 +206,8 @@ impl Stack {
         child.wait().unwrap()
     }
 
-    /// One of Envoy's counters (0 if Envoy has not made it yet).
+    /// One of Envoy's counters. A name Envoy does not have fails the test, so a renamed
+    /// counter cannot read as a reassuring 0.
     pub async fn envoy_counter(&self, name: &str) -> u64 {
         let url = format!(
             "http://127.0.0.1:{}/stats?filter=^{name}$",
@@ -222,7 +223,8 @@ impl Stack {
             .unwrap();
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .map_or(0, |v| v.trim().parse().unwrap())
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("Envoy has no counter {name}"))
     }
 
     pub fn wait_latchkey(&mut self) -> std::process::ExitStatus {
