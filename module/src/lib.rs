@@ -240,13 +240,10 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
     match verdict {
         Verdict::HandOn => CONTINUE,
         Verdict::Forward { forward, shown } => {
-            let set = |name: &str| forward.set.iter().any(|(n, _)| n == name);
             // SAFETY: `envoy` is alive; every buffer outlives its call.
             unsafe {
                 decided_here(envoy);
-                // Setting a header replaces every value it had: a name set below needs
-                // no removal first.
-                for name in forward.remove.iter().filter(|n| !set(n)) {
+                for name in forward.removals() {
                     set_header(envoy, REQUEST_HEADERS, name.as_bytes(), None);
                 }
                 for (name, value) in &forward.set {

@@ -31,12 +31,24 @@ const REINTERPRETING: [&str; 8] = [
 /// Header mutations for an allowed request.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Forward {
-    /// Set, replacing any value the request had. Removals apply first.
+    /// Set, replacing every value the request had (so a client's copies go too).
     pub set: Vec<(Cow<'static, str>, Vec<u8>)>,
+    /// Removed. A name may be here and set later (an OAuth2 token, once fetched): what
+    /// Envoy is told is `removals`.
     pub remove: Vec<String>,
     /// The request body to send instead of the agent's (token-priced streams ask for
     /// their usage); only where the body was read.
     pub body: Option<Vec<u8>>,
+}
+
+impl Forward {
+    /// The removals no set covers: one header operation fewer in Envoy per covered
+    /// name, and no question of whether Envoy removes before or after it sets.
+    pub fn removals(&self) -> impl Iterator<Item = &str> {
+        (self.remove.iter())
+            .map(String::as_str)
+            .filter(|r| !self.set.iter().any(|(name, _)| name == r))
+    }
 }
 
 /// Names compared with `_` read as `-`: CGI, WSGI, Rack and PHP hand `x_http_method`
@@ -90,17 +102,11 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, req: &RequestView<'_>, now: i64
     if proxy.reads_response_body() {
         // A compressed response could not be scrubbed, redacted or priced: the upstream
         // is asked for the identity encoding, whatever the agent accepts.
-        if !remove.iter().any(|r| r == "accept-encoding") {
-            remove.push("accept-encoding".to_owned());
-        }
         set.push((Cow::Borrowed("accept-encoding"), b"identity".to_vec()));
     }
     match &*proxy.injection {
         Injection::Header { name, value } => {
-            // Removed first, then set: exactly one value reaches the upstream.
-            if !remove.iter().any(|r| r == name) {
-                remove.push(name.clone());
-            }
+            // Set, so exactly one value reaches the upstream.
             set.push((Cow::Owned(name.clone()), value.expose().to_vec()));
             if let Some(q) = route.query {
                 path.push('?');
@@ -186,7 +192,6 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, req: &RequestView<'_>, now: i64
         Cow::Borrowed(CLUSTER_HEADER),
         upstream.cluster.as_bytes().to_vec(),
     ));
-    remove.retain(|r| r != CLUSTER_HEADER);
     Forward {
         set,
         remove,

@@ -86,10 +86,8 @@ fn set_header_text(key: &str, value: Vec<u8>) -> HeaderValueOption {
 /// ext_authz's yes: the same mutations as ext_proc's, and the rate-limit figures as
 /// response headers (ext_authz's metadata lands in another namespace).
 pub fn check_allow(forward: Forward, shown: Shown) -> CheckResponse {
-    // ext_authz removes after it sets (ext_proc the other way round); a set header
-    // replaces every value it had, so it need not be removed too.
-    let mut remove = forward.remove;
-    remove.retain(|r| !forward.set.iter().any(|(k, _)| k == r));
+    // ext_authz removes after it sets: a name both set and removed would be lost.
+    let remove = forward.removals().map(str::to_owned).collect();
     CheckResponse {
         status: Some(rpc::Status::default()),
         http_response: Some(check_response::HttpResponse::OkResponse(OkHttpResponse {
@@ -162,6 +160,7 @@ pub fn allow(
     shown: Shown,
     reads: ResponseRead,
 ) -> ProcessingResponse {
+    let remove_headers = forward.removals().map(str::to_owned).collect();
     let body = forward.body.filter(|_| in_body_phase);
     let mut mutation = HeaderMutation {
         set_headers: forward
@@ -169,7 +168,7 @@ pub fn allow(
             .into_iter()
             .map(|(k, v)| set_header(&k, v))
             .collect(),
-        remove_headers: forward.remove,
+        remove_headers,
     };
     if body.is_some() {
         // The body changes length: Envoy refuses a mutated body that disagrees with the
