@@ -218,4 +218,15 @@ mod tests {
         assert!(!stripped("x_request_id"));
         assert!(!stripped("content-type"));
     }
+
+    #[test]
+    fn a_name_set_is_not_also_removed() {
+        // As an OAuth2 proxy's is once its token is fetched: removed, then set.
+        let forward = Forward {
+            set: vec![(Cow::Borrowed("authorization"), b"Bearer t".to_vec())],
+            remove: vec!["x-api-key".into(), "authorization".into()],
+            body: None,
+        };
+        assert_eq!(forward.removals().collect::<Vec<_>>(), ["x-api-key"]);
+    }
 }
