@@ -68,7 +68,7 @@ $(PROMQL_PARSER): $(ENVOY)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check promql-parser==0.11.0
 	touch $@
 
-k8s-validate: $(KUBE_VALIDATE) $(PROMQL_PARSER) $(KUBECTL)
+k8s-validate: $(KUBE_VALIDATE) $(PROMQL_PARSER) $(KUBECTL) module
 	KUBECTL=$(KUBECTL) VENV=$(VENV) bash k8s/validate.sh
 
 lint:
@@ -107,7 +107,9 @@ $(OHA):
 	  --features native-tls --root .bench-tools/oha-$(OHA_VERSION)
 
 # The OCI image latchkey:$(VERSION) (Containerfile): FROM scratch, so no registry is
-# needed, over a root file system staged in $(ROOTFS): the release binary, the shared
+# needed, over a root file system staged in $(ROOTFS): the release binary, the in-process
+# module in /usr/local/lib/latchkey (which `latchkey install-module` copies out for an
+# Envoy: k8s/overlays/inprocess), the shared
 # libraries ldd lists (the dynamic loader too) copied to the paths it names, the host's
 # CA certificates, a user 65532, a working directory of its own and /tmp. Everything is
 # root's but the working directory, hence a tar (ADD keeps the owners a tar records).
@@ -128,10 +130,12 @@ image-tools:
 
 image: image-tools
 	cargo build --release --locked --bin latchkey
+	cargo build --release --locked -p latchkey-module
 	rm -rf $(IMAGE_DIR)
-	mkdir -p $(ROOTFS)/usr/local/bin $(ROOTFS)/etc/ssl/certs $(ROOTFS)/var/lib/latchkey \
-	  $(ROOTFS)/tmp $(IMAGE_DIR)/context
+	mkdir -p $(ROOTFS)/usr/local/bin $(ROOTFS)/usr/local/lib/latchkey $(ROOTFS)/etc/ssl/certs \
+	  $(ROOTFS)/var/lib/latchkey $(ROOTFS)/tmp $(IMAGE_DIR)/context
 	cp target/release/latchkey $(ROOTFS)/usr/local/bin/
+	cp target/release/liblatchkey_module.so $(ROOTFS)/usr/local/lib/latchkey/
 	cp /etc/ssl/certs/ca-certificates.crt $(ROOTFS)/etc/ssl/certs/
 	ldd target/release/latchkey > $(IMAGE_DIR)/ldd.txt
 	! grep 'not found' $(IMAGE_DIR)/ldd.txt

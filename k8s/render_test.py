@@ -15,6 +15,7 @@ src/control/health.rs and latchkey's default addresses from src/cli/mod.rs.
 
 import argparse
 import ipaddress
+import json
 import os
 import posixpath
 import re
@@ -28,7 +29,12 @@ except ImportError:
     promql_parser = None
 
 # The data-plane channel each shipped overlay must use.
-EXPECTED_CHANNEL = {"separate": "mtls", "sidecar": "unix"}
+EXPECTED_CHANNEL = {"separate": "mtls", "sidecar": "unix", "inprocess": "unix"}
+# The shipped overlays whose Envoy runs latchkey's in-process module, and the local
+# config each overlay's Envoy config must match but for its addresses.
+EXPECTED_MODULE = {"inprocess"}
+LOCAL_CONFIG = {"inprocess": "envoy/envoy-inprocess.yaml"}
+MODULE_FILTER = "envoy.filters.http.dynamic_modules"
 LATCHKEY_UID = 65532
 # Files Envoy reads from its image rather than from a mounted volume.
 IMAGE_FILES = {"/etc/ssl/certs/ca-certificates.crt"}
@@ -406,6 +412,23 @@ def endpoint_addresses(cluster):
             yield ((lb.get("endpoint") or {}).get("address") or {})
 
 
+def module_filters(config):
+    """The filter configs (JSON) of the in-process module's filters in an Envoy config."""
+    found = []
+    for key, value in walk(config):
+        if key != "http_filters" or not isinstance(value, list):
+            continue
+        for f in value:
+            if isinstance(f, dict) and f.get("name") == MODULE_FILTER:
+                typed = f.get("typed_config") or {}
+                text = (typed.get("filter_config") or {}).get("value") or "{}"
+                try:
+                    found.append(json.loads(text))
+                except ValueError:
+                    found.append({"unreadable": text})
+    return found
+
+
 def listener_ports(config):
     ports = []
     for listener in (config.get("static_resources") or {}).get("listeners") or []:
@@ -444,9 +467,12 @@ def in_registry(image, expected):
 def check_images(o, repo):
     p = Problems()
     want = {"latchkey": f"latchkey:{repo.version}",
-            "envoy": f"envoyproxy/envoy:v{repo.envoy}"}
+            "envoy": f"envoyproxy/envoy:v{repo.envoy}",
+            # Copies the module from latchkey's image: the same build as the server.
+            "latchkey-module": f"latchkey:{repo.version}"}
     source = {"latchkey": "`make image`: the version in Cargo.toml",
-              "envoy": "the Makefile's ENVOY_VERSION"}
+              "envoy": "the Makefile's ENVOY_VERSION",
+              "latchkey-module": "`make image`: the version in Cargo.toml"}
     # The shipped overlays name the images exactly; one of your own may name them in
     # your registry (images: newName), at the same tag or by digest.
     shipped = o.name in EXPECTED_CHANNEL
@@ -462,7 +488,7 @@ def check_images(o, repo):
                 p.add(f"{pod.name}: container {c['name']} runs {image}, expected "
                       f"{expected} ({source[c['name']]})")
             seen.add(c.get("name"))
-    for name in want:
+    for name in ("latchkey", "envoy"):
         if name not in seen:
             p.add(f"no {name} container in the render")
     return p
@@ -817,6 +843,79 @@ def check_mtls(o, repo, p, shipped, cluster, sa, where):
             p.add(f"{pod.name}: no NetworkPolicy admits Envoy to port {addr and addr[1]}")
 
 
+def mount_at(container, path):
+    """The container's volume mount at exactly `path`, or None."""
+    return next((m for m in container.get("volumeMounts") or []
+                 if m.get("mountPath", "").rstrip("/") == path.rstrip("/")), None)
+
+
+def check_module(o, repo):
+    """Envoy's in-process module: loaded from a volume an init container fills from
+    latchkey's image, and fed its policy over a socket only latchkey's user can open."""
+    p = Problems()
+    for shipped in o.envoys:
+        pod, envoy = shipped.pod, shipped.container
+        modules = module_filters(shipped.config)
+        if not modules:
+            if o.name in EXPECTED_MODULE:
+                p.add(f"{pod.name}: Envoy's config loads no latchkey module ({MODULE_FILTER})")
+            continue
+        latchkey = pod.container("latchkey")
+        if latchkey is None:
+            p.add(f"{pod.name}: Envoy loads latchkey's module, but no latchkey container "
+                  "feeds it")
+            continue
+        # The socket is the owner's alone, each side checks the other is its own user.
+        if pod.security(envoy, "runAsUser") != pod.security(latchkey, "runAsUser"):
+            p.add(f"{pod.name}: envoy runs as {pod.security(envoy, 'runAsUser')}, latchkey "
+                  f"as {pod.security(latchkey, 'runAsUser')}: the module channel needs "
+                  "one user")
+        for module in modules:
+            socket = module.get("socket") or ""
+            value = env(latchkey).get("LATCHKEY_MODULE_SOCKET")
+            if not socket.startswith("/"):
+                p.add(f"{pod.name}: the module's socket {socket!r} is not an absolute path")
+                continue
+            if value != socket:
+                p.add(f"{pod.name}: the module dials {socket}, latchkey's "
+                      f"LATCHKEY_MODULE_SOCKET is {value!r}")
+            directory = posixpath.dirname(socket)
+            mounts = [mount_at(c, directory) for c in (latchkey, envoy)]
+            if None in mounts:
+                p.add(f"{pod.name}: latchkey and envoy do not both mount {directory} "
+                      "(the module socket's directory)")
+            elif mounts[0]["name"] != mounts[1]["name"] or \
+                    "emptyDir" not in (pod.volume(mounts[0]["name"]) or {}):
+                p.add(f"{pod.name}: {directory} is not one emptyDir of the pod in both")
+            elif mounts[0].get("readOnly"):
+                p.add(f"{pod.name}: latchkey mounts {directory} read-only; it creates the "
+                      "module socket there")
+        search = env(envoy).get("ENVOY_DYNAMIC_MODULES_SEARCH_PATH")
+        mount = mount_at(envoy, search) if search else None
+        if mount is None:
+            p.add(f"{pod.name}: envoy's ENVOY_DYNAMIC_MODULES_SEARCH_PATH ({search!r}) is "
+                  "no directory it mounts")
+            continue
+        if not mount.get("readOnly"):
+            p.add(f"{pod.name}: envoy mounts the module's directory {search} writable")
+        if "emptyDir" not in (pod.volume(mount.get("name")) or {}):
+            p.add(f"{pod.name}: the module's volume {mount.get('name')!r} is not an emptyDir")
+        installed = False
+        for c in pod.spec.get("initContainers") or []:
+            theirs = next((m for m in c.get("volumeMounts") or []
+                           if m.get("name") == mount.get("name")), None)
+            if theirs is None:
+                continue
+            args = list(c.get("command") or []) + list(c.get("args") or [])
+            installed |= (c.get("name") == "latchkey-module" and not c.get("command")
+                          and args == ["install-module", theirs.get("mountPath")]
+                          and not theirs.get("readOnly"))
+        if not installed:
+            p.add(f"{pod.name}: no init container latchkey-module runs `install-module` "
+                  f"into volume {mount.get('name')!r} (Envoy loads the module from it)")
+    return p
+
+
 def check_files(o, repo):
     """Every file a container is told to read is mounted, the secret ones from Secrets."""
     p = Problems()
@@ -1107,8 +1206,14 @@ def check_monitoring(o, repo):
 
 
 def without(config, cluster_name):
-    """An Envoy config without the data-plane cluster and the listeners' addresses."""
+    """An Envoy config without the data-plane cluster, the listeners' addresses and the
+    module's socket path."""
     config = yaml.safe_load(yaml.safe_dump(config))
+    for key, value in walk(config):
+        if key == "http_filters" and isinstance(value, list):
+            for f in value:
+                if isinstance(f, dict) and f.get("name") == MODULE_FILTER:
+                    f.get("typed_config", {}).get("filter_config", {}).pop("value", None)
     resources = config.get("static_resources") or {}
     resources["clusters"] = [c for c in resources.get("clusters") or []
                              if c.get("name") != cluster_name]
@@ -1139,19 +1244,34 @@ def effective_envoy(shipped):
     return c
 
 
+def loosened(container):
+    """An Envoy container without what loading the module changes (where Envoy finds it,
+    the user it runs as): check_module judges those."""
+    c = dict(container, securityContext=dict(container["securityContext"]))
+    c.pop("env", None)
+    for k in ("runAsUser", "runAsGroup"):
+        c["securityContext"].pop(k)
+    return c
+
+
 def check_across(overlays, repo):
     p = Problems()
-    local = yaml.safe_load(read(repo.root, "envoy/envoy.yaml"))
     for o in overlays:
+        source = LOCAL_CONFIG.get(o.name, "envoy/envoy.yaml")
+        local = yaml.safe_load(read(repo.root, source))
         for shipped in o.envoys:
             clusters, _ = grpc_clusters(shipped.config)
             name = clusters[0].get("name") if clusters else "latchkey"
             for diff in differences(without(local, name), without(shipped.config, name)):
-                p.add(f"{o.name}: its Envoy config differs from envoy/envoy.yaml at {diff} "
+                p.add(f"{o.name}: its Envoy config differs from {source} at {diff} "
                       f"(only the listener address and cluster {name!r} may)")
-    containers = [(o.name, effective_envoy(s)) for o in overlays for s in o.envoys]
-    for name, c in containers[1:]:
-        for diff in differences(containers[0][1], c):
+    containers = [(o.name, effective_envoy(s), bool(module_filters(s.config)))
+                  for o in overlays for s in o.envoys]
+    for name, c, module in containers[1:]:
+        first = containers[0][1]
+        if module or containers[0][2]:
+            first, c = loosened(first), loosened(c)
+        for diff in differences(first, c):
             p.add(f"the envoy container differs between {containers[0][0]} and {name} "
                   f"at {diff}")
     return p
@@ -1203,6 +1323,7 @@ CHECKS = [
     ("probes", check_probes),
     ("ports, Services, NetworkPolicies", check_ports),
     ("data-plane channel", check_channel),
+    ("in-process module", check_module),
     ("mounted files", check_files),
     ("replicas and disruption budgets", check_disruptions),
     ("monitoring", check_monitoring),

@@ -8,15 +8,18 @@
 #
 # Run from the repository root. VENV is the Python virtualenv holding
 # kubernetes-validate (and with it PyYAML) and envoy (default .venv); KUBE_VERSION the
-# API version to check against (default 1.32).
+# API version to check against (default 1.32); MODULE_DIR the directory holding the
+# in-process module Envoy loads when validating the inprocess overlay (default
+# target/debug, where `make module` builds it).
 set -euo pipefail
 
 VENV="${VENV:-.venv}"
 KUBE_VERSION="${KUBE_VERSION:-1.32}"
 KUBECTL="${KUBECTL:-kubectl}"
-OVERLAYS=(separate sidecar)
+OVERLAYS=(separate sidecar inprocess)
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
+MODULE_DIR="${MODULE_DIR:-$root/target/debug}"
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
@@ -80,12 +83,17 @@ for overlay in "${OVERLAYS[@]}"; do
   fi
 
   # --mode validate loads the whole config (typed configs included) without starting
-  # listeners, resolving DNS or opening the Unix socket.
+  # listeners, resolving DNS or opening the Unix socket. It loads the in-process module
+  # too, which refuses an Envoy other than the one it was written for.
   what="envoy --mode validate k8s/overlays/$overlay (its envoy-config ConfigMap)"
   if [ ! -s "$dir/envoy.yaml" ]; then
     echo "the render test found no Envoy config to validate" >"$tmp/log"
     fail "$what" "$tmp/log"
-  elif "$VENV/bin/envoy" --mode validate -c "$dir/envoy.yaml" >"$tmp/log" 2>&1; then
+  elif grep -q dynamic_modules "$dir/envoy.yaml" && [ ! -f "$MODULE_DIR/liblatchkey_module.so" ]; then
+    echo "no $MODULE_DIR/liblatchkey_module.so to load: build it first (make module)" >"$tmp/log"
+    fail "$what" "$tmp/log"
+  elif ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$MODULE_DIR" \
+    "$VENV/bin/envoy" --mode validate -c "$dir/envoy.yaml" >"$tmp/log" 2>&1; then
     pass "$what"
   else
     fail "$what" "$tmp/log"

@@ -118,6 +118,7 @@ PY
 if grep -q 'not found' "$work/libs.txt"; then fail "libraries missing: $(grep 'not found' "$work/libs.txt")"; fi
 expected=(etc etc/group etc/nsswitch.conf etc/passwd etc/ssl etc/ssl/certs
   etc/ssl/certs/ca-certificates.crt tmp usr usr/local usr/local/bin usr/local/bin/latchkey
+  usr/local/lib usr/local/lib/latchkey usr/local/lib/latchkey/liblatchkey_module.so
   var var/lib var/lib/latchkey)
 libs=$(grep -o '/[^ ]*' "$work/libs.txt")
 for lib in $libs; do
@@ -149,16 +150,30 @@ done < "$work/files.txt"
 ok "files: $(wc -l < "$work/files.txt") entries, all expected (libraries: ${libs//$'\n'/ }); no shell"
 cmp -s "$root/usr/local/bin/latchkey" target/release/latchkey ||
   fail "/usr/local/bin/latchkey is not target/release/latchkey"
+cmp -s "$root/usr/local/lib/latchkey/liblatchkey_module.so" target/release/liblatchkey_module.so ||
+  fail "/usr/local/lib/latchkey/liblatchkey_module.so is not target/release/liblatchkey_module.so"
 grep -q -- '-----BEGIN CERTIFICATE-----' "$root/etc/ssl/certs/ca-certificates.crt" ||
   fail "/etc/ssl/certs/ca-certificates.crt holds no certificate"
 grep -qx 'nonroot:x:65532:65532:nonroot:/var/lib/latchkey:/sbin/nologin' "$root/etc/passwd" ||
   fail "/etc/passwd has no user 65532"
 grep -qx 'nonroot:x:65532:' "$root/etc/group" || fail "/etc/group has no group 65532"
-ok "the release binary, CA certificates, user and group 65532"
+ok "the release binary and module, CA certificates, user and group 65532"
 
 out=$(in_image /usr/local/bin/latchkey --version) || fail "latchkey --version failed: $out"
 [ "$out" = "latchkey $version" ] || fail "latchkey --version printed '$out', not 'latchkey $version'"
 ok "latchkey --version: $out"
+
+# What the in-process overlay's init container runs: the module copied out of the image,
+# read-only, for Envoy's container to load. No /proc here, as in an image without one.
+out=$(in_image /usr/local/bin/latchkey install-module /tmp/module) ||
+  fail "latchkey install-module failed: $out"
+installed="$root/tmp/module/liblatchkey_module.so"
+cmp -s "$installed" target/release/liblatchkey_module.so ||
+  fail "install-module did not copy the image's module: $out"
+[ "$(stat -c '%A %u:%g' "$installed")" = "-r--r--r-- 65532:65532" ] ||
+  fail "the installed module is $(stat -c '%A %u:%g' "$installed"), not -r--r--r-- 65532:65532"
+rm -rf "$root/tmp/module"
+ok "latchkey install-module: $out"
 
 # serve with the image's defaults (SQLite database and minted certificates in the working
 # directory), a new master key, and free ports on 127.0.0.1. It needs /proc (it checks

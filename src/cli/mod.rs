@@ -15,6 +15,7 @@ mod approvals;
 mod audit;
 mod diff;
 mod doctor;
+mod install_module;
 mod item_cli;
 mod log;
 mod output;
@@ -113,6 +114,17 @@ enum Command {
     },
     /// Print the manual page (roff): `latchkey man | man -l -`.
     Man,
+    /// Copy the in-process module shipped with this binary (liblatchkey_module.so) into
+    /// DIR, where Envoy loads it from (ENVOY_DYNAMIC_MODULES_SEARCH_PATH): in Kubernetes,
+    /// an init container from latchkey's image, so Envoy runs the module of the `serve`
+    /// beside it.
+    InstallModule {
+        /// The directory to copy it into.
+        dir: PathBuf,
+        /// The module to copy, if not the one shipped beside this binary.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
     /// Print a new master key.
     Keygen {
         #[command(flatten)]
@@ -353,6 +365,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Man => {
             let command = <Cli as clap::CommandFactory>::command();
             clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::InstallModule { dir, from } => {
+            let from = match from {
+                Some(from) => from,
+                None => {
+                    let exe = install_module::this_binary()?;
+                    install_module::shipped(&exe).with_context(|| {
+                        format!(
+                            "no {} beside {} or in its ../lib/latchkey",
+                            install_module::FILE,
+                            exe.display()
+                        )
+                    })?
+                }
+            };
+            let installed = install_module::install(&from, &dir)?;
+            println!("installed {}", installed.display());
             Ok(())
         }
         Command::Keygen { out } => {

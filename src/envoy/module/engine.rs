@@ -488,7 +488,10 @@ impl Outbox {
                     .unwrap_or_else(|p| p.into_inner());
                 let mut bytes = 0;
                 let fits = queue.iter().take(BATCH).take_while(|r| {
-                    bytes += prost::Message::encoded_len(*r) + 8;
+                    // A record in the frame: its field's tag (one byte), its length
+                    // (a varint) and itself.
+                    let len = prost::Message::encoded_len(*r);
+                    bytes += 1 + prost::length_delimiter_len(len) + len;
                     bytes <= BATCH_BYTES
                 });
                 // At least one: a record is never near the limit alone.
@@ -632,7 +635,8 @@ rules:
         while got < many {
             let batch = next_batch(&mut theirs, Duration::from_secs(5)).expect("a batch");
             let size = prost::Message::encoded_len(&batch);
-            assert!(size <= MAX_BATCH_FRAME, "a frame of {size} bytes");
+            // Counted exactly: at most the version's field (11 bytes) past the cap.
+            assert!(size <= BATCH_BYTES + 11, "a frame of {size} bytes");
             got += batch.records.len();
         }
         assert_eq!(got, many);
