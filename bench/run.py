@@ -461,17 +461,21 @@ def scale_check(procs, work):
     wait_http(f"http://127.0.0.1:{http}/readyz", "latchkey")
     startup_s = time.time() - started
     serve_mb = rss_mb(serve.pid)
-    module_mb = module_memory(procs, work, state, grpc)
     issue_s, revoke_s = key_changes(admin)
+    module_mb, (module_issue_s, module_revoke_s) = module_memory(procs, work, state, grpc, admin)
     procs.stop(serve)
     return {"apply_s": apply_s, "startup_s": startup_s, "rss_mb": serve_mb,
-            "module_mb": module_mb, "issue_s": issue_s, "revoke_s": revoke_s}
+            "module_mb": module_mb, "issue_s": issue_s, "revoke_s": revoke_s,
+            "module_issue_s": module_issue_s, "module_revoke_s": module_revoke_s}
 
 
-def module_memory(procs, work, state, grpc):
+def module_memory(procs, work, state, grpc, admin):
     """Envoy's resident memory with the module holding `state`'s policy, less an Envoy
-    whose module has none (its socket leads nowhere): what the policy costs in Envoy."""
+    whose module has none (its socket leads nowhere): what the policy costs in Envoy.
+    And `key_changes` with that module connected, whose taking each change up they wait
+    for."""
     sizes = []
+    changes = None
     for name in ["bare", "fed"]:
         listen, admin = free_port(), free_port()
         path = work / f"envoy-module-{name}.yaml"
@@ -490,8 +494,10 @@ def module_memory(procs, work, state, grpc):
             time.sleep(0.1)
         time.sleep(0.5)
         sizes.append(rss_mb(envoy.pid))
+        if name == "fed":
+            changes = key_changes(admin)
         procs.stop(envoy)
-    return sizes[1] - sizes[0]
+    return sizes[1] - sizes[0], changes
 
 
 def key_changes(admin, times=5):
@@ -668,7 +674,9 @@ def write_report(med, scale, results):
         f"- 10,000 proxies and 100,000 keys: apply {scale['apply_s']:.1f} s, start-up to ready "
         f"{scale['startup_s']:.2f} s (target < 2 s), resident memory {scale['rss_mb']:.0f} MB (target < 64 MB); "
         f"`key issue` {scale['issue_s'] * 1000:.0f} ms and `key revoke` {scale['revoke_s'] * 1000:.0f} ms "
-        f"(medians of 5, the command's wall time: written and in effect on this replica); "
+        f"(medians of 5, the command's wall time: written and in effect on this replica), "
+        f"{scale['module_issue_s'] * 1000:.0f} ms and {scale['module_revoke_s'] * 1000:.0f} ms with "
+        f"an in-process module connected (in effect there too); "
         f"the in-process module holding them adds {scale['module_mb']:.0f} MB to Envoy's resident memory",
     ]
     text = "\n".join([

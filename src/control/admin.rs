@@ -14,6 +14,7 @@ use crate::control::tokens::{Role, TokenName, new_token, require_admin};
 use crate::dataplane::pipeline::{Caller, Judgement, Outcome, RequestView, decide_as};
 use crate::dataplane::rules::Body;
 use crate::dataplane::shared::Shared;
+use crate::dataplane::snapshot::KeyChange;
 use crate::dataplane::snapshot::Policy;
 use crate::pb::admin_server::Admin;
 use crate::pb::{
@@ -499,10 +500,7 @@ impl Admin for AdminService {
         let already_revoked = match revoked {
             Ok(version) => {
                 self.sync
-                    .keys_changed(version, |running| {
-                        running.revoke(&id);
-                        Some(Ok(running.clone()))
-                    })
+                    .keys_changed(version, KeyChange::Revoked(id.clone()))
                     .await
                     .map_err(internal)?;
                 false

@@ -8,6 +8,7 @@ use zeroize::Zeroizing;
 
 use crate::control::sync::PolicySync;
 use crate::dataplane::mint::{Grant, Minted, Minter, Minting};
+use crate::dataplane::snapshot::KeyChange;
 use crate::policy::rows::{KeyRow, NewKey};
 use crate::store::{Store, StoreError};
 
@@ -26,7 +27,7 @@ pub async fn issue(
     key: &NewKey<'_>,
 ) -> Result<KeyRow, IssueError> {
     let (row, version) = store.issue_key(key).await?;
-    sync.keys_changed(version, |running| running.with_issued(&row))
+    sync.keys_changed(version, KeyChange::Issued(row.clone()))
         .await?;
     Ok(row)
 }

@@ -16,7 +16,8 @@ use crate::base::crypto::MasterKey;
 use crate::control::secrets::{self, SecretWatch};
 use crate::control::tokens::Tokens;
 use crate::dataplane::shared::Shared;
-use crate::dataplane::snapshot::{CompileError, Policy};
+use crate::dataplane::snapshot::CompileError;
+use crate::dataplane::snapshot::KeyChange;
 use crate::store::{Backend, Store, StoreError};
 
 /// How often the version is compared without a notification.
@@ -170,21 +171,17 @@ impl PolicySync {
     }
 
     /// A change of keys made here, which made store version `version`, put into effect
-    /// without reading the store back: `change` makes the next snapshot from the running
-    /// one, when that is the version just before (nothing else changed in between) and
-    /// `change` can; otherwise the store is read as for any change.
-    pub async fn keys_changed(
-        &self,
-        version: i64,
-        change: impl FnOnce(&Policy) -> Option<Result<Policy, CompileError>>,
-    ) -> Result<(), SyncError> {
+    /// without reading the store back: made on the running snapshot when that is the
+    /// version just before (nothing else changed in between) and it can be; otherwise
+    /// the store is read as for any change.
+    pub async fn keys_changed(&self, version: i64, change: KeyChange) -> Result<(), SyncError> {
         {
             let _one_at_a_time = self.reloading.lock().await;
             let running = self.shared.policy.load_full();
             if self.running.load(Ordering::Acquire) == version - 1
-                && let Some(next) = change(&running)
+                && let Some(next) = running.changed(&change)
             {
-                self.shared.install(next?, version);
+                self.shared.install_change(next?, version, change);
                 self.running.store(version, Ordering::Release);
                 drop(_one_at_a_time);
                 self.propagated().await;

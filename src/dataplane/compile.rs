@@ -90,6 +90,33 @@ impl Policy {
     }
 }
 
+/// A change of keys alone, made on a running snapshot without compiling: what an admin,
+/// a mint or an alert did to one key. `serve` sends these to the in-process modules too,
+/// in place of the whole policy.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum KeyChange {
+    Issued(KeyRow),
+    Revoked(String),
+    Quarantined(String),
+    Released(String),
+}
+
+impl Policy {
+    /// This snapshot with `change` made. Revoking and quarantining take effect on this
+    /// snapshot at once (and on every one sharing its key table). `None` where only a
+    /// compile can (see [`Policy::with_issued`]).
+    pub fn changed(&self, change: &KeyChange) -> Option<Result<Self, CompileError>> {
+        match change {
+            KeyChange::Issued(row) => return self.with_issued(row),
+            KeyChange::Revoked(id) => self.revoke(id),
+            KeyChange::Quarantined(id) => self.set_quarantined(id, true),
+            KeyChange::Released(id) => self.set_quarantined(id, false),
+        };
+        Some(Ok(self.clone()))
+    }
+}
+
 /// Keys issued on a replica before its key table is rebuilt from the store: each issue
 /// copies the ones before it.
 const MAX_ISSUED: usize = 256;

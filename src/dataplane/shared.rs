@@ -1,6 +1,7 @@
 //! What every part of a running `serve` shares: the live policy snapshot, the budget
 //! counters, the audit and the metrics.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
@@ -9,6 +10,7 @@ use crate::dataplane::budget::Budgets;
 use crate::dataplane::denial::Denial;
 use crate::dataplane::pipeline::{Caller, Judgement, RequestView, decide, decide_as};
 use crate::dataplane::rules::Body;
+use crate::dataplane::snapshot::KeyChange;
 use crate::dataplane::snapshot::Policy;
 use crate::dataplane::spend::Spend;
 use crate::telemetry::audit::AuditLog;
@@ -34,7 +36,14 @@ pub struct Shared {
     pub installs: tokio::sync::watch::Sender<i64>,
     /// The version each connected in-process module last put into effect, by connection.
     pub modules: tokio::sync::watch::Sender<std::collections::BTreeMap<u64, i64>>,
+    /// The latest key changes put into effect, each with the version it made: what the
+    /// modules are sent in place of the whole policy, which at 100,000 keys takes them
+    /// seconds to compile.
+    key_changes: std::sync::Mutex<VecDeque<(i64, KeyChange)>>,
 }
+
+/// Key changes kept for the modules; one further behind gets the whole policy.
+const KEY_CHANGES_KEPT: usize = 1024;
 
 /// How long a change waits for the in-process modules to take it up before it returns
 /// anyway (a module that stopped answering is logged, not waited for).
@@ -61,6 +70,7 @@ impl Shared {
             minter: std::sync::OnceLock::new(),
             installs: tokio::sync::watch::Sender::new(0),
             modules: tokio::sync::watch::Sender::new(Default::default()),
+            key_changes: Default::default(),
         }
     }
 
@@ -119,6 +129,25 @@ impl Shared {
         }
     }
 
+    /// Puts into effect `policy`, which `change` made from version `version - 1`.
+    pub fn install_change(&self, policy: Policy, version: i64, change: KeyChange) {
+        {
+            let mut kept = self.key_changes.lock().unwrap_or_else(|p| p.into_inner());
+            if kept.len() == KEY_CHANGES_KEPT {
+                kept.pop_front();
+            }
+            kept.push_back((version, change));
+        }
+        self.install(policy, version);
+    }
+
+    /// The key changes that made version `to` from version `from`, if that is all that
+    /// happened in between and they are still kept.
+    pub fn key_changes(&self, from: i64, to: i64) -> Option<Vec<KeyChange>> {
+        let kept = self.key_changes.lock().unwrap_or_else(|p| p.into_inner());
+        between(&kept, from, to)
+    }
+
     /// Puts a new policy into effect for the next request.
     pub fn install(&self, policy: Policy, version: i64) {
         self.policy.store(std::sync::Arc::new(policy));
@@ -132,5 +161,59 @@ impl Shared {
         self.metrics.policy_version.set(version);
         self.installs.send_replace(version);
         self.audit.tap_wanted(self.policy.load().has_alerts());
+    }
+}
+
+/// The changes in `kept` that made `to` from `from`: one for each version in between.
+fn between(kept: &VecDeque<(i64, KeyChange)>, from: i64, to: i64) -> Option<Vec<KeyChange>> {
+    let changes: Vec<&(i64, KeyChange)> = kept
+        .iter()
+        .filter(|(v, _)| (from + 1..=to).contains(v))
+        .collect();
+    let whole = from < to
+        && changes.len() as i64 == to - from
+        && changes
+            .iter()
+            .zip(from + 1..)
+            .all(|((v, _), want)| *v == want);
+    whole.then(|| changes.into_iter().map(|(_, c)| c.clone()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_changes_are_sent_only_where_they_are_all_that_happened() {
+        let revoked = |id: &str| KeyChange::Revoked(id.to_owned());
+        // Version 5 was a whole reload (no change kept), 6 to 8 key changes.
+        let kept: VecDeque<(i64, KeyChange)> = [
+            (4, revoked("a")),
+            (6, revoked("b")),
+            (7, revoked("c")),
+            (8, revoked("d")),
+        ]
+        .into();
+        let ids = |changes: Option<Vec<KeyChange>>| {
+            changes.map(|cs| {
+                cs.into_iter()
+                    .map(|c| match c {
+                        KeyChange::Revoked(id) => id,
+                        other => panic!("{other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(
+            ids(between(&kept, 5, 8)),
+            Some(vec!["b".into(), "c".into(), "d".into()])
+        );
+        assert_eq!(ids(between(&kept, 7, 8)), Some(vec!["d".into()]));
+        assert!(between(&kept, 4, 8).is_none(), "5 is not a change of keys");
+        assert_eq!(ids(between(&kept, 3, 4)), Some(vec!["a".into()]));
+        // Nothing newer (a revocation pushed again at the same version): the whole policy.
+        assert!(between(&kept, 8, 8).is_none());
+        assert!(between(&kept, 8, 9).is_none());
+        assert!(between(&kept, 9, 8).is_none());
     }
 }

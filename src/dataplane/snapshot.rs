@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use zeroize::Zeroizing;
 
+/// What changes keys alone, on a running snapshot (made in `compile`).
+pub use crate::dataplane::compile::KeyChange;
+
 use crate::base::money::to_micros;
 use crate::dataplane::budget::{Limit, Rate};
 use crate::dataplane::redact::Guard;

@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 use crate::base::crypto::MasterKey;
 use crate::control::sync::PolicySync;
 use crate::dataplane::shared::Shared;
-use crate::envoy::module::wire::{BUILD, Batch, MAX_BATCH_FRAME, Push, frame};
+use crate::envoy::module::wire::{BUILD, Batch, MAX_BATCH_FRAME, Push, ToModule, frame};
 use crate::store::Store;
 use crate::telemetry::audit::Event;
 
@@ -101,11 +101,32 @@ async fn converse(
     tracing::info!("module channel: a module connected");
     let mut installs = feed.shared.installs.subscribe();
     let pushing = async {
+        // The version this module was last sent.
+        let mut sent: Option<i64> = None;
         loop {
             let version = *installs.borrow_and_update();
-            let push = push(feed, version).await?;
-            write.write_all(&frame(&push)?).await?;
-            tracing::info!(version, "module channel: policy pushed");
+            let changes =
+                sent.and_then(|from| Some((from, feed.shared.key_changes(from, version)?)));
+            let message = match changes {
+                Some((from, changes)) => ToModule::Keys {
+                    from,
+                    version,
+                    changes,
+                },
+                None => ToModule::Policy(Box::new(push(feed, version).await?)),
+            };
+            write.write_all(&frame(&message)?).await?;
+            match &message {
+                ToModule::Keys { changes, .. } => {
+                    tracing::debug!(
+                        version,
+                        changes = changes.len(),
+                        "module channel: key changes sent"
+                    )
+                }
+                ToModule::Policy(_) => tracing::info!(version, "module channel: policy pushed"),
+            }
+            sent = Some(version);
             let stop = tokio::select! {
                 changed = installs.changed() => changed.map(|()| false)?,
                 _ = stopping.wait_for(|s| *s) => true,

@@ -5,6 +5,7 @@ use tonic::Status;
 
 use super::AdminService;
 use super::wire::{internal, store_status};
+use crate::dataplane::snapshot::KeyChange;
 use crate::pb::{AlertInfo, DeadLetterInfo, ListAlertsRequest, ListAlertsResponse};
 use crate::store::alerts::Released;
 
@@ -68,10 +69,7 @@ impl AdminService {
         match self.store.release_key(id).await.map_err(store_status)? {
             Released::Now(version) => {
                 self.sync
-                    .keys_changed(version, |running| {
-                        running.set_quarantined(id, false);
-                        Some(Ok(running.clone()))
-                    })
+                    .keys_changed(version, KeyChange::Released(id.to_owned()))
                     .await
                     .map_err(internal)?;
                 tracing::info!(key_id = %id, "key released from quarantine");

@@ -24,6 +24,7 @@ use crate::dataplane::denial::Kind;
 use crate::dataplane::identity;
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::AlertRule;
+use crate::dataplane::snapshot::KeyChange;
 use crate::store::Store;
 use crate::store::alerts::AlertRow;
 use crate::telemetry::metrics::AlertLabels;
@@ -313,10 +314,7 @@ impl Raiser {
                 self.shared.metrics.alerts.quarantined.inc();
                 let installed = self
                     .sync
-                    .keys_changed(version, |running| {
-                        running.set_quarantined(&key, true);
-                        Some(Ok(running.clone()))
-                    })
+                    .keys_changed(version, KeyChange::Quarantined(key.clone()))
                     .await;
                 if let Err(e) = installed {
                     // Stored: every reload has it. Meanwhile, in force on what runs.

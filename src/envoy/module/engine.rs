@@ -28,10 +28,12 @@ use crate::dataplane::mint;
 use crate::dataplane::mutate::Forward;
 use crate::dataplane::pipeline::{Judgement, Outcome, RequestView, Shown, decide};
 use crate::dataplane::rules::Body;
-use crate::dataplane::snapshot::Policy;
+use crate::dataplane::snapshot::{KeyChange, Policy};
 use crate::dataplane::spend::{LocalSpend, Spend};
 use crate::envoy::convert;
-use crate::envoy::module::wire::{BUILD, Batch, Ending, MAX_BATCH_FRAME, Push, Record, read_frame};
+use crate::envoy::module::wire::{
+    BUILD, Batch, Ending, MAX_BATCH_FRAME, Push, Record, ToModule, read_body,
+};
 
 /// What the module does with a request.
 pub enum Verdict {
@@ -82,8 +84,9 @@ impl Drop for Deciding {
 
 struct Loaded {
     policy: Policy,
-    /// The proxies decided here (`Policy::in_process`); the rest are handed on.
-    local: HashSet<Arc<str>>,
+    /// The proxies decided here (`Policy::in_process`); the rest are handed on. Keys
+    /// play no part in it: a change of keys keeps it.
+    local: Arc<HashSet<Arc<str>>>,
     version: i64,
 }
 
@@ -276,39 +279,11 @@ impl Engine {
         };
         let mut reader = io::BufReader::new(&stream);
         let read = loop {
-            match read_frame::<Push>(&mut reader) {
-                Ok(Some(push)) => {
-                    let version = push.version;
-                    self.outbox.peer(push.build == BUILD);
-                    // A panic compiling must not end the channel with the old policy
-                    // still in force.
-                    let loaded = std::panic::catch_unwind(move || load(push))
-                        .unwrap_or_else(|_| Err("the compile panicked".to_owned()));
-                    match loaded {
-                        Ok(loaded) => {
-                            let local = loaded.local.len();
-                            self.loaded.store(Some(Arc::new(loaded)));
-                            log(
-                                false,
-                                &format!(
-                                    "policy version {version} in force; {local} proxies decided in process"
-                                ),
-                            );
-                        }
-                        // Not the policy `serve` runs: nothing is decided here until one
-                        // compiles (ext_proc decides meanwhile).
-                        Err(e) => {
-                            self.loaded.store(None);
-                            log(
-                                true,
-                                &format!(
-                                    "policy version {version} refused; ext_proc decides every request: {e}"
-                                ),
-                            );
-                        }
+            match read_body(&mut reader) {
+                Ok(Some(body)) => {
+                    if let Err(e) = self.take(&body, log) {
+                        break Err(e);
                     }
-                    // Told once the version is in force (or refused), never before.
-                    self.outbox.taken_up(version);
                 }
                 Ok(None) => break Err(io::Error::other("latchkey serve closed the channel")),
                 Err(e) => break Err(e),
@@ -325,6 +300,115 @@ impl Engine {
         let _ = sending.join();
         let _ = stream.shutdown(std::net::Shutdown::Both);
         read
+    }
+}
+
+impl Engine {
+    /// One frame from `serve` put into effect: a policy, or changes of keys to the one
+    /// in force. Changes to a policy other than the one they follow end the connection:
+    /// the next one starts with the whole policy.
+    fn take(&self, body: &[u8], log: Log) -> io::Result<()> {
+        let version = match serde_json::from_slice::<ToModule>(body) {
+            Ok(ToModule::Policy(push)) => {
+                let version = push.version;
+                self.outbox.peer(push.build == BUILD);
+                // A panic compiling must not end the channel with the old policy still in
+                // force.
+                let loaded = std::panic::catch_unwind(move || load(*push))
+                    .unwrap_or_else(|_| Err("the compile panicked".to_owned()));
+                self.put(loaded, version, log);
+                version
+            }
+            Ok(ToModule::Keys {
+                from,
+                version,
+                changes,
+            }) => {
+                match self.loaded.load_full() {
+                    // The push before was refused: nothing is decided here, nothing
+                    // changes.
+                    None => {}
+                    Some(loaded) => {
+                        let next = (loaded.version == from)
+                            .then(|| {
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    loaded.changed(&changes, version)
+                                }))
+                            })
+                            .and_then(Result::ok)
+                            .flatten();
+                        let Some(next) = next else {
+                            return Err(io::Error::other(format!(
+                                "key changes from version {from} do not apply to version {}",
+                                loaded.version
+                            )));
+                        };
+                        self.loaded.store(Some(Arc::new(next)));
+                    }
+                }
+                version
+            }
+            // Another build's `serve`: what it pushes is not read.
+            Err(e) => {
+                let (build, version) = ToModule::foreign(body);
+                self.outbox.peer(false);
+                let build = build.unwrap_or_else(|| "unknown".to_owned());
+                self.put(
+                    Err(format!("from latchkey build {build}, not {BUILD}: {e}")),
+                    version.unwrap_or(-1),
+                    log,
+                );
+                match version {
+                    Some(version) => version,
+                    None => return Ok(()),
+                }
+            }
+        };
+        // Told once the version is in force (or refused), never before.
+        self.outbox.taken_up(version);
+        Ok(())
+    }
+
+    fn put(&self, loaded: Result<Loaded, String>, version: i64, log: Log) {
+        match loaded {
+            Ok(loaded) => {
+                let local = loaded.local.len();
+                self.loaded.store(Some(Arc::new(loaded)));
+                log(
+                    false,
+                    &format!(
+                        "policy version {version} in force; {local} proxies decided in process"
+                    ),
+                );
+            }
+            // Not the policy `serve` runs: nothing is decided here until one compiles
+            // (ext_proc decides meanwhile).
+            Err(e) => {
+                self.loaded.store(None);
+                log(
+                    true,
+                    &format!(
+                        "policy version {version} refused; ext_proc decides every request: {e}"
+                    ),
+                );
+            }
+        }
+    }
+}
+
+impl Loaded {
+    /// The policy in force with `changes` made, as version `version`; `None` if one of
+    /// them needs a compile.
+    fn changed(&self, changes: &[KeyChange], version: i64) -> Option<Loaded> {
+        let mut policy = self.policy.clone();
+        for change in changes {
+            policy = policy.changed(change)?.ok()?;
+        }
+        Some(Loaded {
+            policy,
+            local: self.local.clone(),
+            version,
+        })
     }
 }
 
@@ -357,7 +441,7 @@ fn load(push: Push) -> Result<Loaded, String> {
         generation: push.server_generation,
     };
     let policy = Policy::compile(&push.stored, &channel, &server).map_err(|e| e.to_string())?;
-    let local = policy.in_process(push.shared_budgets);
+    let local = Arc::new(policy.in_process(push.shared_budgets));
     Ok(Loaded {
         policy,
         local,
@@ -550,7 +634,8 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envoy::module::wire::frame;
+    use crate::envoy::module::wire::{frame, read_frame};
+    use crate::policy::rows::KeyRow;
     use crate::store::memory;
 
     const POLICY: &str = r#"
@@ -656,6 +741,102 @@ rules:
             refused.contains("pushed by latchkey 0.0.9/wire-0"),
             "{refused}"
         );
+    }
+
+    /// A frame's body as `serve` writes it.
+    fn body(message: &ToModule) -> Vec<u8> {
+        frame(message).unwrap()[4..].to_vec()
+    }
+
+    fn keys(from: i64, version: i64, changes: Vec<KeyChange>) -> Vec<u8> {
+        body(&ToModule::Keys {
+            from,
+            version,
+            changes,
+        })
+    }
+
+    #[test]
+    fn key_changes_apply_to_the_version_they_follow_and_no_other() {
+        fn quiet(_: bool, _: &str) {}
+        let engine = engine();
+        let stored = push().stored;
+        let credential = stored
+            .credentials
+            .iter()
+            .find(|c| c.name == "agent")
+            .unwrap();
+        let agent = (stored.keys.iter())
+            .find(|k| k.credential_id == credential.id)
+            .unwrap();
+        let new_key = "lk_agentKEY0000000000000002";
+        let issued = KeyRow {
+            id: "k-new".into(),
+            hash: crate::base::crypto::hash_key(new_key.as_bytes()).to_vec(),
+            policy_sourced: false,
+            ..agent.clone()
+        };
+        let issue = keys(7, 8, vec![KeyChange::Issued(issued)]);
+        assert!(matches!(
+            ask(engine, "/api/v1/x", new_key, false).0,
+            Verdict::Deny { status: 401, .. }
+        ));
+        engine.take(&issue, quiet).unwrap();
+        assert_eq!(engine.version(), Some(8));
+        assert!(matches!(
+            ask(engine, "/api/v1/x", new_key, false).0,
+            Verdict::Forward { .. }
+        ));
+
+        let revoke = keys(
+            8,
+            10,
+            vec![
+                KeyChange::Quarantined("k-new".into()),
+                KeyChange::Revoked(agent.id.clone()),
+            ],
+        );
+        engine.take(&revoke, quiet).unwrap();
+        assert_eq!(engine.version(), Some(10));
+        for key in [new_key, AGENT] {
+            assert!(
+                matches!(ask(engine, "/api/v1/x", key, false).0, Verdict::Deny { .. }),
+                "{key}"
+            );
+        }
+        // Told to `serve` as any version is.
+        assert_eq!(engine.outbox.taken_up.load(Ordering::Acquire), 10);
+
+        // Changes that follow another version than the one in force: the channel ends, and
+        // the next one starts with the whole policy.
+        let release = keys(9, 11, vec![KeyChange::Released("k-new".into())]);
+        assert!(engine.take(&release, quiet).is_err());
+        assert_eq!(engine.version(), Some(10));
+        assert!(matches!(
+            ask(engine, "/api/v1/x", new_key, false).0,
+            Verdict::Deny { .. }
+        ));
+        // The whole policy replaces whatever was changed.
+        engine
+            .take(&body(&ToModule::Policy(Box::new(push()))), quiet)
+            .unwrap();
+        assert_eq!(engine.version(), Some(7));
+    }
+
+    #[test]
+    fn a_push_this_build_cannot_read_is_refused_by_its_build() {
+        fn log(_: bool, message: &str) {
+            SAID.with(|s| s.borrow_mut().push(message.to_owned()));
+        }
+        thread_local! { static SAID: std::cell::RefCell<Vec<String>> = Default::default(); }
+        let engine = engine();
+        let older = br#"{"build":"0.0.9/wire-2","version":12,"stored":{}}"#;
+        engine.take(older, log).unwrap();
+        assert_eq!(engine.version(), None, "nothing is decided by it");
+        assert_eq!(engine.outbox.taken_up.load(Ordering::Acquire), 12);
+        assert!(!engine.outbox.peer_ok.load(Ordering::Acquire));
+        let said = SAID.with(|s| s.borrow().join("\n"));
+        assert!(said.contains("from latchkey build 0.0.9/wire-2"), "{said}");
     }
 
     fn ask(

@@ -1,6 +1,7 @@
 //! What `latchkey serve` and the in-process module say to each other over their Unix
 //! socket: frames of a 4-byte big-endian length and a body. `serve` pushes the policy
-//! (JSON, as the store keeps it); the module sends back the audit, in batches encoded as
+//! (JSON, as the store keeps it), then each change of keys alone as that change; the
+//! module sends back the audit, in batches encoded as
 //! protobuf: the module encodes every request's record inside Envoy, where JSON's
 //! escaping made the audit thread's cost 9,000 instructions a record (3,700 now). A
 //! batch carries no build of its own: the module sends none until `serve`'s push has
@@ -13,6 +14,7 @@ use zeroize::Zeroizing;
 
 use crate::base::trace::TraceParent;
 use crate::dataplane::denial::Kind;
+use crate::dataplane::snapshot::KeyChange;
 use crate::policy::rows::StoredPolicy;
 use crate::policy::secrets::ServerSource;
 use crate::telemetry::audit::{Completed, Decided};
@@ -25,7 +27,37 @@ pub const MAX_BATCH_FRAME: usize = 32 << 20;
 
 /// What both sides must have been built from to talk: a module of another latchkey
 /// could read a policy without the parts it does not know, and decide by less.
-pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "/wire-2");
+pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "/wire-3");
+
+/// `serve` to the module.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum ToModule {
+    /// The whole policy: on connecting, and after every change but of keys alone.
+    Policy(Box<Push>),
+    /// Keys issued, revoked, quarantined or released since version `from`, which made
+    /// version `version`: compiling 100,000 keys again for each would take the module
+    /// seconds, and a revocation would wait for it.
+    Keys {
+        from: i64,
+        version: i64,
+        changes: Vec<KeyChange>,
+    },
+}
+
+impl ToModule {
+    /// The build and version a frame this build cannot read names, if it names them as
+    /// a push of this build or of the one before (a bare [`Push`]) does.
+    pub fn foreign(body: &[u8]) -> (Option<String>, Option<i64>) {
+        let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        let push = value.get("Policy").unwrap_or(&value);
+        let build = push
+            .get("build")
+            .and_then(|b| b.as_str())
+            .map(str::to_owned);
+        (build, push.get("version").and_then(|v| v.as_i64()))
+    }
+}
 
 /// `serve` to the module: the policy to decide by.
 #[derive(Serialize, Deserialize)]
