@@ -477,16 +477,16 @@ def module_memory(procs, work, state, grpc, admin):
     sizes = []
     changes = None
     for name in ["bare", "fed"]:
-        listen, admin = free_port(), free_port()
+        listen, envoy_admin = free_port(), free_port()
         path = work / f"envoy-module-{name}.yaml"
-        text = inprocess_config(listen, admin, grpc, state)
+        text = inprocess_config(listen, envoy_admin, grpc, state)
         if name == "bare":
             text = text.replace(f"{state}/module.sock", f"{work}/nowhere.sock")
         path.write_text(text)
         log = work / f"envoy-module-{name}.log"
         envoy = procs.start([ENVOY, "-c", path, "--concurrency", "1", "--disable-hot-restart",
                              "-l", "info"], log, envoy_env())
-        wait_http(f"http://127.0.0.1:{admin}/ready", "envoy with the module")
+        wait_http(f"http://127.0.0.1:{envoy_admin}/ready", "envoy with the module")
         deadline = time.time() + 60
         while name == "fed" and "proxies decided in process" not in log.read_text():
             if time.time() > deadline:

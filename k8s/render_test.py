@@ -1248,7 +1248,10 @@ def loosened(container):
     """An Envoy container without what loading the module changes (where Envoy finds it,
     the user it runs as): check_module judges those."""
     c = dict(container, securityContext=dict(container["securityContext"]))
-    c.pop("env", None)
+    c["env"] = [e for e in c.get("env") or []
+                if e.get("name") != "ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] or None
+    if c["env"] is None:
+        c.pop("env")
     for k in ("runAsUser", "runAsGroup"):
         c["securityContext"].pop(k)
     return c

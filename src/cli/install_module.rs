@@ -17,6 +17,9 @@ use crate::envoy::module::wire::BUILD;
 /// The module's file name, as Envoy's config names it (`latchkey_module`).
 pub const FILE: &str = "liblatchkey_module.so";
 
+/// The hook Envoy calls first in every module, by name.
+const MODULE_HOOK: &[u8] = b"envoy_dynamic_module_on_program_init";
+
 /// Where the module ships beside the binary `exe`: in the same directory (a cargo
 /// build's target directory), or in `../lib/latchkey` (the image's
 /// /usr/local/lib/latchkey).
@@ -42,9 +45,10 @@ pub fn this_binary() -> anyhow::Result<PathBuf> {
 
 /// Copies the module at `from` into `dir` (made if missing) as [`FILE`], read-only, and
 /// returns its path.
-/// Refuses a file that is not a shared library of this latchkey's build. Written beside
-/// its final name and renamed into it, so an Envoy starting meanwhile never loads half a
-/// file.
+/// Refuses a file that is not an Envoy module naming this latchkey's build: a check
+/// against a stale or wrong file, not a proof (the policy channel refuses a module of
+/// another build whatever this let through). Written beside its final name and renamed
+/// into it, so an Envoy starting meanwhile never loads half a file.
 pub fn install(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
     let bytes = fs::read(from).with_context(|| format!("reading {}", from.display()))?;
     anyhow::ensure!(
@@ -53,13 +57,22 @@ pub fn install(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
         from.display()
     );
     anyhow::ensure!(
+        memchr::memmem::find(&bytes, MODULE_HOOK).is_some(),
+        "{} is not an Envoy module (it exports no {})",
+        from.display(),
+        String::from_utf8_lossy(MODULE_HOOK)
+    );
+    anyhow::ensure!(
         memchr::memmem::find(&bytes, BUILD.as_bytes()).is_some(),
         "{} is not the module of this latchkey ({BUILD}): serve would refuse it",
         from.display()
     );
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let target = dir.join(FILE);
+    // In a container this process is often pid 1 every time: a copy a killed run left
+    // is removed first.
     let staged = dir.join(format!(".{FILE}.{}", std::process::id()));
+    let _ = fs::remove_file(&staged);
     let write = || -> std::io::Result<()> {
         let mut file = fs::OpenOptions::new()
             .write(true)
@@ -84,6 +97,7 @@ mod tests {
 
     fn module_of(build: &str) -> Vec<u8> {
         let mut bytes = b"\x7fELF\x02\x01\x01".to_vec();
+        bytes.extend_from_slice(MODULE_HOOK);
         bytes.extend_from_slice(b"...rodata...");
         bytes.extend_from_slice(build.as_bytes());
         bytes.extend_from_slice(b"...");
@@ -109,9 +123,13 @@ mod tests {
         assert_eq!(fs::read(&target).unwrap(), module_of(BUILD));
         let mode = fs::metadata(&target).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o444);
-        // Nothing staged is left behind; a second run replaces the read-only file.
+        // Nothing staged is left behind; a second run replaces the read-only file, and
+        // one whose staged copy a killed run left (the same pid, as pid 1 in a container
+        // always is) goes through.
+        fs::write(dir.join(format!(".{FILE}.{}", std::process::id())), b"half").unwrap();
         install(&from, &dir).unwrap();
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        assert_eq!(fs::read(&target).unwrap(), module_of(BUILD));
     }
 
     #[test]
@@ -126,6 +144,11 @@ mod tests {
         fs::write(&text, BUILD).unwrap();
         let err = install(&text, dir).unwrap_err().to_string();
         assert!(err.contains("not a shared library"), "{err}");
+        // An ELF file of this build that is no module (latchkey's own binary, say).
+        let binary = dir.join("latchkey");
+        fs::write(&binary, [&b"\x7fELF"[..], BUILD.as_bytes()].concat()).unwrap();
+        let err = install(&binary, dir).unwrap_err().to_string();
+        assert!(err.contains("not an Envoy module"), "{err}");
         assert!(!dir.join(FILE).exists());
     }
 

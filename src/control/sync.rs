@@ -151,7 +151,7 @@ impl PolicySync {
             tracing::info!(revoked, "keys revoked in the running policy");
             // In-process modules are pushed the store again, which has them, even if
             // what follows does not compile here.
-            self.shared.installs.send_modify(|_| {});
+            self.shared.push_whole();
         }
         self.tokens.reload(&self.store).await?;
         // Decrypting every secret and compiling every regex is CPU work: off the

@@ -39,7 +39,7 @@ pub struct Shared {
     /// The latest key changes put into effect, each with the version it made: what the
     /// modules are sent in place of the whole policy, which at 100,000 keys takes them
     /// seconds to compile.
-    key_changes: std::sync::Mutex<VecDeque<(i64, KeyChange)>>,
+    key_changes: std::sync::Mutex<KeptChanges>,
 }
 
 /// Key changes kept for the modules; one further behind gets the whole policy.
@@ -129,23 +129,18 @@ impl Shared {
         }
     }
 
-    /// Puts into effect `policy`, which `change` made from version `version - 1`.
+    /// Puts into effect `policy`, which `change` made from version `version - 1`: the
+    /// modules may be sent the change alone.
     pub fn install_change(&self, policy: Policy, version: i64, change: KeyChange) {
-        {
-            let mut kept = self.key_changes.lock().unwrap_or_else(|p| p.into_inner());
-            if kept.len() == KEY_CHANGES_KEPT {
-                kept.pop_front();
-            }
-            kept.push_back((version, change));
-        }
-        self.install(policy, version);
+        self.policy.store(std::sync::Arc::new(policy));
+        self.kept().record(version, change);
+        self.announce(version);
     }
 
     /// The key changes that made version `to` from version `from`, if that is all that
     /// happened in between and they are still kept.
     pub fn key_changes(&self, from: i64, to: i64) -> Option<Vec<KeyChange>> {
-        let kept = self.key_changes.lock().unwrap_or_else(|p| p.into_inner());
-        between(&kept, from, to)
+        self.kept().between(from, to)
     }
 
     /// Puts a new policy into effect for the next request.
@@ -156,27 +151,66 @@ impl Shared {
 
     /// The store's policy version the running snapshot was built from, as a gauge: a
     /// replica behind the others shows a lower value. And whether the anomaly alerts
-    /// are to be told of requests, from the first one the snapshot decides.
+    /// are to be told of requests, from the first one the snapshot decides. The modules
+    /// get the whole policy next, whatever its version.
     pub fn installed(&self, version: i64) {
+        self.kept().barrier();
+        self.announce(version);
+    }
+
+    /// Has the modules sent the whole policy again, at the version in force: the
+    /// running snapshot changed in place (revocations another replica made).
+    pub fn push_whole(&self) {
+        self.kept().barrier();
+        self.installs.send_modify(|_| {});
+    }
+
+    fn announce(&self, version: i64) {
         self.metrics.policy_version.set(version);
         self.installs.send_replace(version);
         self.audit.tap_wanted(self.policy.load().has_alerts());
     }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, KeptChanges> {
+        self.key_changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
-/// The changes in `kept` that made `to` from `from`: one for each version in between.
-fn between(kept: &VecDeque<(i64, KeyChange)>, from: i64, to: i64) -> Option<Vec<KeyChange>> {
-    let changes: Vec<&(i64, KeyChange)> = kept
-        .iter()
-        .filter(|(v, _)| (from + 1..=to).contains(v))
-        .collect();
-    let whole = from < to
-        && changes.len() as i64 == to - from
-        && changes
+/// The latest key changes put into effect, with the versions they made, since the last
+/// snapshot that was not one (after which the modules need the whole policy).
+#[derive(Default)]
+struct KeptChanges(VecDeque<(i64, KeyChange)>);
+
+impl KeptChanges {
+    fn record(&mut self, version: i64, change: KeyChange) {
+        if self.0.len() == KEY_CHANGES_KEPT {
+            self.0.pop_front();
+        }
+        self.0.push_back((version, change));
+    }
+
+    /// Something other than a key change happened: no change sent from here on may
+    /// reach across it. (A reinstall at the same version, where a module was sent that
+    /// version already, would otherwise look like nothing new.)
+    fn barrier(&mut self) {
+        self.0.clear();
+    }
+
+    /// The changes that made `to` from `from`: one for each version in between.
+    fn between(&self, from: i64, to: i64) -> Option<Vec<KeyChange>> {
+        let changes: Vec<&(i64, KeyChange)> = self
+            .0
             .iter()
-            .zip(from + 1..)
-            .all(|((v, _), want)| *v == want);
-    whole.then(|| changes.into_iter().map(|(_, c)| c.clone()).collect())
+            .filter(|(v, _)| (from + 1..=to).contains(v))
+            .collect();
+        let whole = from < to
+            && changes.len() as i64 == to - from
+            && changes
+                .iter()
+                .zip(from + 1..)
+                .all(|((v, _), want)| *v == want);
+        whole.then(|| changes.into_iter().map(|(_, c)| c.clone()).collect())
+    }
 }
 
 #[cfg(test)]
@@ -186,14 +220,13 @@ mod tests {
     #[test]
     fn key_changes_are_sent_only_where_they_are_all_that_happened() {
         let revoked = |id: &str| KeyChange::Revoked(id.to_owned());
-        // Version 5 was a whole reload (no change kept), 6 to 8 key changes.
-        let kept: VecDeque<(i64, KeyChange)> = [
-            (4, revoked("a")),
-            (6, revoked("b")),
-            (7, revoked("c")),
-            (8, revoked("d")),
-        ]
-        .into();
+        let mut kept = KeptChanges::default();
+        kept.record(4, revoked("a"));
+        // Version 5 was a whole reload, 6 to 8 key changes.
+        kept.barrier();
+        for (v, id) in [(6, "b"), (7, "c"), (8, "d")] {
+            kept.record(v, revoked(id));
+        }
         let ids = |changes: Option<Vec<KeyChange>>| {
             changes.map(|cs| {
                 cs.into_iter()
@@ -205,15 +238,22 @@ mod tests {
             })
         };
         assert_eq!(
-            ids(between(&kept, 5, 8)),
+            ids(kept.between(5, 8)),
             Some(vec!["b".into(), "c".into(), "d".into()])
         );
-        assert_eq!(ids(between(&kept, 7, 8)), Some(vec!["d".into()]));
-        assert!(between(&kept, 4, 8).is_none(), "5 is not a change of keys");
-        assert_eq!(ids(between(&kept, 3, 4)), Some(vec!["a".into()]));
-        // Nothing newer (a revocation pushed again at the same version): the whole policy.
-        assert!(between(&kept, 8, 8).is_none());
-        assert!(between(&kept, 8, 9).is_none());
-        assert!(between(&kept, 9, 8).is_none());
+        assert_eq!(ids(kept.between(7, 8)), Some(vec!["d".into()]));
+        assert!(kept.between(4, 8).is_none(), "5 is not a change of keys");
+        assert!(
+            kept.between(3, 4).is_none(),
+            "nothing from before the barrier"
+        );
+        // Nothing newer: the whole policy.
+        assert!(kept.between(8, 8).is_none());
+        assert!(kept.between(8, 9).is_none());
+        assert!(kept.between(9, 8).is_none());
+        // Reinstalled at version 8 (a secret rotated) before a module was sent 8: the
+        // module, at 7, must not be sent 8's change alone.
+        kept.barrier();
+        assert!(kept.between(7, 8).is_none());
     }
 }
