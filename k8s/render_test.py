@@ -759,8 +759,7 @@ def check_pipe(o, p, shipped, cluster, path, where):
     directory = posixpath.dirname(path or "")
     mounts = {}
     for c in (latchkey, shipped.container):
-        mount = next((m for m in c.get("volumeMounts") or []
-                      if m.get("mountPath", "").rstrip("/") == directory), None)
+        mount = mount_at(c, directory)
         if mount is None:
             p.add(f"{pod.name}: container {c['name']} mounts nothing at {directory} "
                   f"(the socket's directory)")

@@ -20,7 +20,7 @@ use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::snapshot::{
     AlertRule, CLUSTER_PLAIN, CLUSTER_TLS, Caps, CompileError, Compiled, CostSpec, Injection,
-    JwksSource, KeyBudgets, KeyEntry, McpProxy, McpTool, Policy, Proxy, RetryHeaders,
+    JwksSource, KeyBudgets, KeyChange, KeyEntry, McpProxy, McpTool, Policy, Proxy, RetryHeaders,
     RunawayGuards, Secret, Trust, Upstream,
 };
 use crate::policy::rows::{AuthSpec, CredentialRow, KeyRow, ProxyRow, StoredPolicy};
@@ -88,18 +88,6 @@ impl Policy {
             }
         }))
     }
-}
-
-/// A change of keys alone, made on a running snapshot without compiling: what an admin,
-/// a mint or an alert did to one key. `serve` sends these to the in-process modules too,
-/// in place of the whole policy.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub enum KeyChange {
-    Issued(KeyRow),
-    Revoked(String),
-    Quarantined(String),
-    Released(String),
 }
 
 impl Policy {

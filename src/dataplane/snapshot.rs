@@ -8,9 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use zeroize::Zeroizing;
 
-/// What changes keys alone, on a running snapshot (made in `compile`).
-pub use crate::dataplane::compile::KeyChange;
-
 use crate::base::money::to_micros;
 use crate::dataplane::budget::{Limit, Rate};
 use crate::dataplane::redact::Guard;
@@ -18,7 +15,7 @@ use crate::dataplane::rules::{Rule, RuleList};
 use crate::dataplane::usage::PriceTable;
 use crate::policy::Period;
 use crate::policy::Vendor;
-use crate::policy::rows::{SecretError, StoredPolicy};
+use crate::policy::rows::{KeyRow, SecretError, StoredPolicy};
 use crate::policy::{Alerts, Cost, Effect, Webhook};
 
 /// Envoy clusters that reach any host (see envoy/envoy.yaml): which one a request takes
@@ -524,6 +521,18 @@ impl KeyEntry {
             spent_micros: self.spent_micros,
         }
     }
+}
+
+/// A change of keys alone, made on a running snapshot without compiling (`compile`'s
+/// `Policy::changed`): what an admin, a mint or an alert did to one key. `serve` sends
+/// these to the in-process modules too, in place of the whole policy.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum KeyChange {
+    Issued(KeyRow),
+    Revoked(String),
+    Quarantined(String),
+    Released(String),
 }
 
 #[derive(Debug, Default, Clone)]
