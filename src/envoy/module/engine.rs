@@ -5,12 +5,12 @@
 //! One engine per Envoy process. Envoy makes a filter config per listener, and every
 //! worker thread runs requests, so the engine is process-global and shared.
 
-use std::collections::{HashSet, VecDeque};
-use std::io::{self, Write};
+use std::collections::HashSet;
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -31,9 +31,8 @@ use crate::dataplane::rules::Body;
 use crate::dataplane::snapshot::{KeyChange, Policy};
 use crate::dataplane::spend::{LocalSpend, Spend};
 use crate::envoy::convert;
-use crate::envoy::module::wire::{
-    BUILD, Batch, Ending, MAX_BATCH_FRAME, Push, Record, ToModule, read_body,
-};
+use crate::envoy::module::outbox::{Deciding, Outbox};
+use crate::envoy::module::wire::{BUILD, Ending, Push, Record, ToModule, read_body};
 
 /// What the module does with a request.
 pub enum Verdict {
@@ -63,23 +62,6 @@ pub struct Pending {
     record: Record,
     started: Instant,
     _deciding: Deciding,
-}
-
-/// A request between its decision and its record's queueing: a channel that closes
-/// waits for these, so a request decided just before `serve` stopped is not left out.
-struct Deciding(&'static AtomicU64);
-
-impl Deciding {
-    fn new(count: &'static AtomicU64) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(count)
-    }
-}
-
-impl Drop for Deciding {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 struct Loaded {
@@ -129,7 +111,7 @@ impl Engine {
         let started = Instant::now();
         // Counted before the policy is read: a closing channel that no longer sees it
         // sees the policy gone, and this request hands on.
-        let deciding = Deciding::new(&self.outbox.deciding);
+        let deciding = self.outbox.deciding();
         // Until the first policy arrives, `serve` decides everything.
         let Some(loaded) = self.loaded.load_full() else {
             return (Verdict::HandOn, None);
@@ -141,7 +123,7 @@ impl Engine {
         }
         // `serve` is not keeping up with the audit: ext_proc, which waits for it,
         // decides until it does, rather than records piling up in Envoy.
-        if self.outbox.backlog() >= HIGH_WATER {
+        if self.outbox.behind() {
             return (Verdict::HandOn, None);
         }
         // As ext_proc names it: Envoy's id, or a fresh one if the client's is unusable.
@@ -233,9 +215,7 @@ impl Engine {
 
     /// Records decided, sent and dropped (the queue full while `serve` was away).
     pub fn counts(&self) -> (u64, u64, u64) {
-        let o = &self.outbox;
-        let get = |n: &AtomicU64| n.load(Ordering::Acquire);
-        (get(&o.queued), get(&o.sent), get(&o.dropped))
+        self.outbox.counts()
     }
 
     fn stay_connected(&self, socket: &Path, log: Log) {
@@ -353,15 +333,15 @@ impl Engine {
                 let (build, version) = ToModule::foreign(body);
                 self.outbox.peer(false);
                 let build = build.unwrap_or_else(|| "unknown".to_owned());
-                self.put(
-                    Err(format!("from latchkey build {build}, not {BUILD}: {e}")),
-                    version.unwrap_or(-1),
+                self.refuse(
+                    &format!("a push from latchkey build {build}, not {BUILD}: {e}"),
                     log,
                 );
-                match version {
-                    Some(version) => version,
-                    None => return Ok(()),
-                }
+                // Dealt with, refused, if the push names its version.
+                let Some(version) = version else {
+                    return Ok(());
+                };
+                version
             }
         };
         // Told once the version is in force (or refused), never before.
@@ -381,18 +361,18 @@ impl Engine {
                     ),
                 );
             }
-            // Not the policy `serve` runs: nothing is decided here until one compiles
-            // (ext_proc decides meanwhile).
-            Err(e) => {
-                self.loaded.store(None);
-                log(
-                    true,
-                    &format!(
-                        "policy version {version} refused; ext_proc decides every request: {e}"
-                    ),
-                );
-            }
+            Err(e) => self.refuse(&format!("policy version {version}: {e}"), log),
         }
+    }
+
+    /// Not the policy `serve` runs: nothing is decided here until one is taken up
+    /// (ext_proc decides meanwhile).
+    fn refuse(&self, why: &str, log: Log) {
+        self.loaded.store(None);
+        log(
+            true,
+            &format!("refused {why}; ext_proc decides every request"),
+        );
     }
 }
 
@@ -461,180 +441,10 @@ fn ready<F: Future>(future: F) -> Option<F::Output> {
     }
 }
 
-/// Records on their way to `serve`: sent in batches of up to [`BATCH`] records and
-/// [`BATCH_BYTES`], at least every [`FLUSH_EVERY`]; kept while `serve` is away (or is
-/// of another build), up to [`MAX_QUEUED`].
-struct Outbox {
-    queue: Mutex<VecDeque<Record>>,
-    ready: Condvar,
-    /// Whether the `serve` on the line pushed from this build, and so reads our batches.
-    peer_ok: AtomicBool,
-    /// The policy version last taken up, and the one `serve` was last told of.
-    taken_up: AtomicI64,
-    told: AtomicI64,
-    /// Requests decided whose records are not queued yet.
-    deciding: AtomicU64,
-    queued: AtomicU64,
-    sent: AtomicU64,
-    dropped: AtomicU64,
-}
-
-const BATCH: usize = 1024;
-/// Well under what `serve` reads in one frame: a batch of requests with long paths
-/// (Envoy allows headers of 60 KiB) must not make a frame it refuses, again and again.
-const BATCH_BYTES: usize = MAX_BATCH_FRAME / 4;
-const FLUSH_EVERY: Duration = Duration::from_millis(50);
-const MAX_QUEUED: usize = 1_000_000;
-/// Records waiting for `serve` past which requests go to ext_proc (which waits for the
-/// audit) instead of being decided here.
-const HIGH_WATER: u64 = 100_000;
-/// How long a closing channel waits for requests still being answered.
-const LINGER: Duration = Duration::from_secs(3);
-
-impl Default for Outbox {
-    fn default() -> Self {
-        Self {
-            queue: Mutex::default(),
-            ready: Condvar::new(),
-            peer_ok: AtomicBool::new(false),
-            taken_up: AtomicI64::new(-1),
-            told: AtomicI64::new(-1),
-            deciding: AtomicU64::default(),
-            queued: AtomicU64::default(),
-            sent: AtomicU64::default(),
-            dropped: AtomicU64::default(),
-        }
-    }
-}
-
-impl Outbox {
-    /// Records decided and not yet sent (or dropped).
-    fn backlog(&self) -> u64 {
-        let done = self.sent.load(Ordering::Acquire) + self.dropped.load(Ordering::Acquire);
-        self.queued.load(Ordering::Acquire).saturating_sub(done)
-    }
-
-    fn peer(&self, same_build: bool) {
-        self.peer_ok.store(same_build, Ordering::Release);
-        self.wake();
-    }
-
-    fn taken_up(&self, version: i64) {
-        self.taken_up.store(version, Ordering::Release);
-        self.wake();
-    }
-
-    /// Wakes the sender: under the lock, so it cannot miss the wake-up between its
-    /// check and its wait.
-    fn wake(&self) {
-        let _queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        self.ready.notify_all();
-    }
-
-    fn push(&self, record: Record) {
-        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-        self.queued.fetch_add(1, Ordering::AcqRel);
-        if queue.len() >= MAX_QUEUED {
-            self.dropped.fetch_add(1, Ordering::AcqRel);
-            return;
-        }
-        queue.push_back(record);
-        if queue.len() >= BATCH {
-            self.ready.notify_one();
-        }
-    }
-
-    /// Sends batches until the connection fails or closes; a batch that could not be
-    /// written goes back to the front of the queue.
-    fn send_until(&self, mut out: UnixStream, closed: &AtomicBool) {
-        // A new connection is told the version anew.
-        self.told.store(-1, Ordering::Release);
-        let untold = || self.taken_up.load(Ordering::Acquire) != self.told.load(Ordering::Acquire);
-        let mut closed_at = None;
-        loop {
-            if !self.peer_ok.load(Ordering::Acquire) {
-                // Records wait in the queue for a `serve` that can read them.
-                if closed.load(Ordering::Acquire) {
-                    return;
-                }
-                let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                let _ = self.ready.wait_timeout(queue, FLUSH_EVERY);
-                continue;
-            }
-            let batch: Vec<Record> = {
-                let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                let (mut queue, _) = self
-                    .ready
-                    .wait_timeout_while(queue, FLUSH_EVERY, |q| {
-                        let closing = closed.load(Ordering::Acquire);
-                        q.len() < BATCH && !untold() && (!closing || q.is_empty())
-                    })
-                    .unwrap_or_else(|p| p.into_inner());
-                let mut bytes = 0;
-                let fits = queue.iter().take(BATCH).take_while(|r| {
-                    // A record in the frame: its field's tag (one byte), its length
-                    // (a varint) and itself.
-                    let len = prost::Message::encoded_len(*r);
-                    bytes += 1 + prost::length_delimiter_len(len) + len;
-                    bytes <= BATCH_BYTES
-                });
-                // At least one: a record is never near the limit alone.
-                let n = fits.count().max(usize::from(!queue.is_empty()));
-                queue.drain(..n).collect()
-            };
-            let closing = closed.load(Ordering::Acquire);
-            if closing && batch.is_empty() && !untold() {
-                // Done once no decided request is still to be recorded.
-                let since: &Instant = closed_at.get_or_insert_with(Instant::now);
-                // A record is queued before its request stops counting as deciding: with
-                // none deciding, an empty queue stays empty.
-                let idle = self.deciding.load(Ordering::Acquire) == 0
-                    && self.queue.lock().is_ok_and(|q| q.is_empty());
-                if idle || since.elapsed() > LINGER {
-                    return;
-                }
-            }
-            let version = self.taken_up.load(Ordering::Acquire);
-            let tell = version != self.told.load(Ordering::Acquire);
-            if batch.is_empty() && !tell {
-                continue;
-            }
-            let n = batch.len() as u64;
-            let mut batch = Batch {
-                records: batch,
-                version: tell.then_some(version),
-            };
-            if out.write_all(&batch.frame()).is_err() {
-                let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
-                for record in batch.records.drain(..).rev() {
-                    queue.push_front(record);
-                }
-                return;
-            }
-            self.sent.fetch_add(n, Ordering::AcqRel);
-            if tell {
-                self.told.store(version, Ordering::Release);
-            }
-        }
-    }
-
-    fn drain(&self, timeout: Duration) -> u64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            self.ready.notify_all();
-            let left = self.backlog();
-            if left == 0 || Instant::now() >= deadline {
-                return left;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envoy::module::wire::{frame, read_frame};
+    use crate::envoy::module::wire::{Batch, frame, read_frame};
     use crate::policy::rows::KeyRow;
     use crate::store::memory;
 
@@ -678,56 +488,6 @@ rules:
         let engine: &'static Engine = Box::leak(Box::new(Engine::new()));
         engine.loaded.store(Some(Arc::new(load(push()).unwrap())));
         engine
-    }
-
-    /// A record as the module queues it, its path `length` bytes long.
-    fn record(length: usize) -> Record {
-        Record {
-            request_id: "r-1".into(),
-            path: "/".repeat(length),
-            decision: "allowed".into(),
-            ..Record::default()
-        }
-    }
-
-    /// The next batch on `from`, if one comes within `wait`.
-    fn next_batch(from: &mut UnixStream, wait: Duration) -> Option<Batch> {
-        from.set_read_timeout(Some(wait)).unwrap();
-        let body = crate::envoy::module::wire::read_body(from).ok()??;
-        Some(Batch::parse(&body).unwrap())
-    }
-
-    #[test]
-    fn records_wait_for_a_serve_of_this_build_and_go_in_frames_it_reads() {
-        let outbox: &'static Outbox = Box::leak(Box::default());
-        let (ours, mut theirs) = UnixStream::pair().unwrap();
-        let closed: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
-        // Enough long paths for twice what one frame may hold.
-        let long = 60 * 1024;
-        let many = 2 * MAX_BATCH_FRAME / long;
-        for _ in 0..many {
-            outbox.push(record(long));
-        }
-        let sender = std::thread::spawn(move || outbox.send_until(ours, closed));
-        assert!(
-            next_batch(&mut theirs, Duration::from_millis(300)).is_none(),
-            "nothing goes before serve's push names its build"
-        );
-        outbox.peer(false);
-        assert!(next_batch(&mut theirs, Duration::from_millis(300)).is_none());
-        outbox.peer(true);
-        let mut got = 0;
-        while got < many {
-            let batch = next_batch(&mut theirs, Duration::from_secs(5)).expect("a batch");
-            let size = prost::Message::encoded_len(&batch);
-            // Counted exactly: at most the version's field (11 bytes) past the cap.
-            assert!(size <= BATCH_BYTES + 11, "a frame of {size} bytes");
-            got += batch.records.len();
-        }
-        assert_eq!(got, many);
-        closed.store(true, Ordering::Release);
-        outbox.wake();
-        sender.join().unwrap();
     }
 
     #[test]

@@ -4,5 +4,6 @@
 //! and stores the audit the module sends back.
 
 pub mod engine;
+mod outbox;
 pub mod pin;
 pub mod wire;
