@@ -128,8 +128,7 @@ impl AdminService {
         let (changes, version) = result?;
         if let Some(version) = version {
             let policy = compiled.expect("compiled before commit");
-            self.shared.install(policy, version);
-            self.sync.installed(version);
+            self.sync.install_compiled(policy, version).await;
             self.sync.propagated().await;
             tracing::info!(changes = changes.len(), version, "policy applied");
         }

@@ -16,8 +16,7 @@ use crate::base::crypto::MasterKey;
 use crate::control::secrets::{self, SecretWatch};
 use crate::control::tokens::Tokens;
 use crate::dataplane::shared::Shared;
-use crate::dataplane::snapshot::CompileError;
-use crate::dataplane::snapshot::KeyChange;
+use crate::dataplane::snapshot::{CompileError, KeyChange, Policy};
 use crate::store::{Backend, Store, StoreError};
 
 /// How often the version is compared without a notification.
@@ -146,9 +145,9 @@ impl PolicySync {
         let stored = self.store.load().await?;
         // Revocations need no compile: they hold here whatever follows (a compile that
         // fails, or panics).
-        let revoked = self.shared.policy.load().apply_revocations(&stored);
-        if revoked > 0 {
-            tracing::info!(revoked, "keys revoked in the running policy");
+        let stopped = self.shared.policy.load().apply_revocations(&stored);
+        if stopped > 0 {
+            tracing::info!(stopped, "keys revoked or quarantined in the running policy");
             // In-process modules are pushed the store again, which has them, even if
             // what follows does not compile here.
             self.shared.push_whole();
@@ -191,10 +190,16 @@ impl PolicySync {
         self.reload().await
     }
 
-    /// The snapshot of version `version` was installed by the caller (an apply that
-    /// compiled it already).
-    pub fn installed(&self, version: i64) {
-        self.running.fetch_max(version, Ordering::AcqRel);
+    /// Puts into effect `policy`, of store version `version`, which an apply compiled
+    /// already: under the reload lock, and only if no later version is in effect (a
+    /// reload that took in another replica's change meanwhile), which it would undo
+    /// until the next change.
+    pub async fn install_compiled(&self, policy: Policy, version: i64) {
+        let _one_at_a_time = self.reloading.lock().await;
+        if version > self.running.load(Ordering::Acquire) {
+            self.shared.install(policy, version);
+            self.running.store(version, Ordering::Release);
+        }
     }
 
     /// Keeps the snapshot current, in tasks of `tasks` (the server stops them at
@@ -254,5 +259,58 @@ impl PolicySync {
                 let _ = self.reload().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::budget::{Budgets, LocalBudgets, SystemClock};
+    use crate::dataplane::spend::{LocalSpend, Spend};
+    use crate::store::{memory, testing};
+    use crate::telemetry::audit::AuditLog;
+    use crate::telemetry::metrics::Metrics;
+
+    /// An apply's snapshot installed after a reload took in a later version (another
+    /// replica's change) would undo that change until the next one: it is not installed.
+    #[tokio::test]
+    async fn an_apply_never_installs_over_a_later_version() {
+        let (_, _scratch, store) = testing::stores().await.remove(0);
+        let master = Arc::new(MasterKey::parse(&MasterKey::generate()).unwrap());
+        let stored = memory::stored(testing::POLICY, &master).unwrap();
+        let compile = || Policy::compile(&stored, &master, &Default::default()).unwrap();
+        let metrics = Metrics::default();
+        let (audit, _writer) = AuditLog::start(
+            store.clone(),
+            master.audit_signer().clone(),
+            metrics.audit.clone(),
+            crate::telemetry::audit::Outlets::default(),
+        );
+        let shared = Arc::new(Shared::new(
+            compile(),
+            Budgets::Local(LocalBudgets::new(Arc::new(SystemClock))),
+            Spend::Local(LocalSpend::default()),
+            audit,
+            metrics,
+        ));
+        let secrets = Arc::new(SecretWatch::new(Default::default(), Vec::new()));
+        let sync = PolicySync::new(
+            shared.clone(),
+            Tokens::default(),
+            store,
+            master.clone(),
+            secrets,
+            1,
+        );
+
+        sync.install_compiled(compile(), 3).await;
+        let three = shared.policy.load_full();
+        assert_eq!(*shared.installs.borrow(), 3);
+        sync.install_compiled(compile(), 2).await;
+        assert!(Arc::ptr_eq(&shared.policy.load_full(), &three), "2 undid 3");
+        assert_eq!(*shared.installs.borrow(), 3);
+        sync.install_compiled(compile(), 4).await;
+        assert!(!Arc::ptr_eq(&shared.policy.load_full(), &three));
+        assert_eq!(sync.running.load(Ordering::Acquire), 4);
     }
 }

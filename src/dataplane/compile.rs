@@ -619,6 +619,7 @@ mod tests {
     use super::*;
     use crate::base::crypto::hash_key;
     use crate::store::{memory, testing};
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     fn run_key(stored: &StoredPolicy, key: &str) -> KeyRow {
         KeyRow {
@@ -694,5 +695,35 @@ mod tests {
             changed.rule("reads").unwrap().path.as_deref(),
             Some("^/v2/")
         );
+    }
+
+    /// A replica that cannot compile still stops what the store stops, and counts a
+    /// quarantine as a stop (its modules are sent the policy again for it).
+    #[test]
+    fn revocations_and_quarantines_hold_without_a_compile() {
+        let master = MasterKey::parse(&MasterKey::generate()).unwrap();
+        let mut stored = memory::stored(testing::POLICY, &master).unwrap();
+        let running = Policy::compile(&stored, &master, &Default::default()).unwrap();
+        let hash: [u8; 32] = stored.keys[0].hash.clone().try_into().unwrap();
+        let stopped = |p: &Policy| {
+            let k = p.key(&hash).unwrap();
+            let get = |b: &AtomicBool| b.load(Ordering::Relaxed);
+            (get(&k.revoked), get(&k.quarantined))
+        };
+        assert_eq!(running.apply_revocations(&stored), 0);
+
+        stored.keys[0].quarantined_at = Some(1);
+        assert_eq!(running.apply_revocations(&stored), 1);
+        assert_eq!(stopped(&running), (false, true));
+        assert_eq!(running.apply_revocations(&stored), 0, "stopped once");
+
+        stored.keys[0].revoked_at = Some(2);
+        assert_eq!(running.apply_revocations(&stored), 1);
+        assert_eq!(stopped(&running), (true, true));
+
+        // A release waits for a compile.
+        stored.keys[0].quarantined_at = None;
+        assert_eq!(running.apply_revocations(&stored), 0);
+        assert_eq!(stopped(&running), (true, true));
     }
 }

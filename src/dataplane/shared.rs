@@ -47,7 +47,7 @@ const KEY_CHANGES_KEPT: usize = 1024;
 
 /// How long a change waits for the in-process modules to take it up before it returns
 /// anyway (a module that stopped answering is logged, not waited for).
-const PROPAGATION: std::time::Duration = std::time::Duration::from_secs(5);
+pub const PROPAGATION: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Shared {
     pub fn new(

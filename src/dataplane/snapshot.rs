@@ -610,7 +610,8 @@ impl Policy {
     /// has: a replica that cannot compile the store's policy (a master key it lacks, a
     /// bug) still stops revoked and quarantined keys, which must never wait for a full
     /// compile.
-    /// Returns how many keys it revoked.
+    /// Returns how many keys it stopped that were not stopped so (revoked, or
+    /// quarantined) before.
     pub fn apply_revocations(&self, stored: &StoredPolicy) -> usize {
         let live: HashMap<&[u8], (bool, bool)> = stored
             .keys
@@ -627,10 +628,10 @@ impl Policy {
                     .copied()
                     .unwrap_or((true, false));
                 // Quarantines too, never a release: that waits for a compile.
-                if quarantined {
-                    entry.quarantined.store(true, Ordering::Relaxed);
-                }
-                revoked && !entry.revoked.swap(true, Ordering::Relaxed)
+                let newly_quarantined =
+                    quarantined && !entry.quarantined.swap(true, Ordering::Relaxed);
+                let newly_revoked = revoked && !entry.revoked.swap(true, Ordering::Relaxed);
+                newly_revoked || newly_quarantined
             })
             .count()
     }

@@ -2,6 +2,7 @@
 //! the policy, again whenever a new one is put into effect, and its audit records are
 //! stored as ext_proc's are.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::base::crypto::MasterKey;
 use crate::control::sync::PolicySync;
-use crate::dataplane::shared::Shared;
+use crate::dataplane::shared::{PROPAGATION, Shared};
 use crate::envoy::module::wire::{BUILD, Batch, MAX_BATCH_FRAME, Push, ToModule, frame};
 use crate::store::Store;
 use crate::telemetry::audit::Event;
@@ -31,6 +32,48 @@ pub struct Feed {
 /// How long a stopping server waits for a module to send what it has queued.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// A process whose module went without taking up a push (one of another build, left
+/// loaded in an Envoy not restarted, drops each push and reconnects) waits this long
+/// before its next, doubling each time up to [`MAX_BACKOFF`]: a whole policy is not
+/// loaded and sealed again for it five times a second.
+const BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// The processes whose modules went without taking up a push, by pid: how many times in
+/// a row.
+#[derive(Default)]
+struct Strikes(std::sync::Mutex<HashMap<i32, u32>>);
+
+impl Strikes {
+    fn wait(&self, pid: Option<i32>) -> Duration {
+        let strikes = pid.and_then(|p| self.lock().get(&p).copied()).unwrap_or(0);
+        match strikes {
+            0 => Duration::ZERO,
+            n => BACKOFF
+                .saturating_mul(1 << (n - 1).min(16))
+                .min(MAX_BACKOFF),
+        }
+    }
+
+    fn ended(&self, pid: Option<i32>, took_up: bool) {
+        let Some(pid) = pid else { return };
+        let mut strikes = self.lock();
+        if took_up {
+            strikes.remove(&pid);
+            return;
+        }
+        // Processes come and go: the table is a cache, never a leak.
+        if strikes.len() >= 1024 {
+            strikes.clear();
+        }
+        *strikes.entry(pid).or_default() += 1;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, u32>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Serves modules on `listener` (owner-only) until `stopping`; then each module is told
 /// (its channel closed from this side), stops deciding, and sends what it has queued,
 /// which is stored before this returns.
@@ -41,6 +84,7 @@ pub async fn serve(
     stopping: watch::Receiver<bool>,
 ) {
     let ours = crate::envoy::channel::own_uid().ok();
+    let strikes = Arc::new(Strikes::default());
     let mut connection = 0u64;
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -59,34 +103,82 @@ pub async fn serve(
         };
         // The socket is owner-only already; a process of another user that reached it
         // anyway (a socket file it was handed) is not served.
-        let theirs = stream.peer_cred().map(|c| c.uid()).ok();
+        let peer = stream.peer_cred().ok();
+        let theirs = peer.map(|c| c.uid());
         if theirs.is_none() || theirs != ours {
             tracing::warn!(uid = ?theirs, "module channel: refused a connection from another user");
             continue;
         }
-        let feed = feed.clone();
-        let stopping = stopping.clone();
+        let pid = peer.and_then(|c| c.pid());
         connection += 1;
-        let id = connection;
-        connections.spawn(async move {
-            // Changes wait for this module from now on, until it goes.
-            feed.shared.modules.send_modify(|m| {
-                m.insert(id, -1);
-            });
-            let ended = converse(stream, &feed, id, stopping).await;
-            feed.shared.modules.send_modify(|m| {
-                m.remove(&id);
-            });
-            match ended {
-                Ok(()) => tracing::info!("module channel: a module disconnected"),
-                Err(e) => tracing::warn!(error = %e, "module channel: connection ended"),
-            }
-        });
+        connections.spawn(attend(
+            stream,
+            feed.clone(),
+            connection,
+            pid,
+            strikes.clone(),
+            stopping.clone(),
+        ));
     }
     // No module may connect now into a backlog nobody reads: its records stay with it.
     drop(listener);
     let _ = std::fs::remove_file(path);
     while connections.join_next().await.is_some() {}
+}
+
+/// One module's connection: held back first if its process's module took up nothing
+/// the last time, then conversed with until it ends.
+async fn attend(
+    stream: UnixStream,
+    feed: Feed,
+    id: u64,
+    pid: Option<i32>,
+    strikes: Arc<Strikes>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let wait = strikes.wait(pid);
+    if !wait.is_zero() {
+        tracing::warn!(
+            ?pid,
+            ?wait,
+            "module channel: a module that took up no policy is back; it waits"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            _ = stopping.wait_for(|s| *s) => return,
+        }
+    }
+    // Changes wait for this module from now on, until it goes.
+    feed.shared.modules.send_modify(|m| {
+        m.insert(id, -1);
+    });
+    // Unless it takes up nothing at all: one that refuses every push (of another
+    // build) decides nothing, and would hold up every change for as long as a
+    // change waits. It counts again once it takes a version up.
+    let unheard = async {
+        tokio::time::sleep(PROPAGATION).await;
+        feed.shared.modules.send_if_modified(|m| {
+            let silent = m.get(&id) == Some(&-1);
+            if silent {
+                m.remove(&id);
+            }
+            silent
+        });
+        std::future::pending().await
+    };
+    let ended = tokio::select! {
+        ended = converse(stream, &feed, id, stopping) => ended,
+        never = unheard => never,
+    };
+    let mut took_up = false;
+    feed.shared.modules.send_modify(|m| {
+        took_up = m.remove(&id).is_some_and(|v| v >= 0);
+    });
+    strikes.ended(pid, took_up);
+    match ended {
+        Ok(()) => tracing::info!("module channel: a module disconnected"),
+        Err(e) => tracing::warn!(error = %e, "module channel: connection ended"),
+    }
 }
 
 /// One module: the policy pushed on connecting and after each change, while its

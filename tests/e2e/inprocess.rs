@@ -203,13 +203,64 @@ async fn records_until(stack: &Stack, n: usize) -> Vec<latchkey::store::requests
 #[tokio::test]
 async fn a_change_holds_for_the_next_request() {
     let (stack, _upstream) = stack().await;
-    let (id, key) = common::issue_key(&stack, "agent", &[]);
-    assert_eq!(get(&stack, "/plain/v1/a", &key).await.status(), 200);
+    a_change_holds(&stack).await;
+}
+
+/// A key issued, then revoked through the CLI, holds in Envoy for the next request.
+async fn a_change_holds(stack: &Stack) {
+    let (id, key) = common::issue_key(stack, "agent", &[]);
+    assert_eq!(get(stack, "/plain/v1/a", &key).await.status(), 200);
     let revoked = stack.cli(&["key", "revoke", &id], &[]);
     assert!(revoked.status.success(), "{revoked:?}");
-    let (status, kind, _) = denial(get(&stack, "/plain/v1/a", &key).await).await;
+    let (status, kind, _) = denial(get(stack, "/plain/v1/a", &key).await).await;
     assert_eq!((status, kind.as_str()), (401, "revoked_key"));
     assert_eq!(stack.envoy_counter(EXT_PROC).await, 0);
+}
+
+/// A module that takes up nothing it is pushed (one of another build, left loaded in an
+/// Envoy that was not restarted) holds up no change past the first few seconds, and one
+/// that hangs up on each push is pushed the whole policy less and less often, not five
+/// times a second. Envoy's own module is served as before.
+#[tokio::test]
+async fn a_module_that_takes_up_nothing_holds_up_nothing_and_is_pushed_less_often() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    let (stack, _upstream) = stack().await;
+    let socket = stack.dir.path().join(MODULE_SOCKET);
+    let pushed = |channel: &mut UnixStream| {
+        channel
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut length = [0u8; 4];
+        channel.read_exact(&mut length).expect("a push");
+    };
+    let mut silent = UnixStream::connect(&socket).unwrap();
+    pushed(&mut silent);
+    // Past how long a change waits for a module.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let started = Instant::now();
+    a_change_holds(&stack).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "issue and revoke took {took:?}"
+    );
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut waits = Vec::new();
+    for _ in 0..4 {
+        let connected = Instant::now();
+        let mut channel = UnixStream::connect(&socket).unwrap();
+        pushed(&mut channel);
+        waits.push(connected.elapsed());
+        drop(channel);
+        // serve sees the hang-up before the next call.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(waits[0] >= Duration::from_millis(150), "{waits:?}");
+    assert!(waits[3] >= Duration::from_millis(1500), "{waits:?}");
+    a_change_holds(&stack).await;
 }
 
 #[tokio::test]
