@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::envoy::module::wire::{Batch, MAX_BATCH_FRAME, Record};
+use crate::envoy::module::wire::{BATCH_RECORDS, Batch, MAX_BATCH_FRAME, Record};
 
 /// A request between its decision and its record's queueing: a channel that closes
 /// waits for these, so a request decided just before `serve` stopped is not left out.
@@ -46,7 +46,7 @@ pub(super) struct Outbox {
     dropped: AtomicU64,
 }
 
-const BATCH: usize = 1024;
+const BATCH: usize = BATCH_RECORDS;
 /// Well under what `serve` reads in one frame: a batch of requests with long paths
 /// (Envoy allows headers of 60 KiB) must not make a frame it refuses, again and again.
 const BATCH_BYTES: usize = MAX_BATCH_FRAME / 4;

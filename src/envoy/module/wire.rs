@@ -25,6 +25,9 @@ pub const MAX_FRAME: usize = 512 << 20;
 /// The largest batch `serve` accepts; the module sends a quarter of it at most.
 pub const MAX_BATCH_FRAME: usize = 32 << 20;
 
+/// The most records in a batch, which the module sends and `serve` accepts.
+pub const BATCH_RECORDS: usize = 1024;
+
 /// What both sides must have been built from to talk: a module of another latchkey
 /// could read a policy without the parts it does not know, and decide by less.
 pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "/wire-3");
@@ -261,10 +264,24 @@ impl Batch {
         out
     }
 
-    /// A frame's body as a batch.
+    /// A frame's body as a batch, of [`BATCH_RECORDS`] at most. They are counted before
+    /// any is decoded: an empty record is 2 bytes in a frame and hundreds in memory, so
+    /// a frame of empty records would ask `serve` for gigabytes.
     pub fn parse(body: &[u8]) -> io::Result<Self> {
-        <Self as prost::Message>::decode(body)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+        let mut fields = body;
+        let mut records = 0;
+        while !fields.is_empty() {
+            let (tag, wire_type) = prost::encoding::decode_key(&mut fields).map_err(invalid)?;
+            records += usize::from(tag == 1);
+            if records > BATCH_RECORDS {
+                let more = format!("more than {BATCH_RECORDS} records in a batch");
+                return Err(io::Error::new(io::ErrorKind::InvalidData, more));
+            }
+            prost::encoding::skip_field(wire_type, tag, &mut fields, Default::default())
+                .map_err(invalid)?;
+        }
+        <Self as prost::Message>::decode(body).map_err(invalid)
     }
 }
 
@@ -312,6 +329,23 @@ mod tests {
         let length = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
         assert_eq!(length, frame.len() - 4);
         assert_eq!(Batch::parse(&frame[4..]).unwrap(), batch);
+    }
+
+    #[test]
+    fn a_batch_of_more_records_than_the_module_sends_is_refused_undecoded() {
+        let full = Batch {
+            records: vec![Record::default(); BATCH_RECORDS],
+            version: Some(7),
+        };
+        assert_eq!(Batch::parse(&full.frame()[4..]).unwrap(), full);
+        // One more; and the frame of empty records an attacker would send: 2 bytes each.
+        let mut over = full.frame()[4..].to_vec();
+        over.extend_from_slice(&[0x0a, 0x00]);
+        assert!(Batch::parse(&over).is_err());
+        let empties = [0x0a, 0x00].repeat(MAX_BATCH_FRAME / 2);
+        assert!(Batch::parse(&empties).is_err());
+        // A truncated field is an error, not a panic.
+        assert!(Batch::parse(&[0x0a, 0x05, 0x01]).is_err());
     }
 
     #[test]
