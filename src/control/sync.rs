@@ -17,6 +17,7 @@ use crate::control::secrets::{self, SecretWatch};
 use crate::control::tokens::Tokens;
 use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::{CompileError, KeyChange, Policy};
+use crate::policy::rows::StoredPolicy;
 use crate::store::{Backend, Store, StoreError};
 
 /// How often the version is compared without a notification.
@@ -137,21 +138,30 @@ impl PolicySync {
     }
 
     async fn try_reload(&self, rebuild: bool) -> Result<(), SyncError> {
-        // Read before loading: a change that lands in between is seen again next time.
-        let version = self.store.version().await?;
-        if !rebuild && version <= self.running.load(Ordering::Acquire) {
+        if !rebuild && self.store.version().await? <= self.running.load(Ordering::Acquire) {
             return Ok(());
         }
-        let stored = self.store.load().await?;
+        // The version of what is loaded, read with it: an apply's install (which skips
+        // versions no newer than the running one) must never take it for an older one.
+        let (version, stored) = self.store.load_versioned().await?;
         // Revocations need no compile: they hold here whatever follows (a compile that
         // fails, or panics).
         let stopped = self.shared.policy.load().apply_revocations(&stored);
         if stopped > 0 {
             tracing::info!(stopped, "keys revoked or quarantined in the running policy");
-            // In-process modules are pushed the store again, which has them, even if
-            // what follows does not compile here.
+        }
+        let installed = self.install_stored(stored, version).await;
+        if installed.is_err() && stopped > 0 {
+            // In-process modules are pushed the store again, which has them. (A compile
+            // that works pushes them the new policy: pushed now too, they would compile
+            // the policy twice.)
             self.shared.push_whole();
         }
+        installed
+    }
+
+    /// The policy `stored`, of store version `version`, compiled and put into effect.
+    async fn install_stored(&self, stored: StoredPolicy, version: i64) -> Result<(), SyncError> {
         self.tokens.reload(&self.store).await?;
         // Decrypting every secret and compiling every regex is CPU work: off the
         // runtime's workers, which keep answering Envoy meanwhile. A change of keys alone

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -46,8 +47,8 @@ struct Strikes(std::sync::Mutex<HashMap<i32, u32>>);
 
 impl Strikes {
     fn wait(&self, pid: Option<i32>) -> Duration {
-        let strikes = pid.and_then(|p| self.lock().get(&p).copied()).unwrap_or(0);
-        match strikes {
+        let strikes = known(pid).and_then(|p| self.lock().get(&p).copied());
+        match strikes.unwrap_or(0) {
             0 => Duration::ZERO,
             n => BACKOFF
                 .saturating_mul(1 << (n - 1).min(16))
@@ -56,7 +57,7 @@ impl Strikes {
     }
 
     fn ended(&self, pid: Option<i32>, took_up: bool) {
-        let Some(pid) = pid else { return };
+        let Some(pid) = known(pid) else { return };
         let mut strikes = self.lock();
         if took_up {
             strikes.remove(&pid);
@@ -72,6 +73,12 @@ impl Strikes {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, u32>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// A peer's pid, if it tells one process from another: across pid namespaces (Envoy in
+/// a container of its own) every peer is pid 0, and none is held back for another.
+fn known(pid: Option<i32>) -> Option<i32> {
+    pid.filter(|p| *p > 0)
 }
 
 /// Serves modules on `listener` (owner-only) until `stopping`; then each module is told
@@ -152,22 +159,26 @@ async fn attend(
     feed.shared.modules.send_modify(|m| {
         m.insert(id, -1);
     });
-    // Unless it takes up nothing at all: one that refuses every push (of another
-    // build) decides nothing, and would hold up every change for as long as a
-    // change waits. It counts again once it takes a version up.
+    // Unless it never says a word: a module of this build answers the first push at
+    // once, however long it then takes to compile it; one of another build refuses
+    // every push, decides nothing, and would hold up every change for as long as a
+    // change waits. It counts again if it ever takes a version up.
+    let heard = AtomicBool::new(false);
     let unheard = async {
         tokio::time::sleep(PROPAGATION).await;
-        feed.shared.modules.send_if_modified(|m| {
-            let silent = m.get(&id) == Some(&-1);
-            if silent {
-                m.remove(&id);
-            }
-            silent
-        });
+        if !heard.load(Ordering::Acquire) {
+            tracing::warn!(
+                ?pid,
+                "module channel: a module answered nothing (another latchkey build?); changes no longer wait for it"
+            );
+            feed.shared
+                .modules
+                .send_if_modified(|m| m.remove(&id).is_some());
+        }
         std::future::pending().await
     };
     let ended = tokio::select! {
-        ended = converse(stream, &feed, id, stopping) => ended,
+        ended = converse(stream, &feed, id, &heard, stopping) => ended,
         never = unheard => never,
     };
     let mut took_up = false;
@@ -187,6 +198,7 @@ async fn converse(
     stream: UnixStream,
     feed: &Feed,
     id: u64,
+    heard: &AtomicBool,
     mut stopping: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (mut read, mut write) = stream.into_split();
@@ -240,6 +252,7 @@ async fn converse(
             let mut body = vec![0u8; length];
             read.read_exact(&mut body).await?;
             let batch = Batch::parse(&body).context("a batch of records")?;
+            heard.store(true, Ordering::Release);
             if let Some(version) = batch.version {
                 feed.shared.modules.send_modify(|m| {
                     m.insert(id, version);

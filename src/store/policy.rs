@@ -12,14 +12,32 @@ use crate::base::crypto::{self, MasterKey};
 use crate::policy::period::Period;
 use crate::policy::rows::*;
 use crate::policy::{CredentialType, Effect};
-use crate::store::{Change, Desired, DesiredCredential, Store, StoreError};
+use crate::store::{Backend, Change, Desired, DesiredCredential, Store, StoreError};
 
 impl Store {
     pub async fn load(&self) -> Result<StoredPolicy, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        Ok(self.load_versioned().await?.1)
+    }
+
+    /// The stored policy and the version it is, read from one snapshot of the store: on
+    /// PostgreSQL each statement of a transaction would otherwise see every commit made
+    /// before it, and five tables read while an apply commits could mix two policies.
+    pub async fn load_versioned(&self) -> Result<(i64, StoredPolicy), StoreError> {
+        let mut tx = match self.backend() {
+            // A deferred transaction reads one snapshot (WAL) from its first read on.
+            Backend::Sqlite => self.pool.begin().await?,
+            Backend::Postgres => {
+                (self.pool)
+                    .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?
+            }
+        };
+        let version = sqlx::query_scalar("SELECT version FROM policy_version WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
         let stored = load(&mut tx).await?;
         tx.commit().await?;
-        Ok(stored)
+        Ok((version, stored))
     }
 
     /// Makes the store match `desired` in one transaction. `check` sees the would-be

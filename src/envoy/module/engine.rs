@@ -248,7 +248,7 @@ impl Engine {
         let writer = stream.try_clone()?;
         // Until this `serve`'s first push names its build, nothing is sent: it might be
         // one that could not read the batches, and would lose them.
-        self.outbox.peer(false);
+        self.outbox.connected();
         let closed = Arc::new(AtomicBool::new(false));
         let sending = {
             let closed = closed.clone();

@@ -47,6 +47,10 @@ pub(super) struct Outbox {
 }
 
 const BATCH: usize = BATCH_RECORDS;
+/// No version told on this connection yet, not even that none is in force: the first
+/// batch goes as soon as `serve` names this build, and is how it knows the module reads
+/// it (a module of another build, which sends nothing, is not waited for).
+const NEVER: i64 = i64::MIN;
 /// Well under what `serve` reads in one frame: a batch of requests with long paths
 /// (Envoy allows headers of 60 KiB) must not make a frame it refuses, again and again.
 const BATCH_BYTES: usize = MAX_BATCH_FRAME / 4;
@@ -65,7 +69,7 @@ impl Default for Outbox {
             ready: Condvar::new(),
             peer_ok: AtomicBool::new(false),
             taken_up: AtomicI64::new(-1),
-            told: AtomicI64::new(-1),
+            told: AtomicI64::new(NEVER),
             deciding: AtomicU64::default(),
             queued: AtomicU64::default(),
             sent: AtomicU64::default(),
@@ -95,6 +99,12 @@ impl Outbox {
     fn backlog(&self) -> u64 {
         let done = self.sent.load(Ordering::Acquire) + self.dropped.load(Ordering::Acquire);
         self.queued.load(Ordering::Acquire).saturating_sub(done)
+    }
+
+    /// A new connection: nothing is in force, nor sent until `serve` names its build.
+    pub(super) fn connected(&self) {
+        self.taken_up.store(-1, Ordering::Release);
+        self.peer(false);
     }
 
     pub(super) fn peer(&self, same_build: bool) {
@@ -131,7 +141,7 @@ impl Outbox {
     /// written goes back to the front of the queue.
     pub(super) fn send_until(&self, mut out: UnixStream, closed: &AtomicBool) {
         // A new connection is told the version anew.
-        self.told.store(-1, Ordering::Release);
+        self.told.store(NEVER, Ordering::Release);
         let untold = || self.taken_up.load(Ordering::Acquire) != self.told.load(Ordering::Acquire);
         let mut closed_at = None;
         loop {
@@ -263,6 +273,28 @@ mod tests {
             got += batch.records.len();
         }
         assert_eq!(got, many);
+        closed.store(true, Ordering::Release);
+        outbox.wake();
+        sender.join().unwrap();
+    }
+
+    #[test]
+    fn a_serve_of_this_build_hears_at_once_that_nothing_is_in_force_then_each_version() {
+        let outbox: &'static Outbox = Box::leak(Box::default());
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let closed: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        outbox.taken_up(3);
+        outbox.connected();
+        let sender = std::thread::spawn(move || outbox.send_until(ours, closed));
+        assert!(next_batch(&mut theirs, Duration::from_millis(200)).is_none());
+        outbox.peer(true);
+        let hello = next_batch(&mut theirs, Duration::from_secs(5)).expect("at once");
+        // Not the version of a connection before: nothing is in force on a new one.
+        assert_eq!((hello.records.len(), hello.version), (0, Some(-1)));
+        outbox.taken_up(7);
+        let told = next_batch(&mut theirs, Duration::from_secs(5)).expect("a version");
+        assert_eq!(told.version, Some(7));
+        assert!(next_batch(&mut theirs, Duration::from_millis(200)).is_none());
         closed.store(true, Ordering::Release);
         outbox.wake();
         sender.join().unwrap();

@@ -75,6 +75,9 @@ async fn sqlite_and_postgres_store_the_same_policy_the_same_way() {
             "{label}"
         );
         assert_eq!(version, Some(2));
+        // Read in one snapshot with the policy it labels.
+        let (version, stored) = store.load_versioned().await.unwrap();
+        assert_eq!((version, stored.credentials.len()), (2, 3), "{label}");
 
         let (issued, issue_version) = store
             .issue_key(&NewKey {
