@@ -272,8 +272,10 @@ async fn a_module_that_never_answers_holds_up_nothing_and_is_pushed_less_often()
         // serve sees the hang-up before the next call.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // At least 200 ms, then twice that: a hang-up serve had not seen yet when the next
+    // call came would leave a strike out, never add one.
     assert!(waits[0] >= Duration::from_millis(150), "{waits:?}");
-    assert!(waits[2] >= Duration::from_millis(700), "{waits:?}");
+    assert!(waits[2] >= Duration::from_millis(350), "{waits:?}");
     a_change_holds(&stack).await;
 }
 
