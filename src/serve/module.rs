@@ -75,6 +75,17 @@ impl Strikes {
     }
 }
 
+/// `serve` could not build the policy's push (the store, or a secret it cannot open).
+#[derive(Debug, thiserror::Error)]
+#[error("could not build the policy push")]
+struct Unpushed;
+
+fn unpushed(ended: &anyhow::Result<()>) -> bool {
+    ended
+        .as_ref()
+        .is_err_and(|e| e.downcast_ref::<Unpushed>().is_some())
+}
+
 /// A peer's pid, if it tells one process from another: across pid namespaces (Envoy in
 /// a container of its own) every peer is pid 0, and none is held back for another.
 fn known(pid: Option<i32>) -> Option<i32> {
@@ -185,10 +196,14 @@ async fn attend(
     feed.shared.modules.send_modify(|m| {
         took_up = m.remove(&id).is_some_and(|v| v >= 0);
     });
-    strikes.ended(pid, took_up);
+    // A push this side could not build (the store away) is no strike of the module's: it
+    // would come back to a wait of up to 30 s once the store is.
+    if !unpushed(&ended) {
+        strikes.ended(pid, took_up);
+    }
     match ended {
         Ok(()) => tracing::info!("module channel: a module disconnected"),
-        Err(e) => tracing::warn!(error = %e, "module channel: connection ended"),
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "module channel: connection ended"),
     }
 }
 
@@ -217,7 +232,7 @@ async fn converse(
                     version,
                     changes,
                 },
-                None => ToModule::Policy(Box::new(push(feed, version).await?)),
+                None => ToModule::Policy(Box::new(push(feed, version).await.context(Unpushed)?)),
             };
             write.write_all(&frame(&message)?).await?;
             match &message {
@@ -316,5 +331,34 @@ async fn store(shared: &Shared, batch: Batch) {
             shared.metrics.record_response(completed.status);
             shared.audit.record(Event::Completed(completed)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_push_serve_could_not_build_is_no_strike_of_the_module() {
+        let store_away: anyhow::Result<Push> = Err(anyhow::anyhow!("pool timed out"));
+        let ended = store_away.context(Unpushed).map(drop);
+        assert!(unpushed(&ended));
+        let hung_up: anyhow::Result<()> = Err(std::io::Error::other("broken pipe").into());
+        assert!(!unpushed(&hung_up) && !unpushed(&Ok(())));
+
+        let strikes = Strikes::default();
+        assert_eq!(strikes.wait(Some(7)), Duration::ZERO);
+        strikes.ended(Some(7), false);
+        strikes.ended(Some(7), false);
+        assert_eq!(strikes.wait(Some(7)), BACKOFF * 2);
+        for _ in 0..64 {
+            strikes.ended(Some(7), false);
+        }
+        assert_eq!(strikes.wait(Some(7)), MAX_BACKOFF);
+        // Across pid namespaces every peer is pid 0: none is held back for another.
+        strikes.ended(Some(0), false);
+        assert_eq!(strikes.wait(Some(0)), Duration::ZERO);
+        strikes.ended(Some(7), true);
+        assert_eq!(strikes.wait(Some(7)), Duration::ZERO);
     }
 }
