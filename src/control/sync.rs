@@ -322,5 +322,24 @@ mod tests {
         sync.install_compiled(compile(), 4).await;
         assert!(!Arc::ptr_eq(&shared.policy.load_full(), &three));
         assert_eq!(sync.running.load(Ordering::Acquire), 4);
+
+        // An apply's install waits for a reload under way, and then sees what it put
+        // into effect: here version 6, installed while the apply's 5 waited.
+        let sync = Arc::new(sync);
+        let reloading = sync.reloading.lock().await;
+        let apply = tokio::spawn({
+            let sync = sync.clone();
+            let five = compile();
+            async move { sync.install_compiled(five, 5).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!apply.is_finished(), "the apply's install did not wait");
+        shared.install(compile(), 6);
+        sync.running.store(6, Ordering::Release);
+        let six = shared.policy.load_full();
+        drop(reloading);
+        apply.await.unwrap();
+        assert!(Arc::ptr_eq(&shared.policy.load_full(), &six), "5 undid 6");
+        assert_eq!(sync.running.load(Ordering::Acquire), 6);
     }
 }
