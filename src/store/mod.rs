@@ -58,6 +58,9 @@ pub enum Backend {
     Postgres,
 }
 
+/// The stored policy's version, read alone or beside the policy it labels.
+pub(crate) const SELECT_VERSION: &str = "SELECT version FROM policy_version WHERE id = 1";
+
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -165,11 +168,9 @@ impl Store {
 
     /// The version of the stored policy: it grows with every change.
     pub async fn version(&self) -> Result<i64, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT version FROM policy_version WHERE id = 1")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+        Ok(sqlx::query_scalar(SELECT_VERSION)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// Marks a change inside its transaction; on PostgreSQL every replica listening is

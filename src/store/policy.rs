@@ -12,7 +12,9 @@ use crate::base::crypto::{self, MasterKey};
 use crate::policy::period::Period;
 use crate::policy::rows::*;
 use crate::policy::{CredentialType, Effect};
-use crate::store::{Backend, Change, Desired, DesiredCredential, Store, StoreError};
+use crate::store::{
+    Backend, Change, Desired, DesiredCredential, SELECT_VERSION, Store, StoreError,
+};
 
 impl Store {
     pub async fn load(&self) -> Result<StoredPolicy, StoreError> {
@@ -32,7 +34,7 @@ impl Store {
                     .await?
             }
         };
-        let version = sqlx::query_scalar("SELECT version FROM policy_version WHERE id = 1")
+        let version = sqlx::query_scalar(SELECT_VERSION)
             .fetch_one(&mut *tx)
             .await?;
         let stored = load(&mut tx).await?;
