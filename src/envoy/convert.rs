@@ -153,11 +153,14 @@ fn check_reply(
 
 /// Continue with the mutations, and have Envoy pick the route again: the cluster header
 /// and authority changed. In the body phase the headers are still held, so the same
-/// mutations apply.
+/// mutations apply. `handed_on`: the in-process module handed the request on, and its
+/// Envoy routes only what `latchkey serve` marks as allowed (`in_process: "no"`, the
+/// value its access log has always read as "not decided in process").
 pub fn allow(
     forward: Forward,
     in_body_phase: bool,
     shown: Shown,
+    handed_on: bool,
     reads: ResponseRead,
 ) -> ProcessingResponse {
     let remove_headers = forward.removals().map(str::to_owned).collect();
@@ -191,7 +194,7 @@ pub fn allow(
     };
     ProcessingResponse {
         response: Some(response),
-        dynamic_metadata: shown_metadata(shown),
+        dynamic_metadata: metadata(shown, handed_on),
         // The mode can change only in answer to the request headers; a request that
         // went through the body phase got its response modes then.
         mode_override: (!in_body_phase && reads != ResponseRead::Nothing)
@@ -238,12 +241,14 @@ fn mode(request_body: BodySendMode, reads: ResponseRead) -> ProcessingMode {
 }
 
 /// The figures shown to the agent, as dynamic metadata in the `latchkey` namespace:
-/// Envoy's route adds them to the response as headers, with no extra round trip.
-fn shown_metadata(shown: Shown) -> Option<Struct> {
+/// Envoy's route adds them to the response as headers, with no extra round trip. And, on
+/// a request the in-process module handed on, the mark its Envoy routes by.
+fn metadata(shown: Shown, handed_on: bool) -> Option<Struct> {
     let text = |s: String| Value {
         kind: Some(Kind::StringValue(s)),
     };
-    let fields: Vec<(String, Value)> = (shown.metadata().into_iter())
+    let mark = handed_on.then(|| ("in_process".to_owned(), "no".to_owned()));
+    let fields: Vec<(String, Value)> = (shown.metadata().into_iter().chain(mark))
         .map(|(key, value)| (key, text(value)))
         .collect();
     if fields.is_empty() {
@@ -420,5 +425,61 @@ pub fn pass(response: Response) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(response),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `latchkey` namespace's strings in an answer's dynamic metadata.
+    fn marks(response: &ProcessingResponse) -> Vec<(String, String)> {
+        let Some(Kind::StructValue(ours)) = (response.dynamic_metadata.as_ref())
+            .and_then(|m| m.fields.get("latchkey"))
+            .and_then(|v| v.kind.clone())
+        else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = (ours.fields.into_iter())
+            .filter_map(|(k, v)| match v.kind {
+                Some(Kind::StringValue(s)) => Some((k, s)),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn an_allowed_request_the_module_handed_on_is_marked_for_its_route() {
+        let shown = Shown {
+            rate: Some((6, 5)),
+            budget_left_usd: None,
+        };
+        let handed_on = allow(
+            Forward::default(),
+            false,
+            shown,
+            true,
+            ResponseRead::Nothing,
+        );
+        let owned = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        assert_eq!(
+            marks(&handed_on),
+            [
+                owned("in_process", "no"),
+                owned("ratelimit_limit", "6"),
+                owned("ratelimit_remaining", "5")
+            ]
+        );
+        // Through envoy.yaml nothing asks for the mark, and nothing unasked is sent.
+        let plain = allow(
+            Forward::default(),
+            false,
+            Shown::default(),
+            false,
+            ResponseRead::Nothing,
+        );
+        assert_eq!(plain.dynamic_metadata, None);
     }
 }

@@ -380,4 +380,85 @@ async fn a_handed_on_request_cannot_steer_envoys_router() {
     let seen = upstream.take();
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert!(seen[0].header("x-envoy-max-retries").is_none());
+    // The module's mark that made the ext_proc filter is Envoy's business alone.
+    assert!(seen[0].header(HAND_ON).is_none(), "{seen:#?}");
+}
+
+const HAND_ON: &str = "x-latchkey-hand-on";
+
+/// The module's hand-on mark is a header, which an agent can send too: it gets the
+/// request asked of `latchkey serve`, which decides it as the module would, and never
+/// reaches the vendor.
+#[tokio::test]
+async fn the_hand_on_mark_sent_by_an_agent_gets_it_nothing() {
+    let (stack, upstream) = stack().await;
+    let marked = |path: &str, key: &str| {
+        let request = client().get(stack.url(path)).bearer_auth(key);
+        request.header(HAND_ON, "1").send()
+    };
+    // Decided in Envoy all the same: the mark is one of latchkey's headers, removed.
+    assert_eq!(
+        marked("/plain/v1/charges", KEY).await.unwrap().status(),
+        200
+    );
+    let (status, kind, _) = denial(marked("/plain/v1/secret/x", KEY).await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (403, "rule_denied"));
+    assert_eq!(stack.envoy_counter(EXT_PROC).await, 0);
+    let seen = upstream.take();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert!(seen[0].header(HAND_ON).is_none(), "{seen:#?}");
+}
+
+/// Only a request the module decided, or one `latchkey serve` allowed, is routed: with
+/// the module's filter gone from the chain (as if it let a request through undecided), a
+/// request naming Envoy's cluster and the vendor's address itself is answered 500 and
+/// goes nowhere; one with the hand-on mark is decided by `latchkey serve`.
+#[tokio::test]
+async fn a_request_nothing_allowed_goes_nowhere() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start_full(Mode::InProcess, without_module, &[]).await;
+    stack.apply(
+        &policy(&upstream.url()),
+        &[("KEY", KEY), ("SECRET", SECRET)],
+    );
+    let vendor = upstream.url().trim_start_matches("http://").to_owned();
+    let steered = client()
+        .get(stack.url("/v1/charges"))
+        .header("host", &vendor)
+        .header("x-latchkey-cluster", "latchkey_plain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(steered.status(), 500);
+    let body: serde_json::Value = steered.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "internal", "{body}");
+    assert!(upstream.take().is_empty());
+    let marked = client()
+        .get(stack.url("/plain/v1/charges"))
+        .bearer_auth(KEY)
+        .header(HAND_ON, "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(marked.status(), 200);
+    assert_eq!(stack.envoy_counter(EXT_PROC).await, 1);
+    let seen = upstream.take();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(&*format!("Bearer {SECRET}"))
+    );
+    assert!(seen[0].header(HAND_ON).is_none(), "{seen:#?}");
+}
+
+/// The shipped in-process config with the module's filter cut out.
+fn without_module(config: String) -> String {
+    let start = config
+        .find("                  - name: envoy.filters.http.dynamic_modules")
+        .expect("the module's filter");
+    let end = start
+        + config[start..]
+            .find("                  - name: envoy.filters.http.composite")
+            .expect("the composite filter after it");
+    format!("{}{}", &config[..start], &config[end..])
 }
