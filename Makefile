@@ -76,13 +76,16 @@ lint:
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The benchmarks run once each as smoke tests first, so the run ends on the test summary.
-# The data-plane, rules, budgets and audit suites run a second time against the
-# in-process mode, which must decide alike.
+# The suites of what Envoy's module decides (data plane, rules, budgets, audit) and of
+# what it hands on to ext_proc (late bodies, OAuth2, LLM streams, workload tokens, MCP,
+# approvals, response guards) run a second time against the in-process mode, which
+# must decide alike.
 test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) $(MOTO) $(MCP_SDK) lint k8s-validate module
 	cargo test --locked --benches
 	cargo test --locked --lib --bins --tests
 	LATCHKEY_TEST_MODE=inprocess cargo test --locked --test e2e -- \
-	  data_plane:: rules:: budgets:: audit::
+	  data_plane:: rules:: budgets:: audit:: containment:: oauth2:: llm:: identity:: mcp:: \
+	  approvals:: response_safety::
 	$(MAKE) image-test
 
 # Criterion micro-benchmarks (a decision at 10, 100, 1,000 rules; the budget step), then

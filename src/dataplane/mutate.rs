@@ -17,8 +17,7 @@ pub const CLUSTER_HEADER: &str = "x-latchkey-cluster";
 
 /// The header the in-process module sets (to `1`) on a request it hands on to ext_proc:
 /// Envoy makes the ext_proc filter for those requests alone. Like every `x-latchkey-`
-/// header, it never reaches an upstream: an agent that sends it only has its request
-/// asked of `latchkey serve`.
+/// header, it never reaches an upstream, and one an agent sends is replaced or removed.
 pub const HAND_ON_HEADER: &str = "x-latchkey-hand-on";
 
 /// Headers some upstream frameworks honour to change the path or method they act on;

@@ -40,6 +40,10 @@ pub struct Shared {
     /// modules are sent in place of the whole policy, which at 100,000 keys takes them
     /// seconds to compile.
     key_changes: std::sync::Mutex<KeptChanges>,
+    /// Keys quarantined here that the store has not taken yet (an alert's, while the
+    /// store fails), by id: in force in the running snapshot, and sent to the modules
+    /// after every push until the store has them.
+    pub held: tokio::sync::watch::Sender<Vec<String>>,
 }
 
 /// Key changes kept for the modules; one further behind gets the whole policy.
@@ -71,6 +75,7 @@ impl Shared {
             installs: tokio::sync::watch::Sender::new(0),
             modules: tokio::sync::watch::Sender::new(Default::default()),
             key_changes: Default::default(),
+            held: tokio::sync::watch::Sender::new(Vec::new()),
         }
     }
 
@@ -163,6 +168,27 @@ impl Shared {
     pub fn push_whole(&self) {
         self.kept().barrier();
         self.installs.send_modify(|_| {});
+    }
+
+    /// A quarantine the store did not take, in force here all the same: the modules
+    /// hold it too.
+    pub fn hold_quarantine(&self, key_id: &str) {
+        self.held.send_if_modified(|held| {
+            let new = !held.iter().any(|k| k == key_id);
+            if new {
+                held.push(key_id.to_owned());
+            }
+            new
+        });
+    }
+
+    /// The store has the key's quarantine: it reaches the modules as any change does.
+    pub fn quarantine_stored(&self, key_id: &str) {
+        self.held.send_if_modified(|held| {
+            let before = held.len();
+            held.retain(|k| k != key_id);
+            held.len() != before
+        });
     }
 
     fn announce(&self, version: i64) {

@@ -17,6 +17,7 @@ use zeroize::Zeroizing;
 use crate::base::crypto::MasterKey;
 use crate::control::sync::PolicySync;
 use crate::dataplane::shared::{PROPAGATION, Shared};
+use crate::dataplane::snapshot::KeyChange;
 use crate::envoy::module::wire::{BUILD, Batch, MAX_BATCH_FRAME, Push, ToModule, frame};
 use crate::store::Store;
 use crate::telemetry::audit::Event;
@@ -219,6 +220,7 @@ async fn converse(
     let (mut read, mut write) = stream.into_split();
     tracing::info!("module channel: a module connected");
     let mut installs = feed.shared.installs.subscribe();
+    let mut held = feed.shared.held.subscribe();
     let pushing = async {
         // The version this module was last sent.
         let mut sent: Option<i64> = None;
@@ -246,9 +248,25 @@ async fn converse(
                 ToModule::Policy(_) => tracing::info!(version, "module channel: policy pushed"),
             }
             sent = Some(version);
-            let stop = tokio::select! {
-                changed = installs.changed() => changed.map(|()| false)?,
-                _ = stopping.wait_for(|s| *s) => true,
+            // Until the next version: the quarantines held here (the store did not take
+            // them) go on the version just sent, which every push would undo.
+            let stop = loop {
+                let holding: Vec<KeyChange> = (held.borrow_and_update().iter())
+                    .map(|key| KeyChange::Quarantined(key.clone()))
+                    .collect();
+                if !holding.is_empty() {
+                    let message = ToModule::Keys {
+                        from: version,
+                        version,
+                        changes: holding,
+                    };
+                    write.write_all(&frame(&message)?).await?;
+                }
+                tokio::select! {
+                    changed = installs.changed() => break changed.map(|()| false)?,
+                    changed = held.changed() => changed?,
+                    _ = stopping.wait_for(|s| *s) => break true,
+                }
             };
             if stop {
                 write.shutdown().await?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::common::{Upstream, client, denial, issue_key, json};
 use crate::scale_out::pair;
 
-fn policy(upstream: &str, json_hook: &str, slack_hook: &str, dead_hook: &str) -> String {
+pub fn policy(upstream: &str, json_hook: &str, slack_hook: &str, dead_hook: &str) -> String {
     format!(
         r#"
 targets:

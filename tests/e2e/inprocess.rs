@@ -386,9 +386,9 @@ async fn a_handed_on_request_cannot_steer_envoys_router() {
 
 const HAND_ON: &str = "x-latchkey-hand-on";
 
-/// The module's hand-on mark is a header, which an agent can send too: it gets the
-/// request asked of `latchkey serve`, which decides it as the module would, and never
-/// reaches the vendor.
+/// The module's hand-on mark is a header, which an agent can send too: the module
+/// decides the request all the same and removes the header, which never reaches the
+/// vendor.
 #[tokio::test]
 async fn the_hand_on_mark_sent_by_an_agent_gets_it_nothing() {
     let (stack, upstream) = stack().await;
@@ -430,6 +430,7 @@ async fn a_request_nothing_allowed_goes_nowhere() {
         .await
         .unwrap();
     assert_eq!(steered.status(), 500);
+    assert_eq!(steered.headers()["x-should-retry"], "false");
     let body: serde_json::Value = steered.json().await.unwrap();
     assert_eq!(body["error"]["type"], "internal", "{body}");
     assert!(upstream.take().is_empty());
@@ -461,4 +462,63 @@ fn without_module(config: String) -> String {
             .find("                  - name: envoy.filters.http.composite")
             .expect("the composite filter after it");
     format!("{}{}", &config[..start], &config[end..])
+}
+
+/// An alert's quarantine holds in Envoy's module even while the store cannot take it:
+/// `serve` has it in force, and sends it to the module as a key change on the version
+/// the module runs, until the store has it.
+#[tokio::test]
+async fn a_quarantine_the_store_could_not_take_holds_in_envoy() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start_in(Mode::InProcess).await;
+    // The alerts suite's watched proxy, its webhooks all unreachable.
+    let nowhere = format!("http://127.0.0.1:{}", common::free_port());
+    let policy = crate::alerts::policy(&upstream.url(), &nowhere, &nowhere, &nowhere);
+    stack.apply(&policy, &[]);
+    let (_, key) = common::issue_key(&stack, "agent", &[]);
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", stack.db_path().display()))
+        .await
+        .unwrap();
+    let sql = |statement: &'static str| sqlx::query(statement).execute(&db);
+    sql("ALTER TABLE alerts RENAME TO alerts_away")
+        .await
+        .unwrap();
+
+    // A loop on the key, decided in Envoy, until the alert's quarantine refuses it.
+    let started = Instant::now();
+    let refused = loop {
+        let response = get(&stack, "/watched/v1/items", &key).await;
+        if response.status() != 200 {
+            break response;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never refused in Envoy"
+        );
+    };
+    let (status, kind, _) = denial(refused).await;
+    assert_eq!((status, kind.as_str()), (403, "quarantined"));
+    assert!(stack.log("latchkey").contains("could not store an alert"));
+    for _ in 0..3 {
+        assert_eq!(get(&stack, "/watched/v1/items", &key).await.status(), 403);
+    }
+
+    // The store back: it takes the alert on the next try, and the key stays refused.
+    sql("ALTER TABLE alerts_away RENAME TO alerts")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM alerts")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        if stored == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the alert never stored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(get(&stack, "/watched/v1/items", &key).await.status(), 403);
+    assert_eq!(stack.envoy_counter(EXT_PROC).await, 0, "decided in Envoy");
 }

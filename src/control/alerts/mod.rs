@@ -321,13 +321,16 @@ impl Raiser {
                     self.shared.policy.load().set_quarantined(&key, true);
                     tracing::error!(error = %e, key_id = %key, "quarantine stored; this replica's reload failed");
                 }
+                self.shared.quarantine_stored(&key);
             }
             // Quarantined already (another replica's alert): nothing changed.
-            Ok(None) => {}
+            Ok(None) => self.shared.quarantine_stored(&key),
             Err(e) => {
                 tracing::error!(error = %e, alert = %row.id, "could not store an alert; retrying");
                 if row.quarantined {
                     self.shared.policy.load().set_quarantined(&key, true);
+                    // Envoy's modules decide from their own copy of the keys.
+                    self.shared.hold_quarantine(&key);
                     self.pending.push(row);
                 }
             }
