@@ -116,7 +116,7 @@ fn handle(policy: &Policy, wire: &[u8]) -> Vec<u8> {
     let Outcome::Forward(forward) = decision.outcome else {
         unreachable!("allowed")
     };
-    convert::allow(forward, false, decision.shown, false, ResponseRead::Nothing).encode_to_vec()
+    convert::allow(forward, false, decision.shown, ResponseRead::Nothing).encode_to_vec()
 }
 
 /// The headers of an agent's GET as Envoy passes them on.

@@ -153,14 +153,13 @@ fn check_reply(
 
 /// Continue with the mutations, and have Envoy pick the route again: the cluster header
 /// and authority changed. In the body phase the headers are still held, so the same
-/// mutations apply. `handed_on`: the in-process module handed the request on, and its
-/// Envoy routes only what `latchkey serve` marks as allowed (`in_process: "no"`, the
-/// value its access log has always read as "not decided in process").
+/// mutations apply. The answer marks the request allowed (`latchkey.allowed: "yes"` in
+/// the dynamic metadata): the shipped configs route nothing else, so a request ext_proc
+/// let pass unanswered (a processor that closed its stream early) goes nowhere.
 pub fn allow(
     forward: Forward,
     in_body_phase: bool,
     shown: Shown,
-    handed_on: bool,
     reads: ResponseRead,
 ) -> ProcessingResponse {
     let remove_headers = forward.removals().map(str::to_owned).collect();
@@ -194,7 +193,7 @@ pub fn allow(
     };
     ProcessingResponse {
         response: Some(response),
-        dynamic_metadata: metadata(shown, handed_on),
+        dynamic_metadata: Some(metadata(shown)),
         // The mode can change only in answer to the request headers; a request that
         // went through the body phase got its response modes then.
         mode_override: (!in_body_phase && reads != ResponseRead::Nothing)
@@ -240,32 +239,27 @@ fn mode(request_body: BodySendMode, reads: ResponseRead) -> ProcessingMode {
     }
 }
 
-/// The figures shown to the agent, as dynamic metadata in the `latchkey` namespace:
-/// Envoy's route adds them to the response as headers, with no extra round trip. And, on
-/// a request the in-process module handed on, the mark its Envoy routes by.
-fn metadata(shown: Shown, handed_on: bool) -> Option<Struct> {
+/// The mark that the request is allowed, and the figures shown to the agent, as dynamic
+/// metadata in the `latchkey` namespace: Envoy routes by the first, and its route adds
+/// the others to the response as headers, with no extra round trip.
+fn metadata(shown: Shown) -> Struct {
     let text = |s: String| Value {
         kind: Some(Kind::StringValue(s)),
     };
-    let mark = handed_on.then(|| ("in_process".to_owned(), "no".to_owned()));
-    let fields: Vec<(String, Value)> = (shown.metadata().into_iter().chain(mark))
+    let allowed = ("allowed".to_owned(), "yes".to_owned());
+    let fields = (shown.metadata().into_iter().chain([allowed]))
         .map(|(key, value)| (key, text(value)))
         .collect();
-    if fields.is_empty() {
-        return None;
-    }
-    Some(Struct {
+    Struct {
         fields: [(
             "latchkey".to_owned(),
             Value {
-                kind: Some(Kind::StructValue(Struct {
-                    fields: fields.into_iter().collect(),
-                })),
+                kind: Some(Kind::StructValue(Struct { fields })),
             },
         )]
         .into_iter()
         .collect(),
-    })
+    }
 }
 
 /// Hold the headers and send the request body (buffered, up to Envoy's buffer limit):
@@ -451,35 +445,27 @@ mod tests {
     }
 
     #[test]
-    fn an_allowed_request_the_module_handed_on_is_marked_for_its_route() {
+    fn an_allowed_request_is_marked_for_its_route() {
+        let owned = |k: &str, v: &str| (k.to_owned(), v.to_owned());
         let shown = Shown {
             rate: Some((6, 5)),
             budget_left_usd: None,
         };
-        let handed_on = allow(
-            Forward::default(),
-            false,
-            shown,
-            true,
-            ResponseRead::Nothing,
-        );
-        let owned = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let limited = allow(Forward::default(), false, shown, ResponseRead::Nothing);
         assert_eq!(
-            marks(&handed_on),
+            marks(&limited),
             [
-                owned("in_process", "no"),
+                owned("allowed", "yes"),
                 owned("ratelimit_limit", "6"),
                 owned("ratelimit_remaining", "5")
             ]
         );
-        // Through envoy.yaml nothing asks for the mark, and nothing unasked is sent.
         let plain = allow(
             Forward::default(),
-            false,
+            true,
             Shown::default(),
-            false,
             ResponseRead::Nothing,
         );
-        assert_eq!(plain.dynamic_metadata, None);
+        assert_eq!(marks(&plain), [owned("allowed", "yes")]);
     }
 }

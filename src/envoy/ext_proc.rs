@@ -22,7 +22,6 @@ use crate::base::trace::TraceParent;
 use crate::dataplane::admission::{Asked, conclude};
 use crate::dataplane::denial::Denial;
 use crate::dataplane::mint;
-use crate::dataplane::mutate::HAND_ON_HEADER;
 use crate::dataplane::pipeline::{Charge, Decision, Judgement, Outcome, RequestView};
 use crate::dataplane::redact::Guard;
 use crate::dataplane::rules::{Body, is_json_media_type};
@@ -624,9 +623,7 @@ impl Exchange {
                         token,
                     });
                 }
-                let handed_on = convert::header_value(pairs, HAND_ON_HEADER) == Some(&b"1"[..]);
-                let shown = decision.shown;
-                return convert::allow(forward, in_body_phase, shown, handed_on, reads);
+                return convert::allow(forward, in_body_phase, decision.shown, reads);
             }
             Outcome::Deny(denial) => denial,
         };

@@ -804,3 +804,17 @@ fn help_never_prints_a_password_from_the_environment() {
     assert!(help.contains("LATCHKEY_DATABASE_URL"), "{help}");
     assert!(!help.contains("4242"), "{help}");
 }
+
+/// Envoy forwards only what latchkey marked allowed: a request ext_proc let pass
+/// unanswered (here, the ext_proc filter cut out of the shipped config) goes nowhere.
+#[tokio::test]
+async fn a_request_latchkey_never_allowed_goes_nowhere() {
+    let upstream = Upstream::start().await;
+    let cut = |c: String| {
+        let next = "envoy.filters.http.dynamic_forward_proxy";
+        common::without_filter(&c, "envoy.filters.http.ext_proc", next)
+    };
+    let stack = Stack::start_full(common::Mode::ExtProc, cut, &[]).await;
+    stack.apply(&policy(&upstream.url()), &ENV);
+    common::goes_nowhere(&stack, &upstream).await;
+}

@@ -411,29 +411,21 @@ async fn the_hand_on_mark_sent_by_an_agent_gets_it_nothing() {
 
 /// Only a request the module decided, or one `latchkey serve` allowed, is routed: with
 /// the module's filter gone from the chain (as if it let a request through undecided), a
-/// request naming Envoy's cluster and the vendor's address itself is answered 500 and
-/// goes nowhere; one with the hand-on mark is decided by `latchkey serve`.
+/// request naming Envoy's cluster and the vendor's address itself goes nowhere; one with
+/// the hand-on mark is decided by `latchkey serve`.
 #[tokio::test]
 async fn a_request_nothing_allowed_goes_nowhere() {
     let upstream = Upstream::start().await;
-    let stack = Stack::start_full(Mode::InProcess, without_module, &[]).await;
+    let cut = |c: String| {
+        let next = "envoy.filters.http.composite";
+        common::without_filter(&c, "envoy.filters.http.dynamic_modules", next)
+    };
+    let stack = Stack::start_full(Mode::InProcess, cut, &[]).await;
     stack.apply(
         &policy(&upstream.url()),
         &[("KEY", KEY), ("SECRET", SECRET)],
     );
-    let vendor = upstream.url().trim_start_matches("http://").to_owned();
-    let steered = client()
-        .get(stack.url("/v1/charges"))
-        .header("host", &vendor)
-        .header("x-latchkey-cluster", "latchkey_plain")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(steered.status(), 500);
-    assert_eq!(steered.headers()["x-should-retry"], "false");
-    let body: serde_json::Value = steered.json().await.unwrap();
-    assert_eq!(body["error"]["type"], "internal", "{body}");
-    assert!(upstream.take().is_empty());
+    common::goes_nowhere(&stack, &upstream).await;
     let marked = client()
         .get(stack.url("/plain/v1/charges"))
         .bearer_auth(KEY)
@@ -450,18 +442,6 @@ async fn a_request_nothing_allowed_goes_nowhere() {
         Some(&*format!("Bearer {SECRET}"))
     );
     assert!(seen[0].header(HAND_ON).is_none(), "{seen:#?}");
-}
-
-/// The shipped in-process config with the module's filter cut out.
-fn without_module(config: String) -> String {
-    let start = config
-        .find("                  - name: envoy.filters.http.dynamic_modules")
-        .expect("the module's filter");
-    let end = start
-        + config[start..]
-            .find("                  - name: envoy.filters.http.composite")
-            .expect("the composite filter after it");
-    format!("{}{}", &config[..start], &config[end..])
 }
 
 /// An alert's quarantine holds in Envoy's module even while the store cannot take it:

@@ -7,6 +7,38 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
+/// A shipped Envoy config without its HTTP filter `name`: the filters from it up to
+/// `next` (the filter after it) are cut out.
+pub fn without_filter(config: &str, name: &str, next: &str) -> String {
+    let at = |what: &str, from: usize| {
+        let line = format!("                  - name: {what}\n");
+        from + config[from..]
+            .find(&line)
+            .unwrap_or_else(|| panic!("no filter {what}"))
+    };
+    let start = at(name, 0);
+    let end = at(next, start);
+    format!("{}{}", &config[..start], &config[end..])
+}
+
+/// A request naming Envoy's cluster and the vendor's address itself, with nothing in
+/// Envoy to judge it: answered 500, not to be retried, and the vendor sees nothing.
+pub async fn goes_nowhere(stack: &Stack, upstream: &Upstream) {
+    let vendor = upstream.url().trim_start_matches("http://").to_owned();
+    let steered = client()
+        .get(stack.url("/v1/items"))
+        .header("host", &vendor)
+        .header("x-latchkey-cluster", "latchkey_plain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(steered.status(), 500);
+    assert_eq!(steered.headers()["x-should-retry"], "false");
+    let body: serde_json::Value = steered.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "internal", "{body}");
+    assert!(upstream.take().is_empty());
+}
+
 /// The shipped Envoy config with latchkey's cluster on plain h2, without its transport
 /// socket (for a latchkey told `LATCHKEY_GRPC_INSECURE`, or on a Unix socket).
 pub fn plain_channel(config: &str) -> String {
