@@ -148,8 +148,12 @@ impl Shared {
         self.kept().between(from, to)
     }
 
-    /// Puts a new policy into effect for the next request.
+    /// Puts a new policy into effect for the next request, with the quarantines the
+    /// store has not taken (a reload rebuilt the key table without them).
     pub fn install(&self, policy: Policy, version: i64) {
+        for key in self.held.borrow().iter() {
+            policy.set_quarantined(key, true);
+        }
         self.policy.store(std::sync::Arc::new(policy));
         self.installed(version);
     }

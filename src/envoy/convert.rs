@@ -265,8 +265,10 @@ fn metadata(shown: Shown) -> Struct {
 /// Hold the headers and send the request body (buffered, up to Envoy's buffer limit):
 /// a rule that judges the body decides. Only requests that reach such a rule pay this.
 /// The cluster the request would go to is set now: when the body arrives after this
-/// answer, Envoy picks the route before it applies the body phase's answer (nothing is
-/// forwarded without that answer; only the route is settled early).
+/// answer, Envoy may pick a route before it applies the body phase's answer. That answer
+/// (nothing is forwarded without it) carries the allowed mark and clears the route
+/// cache, so the route is picked again with the mark
+/// (`containment::a_body_that_arrives_after_the_headers_is_judged_and_routed`).
 pub fn need_body(reads: ResponseRead, cluster: Option<&'static str>) -> ProcessingResponse {
     let response = cluster.map(|cluster| CommonResponse {
         header_mutation: Some(HeaderMutation {

@@ -249,7 +249,8 @@ async fn converse(
             }
             sent = Some(version);
             // Until the next version: the quarantines held here (the store did not take
-            // them) go on the version just sent, which every push would undo.
+            // them) go on the version just sent. A push has them already; sent again
+            // all the same, for one held after the push was read.
             let stop = loop {
                 let holding: Vec<KeyChange> = (held.borrow_and_update().iter())
                     .map(|key| KeyChange::Quarantined(key.clone()))
@@ -308,6 +309,14 @@ async fn converse(
 /// The stored policy, each secret sealed again under a key made for this push alone.
 async fn push(feed: &Feed, version: i64) -> anyhow::Result<Push> {
     let mut stored = feed.store.load().await?;
+    // Quarantines the store has not taken go in it: the module never runs without them.
+    let held = feed.shared.held.borrow().clone();
+    let now = crate::base::clock::now_unix_ms();
+    for key in
+        (stored.keys.iter_mut()).filter(|k| k.quarantined_at.is_none() && held.contains(&k.id))
+    {
+        key.quarantined_at = Some(now);
+    }
     let channel_key = Zeroizing::new(MasterKey::generate());
     let channel = MasterKey::parse(&channel_key)?;
     for row in &mut stored.credentials {

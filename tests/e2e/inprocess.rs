@@ -482,6 +482,14 @@ async fn a_quarantine_the_store_could_not_take_holds_in_envoy() {
     for _ in 0..3 {
         assert_eq!(get(&stack, "/watched/v1/items", &key).await.status(), 403);
     }
+    // A whole policy pushed meanwhile (a change applied), then a key issued: the
+    // quarantine holds through both, from the first request after each.
+    let elsewhere = format!("http://127.0.0.1:{}", common::free_port());
+    let changed = crate::alerts::policy(&upstream.url(), &elsewhere, &nowhere, &nowhere);
+    stack.apply(&changed, &[]);
+    assert_eq!(get(&stack, "/watched/v1/items", &key).await.status(), 403);
+    common::issue_key(&stack, "agent", &[]);
+    assert_eq!(get(&stack, "/watched/v1/items", &key).await.status(), 403);
 
     // The store back: it takes the alert on the next try, and the key stays refused.
     sql("ALTER TABLE alerts_away RENAME TO alerts")
