@@ -174,9 +174,10 @@ impl Shared {
         self.installs.send_modify(|_| {});
     }
 
-    /// A quarantine the store did not take, in force here all the same: the modules
-    /// hold it too.
+    /// A quarantine the store did not take, in force here all the same (and after every
+    /// reload, see [`Shared::install`]): the modules hold it too.
     pub fn hold_quarantine(&self, key_id: &str) {
+        self.policy.load().set_quarantined(key_id, true);
         self.held.send_if_modified(|held| {
             let new = !held.iter().any(|k| k == key_id);
             if new {

@@ -384,7 +384,8 @@ async fn a_handed_on_request_cannot_steer_envoys_router() {
     assert!(seen[0].header(HAND_ON).is_none(), "{seen:#?}");
 }
 
-const HAND_ON: &str = "x-latchkey-hand-on";
+/// The header the module hands requests on with.
+const HAND_ON: &str = latchkey::envoy::module::engine::HAND_ON_HEADER;
 
 /// The module's hand-on mark is a header, which an agent can send too: the module
 /// decides the request all the same and removes the header, which never reaches the
@@ -416,10 +417,10 @@ async fn the_hand_on_mark_sent_by_an_agent_gets_it_nothing() {
 #[tokio::test]
 async fn a_request_nothing_allowed_goes_nowhere() {
     let upstream = Upstream::start().await;
-    let cut = |c: String| {
-        let next = "envoy.filters.http.composite";
-        common::without_filter(&c, "envoy.filters.http.dynamic_modules", next)
-    };
+    let cut = common::without_filter(
+        "envoy.filters.http.dynamic_modules",
+        "envoy.filters.http.composite",
+    );
     let stack = Stack::start_full(Mode::InProcess, cut, &[]).await;
     stack.apply(
         &policy(&upstream.url()),

@@ -294,13 +294,10 @@ impl Raiser {
         }
     }
 
-    /// Quarantines the store did not take: in force here again (a reload rebuilt the
-    /// key table from the store, without them), and asked of the store again.
+    /// Quarantines the store did not take, asked of it again (meanwhile they are held:
+    /// in force here across reloads, and in the modules).
     async fn retry(&mut self) {
-        let policy = self.shared.policy.load_full();
         for row in std::mem::take(&mut self.pending) {
-            let key = row.key_id.as_deref().unwrap_or_default();
-            policy.set_quarantined(key, true);
             self.quarantine(row).await;
         }
     }
@@ -328,8 +325,6 @@ impl Raiser {
             Err(e) => {
                 tracing::error!(error = %e, alert = %row.id, "could not store an alert; retrying");
                 if row.quarantined {
-                    self.shared.policy.load().set_quarantined(&key, true);
-                    // Envoy's modules decide from their own copy of the keys.
                     self.shared.hold_quarantine(&key);
                     self.pending.push(row);
                 }

@@ -7,18 +7,21 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-/// A shipped Envoy config without its HTTP filter `name`: the filters from it up to
-/// `next` (the filter after it) are cut out.
-pub fn without_filter(config: &str, name: &str, next: &str) -> String {
-    let at = |what: &str, from: usize| {
-        let line = format!("                  - name: {what}\n");
-        from + config[from..]
-            .find(&line)
-            .unwrap_or_else(|| panic!("no filter {what}"))
-    };
-    let start = at(name, 0);
-    let end = at(next, start);
-    format!("{}{}", &config[..start], &config[end..])
+/// An edit of a shipped Envoy config that cuts out its HTTP filter `name`: the filters
+/// from it up to `next` (the filter after it).
+pub fn without_filter(name: &str, next: &str) -> impl FnOnce(String) -> String {
+    let line = |what: &str| format!("                  - name: {what}\n");
+    let (name, next) = (line(name), line(next));
+    move |config| {
+        let at = |line: &str, from: usize| {
+            from + config[from..]
+                .find(line)
+                .unwrap_or_else(|| panic!("no filter {line}"))
+        };
+        let start = at(&name, 0);
+        let end = at(&next, start);
+        format!("{}{}", &config[..start], &config[end..])
+    }
 }
 
 /// A request naming Envoy's cluster and the vendor's address itself, with nothing in
