@@ -9,8 +9,8 @@
 //! A request the module cannot decide alone (a body to read, a response to price, a
 //! token to fetch: `Policy::in_process`) gets the header `x-latchkey-hand-on: 1`, for
 //! which alone Envoy makes the ext_proc filter after it. One it decided is marked in the
-//! dynamic metadata (`latchkey.in_process`), which routes it to its target and keeps it
-//! out of the gRPC access log; its rate-limit and budget figures go
+//! dynamic metadata with its target's cluster (`latchkey.in_process`), which routes it
+//! there and keeps it out of the gRPC access log; its rate-limit and budget figures go
 //! on the response from here, not through the metadata and the route's formatters
 //! (11,000 fewer instructions per request in Envoy, of the 123,000 the mode added).
 
@@ -215,18 +215,19 @@ unsafe fn judge(envoy: FilterEnvoy, end_of_stream: bool) -> (Verdict, Option<Pen
         }
         raw
     };
-    // Envoy validates header names (tokens, lower case), so they are UTF-8; a name that
-    // were not would be dropped, never guessed at.
-    let headers: Vec<(&str, &[u8])> = raw
-        .iter()
+    // Envoy validates header names (tokens, lower case), so they are ASCII; a name that
+    // were not would be dropped, never guessed at. (Checked as ASCII rather than as
+    // UTF-8: a tenth of the cost, on every header of every request.)
+    let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(raw.len());
+    headers.extend(raw.iter().filter_map(|h| {
         // SAFETY: Envoy's buffers, valid until this hook sets a header.
-        .filter_map(|h| {
-            Some((
-                std::str::from_utf8(unsafe { h.key.bytes() }).ok()?,
-                unsafe { h.value.bytes() },
-            ))
-        })
-        .collect();
+        let (name, value) = unsafe { (h.key.bytes(), h.value.bytes()) };
+        // SAFETY: ASCII is UTF-8.
+        let name = name
+            .is_ascii()
+            .then(|| unsafe { std::str::from_utf8_unchecked(name) })?;
+        Some((name, value))
+    }));
     let request = Request {
         method: header_text(&headers, ":method"),
         path: header_text(&headers, ":path"),
@@ -253,18 +254,21 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
             };
             CONTINUE
         }
-        Verdict::Forward { forward, shown } => {
+        Verdict::Forward { mut forward, shown } => {
+            // The route picks the cluster from the mark: no header to set and remove.
+            // Without one (never so), the mark matches no route and the request is
+            // refused there.
+            let cluster = forward.take_cluster();
             // SAFETY: `envoy` is alive; every buffer outlives its call.
             unsafe {
-                decided_here(envoy);
+                decided_here(envoy, cluster.as_deref().unwrap_or(b"none"));
                 for name in forward.removals() {
                     set_header(envoy, REQUEST_HEADERS, name.as_bytes(), None);
                 }
                 for (name, value) in &forward.set {
                     set_header(envoy, REQUEST_HEADERS, name.as_bytes(), Some(value));
                 }
-                // The cluster header and authority changed, and so did the metadata
-                // the route matches on.
+                // The authority changed, and so did the metadata the route matches on.
                 envoy_dynamic_module_callback_http_clear_route_cache(envoy);
             }
             filter.shown = shown.headers();
@@ -277,7 +281,7 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
         } => {
             // SAFETY: as above.
             unsafe {
-                decided_here(envoy);
+                decided_here(envoy, b"denied");
                 let headers: Vec<(&str, &str)> =
                     headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 reply(envoy, status, &headers, &body);
@@ -287,10 +291,11 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
     }
 }
 
-/// Marks the request as decided in process: ext_proc and the access log pass it by.
-unsafe fn decided_here(envoy: FilterEnvoy) {
+/// Marks the request as decided in process, with its target's cluster (a denial's
+/// `denied` routes nowhere): the route sends it there, the access log passes it by.
+unsafe fn decided_here(envoy: FilterEnvoy, mark: &[u8]) {
     // SAFETY: the caller's.
-    unsafe { metadata(envoy, "in_process", b"true") };
+    unsafe { metadata(envoy, "in_process", mark) };
 }
 
 unsafe fn metadata(envoy: FilterEnvoy, key: &str, value: &[u8]) {

@@ -6,11 +6,12 @@
 //! boundaries and has none of a fixed window's edge burst: at most `L` requests pass in
 //! any instant, and at most `L + t / T` in any span `t`.
 //!
-//! Two stores behind one type: per replica in memory (moka, bounded), or shared in Redis
+//! Two stores behind one type: per replica in memory (one map, bounded), or shared in Redis
 //! (one Lua script checks and updates every limit of a request atomically, on Redis's
 //! clock).
 
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 /// The Redis key of a request the duplicate guard remembers.
@@ -96,12 +97,12 @@ pub fn gcra(tat: Option<u64>, now: u64, rate: Rate) -> Result<(u64, u32), u64> {
 
 /// Checks every limit and, only if all admit, counts the request against each. Times
 /// in µs.
-fn admit_all(limits: &[Limit], now: u64, tats: &mut [&mut Option<u64>]) -> Admission {
+fn admit_all(limits: &[Limit], now: u64, tats: &mut [Option<u64>]) -> Admission {
     let mut refused: Option<(u32, u64)> = None;
     let mut next = Vec::with_capacity(limits.len());
     let mut tightest = (u32::MAX, u32::MAX);
     for (limit, tat) in limits.iter().zip(tats.iter()) {
-        match gcra(**tat, now, limit.rate) {
+        match gcra(*tat, now, limit.rate) {
             Ok((t, remaining)) => {
                 next.push(t);
                 if remaining < tightest.1 {
@@ -122,7 +123,7 @@ fn admit_all(limits: &[Limit], now: u64, tats: &mut [&mut Option<u64>]) -> Admis
         };
     }
     for (tat, t) in tats.iter_mut().zip(next) {
-        **tat = Some(t);
+        *tat = Some(t);
     }
     Admission::Admitted {
         limit: tightest.0,
@@ -152,10 +153,9 @@ pub fn redis_connection(url: &str) -> Result<redis::aio::ConnectionManager, Budg
         .map_err(|e| BudgetError(e.to_string()))
 }
 
-/// Per replica, in memory. Bounded: idle limits are dropped after their period (a
-/// dropped limit has nothing left to remember: a fresh one is just as full).
+/// Per replica, in memory.
 pub struct LocalBudgets {
-    tats: moka::sync::Cache<Arc<str>, Arc<Mutex<Option<u64>>>>,
+    tats: Mutex<Tats>,
     /// Guarded requests seen, by fingerprint: until when a repeat is refused (ms).
     seen: moka::sync::Cache<[u8; 32], u64>,
     /// Requests Envoy may retry, by request id: the limits their retries count against,
@@ -173,13 +173,70 @@ const RETRIABLE_TTL: Duration = Duration::from_secs(600);
 
 const LOCAL_CAPACITY: u64 = 1_000_000;
 
+/// Each limit's theoretical arrival time (µs), in one map under one lock: a request's
+/// limits are checked and counted together, with no lock per limit to order. A time
+/// that has passed says no more than no entry (the limit is full again), so such
+/// entries are swept out whenever the map has doubled since the last sweep: it holds
+/// the limits in use, at amortised constant cost. Were [`LOCAL_CAPACITY`] of them in
+/// use at once, a request that would add one more is refused, not let through
+/// uncounted.
+struct Tats {
+    by_key: HashMap<Arc<str>, u64>,
+    sweep_at: usize,
+    capacity: usize,
+    /// When the last sweep was (µs).
+    swept: u64,
+}
+
+/// The smallest map that is swept.
+const SWEEP_FLOOR: usize = 1024;
+
+impl Default for Tats {
+    fn default() -> Self {
+        Self {
+            by_key: HashMap::new(),
+            sweep_at: SWEEP_FLOOR,
+            capacity: LOCAL_CAPACITY as usize,
+            swept: 0,
+        }
+    }
+}
+
+impl Tats {
+    fn get(&self, key: &str) -> Option<u64> {
+        self.by_key.get(key).copied()
+    }
+
+    /// Whether `adding` more entries fit, after a sweep if the map has doubled since the
+    /// last, or would be full (then at most once a second: a map full of limits in use
+    /// is not swept in vain on every request).
+    fn room(&mut self, adding: usize, now: u64) -> bool {
+        if adding == 0 {
+            return true;
+        }
+        let wanted = self.by_key.len() + adding;
+        if wanted > self.sweep_at || (wanted > self.capacity && now >= self.swept + 1_000_000) {
+            self.by_key.retain(|_, tat| *tat > now);
+            self.sweep_at = (2 * self.by_key.len()).max(SWEEP_FLOOR);
+            self.swept = now;
+        }
+        self.by_key.len() + adding <= self.capacity
+    }
+
+    fn set(&mut self, key: &Arc<str>, tat: u64) {
+        match self.by_key.get_mut(&**key) {
+            Some(slot) => *slot = tat,
+            None => {
+                self.by_key.insert(key.clone(), tat);
+            }
+        }
+    }
+}
+
 impl LocalBudgets {
     pub fn new(clock: Arc<dyn Clock>) -> Self {
         Self {
-            tats: moka::sync::Cache::builder()
-                .max_capacity(LOCAL_CAPACITY)
-                .time_to_idle(Duration::from_secs(86_400 + 60))
-                .build(),
+            tats: Mutex::default(),
             // The longest duplicate window is a day.
             seen: moka::sync::Cache::builder()
                 .max_capacity(LOCAL_CAPACITY)
@@ -197,13 +254,14 @@ impl LocalBudgets {
     /// Envoy made happened. A limit in debt refuses until it is paid off.
     fn charge(&self, limits: &[Limit], attempts: u32) {
         let now = self.clock.now_ms() * 1000;
+        // A poisoned map still holds valid timestamps.
+        let mut tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
         for limit in limits {
-            let cell = self
-                .tats
-                .get_with_by_ref(&limit.key, || Arc::new(Mutex::new(None)));
-            let mut tat = cell.lock().unwrap_or_else(|p| p.into_inner());
-            let from = tat.unwrap_or(now).max(now);
-            *tat = Some(from + u64::from(attempts) * limit.rate.interval_us());
+            let from = tats.get(&limit.key).unwrap_or(now).max(now);
+            tats.set(
+                &limit.key,
+                from + u64::from(attempts) * limit.rate.interval_us(),
+            );
         }
     }
 
@@ -222,25 +280,25 @@ impl LocalBudgets {
     }
 
     pub fn admit(&self, limits: &[Limit]) -> Admission {
-        // Entries are locked in key order, so two requests never wait on each other in
-        // a cycle.
-        let mut order: Vec<usize> = (0..limits.len()).collect();
-        order.sort_by(|&a, &b| limits[a].key.cmp(&limits[b].key));
-        let cells: Vec<_> = order
-            .iter()
-            .map(|&i| {
-                self.tats
-                    .get_with_by_ref(&limits[i].key, || Arc::new(Mutex::new(None)))
-            })
-            .collect();
-        // A poisoned cell still holds a valid timestamp.
-        let mut guards: Vec<_> = cells
-            .iter()
-            .map(|c| c.lock().unwrap_or_else(|p| p.into_inner()))
-            .collect();
-        let ordered: Vec<Limit> = order.iter().map(|&i| limits[i].clone()).collect();
-        let mut tats: Vec<&mut Option<u64>> = guards.iter_mut().map(|g| &mut **g).collect();
-        admit_all(&ordered, self.clock.now_ms() * 1000, &mut tats)
+        let now = self.clock.now_ms() * 1000;
+        let mut tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current: Vec<Option<u64>> = limits.iter().map(|l| tats.get(&l.key)).collect();
+        let adding = current.iter().filter(|tat| tat.is_none()).count();
+        let admission = admit_all(limits, now, &mut current);
+        if let Admission::Admitted { .. } = admission {
+            if !tats.room(adding, now) {
+                return Admission::Refused {
+                    limit: limits.first().map_or(0, |l| l.rate.limit),
+                    retry_after_ms: 1000,
+                };
+            }
+            for (limit, tat) in limits.iter().zip(current) {
+                if let Some(tat) = tat {
+                    tats.set(&limit.key, tat);
+                }
+            }
+        }
+        admission
     }
 }
 
@@ -641,6 +699,59 @@ mod tests {
                 remaining: 2
             }
         );
+    }
+
+    #[test]
+    fn limits_whose_time_has_passed_are_swept_and_full_again() {
+        let (clock, budgets) = setup();
+        let rate = Rate::per_minute(2);
+        for n in 0..5_000 {
+            let admitted = budgets.admit(&[limit(&format!("k{n}"), rate)]);
+            assert!(matches!(admitted, Admission::Admitted { .. }));
+        }
+        assert_eq!(budgets.tats.lock().unwrap().by_key.len(), 5_000);
+        // Every one is full again a minute on: the map forgets them as it grows.
+        clock.advance(60_001);
+        for n in 0..5_000 {
+            let admitted = budgets.admit(&[limit(&format!("fresh{n}"), rate)]);
+            assert!(matches!(admitted, Admission::Admitted { .. }));
+        }
+        let held = budgets.tats.lock().unwrap().by_key.len();
+        assert!(held < 6_000, "{held} entries held");
+        // A limit still in use is kept through a sweep, and keeps counting.
+        let used = [limit("fresh0", rate)];
+        assert_eq!(
+            budgets.admit(&used),
+            Admission::Admitted {
+                limit: 2,
+                remaining: 0
+            }
+        );
+        assert!(matches!(budgets.admit(&used), Admission::Refused { .. }));
+    }
+
+    #[test]
+    fn with_every_place_taken_a_new_limit_refuses_and_the_rest_count_on() {
+        let (clock, budgets) = setup();
+        budgets.tats.lock().unwrap().capacity = 3;
+        let rate = Rate::per_minute(100);
+        for n in 0..3 {
+            let admitted = budgets.admit(&[limit(&format!("k{n}"), rate)]);
+            assert!(matches!(admitted, Admission::Admitted { .. }));
+        }
+        let new = [limit("k3", rate)];
+        assert!(matches!(budgets.admit(&new), Admission::Refused { .. }));
+        // Refused, not counted: the limit in use before is where it was.
+        assert_eq!(
+            budgets.admit(&[limit("k0", rate)]),
+            Admission::Admitted {
+                limit: 100,
+                remaining: 98
+            }
+        );
+        // Once the others are full again, there is room.
+        clock.advance(60_001);
+        assert!(matches!(budgets.admit(&new), Admission::Admitted { .. }));
     }
 
     #[test]

@@ -54,6 +54,17 @@ impl Forward {
             .map(String::as_str)
             .filter(|r| !self.set.iter().any(|(name, _)| name == r))
     }
+
+    /// Takes the target's cluster out of the headers set, for a caller that tells Envoy
+    /// another way (the in-process module, in its dynamic metadata). A client's own
+    /// [`CLUSTER_HEADER`] is among the removals then.
+    pub fn take_cluster(&mut self) -> Option<Vec<u8>> {
+        let at = self
+            .set
+            .iter()
+            .position(|(name, _)| name == CLUSTER_HEADER)?;
+        Some(self.set.remove(at).1)
+    }
 }
 
 /// Names compared with `_` read as `-`: CGI, WSGI, Rack and PHP hand `x_http_method`
@@ -222,6 +233,26 @@ mod tests {
         }
         assert!(!stripped("x_request_id"));
         assert!(!stripped("content-type"));
+    }
+
+    #[test]
+    fn a_cluster_taken_out_leaves_a_clients_own_to_be_removed() {
+        let mut forward = Forward {
+            set: vec![
+                (Cow::Borrowed(":authority"), b"api.example.com".to_vec()),
+                (Cow::Borrowed(CLUSTER_HEADER), b"latchkey_tls".to_vec()),
+            ],
+            remove: vec![CLUSTER_HEADER.into()],
+            body: None,
+        };
+        assert_eq!(forward.removals().count(), 0);
+        assert_eq!(
+            forward.take_cluster().as_deref(),
+            Some(&b"latchkey_tls"[..])
+        );
+        assert_eq!(forward.removals().collect::<Vec<_>>(), [CLUSTER_HEADER]);
+        assert_eq!(forward.set.len(), 1);
+        assert_eq!(forward.take_cluster(), None);
     }
 
     #[test]

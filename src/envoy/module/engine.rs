@@ -170,7 +170,7 @@ impl Engine {
         });
         let decided = admission::decided(&asked, &decision, started.elapsed(), near_cap);
         let pending = Pending {
-            record: Record::of(&decided),
+            record: Record::of(decided),
             started,
             _deciding: deciding,
         };

@@ -153,23 +153,24 @@ fn status(s: Option<u32>) -> Option<u16> {
 }
 
 impl Record {
-    pub fn of(decided: &Decided) -> Self {
-        let text = |s: &Option<std::sync::Arc<str>>| s.as_deref().map(str::to_owned);
+    /// Taken by value: the strings a request owns move into its record.
+    pub fn of(decided: Decided) -> Self {
+        let text = |s: Option<std::sync::Arc<str>>| s.as_deref().map(str::to_owned);
         Self {
-            request_id: decided.request_id.clone(),
+            request_id: decided.request_id,
             time_ms: decided.time_ms,
             elapsed_us: decided.elapsed_us,
-            proxy: text(&decided.proxy),
-            target: text(&decided.target),
-            credential: text(&decided.credential),
-            key_id: text(&decided.key_id),
-            run_label: text(&decided.run_label),
-            method: decided.method.clone(),
-            path: decided.path.clone(),
+            proxy: text(decided.proxy),
+            target: text(decided.target),
+            credential: text(decided.credential),
+            key_id: text(decided.key_id),
+            run_label: text(decided.run_label),
+            method: decided.method,
+            path: decided.path,
             status: decided.status.map(u32::from),
             decision: decided.decision.to_owned(),
-            rule_id: text(&decided.rule_id),
-            facts: decided.facts.as_deref().map(str::to_owned),
+            rule_id: text(decided.rule_id),
+            facts: decided.facts.map(String::from),
             trace: decided.trace.map(|t| t.to_string()),
             near_cap: decided.near_cap,
             completed: None,
