@@ -28,7 +28,10 @@ use latchkey::envoy::convert::header_text;
 use latchkey::envoy::module::engine::{Engine, HAND_ON_HEADER, Pending, Request, Verdict};
 use latchkey::envoy::module::wire::Ending;
 
-/// The filter's config: `{"socket": "<path of latchkey serve's module socket>"}`.
+/// The filter's config: `{"socket": "<path of latchkey serve's module socket>", "mark":
+/// "cluster"}`. `mark` says the routes match the cluster this module names in its mark
+/// (`latchkey.in_process`): a config written for a module that marked otherwise would
+/// answer every decided request 500, so it is refused at load instead.
 struct Config {
     socket: PathBuf,
 }
@@ -98,11 +101,14 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
     barrier("config_new", std::ptr::null(), || {
         // SAFETY: Envoy's buffer, valid during this hook.
         let text = unsafe { config.bytes() };
-        let socket = serde_json::from_slice::<serde_json::Value>(text)
-            .ok()
-            .and_then(|v| v.get("socket")?.as_str().map(PathBuf::from));
-        let Some(socket) = socket else {
-            log(true, r#"the filter config must be {"socket": "<path>"}"#);
+        let config = serde_json::from_slice::<serde_json::Value>(text).ok();
+        let socket = (config.as_ref()).and_then(|v| v.get("socket")?.as_str().map(PathBuf::from));
+        let mark = config.as_ref().and_then(|v| v.get("mark")?.as_str());
+        let (Some(socket), Some("cluster")) = (socket, mark) else {
+            log(
+                true,
+                r#"the filter config must be {"socket": "<path>", "mark": "cluster"}, with routes that match the cluster in latchkey.in_process (envoy-inprocess.yaml of this release)"#,
+            );
             return std::ptr::null();
         };
         // `envoy --mode validate` builds the config too: no threads, no sockets then.

@@ -405,9 +405,11 @@ async fn denials_are_json(mode: Mode) {
     assert_eq!(seen[0].uri, "/anything");
 }
 
+/// Through ext_proc, or in process (`LATCHKEY_TEST_MODE=inprocess`), where the module
+/// alone removes an agent's `x-latchkey-cluster` from a request it decides.
 #[tokio::test]
 async fn hostile_input_neither_bypasses_rules_nor_reroutes() {
-    hostile_input(Mode::ExtProc).await;
+    hostile_input(Mode::default_for_tests()).await;
 }
 
 #[tokio::test]

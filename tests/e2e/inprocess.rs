@@ -317,27 +317,39 @@ async fn no_record_is_lost_when_envoy_stops() {
 }
 
 #[tokio::test]
-async fn the_channel_is_owner_only_and_the_envoy_build_pinned() {
+async fn the_channel_is_owner_only_and_the_envoy_build_and_config_pinned() {
     let (stack, _upstream) = stack().await;
     let socket = stack.dir.path().join(MODULE_SOCKET);
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
 
     // `--mode validate` builds the config without connecting anywhere.
-    let validate = |envoy: &std::path::Path| {
+    let validate_config = |envoy: &std::path::Path, config: &str| {
         Command::new(envoy)
             .current_dir(stack.dir.path())
             .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", common::modules_dir())
-            .args(["--mode", "validate", "-c", "envoy.yaml"])
+            .args(["--mode", "validate", "-c", config])
             .output()
             .unwrap()
     };
+    let validate = |envoy: &std::path::Path| validate_config(envoy, "envoy.yaml");
     let genuine = validate(&common::envoy_bin_file());
     assert!(
         genuine.status.success(),
         "{}",
         String::from_utf8_lossy(&genuine.stderr)
     );
+
+    // A config of an earlier release, whose routes match no mark this module sets, is
+    // refused too, rather than loaded to answer every decided request 500.
+    let config = std::fs::read_to_string(stack.dir.path().join("envoy.yaml")).unwrap();
+    let earlier = config.replace(r#", "mark": "cluster""#, "");
+    assert_ne!(earlier, config);
+    std::fs::write(stack.dir.path().join("earlier.yaml"), earlier).unwrap();
+    let refused = validate_config(&common::envoy_bin_file(), "earlier.yaml");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(said.contains(r#""mark": "cluster""#), "{said}");
 
     // Another build of Envoy (here: the same binary with its revision changed) is
     // refused, and the config with it.
