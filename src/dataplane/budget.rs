@@ -10,7 +10,6 @@
 //! (one Lua script checks and updates every limit of a request atomically, on Redis's
 //! clock).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -181,7 +180,8 @@ const LOCAL_CAPACITY: u64 = 1_000_000;
 /// use at once, a request that would add one more is refused, not let through
 /// uncounted.
 struct Tats {
-    by_key: HashMap<Arc<str>, u64>,
+    /// foldhash, as the policy's maps: limits are named by the policy, not the agent.
+    by_key: foldhash::HashMap<Arc<str>, u64>,
     sweep_at: usize,
     capacity: usize,
     /// When the last sweep was (µs).
@@ -194,7 +194,7 @@ const SWEEP_FLOOR: usize = 1024;
 impl Default for Tats {
     fn default() -> Self {
         Self {
-            by_key: HashMap::new(),
+            by_key: foldhash::HashMap::default(),
             sweep_at: SWEEP_FLOOR,
             capacity: LOCAL_CAPACITY as usize,
             swept: 0,

@@ -74,7 +74,7 @@ impl Policy {
         if self.issued.len() >= MAX_ISSUED {
             return None;
         }
-        let mut issued: HashMap<u128, KeyEntry> = self
+        let mut issued: foldhash::HashMap<u128, KeyEntry> = self
             .issued
             .iter()
             .map(|(prefix, k)| (*prefix, k.copy()))
@@ -137,7 +137,8 @@ impl Compiled {
             .iter()
             .map(|t| (t.name.as_str(), t.url.as_str()))
             .collect();
-        let mut proxies = HashMap::with_capacity(stored.proxies.len());
+        let mut proxies =
+            foldhash::HashMap::with_capacity_and_hasher(stored.proxies.len(), Default::default());
         for p in &stored.proxies {
             let rules = RuleList::new(proxy_rules.remove(p.name.as_str()).unwrap_or_default())
                 .map_err(|e| invalid(format!("rules of proxy {:?}: {e}", p.name)))?;
@@ -389,8 +390,9 @@ fn injection(c: &CredentialRow, auth: &AuthSpec, secret: &str) -> Result<Injecti
 fn key_table(
     stored: &StoredPolicy,
     credential_ids: &HashMap<Box<str>, u32>,
-) -> Result<HashMap<u128, KeyEntry>, CompileError> {
-    let mut keys = HashMap::with_capacity(stored.keys.len());
+) -> Result<foldhash::HashMap<u128, KeyEntry>, CompileError> {
+    let mut keys =
+        foldhash::HashMap::with_capacity_and_hasher(stored.keys.len(), Default::default());
     for k in &stored.keys {
         let Some(&credential) = credential_ids.get(k.credential_id.as_str()) else {
             continue;

@@ -16,7 +16,7 @@ impl Policy {
     /// The proxies the in-process module decides; every other one is handed on.
     /// `shared_budgets`: limits are counted in a store all replicas share (Redis), which
     /// only `serve` reaches, so a proxy with any limit is handed on.
-    pub fn in_process(&self, shared_budgets: bool) -> HashSet<Arc<str>> {
+    pub fn in_process(&self, shared_budgets: bool) -> foldhash::HashSet<Arc<str>> {
         let compiled = &self.compiled;
         let credential_alone = |c: u32| {
             let i = c as usize;

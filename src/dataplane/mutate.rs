@@ -106,7 +106,9 @@ pub fn forward(proxy: &Proxy, route: &Route<'_>, req: &RequestView<'_>, now: i64
             remove.push((*name).to_owned());
         }
     }
-    let mut set: Vec<(Cow<'static, str>, Vec<u8>)> = Vec::with_capacity(4);
+    // Room for what most requests get: a timeout, an encoding, the credential, the path,
+    // the authority and the cluster (a signature adds more).
+    let mut set: Vec<(Cow<'static, str>, Vec<u8>)> = Vec::with_capacity(6);
     if let Some(ms) = proxy.timeout_ms {
         // Envoy's router takes the call's timeout from this header (a client's own is
         // stripped above, with every other x-envoy-* header).

@@ -541,17 +541,19 @@ pub struct Policy {
     /// rules change, shared by the snapshots of key changes.
     pub(super) compiled: Arc<Compiled>,
     /// Keyed by the first 16 bytes of the key's SHA-256; the full hash is compared in
-    /// constant time after the lookup.
-    pub(super) keys: Arc<HashMap<u128, KeyEntry>>,
+    /// constant time after the lookup. The maps read on every request hash with
+    /// foldhash, not SipHash: what they are keyed by is the policy's, never the agent's
+    /// to choose, and SipHash cost 1,400 instructions a request.
+    pub(super) keys: Arc<foldhash::HashMap<u128, KeyEntry>>,
     /// Keys issued on this replica since the key table was built, put into effect
     /// without reading the store back; folded into the table by the next load.
-    pub(super) issued: Arc<HashMap<u128, KeyEntry>>,
+    pub(super) issued: Arc<foldhash::HashMap<u128, KeyEntry>>,
 }
 
 /// The compiled policy without its keys.
 #[derive(Debug, Default)]
 pub(super) struct Compiled {
-    pub(super) proxies: HashMap<Box<str>, Proxy>,
+    pub(super) proxies: foldhash::HashMap<Box<str>, Proxy>,
     pub(super) credentials: Vec<Arc<str>>,
     /// Each proxy credential's index by its store id, for the key table.
     pub(super) credential_ids: HashMap<Box<str>, u32>,

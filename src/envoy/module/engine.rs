@@ -5,7 +5,6 @@
 //! One engine per Envoy process. Envoy makes a filter config per listener, and every
 //! worker thread runs requests, so the engine is process-global and shared.
 
-use std::collections::HashSet;
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -69,7 +68,7 @@ struct Loaded {
     policy: Policy,
     /// The proxies decided here (`Policy::in_process`); the rest are handed on. Keys
     /// play no part in it: a change of keys keeps it.
-    local: Arc<HashSet<Arc<str>>>,
+    local: Arc<foldhash::HashSet<Arc<str>>>,
     version: i64,
 }
 
