@@ -431,6 +431,8 @@ mod tests {
             "{text}"
         );
         let kept = Recorded::parse(&text).unwrap();
+        // `record` writes through a borrowing mirror of `Recorded`: the same text.
+        assert_eq!(serde_json::to_string(&kept).unwrap(), &*text);
         assert!(kept.covers([Read::Body("/amount"), Read::Body("/gone")].into_iter()));
         assert!(
             !kept.covers([Read::Body("/card_token")].into_iter()),
@@ -441,6 +443,20 @@ mod tests {
             kept.body_json().unwrap(),
             serde_json::json!({ "amount": 250, "meta": { "tier": "gold" } })
         );
+    }
+
+    #[test]
+    fn an_mcp_calls_facts_are_written_as_recorded_writes_them() {
+        let call = crate::dataplane::mcp::Call {
+            method: Some("tools/call".into()),
+            tool: Some("search".into()),
+            id: None,
+        };
+        let none = RuleList::default();
+        let text = record([&none, &none], &[], None, None, None, Some(&call)).unwrap();
+        let kept = Recorded::parse(&text).unwrap();
+        assert_eq!(serde_json::to_string(&kept).unwrap(), &*text);
+        assert!(kept.covers([Read::Body("/method"), Read::Body("/params/name")].into_iter()));
     }
 
     proptest::proptest! {
