@@ -1,7 +1,9 @@
 //! The floor of `make bench`: an ext_proc server that does the least any design must —
 //! answer Envoy's request-headers message with one header mutation (the credential) plus
-//! the routing a dynamic target needs, and clear the route cache. No key check, no rules,
-//! no budgets, no audit. Usage: `minimal_ext_proc PORT UPSTREAM_AUTHORITY`.
+//! the routing a dynamic target needs, mark the request allowed (the shipped config
+//! routes nothing else: `latchkey.allowed: "yes"` in the dynamic metadata), and clear
+//! the route cache. No key check, no rules, no budgets, no audit. Usage:
+//! `minimal_ext_proc PORT UPSTREAM_AUTHORITY`.
 
 use std::pin::Pin;
 
@@ -13,6 +15,8 @@ use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest, ProcessingResponse,
 };
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Struct, Value};
 use tokio_stream::Stream;
 use tonic::{Request, Status, Streaming};
 
@@ -28,6 +32,21 @@ fn set(key: &str, value: &str) -> HeaderValueOption {
             ..Default::default()
         }),
         ..Default::default()
+    }
+}
+
+/// `{"latchkey": {"allowed": "yes"}}`, the mark the shipped config routes by.
+fn allowed() -> Struct {
+    let value = |kind| Value { kind: Some(kind) };
+    let mark = Struct {
+        fields: [(
+            "allowed".to_owned(),
+            value(Kind::StringValue("yes".to_owned())),
+        )]
+        .into(),
+    };
+    Struct {
+        fields: [("latchkey".to_owned(), value(Kind::StructValue(mark)))].into(),
     }
 }
 
@@ -63,6 +82,7 @@ impl ExternalProcessor for Minimal {
                                     ..Default::default()
                                 }),
                             })),
+                            dynamic_metadata: Some(allowed()),
                             ..Default::default()
                         };
                         Some((Ok(response), (inbound, authority)))
