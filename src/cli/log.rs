@@ -226,7 +226,7 @@ pub(super) async fn requests(args: RequestsArgs) -> anyhow::Result<()> {
 }
 
 /// The MCP method and tool a record's facts keep.
-fn mcp_of(facts: &str) -> Option<crate::dataplane::facts::McpFacts> {
+fn mcp_of(facts: &str) -> Option<crate::dataplane::facts::McpFacts<'static>> {
     (!facts.is_empty())
         .then(|| crate::dataplane::facts::Recorded::parse(facts))
         .flatten()

@@ -31,28 +31,29 @@ const SECRET_WORDS: [&str; 12] = [
     "jwt",
 ];
 
-/// Recorded values by name (headers in lower case); `None`: withheld.
+/// Recorded values by name (headers in lower case); `None`: withheld. `record` writes
+/// them borrowed from the request and the rules; [`Recorded::parse`] reads them owned.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Recorded {
+pub struct Recorded<'a> {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub headers: BTreeMap<String, Option<Vec<String>>>,
+    pub headers: BTreeMap<Cow<'a, str>, Option<Vec<Cow<'a, str>>>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub query: BTreeMap<String, Option<Vec<String>>>,
+    pub query: BTreeMap<Cow<'a, str>, Option<Vec<Cow<'a, str>>>>,
     /// By JSON pointer.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub body: BTreeMap<String, Option<Field>>,
+    pub body: BTreeMap<Cow<'a, str>, Option<Field>>,
     /// On MCP proxies: the message's JSON-RPC method and tool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mcp: Option<McpFacts>,
+    pub mcp: Option<McpFacts<'a>>,
 }
 
 /// What the audit keeps of an MCP message: always, on MCP proxies (names, no arguments).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct McpFacts {
+pub struct McpFacts<'a> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
+    pub method: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool: Option<String>,
+    pub tool: Option<Cow<'a, str>>,
 }
 
 /// A body field as the request had it: absent, or present with a value (`null` too).
@@ -148,26 +149,27 @@ pub fn record(
     presented: Option<&[u8]>,
     mcp: Option<&crate::dataplane::mcp::Call>,
 ) -> Option<Box<str>> {
-    let mut out = Kept {
-        mcp: mcp.map(|call| McpKept {
-            method: call.method.as_deref(),
-            tool: call.tool.as_deref(),
+    let mut out = Recorded {
+        mcp: mcp.map(|call| McpFacts {
+            method: call.method.as_deref().map(Cow::Borrowed),
+            tool: call.tool.as_deref().map(Cow::Borrowed),
         }),
-        ..Kept::default()
+        ..Recorded::default()
     };
     let mut pairs: Option<Vec<(Cow<'_, str>, Cow<'_, str>)>> = None;
     for list in lists {
         if let Some(body) = body {
             for pointer in list.read_body() {
                 out.body
-                    .insert(pointer, kept_field(pointer, body, presented));
+                    .insert(Cow::Borrowed(pointer), kept_field(pointer, body, presented));
             }
         }
         for name in list.read_headers() {
             let values = (headers.iter())
                 .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| std::str::from_utf8(v).unwrap_or("\u{fffd}"));
-            out.headers.insert(name, kept(name, values, presented));
+                .map(|(_, v)| Cow::Borrowed(std::str::from_utf8(v).unwrap_or("\u{fffd}")));
+            out.headers
+                .insert(Cow::Borrowed(name), kept(name, values, presented));
         }
         if list.read_query().is_empty() {
             continue;
@@ -181,7 +183,8 @@ pub fn record(
             let values = (pairs.iter())
                 .filter(|(n, _)| n == name.as_ref())
                 .map(|(_, v)| v.clone());
-            out.query.insert(name, kept(name, values, presented));
+            out.query
+                .insert(Cow::Borrowed(name), kept(name, values, presented));
         }
     }
     if out.headers.is_empty() && out.query.is_empty() && out.body.is_empty() && out.mcp.is_none() {
@@ -194,30 +197,8 @@ pub fn record(
     )
 }
 
-/// [`Recorded`] as `record` writes it, borrowing from the request and the rules rather
-/// than copying them: the same fields and attributes, so the same JSON.
-#[derive(Default, Serialize)]
-struct Kept<'a> {
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    headers: BTreeMap<&'a str, Option<Vec<&'a str>>>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    query: BTreeMap<&'a str, Option<Vec<Cow<'a, str>>>>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    body: BTreeMap<&'a str, Option<Field>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mcp: Option<McpKept<'a>>,
-}
-
-#[derive(Serialize)]
-struct McpKept<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    method: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tool: Option<&'a str>,
-}
-
-impl Recorded {
-    pub fn parse(text: &str) -> Option<Self> {
+impl Recorded<'_> {
+    pub fn parse(text: &str) -> Option<Recorded<'static>> {
         serde_json::from_str(text).ok()
     }
 
@@ -227,7 +208,10 @@ impl Recorded {
     pub fn covers<'r>(&self, mut reads: impl Iterator<Item = Read<'r>>) -> bool {
         reads.all(|read| match read {
             Read::Header(name) => {
-                matches!(self.headers.get(&name.to_ascii_lowercase()), Some(Some(_)))
+                matches!(
+                    self.headers.get(name.to_ascii_lowercase().as_str()),
+                    Some(Some(_))
+                )
             }
             Read::Query(name) => matches!(self.query.get(name), Some(Some(_))),
             // An MCP message's method and tool are kept: its `mcp` conditions judge.
@@ -244,7 +228,7 @@ impl Recorded {
             Some(m) => {
                 let mut message = serde_json::json!({});
                 if let Some(method) = &m.method {
-                    message["method"] = method.as_str().into();
+                    message["method"] = method.as_ref().into();
                 }
                 if let Some(tool) = &m.tool {
                     message["params"] = serde_json::json!({ "name": tool });
@@ -288,7 +272,7 @@ impl Recorded {
     pub fn header_pairs(&self) -> Vec<(&str, &[u8])> {
         (self.headers.iter())
             .filter_map(|(name, values)| Some((name, values.as_ref()?)))
-            .flat_map(|(name, values)| values.iter().map(move |v| (name.as_str(), v.as_bytes())))
+            .flat_map(|(name, values)| values.iter().map(move |v| (name.as_ref(), v.as_bytes())))
             .collect()
     }
 
@@ -431,7 +415,7 @@ mod tests {
             "{text}"
         );
         let kept = Recorded::parse(&text).unwrap();
-        // `record` writes through a borrowing mirror of `Recorded`: the same text.
+        // Written borrowed, read back owned: the same text.
         assert_eq!(serde_json::to_string(&kept).unwrap(), &*text);
         assert!(kept.covers([Read::Body("/amount"), Read::Body("/gone")].into_iter()));
         assert!(
@@ -476,12 +460,12 @@ mod tests {
             let text = record([&rules, &none], &headers, Some(&query), None, None, None).unwrap();
             proptest::prop_assert!(!text.contains(&key));
             let kept = Recorded::parse(&text).unwrap();
-            // Written as `Recorded` itself writes: rows of earlier releases and of this
-            // one read and compare alike.
+            // Written borrowed, read back owned: rows of earlier releases and of this one
+            // read and compare alike.
             proptest::prop_assert_eq!(serde_json::to_string(&kept).unwrap(), text.to_string());
             // As the rules see them: a value that is not UTF-8 is one replacement character.
-            let lossy: Vec<String> = (env.iter())
-                .map(|v| std::str::from_utf8(v).unwrap_or("\u{fffd}").to_owned())
+            let lossy: Vec<Cow<'_, str>> = (env.iter())
+                .map(|v| Cow::Owned(std::str::from_utf8(v).unwrap_or("\u{fffd}").to_owned()))
                 .collect();
             let expected = lossy.iter().all(|v| v.len() <= MAX_VALUE).then_some(lossy);
             proptest::prop_assert_eq!(kept.headers.get("x-env").cloned(), Some(expected.clone()));
@@ -492,7 +476,7 @@ mod tests {
             let rebuilt: Vec<(String, String)> =
                 form_urlencoded::parse(kept.query_string().as_bytes()).into_owned().collect();
             let kept_q: Vec<(String, String)> = kept.query.get("q").cloned().flatten().unwrap_or_default()
-                .into_iter().map(|v| ("q".to_owned(), v)).collect();
+                .into_iter().map(|v| ("q".to_owned(), v.into_owned())).collect();
             proptest::prop_assert_eq!(rebuilt, kept_q);
         }
     }
