@@ -5,7 +5,7 @@ ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 export LATCHKEY_ENVOY := $(abspath $(ENVOY))
 
-.PHONY: all build module test lint run run-inprocess bench bench-tools envoy k8s-validate image image-tools image-test clean
+.PHONY: all build module test lint run run-inprocess bench bench-smoke bench-tools wrk envoy k8s-validate image image-tools image-test clean
 
 all: build
 
@@ -86,7 +86,14 @@ test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) $(MOTO) $(MCP_SDK) lint k8s-validate modu
 	LATCHKEY_TEST_MODE=inprocess cargo test --locked --test e2e -- \
 	  data_plane:: rules:: budgets:: audit:: containment:: oauth2:: llm:: identity:: mcp:: \
 	  approvals:: response_safety::
+	$(MAKE) bench-smoke
 	$(MAKE) image-test
+
+# `make bench`'s load runs, a second each from the debug build: red when a shipped config
+# stops routing or injecting what the bench sends (its floor and in-process runs included).
+bench-smoke: wrk module
+	cargo build --locked --bin latchkey --example bench_upstream --example minimal_ext_proc
+	python3 bench/run.py --smoke
 
 # Criterion micro-benchmarks (a decision at 10, 100, 1,000 rules; the budget step), then
 # load runs through the real Envoy, interleaved A-G, written to docs/benchmarks.md.
@@ -100,7 +107,9 @@ bench: $(ENVOY) bench-tools
 # rate, for latency percentiles) built from crates.io into .bench-tools/.
 OHA_VERSION := 1.16.0
 OHA := .bench-tools/oha-$(OHA_VERSION)/bin/oha
-bench-tools: $(OHA)
+bench-tools: wrk $(OHA)
+
+wrk:
 	@command -v wrk > /dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 
 $(OHA):
