@@ -83,6 +83,7 @@ lint:
 test: $(ENVOY) $(BOTOCORE) $(LLM_SDKS) $(MOTO) $(MCP_SDK) lint k8s-validate module
 	cargo test --locked --benches
 	cargo test --locked --lib --bins --tests
+	cargo test --locked -p latchkey-sys
 	LATCHKEY_TEST_MODE=inprocess cargo test --locked --test e2e -- \
 	  data_plane:: rules:: budgets:: audit:: containment:: oauth2:: llm:: identity:: mcp:: \
 	  approvals:: response_safety::

@@ -475,19 +475,23 @@ def scale_check(procs, work):
     startup_s = time.time() - started
     serve_mb = rss_mb(serve.pid)
     issue_s, revoke_s = key_changes(admin)
-    module_mb, (module_issue_s, module_revoke_s) = module_memory(procs, work, state, grpc, admin)
+    module_mb, module_allocated_mb, (module_issue_s, module_revoke_s) = module_memory(
+        procs, work, state, grpc, admin)
     procs.stop(serve)
     return {"apply_s": apply_s, "startup_s": startup_s, "rss_mb": serve_mb,
-            "module_mb": module_mb, "issue_s": issue_s, "revoke_s": revoke_s,
+            "module_mb": module_mb, "module_allocated_mb": module_allocated_mb, "issue_s": issue_s, "revoke_s": revoke_s,
             "module_issue_s": module_issue_s, "module_revoke_s": module_revoke_s}
 
 
 def module_memory(procs, work, state, grpc, admin):
     """Envoy's resident memory with the module holding `state`'s policy, less an Envoy
     whose module has none (its socket leads nowhere): what the policy costs in Envoy.
-    And `key_changes` with that module connected, whose taking each change up they wait
+    Beside it, the same difference in what Envoy's allocator counts as allocated: what
+    the module holds, which the resident figure exceeds by whatever of the push's freed
+    memory the allocator has not given back yet (it varies from run to run). And
+    `key_changes` with that module connected, whose taking each change up they wait
     for."""
-    sizes = []
+    sizes, allocated = [], []
     changes = None
     for name in ["bare", "fed"]:
         listen, envoy_admin = free_port(), free_port()
@@ -507,10 +511,12 @@ def module_memory(procs, work, state, grpc, admin):
             time.sleep(0.1)
         time.sleep(0.5)
         sizes.append(rss_mb(envoy.pid))
+        with urllib.request.urlopen(f"http://127.0.0.1:{envoy_admin}/memory") as r:
+            allocated.append(int(json.load(r)["allocated"]) / 1024 / 1024)
         if name == "fed":
             changes = key_changes(admin)
         procs.stop(envoy)
-    return sizes[1] - sizes[0], changes
+    return sizes[1] - sizes[0], allocated[1] - allocated[0], changes
 
 
 def key_changes(admin, times=5):
@@ -695,7 +701,9 @@ def write_report(med, scale, results):
         f"(medians of 5, the command's wall time: written and in effect on this replica), "
         f"{scale['module_issue_s'] * 1000:.0f} ms and {scale['module_revoke_s'] * 1000:.0f} ms with "
         f"an in-process module connected (in effect there too); "
-        f"the in-process module holding them adds {scale['module_mb']:.0f} MB to Envoy's resident memory",
+        f"the in-process module holding them adds {scale['module_mb']:.0f} MB to Envoy's resident memory "
+        f"({scale['module_allocated_mb']:.0f} MB allocated: the rest is the push's freed memory, which "
+        f"Envoy's allocator keeps for a while)",
     ]
     text = "\n".join([
         "# Benchmarks",

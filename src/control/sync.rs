@@ -176,6 +176,7 @@ impl PolicySync {
         self.shared.install(policy, version);
         self.running.fetch_max(version, Ordering::AcqRel);
         tracing::info!(version, "policy reloaded");
+        released().await;
         Ok(())
     }
 
@@ -210,6 +211,8 @@ impl PolicySync {
             self.shared.install(policy, version);
             self.running.store(version, Ordering::Release);
         }
+        drop(_one_at_a_time);
+        released().await;
     }
 
     /// Keeps the snapshot current, in tasks of `tasks` (the server stops them at
@@ -270,6 +273,12 @@ impl PolicySync {
             }
         }
     }
+}
+
+/// What a whole policy's load freed (the store's rows, the policy it replaced) goes back
+/// to the system, off the runtime's workers: malloc keeps it resident otherwise.
+async fn released() {
+    let _ = tokio::task::spawn_blocking(latchkey_sys::release_free_memory).await;
 }
 
 #[cfg(test)]

@@ -207,6 +207,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let policy =
         Policy::compile(&stored, &master, &secrets.current()).context("loading the policy")?;
     drop(stored);
+    latchkey_sys::release_free_memory();
     if cfg.mode == Mode::ExtAuthz
         && let Some(obstacle) = policy.ext_authz_obstacle()
     {
