@@ -479,7 +479,8 @@ def scale_check(procs, work):
         procs, work, state, grpc, admin)
     procs.stop(serve)
     return {"apply_s": apply_s, "startup_s": startup_s, "rss_mb": serve_mb,
-            "module_mb": module_mb, "module_allocated_mb": module_allocated_mb, "issue_s": issue_s, "revoke_s": revoke_s,
+            "module_mb": module_mb, "module_allocated_mb": module_allocated_mb,
+            "issue_s": issue_s, "revoke_s": revoke_s,
             "module_issue_s": module_issue_s, "module_revoke_s": module_revoke_s}
 
 
@@ -536,11 +537,12 @@ def key_changes(admin, times=5):
 
 
 def main():
+    maker = "make test" if SMOKE else "make bench"
     if not shutil.which("wrk"):
-        sys.exit("wrk is not installed (make bench installs it)")
+        sys.exit(f"wrk is not installed ({maker} installs it)")
     for binary in [LATCHKEY, UPSTREAM, MINIMAL, ENVOY] + ([] if SMOKE else [OHA]):
         if not Path(binary).exists():
-            sys.exit(f"missing {binary} (make {'test' if SMOKE else 'bench'} builds it)")
+            sys.exit(f"missing {binary} ({maker} builds it)")
     work = Path(tempfile.mkdtemp(prefix="latchkey-bench-"))
     procs = Procs()
     try:
