@@ -77,6 +77,13 @@ unsafe extern "C" {
         key: ModuleBuffer,
         value: ModuleBuffer,
     ) -> bool;
+    /// Adds a value, keeping any the map has; an empty `value` adds nothing.
+    pub fn envoy_dynamic_module_callback_http_add_header(
+        filter: FilterEnvoy,
+        header_type: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
     pub fn envoy_dynamic_module_callback_http_send_response(
         filter: FilterEnvoy,
         status: u32,

@@ -15,11 +15,6 @@ use crate::dataplane::snapshot::{Injection, Proxy};
 /// The header latchkey sets to pick Envoy's cluster (TLS or plain) for the target.
 pub const CLUSTER_HEADER: &str = "x-latchkey-cluster";
 
-/// The header the in-process module sets (to `1`) on a request it hands on to ext_proc:
-/// Envoy makes the ext_proc filter for those requests alone. Like every `x-latchkey-`
-/// header, it never reaches an upstream, and one an agent sends is replaced or removed.
-pub const HAND_ON_HEADER: &str = "x-latchkey-hand-on";
-
 /// Headers some upstream frameworks honour to change the path or method they act on;
 /// left in place they would let a client slip past the rules.
 const REINTERPRETING: [&str; 8] = [

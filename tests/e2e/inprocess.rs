@@ -343,13 +343,21 @@ async fn the_channel_is_owner_only_and_the_envoy_build_and_config_pinned() {
     // A config of an earlier release, whose routes match no mark this module sets, is
     // refused too, rather than loaded to answer every decided request 500.
     let config = std::fs::read_to_string(stack.dir.path().join("envoy.yaml")).unwrap();
-    let earlier = config.replace(r#", "mark": "cluster""#, "");
-    assert_ne!(earlier, config);
-    std::fs::write(stack.dir.path().join("earlier.yaml"), earlier).unwrap();
-    let refused = validate_config(&common::envoy_bin_file(), "earlier.yaml");
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "{said}");
-    assert!(said.contains(r#""mark": "cluster""#), "{said}");
+    for (release, mark) in [
+        ("earlier", r#", "mark": "cluster""#),
+        ("hand-on header", r#", "hand_on": "metadata""#),
+    ] {
+        let earlier = config.replace(mark, "");
+        assert_ne!(earlier, config, "{release}");
+        std::fs::write(stack.dir.path().join("earlier.yaml"), earlier).unwrap();
+        let refused = validate_config(&common::envoy_bin_file(), "earlier.yaml");
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{release}: {said}");
+        assert!(
+            said.contains(r#""mark": "cluster", "hand_on": "metadata""#),
+            "{release}: {said}"
+        );
+    }
 
     // Another build of Envoy (here: the same binary with its revision changed) is
     // refused, and the config with it.
@@ -392,16 +400,14 @@ async fn a_handed_on_request_cannot_steer_envoys_router() {
     let seen = upstream.take();
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert!(seen[0].header("x-envoy-max-retries").is_none());
-    // The module's mark that made the ext_proc filter is Envoy's business alone.
-    assert!(seen[0].header(HAND_ON).is_none(), "{seen:#?}");
 }
 
-/// The header the module hands requests on with.
-const HAND_ON: &str = latchkey::envoy::module::engine::HAND_ON_HEADER;
+/// The header the module once handed requests on with (it marks the dynamic metadata
+/// now), and the kind of header an agent would try to be handed on with.
+const HAND_ON: &str = "x-latchkey-hand-on";
 
-/// The module's hand-on mark is a header, which an agent can send too: the module
-/// decides the request all the same and removes the header, which never reaches the
-/// vendor.
+/// A hand-on header sent by an agent gets it nothing: the module decides the request all
+/// the same and removes the header, which never reaches the vendor.
 #[tokio::test]
 async fn the_hand_on_mark_sent_by_an_agent_gets_it_nothing() {
     let (stack, upstream) = stack().await;
@@ -409,7 +415,7 @@ async fn the_hand_on_mark_sent_by_an_agent_gets_it_nothing() {
         let request = client().get(stack.url(path)).bearer_auth(key);
         request.header(HAND_ON, "1").send()
     };
-    // Decided in Envoy all the same: the mark is one of latchkey's headers, removed.
+    // Decided in Envoy all the same: the header is one of latchkey's, removed.
     assert_eq!(
         marked("/plain/v1/charges", KEY).await.unwrap().status(),
         200
@@ -424,8 +430,8 @@ async fn the_hand_on_mark_sent_by_an_agent_gets_it_nothing() {
 
 /// Only a request the module decided, or one `latchkey serve` allowed, is routed: with
 /// the module's filter gone from the chain (as if it let a request through undecided), a
-/// request naming Envoy's cluster and the vendor's address itself goes nowhere; one with
-/// the hand-on mark is decided by `latchkey serve`.
+/// request naming Envoy's cluster and the vendor's address itself goes nowhere, and so
+/// does one with a hand-on header: only the module's mark makes the ext_proc filter.
 #[tokio::test]
 async fn a_request_nothing_allowed_goes_nowhere() {
     let upstream = Upstream::start().await;
@@ -446,15 +452,9 @@ async fn a_request_nothing_allowed_goes_nowhere() {
         .send()
         .await
         .unwrap();
-    assert_eq!(marked.status(), 200);
-    assert_eq!(stack.envoy_counter(EXT_PROC).await, 1);
-    let seen = upstream.take();
-    assert_eq!(seen.len(), 1, "{seen:#?}");
-    assert_eq!(
-        seen[0].header("authorization"),
-        Some(&*format!("Bearer {SECRET}"))
-    );
-    assert!(seen[0].header(HAND_ON).is_none(), "{seen:#?}");
+    assert_eq!(marked.status(), 500);
+    assert_eq!(stack.envoy_counter(EXT_PROC).await, 0);
+    assert!(upstream.take().is_empty());
 }
 
 /// An alert's quarantine holds in Envoy's module even while the store cannot take it:

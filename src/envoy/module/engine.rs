@@ -25,7 +25,6 @@ use crate::dataplane::denial::Denial;
 use crate::dataplane::keys;
 use crate::dataplane::mint;
 use crate::dataplane::mutate::Forward;
-pub use crate::dataplane::mutate::HAND_ON_HEADER;
 use crate::dataplane::pipeline::{Judgement, Outcome, RequestView, Shown, decide};
 use crate::dataplane::rules::Body;
 use crate::dataplane::snapshot::{KeyChange, Policy};
