@@ -10,9 +10,10 @@
 //! (`latchkey.in_process`). One it cannot decide alone (a body to read, a response to
 //! price, a token to fetch: `Policy::in_process`) is marked `no`, for which alone Envoy
 //! makes the ext_proc filter after it. One it decided is marked with its target's
-//! cluster, which routes it there and keeps it out of the gRPC access log; its rate-limit and budget figures go
-//! on the response from here, not through the metadata and the route's formatters
-//! (11,000 fewer instructions per request in Envoy, of the 123,000 the mode added).
+//! cluster, which routes it there and keeps it out of the gRPC access log; its
+//! rate-limit and budget figures go on the response from here, not through the metadata
+//! and the route's formatters (11,000 fewer instructions per request in Envoy, of the
+//! 123,000 the mode added).
 
 #![allow(clippy::missing_safety_doc)]
 

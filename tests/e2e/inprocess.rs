@@ -391,6 +391,7 @@ async fn a_handed_on_request_cannot_steer_envoys_router() {
         .header("x-envoy-max-retries", "3")
         .header("x-envoy-upstream-rq-timeout-ms", "1")
         .header("x-envoy-upstream-rq-per-try-timeout-ms", "1")
+        .header(HAND_ON, "1")
         .json(&serde_json::json!({ "action": "create" }))
         .send()
         .await
@@ -400,6 +401,8 @@ async fn a_handed_on_request_cannot_steer_envoys_router() {
     let seen = upstream.take();
     assert_eq!(seen.len(), 1, "{seen:#?}");
     assert!(seen[0].header("x-envoy-max-retries").is_none());
+    // Nor does a hand-on header of the agent's reach the vendor: `serve` removes it.
+    assert!(seen[0].header(HAND_ON).is_none(), "{seen:#?}");
 }
 
 /// The header the module once handed requests on with (it marks the dynamic metadata
