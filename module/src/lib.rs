@@ -106,9 +106,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
         let text = unsafe { config.bytes() };
         let config = serde_json::from_slice::<serde_json::Value>(text).ok();
         let socket = (config.as_ref()).and_then(|v| v.get("socket")?.as_str().map(PathBuf::from));
-        let text = |key| config.as_ref().and_then(|v| v.get(key)?.as_str());
+        let field = |key| config.as_ref().and_then(|v| v.get(key)?.as_str());
         let (Some(socket), Some("cluster"), Some("metadata")) =
-            (socket, text("mark"), text("hand_on"))
+            (socket, field("mark"), field("hand_on"))
         else {
             log(
                 true,
@@ -259,7 +259,7 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
             // and finding a header that is not one of Envoy's own costs 3,300
             // instructions more.)
             // SAFETY: `envoy` is alive; the buffers outlive the call.
-            unsafe { metadata(envoy, "in_process", b"no") };
+            unsafe { mark(envoy, b"no") };
             CONTINUE
         }
         Verdict::Forward { mut forward, shown } => {
@@ -269,7 +269,7 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
             let cluster = forward.take_cluster();
             // SAFETY: `envoy` is alive; every buffer outlives its call.
             unsafe {
-                decided_here(envoy, cluster.as_deref().unwrap_or(b"none"));
+                mark(envoy, cluster.as_deref().unwrap_or(b"none"));
                 for name in forward.removals() {
                     set_header(envoy, REQUEST_HEADERS, name.as_bytes(), None);
                 }
@@ -289,7 +289,7 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
         } => {
             // SAFETY: as above.
             unsafe {
-                decided_here(envoy, b"denied");
+                mark(envoy, b"denied");
                 let headers: Vec<(&str, &str)> =
                     headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 reply(envoy, status, &headers, &body);
@@ -299,20 +299,17 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
     }
 }
 
-/// Marks the request as decided in process, with its target's cluster (a denial's
-/// `denied` routes nowhere): the route sends it there, the access log passes it by.
-unsafe fn decided_here(envoy: FilterEnvoy, mark: &[u8]) {
-    // SAFETY: the caller's.
-    unsafe { metadata(envoy, "in_process", mark) };
-}
-
-unsafe fn metadata(envoy: FilterEnvoy, key: &str, value: &[u8]) {
+/// Marks the request `latchkey.in_process` in the dynamic metadata: with its target's
+/// cluster if decided here (the route sends it there, the access log passes it by),
+/// `denied` (which routes nowhere), or `no` if handed on (the composite filter makes
+/// ext_proc for it, the access log keeps it).
+unsafe fn mark(envoy: FilterEnvoy, value: &[u8]) {
     // SAFETY: the caller's; the buffers outlive the call.
     unsafe {
         envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
             envoy,
             ModuleBuffer::of(b"latchkey"),
-            ModuleBuffer::of(key.as_bytes()),
+            ModuleBuffer::of(b"in_process"),
             ModuleBuffer::of(value),
         )
     }
