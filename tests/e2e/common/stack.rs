@@ -425,11 +425,22 @@ impl Stack {
 
     /// Every record in the stack's audit, newest first.
     pub async fn records(&self) -> Vec<latchkey::store::requests::Entry> {
+        use latchkey::store::requests::{Cursor, Filter, MAX_LIMIT, list};
         let url = format!("sqlite://{}", self.db_path().display());
         let store = latchkey::store::Store::open(&url).await.unwrap();
-        let everything = latchkey::store::requests::Filter::default();
-        let limit = latchkey::store::requests::MAX_LIMIT;
-        (latchkey::store::requests::list(&store, &everything, limit, None).await).unwrap()
+        // Page by page: a load test on a fast machine records more than one page holds.
+        let mut records = Vec::new();
+        loop {
+            let before = records.last().map(Cursor::of);
+            let page = list(&store, &Filter::default(), MAX_LIMIT, before)
+                .await
+                .unwrap();
+            let full = page.len() == MAX_LIMIT as usize;
+            records.extend(page);
+            if !full {
+                return records;
+            }
+        }
     }
 
     /// latchkey's Prometheus metrics, as text.
