@@ -18,7 +18,7 @@ use crate::base::crypto::MasterKey;
 use crate::control::sync::PolicySync;
 use crate::dataplane::shared::{PROPAGATION, Shared};
 use crate::dataplane::snapshot::KeyChange;
-use crate::envoy::module::wire::{BUILD, Batch, MAX_BATCH_FRAME, Push, ToModule, frame};
+use crate::envoy::module::wire::{BEAT, BUILD, Batch, MAX_BATCH_FRAME, Push, ToModule, frame};
 use crate::store::Store;
 use crate::telemetry::audit::Event;
 
@@ -224,6 +224,11 @@ async fn converse(
     let pushing = async {
         // The version this module was last sent.
         let mut sent: Option<i64> = None;
+        // Between pushes, that this side is there: a module that hears nothing for
+        // `SILENCE` stops deciding. None while a push is being made: a `serve` stuck
+        // making one (the store away) is not there for the module either.
+        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + BEAT, BEAT);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let version = *installs.borrow_and_update();
             let changes =
@@ -246,27 +251,40 @@ async fn converse(
                     )
                 }
                 ToModule::Policy(_) => tracing::info!(version, "module channel: policy pushed"),
+                ToModule::Beat => {}
             }
             sent = Some(version);
             // Until the next version: the quarantines held here (the store did not take
             // them) go on the version just sent. A push has them already; sent again
             // all the same, for one held after the push was read.
+            beat.reset();
+            let mut tell_held = true;
             let stop = loop {
-                let holding: Vec<KeyChange> = (held.borrow_and_update().iter())
-                    .map(|key| KeyChange::Quarantined(key.clone()))
-                    .collect();
-                if !holding.is_empty() {
-                    let message = ToModule::Keys {
-                        from: version,
-                        version,
-                        changes: holding,
-                    };
-                    write.write_all(&frame(&message)?).await?;
+                if std::mem::take(&mut tell_held) {
+                    let holding: Vec<KeyChange> = (held.borrow_and_update().iter())
+                        .map(|key| KeyChange::Quarantined(key.clone()))
+                        .collect();
+                    if !holding.is_empty() {
+                        let message = ToModule::Keys {
+                            from: version,
+                            version,
+                            changes: holding,
+                        };
+                        write.write_all(&frame(&message)?).await?;
+                    }
                 }
-                tokio::select! {
+                let beat_now = tokio::select! {
                     changed = installs.changed() => break changed.map(|()| false)?,
-                    changed = held.changed() => changed?,
+                    changed = held.changed() => {
+                        changed?;
+                        tell_held = true;
+                        false
+                    }
+                    _ = beat.tick() => true,
                     _ = stopping.wait_for(|s| *s) => break true,
+                };
+                if beat_now {
+                    write.write_all(&frame(&ToModule::Beat)?).await?;
                 }
             };
             if stop {

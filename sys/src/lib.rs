@@ -19,6 +19,58 @@ pub fn release_free_memory() -> bool {
     false
 }
 
+/// The user of the process at the other end of a connected Unix socket, as the kernel
+/// recorded it when the connection was made (`SO_PEERCRED`): unlike the owner of the
+/// socket's file, no rename or link between a check and the connect can change it.
+#[cfg(target_os = "linux")]
+pub fn peer_uid(socket: &impl std::os::fd::AsFd) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: the descriptor is borrowed open for the call; `cred` and `len` outlive it,
+    // and `len` says how much of `cred` the kernel may write.
+    let done = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if done != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(std::io::Error::other("SO_PEERCRED answered short"));
+    }
+    Ok(cred.uid)
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod peer_tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_socket_pairs_peer_is_this_user_and_a_file_has_none() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let own = std::fs::metadata("/proc/self").map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.uid()
+        });
+        assert_eq!(peer_uid(&a).unwrap(), own.unwrap());
+        // Not a socket: refused, not read as uid 0.
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(peer_uid(&file.as_fd()).is_err());
+    }
+}
+
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
     use super::*;

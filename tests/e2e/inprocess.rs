@@ -279,6 +279,31 @@ async fn a_module_that_never_answers_holds_up_nothing_and_is_pushed_less_often()
     a_change_holds(&stack).await;
 }
 
+/// Between pushes `serve` says it is there: a module that hears nothing for
+/// `SILENCE` takes `serve` for hung and stops deciding by its last policy.
+#[tokio::test]
+async fn serve_beats_between_pushes() {
+    use latchkey::envoy::module::wire::{BEAT, SILENCE, ToModule, read_body};
+    let (stack, _upstream) = stack().await;
+    let socket = stack.dir.path().join(MODULE_SOCKET);
+    let mut channel = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    channel.set_read_timeout(Some(SILENCE)).unwrap();
+    let mut next = || {
+        let body = read_body(&mut channel).unwrap().expect("a frame");
+        serde_json::from_slice::<ToModule>(&body).unwrap()
+    };
+    assert!(matches!(next(), ToModule::Policy(_)));
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert!(matches!(next(), ToModule::Beat));
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= BEAT * 2 && took < BEAT * 5,
+        "three beats in {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn no_record_is_lost_when_envoy_stops() {
     let (mut stack, _upstream) = stack().await;

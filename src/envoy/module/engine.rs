@@ -31,7 +31,7 @@ use crate::dataplane::snapshot::{KeyChange, Policy};
 use crate::dataplane::spend::{LocalSpend, Spend};
 use crate::envoy::convert;
 use crate::envoy::module::outbox::{Deciding, Outbox};
-use crate::envoy::module::wire::{BUILD, Ending, Push, Record, ToModule, read_body};
+use crate::envoy::module::wire::{BUILD, Ending, Push, Record, SILENCE, ToModule, read_body};
 
 /// What the module does with a request.
 pub enum Verdict {
@@ -120,11 +120,6 @@ impl Engine {
         if token || mint::is_own(req.path) {
             return (Verdict::HandOn, None);
         }
-        // `serve` is not keeping up with the audit: ext_proc, which waits for it,
-        // decides until it does, rather than records piling up in Envoy.
-        if self.outbox.behind() {
-            return (Verdict::HandOn, None);
-        }
         // As ext_proc names it: Envoy's id, or a fresh one if the client's is unusable.
         let request_id = convert::request_id(req.headers);
         let view = RequestView {
@@ -152,6 +147,19 @@ impl Engine {
             || decision.guard.is_some();
         if elsewhere || waits {
             return (Verdict::HandOn, None);
+        }
+        // `serve` is not keeping up with the audit: ext_proc, which waits for it,
+        // decides until it does, rather than records piling up in Envoy. But not a
+        // request that counts against limits, which are counted here: `serve` would
+        // count it afresh on counters of its own, and an agent that flooded the audit
+        // would get its limits twice over. It is refused until `serve` catches up.
+        if self.outbox.behind() {
+            if decision.limits.is_empty() {
+                return (Verdict::HandOn, None);
+            }
+            if matches!(decision.outcome, Outcome::Forward(_)) {
+                decision.outcome = Outcome::Deny(Denial::BudgetUnavailable);
+            }
         }
         let asked = Asked {
             request_id: &request_id,
@@ -217,14 +225,14 @@ impl Engine {
         self.outbox.counts()
     }
 
-    fn stay_connected(&self, socket: &Path, log: Log) {
+    fn stay_connected(&'static self, socket: &Path, log: Log) {
         let mut said = false;
         loop {
-            match UnixStream::connect(socket).and_then(|s| owned_by_us(socket).map(|()| s)) {
+            match UnixStream::connect(socket).and_then(ours) {
                 Ok(stream) => {
                     said = false;
                     log(false, "connected to latchkey serve");
-                    if let Err(e) = self.converse(stream, log) {
+                    if let Err(e) = self.converse(stream, log, SILENCE) {
                         log(true, &format!("lost latchkey serve: {e}"));
                     }
                 }
@@ -242,8 +250,10 @@ impl Engine {
         }
     }
 
-    /// One connection: policies read here, records written by a thread of their own.
-    fn converse(&self, stream: UnixStream, log: Log) -> io::Result<()> {
+    /// One connection: policies read here, records written by a thread of their own,
+    /// until `serve` goes or says nothing for `silence`.
+    fn converse(&'static self, stream: UnixStream, log: Log, silence: Duration) -> io::Result<()> {
+        stream.set_read_timeout(Some(silence))?;
         let writer = stream.try_clone()?;
         // Until this `serve`'s first push names its build, nothing is sent: it might be
         // one that could not read the batches, and would lose them.
@@ -251,7 +261,7 @@ impl Engine {
         let closed = Arc::new(AtomicBool::new(false));
         let sending = {
             let closed = closed.clone();
-            let outbox: &'static Outbox = &Engine::global().outbox;
+            let outbox: &'static Outbox = &self.outbox;
             std::thread::Builder::new()
                 .name("latchkey-audit".into())
                 .spawn(move || outbox.send_until(writer, &closed))?
@@ -265,6 +275,17 @@ impl Engine {
                     }
                 }
                 Ok(None) => break Err(io::Error::other("latchkey serve closed the channel")),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break Err(io::Error::other(format!(
+                        "latchkey serve said nothing for {} s",
+                        silence.as_secs_f64()
+                    )));
+                }
                 Err(e) => break Err(e),
             }
         };
@@ -298,6 +319,8 @@ impl Engine {
                 self.put(loaded, version, log);
                 version
             }
+            // Nothing to take up, nothing to tell: the read it ends was the point.
+            Ok(ToModule::Beat) => return Ok(()),
             Ok(ToModule::Keys {
                 from,
                 version,
@@ -332,8 +355,16 @@ impl Engine {
                 let (build, version) = ToModule::foreign(body);
                 self.outbox.peer(false);
                 let build = build.unwrap_or_else(|| "unknown".to_owned());
+                // Where it could not be read, not what was there: serde's message quotes
+                // the value it met, and a push carries every secret of the policy.
+                let at = format!(
+                    "{:?} error at line {} column {}",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                );
                 self.refuse(
-                    &format!("a push from latchkey build {build}, not {BUILD}: {e}"),
+                    &format!("a push from latchkey build {build}, not {BUILD}: {at}"),
                     log,
                 );
                 // Dealt with, refused, if the push names its version.
@@ -391,17 +422,18 @@ impl Loaded {
     }
 }
 
-/// The socket is `serve`'s only if the user this process runs as owns it: another user
-/// on the host cannot stand in and push a policy.
-fn owned_by_us(socket: &Path) -> io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
+/// The peer is `serve`'s only if it runs as the user this process runs as: another user
+/// on the host cannot stand in and push a policy. Asked of the connection itself, not of
+/// the socket's file: a name swapped between a check of the file and the connect (a
+/// socket of another user's, then a link to a file of ours) would pass that check.
+fn ours(stream: UnixStream) -> io::Result<UnixStream> {
     let ours = crate::envoy::channel::own_uid()?;
-    let theirs = std::fs::metadata(socket)?.uid();
+    let theirs = latchkey_sys::peer_uid(&stream)?;
     if ours == theirs {
-        Ok(())
+        Ok(stream)
     } else {
         Err(io::Error::other(format!(
-            "the socket belongs to uid {theirs}, not {ours}"
+            "the socket's peer runs as uid {theirs}, not {ours}"
         )))
     }
 }
@@ -457,8 +489,10 @@ credentials:
     keys: [{ value: lk_agentKEY0000000000000001 }]
     limits: { requests_per_minute: 2 }
   - { name: reader, type: proxy, keys: [{ value: lk_readerKEY000000000000001 }] }
+  - { name: free, type: proxy, keys: [{ value: lk_freeKEY00000000000000001 }] }
 proxies:
   - { name: api, target: vendor, target_credential: vendor-key, proxy_credentials: [agent], default_effect: allow }
+  - { name: open, target: vendor, target_credential: vendor-key, proxy_credentials: [free], default_effect: allow }
   - { name: bodied, target: vendor, target_credential: vendor-key, proxy_credentials: [reader] }
 rules:
   - { proxy: api, id: no-admin, effect: deny, path: "^/admin" }
@@ -589,13 +623,16 @@ rules:
         }
         thread_local! { static SAID: std::cell::RefCell<Vec<String>> = Default::default(); }
         let engine = engine();
-        let older = br#"{"build":"0.0.9/wire-2","version":12,"stored":{}}"#;
+        // A value where this build expects another type: serde's message would quote it.
+        let older = br#"{"Policy":{"build":"0.0.9/wire-2","version":12,"shared_budgets":"sk_live_quoted"}}"#;
         engine.take(older, log).unwrap();
         assert_eq!(engine.version(), None, "nothing is decided by it");
         assert_eq!(engine.outbox.taken_up.load(Ordering::Acquire), 12);
         assert!(!engine.outbox.peer_ok.load(Ordering::Acquire));
         let said = SAID.with(|s| s.borrow().join("\n"));
         assert!(said.contains("from latchkey build 0.0.9/wire-2"), "{said}");
+        assert!(said.contains("error at line 1"), "{said}");
+        assert!(!said.contains("sk_live_quoted"), "{said}");
     }
 
     fn ask(
@@ -677,6 +714,119 @@ rules:
         assert_eq!(engine.outbox.deciding.load(Ordering::Acquire), 1);
         drop(pending);
         assert_eq!(engine.outbox.deciding.load(Ordering::Acquire), 0);
+    }
+
+    /// `serve` is told from another user by the connection's peer, not by the socket
+    /// file: a listener of another user's is refused even where its file is ours to name.
+    #[test]
+    fn a_peer_of_another_user_is_not_serve() {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(ours(a).is_ok());
+        if crate::envoy::channel::own_uid().unwrap() != 0 {
+            eprintln!("skipped the other user's listener: only root can run one");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o777),
+        )
+        .unwrap();
+        let path = dir.path().join("module.sock");
+        let listen = "import socket, sys, time\n\
+            s = socket.socket(socket.AF_UNIX)\n\
+            s.bind(sys.argv[1]); s.listen(1); print('ready', flush=True)\n\
+            c, _ = s.accept(); time.sleep(10)\n";
+        let mut other = std::process::Command::new("python3")
+            .args(["-c", listen])
+            .arg(&path)
+            .uid(65534)
+            .gid(65534)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(other.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        let refused = UnixStream::connect(&path).and_then(ours);
+        let _ = other.kill();
+        let _ = other.wait();
+        let error = refused.expect_err("refused").to_string();
+        assert!(error.contains("uid 65534"), "{error}");
+    }
+
+    /// Behind on the audit, a request that counts against limits is refused rather
+    /// than handed on to `serve`, which would count it on counters of its own.
+    #[test]
+    fn behind_on_the_audit_limited_requests_are_refused_not_counted_twice() {
+        let engine = engine();
+        (engine.outbox.queued).store(crate::envoy::module::outbox::HIGH_WATER, Ordering::Release);
+        let (Verdict::Deny { status, body, .. }, Some(pending)) =
+            ask(engine, "/api/v1/x", AGENT, false)
+        else {
+            panic!("refused")
+        };
+        assert_eq!(status, 503);
+        assert!(
+            String::from_utf8(body)
+                .unwrap()
+                .contains("budget_unavailable")
+        );
+        assert_eq!(pending.record.decision, "budget_unavailable");
+        // A rule's denial stays the rule's; nothing was counted for either.
+        let (Verdict::Deny { status, .. }, Some(_)) = ask(engine, "/api/admin", AGENT, false)
+        else {
+            panic!("denied")
+        };
+        assert_eq!(status, 403);
+        // Without limits there is nothing to count twice: `serve` decides.
+        let free = "lk_freeKEY00000000000000001";
+        assert!(matches!(
+            ask(engine, "/open/v1/x", free, false),
+            (Verdict::HandOn, None)
+        ));
+        // Caught up: decided here again, and both requests of the limit of 2 are still
+        // there.
+        engine.outbox.queued.store(0, Ordering::Release);
+        assert!(matches!(
+            ask(engine, "/open/v1/x", free, false).0,
+            Verdict::Forward { .. }
+        ));
+        for _ in 0..2 {
+            assert!(matches!(
+                ask(engine, "/api/v1/x", AGENT, false).0,
+                Verdict::Forward { .. }
+            ));
+        }
+    }
+
+    /// A `serve` that keeps the socket open and says nothing (hung, or stuck making a
+    /// push) is taken for gone: its last policy stops being decided by.
+    #[test]
+    fn a_serve_that_goes_quiet_is_taken_for_hung() {
+        use std::io::Write;
+        fn quiet(_: bool, _: &str) {}
+        let engine: &'static Engine = Box::leak(Box::new(Engine::new()));
+        let (module, mut serve) = UnixStream::pair().unwrap();
+        let silence = Duration::from_millis(300);
+        let conversing = std::thread::spawn(move || engine.converse(module, quiet, silence));
+        let policy = frame(&ToModule::Policy(Box::new(push()))).unwrap();
+        serve.write_all(&policy).unwrap();
+        // Beats, more than `silence` in all, keep it in force.
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(100));
+            serve.write_all(&frame(&ToModule::Beat).unwrap()).unwrap();
+        }
+        assert_eq!(engine.version(), Some(7));
+        assert_eq!(engine.outbox.taken_up.load(Ordering::Acquire), 7);
+        let ended = conversing.join().unwrap().unwrap_err().to_string();
+        assert!(ended.contains("said nothing for 0.3 s"), "{ended}");
+        assert_eq!(engine.version(), None);
+        drop(serve);
     }
 
     #[test]

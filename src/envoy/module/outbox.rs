@@ -41,7 +41,7 @@ pub(super) struct Outbox {
     told: AtomicI64,
     /// Requests decided whose records are not queued yet.
     pub(super) deciding: AtomicU64,
-    queued: AtomicU64,
+    pub(super) queued: AtomicU64,
     sent: AtomicU64,
     dropped: AtomicU64,
 }
@@ -58,7 +58,7 @@ const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const MAX_QUEUED: usize = 1_000_000;
 /// Records waiting for `serve` past which requests go to ext_proc (which waits for the
 /// audit) instead of being decided here.
-const HIGH_WATER: u64 = 100_000;
+pub(super) const HIGH_WATER: u64 = 100_000;
 /// How long a closing channel waits for requests still being answered.
 const LINGER: Duration = Duration::from_secs(3);
 

@@ -8,6 +8,7 @@
 //! named the same [`BUILD`].
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -30,7 +31,16 @@ pub const BATCH_RECORDS: usize = 1024;
 
 /// What both sides must have been built from to talk: a module of another latchkey
 /// could read a policy without the parts it does not know, and decide by less.
-pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "/wire-3");
+pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "/wire-4");
+
+/// How often `serve` tells a connected module it is there, between pushes.
+pub const BEAT: Duration = Duration::from_secs(1);
+
+/// How long a module hears nothing from `serve` (no push, no change, no beat) before
+/// it takes `serve` for hung and stops deciding: a `serve` stuck with the socket open
+/// would otherwise leave its last policy in force, revoked keys and all, while the
+/// store and the other replicas moved on.
+pub const SILENCE: Duration = Duration::from_secs(10);
 
 /// `serve` to the module.
 #[derive(Serialize, Deserialize)]
@@ -46,6 +56,8 @@ pub enum ToModule {
         version: i64,
         changes: Vec<KeyChange>,
     },
+    /// Nothing new: `serve` is there ([`BEAT`]).
+    Beat,
 }
 
 impl ToModule {
