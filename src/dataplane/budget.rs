@@ -265,6 +265,32 @@ impl LocalBudgets {
         }
     }
 
+    /// The limits in use (those a request counted against lately): each one's
+    /// theoretical arrival time, in µs since the Unix epoch, which another process on
+    /// the host reads alike.
+    fn in_use(&self) -> Vec<(Arc<str>, u64)> {
+        let now = self.clock.now_ms() * 1000;
+        let tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
+        (tats.by_key.iter())
+            .filter(|(_, tat)| **tat > now)
+            .map(|(key, tat)| (key.clone(), *tat))
+            .collect()
+    }
+
+    /// Takes up counts made elsewhere: each limit's is the later of its own and the one
+    /// given, so nothing counted here is forgotten.
+    fn take_up(&self, counts: &[(String, u64)]) {
+        let now = self.clock.now_ms() * 1000;
+        let mut tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
+        for (key, tat) in counts.iter().filter(|(_, tat)| *tat > now) {
+            let own = tats.get(key);
+            if own.is_some_and(|own| own >= *tat) || (own.is_none() && !tats.room(1, now)) {
+                continue;
+            }
+            tats.set(&Arc::from(key.as_str()), *tat);
+        }
+    }
+
     /// Whether a request of this fingerprint is new (then remembered for `window_ms`),
     /// rather than a repeat within the window. One at a time per fingerprint.
     fn first_seen(&self, fingerprint: [u8; 32], window_ms: u64) -> bool {
@@ -499,6 +525,34 @@ impl Budgets {
         matches!(self, Budgets::Local(_))
     }
 
+    /// Counts a request admitted elsewhere (by the in-process module) against `limits`,
+    /// so that what this process decides of the same limits, and what it tells a
+    /// module that connects, follow it. In a shared store there is nothing to do: a
+    /// proxy with limits is never decided in a module then.
+    pub fn count(&self, limits: &[Limit]) {
+        if let Budgets::Local(local) = self {
+            local.charge(limits, 1);
+        }
+    }
+
+    /// The counts of the limits in use (`LocalBudgets`; none in a shared store), for a
+    /// module that connects: an Envoy restarted does not start its limits afresh.
+    pub fn in_use(&self) -> Vec<(String, u64)> {
+        match self {
+            Budgets::Local(local) => (local.in_use().into_iter())
+                .map(|(key, tat)| (key.to_string(), tat))
+                .collect(),
+            Budgets::Redis(_) => Vec::new(),
+        }
+    }
+
+    /// Takes up counts another process made ([`Budgets::in_use`]).
+    pub fn take_up(&self, counts: &[(String, u64)]) {
+        if let Budgets::Local(local) = self {
+            local.take_up(counts);
+        }
+    }
+
     /// Admits a request, and with `retriable` (its id: Envoy may retry it) remembers its
     /// limits so its retries count against them too ([`Budgets::charge_retries`]). No
     /// round trip more than [`Budgets::admit`].
@@ -590,6 +644,38 @@ mod tests {
             key: key.into(),
             rate,
         }
+    }
+
+    /// What one process counted, another takes up: a module in an Envoy restarted
+    /// starts from `serve`'s counts, and counts of its own are never lowered by them.
+    #[test]
+    fn counts_made_elsewhere_are_taken_up_never_lowered() {
+        let clock = Arc::new(FakeClock(AtomicU64::new(1_700_000_000_000)));
+        let serve = Budgets::Local(LocalBudgets::new(clock.clone()));
+        let module = Budgets::Local(LocalBudgets::new(clock.clone()));
+        let Budgets::Local(deciding) = &module else {
+            unreachable!()
+        };
+        let limits = [limit("c:agent:rpm", Rate::per_minute(3))];
+        for _ in 0..3 {
+            serve.count(&limits);
+        }
+        module.take_up(&serve.in_use());
+        assert!(matches!(deciding.admit(&limits), Admission::Refused { .. }));
+        // A limit used up long ago: nothing in use to give.
+        clock.advance(60_000);
+        assert!(serve.in_use().is_empty());
+        // Its own count stands against an earlier one taken up; a later one wins.
+        assert!(matches!(
+            deciding.admit(&limits),
+            Admission::Admitted { .. }
+        ));
+        let own = module.in_use();
+        let (key, tat) = own[0].clone();
+        module.take_up(&[(key.clone(), tat - 1)]);
+        assert_eq!(module.in_use(), own);
+        module.take_up(&[(key, tat + 60_000_000)]);
+        assert!(matches!(deciding.admit(&limits), Admission::Refused { .. }));
     }
 
     #[test]

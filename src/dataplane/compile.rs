@@ -152,6 +152,10 @@ impl Compiled {
                 .iter()
                 .map(|(id, i)| (Box::from(*id), *i))
                 .collect(),
+            credential_index: (credentials.names.iter())
+                .enumerate()
+                .map(|(i, name)| (name.clone(), i as u32))
+                .collect(),
             credentials: credentials.names,
             credential_rules,
             credential_limits: credentials.limits,

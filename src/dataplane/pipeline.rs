@@ -384,12 +384,11 @@ fn run(
             if !proxy.bound.contains(&index) {
                 return Err(Denial::NotBound(proxy.name.clone()));
             }
-            limits.extend_from_slice(policy.credential_limits(index));
             policy.credential_rules(index)
         }
         None => &no_rules,
     };
-    limits.extend_from_slice(&proxy.limits);
+    limits.extend(policy.request_limits(proxy, credential).cloned());
     // Per credential, not per key: a fresh run key must not bring fresh counts.
     if let Some(tool) = tool {
         let caller = subject.credential.as_deref().unwrap_or("anyone");

@@ -555,6 +555,8 @@ pub struct Policy {
 pub(super) struct Compiled {
     pub(super) proxies: foldhash::HashMap<Box<str>, Proxy>,
     pub(super) credentials: Vec<Arc<str>>,
+    /// Each proxy credential's index by its name.
+    pub(super) credential_index: foldhash::HashMap<Arc<str>, u32>,
     /// Each proxy credential's index by its store id, for the key table.
     pub(super) credential_ids: HashMap<Box<str>, u32>,
     /// Each proxy credential's own rules, by credential index.
@@ -684,11 +686,7 @@ impl Policy {
     }
 
     pub fn credential_index(&self, name: &str) -> Option<u32> {
-        self.compiled
-            .credentials
-            .iter()
-            .position(|c| c.as_ref() == name)
-            .map(|i| i as u32)
+        self.compiled.credential_index.get(name).copied()
     }
 
     pub fn credential_rules(&self, index: u32) -> &RuleList {
@@ -697,6 +695,17 @@ impl Policy {
 
     pub fn credential_limits(&self, index: u32) -> &[Limit] {
         &self.compiled.credential_limits[index as usize]
+    }
+
+    /// The request limits a request through `proxy` counts against: its credential's
+    /// (by index), then the proxy's. (On MCP proxies a tool's come on top.)
+    pub fn request_limits<'a>(
+        &'a self,
+        proxy: &'a Proxy,
+        credential: Option<u32>,
+    ) -> impl Iterator<Item = &'a Limit> {
+        let credential = credential.map_or(&[][..], |index| self.credential_limits(index));
+        credential.iter().chain(proxy.limits.iter())
     }
 
     pub fn credential_caps(&self, index: u32) -> &Caps {

@@ -16,11 +16,13 @@ use zeroize::Zeroizing;
 
 use crate::base::crypto::MasterKey;
 use crate::control::sync::PolicySync;
+use crate::dataplane::budget::Limit;
+use crate::dataplane::denial::Kind;
 use crate::dataplane::shared::{PROPAGATION, Shared};
 use crate::dataplane::snapshot::KeyChange;
 use crate::envoy::module::wire::{BEAT, BUILD, Batch, MAX_BATCH_FRAME, Push, ToModule, frame};
 use crate::store::Store;
-use crate::telemetry::audit::Event;
+use crate::telemetry::audit::{Decided, Event};
 
 /// What a module's connection needs of the server.
 #[derive(Clone)]
@@ -354,6 +356,7 @@ async fn push(feed: &Feed, version: i64) -> anyhow::Result<Push> {
             .map(|(source, value)| (source.clone(), value.clone()))
             .collect(),
         server_generation: server.generation,
+        counts: feed.shared.budgets.in_use(),
     })
 }
 
@@ -365,6 +368,9 @@ async fn store(shared: &Shared, batch: Batch) {
             continue;
         };
         let proxy = decided.proxy.clone().unwrap_or_default();
+        if decided.decision == Kind::Allow.as_str() {
+            count(shared, &decided);
+        }
         shared.metrics.record(&proxy, decided.decision);
         if decided.near_cap {
             shared.metrics.record_near_cap(&proxy);
@@ -376,6 +382,22 @@ async fn store(shared: &Shared, batch: Batch) {
             shared.metrics.record_response(completed.status);
             shared.audit.record(Event::Completed(completed)).await;
         }
+    }
+}
+
+/// A request a module let through counts here too, against the limits the policy in
+/// force gives it: what this replica decides of the same limits (whatever the module
+/// hands on) and what it tells a module that connects (one in an Envoy restarted)
+/// follow it.
+fn count(shared: &Shared, decided: &Decided) {
+    let policy = shared.policy.load();
+    let Some(proxy) = decided.proxy.as_deref().and_then(|name| policy.proxy(name)) else {
+        return;
+    };
+    let credential = (decided.credential.as_deref()).and_then(|name| policy.credential_index(name));
+    let limits: Vec<Limit> = policy.request_limits(proxy, credential).cloned().collect();
+    if !limits.is_empty() {
+        shared.budgets.count(&limits);
     }
 }
 

@@ -279,6 +279,34 @@ async fn a_module_that_never_answers_holds_up_nothing_and_is_pushed_less_often()
     a_change_holds(&stack).await;
 }
 
+/// An agent that used up its limit gets no fresh one by having Envoy restarted (its
+/// admin port is on the loopback the agent reaches Envoy on): `serve` counted what the
+/// module let through, from its records, and the module starts from those counts.
+#[tokio::test]
+async fn an_envoy_restart_starts_no_limit_afresh() {
+    let (mut stack, _upstream) = stack().await;
+    for _ in 0..6 {
+        assert_eq!(get(&stack, "/plain/v1/a", KEY).await.status(), 200);
+    }
+    let (status, kind, _) = denial(get(&stack, "/plain/v1/a", KEY).await).await;
+    assert_eq!((status, kind.as_str()), (429, "rate_limited"));
+    assert_eq!(stack.envoy_counter(EXT_PROC).await, 0, "decided in process");
+    // The records reach `serve` (every 50 ms), then Envoy goes.
+    records_until(&stack, 7).await;
+    stack.restart_envoy().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stack.log("envoy").contains("in force") {
+        assert!(
+            Instant::now() < deadline,
+            "no policy in the restarted Envoy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, kind, _) = denial(get(&stack, "/plain/v1/a", KEY).await).await;
+    assert_eq!((status, kind.as_str()), (429, "rate_limited"));
+    assert_eq!(stack.envoy_counter(EXT_PROC).await, 0, "decided in process");
+}
+
 /// Between pushes `serve` says it is there: a module that hears nothing for
 /// `SILENCE` takes `serve` for hung and stops deciding by its last policy.
 #[tokio::test]

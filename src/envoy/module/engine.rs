@@ -312,6 +312,11 @@ impl Engine {
             Ok(ToModule::Policy(push)) => {
                 let version = push.version;
                 self.outbox.peer(push.build == BUILD);
+                // Before anything is decided by it: the limits `serve` counted, this
+                // module's among them, are not started afresh by an Envoy restarted.
+                if push.build == BUILD {
+                    self.budgets.take_up(&push.counts);
+                }
                 // A panic compiling must not end the channel with the old policy still in
                 // force.
                 let loaded = std::panic::catch_unwind(move || load(*push))
@@ -511,6 +516,7 @@ rules:
             stored: memory::stored(POLICY, &master).unwrap(),
             server: Vec::new(),
             server_generation: 0,
+            counts: Vec::new(),
         };
         let bytes = frame(&push).unwrap();
         read_frame(&mut &bytes[..]).unwrap().unwrap()

@@ -91,6 +91,10 @@ pub struct Push {
     /// The secrets `serve` reads itself, as it read them.
     pub server: Vec<(ServerSource, Result<Zeroizing<String>, String>)>,
     pub server_generation: u64,
+    /// The rate limits in use and their counts as `serve` has them (it counts what the
+    /// modules decide, from their records): a module in an Envoy just restarted takes
+    /// them up rather than start every limit afresh.
+    pub counts: Vec<(String, u64)>,
 }
 
 /// The module to `serve`: requests it decided, and the policy version it has taken up

@@ -206,6 +206,12 @@ impl Stack {
         child.wait().unwrap()
     }
 
+    /// Stops Envoy (SIGTERM) and starts it again with the same config.
+    pub async fn restart_envoy(&mut self) {
+        self.stop_envoy();
+        self.start_envoy(|config| config).await;
+    }
+
     /// One of Envoy's counters. A name Envoy does not have fails the test, so a renamed
     /// counter cannot read as a reassuring 0.
     pub async fn envoy_counter(&self, name: &str) -> u64 {
