@@ -253,7 +253,12 @@ impl LocalBudgets {
     /// Counts `attempts` more requests against each limit, admitted or not: the retries
     /// Envoy made happened. A limit in debt refuses until it is paid off.
     fn charge(&self, limits: &[Limit], attempts: u32) {
-        let now = self.clock.now_ms() * 1000;
+        self.charge_at(limits, attempts, self.clock.now_ms());
+    }
+
+    /// As [`LocalBudgets::charge`], for requests made at `at_ms`.
+    fn charge_at(&self, limits: &[Limit], attempts: u32, at_ms: u64) {
+        let now = at_ms * 1000;
         // A poisoned map still holds valid timestamps.
         let mut tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
         for limit in limits {
@@ -525,13 +530,14 @@ impl Budgets {
         matches!(self, Budgets::Local(_))
     }
 
-    /// Counts a request admitted elsewhere (by the in-process module) against `limits`,
+    /// Counts a request admitted elsewhere (by the in-process module) at `decided_ms`
+    /// against `limits`,
     /// so that what this process decides of the same limits, and what it tells a
     /// module that connects, follow it. In a shared store there is nothing to do: a
     /// proxy with limits is never decided in a module then.
-    pub fn count(&self, limits: &[Limit]) {
+    pub fn count(&self, limits: &[Limit], decided_ms: i64) {
         if let Budgets::Local(local) = self {
-            local.charge(limits, 1);
+            local.charge_at(limits, 1, decided_ms.max(0) as u64);
         }
     }
 
@@ -657,8 +663,9 @@ mod tests {
             unreachable!()
         };
         let limits = [limit("c:agent:rpm", Rate::per_minute(3))];
+        let now = 1_700_000_000_000;
         for _ in 0..3 {
-            serve.count(&limits);
+            serve.count(&limits, now);
         }
         module.take_up(&serve.in_use());
         assert!(matches!(deciding.admit(&limits), Admission::Refused { .. }));
@@ -676,6 +683,13 @@ mod tests {
         assert_eq!(module.in_use(), own);
         module.take_up(&[(key, tat + 60_000_000)]);
         assert!(matches!(deciding.admit(&limits), Admission::Refused { .. }));
+        // Counted when it was decided, not when its record came: a request decided a
+        // minute ago holds no limit now.
+        let later = Budgets::Local(LocalBudgets::new(clock.clone()));
+        later.count(&limits, clock.now_ms() as i64 - 60_000);
+        assert!(later.in_use().is_empty());
+        later.count(&limits, clock.now_ms() as i64);
+        assert_eq!(later.in_use().len(), 1);
     }
 
     #[test]

@@ -41,7 +41,9 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// before its next, doubling each time up to [`MAX_BACKOFF`]: a whole policy is not
 /// loaded and sealed again for it five times a second.
 const BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Under [`SILENCE`](crate::envoy::module::wire::SILENCE): a module waiting longer for
+/// its push would take this side for hung, hang up, and wait longer the next time.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The processes whose modules went without taking up a push, by pid: how many times in
 /// a row.
@@ -282,7 +284,9 @@ async fn converse(
                         tell_held = true;
                         false
                     }
-                    _ = beat.tick() => true,
+                    // Only to a module that answered: one of an older build cannot read a
+                    // beat, and would log it as a refused push every second.
+                    _ = beat.tick() => heard.load(Ordering::Acquire),
                     _ = stopping.wait_for(|s| *s) => break true,
                 };
                 if beat_now {
@@ -397,7 +401,10 @@ fn count(shared: &Shared, decided: &Decided) {
     let credential = (decided.credential.as_deref()).and_then(|name| policy.credential_index(name));
     let limits: Vec<Limit> = policy.request_limits(proxy, credential).cloned().collect();
     if !limits.is_empty() {
-        shared.budgets.count(&limits);
+        // When it was decided, not when its record came (at the request's end, in a
+        // batch): counted later, a long request would hold the limit longer here than
+        // in the module, and a push would hand that on.
+        shared.budgets.count(&limits, decided.time_ms);
     }
 }
 

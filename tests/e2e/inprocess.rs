@@ -284,7 +284,10 @@ async fn a_module_that_never_answers_holds_up_nothing_and_is_pushed_less_often()
 /// module let through, from its records, and the module starts from those counts.
 #[tokio::test]
 async fn an_envoy_restart_starts_no_limit_afresh() {
-    let (mut stack, _upstream) = stack().await;
+    let (mut stack, upstream) = stack().await;
+    // Six a day: no request comes free again while Envoy restarts, however slowly.
+    let daily = policy(&upstream.url()).replace("requests_per_minute: 6", "requests_per_day: 6");
+    stack.apply(&daily, &[("KEY", KEY), ("SECRET", SECRET)]);
     for _ in 0..6 {
         assert_eq!(get(&stack, "/plain/v1/a", KEY).await.status(), 200);
     }
@@ -311,16 +314,24 @@ async fn an_envoy_restart_starts_no_limit_afresh() {
 /// `SILENCE` takes `serve` for hung and stops deciding by its last policy.
 #[tokio::test]
 async fn serve_beats_between_pushes() {
-    use latchkey::envoy::module::wire::{BEAT, SILENCE, ToModule, read_body};
+    use latchkey::envoy::module::wire::{BEAT, Batch, SILENCE, ToModule, read_body};
+    use std::io::Write;
     let (stack, _upstream) = stack().await;
     let socket = stack.dir.path().join(MODULE_SOCKET);
     let mut channel = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     channel.set_read_timeout(Some(SILENCE)).unwrap();
+    let mut answering = channel.try_clone().unwrap();
     let mut next = || {
         let body = read_body(&mut channel).unwrap().expect("a frame");
         serde_json::from_slice::<ToModule>(&body).unwrap()
     };
     assert!(matches!(next(), ToModule::Policy(_)));
+    // Beats go to a module that answered: this build's says at once what it has.
+    let hello = Batch {
+        records: Vec::new(),
+        version: Some(-1),
+    };
+    answering.write_all(&hello.frame()).unwrap();
     let started = Instant::now();
     for _ in 0..3 {
         assert!(matches!(next(), ToModule::Beat));
