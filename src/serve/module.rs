@@ -255,8 +255,11 @@ async fn converse(
                     )
                 }
                 ToModule::Policy(_) => tracing::info!(version, "module channel: policy pushed"),
-                ToModule::Beat => {}
+                ToModule::Beat | ToModule::Counts(_) => {}
             }
+            // Once the module has compiled a whole policy, the counts this side made while
+            // it did (deciding what it handed on meanwhile) go to it with a beat.
+            let mut recount = matches!(message, ToModule::Policy(_));
             sent = Some(version);
             // Until the next version: the quarantines held here (the store did not take
             // them) go on the version just sent. A push has them already; sent again
@@ -290,7 +293,14 @@ async fn converse(
                     _ = stopping.wait_for(|s| *s) => break true,
                 };
                 if beat_now {
-                    write.write_all(&frame(&ToModule::Beat)?).await?;
+                    let compiled = feed.shared.modules.borrow().get(&id) == Some(&version);
+                    let message = if recount && compiled {
+                        recount = false;
+                        ToModule::Counts(feed.shared.budgets.in_use())
+                    } else {
+                        ToModule::Beat
+                    };
+                    write.write_all(&frame(&message)?).await?;
                 }
             };
             if stop {

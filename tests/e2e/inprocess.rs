@@ -325,7 +325,9 @@ async fn serve_beats_between_pushes() {
         let body = read_body(&mut channel).unwrap().expect("a frame");
         serde_json::from_slice::<ToModule>(&body).unwrap()
     };
-    assert!(matches!(next(), ToModule::Policy(_)));
+    let ToModule::Policy(push) = next() else {
+        panic!("a push first")
+    };
     // Beats go to a module that answered: this build's says at once what it has.
     let hello = Batch {
         records: Vec::new(),
@@ -340,6 +342,20 @@ async fn serve_beats_between_pushes() {
     assert!(
         took >= BEAT * 2 && took < BEAT * 5,
         "three beats in {took:?}"
+    );
+    // Compiled: `serve`'s counts come once, in place of the next beat.
+    let compiled = Batch {
+        records: Vec::new(),
+        version: Some(push.version),
+    };
+    answering.write_all(&compiled.frame()).unwrap();
+    // (The first may be a beat already on its way.)
+    let counts: Vec<bool> = (0..3)
+        .map(|_| matches!(next(), ToModule::Counts(_)))
+        .collect();
+    assert!(
+        counts == [true, false, false] || counts == [false, true, false],
+        "counts among the next frames: {counts:?}"
     );
 }
 

@@ -331,6 +331,11 @@ impl Engine {
             }
             // Nothing to take up, nothing to tell: the read it ends was the point.
             Ok(ToModule::Beat) => return Ok(()),
+            // Counts `serve` made while this module compiled; a beat too.
+            Ok(ToModule::Counts(counts)) => {
+                self.budgets.take_up(&counts);
+                return Ok(());
+            }
             Ok(ToModule::Keys {
                 from,
                 version,
@@ -856,6 +861,29 @@ rules:
             seen.ends_with(&[None, Some(8)]) && seen.len() <= 3,
             "{seen:?}"
         );
+    }
+
+    /// Counts `serve` made while a whole policy compiled here are taken up after it.
+    #[test]
+    fn counts_serve_sends_after_a_compile_are_taken_up() {
+        fn quiet(_: bool, _: &str) {}
+        let engine = engine();
+        assert!(matches!(
+            ask(engine, "/api/v1/x", AGENT, false).0,
+            Verdict::Forward { .. }
+        ));
+        let counts: Vec<(String, u64)> = (engine.budgets.in_use().into_iter())
+            .map(|(key, tat)| (key, tat + 600_000_000))
+            .collect();
+        assert_eq!(counts.len(), 1);
+        engine
+            .take(&body(&ToModule::Counts(counts)), quiet)
+            .unwrap();
+        let (Verdict::Deny { status, .. }, _) = ask(engine, "/api/v1/x", AGENT, false) else {
+            panic!("limited")
+        };
+        assert_eq!(status, 429);
+        assert_eq!(engine.version(), Some(7), "a beat, nothing else");
     }
 
     /// A `serve` that keeps the socket open and says nothing (hung, or stuck making a

@@ -58,6 +58,10 @@ pub enum ToModule {
     },
     /// Nothing new: `serve` is there ([`BEAT`]).
     Beat,
+    /// `serve`'s rate-limit counts, sent once more when a module says it has compiled a
+    /// whole policy: while it compiled, `serve` decided, and counted, what it handed on.
+    /// In place of a beat.
+    Counts(Vec<(String, u64)>),
 }
 
 impl ToModule {
