@@ -257,7 +257,12 @@ impl LocalBudgets {
     }
 
     /// As [`LocalBudgets::charge`], for requests made at `at_ms`.
-    fn charge_at(&self, limits: &[Limit], attempts: u32, at_ms: u64) {
+    fn charge_at<'a>(
+        &self,
+        limits: impl IntoIterator<Item = &'a Limit>,
+        attempts: u32,
+        at_ms: u64,
+    ) {
         let now = at_ms * 1000;
         // A poisoned map still holds valid timestamps.
         let mut tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
@@ -273,12 +278,12 @@ impl LocalBudgets {
     /// The limits in use (those a request counted against lately): each one's
     /// theoretical arrival time, in µs since the Unix epoch, which another process on
     /// the host reads alike.
-    fn in_use(&self) -> Vec<(Arc<str>, u64)> {
+    fn in_use(&self) -> Vec<(String, u64)> {
         let now = self.clock.now_ms() * 1000;
         let tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
         (tats.by_key.iter())
             .filter(|(_, tat)| **tat > now)
-            .map(|(key, tat)| (key.clone(), *tat))
+            .map(|(key, tat)| (key.to_string(), *tat))
             .collect()
     }
 
@@ -531,11 +536,10 @@ impl Budgets {
     }
 
     /// Counts a request admitted elsewhere (by the in-process module) at `decided_ms`
-    /// against `limits`,
-    /// so that what this process decides of the same limits, and what it tells a
-    /// module that connects, follow it. In a shared store there is nothing to do: a
-    /// proxy with limits is never decided in a module then.
-    pub fn count(&self, limits: &[Limit], decided_ms: i64) {
+    /// against `limits`, so that what this process decides of the same limits, and
+    /// what it tells a module that connects, follow it. In a shared store there is
+    /// nothing to do: a proxy with limits is never decided in a module then.
+    pub fn count<'a>(&self, limits: impl IntoIterator<Item = &'a Limit>, decided_ms: i64) {
         if let Budgets::Local(local) = self {
             local.charge_at(limits, 1, decided_ms.max(0) as u64);
         }
@@ -545,9 +549,7 @@ impl Budgets {
     /// module that connects: an Envoy restarted does not start its limits afresh.
     pub fn in_use(&self) -> Vec<(String, u64)> {
         match self {
-            Budgets::Local(local) => (local.in_use().into_iter())
-                .map(|(key, tat)| (key.to_string(), tat))
-                .collect(),
+            Budgets::Local(local) => local.in_use(),
             Budgets::Redis(_) => Vec::new(),
         }
     }

@@ -16,7 +16,6 @@ use zeroize::Zeroizing;
 
 use crate::base::crypto::MasterKey;
 use crate::control::sync::PolicySync;
-use crate::dataplane::budget::Limit;
 use crate::dataplane::denial::Kind;
 use crate::dataplane::shared::{PROPAGATION, Shared};
 use crate::dataplane::snapshot::KeyChange;
@@ -409,12 +408,12 @@ fn count(shared: &Shared, decided: &Decided) {
         return;
     };
     let credential = (decided.credential.as_deref()).and_then(|name| policy.credential_index(name));
-    let limits: Vec<Limit> = policy.request_limits(proxy, credential).cloned().collect();
-    if !limits.is_empty() {
-        // When it was decided, not when its record came (at the request's end, in a
-        // batch): counted later, a long request would hold the limit longer here than
-        // in the module, and a push would hand that on.
-        shared.budgets.count(&limits, decided.time_ms);
+    // When it was decided, not when its record came (at the request's end, in a
+    // batch): counted later, a long request would hold the limit longer here than in
+    // the module, and a push would hand that on.
+    let mut limits = policy.request_limits(proxy, credential).peekable();
+    if limits.peek().is_some() {
+        shared.budgets.count(limits, decided.time_ms);
     }
 }
 
