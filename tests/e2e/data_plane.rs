@@ -864,3 +864,68 @@ proxies:
     assert_eq!(get("host"), Some(format!("localhost:{port}")));
     assert!(!lines.contains(AGENT_KEY));
 }
+
+/// Targets are named by host name, which Envoy resolves itself on first use. One whose
+/// name does not resolve is answered 503: nothing reaches any vendor, the answer holds
+/// no secret, and the audit records the 503.
+#[tokio::test]
+async fn targets_are_resolved_by_name_and_one_that_does_not_resolve_is_503() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    let port = upstream.url().rsplit(':').next().unwrap().to_owned();
+    let policy = format!(
+        r#"
+targets:
+  - {{ name: named, url: "http://localhost:{port}/api" }}
+  - {{ name: nowhere, url: "http://nothing.invalid:{port}/api" }}
+credentials:
+  - {{ name: vendor, type: target, auth: bearer, secret: {{ env: BEARER_SECRET }} }}
+  - {{ name: agent, type: proxy, keys: [{{ env: AGENT_KEY }}] }}
+proxies:
+  - {{ name: named, target: named, target_credential: vendor, proxy_credentials: [agent], default_effect: allow }}
+  - {{ name: nowhere, target: nowhere, target_credential: vendor, proxy_credentials: [agent], default_effect: allow }}
+"#
+    );
+    stack.apply(&policy, &secrets());
+    let http = client();
+    let ask = |path: &'static str| {
+        http.get(stack.url(path))
+            .header("x-api-key", AGENT_KEY)
+            .send()
+    };
+    for _ in 0..2 {
+        let response = ask("/named/v1/items").await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let seen = upstream.take();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].uri, "/api/v1/items");
+    assert_eq!(seen[0].header("host"), Some(&*format!("localhost:{port}")));
+    assert_eq!(
+        seen[0].header("authorization"),
+        Some(&*format!("Bearer {BEARER_SECRET}"))
+    );
+    // Twice: the first waits on the failed lookup, the second meets the cached failure.
+    for _ in 0..2 {
+        let response = ask("/nowhere/v1/items").await.unwrap();
+        assert_eq!(response.status(), 503);
+        let headers = format!("{:?}", response.headers());
+        let body = response.text().await.unwrap();
+        assert!(!body.contains(BEARER_SECRET) && !headers.contains(BEARER_SECRET));
+        assert!(!body.contains(AGENT_KEY), "{body}");
+    }
+    assert_eq!(upstream.count(), 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let records = stack.records().await;
+        let failed = records
+            .iter()
+            .filter(|r| r.proxy.as_deref() == Some("nowhere") && r.status == Some(503))
+            .count();
+        if failed == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{records:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
