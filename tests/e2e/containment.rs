@@ -815,3 +815,68 @@ async fn a_request_latchkey_never_allowed_goes_nowhere() {
     stack.apply(&policy(&upstream.url()), &ENV);
     common::goes_nowhere(&stack, &upstream).await;
 }
+
+/// An agent on Envoy's host reaches its admin port on the loopback as it reaches the
+/// listener. What would stop Envoy, drain or fail it, change its runtime flags, dump its
+/// config or turn on the logs that print each upstream request's credential is refused;
+/// what reads Envoy's state still answers. Envoy keeps serving, and its log holds no
+/// secret.
+#[tokio::test]
+async fn envoys_admin_port_refuses_what_an_agent_could_misuse() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&policy(&upstream.url()), &ENV);
+    let admin = |path: &str| format!("http://127.0.0.1:{}{path}", stack.envoy_admin_port);
+    let http = client();
+    for path in [
+        "/logging?level=debug",
+        "/logging?paths=router:trace,http:trace",
+        "/runtime_modify?envoy.reloadable_features.dfp_cluster_resolves_hosts=false",
+        "/quitquitquit",
+        "/drain_listeners",
+        "/healthcheck/fail",
+        "/config_dump",
+        "/reset_counters",
+        "/heap_dump",
+        "/cpuprofiler?enable=y",
+        "/tap",
+        "/READY",
+        "/ready/../quitquitquit",
+        "/stats/../quitquitquit",
+        "/stats/prometheus/../../quitquitquit",
+        "/%71uitquitquit",
+    ] {
+        for post in [true, false] {
+            let request = if post {
+                http.post(admin(path))
+            } else {
+                http.get(admin(path))
+            };
+            let status = request.send().await.unwrap().status();
+            assert!(status == 403 || status == 404, "{path}: {status}");
+        }
+    }
+    for path in [
+        "/ready",
+        "/stats?filter=^server.live$",
+        "/stats/prometheus",
+        "/clusters",
+        "/memory",
+    ] {
+        let status = http.get(admin(path)).send().await.unwrap().status();
+        assert_eq!(status, 200, "{path}");
+    }
+    let response = http
+        .get(stack.url("/vendor/v1/items"))
+        .header("authorization", format!("Bearer {AGENT_KEY}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        upstream.take()[0].header("authorization"),
+        Some(&*format!("Bearer {SECRET}"))
+    );
+    let log = stack.log("envoy");
+    assert!(!log.contains(SECRET), "the secret in Envoy's log");
+}
