@@ -823,8 +823,17 @@ async fn a_request_latchkey_never_allowed_goes_nowhere() {
 /// secret.
 #[tokio::test]
 async fn envoys_admin_port_refuses_what_an_agent_could_misuse() {
+    admin_port_refuses(common::Mode::ExtProc).await;
+}
+
+#[tokio::test]
+async fn envoys_admin_port_refuses_it_in_the_ext_authz_config_too() {
+    admin_port_refuses(common::Mode::ExtAuthz).await;
+}
+
+async fn admin_port_refuses(mode: common::Mode) {
     let upstream = Upstream::start().await;
-    let stack = Stack::start().await;
+    let stack = Stack::start_in(mode).await;
     stack.apply(&policy(&upstream.url()), &ENV);
     let admin = |path: &str| format!("http://127.0.0.1:{}{path}", stack.envoy_admin_port);
     let http = client();
@@ -853,7 +862,7 @@ async fn envoys_admin_port_refuses_what_an_agent_could_misuse() {
                 http.get(admin(path))
             };
             let status = request.send().await.unwrap().status();
-            assert!(status == 403 || status == 404, "{path}: {status}");
+            assert_eq!(status, 403, "{path}");
         }
     }
     for path in [

@@ -870,8 +870,17 @@ proxies:
 /// no secret, and the audit records the 503.
 #[tokio::test]
 async fn targets_are_resolved_by_name_and_one_that_does_not_resolve_is_503() {
+    targets_by_name(Mode::ExtProc).await;
+}
+
+#[tokio::test]
+async fn targets_are_resolved_by_name_through_ext_authz_too() {
+    targets_by_name(Mode::ExtAuthz).await;
+}
+
+async fn targets_by_name(mode: Mode) {
     let upstream = Upstream::start().await;
-    let stack = Stack::start().await;
+    let stack = Stack::start_in(mode).await;
     let port = upstream.url().rsplit(':').next().unwrap().to_owned();
     let policy = format!(
         r#"
