@@ -13,7 +13,8 @@ Configurations (A B C D E, repeated for BENCH_ROUNDS rounds; medians reported):
      module decides, fed by the same latchkey serve as D
 
 Per run: throughput with wrk (fixed connections and duration), unloaded latency with one
-connection (wrk -c 1, to the microsecond), and latency at a fixed 1,000 req/s (oha -q: requests
+connection (wrk -c 1, to the microsecond; a second time with every process of the run on
+one CPU, where no hand-off wakes an idle CPU), and latency at a fixed 1,000 req/s (oha -q: requests
 evenly spaced, latency counted from when each was due). Every configuration
 but A must really inject: the upstream counts requests that carried the expected
 credential and no proxy key; a run where any did not is an error, not a result.
@@ -294,8 +295,10 @@ def floor_config(listen, admin, grpc):
     return text
 
 
-def run(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True)
+def run(cmd, cpus=None):
+    """`cmd`'s output; on `cpus` only, if given."""
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    out = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pin)
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")
     return out.stdout
@@ -308,13 +311,13 @@ def seconds_of(text):
     return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
 
-def wrk(url, headers, name, connections=CONNECTIONS, seconds=SECONDS):
+def wrk(url, headers, name, connections=CONNECTIONS, seconds=SECONDS, cpus=None):
     """Requests per second, requests sent, and the median latency (ms, to the µs)."""
     threads = min(2, connections)
     args = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     for h in headers:
         args += ["-H", h]
-    out = run(args + [url])
+    out = run(args + [url], cpus)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     p50 = seconds_of(re.search(r"\s50%\s+([\d.]+(?:us|ms|s))", out).group(1))
@@ -363,9 +366,20 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(name, listen, upstream_port, injects, processes):
+def pin(pids, cpus):
+    """Every thread of each of `pids` onto `cpus`."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except (ProcessLookupError, OSError):
+                pass  # a thread that ended meanwhile
+
+
+def measure(name, listen, upstream_port, injects, processes, others=()):
     """`processes`: label → pid of the processes whose CPU time per request is reported
-    (Envoy, and the external processor where there is one)."""
+    (Envoy, and the external processor where there is one); `others`, the other pids
+    a request passes through (the upstream)."""
     url = f"http://127.0.0.1:{listen}{PATH}"
     headers = [f"Authorization: Bearer {KEY}", "User-Agent: bench"]
     wrk(url, headers, name, connections=4, seconds=1)  # warm-up
@@ -381,18 +395,33 @@ def measure(name, listen, upstream_port, injects, processes):
     _, sent1, single_p50 = wrk(url, headers, name, connections=1,
                                seconds=SECONDS if SMOKE else max(3, SECONDS // 2))
     cpu_envoy_1 = (cpu_seconds(processes["envoy"]) - envoy_before) * 1e6 / sent1
+    # The same with every process of the run on one CPU. One request at a time passes
+    # from wrk to Envoy to the upstream and back, and the kernel may place each on
+    # either CPU: a hand-off to an idle one wakes it, which on a VM costs tens of µs. On
+    # one CPU no hand-off wakes another, and the p50 is the work itself.
+    everything = os.sched_getaffinity(0)
+    one_cpu = {min(everything)}
+    pids = [*processes.values(), *others]
+    pin(pids, one_cpu)
+    try:
+        _, sent_one, one_core_p50 = wrk(url, headers, name, connections=1,
+                                        seconds=SECONDS if SMOKE else max(3, SECONDS // 2),
+                                        cpus=one_cpu)
+    finally:
+        pin(pids, everything)
     # oha is built only for `make bench`.
     fixed, sent2 = ({50: float("nan"), 99: float("nan")}, 0) if SMOKE else oha(url, headers, name)
     after = counts(upstream_port)
     good = after["good"] - before["good"]
     bad = after["bad"] - before["bad"]
-    if injects and (bad or good < sent + sent1 + sent2):
+    all_sent = sent + sent1 + sent_one + sent2
+    if injects and (bad or good < all_sent):
         sys.exit(
             f"{name}: the upstream saw {good} requests with the credential and {bad} without"
-            f" of {sent + sent1 + sent2} sent: this configuration does not inject"
+            f" of {all_sent} sent: this configuration does not inject"
         )
-    return {"rps": rps, "p50_1": single_p50, "p50_1k": fixed[50], "p99_1k": fixed[99],
-            "envoy_1": cpu_envoy_1, **cpu}
+    return {"rps": rps, "p50_1": single_p50, "p50_1_one_cpu": one_core_p50,
+            "p50_1k": fixed[50], "p99_1k": fixed[99], "envoy_1": cpu_envoy_1, **cpu}
 
 
 class Streamer:
@@ -547,7 +576,7 @@ def main():
     procs = Procs()
     try:
         upstream_port = free_port()
-        procs.start([UPSTREAM, upstream_port], work / "upstream.log")
+        upstream = procs.start([UPSTREAM, upstream_port], work / "upstream.log")
         wait_http(f"http://127.0.0.1:{upstream_port}/__counts", "upstream")
 
         # latchkey with the realistic policy, serving both ext_proc and ext_authz.
@@ -611,7 +640,7 @@ def main():
                 processes = {"envoy": envoy.pid}
                 if name in processor:
                     processes["processor"] = processor[name].pid
-                r = measure(name, listen, upstream_port, injects, processes)
+                r = measure(name, listen, upstream_port, injects, processes, [upstream.pid])
                 if name == "G" and (asked := envoy_counter(
                         envoy_admin, "http.agents.ext_proc.streams_started")):
                     sys.exit(f"G: {asked} requests went to ext_proc, not the module")
@@ -624,7 +653,7 @@ def main():
                 cpu = ", ".join(f"{k[4:]} {v:.1f}" for k, v in r.items() if k.startswith("cpu_"))
                 fixed = "" if SMOKE else f", p99 {r['p99_1k']:.3f} ms at 1,000 req/s"
                 print(f"round {rnd + 1} {name}: {r['rps']:.0f} req/s, p50 {r['p50_1']:.3f} ms "
-                      f"(1 conn){fixed}; CPU µs/request: {cpu}, "
+                      f"(1 conn; {r['p50_1_one_cpu']:.3f} on one CPU){fixed}; CPU µs/request: {cpu}, "
                       f"envoy at 1 conn {r['envoy_1']:.0f}", flush=True)
                 procs.stop(envoy)
         procs.stop_all()
@@ -662,24 +691,29 @@ def write_report(med, scale, results):
              "C": "Envoy + minimal ext_proc", "D": "Envoy + latchkey ext_proc",
              "E": "Envoy + latchkey ext_authz", "F": "Envoy + latchkey ext_proc, Unix socket",
              "G": "Envoy + latchkey in process (dynamic module)"}
-    rows = ["| config | req/s | CPU µs/request: Envoy | CPU µs/request: processor | p50, 1 connection (ms) | CPU µs/request, 1 connection: Envoy | p50 at 1,000 req/s (ms) | p99 at 1,000 req/s (ms) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| config | req/s | CPU µs/request: Envoy | CPU µs/request: processor | p50, 1 connection (ms) | CPU µs/request, 1 connection: Envoy | p50, 1 connection, one CPU (ms) | p50 at 1,000 req/s (ms) | p99 at 1,000 req/s (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, m in med.items():
         processor = f"{m['cpu_processor']:.1f}" if "cpu_processor" in m else "-"
         rows.append(f"| {n}. {names[n]} | {m['rps']:.0f} | {m['cpu_envoy']:.1f} | {processor} | "
-                    f"{m['p50_1']:.3f} | {m['envoy_1']:.0f} | {m['p50_1k']:.3f} | {m['p99_1k']:.3f} |")
+                    f"{m['p50_1']:.3f} | {m['envoy_1']:.0f} | {m['p50_1_one_cpu']:.3f} | "
+                    f"{m['p50_1k']:.3f} | {m['p99_1k']:.3f} |")
     d, c, g, a = med["D"], med["C"], med["G"], med["A"]
     ratios = [
         f"- in process: throughput G/A {g['rps'] / a['rps']:.2f} (target ≥ 0.90), G/D "
         f"{g['rps'] / d['rps']:.2f}; unloaded p50 G − A {(g['p50_1'] - a['p50_1']) * 1000:+.0f} µs "
         f"(target ≤ +30 µs), of which Envoy's CPU per request at one connection "
-        f"{g['envoy_1'] - a['envoy_1']:+.0f} µs; p99 at 1,000 req/s G − A {g['p99_1k'] - a['p99_1k']:+.3f} ms "
+        f"{g['envoy_1'] - a['envoy_1']:+.0f} µs, and on one CPU "
+        f"{(g['p50_1_one_cpu'] - a['p50_1_one_cpu']) * 1000:+.0f} µs (rounds "
+        f"{per_round(results, lambda r: (r['G']['p50_1_one_cpu'] - r['A']['p50_1_one_cpu']) * 1000, '{:+.0f} µs')}); "
+        f"p99 at 1,000 req/s G − A {g['p99_1k'] - a['p99_1k']:+.3f} ms "
         f"(target ≤ +0.5 ms); round by round G/A "
         f"{per_round(results, lambda r: r['G']['rps'] / r['A']['rps'], '{:.2f}')}",
         f"- throughput D/A {d['rps'] / med['A']['rps']:.2f}, D/B {d['rps'] / med['B']['rps']:.2f}, "
         f"D/C {d['rps'] / c['rps']:.2f} (target ≥ 0.87; here and below, ratios of the medians), "
         f"E/C {med['E']['rps'] / c['rps']:.2f}",
-        f"- unloaded p50, D − C: {(d['p50_1'] - c['p50_1']) * 1000:+.0f} µs (target ≤ +50 µs)",
+        f"- unloaded p50, D − C: {(d['p50_1'] - c['p50_1']) * 1000:+.0f} µs (target ≤ +50 µs); "
+        f"on one CPU {(d['p50_1_one_cpu'] - c['p50_1_one_cpu']) * 1000:+.0f} µs",
         f"- Unix socket instead of TCP (F vs D): throughput {med['F']['rps'] / d['rps']:.2f}×, "
         f"unloaded p50 {(med['F']['p50_1'] - d['p50_1']) * 1000:+.0f} µs, "
         f"p99 at 1,000 req/s {med['F']['p99_1k'] - d['p99_1k']:+.3f} ms",
@@ -719,7 +753,10 @@ def write_report(med, scale, results):
         "inject the credential on every request. CPU µs/request: the CPU time (user and",
         "system) Envoy and the external processor each used during the throughput run, over",
         "the requests it served; at 1 connection, Envoy's during the unloaded run, which the",
-        "unloaded p50 is mostly made of.",
+        "unloaded p50 is mostly made of. The unloaded run is made twice: as the kernel places",
+        "the processes, and with every process of the run (wrk, Envoy, the processor, the",
+        "upstream) on one CPU, where no hand-off between them wakes an idle CPU (on a VM, a",
+        "cost of tens of µs that the first run pays more or less often as the kernel decides).",
         "",
         f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}.",
         "Load generator, Envoy, latchkey and the upstream all share the machine's cores.",
