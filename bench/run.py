@@ -372,7 +372,7 @@ def pin(pids, cpus):
         for task in Path(f"/proc/{pid}/task").iterdir():
             try:
                 os.sched_setaffinity(int(task.name), cpus)
-            except (ProcessLookupError, OSError):
+            except OSError:
                 pass  # a thread that ended meanwhile
 
 
@@ -392,8 +392,8 @@ def measure(name, listen, upstream_port, injects, processes, others=()):
     # Envoy's CPU per request here is what the unloaded p50 is mostly made of: each request
     # runs on caches the load generator and the upstream used in between.
     envoy_before = cpu_seconds(processes["envoy"])
-    _, sent1, single_p50 = wrk(url, headers, name, connections=1,
-                               seconds=SECONDS if SMOKE else max(3, SECONDS // 2))
+    unloaded = SECONDS if SMOKE else max(3, SECONDS // 2)
+    _, sent1, single_p50 = wrk(url, headers, name, connections=1, seconds=unloaded)
     cpu_envoy_1 = (cpu_seconds(processes["envoy"]) - envoy_before) * 1e6 / sent1
     # The same with every process of the run on one CPU. One request at a time passes
     # from wrk to Envoy to the upstream and back, and the kernel may place each on
@@ -404,8 +404,7 @@ def measure(name, listen, upstream_port, injects, processes, others=()):
     pids = [*processes.values(), *others]
     pin(pids, one_cpu)
     try:
-        _, sent_one, one_core_p50 = wrk(url, headers, name, connections=1,
-                                        seconds=SECONDS if SMOKE else max(3, SECONDS // 2),
+        _, sent_one, one_core_p50 = wrk(url, headers, name, connections=1, seconds=unloaded,
                                         cpus=one_cpu)
     finally:
         pin(pids, everything)

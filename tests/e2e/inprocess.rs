@@ -138,7 +138,7 @@ async fn decides_in_envoy_and_hands_on_what_it_cannot() {
     );
 
     // Every request is in the audit, the module's with how they ended.
-    let records = records_until(&stack, 12).await;
+    let records = stack.records_until(12).await;
     let plain: Vec<_> = records
         .iter()
         .filter(|r| r.proxy.as_deref() == Some("plain"))
@@ -184,20 +184,6 @@ async fn decides_in_envoy_and_hands_on_what_it_cannot() {
     );
     let allowed = r#"latchkey_decisions_total{proxy="plain",decision="allow"}"#;
     assert_eq!(count(allowed), Some("6"), "{metrics}");
-}
-
-/// Waits until the audit holds `n` records.
-async fn records_until(stack: &Stack, n: usize) -> Vec<latchkey::store::requests::Entry> {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let records = stack.records().await;
-        let complete = records.iter().filter(|r| r.status.is_some()).count();
-        if complete >= n || Instant::now() > deadline {
-            assert_eq!(complete, n, "{records:#?}");
-            return records;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 #[tokio::test]
@@ -295,7 +281,7 @@ async fn an_envoy_restart_starts_no_limit_afresh() {
     assert_eq!((status, kind.as_str()), (429, "rate_limited"));
     assert_eq!(stack.envoy_counter(EXT_PROC).await, 0, "decided in process");
     // The records reach `serve` (every 50 ms), then Envoy goes.
-    records_until(&stack, 7).await;
+    stack.records_until(7).await;
     stack.restart_envoy().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !stack.log("envoy").contains("in force") {
@@ -393,7 +379,7 @@ async fn no_record_is_lost_when_envoy_stops() {
         log.contains(&format!("{N} requests decided in process, {N} recorded")),
         "{log}"
     );
-    records_until(&stack, N).await;
+    stack.records_until(N).await;
 }
 
 #[tokio::test]

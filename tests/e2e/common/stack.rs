@@ -429,6 +429,21 @@ impl Stack {
         }
     }
 
+    /// Waits until the audit holds `n` completed records (a status known), and no more:
+    /// every record, newest first.
+    pub async fn records_until(&self, n: usize) -> Vec<latchkey::store::requests::Entry> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let records = self.records().await;
+            let complete = records.iter().filter(|r| r.status.is_some()).count();
+            if complete >= n || Instant::now() > deadline {
+                assert_eq!(complete, n, "{records:#?}");
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Every record in the stack's audit, newest first.
     pub async fn records(&self) -> Vec<latchkey::store::requests::Entry> {
         use latchkey::store::requests::{Cursor, Filter, MAX_LIMIT, list};
