@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::keys::CARRIERS;
-use crate::dataplane::rules::{Read, RuleList};
+use crate::dataplane::rules::Read;
 
 /// The longest value kept.
 const MAX_VALUE: usize = 256;
@@ -64,31 +64,60 @@ pub struct Field {
     pub value: serde_json::Value,
 }
 
-// `windows` needs a word of at least one byte.
-const _: () = {
-    let mut i = 0;
-    while i < SECRET_WORDS.len() {
-        assert!(!SECRET_WORDS[i].is_empty());
-        i += 1;
-    }
-};
-
 fn secret_like(name: &str) -> bool {
-    // Names are short: lower-cased on the stack, and each word looked for by its first
-    // byte before the rest. This runs for every name a rule reads, on every request it
-    // judges; a copy on the heap and a substring searcher per word cost twice as much.
-    let mut buf = [0u8; 64];
-    let lower: Cow<'_, [u8]> = match buf.get_mut(..name.len()) {
-        Some(buf) => {
-            buf.copy_from_slice(name.as_bytes());
-            buf.make_ascii_lowercase();
-            Cow::Borrowed(buf)
+    let lower = name.to_ascii_lowercase();
+    let has = |word: &str| lower.contains(word);
+    CARRIERS.contains(&lower.as_str()) || SECRET_WORDS.iter().any(|w| has(w))
+}
+
+/// What the audit keeps of the requests a list of rules judges: the names its rules read,
+/// sorted, each with whether it is withheld whatever its value. Found once, when the rules
+/// compile, not on every request they judge.
+#[derive(Debug, Default)]
+pub struct Reads {
+    /// Header names, lower case.
+    headers: Box<[Name]>,
+    query: Box<[Name]>,
+    /// JSON pointers, kept only where a proxy opts in.
+    body: Box<[Name]>,
+}
+
+#[derive(Debug)]
+struct Name {
+    text: Box<str>,
+    /// Named like a secret (for a pointer: any step of it, or the whole body).
+    withheld: bool,
+}
+
+impl Reads {
+    pub fn new(
+        headers: impl Iterator<Item = Box<str>>,
+        query: impl Iterator<Item = Box<str>>,
+        body: impl Iterator<Item = Box<str>>,
+    ) -> Self {
+        Self {
+            headers: Name::sorted(headers, secret_like),
+            query: Name::sorted(query, secret_like),
+            body: Name::sorted(body, |pointer| {
+                pointer.is_empty() || pointer.split('/').skip(1).any(secret_like)
+            }),
         }
-        None => Cow::Owned(name.to_ascii_lowercase().into_bytes()),
-    };
-    let has = |word: &[u8]| (lower.windows(word.len())).any(|w| w[0] == word[0] && w == word);
-    CARRIERS.iter().any(|c| *lower == *c.as_bytes())
-        || SECRET_WORDS.iter().any(|w| has(w.as_bytes()))
+    }
+}
+
+impl Name {
+    /// Each of `names` once, in order.
+    fn sorted(names: impl Iterator<Item = Box<str>>, withheld: fn(&str) -> bool) -> Box<[Name]> {
+        let mut names: Vec<Box<str>> = names.collect();
+        names.sort_unstable();
+        names.dedup();
+        (names.into_iter())
+            .map(|text| Name {
+                withheld: withheld(&text),
+                text,
+            })
+            .collect()
+    }
 }
 
 /// Whether a value may be kept: short, and not a credential whatever it is named (the
@@ -106,11 +135,11 @@ fn keepable(value: &str, presented: Option<&[u8]>) -> bool {
 
 /// The values kept of one name: all of them, or withheld.
 fn kept<V: AsRef<str>>(
-    name: &str,
+    name: &Name,
     values: impl Iterator<Item = V>,
     presented: Option<&[u8]>,
 ) -> Option<Vec<V>> {
-    if secret_like(name) {
+    if name.withheld {
         return None;
     }
     let values: Vec<V> = values.collect();
@@ -118,12 +147,12 @@ fn kept<V: AsRef<str>>(
 }
 
 /// The body field at `pointer`: a scalar only (an object or array may hold anything),
-/// unless any step of the pointer is named like a secret or the value may not be kept.
-fn kept_field(pointer: &str, body: &serde_json::Value, presented: Option<&[u8]>) -> Option<Field> {
-    if pointer.is_empty() || pointer.split('/').skip(1).any(secret_like) {
+/// unless the pointer is withheld or the value may not be kept.
+fn kept_field(pointer: &Name, body: &serde_json::Value, presented: Option<&[u8]>) -> Option<Field> {
+    if pointer.withheld {
         return None;
     }
-    Some(match body.pointer(pointer) {
+    Some(match body.pointer(&pointer.text) {
         None => Field {
             present: false,
             value: serde_json::Value::Null,
@@ -137,41 +166,76 @@ fn kept_field(pointer: &str, body: &serde_json::Value, presented: Option<&[u8]>)
     })
 }
 
-/// The facts to keep of a request judged by `lists`: `None` when no rule reads a header,
-/// the query or a kept body (most proxies), else compact JSON. `body` is the JSON body
-/// the rules judged, when the proxy keeps body fields; `presented`, the proxy key the
-/// request carried, which is never kept wherever it appears.
+/// [`Recorded`] as `record` writes it: each map a list of pairs, sorted by name when
+/// written (two lists may read one name: the first is kept), so no map is built.
+#[derive(Serialize)]
+struct Written<'a> {
+    #[serde(skip_serializing_if = "Pairs::is_empty")]
+    headers: Pairs<'a, Option<Vec<Cow<'a, str>>>>,
+    #[serde(skip_serializing_if = "Pairs::is_empty")]
+    query: Pairs<'a, Option<Vec<Cow<'a, str>>>>,
+    #[serde(skip_serializing_if = "Pairs::is_empty")]
+    body: Pairs<'a, Option<Field>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mcp: Option<McpFacts<'a>>,
+}
+
+struct Pairs<'a, V>(Vec<(&'a str, V)>);
+
+impl<V> Pairs<'_, V> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// In name order, each name once; as a `BTreeMap` would hold them.
+    fn settle(&mut self) {
+        self.0.sort_by(|a, b| a.0.cmp(b.0));
+        self.0.dedup_by(|later, first| later.0 == first.0);
+    }
+}
+
+impl<V: Serialize> Serialize for Pairs<'_, V> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.iter().map(|(name, value)| (name, value)))
+    }
+}
+
+/// The facts to keep of a request judged by the rules that read `reads`: `None` when no
+/// rule reads a header, the query or a kept body (most proxies), else compact JSON (a
+/// [`Recorded`]). `body` is the JSON body the rules judged, when the proxy keeps body
+/// fields; `presented`, the proxy key the request carried, which is never kept wherever
+/// it appears.
 pub fn record(
-    lists: [&RuleList; 2],
+    reads: [&Reads; 2],
     headers: &[(&str, &[u8])],
     query: Option<&str>,
     body: Option<&serde_json::Value>,
     presented: Option<&[u8]>,
     mcp: Option<&crate::dataplane::mcp::Call>,
 ) -> Option<Box<str>> {
-    let mut out = Recorded {
+    let mut out = Written {
+        headers: Pairs(Vec::new()),
+        query: Pairs(Vec::new()),
+        body: Pairs(Vec::new()),
         mcp: mcp.map(|call| McpFacts {
             method: call.method.as_deref().map(Cow::Borrowed),
             tool: call.tool.as_deref().map(Cow::Borrowed),
         }),
-        ..Recorded::default()
     };
     let mut pairs: Option<Vec<(Cow<'_, str>, Cow<'_, str>)>> = None;
-    for list in lists {
+    for reads in reads {
         if let Some(body) = body {
-            for pointer in list.read_body() {
-                out.body
-                    .insert(Cow::Borrowed(pointer), kept_field(pointer, body, presented));
+            for pointer in &reads.body {
+                (out.body.0).push((&pointer.text, kept_field(pointer, body, presented)));
             }
         }
-        for name in list.read_headers() {
+        for name in &reads.headers {
             let values = (headers.iter())
-                .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+                .filter(|(n, _)| n.eq_ignore_ascii_case(&name.text))
                 .map(|(_, v)| Cow::Borrowed(std::str::from_utf8(v).unwrap_or("\u{fffd}")));
-            out.headers
-                .insert(Cow::Borrowed(name), kept(name, values, presented));
+            (out.headers.0).push((&name.text, kept(name, values, presented)));
         }
-        if list.read_query().is_empty() {
+        if reads.query.is_empty() {
             continue;
         }
         let pairs = pairs.get_or_insert_with(|| {
@@ -179,17 +243,19 @@ pub fn record(
                 .map(|q| form_urlencoded::parse(q.as_bytes()).collect())
                 .unwrap_or_default()
         });
-        for name in list.read_query() {
+        for name in &reads.query {
             let values = (pairs.iter())
-                .filter(|(n, _)| n == name.as_ref())
+                .filter(|(n, _)| n == name.text.as_ref())
                 .map(|(_, v)| v.clone());
-            out.query
-                .insert(Cow::Borrowed(name), kept(name, values, presented));
+            (out.query.0).push((&name.text, kept(name, values, presented)));
         }
     }
     if out.headers.is_empty() && out.query.is_empty() && out.body.is_empty() && out.mcp.is_none() {
         return None;
     }
+    out.headers.settle();
+    out.query.settle();
+    out.body.settle();
     Some(
         serde_json::to_string(&out)
             .expect("a map of strings serializes")
@@ -293,7 +359,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::dataplane::rules::Rule;
+    use crate::dataplane::rules::{Rule, RuleList};
     use crate::policy::Effect;
     use crate::policy::rows::RuleRow;
 
@@ -348,9 +414,23 @@ mod tests {
             ("accept", b"*/*"),
             ("x-env", b"staging"),
         ];
-        let text = record([&none, &rules], &headers, Some(&query), None, None, None).unwrap();
+        let text = record(
+            [none.reads(), rules.reads()],
+            &headers,
+            Some(&query),
+            None,
+            None,
+            None,
+        )
+        .unwrap();
         assert!(!text.contains("lk_secret") && !text.contains("t0p") && !text.contains("accept"));
         let kept = Recorded::parse(&text).unwrap();
+        // Written from lists, read back into maps: the same text, names in order.
+        assert_eq!(serde_json::to_string(&kept).unwrap(), &*text);
+        // A name both lists read is written once.
+        let both = [rules.reads(), rules.reads()];
+        let twice = record(both, &headers, Some(&query), None, None, None);
+        assert_eq!(twice.as_deref(), Some(&*text));
         assert_eq!(
             kept.headers["x-env"],
             Some(vec!["prod".into(), "staging".into()])
@@ -368,13 +448,20 @@ mod tests {
         assert_eq!(kept.query_string(), "mode=a&mode=b+c");
         // No rule reads anything: nothing is kept.
         assert_eq!(
-            record([&none, &none], &headers, Some(&query), None, None, None),
+            record(
+                [none.reads(), none.reads()],
+                &headers,
+                Some(&query),
+                None,
+                None,
+                None
+            ),
             None
         );
         // The agent's own key, or a credential-like value, in a header a rule reads.
         let sneaky: [(&str, &[u8]); 2] = [("x-env", b"prod lk_secret"), ("x-env", b"x")];
         let text = record(
-            [&none, &rules],
+            [none.reads(), rules.reads()],
             &sneaky,
             None,
             None,
@@ -384,7 +471,15 @@ mod tests {
         .unwrap();
         assert!(!text.contains("lk_secret"), "{text}");
         let bearer: [(&str, &[u8]); 1] = [("x-env", b"Bearer abc")];
-        let text = record([&none, &rules], &bearer, None, None, None, None).unwrap();
+        let text = record(
+            [none.reads(), rules.reads()],
+            &bearer,
+            None,
+            None,
+            None,
+            None,
+        )
+        .unwrap();
         assert!(!text.contains("abc"), "{text}");
     }
 
@@ -404,11 +499,19 @@ mod tests {
             "metadata": { "api_key": "lk_nested" }, "auth": ["pw"],
         });
         assert_eq!(
-            record([&rules, &none], &[], None, None, None, None),
+            record([rules.reads(), none.reads()], &[], None, None, None, None),
             None,
             "not opted in"
         );
-        let text = record([&rules, &none], &[], None, Some(&body), None, None).unwrap();
+        let text = record(
+            [rules.reads(), none.reads()],
+            &[],
+            None,
+            Some(&body),
+            None,
+            None,
+        )
+        .unwrap();
         assert!(!text.contains("tok_123") && !text.contains("unread") && !text.contains("other"));
         assert!(
             !text.contains("lk_nested") && !text.contains("pw"),
@@ -437,7 +540,15 @@ mod tests {
             id: None,
         };
         let none = RuleList::default();
-        let text = record([&none, &none], &[], None, None, None, Some(&call)).unwrap();
+        let text = record(
+            [none.reads(), none.reads()],
+            &[],
+            None,
+            None,
+            None,
+            Some(&call),
+        )
+        .unwrap();
         let kept = Recorded::parse(&text).unwrap();
         assert_eq!(serde_json::to_string(&kept).unwrap(), &*text);
         assert!(kept.covers([Read::Body("/method"), Read::Body("/params/name")].into_iter()));
@@ -457,7 +568,8 @@ mod tests {
             let bearer = format!("Bearer {key}");
             let mut headers: Vec<(&str, &[u8])> = env.iter().map(|v| ("x-env", v.as_slice())).collect();
             headers.push(("authorization", bearer.as_bytes()));
-            let text = record([&rules, &none], &headers, Some(&query), None, None, None).unwrap();
+            let text = record(
+            [rules.reads(), none.reads()], &headers, Some(&query), None, None, None).unwrap();
             proptest::prop_assert!(!text.contains(&key));
             let kept = Recorded::parse(&text).unwrap();
             // Written borrowed, read back owned: rows of earlier releases and of this one

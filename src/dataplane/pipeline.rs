@@ -2,6 +2,7 @@
 //! snapshot and a request in, a decision out), [`conclude`] steps 6 to 8. The steps are
 //! listed in the module doc of `dataplane`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use crate::base::trace::TraceParent;
@@ -30,6 +31,9 @@ use crate::policy::Period;
 pub enum Caller<'a> {
     /// Whoever the presented proxy key belongs to: every real request.
     Key,
+    /// The same, for a caller that has read the key already (`keys::presented` on the
+    /// request's headers), which is not read again.
+    Presented(&'a Result<Cow<'a, [u8]>, Denial>),
     /// The workload whose token the request presents where a proxy key goes, verified
     /// (or refused) before the pipeline ran, by `identity`.
     Token(&'a Result<Arc<Verified>, Denial>),
@@ -316,6 +320,7 @@ fn run(
     // valid key cannot tell which proxies exist.
     let presented = match caller {
         Caller::Key | Caller::Token(_) => Some(keys::presented(req.headers)?),
+        Caller::Presented(key) => Some(Cow::Borrowed(key.as_deref().map_err(Clone::clone)?)),
         _ => None,
     };
     let entry = match (caller, &presented) {
@@ -351,7 +356,7 @@ fn run(
 
     let no_rules = RuleList::default();
     let credential = match (caller, entry) {
-        (Caller::Key | Caller::Token(_), Some(entry)) => {
+        (Caller::Key | Caller::Presented(_) | Caller::Token(_), Some(entry)) => {
             subject.key_id = Some(entry.id.clone());
             subject.run_label = entry.label.clone();
             // A tool's price stands in for the proxy's.
@@ -376,7 +381,7 @@ fn run(
                 .credential_index(name)
                 .ok_or(Denial::InvalidKey("unknown credential"))?,
         ),
-        (Caller::Key | Caller::Token(_) | Caller::Anyone, _) => None,
+        (Caller::Key | Caller::Presented(_) | Caller::Token(_) | Caller::Anyone, _) => None,
     };
     let credential_rules = match credential {
         Some(index) => {
@@ -400,7 +405,7 @@ fn run(
         _ => None,
     };
     subject.facts = facts::record(
-        [credential_rules, &proxy.rules],
+        [credential_rules.reads(), proxy.rules.reads()],
         req.headers,
         route.query,
         kept_body,

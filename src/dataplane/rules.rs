@@ -13,6 +13,7 @@ use std::sync::Arc;
 use regex::{Regex, RegexSet, RegexSetBuilder};
 
 use crate::dataplane::denial::Denial;
+use crate::dataplane::facts::Reads;
 pub use crate::dataplane::usage::is_json_media_type;
 use crate::policy::rows::RuleRow;
 use crate::policy::{Effect, Presence, ValueCondition, compile_regex};
@@ -504,12 +505,9 @@ pub struct RuleList {
     pattern_rule: Box<[usize]>,
     /// The rules without a path: candidates for every request.
     pathless: Box<[usize]>,
-    /// Header names (lower case) and query parameters some rule reads: what the audit
-    /// keeps of a request these rules judge (`facts`).
-    read_headers: Box<[Box<str>]>,
-    read_query: Box<[Box<str>]>,
-    /// And the body fields (JSON pointers), kept only where a proxy opts in.
-    read_body: Box<[Box<str>]>,
+    /// What some rule reads, which is what the audit keeps of a request these rules
+    /// judge (`facts`).
+    reads: Reads,
 }
 
 impl RuleList {
@@ -536,40 +534,24 @@ impl RuleList {
                     .map_err(|e| format!("path regexes together: {e}"))?,
             )
         };
-        let mut read_headers: Vec<Box<str>> = (rules.iter())
-            .flat_map(|r| r.headers.iter().map(|(n, _)| n.to_ascii_lowercase().into()))
-            .collect();
-        let mut read_query: Vec<Box<str>> = (rules.iter())
-            .flat_map(|r| r.query.iter().map(|(n, _)| n.clone()))
-            .collect();
-        let mut read_body: Vec<Box<str>> = (rules.iter())
-            .flat_map(|r| r.body.iter().map(|m| m.pointer.clone()))
-            .collect();
-        for names in [&mut read_headers, &mut read_query, &mut read_body] {
-            names.sort_unstable();
-            names.dedup();
-        }
+        let read_headers = (rules.iter())
+            .flat_map(|r| r.headers.iter().map(|(n, _)| n.to_ascii_lowercase().into()));
+        let read_query = (rules.iter()).flat_map(|r| r.query.iter().map(|(n, _)| n.clone()));
+        let read_body = (rules.iter()).flat_map(|r| r.body.iter().map(|m| m.pointer.clone()));
+        let reads = Reads::new(read_headers, read_query, read_body);
         Ok(Self {
             rules: rules.into(),
             paths,
             pattern_rule: with_path.into(),
             pathless: pathless.into(),
-            read_headers: read_headers.into(),
-            read_query: read_query.into(),
-            read_body: read_body.into(),
+            reads,
         })
     }
 
-    pub fn read_headers(&self) -> &[Box<str>] {
-        &self.read_headers
-    }
-
-    pub fn read_query(&self) -> &[Box<str>] {
-        &self.read_query
-    }
-
-    pub fn read_body(&self) -> &[Box<str>] {
-        &self.read_body
+    /// Header names (lower case), query parameters and body fields (JSON pointers) some
+    /// rule reads.
+    pub fn reads(&self) -> &Reads {
+        &self.reads
     }
 
     pub fn needs_body(&self) -> bool {

@@ -22,7 +22,7 @@ use crate::dataplane::denial::Denial;
 use crate::dataplane::keys;
 use crate::dataplane::mint;
 use crate::dataplane::mutate::Forward;
-use crate::dataplane::pipeline::{Judgement, Outcome, RequestView, Shown, decide};
+use crate::dataplane::pipeline::{Caller, Judgement, Outcome, RequestView, Shown, decide_as};
 use crate::dataplane::rules::Body;
 use crate::dataplane::snapshot::Policy;
 use crate::dataplane::spend::{LocalSpend, Spend};
@@ -113,7 +113,8 @@ impl Engine {
             return (Verdict::HandOn, None);
         };
         // latchkey's own endpoint, and workload tokens (their issuers' keys are fetched).
-        let token = keys::presented(req.headers).is_ok_and(|k| jwt::looks_like(&k));
+        let presented = keys::presented(req.headers);
+        let token = presented.as_ref().is_ok_and(|k| jwt::looks_like(k));
         if token || mint::is_own(req.path) {
             return (Verdict::HandOn, None);
         }
@@ -130,7 +131,10 @@ impl Engine {
         } else {
             Body::Empty
         };
-        let Judgement::Decided(mut decision) = decide(&loaded.policy, &view, &body, now_ms) else {
+        let caller = Caller::Presented(&presented);
+        let Judgement::Decided(mut decision) =
+            decide_as(&loaded.policy, &view, &body, caller, now_ms)
+        else {
             return (Verdict::HandOn, None);
         };
         let elsewhere =
