@@ -2,9 +2,10 @@
 //! judge the rules that read more: the values of the headers and query parameters some
 //! rule of the request's proxy or credential reads and, where the proxy opts in
 //! (`audit.body_fields`), of the body fields they read; nothing else. A key carrier or
-//! anything named like a secret (`auth`, `key`, `token`, `secret`, `cookie`, `password`,
-//! `session`, `signature`), and any value over 256 bytes, is kept as withheld (`null`):
-//! a replay leaves a rule that reads one unjudged rather than guess.
+//! anything named like a secret (a name holding `auth`, `key`, `token`, `secret`,
+//! `cookie`, `pass`, `pwd`, `session`, `sig`, `credential`, `bearer` or `jwt`), and any
+//! value over 256 bytes, is kept as withheld (`null`): a replay leaves a rule that reads
+//! one unjudged rather than guess.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -12,7 +13,6 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::dataplane::keys::CARRIERS;
-use crate::dataplane::rules::Read;
 
 /// The longest value kept.
 const MAX_VALUE: usize = 256;
@@ -30,6 +30,14 @@ const SECRET_WORDS: [&str; 12] = [
     "bearer",
     "jwt",
 ];
+
+/// A value a rule reads: a header, a query parameter, a body field (a JSON pointer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read<'r> {
+    Header(&'r str),
+    Query(&'r str),
+    Body(&'r str),
+}
 
 /// Recorded values by name (headers in lower case); `None`: withheld. `record` writes
 /// them borrowed from the request and the rules; [`Recorded::parse`] reads them owned.
@@ -90,11 +98,16 @@ struct Name {
 }
 
 impl Reads {
-    pub fn new(
-        headers: impl Iterator<Item = Box<str>>,
-        query: impl Iterator<Item = Box<str>>,
-        body: impl Iterator<Item = Box<str>>,
-    ) -> Self {
+    /// What the rules of a list read, each as often as any rule reads it.
+    pub fn new<'r>(reads: impl Iterator<Item = Read<'r>>) -> Self {
+        let (mut headers, mut query, mut body) = (Vec::new(), Vec::new(), Vec::new());
+        for read in reads {
+            match read {
+                Read::Header(name) => headers.push(name.to_ascii_lowercase().into()),
+                Read::Query(name) => query.push(name.into()),
+                Read::Body(pointer) => body.push(pointer.into()),
+            }
+        }
         Self {
             headers: Name::sorted(headers, secret_like),
             query: Name::sorted(query, secret_like),
@@ -107,8 +120,7 @@ impl Reads {
 
 impl Name {
     /// Each of `names` once, in order.
-    fn sorted(names: impl Iterator<Item = Box<str>>, withheld: fn(&str) -> bool) -> Box<[Name]> {
-        let mut names: Vec<Box<str>> = names.collect();
+    fn sorted(mut names: Vec<Box<str>>, withheld: fn(&str) -> bool) -> Box<[Name]> {
         names.sort_unstable();
         names.dedup();
         (names.into_iter())
@@ -187,7 +199,9 @@ impl<V> Pairs<'_, V> {
         self.0.is_empty()
     }
 
-    /// In name order, each name once; as a `BTreeMap` would hold them.
+    /// In name order, each name once, as the maps of [`Recorded`] hold them. Where both
+    /// lists read a name, the first list's value is kept: the same as the second's, both
+    /// made from the same request by the same rules of withholding.
     fn settle(&mut self) {
         self.0.sort_by(|a, b| a.0.cmp(b.0));
         self.0.dedup_by(|later, first| later.0 == first.0);
@@ -568,8 +582,8 @@ mod tests {
             let bearer = format!("Bearer {key}");
             let mut headers: Vec<(&str, &[u8])> = env.iter().map(|v| ("x-env", v.as_slice())).collect();
             headers.push(("authorization", bearer.as_bytes()));
-            let text = record(
-            [rules.reads(), none.reads()], &headers, Some(&query), None, None, None).unwrap();
+            let reads = [rules.reads(), none.reads()];
+            let text = record(reads, &headers, Some(&query), None, None, None).unwrap();
             proptest::prop_assert!(!text.contains(&key));
             let kept = Recorded::parse(&text).unwrap();
             // Written borrowed, read back owned: rows of earlier releases and of this one

@@ -29,10 +29,10 @@ use crate::policy::Period;
 /// Who the request is judged as.
 #[derive(Debug, Clone, Copy)]
 pub enum Caller<'a> {
-    /// Whoever the presented proxy key belongs to: every real request.
+    /// Whoever the proxy key the request presents belongs to, read from its headers.
     Key,
-    /// The same, for a caller that has read the key already (`keys::presented` on the
-    /// request's headers), which is not read again.
+    /// The same, for a caller that has read the key already: `keys::presented` of this
+    /// request's headers, which are not read again.
     Presented(&'a Result<Cow<'a, [u8]>, Denial>),
     /// The workload whose token the request presents where a proxy key goes, verified
     /// (or refused) before the pipeline ran, by `identity`.
@@ -320,7 +320,11 @@ fn run(
     // valid key cannot tell which proxies exist.
     let presented = match caller {
         Caller::Key | Caller::Token(_) => Some(keys::presented(req.headers)?),
-        Caller::Presented(key) => Some(Cow::Borrowed(key.as_deref().map_err(Clone::clone)?)),
+        Caller::Presented(key) => {
+            // The facts screen the request for this key: it must be the request's own.
+            debug_assert_eq!(key, &keys::presented(req.headers));
+            Some(Cow::Borrowed(key.as_deref().map_err(Clone::clone)?))
+        }
         _ => None,
     };
     let entry = match (caller, &presented) {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use regex::{Regex, RegexSet, RegexSetBuilder};
 
 use crate::dataplane::denial::Denial;
-use crate::dataplane::facts::Reads;
+use crate::dataplane::facts::{Read, Reads};
 pub use crate::dataplane::usage::is_json_media_type;
 use crate::policy::rows::RuleRow;
 use crate::policy::{Effect, Presence, ValueCondition, compile_regex};
@@ -343,14 +343,6 @@ impl Rule {
     }
 }
 
-/// A value a rule reads: a header, a query parameter, a body field (a JSON pointer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Read<'r> {
-    Header(&'r str),
-    Query(&'r str),
-    Body(&'r str),
-}
-
 enum Match {
     No,
     Yes,
@@ -534,11 +526,7 @@ impl RuleList {
                     .map_err(|e| format!("path regexes together: {e}"))?,
             )
         };
-        let read_headers = (rules.iter())
-            .flat_map(|r| r.headers.iter().map(|(n, _)| n.to_ascii_lowercase().into()));
-        let read_query = (rules.iter()).flat_map(|r| r.query.iter().map(|(n, _)| n.clone()));
-        let read_body = (rules.iter()).flat_map(|r| r.body.iter().map(|m| m.pointer.clone()));
-        let reads = Reads::new(read_headers, read_query, read_body);
+        let reads = Reads::new(rules.iter().flat_map(|r| r.reads()));
         Ok(Self {
             rules: rules.into(),
             paths,

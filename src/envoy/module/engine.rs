@@ -409,6 +409,55 @@ rules:
         }
     }
 
+    /// A key missing, or two of them, or a malformed one: refused as the pipeline
+    /// refuses it when it reads the key itself.
+    #[test]
+    fn a_key_read_once_is_refused_as_one_read_in_the_pipeline() {
+        let engine = engine();
+        let loaded = engine.loaded.load_full().unwrap();
+        let bearer = format!("Bearer {AGENT}");
+        let cases: [&[(&str, &[u8])]; 3] = [
+            &[("x-request-id", b"r-1")],
+            &[
+                ("authorization", bearer.as_bytes()),
+                ("x-api-key", b"lk_otherKEY0000000000000001"),
+            ],
+            &[("authorization", b"Bearer lk_short")],
+        ];
+        for headers in cases {
+            let req = Request {
+                method: "GET",
+                path: "/api/v1/x",
+                headers,
+                has_body: false,
+            };
+            let (Verdict::Deny { status, body, .. }, Some(pending)) = engine.judge(&req, 0) else {
+                panic!("refused")
+            };
+            let view = RequestView {
+                method: "GET",
+                path: "/api/v1/x",
+                headers,
+                body: Some(&[]),
+            };
+            let read_there =
+                crate::dataplane::pipeline::decide(&loaded.policy, &view, &Body::Empty, 0);
+            let Judgement::Decided(decision) = read_there else {
+                panic!("decided")
+            };
+            let Outcome::Deny(denial) = decision.outcome else {
+                panic!("refused there too")
+            };
+            assert_eq!(status, denial.http_status());
+            assert_eq!(pending.record.decision, denial.kind().as_str());
+            assert!(
+                String::from_utf8(body)
+                    .unwrap()
+                    .contains(denial.kind().as_str())
+            );
+        }
+    }
+
     #[test]
     fn without_a_policy_everything_is_handed_on() {
         let engine: &'static Engine = Box::leak(Box::new(Engine::new()));
