@@ -51,6 +51,10 @@ use crate::telemetry::tap::Tap;
 mod lanes;
 mod module;
 
+/// Resets of streams not yet accepted that one data-plane connection may carry at once:
+/// as many as Envoy could have in flight to us, not h2's default of 20.
+const PENDING_RESETS_ALLOWED: usize = 100_000;
+
 pub struct ServeConfig {
     pub database_url: String,
     pub master_key: Option<Zeroizing<String>>,
@@ -297,7 +301,13 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let data_plane = {
         let (shared, stopping, health) = (shared.clone(), stop_rx.clone(), health_service.clone());
         move || {
-            let mut server = Server::builder();
+            // Envoy resets the ext_proc stream of every request its client hangs up on.
+            // h2 closes a connection after 20 resets of streams not yet accepted (its
+            // guard against rapid-reset floods), and with it every request in flight on
+            // Envoy's connection: agents hanging up in a burst while `serve` is busy
+            // would have others' requests refused. This port's one client is Envoy.
+            let mut server = Server::builder()
+                .http2_max_pending_accept_reset_streams(Some(PENDING_RESETS_ALLOWED));
             if let Some(tls) = &grpc_tls {
                 server = server.tls_config(tls.clone())?;
             }
