@@ -104,7 +104,11 @@ async fn main() {
         .and_then(|p| p.parse().ok())
         .expect("usage: minimal_ext_proc PORT AUTHORITY");
     let authority = args.next().expect("usage: minimal_ext_proc PORT AUTHORITY");
+    // As `latchkey serve`: Envoy resets the stream of every request its client hangs up
+    // on, and h2's default (20 pending) would close Envoy's connection at the end of a
+    // load run, failing the requests in flight on it.
     tonic::transport::Server::builder()
+        .http2_max_pending_accept_reset_streams(Some(100_000))
         .add_service(ExternalProcessorServer::new(Minimal { authority }))
         .serve(([127, 0, 0, 1], port).into())
         .await
