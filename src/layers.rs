@@ -1,7 +1,9 @@
 //! The layering holds: a module imports only from its own layer and the layers below it
-//! (the order of `lib.rs`), and the data plane touches neither SQL nor gRPC. Read from
-//! the source, so a new import that breaks it fails here, whatever it compiles to.
+//! (the order of `lib.rs`), the modules of a layer import each other one way only (no
+//! cycle), and the data plane touches neither SQL nor gRPC. Read from the source, so a
+//! new import that breaks it fails here, whatever it compiles to.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Bottom to top. `envoy` and `control` share a rank: neither may import the other.
@@ -114,6 +116,88 @@ fn violations(src: &Path) -> Vec<String> {
     found
 }
 
+/// The modules of its own layer a source names as `crate::<layer>::<module>` (or in a
+/// `crate::<layer>::{…}` list); a name that is no module of the layer only adds a node
+/// without imports.
+fn siblings(text: &str, layer: &str) -> BTreeSet<String> {
+    let code = text.split(TESTS).next().unwrap_or_default();
+    let prefix = format!("crate::{layer}::");
+    let ident = |s: &str| -> String {
+        (s.trim_start().chars())
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut out = BTreeSet::new();
+    for (i, _) in code.match_indices(&prefix) {
+        let rest = &code[i + prefix.len()..];
+        match rest.strip_prefix('{') {
+            Some(list) => out.extend(
+                list.split('}')
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(ident),
+            ),
+            None => {
+                out.insert(ident(rest));
+            }
+        }
+    }
+    out.retain(|m| !m.is_empty() && m != "self");
+    out
+}
+
+/// A cycle among the modules of one layer in `src` (`layer::module` names, the first
+/// repeated last), if there is one: such modules cannot be read or changed apart.
+fn cycle(src: &Path) -> Option<Vec<String>> {
+    let mut files = Vec::new();
+    sources(src, &mut files);
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in files {
+        let parts: Vec<&str> = (file.strip_prefix(src).expect("under src").components())
+            .filter_map(|c| c.as_os_str().to_str())
+            .collect();
+        let [layer, module, ..] = parts[..] else {
+            continue;
+        };
+        let module = module.trim_end_matches(".rs");
+        if module == "mod" || parts.last() == Some(&"tests.rs") {
+            continue; // A layer's root wires its modules; unit tests are not read.
+        }
+        let text = std::fs::read_to_string(&file).expect("a readable source");
+        let own = format!("{layer}::{module}");
+        let imports = graph.entry(own.clone()).or_default();
+        imports.extend((siblings(&text, layer).into_iter()).map(|m| format!("{layer}::{m}")));
+        imports.remove(&own);
+    }
+    // Depth first, keeping the path: an import of a module on the path closes a cycle.
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut found = path[at..].to_vec();
+            found.push(node.to_owned());
+            return Some(found);
+        }
+        if !done.insert(node.to_owned()) {
+            return None;
+        }
+        path.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(found) = visit(next, graph, path, done) {
+                return Some(found);
+            }
+        }
+        path.pop();
+        None
+    }
+    let mut done = BTreeSet::new();
+    (graph.keys()).find_map(|start| visit(start, &graph, &mut Vec::new(), &mut done))
+}
+
 #[test]
 fn each_layer_imports_only_from_below() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -141,4 +225,44 @@ fn an_upward_import_is_found() {
         found[0].contains("store imports dataplane")
             || found[1].contains("store imports dataplane")
     );
+}
+
+#[test]
+fn no_modules_of_a_layer_import_each_other_around() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    if let Some(found) = cycle(&src) {
+        panic!("modules import each other: {}", found.join(" -> "));
+    }
+}
+
+/// The check itself can fail: in a scratch tree, two modules importing each other (one
+/// from a file in its folder, through a `{…}` list) are found; with the import back
+/// removed, nothing is.
+#[test]
+fn a_cycle_of_imports_is_found() {
+    let scratch = std::env::temp_dir().join(format!("latchkey-cycle-{}", std::process::id()));
+    let tree = |back: &str| {
+        std::fs::create_dir_all(scratch.join("dataplane/rules")).unwrap();
+        std::fs::write(scratch.join("dataplane/mod.rs"), "pub mod rules;\n").unwrap();
+        std::fs::write(
+            scratch.join("dataplane/rules/reads.rs"),
+            "use crate::dataplane::{names, facts::Recorded};\n",
+        )
+        .unwrap();
+        std::fs::write(scratch.join("dataplane/facts.rs"), back).unwrap();
+        std::fs::write(
+            scratch.join("dataplane/names.rs"),
+            "use crate::base::clock;\n",
+        )
+        .unwrap();
+        cycle(&scratch)
+    };
+    let found = tree("use crate::dataplane::rules::Reads;\n");
+    let fine = tree("use crate::dataplane::names;\n");
+    std::fs::remove_dir_all(&scratch).unwrap();
+    assert_eq!(
+        found.as_deref(),
+        Some(&["dataplane::facts", "dataplane::rules", "dataplane::facts"].map(String::from)[..])
+    );
+    assert_eq!(fine, None);
 }

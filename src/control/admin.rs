@@ -327,7 +327,7 @@ impl Admin for AdminService {
             .map(|h| (h.name.to_ascii_lowercase(), h.value.into_bytes()))
             .collect();
         let caller = if !req.key.is_empty() {
-            headers.retain(|(n, _)| !crate::dataplane::keys::CARRIERS.contains(&n.as_str()));
+            headers.retain(|(n, _)| !crate::dataplane::names::CARRIERS.contains(&n.as_str()));
             headers.push(("x-latchkey-key".into(), req.key.into_bytes()));
             Caller::Key
         } else if !req.credential.is_empty() {

@@ -2,9 +2,8 @@
 //! judge the rules that read more: the values of the headers and query parameters some
 //! rule of the request's proxy or credential reads and, where the proxy opts in
 //! (`audit.body_fields`), of the body fields they read; nothing else. A key carrier or
-//! anything named like a secret (a name holding `auth`, `key`, `token`, `secret`,
-//! `cookie`, `pass`, `pwd`, `session`, `sig`, `credential`, `bearer` or `jwt`), and any
-//! value over 256 bytes, is kept as withheld (`null`): a replay leaves a rule that reads
+//! anything named like a secret (`names::secret_like`), and any value over 256 bytes or
+//! carrying a credential, is kept as withheld (`null`): a replay leaves a rule that reads
 //! one unjudged rather than guess.
 
 use std::borrow::Cow;
@@ -12,32 +11,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dataplane::keys::CARRIERS;
+use crate::dataplane::rules::{Name, Read, Reads};
 
 /// The longest value kept.
 const MAX_VALUE: usize = 256;
-const SECRET_WORDS: [&str; 12] = [
-    "auth",
-    "key",
-    "token",
-    "secret",
-    "cookie",
-    "pass",
-    "pwd",
-    "session",
-    "sig",
-    "credential",
-    "bearer",
-    "jwt",
-];
-
-/// A value a rule reads: a header, a query parameter, a body field (a JSON pointer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Read<'r> {
-    Header(&'r str),
-    Query(&'r str),
-    Body(&'r str),
-}
 
 /// Recorded values by name (headers in lower case); `None`: withheld. `record` writes
 /// them borrowed from the request and the rules; [`Recorded::parse`] reads them owned.
@@ -70,66 +47,6 @@ pub struct Field {
     pub present: bool,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub value: serde_json::Value,
-}
-
-fn secret_like(name: &str) -> bool {
-    let lower = name.to_ascii_lowercase();
-    let has = |word: &str| lower.contains(word);
-    CARRIERS.contains(&lower.as_str()) || SECRET_WORDS.iter().any(|w| has(w))
-}
-
-/// What the audit keeps of the requests a list of rules judges: the names its rules read,
-/// sorted, each with whether it is withheld whatever its value. Found once, when the rules
-/// compile, not on every request they judge.
-#[derive(Debug, Default)]
-pub struct Reads {
-    /// Header names, lower case.
-    headers: Box<[Name]>,
-    query: Box<[Name]>,
-    /// JSON pointers, kept only where a proxy opts in.
-    body: Box<[Name]>,
-}
-
-#[derive(Debug)]
-struct Name {
-    text: Box<str>,
-    /// Named like a secret (for a pointer: any step of it, or the whole body).
-    withheld: bool,
-}
-
-impl Reads {
-    /// What the rules of a list read, each as often as any rule reads it.
-    pub fn new<'r>(reads: impl Iterator<Item = Read<'r>>) -> Self {
-        let (mut headers, mut query, mut body) = (Vec::new(), Vec::new(), Vec::new());
-        for read in reads {
-            match read {
-                Read::Header(name) => headers.push(name.to_ascii_lowercase().into()),
-                Read::Query(name) => query.push(name.into()),
-                Read::Body(pointer) => body.push(pointer.into()),
-            }
-        }
-        Self {
-            headers: Name::sorted(headers, secret_like),
-            query: Name::sorted(query, secret_like),
-            body: Name::sorted(body, |pointer| {
-                pointer.is_empty() || pointer.split('/').skip(1).any(secret_like)
-            }),
-        }
-    }
-}
-
-impl Name {
-    /// Each of `names` once, in order.
-    fn sorted(mut names: Vec<Box<str>>, withheld: fn(&str) -> bool) -> Box<[Name]> {
-        names.sort_unstable();
-        names.dedup();
-        (names.into_iter())
-            .map(|text| Name {
-                withheld: withheld(&text),
-                text,
-            })
-            .collect()
-    }
 }
 
 /// Whether a value may be kept: short, and not a credential whatever it is named (the
@@ -391,25 +308,6 @@ mod tests {
             position: 0,
         };
         RuleList::new(vec![Arc::new(Rule::compile(&row).unwrap())]).unwrap()
-    }
-
-    #[test]
-    fn names_like_secrets_are_found_in_any_case_and_at_any_length() {
-        let long = format!("x-{}-Session", "a".repeat(70));
-        for name in [
-            "Authorization",
-            "X-API-KEY",
-            "x-my-Token-id",
-            "PWD",
-            &long,
-            "signature",
-        ] {
-            assert!(secret_like(name), "{name}");
-        }
-        let long = format!("x-{}", "b".repeat(70));
-        for name in ["x-team", "X-Env", "", "a", &long, "ke", "x-api-ke"] {
-            assert!(!secret_like(name), "{name}");
-        }
     }
 
     #[test]

@@ -10,17 +10,6 @@ use crate::base::crypto::hash_key;
 use crate::dataplane::denial::Denial;
 use crate::dataplane::snapshot::{KeyEntry, Policy};
 
-/// Headers that can carry a proxy key; every one of them is stripped before forwarding.
-/// `api-key` is Azure OpenAI's, `x-goog-api-key` Gemini's: their SDKs keep working.
-pub const CARRIERS: [&str; 6] = [
-    "authorization",
-    "proxy-authorization",
-    "x-api-key",
-    "x-latchkey-key",
-    "api-key",
-    "x-goog-api-key",
-];
-
 const MIN_KEY_LEN: usize = 16;
 const MAX_KEY_LEN: usize = 512;
 /// Different characters a key must have: `aaaaaaaaaaaaaaaa` is 16 long and guessable.
@@ -44,7 +33,8 @@ pub fn strong_enough(key: &[u8]) -> bool {
     (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&key.len()) && distinct >= MIN_DISTINCT
 }
 
-/// The key a header carries, if it carries one (`name` is lower-case).
+/// The key a header carries, if it carries one (`name` is lower-case). The names are
+/// `names::CARRIERS`, each of which forwarding strips: a unit test holds the two equal.
 fn carried<'a>(name: &str, value: &'a [u8]) -> Option<Cow<'a, [u8]>> {
     match name {
         "x-api-key" | "x-latchkey-key" | "api-key" | "x-goog-api-key" => {
@@ -126,6 +116,24 @@ mod tests {
     fn present(headers: &[(&str, &str)]) -> Result<String, Denial> {
         let h: Vec<(&str, &[u8])> = headers.iter().map(|(n, v)| (*n, v.as_bytes())).collect();
         presented(&h).map(|k| String::from_utf8(k.into_owned()).unwrap())
+    }
+
+    /// A header read for a key but not stripped would take the key to the vendor; one
+    /// stripped but not read would refuse an SDK that sends the key there.
+    #[test]
+    fn the_headers_read_for_a_key_are_the_ones_stripped() {
+        let value = format!("Bearer {KEY}");
+        let near = [
+            "cookie",
+            "x-api-keys",
+            "api_key",
+            "x-goog-api",
+            "authorization-x",
+        ];
+        for name in crate::dataplane::names::CARRIERS.iter().chain(&near) {
+            let carrier = crate::dataplane::names::CARRIERS.contains(name);
+            assert_eq!(carried(name, value.as_bytes()).is_some(), carrier, "{name}");
+        }
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub(crate) mod keys;
 pub mod mcp;
 pub mod mint;
 pub(crate) mod mutate;
+pub(crate) mod names;
 pub mod pipeline;
 pub(crate) mod redact;
 pub mod request;

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use percent_encoding::percent_decode_str;
 
 use crate::dataplane::credentials::sigv4;
-use crate::dataplane::keys::CARRIERS;
+use crate::dataplane::names::CARRIERS;
 use crate::dataplane::request::RequestView;
 use crate::dataplane::route::Route;
 use crate::dataplane::snapshot::{Injection, Proxy};

@@ -13,10 +13,12 @@ use std::sync::Arc;
 use regex::{Regex, RegexSet, RegexSetBuilder};
 
 use crate::dataplane::denial::Denial;
-use crate::dataplane::facts::{Read, Reads};
 pub use crate::dataplane::usage::is_json_media_type;
 use crate::policy::rows::RuleRow;
 use crate::policy::{Effect, Presence, ValueCondition, compile_regex};
+
+mod reads;
+pub use reads::{Name, Read, Reads};
 
 /// The compiled size all path regexes of one list may reach together.
 const SET_SIZE_LIMIT: usize = 64 << 20;
