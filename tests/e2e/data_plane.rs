@@ -134,17 +134,23 @@ fn assert_no_proxy_key(seen: &common::Seen) {
     }
 }
 
+/// A stack whose Envoy reaches `serve` over the Unix socket `socket`, and its address.
+async fn on_unix_socket(socket: &std::path::Path) -> (Stack, String) {
+    let addr = format!("unix:{}", socket.display());
+    let stack = Stack::start_configured(
+        |config| common::on_unix_socket(&config, socket),
+        &[("LATCHKEY_GRPC_ADDR", &addr)],
+    )
+    .await;
+    (stack, addr)
+}
+
 #[tokio::test]
 async fn envoy_reaches_latchkey_over_a_unix_socket() {
     let upstream = Upstream::start().await;
     let sockets = tempfile::tempdir().unwrap();
     let socket = sockets.path().join("ext_proc.sock");
-    let addr = format!("unix:{}", socket.display());
-    let stack = Stack::start_configured(
-        |config| common::on_unix_socket(&config, &socket),
-        &[("LATCHKEY_GRPC_ADDR", &addr)],
-    )
-    .await;
+    let (stack, addr) = on_unix_socket(&socket).await;
     stack.apply(&policy(&upstream.url(), ""), &secrets());
     let response = client()
         .get(stack.url("/bearer/v1/charges"))
@@ -160,6 +166,70 @@ async fn envoy_reaches_latchkey_over_a_unix_socket() {
     );
     assert_no_proxy_key(&seen);
     assert!(stack.log("latchkey").contains(&addr));
+}
+
+/// Envoy resets the ext_proc stream of each request whose client hangs up, so agents
+/// hanging up in a burst reach `serve` as a burst of resets. Streams reset before `serve`
+/// took them up must not close Envoy's connection: every other request in flight on it
+/// would fail (h2's flood guard closes it after 20 such resets by default). Written as
+/// raw frames in one write, so every reset lands before its stream can be taken up.
+#[tokio::test]
+async fn a_burst_of_streams_reset_at_once_leaves_envoys_connection_open() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const STREAMS: u32 = 100;
+    let sockets = tempfile::tempdir().unwrap();
+    let socket = sockets.path().join("ext_proc.sock");
+    let _stack = on_unix_socket(&socket).await;
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream.to_be_bytes());
+        out.extend(payload);
+        out
+    };
+    // HPACK, no table: POST, http, then :path and content-type as literals.
+    let path = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process";
+    let mut headers = vec![0x83, 0x86, 0x04, path.len() as u8];
+    headers.extend(path);
+    headers.extend([0x0f, 0x10, 16]);
+    headers.extend(b"application/grpc");
+    let mut burst = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    burst.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    for n in 0..STREAMS {
+        burst.extend(frame(0x1, 0x4, 2 * n + 1, &headers)); // HEADERS, END_HEADERS
+    }
+    for n in 0..STREAMS {
+        burst.extend(frame(0x3, 0, 2 * n + 1, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    burst.extend(frame(0x6, 0, 0, b"stillup?")); // PING
+    let mut conn = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    conn.write_all(&burst).await.unwrap();
+
+    // The connection is open if the PING is answered before any GOAWAY.
+    let answer = async {
+        loop {
+            let mut head = [0u8; 9];
+            conn.read_exact(&mut head)
+                .await
+                .expect("serve closed the connection");
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            conn.read_exact(&mut payload).await.unwrap();
+            match head[3] {
+                0x7 => panic!(
+                    "GOAWAY, error code {}",
+                    u32::from_be_bytes(payload[4..8].try_into().unwrap())
+                ),
+                0x6 if head[4] & 1 == 1 => return payload,
+                _ => {}
+            }
+        }
+    };
+    let payload = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("the PING is answered");
+    assert_eq!(payload, b"stillup?");
 }
 
 #[tokio::test]
