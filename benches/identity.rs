@@ -13,6 +13,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use criterion::{Criterion, criterion_group, criterion_main};
 use latchkey::base::crypto::MasterKey;
 use latchkey::dataplane::identity::Identities;
+use latchkey::dataplane::keys;
 use latchkey::dataplane::pipeline::{Caller, Judgement, Outcome, RequestView, decide, decide_as};
 use latchkey::dataplane::rules::Body;
 use latchkey::dataplane::snapshot::Policy;
@@ -139,8 +140,9 @@ rules:
     let allowed = |j: &Judgement| matches!(j, Judgement::Decided(d) if matches!(d.outcome, Outcome::Forward(_)));
     assert!(allowed(&decide(&policy, &key_view, &Body::Empty, NOW_MS)));
     let decide_jwt = || {
-        let verified = ready(identities.presented(&policy, jwt_view.headers, NOW_MS))
-            .expect("a token is presented");
+        let presented = keys::presented(jwt_view.headers);
+        let verified =
+            ready(identities.token(&policy, &presented, NOW_MS)).expect("a token is presented");
         decide_as(
             &policy,
             &jwt_view,

@@ -145,11 +145,12 @@ pub async fn answer_request(
     let (method, path, headers) = (req.method, req.path, req.headers);
     let body = req.body.unwrap_or_default();
     let now_ms = crate::base::clock::now_unix_ms();
-    let verified = match identities.presented(policy, headers, now_ms).await {
+    let presented = keys::presented(headers);
+    let verified = match identities.token(policy, &presented, now_ms).await {
         Some(verified) => verified?,
         // A proxy key mints nothing: a run key comes from a workload's identity.
         None => {
-            keys::presented(headers)?;
+            presented?;
             return Err(Denial::InvalidKey(
                 "run keys are minted with a workload token",
             ));

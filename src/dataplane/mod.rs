@@ -50,7 +50,7 @@ pub mod facts;
 pub(crate) mod guards;
 pub mod identity;
 mod inprocess;
-pub(crate) mod keys;
+pub mod keys;
 pub mod mcp;
 pub mod mint;
 pub(crate) mod mutate;

@@ -8,7 +8,8 @@ use arc_swap::ArcSwap;
 
 use crate::dataplane::budget::Budgets;
 use crate::dataplane::denial::Denial;
-use crate::dataplane::pipeline::{Caller, Judgement, RequestView, decide, decide_as};
+use crate::dataplane::keys;
+use crate::dataplane::pipeline::{Caller, Judgement, RequestView, decide_as};
 use crate::dataplane::rules::Body;
 use crate::dataplane::snapshot::KeyChange;
 use crate::dataplane::snapshot::Policy;
@@ -102,9 +103,10 @@ impl Shared {
         body: &Body,
         now_ms: i64,
     ) -> Judgement {
-        match self.identities.presented(policy, req.headers, now_ms).await {
+        let presented = keys::presented(req.headers);
+        match self.identities.token(policy, &presented, now_ms).await {
             Some(verified) => decide_as(policy, req, body, Caller::Token(&verified), now_ms),
-            None => decide(policy, req, body, now_ms),
+            None => decide_as(policy, req, body, Caller::Presented(&presented), now_ms),
         }
     }
 

@@ -8,13 +8,13 @@
 
 pub mod jwks;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use crate::base::crypto::hash_key;
 use crate::base::jwt::{self, Token};
 use crate::dataplane::denial::Denial;
-use crate::dataplane::keys;
 use crate::dataplane::snapshot::{KeyEntry, Policy, Trust};
 use jwks::KeySets;
 
@@ -80,17 +80,18 @@ impl Identities {
         self.verified.invalidate_all();
     }
 
-    /// The token the request presents where a proxy key goes, verified; `None` when what
-    /// it presents is no token (a proxy key, or nothing).
-    pub async fn presented(
+    /// The token a request presents where a proxy key goes (`presented`, what
+    /// [`keys::presented`](crate::dataplane::keys::presented) read of its headers), verified; `None` when what it presents is
+    /// no token (a proxy key, or nothing).
+    pub async fn token(
         &self,
         policy: &Policy,
-        headers: &[(&str, &[u8])],
+        presented: &Result<Cow<'_, [u8]>, Denial>,
         now_ms: i64,
     ) -> Option<Result<Arc<Verified>, Denial>> {
-        let key = keys::presented(headers).ok()?;
-        jwt::looks_like(&key).then_some(())?;
-        Some(self.verify(policy, &key, now_ms).await)
+        let key = presented.as_ref().ok()?;
+        jwt::looks_like(key).then_some(())?;
+        Some(self.verify(policy, key, now_ms).await)
     }
 
     /// The credential `token` stands for under `policy` at `now_ms`.
