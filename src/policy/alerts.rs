@@ -185,18 +185,6 @@ impl Webhook {
     }
 }
 
-impl crate::policy::PolicyFile {
-    /// Webhook URLs as scheme and host only, for readers who may not post to them
-    /// (a Slack-style hook's path is its token).
-    pub fn hide_webhook_paths(&mut self) {
-        for p in &mut self.proxies {
-            for hook in p.guards.iter_mut().flat_map(|g| g.webhooks.iter_mut()) {
-                hook.url = hook.shown();
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,18 @@ pub struct PolicyFile {
     pub rules: Vec<RuleSpec>,
 }
 
+impl PolicyFile {
+    /// Webhook URLs as scheme and host only, for readers who may not post to them
+    /// (a Slack-style hook's path is its token).
+    pub fn hide_webhook_paths(&mut self) {
+        for p in &mut self.proxies {
+            for hook in p.guards.iter_mut().flat_map(|g| g.webhooks.iter_mut()) {
+                hook.url = hook.shown();
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetSpec {
