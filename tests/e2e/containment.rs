@@ -810,7 +810,10 @@ fn help_never_prints_a_password_from_the_environment() {
 #[tokio::test]
 async fn a_request_latchkey_never_allowed_goes_nowhere() {
     let upstream = Upstream::start().await;
-    let cut = common::without_filter("envoy.filters.http.ext_proc", "envoy.filters.http.router");
+    let cut = common::without_filter(
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.dynamic_forward_proxy",
+    );
     let stack = Stack::start_full(common::Mode::ExtProc, cut, &[]).await;
     stack.apply(&policy(&upstream.url()), &ENV);
     common::goes_nowhere(&stack, &upstream).await;
