@@ -110,6 +110,7 @@ pub fn authenticate<'p>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dataplane::names::CARRIERS;
 
     const KEY: &str = "lk_abcdefghijklmnopqrstuvwx";
 
@@ -130,8 +131,8 @@ mod tests {
             "x-goog-api",
             "authorization-x",
         ];
-        for name in crate::dataplane::names::CARRIERS.iter().chain(&near) {
-            let carrier = crate::dataplane::names::CARRIERS.contains(name);
+        for name in CARRIERS.iter().chain(&near) {
+            let carrier = CARRIERS.contains(name);
             assert_eq!(carried(name, value.as_bytes()).is_some(), carrier, "{name}");
         }
     }

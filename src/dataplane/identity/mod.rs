@@ -80,9 +80,9 @@ impl Identities {
         self.verified.invalidate_all();
     }
 
-    /// The token a request presents where a proxy key goes (`presented`, what
-    /// [`keys::presented`](crate::dataplane::keys::presented) read of its headers), verified; `None` when what it presents is
-    /// no token (a proxy key, or nothing).
+    /// The token a request presents where a proxy key goes, verified; `None` when what
+    /// it presents is no token (a proxy key, or nothing). `presented` is what
+    /// [`keys::presented`](crate::dataplane::keys::presented) read of its headers.
     pub async fn token(
         &self,
         policy: &Policy,
