@@ -143,13 +143,12 @@ rules:
         let presented = keys::presented(jwt_view.headers);
         let verified =
             ready(identities.token(&policy, &presented, NOW_MS)).expect("a token is presented");
-        decide_as(
-            &policy,
-            &jwt_view,
-            &Body::Empty,
-            Caller::Token(&verified),
-            NOW_MS,
-        )
+        let token = presented.as_deref().expect("a token is presented");
+        let caller = Caller::Token {
+            verified: &verified,
+            token,
+        };
+        decide_as(&policy, &jwt_view, &Body::Empty, caller, NOW_MS)
     };
     assert!(allowed(&decide_jwt()));
 

@@ -107,8 +107,9 @@ async fn main() {
     // As `latchkey serve`: Envoy resets the stream of every request its client hangs up
     // on, and h2's default (20 pending) would close Envoy's connection at the end of a
     // load run, failing the requests in flight on it.
+    let resets = latchkey::envoy::channel::PENDING_RESETS_ALLOWED;
     tonic::transport::Server::builder()
-        .http2_max_pending_accept_reset_streams(Some(100_000))
+        .http2_max_pending_accept_reset_streams(Some(resets))
         .add_service(ExternalProcessorServer::new(Minimal { authority }))
         .serve(([127, 0, 0, 1], port).into())
         .await

@@ -35,8 +35,12 @@ pub enum Caller<'a> {
     /// request's headers, which are not read again.
     Presented(&'a Result<Cow<'a, [u8]>, Denial>),
     /// The workload whose token the request presents where a proxy key goes, verified
-    /// (or refused) before the pipeline ran, by `identity`.
-    Token(&'a Result<Arc<Verified>, Denial>),
+    /// (or refused) before the pipeline ran, by `identity`; `token` is what
+    /// `keys::presented` read of this request's headers, which are not read again.
+    Token {
+        verified: &'a Result<Arc<Verified>, Denial>,
+        token: &'a [u8],
+    },
     /// A named proxy credential, for `latchkey check` without a key.
     Credential(&'a str),
     /// Nobody in particular: only the proxy's own rules and default apply.
@@ -319,16 +323,22 @@ fn run(
     // The key is checked before the proxy is said to be unknown: a caller without a
     // valid key cannot tell which proxies exist.
     let presented = match caller {
-        Caller::Key | Caller::Token(_) => Some(keys::presented(req.headers)?),
+        Caller::Key => Some(keys::presented(req.headers)?),
+        // The facts screen the request for this key: it must be the request's own.
         Caller::Presented(key) => {
-            // The facts screen the request for this key: it must be the request's own.
             debug_assert_eq!(key, &keys::presented(req.headers));
             Some(Cow::Borrowed(key.as_deref().map_err(Clone::clone)?))
+        }
+        Caller::Token { token, .. } => {
+            debug_assert_eq!(Ok(Cow::Borrowed(token)), keys::presented(req.headers));
+            Some(Cow::Borrowed(token))
         }
         _ => None,
     };
     let entry = match (caller, &presented) {
-        (Caller::Token(verified), _) => Some(&verified.as_ref().map_err(Clone::clone)?.entry),
+        (Caller::Token { verified, .. }, _) => {
+            Some(&verified.as_ref().map_err(Clone::clone)?.entry)
+        }
         (_, Some(key)) => Some(keys::authenticate(policy, key, now_ms)?),
         (_, None) => None,
     };
@@ -360,7 +370,7 @@ fn run(
 
     let no_rules = RuleList::default();
     let credential = match (caller, entry) {
-        (Caller::Key | Caller::Presented(_) | Caller::Token(_), Some(entry)) => {
+        (Caller::Key | Caller::Presented(_) | Caller::Token { .. }, Some(entry)) => {
             subject.key_id = Some(entry.id.clone());
             subject.run_label = entry.label.clone();
             // A tool's price stands in for the proxy's.
@@ -385,7 +395,7 @@ fn run(
                 .credential_index(name)
                 .ok_or(Denial::InvalidKey("unknown credential"))?,
         ),
-        (Caller::Key | Caller::Presented(_) | Caller::Token(_) | Caller::Anyone, _) => None,
+        (Caller::Key | Caller::Presented(_) | Caller::Token { .. } | Caller::Anyone, _) => None,
     };
     let credential_rules = match credential {
         Some(index) => {

@@ -104,9 +104,18 @@ impl Shared {
         now_ms: i64,
     ) -> Judgement {
         let presented = keys::presented(req.headers);
-        match self.identities.token(policy, &presented, now_ms).await {
-            Some(verified) => decide_as(policy, req, body, Caller::Token(&verified), now_ms),
-            None => decide_as(policy, req, body, Caller::Presented(&presented), now_ms),
+        match (
+            self.identities.token(policy, &presented, now_ms).await,
+            &presented,
+        ) {
+            (Some(verified), Ok(token)) => {
+                let caller = Caller::Token {
+                    verified: &verified,
+                    token,
+                };
+                decide_as(policy, req, body, caller, now_ms)
+            }
+            _ => decide_as(policy, req, body, Caller::Presented(&presented), now_ms),
         }
     }
 

@@ -25,6 +25,10 @@ pub const SERVER_KEY_FILE: &str = "server.key";
 pub const ENVOY_CERT_FILE: &str = "envoy.pem";
 pub const ENVOY_KEY_FILE: &str = "envoy.key";
 
+/// Resets of streams not yet accepted that one data-plane connection may carry at once:
+/// as many as Envoy could have in flight to us, not h2's default of 20.
+pub const PENDING_RESETS_ALLOWED: usize = 100_000;
+
 /// How long minted certificates are valid, and the age at which a start mints new ones
 /// (Envoy reads its certificates at start, so it is restarted after a renewal).
 const VALIDITY: Duration = Duration::from_secs(365 * 86_400);

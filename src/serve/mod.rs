@@ -37,7 +37,7 @@ use crate::dataplane::shared::Shared;
 use crate::dataplane::snapshot::Policy;
 use crate::dataplane::spend::{self, Account, LocalSpend, RedisSpend, Spend};
 use crate::envoy::access_log::AccessLog;
-use crate::envoy::channel::{Guard, bind_unix};
+use crate::envoy::channel::{self, Guard, bind_unix};
 use crate::envoy::ext_authz::ExtAuthz;
 use crate::envoy::ext_proc::ExtProc;
 use crate::pb::admin_server::AdminServer;
@@ -50,10 +50,6 @@ use crate::telemetry::tap::Tap;
 
 mod lanes;
 mod module;
-
-/// Resets of streams not yet accepted that one data-plane connection may carry at once:
-/// as many as Envoy could have in flight to us, not h2's default of 20.
-const PENDING_RESETS_ALLOWED: usize = 100_000;
 
 pub struct ServeConfig {
     pub database_url: String,
@@ -307,7 +303,7 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             // Envoy's connection: agents hanging up in a burst while `serve` is busy
             // would have others' requests refused. This port's one client is Envoy.
             let mut server = Server::builder()
-                .http2_max_pending_accept_reset_streams(Some(PENDING_RESETS_ALLOWED));
+                .http2_max_pending_accept_reset_streams(Some(channel::PENDING_RESETS_ALLOWED));
             if let Some(tls) = &grpc_tls {
                 server = server.tls_config(tls.clone())?;
             }
@@ -354,8 +350,8 @@ pub async fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let listener = crate::envoy::channel::bind_unix_as(path, 0o600)
-            .context("the in-process module's socket")?;
+        let listener =
+            channel::bind_unix_as(path, 0o600).context("the in-process module's socket")?;
         let feed = module::Feed {
             shared: shared.clone(),
             store: store.clone(),
