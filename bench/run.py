@@ -21,7 +21,8 @@ credential and no proxy key; a run where any did not is an error, not a result.
 
 Then Envoy's instructions per request in A, C, D and G, counted by callgrind on its
 worker thread: the same on any machine, and what bounds throughput here (the worker is
-the one saturated thread). Then the scale check: start-up time and resident memory of
+the one saturated thread); and in M, G's module alone in A's config (counted, not
+loaded), which splits G's count over A into the module's and the shipped config's. Then the scale check: start-up time and resident memory of
 `latchkey serve` with 10,000 proxies and 100,000 keys, and what the in-process module
 holds of them in Envoy.
 
@@ -256,6 +257,38 @@ def inprocess_config(listen, admin, grpc, state):
     """G: the shipped in-process config, its module fed from `state`'s latchkey."""
     text = shipped("envoy-inprocess.yaml", listen, admin, grpc, state / "tls")
     return text.replace(".latchkey/module.sock", f"{state}/module.sock")
+
+
+# M (counted, not loaded): G's module in A's config, routed by its mark as G routes, with
+# none of the shipped config's parts around it (forward proxy, hand-on path, hardening,
+# access log). Measurement only: what the module costs, beside what the rest costs.
+MODULE = """                  - name: envoy.filters.http.dynamic_modules
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter
+                      dynamic_module_config: {{ name: latchkey_module, do_not_close: true }}
+                      filter_name: latchkey
+                      filter_config:
+                        "@type": type.googleapis.com/google.protobuf.StringValue
+                        value: '{{"socket": "{socket}", "mark": "cluster", "hand_on": "metadata"}}'
+"""
+MARKED_ROUTES = """routes:
+                        - match:
+                            prefix: "/"
+                            dynamic_metadata:
+                              - filter: latchkey
+                                path: [{ key: in_process }]
+                                value: { string_match: { exact: latchkey_plain } }
+                          route: { cluster: upstream }
+                        - match: { prefix: "/" }
+                          direct_response: { status: 500 }"""
+
+
+def module_alone_config(listen, admin, upstream, state):
+    text = PASSTHROUGH.format(admin=admin, listen=listen, upstream=upstream, secret=SECRET,
+                              filters=MODULE.format(socket=state / "module.sock"))
+    routes = 'routes: [{ match: { prefix: "/" }, route: { cluster: upstream } }]'
+    assert routes in text
+    return text.replace(routes, MARKED_ROUTES)
 
 
 def envoy_env():
@@ -679,6 +712,7 @@ def main():
             "F": (lambda l, a: unix_config(l, a, sock), True),
             "G": (lambda l, a: inprocess_config(l, a, grpc, state), True),
         }
+        module_alone = lambda l, a: module_alone_config(l, a, upstream_port, state)
         only = os.environ.get("BENCH_ONLY")
         if only:
             configs = {n: c for n, c in configs.items() if n in only}
@@ -714,6 +748,8 @@ def main():
                 procs.stop(envoy)
         counted = {} if SMOKE else {
             name: instructions(name, configs[name][0], work, procs) for name in "ACDG" if name in configs}
+        if "G" in counted:
+            counted["M"] = instructions("M", module_alone, work, procs)
         for name, count in counted.items():
             print(f"{name}: {count:,.0f} instructions per request on Envoy's worker", flush=True)
         procs.stop_all()
@@ -775,6 +811,13 @@ def write_report(med, scale, results, counted):
         + f". The worker is the thread a throughput run saturates, and throughput goes nearly "
         f"as the inverse of its count: A/G {counted['A'] / counted['G']:.2f} (G/A's target of "
         f"0.90 asks G ≤ {counted['A'] / 0.9:,.0f}), C/D {counted['C'] / counted['D']:.2f}",
+        f"- what bounds G/A: M, G's module in A's config, routed by its mark, with none of the "
+        f"shipped config's parts around it, counts {counted['M']:,.0f}. The module costs "
+        f"{counted['M'] - counted['A']:+,.0f} over A, the parts around it (the forward proxy, the "
+        f"hand-on path, the hardening, the access log's filter) G − M "
+        f"{counted['G'] - counted['M']:+,.0f}. Without those parts A/M is "
+        f"{counted['A'] / counted['M']:.2f}; with them, a module that cost nothing would leave "
+        f"A/G at {counted['A'] / (counted['G'] - counted['M'] + counted['A']):.2f}",
         f"- throughput D/A {d['rps'] / med['A']['rps']:.2f}, D/B {d['rps'] / med['B']['rps']:.2f}, "
         f"D/C {d['rps'] / c['rps']:.2f} (target ≥ 0.87; here and below, ratios of the medians), "
         f"E/C {med['E']['rps'] / c['rps']:.2f}",
