@@ -178,14 +178,22 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     end_of_stream: bool,
 ) -> u32 {
     let decided = barrier("request_headers", None, || {
-        // SAFETY: Envoy hands the filter it made in `filter_new`, one hook at a time
-        // (null if that failed: then the request is refused below).
-        let filter = unsafe { (filter as *mut Filter).as_mut() }?;
+        // Null if `filter_new` failed: then the request is refused below.
+        let filter = filter as *mut Filter;
+        if filter.is_null() {
+            return None;
+        }
         // SAFETY: `envoy` is this stream's filter, alive during the hook.
         let (verdict, pending) = unsafe { judge(envoy, end_of_stream) };
-        filter.pending = pending;
+        // SAFETY: Envoy hands the filter it made in `filter_new`, one hook at a time. No
+        // borrow of it is held while Envoy is called: a denial's reply runs this filter's
+        // response hook from within `apply`.
+        unsafe { (*filter).pending = pending };
         // SAFETY: as above; the header slices `judge` read are no longer held.
-        Some(unsafe { apply(envoy, verdict, filter) })
+        let (status, shown) = unsafe { apply(envoy, verdict) };
+        // SAFETY: as above, Envoy no longer being called.
+        unsafe { (*filter).shown = shown };
+        Some(status)
     });
     decided.unwrap_or_else(|| {
         // Fail closed: a request the module could not judge does not go upstream.
@@ -249,8 +257,8 @@ unsafe fn headers(envoy: FilterEnvoy, which: u32) -> Vec<EnvoyHeader> {
     }
 }
 
-/// Envoy told what the verdict says.
-unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u32 {
+/// Envoy told what the verdict says; with what the response is to show (`Filter::shown`).
+unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict) -> (u32, Vec<(&'static str, String)>) {
     match verdict {
         Verdict::HandOn => {
             // The composite filter next in the chain makes the ext_proc filter for this
@@ -260,7 +268,7 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
             // instructions more.)
             // SAFETY: `envoy` is alive; the buffers outlive the call.
             unsafe { mark(envoy, b"no") };
-            CONTINUE
+            (CONTINUE, Vec::new())
         }
         Verdict::Forward { mut forward, shown } => {
             // The route picks the cluster from the mark: no header to set and remove.
@@ -279,8 +287,7 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
                 // The authority changed, and so did the metadata the route matches on.
                 envoy_dynamic_module_callback_http_clear_route_cache(envoy);
             }
-            filter.shown = shown.headers();
-            CONTINUE
+            (CONTINUE, shown.headers())
         }
         Verdict::Deny {
             status,
@@ -294,7 +301,7 @@ unsafe fn apply(envoy: FilterEnvoy, verdict: Verdict, filter: &mut Filter) -> u3
                     headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
                 reply(envoy, status, &headers, &body);
             }
-            STOP_ITERATION
+            (STOP_ITERATION, Vec::new())
         }
     }
 }

@@ -6,7 +6,8 @@
 //! [`admission`] 6 to 8):
 //!
 //! 1. **route** ([`route`]): the first path segment names the proxy; the rest, normalised
-//!    and with hostile encodings refused, is the upstream path.
+//!    and with hostile encodings refused, is the upstream path. `TRACE` and `TRACK`,
+//!    which an upstream echoes back with the credential, are refused first.
 //! 2. **authenticate** ([`keys`]): the proxy key from whichever header carries it, looked
 //!    up by hash in the snapshot, expiry and quarantine checked. Before the proxy is said to be unknown,
 //!    so a caller without a key cannot list proxies.

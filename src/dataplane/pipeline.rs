@@ -313,6 +313,16 @@ fn run(
         duplicate,
         approval,
     } = found;
+    // An upstream that answers TRACE sends the request back as it reached it, the
+    // credential set here included. (Compared in any case: some servers read it so.)
+    if ["TRACE", "TRACK"]
+        .iter()
+        .any(|m| req.method.eq_ignore_ascii_case(m))
+    {
+        return Err(Denial::InvalidRequest(
+            "TRACE and TRACK are refused: the upstream would echo its credential",
+        ));
+    }
     let route = route(req.path)?;
     let proxy = policy.proxy(&route.proxy);
     if let Some(proxy) = proxy {

@@ -577,6 +577,34 @@ async fn paths_and_overrides_the_upstream_reads_differently_are_refused() {
     );
 }
 
+/// An upstream that answers TRACE sends the request back as it reached it, the
+/// credential latchkey set included. On a proxy that allows every method, TRACE and
+/// TRACK, in any case, are refused before they are forwarded.
+#[tokio::test]
+async fn trace_is_refused_before_it_could_echo_the_credential() {
+    let upstream = Upstream::start().await;
+    let stack = Stack::start().await;
+    stack.apply(&policy(&upstream.url()), &ENV);
+    let http = client();
+    let send = |method: &str| {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        (http.request(method, stack.url("/vendor/v1/charges")))
+            .bearer_auth(AGENT_KEY)
+            .send()
+    };
+    let (status, kind, _) = common::denial(send("TRACE").await.unwrap()).await;
+    assert_eq!((status, kind.as_str()), (400, "invalid_request"));
+    // Methods are case-sensitive, but a server may read them otherwise; Envoy's HTTP/1
+    // parser refuses TRACK itself. Refused by latchkey or by Envoy, never forwarded.
+    for method in ["TRACK", "trace", "Track"] {
+        let status = send(method).await.unwrap().status();
+        assert_eq!(status, 400, "{method}");
+    }
+    assert!(upstream.take().is_empty(), "none reached the vendor");
+    assert_eq!(send("GET").await.unwrap().status(), 200);
+    assert_eq!(send("OPTIONS").await.unwrap().status(), 200);
+}
+
 #[tokio::test]
 async fn a_deny_rule_on_the_body_judges_or_refuses() {
     let upstream = Upstream::start().await;
