@@ -318,14 +318,21 @@ async fn converse(
             anyhow::ensure!(length <= MAX_BATCH_FRAME, "a frame of {length} bytes");
             let mut body = vec![0u8; length];
             read.read_exact(&mut body).await?;
-            let batch = Batch::parse(&body).context("a batch of records")?;
+            let mut batch = Batch::parse(&body).context("a batch of records")?;
             heard.store(true, Ordering::Release);
             if let Some(version) = batch.version {
                 feed.shared.modules.send_modify(|m| {
                     m.insert(id, version);
                 });
             }
+            // The module's counts, as it stops deciding to compile a push: requests it
+            // let through that are still open count here too, while this process decides
+            // in its place. (After the records before them, which are counted as stored.)
+            let counts: Vec<(String, u64)> = (batch.counts.drain(..))
+                .map(|c| (c.key, c.until_us))
+                .collect();
             store(&feed.shared, batch).await;
+            feed.shared.budgets.take_up(&counts);
         }
     };
     tokio::pin!(receiving);

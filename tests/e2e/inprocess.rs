@@ -230,6 +230,7 @@ async fn a_module_that_never_answers_holds_up_nothing_and_is_pushed_less_often()
     let hello = Batch {
         records: Vec::new(),
         version: Some(-1),
+        counts: Vec::new(),
     };
     answering.write_all(&hello.frame()).unwrap();
     // Past how long a change waits for a module.
@@ -296,6 +297,75 @@ async fn an_envoy_restart_starts_no_limit_afresh() {
     assert_eq!(stack.envoy_counter(EXT_PROC).await, 0, "decided in process");
 }
 
+/// While a module compiles a whole policy, `serve` decides in its place, and must count
+/// what the module let through that is still open (a record comes when its request
+/// ends, and an agent can hold requests open): the module sends its counts as it
+/// starts to compile, and `serve` holds to them.
+#[tokio::test]
+async fn counts_a_module_sends_as_it_compiles_hold_in_serve() {
+    use latchkey::envoy::module::wire::{Batch, Count, ToModule, read_body};
+    use std::io::Write;
+    const READER: &str = "lk_inprocessREADER0000000000002";
+    let upstream = Upstream::start().await;
+    let stack = Stack::start_in(Mode::InProcess).await;
+    // `bodied` is decided by `serve` (it reads bodies); its caller has a limit.
+    let reader = "  - name: reader\n    type: proxy\n";
+    let limited = policy(&upstream.url()).replace(
+        reader,
+        &format!(
+            "{reader}    keys: [{{ env: READER }}]\n    limits: {{ requests_per_day: 100 }}\n"
+        ),
+    );
+    stack.apply(
+        &limited,
+        &[("KEY", KEY), ("SECRET", SECRET), ("READER", READER)],
+    );
+    assert_eq!(get(&stack, "/bodied/v1/a", READER).await.status(), 200);
+    // A module on `serve`'s socket is pushed the policy, with `serve`'s count of it.
+    let socket = stack.dir.path().join(MODULE_SOCKET);
+    let mut channel = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    channel
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let body = read_body(&mut channel).unwrap().expect("a push");
+    let ToModule::Policy(push) = serde_json::from_slice::<ToModule>(&body).unwrap() else {
+        panic!("a push first")
+    };
+    let [(key, _)] = &push.counts[..] else {
+        panic!("one limit in use: {:?}", push.counts)
+    };
+    // The module's count: the day's 100 used up (a limit admits while its next free
+    // moment is less than its period ahead).
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let counts = Batch {
+        records: Vec::new(),
+        version: None,
+        counts: vec![Count {
+            key: key.clone(),
+            until_us: now_us + 2 * 86_400_000_000,
+        }],
+    };
+    channel.write_all(&counts.frame()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = get(&stack, "/bodied/v1/a", READER).await;
+        if response.status() == 429 {
+            let (_, kind, _) = denial(response).await;
+            assert_eq!(kind, "rate_limited");
+            break;
+        }
+        assert_eq!(response.status(), 200);
+        assert!(
+            Instant::now() < deadline,
+            "serve did not hold to the counts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Between pushes `serve` says it is there: a module that hears nothing for
 /// `SILENCE` takes `serve` for hung and stops deciding by its last policy.
 #[tokio::test]
@@ -318,6 +388,7 @@ async fn serve_beats_between_pushes() {
     let hello = Batch {
         records: Vec::new(),
         version: Some(-1),
+        counts: Vec::new(),
     };
     answering.write_all(&hello.frame()).unwrap();
     let started = Instant::now();
@@ -333,6 +404,7 @@ async fn serve_beats_between_pushes() {
     let compiled = Batch {
         records: Vec::new(),
         version: Some(push.version),
+        counts: Vec::new(),
     };
     answering.write_all(&compiled.frame()).unwrap();
     // (The first may be a beat already on its way.)

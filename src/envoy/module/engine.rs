@@ -484,6 +484,7 @@ rules:
         let batch = Batch {
             records: vec![record],
             version: Some(7),
+            counts: Vec::new(),
         };
         let bytes = batch.frame();
         let mut batch = Batch::parse(&bytes[4..]).unwrap();

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::envoy::module::wire::{BATCH_RECORDS, Batch, MAX_BATCH_FRAME, Record};
+use crate::envoy::module::wire::{
+    BATCH_COUNTS, BATCH_RECORDS, Batch, Count, MAX_BATCH_FRAME, Record,
+};
 
 /// A request between its decision and its record's queueing: a channel that closes
 /// waits for these, so a request decided just before `serve` stopped is not left out.
@@ -30,7 +32,8 @@ impl Drop for Deciding {
 
 /// Records on their way to `serve`: sent in batches of up to [`BATCH`] records and
 /// [`BATCH_BYTES`], at least every [`FLUSH_EVERY`]; kept while `serve` is away (or is
-/// of another build), up to [`MAX_QUEUED`].
+/// of another build), up to [`MAX_QUEUED`]. And the rate-limit counts `send_counts` is
+/// given, sent at once after the records queued before them.
 pub(super) struct Outbox {
     pub(super) queue: Mutex<VecDeque<Record>>,
     ready: Condvar,
@@ -39,6 +42,9 @@ pub(super) struct Outbox {
     /// The policy version last taken up, and the one `serve` was last told of.
     pub(super) taken_up: AtomicI64,
     told: AtomicI64,
+    /// Rate-limit counts for `serve`, sent ahead of any record (`send_counts`).
+    pub(super) counts: Mutex<Vec<Count>>,
+    counts_waiting: AtomicBool,
     /// Requests decided whose records are not queued yet.
     pub(super) deciding: AtomicU64,
     pub(super) queued: AtomicU64,
@@ -70,12 +76,32 @@ impl Default for Outbox {
             peer_ok: AtomicBool::new(false),
             taken_up: AtomicI64::new(-1),
             told: AtomicI64::new(NEVER),
+            counts: Mutex::default(),
+            counts_waiting: AtomicBool::new(false),
             deciding: AtomicU64::default(),
             queued: AtomicU64::default(),
             sent: AtomicU64::default(),
             dropped: AtomicU64::default(),
         }
     }
+}
+
+/// How many of `items`, from the first, go in one batch: `most` at most, and no more
+/// than [`BATCH_BYTES`] of frame, but at least one (no item is near that alone).
+fn fitting<'a, M: prost::Message + 'a>(
+    items: impl ExactSizeIterator<Item = &'a M>,
+    most: usize,
+) -> usize {
+    let any = items.len() > 0;
+    let mut bytes = 0;
+    let fits = items.take(most).take_while(|m| {
+        // An item in the frame: its field's tag (one byte), its length (a varint) and
+        // itself.
+        let len = m.encoded_len();
+        bytes += 1 + prost::length_delimiter_len(len) + len;
+        bytes <= BATCH_BYTES
+    });
+    fits.count().max(usize::from(any))
 }
 
 impl Outbox {
@@ -124,6 +150,28 @@ impl Outbox {
         self.ready.notify_all();
     }
 
+    /// Counts to send `serve` at once, in place of any not sent yet: this module's
+    /// rate-limit counts (`Budgets::in_use`), as it stops deciding to compile a push.
+    pub(super) fn send_counts(&self, counts: Vec<(String, u64)>) {
+        let counts = (counts.into_iter())
+            .map(|(key, until_us)| Count { key, until_us })
+            .collect::<Vec<_>>();
+        let waiting = !counts.is_empty();
+        *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
+        self.counts_waiting.store(waiting, Ordering::Release);
+        self.wake();
+    }
+
+    /// The next of the counts waiting, as many as fit a batch.
+    fn next_counts(&self) -> Vec<Count> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = fitting(counts.iter(), BATCH_COUNTS);
+        let next: Vec<Count> = counts.drain(..n).collect();
+        self.counts_waiting
+            .store(!counts.is_empty(), Ordering::Release);
+        next
+    }
+
     pub(super) fn push(&self, record: Record) {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         self.queued.fetch_add(1, Ordering::AcqRel);
@@ -154,29 +202,32 @@ impl Outbox {
                 let _ = self.ready.wait_timeout(queue, FLUSH_EVERY);
                 continue;
             }
+            let counts_waiting = || self.counts_waiting.load(Ordering::Acquire);
             let batch: Vec<Record> = {
                 let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 let (mut queue, _) = self
                     .ready
                     .wait_timeout_while(queue, FLUSH_EVERY, |q| {
                         let closing = closed.load(Ordering::Acquire);
-                        q.len() < BATCH && !untold() && (!closing || q.is_empty())
+                        q.len() < BATCH
+                            && !untold()
+                            && !counts_waiting()
+                            && (!closing || q.is_empty())
                     })
                     .unwrap_or_else(|p| p.into_inner());
-                let mut bytes = 0;
-                let fits = queue.iter().take(BATCH).take_while(|r| {
-                    // A record in the frame: its field's tag (one byte), its length
-                    // (a varint) and itself.
-                    let len = prost::Message::encoded_len(*r);
-                    bytes += 1 + prost::length_delimiter_len(len) + len;
-                    bytes <= BATCH_BYTES
-                });
-                // At least one: a record is never near the limit alone.
-                let n = fits.count().max(usize::from(!queue.is_empty()));
+                let n = fitting(queue.iter(), BATCH);
                 queue.drain(..n).collect()
             };
+            // Counts go once the records queued before them have, in a batch of their
+            // own (either may fill a frame): `serve` counts the records, then takes the
+            // counts up as the later of its own and these, so that only requests still
+            // open are counted twice (when their records come).
+            let counts = match batch.is_empty() {
+                true => self.next_counts(),
+                false => Vec::new(),
+            };
             let closing = closed.load(Ordering::Acquire);
-            if closing && batch.is_empty() && !untold() {
+            if closing && batch.is_empty() && counts.is_empty() && !untold() {
                 // Done once no decided request is still to be recorded.
                 let since: &Instant = closed_at.get_or_insert_with(Instant::now);
                 // A record is queued before its request stops counting as deciding: with
@@ -189,13 +240,14 @@ impl Outbox {
             }
             let version = self.taken_up.load(Ordering::Acquire);
             let tell = version != self.told.load(Ordering::Acquire);
-            if batch.is_empty() && !tell {
+            if batch.is_empty() && counts.is_empty() && !tell {
                 continue;
             }
             let n = batch.len() as u64;
             let mut batch = Batch {
                 records: batch,
                 version: tell.then_some(version),
+                counts,
             };
             if out.write_all(&batch.frame()).is_err() {
                 let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -273,6 +325,42 @@ mod tests {
             got += batch.records.len();
         }
         assert_eq!(got, many);
+        closed.store(true, Ordering::Release);
+        outbox.wake();
+        sender.join().unwrap();
+    }
+
+    /// Counts go at once, after the records queued before them and in a batch of their
+    /// own, in as many batches as they need.
+    #[test]
+    fn counts_follow_the_records_queued_before_them_in_batches_of_their_own() {
+        let outbox: &'static Outbox = Box::leak(Box::default());
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let closed: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+        outbox.peer(true);
+        outbox.taken_up(7);
+        let sender = std::thread::spawn(move || outbox.send_until(ours, closed));
+        let told = next_batch(&mut theirs, Duration::from_secs(5)).expect("the version");
+        assert_eq!((told.version, told.records.len()), (Some(7), 0));
+        for _ in 0..3 {
+            outbox.push(record(10));
+        }
+        let counts: Vec<(String, u64)> = (0..BATCH_COUNTS + 1)
+            .map(|i| (format!("c:agent-{i}:rpm"), 1_700_000_000_000_000 + i as u64))
+            .collect();
+        outbox.send_counts(counts.clone());
+        // Without waiting out the flush interval: the first batch is there at once.
+        let started = Instant::now();
+        let records = next_batch(&mut theirs, Duration::from_secs(5)).expect("the records");
+        assert!(started.elapsed() < FLUSH_EVERY, "{:?}", started.elapsed());
+        assert_eq!((records.records.len(), records.counts.len()), (3, 0));
+        let mut got = Vec::new();
+        while got.len() < counts.len() {
+            let batch = next_batch(&mut theirs, Duration::from_secs(5)).expect("counts");
+            assert!(batch.records.is_empty() && batch.counts.len() <= BATCH_COUNTS);
+            got.extend(batch.counts.into_iter().map(|c| (c.key, c.until_us)));
+        }
+        assert_eq!(got, counts);
         closed.store(true, Ordering::Release);
         outbox.wake();
         sender.join().unwrap();

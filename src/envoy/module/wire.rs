@@ -29,6 +29,9 @@ pub const MAX_BATCH_FRAME: usize = 32 << 20;
 /// The most records in a batch, which the module sends and `serve` accepts.
 pub const BATCH_RECORDS: usize = 1024;
 
+/// The most rate-limit counts in a batch, which the module sends and `serve` accepts.
+pub const BATCH_COUNTS: usize = 65_536;
+
 /// What both sides must have been built from to talk: a module of another latchkey
 /// could read a policy without the parts it does not know, and decide by less.
 pub const BUILD: &str = concat!(env!("CARGO_PKG_VERSION"), "/wire-4");
@@ -109,6 +112,21 @@ pub struct Batch {
     pub records: Vec<Record>,
     #[prost(int64, optional, tag = "2")]
     pub version: Option<i64>,
+    /// The module's rate-limit counts, sent as it starts to compile a whole policy.
+    /// Until it has, `serve` decides what the module would, and `serve` knows a request
+    /// the module let through only from its record, which comes when the request ends:
+    /// without these, requests held open across a push would not count there.
+    #[prost(message, repeated, tag = "3")]
+    pub counts: Vec<Count>,
+}
+
+/// A rate limit's count: its key and when it is next free, in µs (`Budgets::in_use`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Count {
+    #[prost(string, tag = "1")]
+    pub key: String,
+    #[prost(uint64, tag = "2")]
+    pub until_us: u64,
 }
 
 /// One request the module decided, and how it ended (`None` if Envoy never said).
@@ -285,18 +303,21 @@ impl Batch {
         out
     }
 
-    /// A frame's body as a batch, of [`BATCH_RECORDS`] at most. They are counted before
-    /// any is decoded: an empty record is 2 bytes in a frame and hundreds in memory, so
-    /// a frame of empty records would ask `serve` for gigabytes.
+    /// A frame's body as a batch, of [`BATCH_RECORDS`] and [`BATCH_COUNTS`] at most.
+    /// They are counted before any is decoded: an empty record is 2 bytes in a frame and
+    /// hundreds in memory, so a frame of empty records would ask `serve` for gigabytes.
     pub fn parse(body: &[u8]) -> io::Result<Self> {
         let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
         let mut fields = body;
-        let mut records = 0;
+        let (mut records, mut counts) = (0, 0);
         while !fields.is_empty() {
             let (tag, wire_type) = prost::encoding::decode_key(&mut fields).map_err(invalid)?;
             records += usize::from(tag == 1);
-            if records > BATCH_RECORDS {
-                let more = format!("more than {BATCH_RECORDS} records in a batch");
+            counts += usize::from(tag == 3);
+            if records > BATCH_RECORDS || counts > BATCH_COUNTS {
+                let more = format!(
+                    "more than {BATCH_RECORDS} records or {BATCH_COUNTS} counts in a batch"
+                );
                 return Err(io::Error::new(io::ErrorKind::InvalidData, more));
             }
             prost::encoding::skip_field(wire_type, tag, &mut fields, Default::default())
@@ -345,6 +366,10 @@ mod tests {
         let batch = Batch {
             records: vec![record],
             version: Some(7),
+            counts: vec![Count {
+                key: "c:agent:rpm".into(),
+                until_us: 1_700_000_000_000_000,
+            }],
         };
         let frame = batch.frame();
         let length = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
@@ -353,15 +378,20 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_of_more_records_than_the_module_sends_is_refused_undecoded() {
+    fn a_batch_of_more_records_or_counts_than_the_module_sends_is_refused_undecoded() {
         let full = Batch {
             records: vec![Record::default(); BATCH_RECORDS],
             version: Some(7),
+            counts: vec![Count::default(); BATCH_COUNTS],
         };
         assert_eq!(Batch::parse(&full.frame()[4..]).unwrap(), full);
         // One more; and the frame of empty records an attacker would send: 2 bytes each.
         let mut over = full.frame()[4..].to_vec();
         over.extend_from_slice(&[0x0a, 0x00]);
+        assert!(Batch::parse(&over).is_err());
+        // So too one more count.
+        let mut over = full.frame()[4..].to_vec();
+        over.extend_from_slice(&[0x1a, 0x00]);
         assert!(Batch::parse(&over).is_err());
         let empties = [0x0a, 0x00].repeat(MAX_BATCH_FRAME / 2);
         assert!(Batch::parse(&empties).is_err());

@@ -118,13 +118,19 @@ impl Engine {
                 self.outbox.peer(push.build == BUILD);
                 // Before anything is decided by it: the limits `serve` counted, this
                 // module's among them, are not started afresh by an Envoy restarted.
+                // And `serve` is sent this module's counts, for it to decide in its
+                // place: it has the records of the requests counted here that ended, not
+                // of those still open, which an agent could hold open across the push.
+                // (When their records come, `serve` counts those once more: over, not
+                // under.)
                 if push.build == BUILD {
                     self.budgets.take_up(&push.counts);
+                    self.outbox.send_counts(self.budgets.in_use());
                 }
                 // Until it is compiled (seconds, with 100,000 keys), `serve`, which has it
                 // in force already, decides: the policy it replaces may hold a key revoked
                 // since (on another replica), and a request the module hands on counts
-                // against the limits it counted here (`serve` has its records).
+                // against the limits counted here (sent above).
                 self.loaded.store(None);
                 // A panic compiling must not end the channel with the old policy still in
                 // force.
@@ -510,6 +516,27 @@ mod tests {
         };
         assert_eq!(status, 429);
         assert_eq!(engine.version(), Some(7), "a beat, nothing else");
+    }
+
+    /// A whole policy to compile: `serve` decides meanwhile, and is sent the counts made
+    /// here first, those of requests still open among them (their records come when
+    /// they end).
+    #[test]
+    fn a_push_sends_serve_the_counts_made_here() {
+        fn quiet(_: bool, _: &str) {}
+        let engine = engine();
+        assert!(matches!(
+            ask(engine, "/api/v1/x", AGENT, false).0,
+            Verdict::Forward { .. }
+        ));
+        let made = engine.budgets.in_use();
+        assert_eq!(made.len(), 1);
+        assert!(engine.outbox.counts.lock().unwrap().is_empty());
+        (engine.take(&body(&ToModule::Policy(Box::new(push()))), quiet)).unwrap();
+        let sent: Vec<(String, u64)> = (engine.outbox.counts.lock().unwrap().iter())
+            .map(|c| (c.key.clone(), c.until_us))
+            .collect();
+        assert_eq!(sent, made);
     }
 
     /// A `serve` that keeps the socket open and says nothing (hung, or stuck making a
