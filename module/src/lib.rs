@@ -186,13 +186,17 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
         // SAFETY: `envoy` is this stream's filter, alive during the hook.
         let (verdict, pending) = unsafe { judge(envoy, end_of_stream) };
         // SAFETY: Envoy hands the filter it made in `filter_new`, one hook at a time. No
-        // borrow of it is held while Envoy is called: a denial's reply runs this filter's
-        // response hook from within `apply`.
+        // borrow of it is held while Envoy is called, nor is it touched after a denial's
+        // reply: whether Envoy runs the reply, and this filter's other hooks and its
+        // destruction, within that call or after this hook is Envoy's to choose.
         unsafe { (*filter).pending = pending };
         // SAFETY: as above; the header slices `judge` read are no longer held.
         let (status, shown) = unsafe { apply(envoy, verdict) };
-        // SAFETY: as above, Envoy no longer being called.
-        unsafe { (*filter).shown = shown };
+        if !shown.is_empty() {
+            // SAFETY: as above: only a forwarded request shows figures, and forwarding
+            // replies nothing.
+            unsafe { (*filter).shown = shown };
+        }
         Some(status)
     });
     decided.unwrap_or_else(|| {

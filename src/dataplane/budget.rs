@@ -30,6 +30,12 @@ impl Clock for SystemClock {
     }
 }
 
+/// How far ahead a limit's arrival time can be: a day's period, and the intervals of a
+/// few retries counted on top.
+const FURTHEST_US: u64 = 2 * 86_400_000_000;
+/// The longest store key of a limit (names of a credential, a proxy, a tool).
+const LONGEST_KEY: usize = 1024;
+
 /// `limit` requests per `period_ms`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
@@ -273,11 +279,16 @@ impl LocalBudgets {
     }
 
     /// Takes up counts made elsewhere: each limit's is the later of its own and the one
-    /// given, so nothing counted here is forgotten.
+    /// given, so nothing counted here is forgotten. A count no limit could have made (an
+    /// arrival time more than [`FURTHEST_US`] ahead, which would also overflow the
+    /// arithmetic, or a key past [`LONGEST_KEY`]) is left out.
     fn take_up(&self, counts: &[(String, u64)]) {
         let now = self.clock.now_ms() * 1000;
         let mut tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
-        for (key, tat) in counts.iter().filter(|(_, tat)| *tat > now) {
+        let possible = |(key, tat): &&(String, u64)| {
+            *tat > now && *tat - now <= FURTHEST_US && key.len() <= LONGEST_KEY
+        };
+        for (key, tat) in counts.iter().filter(possible) {
             let own = tats.get(key);
             if own.is_some_and(|own| own >= *tat) || (own.is_none() && !tats.room(1, now)) {
                 continue;
@@ -504,6 +515,11 @@ mod tests {
         let own = module.in_use();
         let (key, tat) = own[0].clone();
         module.take_up(&[(key.clone(), tat - 1)]);
+        assert_eq!(module.in_use(), own);
+        // None that no limit could have made: further ahead than any, or a key longer.
+        let far = clock.now_ms() * 1000 + FURTHEST_US + 1;
+        module.take_up(&[(key.clone(), far), ("k".repeat(LONGEST_KEY + 1), tat)]);
+        module.take_up(&[(key.clone(), u64::MAX)]);
         assert_eq!(module.in_use(), own);
         module.take_up(&[(key, tat + 60_000_000)]);
         assert!(matches!(deciding.admit(&limits), Admission::Refused { .. }));

@@ -345,12 +345,12 @@ async fn counts_a_module_sends_as_it_compiles_hold_in_serve() {
         version: None,
         counts: vec![Count {
             key: key.clone(),
-            until_us: now_us + 2 * 86_400_000_000,
+            until_us: now_us + 86_400_000_000,
         }],
     };
     channel.write_all(&counts.frame()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    // At most 40 tries, so that `serve`'s own count (100 a day) never refuses.
+    for tries in 1.. {
         let response = get(&stack, "/bodied/v1/a", READER).await;
         if response.status() == 429 {
             let (_, kind, _) = denial(response).await;
@@ -358,11 +358,8 @@ async fn counts_a_module_sends_as_it_compiles_hold_in_serve() {
             break;
         }
         assert_eq!(response.status(), 200);
-        assert!(
-            Instant::now() < deadline,
-            "serve did not hold to the counts"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(tries < 40, "serve did not hold to the counts");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

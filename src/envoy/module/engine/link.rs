@@ -118,20 +118,22 @@ impl Engine {
                 self.outbox.peer(push.build == BUILD);
                 // Before anything is decided by it: the limits `serve` counted, this
                 // module's among them, are not started afresh by an Envoy restarted.
-                // And `serve` is sent this module's counts, for it to decide in its
-                // place: it has the records of the requests counted here that ended, not
-                // of those still open, which an agent could hold open across the push.
-                // (When their records come, `serve` counts those once more: over, not
-                // under.)
                 if push.build == BUILD {
                     self.budgets.take_up(&push.counts);
-                    self.outbox.send_counts(self.budgets.in_use());
                 }
                 // Until it is compiled (seconds, with 100,000 keys), `serve`, which has it
                 // in force already, decides: the policy it replaces may hold a key revoked
                 // since (on another replica), and a request the module hands on counts
-                // against the limits counted here (sent above).
+                // against the limits counted here (sent next).
                 self.loaded.store(None);
+                // `serve` has the records of the requests counted here that ended, not of
+                // those still open, which an agent could hold open across the push: it is
+                // sent this module's counts, once nothing more is counted here. (When
+                // their records come, it counts the open ones once more: over, not
+                // under.)
+                if push.build == BUILD {
+                    self.outbox.send_counts(self.budgets.in_use());
+                }
                 // A panic compiling must not end the channel with the old policy still in
                 // force.
                 let loaded = std::panic::catch_unwind(move || load(*push))
