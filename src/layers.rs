@@ -40,30 +40,43 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The violations in `src`: each file's imports checked against its layer.
-fn violations(src: &Path) -> Vec<String> {
+/// A source in a layer's folder: its path from `src`, that path's parts, and its code
+/// (`code_of`).
+struct Source {
+    path: PathBuf,
+    parts: Vec<String>,
+    code: String,
+}
+
+/// The sources in the layers' folders. Not the crate root's files (`lib.rs`, `main.rs`,
+/// this one), which wire the layers, nor a module's unit tests kept in a file of their
+/// own (`tests.rs`), read as its `mod tests`.
+fn layered_sources(src: &Path) -> Vec<Source> {
     let mut files = Vec::new();
     sources(src, &mut files);
-    let mut found = Vec::new();
+    let mut out = Vec::new();
     for file in files {
-        let relative = file.strip_prefix(src).expect("under src");
-        let Some(layer) = relative
-            .components()
-            .next()
-            .and_then(|c| c.as_os_str().to_str())
-            .filter(|_| relative.components().count() > 1)
-        else {
-            continue; // lib.rs, main.rs, this file: the crate's root wires the layers.
-        };
-        let own = rank(layer).unwrap_or_else(|| panic!("{layer}/ is not a layer in LAYERS"));
-        // A module's unit tests kept in a file of their own, read as its `mod tests`.
-        if file.file_name().is_some_and(|n| n == "tests.rs") {
+        let path = file.strip_prefix(src).expect("under src").to_path_buf();
+        let parts: Vec<String> = (path.components())
+            .filter_map(|c| Some(c.as_os_str().to_str()?.to_owned()))
+            .collect();
+        if parts.len() < 2 || parts.last().is_some_and(|p| p == "tests.rs") {
             continue;
         }
-        let text = std::fs::read_to_string(&file).expect("a readable source");
-        let code = code_of(&text);
+        let code = code_of(&std::fs::read_to_string(&file).expect("a readable source"));
+        out.push(Source { path, parts, code });
+    }
+    out
+}
+
+/// The violations in `src`: each file's imports checked against its layer.
+fn violations(src: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for Source { path, parts, code } in layered_sources(src) {
+        let layer = parts[0].as_str();
+        let own = rank(layer).unwrap_or_else(|| panic!("{layer}/ is not a layer in LAYERS"));
         for (line, name) in named_after(&code, "crate::") {
-            let at = format!("{}:{line}", relative.display());
+            let at = format!("{}:{line}", path.display());
             if GENERATED.contains(&name.as_str()) || name == layer {
                 continue;
             }
@@ -76,10 +89,7 @@ fn violations(src: &Path) -> Vec<String> {
         if layer == "dataplane" {
             for word in ["sqlx", "tonic", "crate::store"] {
                 if code.contains(word) {
-                    found.push(format!(
-                        "{}: the data plane uses {word}",
-                        relative.display()
-                    ));
+                    found.push(format!("{}: the data plane uses {word}", path.display()));
                 }
             }
         }
@@ -260,29 +270,19 @@ fn last_name(entry: &str) -> String {
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
 fn module_graph(src: &Path) -> (Graph, Vec<String>) {
-    let mut files = Vec::new();
-    sources(src, &mut files);
     let mut layers: BTreeMap<String, Layer> = BTreeMap::new();
     let (mut graph, mut unknown) = (Graph::new(), Vec::new());
-    for file in files {
-        let relative = file.strip_prefix(src).expect("under src");
-        let parts: Vec<&str> = (relative.components())
-            .filter_map(|c| c.as_os_str().to_str())
-            .collect();
-        let [layer, module, ..] = parts[..] else {
-            continue;
-        };
-        let module = module.trim_end_matches(".rs");
-        if module == "mod" || parts.last() == Some(&"tests.rs") {
+    for Source { path, parts, code } in layered_sources(src) {
+        let (layer, module) = (parts[0].as_str(), parts[1].trim_end_matches(".rs"));
+        if module == "mod" {
             continue;
         }
         let facts =
             (layers.entry(layer.to_owned())).or_insert_with(|| Layer::read(&src.join(layer)));
         // `super::` from `layer/m.rs` or `layer/m/mod.rs` is the layer; from
         // `layer/m/sub.rs` it is `m` itself, and `super::super::` the layer.
-        let depth = parts.len() - usize::from(parts.last() == Some(&"mod.rs"));
+        let depth = parts.len() - usize::from(parts.last().is_some_and(|p| p == "mod.rs"));
         let up = "super::".repeat(depth - 1);
-        let code = code_of(&std::fs::read_to_string(&file).expect("a readable source"));
         let own = format!("{layer}::{module}");
         let imports = graph.entry(own.clone()).or_default();
         let named = named_after(&code, &format!("crate::{layer}::")).into_iter();
@@ -292,7 +292,7 @@ fn module_graph(src: &Path) -> (Graph, Vec<String>) {
                     imports.insert(format!("{layer}::{m}"));
                 }
                 Ok(None) => {}
-                Err(()) => unknown.push(format!("{}: {layer}::{name}", relative.display())),
+                Err(()) => unknown.push(format!("{}: {layer}::{name}", path.display())),
             }
         }
         imports.remove(&own);

@@ -44,7 +44,6 @@ pub(super) struct Outbox {
     told: AtomicI64,
     /// Rate-limit counts for `serve`, sent ahead of any record (`send_counts`).
     pub(super) counts: Mutex<Vec<Count>>,
-    counts_waiting: AtomicBool,
     /// Requests decided whose records are not queued yet.
     pub(super) deciding: AtomicU64,
     pub(super) queued: AtomicU64,
@@ -77,7 +76,6 @@ impl Default for Outbox {
             taken_up: AtomicI64::new(-1),
             told: AtomicI64::new(NEVER),
             counts: Mutex::default(),
-            counts_waiting: AtomicBool::new(false),
             deciding: AtomicU64::default(),
             queued: AtomicU64::default(),
             sent: AtomicU64::default(),
@@ -155,10 +153,8 @@ impl Outbox {
     pub(super) fn send_counts(&self, counts: Vec<(String, u64)>) {
         let counts = (counts.into_iter())
             .map(|(key, until_us)| Count { key, until_us })
-            .collect::<Vec<_>>();
-        let waiting = !counts.is_empty();
+            .collect();
         *self.counts.lock().unwrap_or_else(|p| p.into_inner()) = counts;
-        self.counts_waiting.store(waiting, Ordering::Release);
         self.wake();
     }
 
@@ -166,10 +162,7 @@ impl Outbox {
     fn next_counts(&self) -> Vec<Count> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let n = fitting(counts.iter(), BATCH_COUNTS);
-        let next: Vec<Count> = counts.drain(..n).collect();
-        self.counts_waiting
-            .store(!counts.is_empty(), Ordering::Release);
-        next
+        counts.drain(..n).collect()
     }
 
     pub(super) fn push(&self, record: Record) {
@@ -202,7 +195,9 @@ impl Outbox {
                 let _ = self.ready.wait_timeout(queue, FLUSH_EVERY);
                 continue;
             }
-            let counts_waiting = || self.counts_waiting.load(Ordering::Acquire);
+            // (The counts' lock is taken under the queue's, never the other way round.)
+            let counts_waiting =
+                || !(self.counts.lock().unwrap_or_else(|p| p.into_inner())).is_empty();
             let batch: Vec<Record> = {
                 let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
                 let (mut queue, _) = self
@@ -222,9 +217,10 @@ impl Outbox {
             // own (either may fill a frame): `serve` counts the records, then takes the
             // counts up as the later of its own and these, so that only requests still
             // open are counted twice (when their records come).
-            let counts = match batch.is_empty() {
-                true => self.next_counts(),
-                false => Vec::new(),
+            let counts = if batch.is_empty() {
+                self.next_counts()
+            } else {
+                Vec::new()
             };
             let closing = closed.load(Ordering::Acquire);
             if closing && batch.is_empty() && counts.is_empty() && !untold() {

@@ -116,22 +116,20 @@ impl Engine {
             Ok(ToModule::Policy(push)) => {
                 let version = push.version;
                 self.outbox.peer(push.build == BUILD);
-                // Before anything is decided by it: the limits `serve` counted, this
-                // module's among them, are not started afresh by an Envoy restarted.
-                if push.build == BUILD {
-                    self.budgets.take_up(&push.counts);
-                }
                 // Until it is compiled (seconds, with 100,000 keys), `serve`, which has it
                 // in force already, decides: the policy it replaces may hold a key revoked
                 // since (on another replica), and a request the module hands on counts
-                // against the limits counted here (sent next).
+                // against the limits counted here (sent below).
                 self.loaded.store(None);
-                // `serve` has the records of the requests counted here that ended, not of
-                // those still open, which an agent could hold open across the push: it is
-                // sent this module's counts, once nothing more is counted here. (When
-                // their records come, it counts the open ones once more: over, not
-                // under.)
                 if push.build == BUILD {
+                    // Before anything is decided by it: the limits `serve` counted, this
+                    // module's among them, are not started afresh by an Envoy restarted.
+                    self.budgets.take_up(&push.counts);
+                    // `serve` has the records of the requests counted here that ended,
+                    // not of those still open, which an agent could hold open across the
+                    // push: it is sent this module's counts, now that nothing more is
+                    // counted here. (When their records come, it counts the open ones
+                    // once more: over, not under.)
                     self.outbox.send_counts(self.budgets.in_use());
                 }
                 // A panic compiling must not end the channel with the old policy still in
